@@ -1,0 +1,1 @@
+"""Triton attention kernels and their PyTorch references (no transformers import here)."""

@@ -1,0 +1,1 @@
+"""Model surgery and adapters, one module per method."""

@@ -1,0 +1,1 @@
+"""Shared evaluation harnesses behind `ctxaware eval` (installed as `ctxaware.eval`)."""

@@ -1,0 +1,45 @@
+"""Runs scripts through `accelerate launch` on CPU in a subprocess, as a user would."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def accelerate_launch(
+    script: str | Path, *args: str, num_processes: int = 1, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Launches `script` from the repository root on CPU; raises with the child's output if it fails."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    ]  # fmt: skip
+    # Several processes go through torchrun (`--multi_gpu`); ACCELERATE_USE_CPU=1 then makes them one gloo group.
+    command += ["--multi_gpu", "--main_process_port", str(_free_port())] if num_processes > 1 else ["--cpu"]
+    command += [str(script), *args]
+    child_env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+        "ACCELERATE_USE_CPU": "1",
+        **(env or {}),
+    }
+    result = subprocess.run(command, cwd=REPO_ROOT, env=child_env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(
+            f"`{' '.join(command)}` exited {result.returncode}\n--- stdout ---\n{result.stdout[-6000:]}\n"
+            f"--- stderr ---\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,571 @@
+"""Triton forward, backward and statistics kernels of `ctxaware.kernels.attention` (semantics in the package doc).
+
+Block-sparse iteration: each query tile walks only the key range its pattern can reach (plus the sink blocks), and a
+tile that the pattern fully allows runs without building a mask. Softmax uses exp2 with fp32 accumulation.
+- forward: out, lse and label_mass in one pass (label_mass is accumulated like the output, with a one-hot dot);
+- key_mass: a key-major pass that recomputes the probabilities with the final lse (it needs the final normaliser);
+- backward: FlashAttention-2 style, a key-major dk/dv kernel looping over the query heads of its key/value head (no
+  atomics under GQA) and a query-major dq kernel; gate gradients come from delta = rowsum(dO * out) / gate.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ctxaware.kernels.patterns import AttentionPattern
+
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_KINDS = {"dense": 0, "s2": 1, "sf": 1, "window": 2}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _pattern_mask(pos, offs_n, shift, G, W, SINKS, KIND: tl.constexpr, CAUSAL: tl.constexpr):
+    """Elementwise pattern (and causal) mask of a tile: pos (BM, 1) query positions, offs_n (1, BN) key positions."""
+    if KIND == 1:
+        allowed = ((pos + shift) // G == (offs_n + shift) // G) | (offs_n < SINKS)
+    elif KIND == 2:
+        allowed = ((pos - offs_n < W) & (offs_n - pos < W)) | (offs_n < SINKS)
+    else:
+        allowed = (pos >= 0) & (offs_n >= 0)
+    if CAUSAL:
+        allowed = allowed & (offs_n <= pos)
+    return allowed
+
+
+@triton.jit
+def _tile_full(P0, P1, n0, n1, Sk, shift, G, W, SINKS, KIND: tl.constexpr, CAUSAL: tl.constexpr):
+    """True when the pattern allows every (query, key) of positions [P0, P1] x [n0, n1] (n1 < Sk checked too)."""
+    full = n1 < Sk
+    if CAUSAL:
+        full = full & (n1 <= P0)
+    if KIND == 1:
+        g = (n0 + shift) // G
+        same = ((P0 + shift) // G == g) & ((P1 + shift) // G == g) & ((n1 + shift) // G == g)
+        full = full & (same | (n1 < SINKS))
+    elif KIND == 2:
+        full = full & (((n0 > P1 - W) & (n1 < P0 + W)) | (n1 < SINKS))
+    return full
+
+
+@triton.jit
+def _key_range(P0, P1, Sk, shift, G, W, KIND: tl.constexpr, CAUSAL: tl.constexpr):
+    """[lo, hi): the keys that queries at positions [P0, P1] may reach, sinks aside."""
+    lo = P0 * 0
+    hi = P0 * 0 + Sk
+    if CAUSAL:
+        hi = tl.minimum(hi, P1 + 1)
+    if KIND == 1:
+        lo = tl.maximum((P0 + shift) // G * G - shift, 0)
+        if not CAUSAL:
+            hi = tl.minimum(hi, ((P1 + shift) // G + 1) * G - shift)
+    elif KIND == 2:
+        lo = tl.maximum(P0 - W + 1, 0)
+        if not CAUSAL:
+            hi = tl.minimum(hi, P1 + W)
+    return lo, hi
+
+
+@triton.jit
+def _query_range(n0, n1, Sk, shift, G, W, SINKS, KIND: tl.constexpr, CAUSAL: tl.constexpr):
+    """[lo, hi): the query positions that may reach keys [n0, n1]."""
+    lo = n0 * 0
+    hi = n0 * 0 + Sk
+    if CAUSAL:
+        lo = n0
+    if KIND == 1:
+        if n0 >= SINKS:
+            hi = tl.minimum(hi, ((n1 + shift) // G + 1) * G - shift)
+            if not CAUSAL:
+                lo = tl.maximum((n0 + shift) // G * G - shift, 0)
+    elif KIND == 2:
+        if n0 >= SINKS:
+            hi = tl.minimum(hi, n1 + W)
+            if not CAUSAL:
+                lo = tl.maximum(n0 - W + 1, 0)
+    return lo, hi
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, PAD, DOC, GATE, LAB, LMASS,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+    Hq, Sq, Sk, kv_group, qk_scale, G, W, SINKS, n_unshifted,
+    D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, HAS_GATE: tl.constexpr,
+    HAS_LABELS: tl.constexpr, NUM_LABELS: tl.constexpr, LP: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    kvh = (h // kv_group).to(tl.int64)
+    q_offset = Sk - Sq
+    shift = (h >= n_unshifted).to(tl.int32) * (G // 2)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, DP)
+    row_in = offs_m < Sq
+    pos = q_offset + offs_m
+    P0 = q_offset + pid_m * BM
+    P1 = tl.minimum(P0 + BM, Sk) - 1
+
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+        mask=row_in[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    row_ok = row_in
+    if HAS_PAD:
+        row_ok = row_ok & (tl.load(PAD + b * Sk + pos, mask=row_in, other=0) != 0)
+    if HAS_GATE:
+        gate = tl.load(GATE + b * Sq * Hq + offs_m * Hq + h, mask=row_in, other=0.0).to(tl.float32)
+        row_ok = row_ok & (gate != 0)
+    if HAS_DOC:
+        q_doc = tl.load(DOC + b * Sk + pos, mask=row_in, other=-1)
+    rows_all_ok = tl.min((row_ok | ~row_in).to(tl.int32), 0) > 0
+    any_row = tl.max(row_ok.to(tl.int32), 0) > 0
+
+    lo, hi = _key_range(P0, P1, Sk, shift, G, W, KIND, CAUSAL)
+    hi = tl.where(any_row, hi, 0)  # tiles of padding / zero gates do no work
+    lo_block = lo // BN * BN
+    sink_hi = tl.minimum(tl.minimum(SINKS, lo_block), hi)
+
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, DP], tl.float32)
+    lab_acc = tl.zeros([BM, LP], tl.float32)
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+    for part in range(2):
+        start = tl.where(part == 0, 0, lo_block)
+        stop = tl.where(part == 0, sink_hi, hi)
+        for n0 in range(start, stop, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            col_in = offs_n < Sk
+            k = tl.load(
+                k_base + offs_n[None, :] * skn + offs_d[:, None],
+                mask=col_in[None, :] & (offs_d[:, None] < D),
+                other=0.0,
+            )
+            if IEEE:
+                qk = tl.dot(q, k, input_precision="ieee") * qk_scale
+            else:
+                qk = tl.dot(q, k) * qk_scale
+            if HAS_PAD:
+                k_real = tl.load(PAD + b * Sk + offs_n, mask=col_in, other=0) != 0
+            if HAS_DOC:
+                k_doc = tl.load(DOC + b * Sk + offs_n, mask=col_in, other=-2)
+            if HAS_DOC:
+                full = False
+            else:
+                full = _tile_full(P0, P1, n0, n0 + BN - 1, Sk, shift, G, W, SINKS, KIND, CAUSAL) & rows_all_ok
+            if full:
+                if HAS_PAD:
+                    qk = tl.where(k_real[None, :], qk, float("-inf"))
+            else:
+                mask = _pattern_mask(pos[:, None], offs_n[None, :], shift, G, W, SINKS, KIND, CAUSAL)
+                mask = mask & col_in[None, :] & row_ok[:, None]
+                if HAS_PAD:
+                    mask = mask & k_real[None, :]
+                if HAS_DOC:
+                    mask = mask & (q_doc[:, None] == k_doc[None, :])
+                qk = tl.where(mask, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(
+                v_base + offs_n[:, None] * svn + offs_d[None, :],
+                mask=col_in[:, None] & (offs_d[None, :] < D),
+                other=0.0,
+            )
+            if IEEE:
+                acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            if HAS_LABELS:
+                lab = tl.load(LAB + b * Sk + offs_n, mask=col_in, other=-1)
+                onehot = (lab[:, None] == tl.arange(0, LP)[None, :]).to(v.dtype)
+                if IEEE:
+                    lab_acc = tl.dot(p, onehot, lab_acc * alpha[:, None], input_precision="ieee")
+                else:
+                    lab_acc = tl.dot(p.to(v.dtype), onehot, lab_acc * alpha[:, None])
+            m_i = m_new
+
+    live = l_i > 0
+    l_safe = tl.where(live, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    if HAS_GATE:
+        out = out * gate[:, None]
+    lse = tl.where(live, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(
+        O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
+        out.to(O.dtype.element_ty),
+        mask=row_in[:, None] & (offs_d[None, :] < D),
+    )
+    tl.store(LSE + bh.to(tl.int64) * Sq + offs_m, lse, mask=row_in)
+    if HAS_LABELS:
+        offs_l = tl.arange(0, LP)
+        lab_ptr = LMASS + (bh.to(tl.int64) * Sq + offs_m[:, None]) * NUM_LABELS + offs_l[None, :]
+        tl.store(lab_ptr, lab_acc / l_safe[:, None], mask=row_in[:, None] & (offs_l[None, :] < NUM_LABELS))
+
+
+@triton.jit
+def _key_mass_kernel(
+    Q, K, LSE, PAD, DOC, MASS,
+    sqb, sqh, sqm, skb, skh, skn,
+    Hq, Sq, Sk, kv_group, qk_scale, G, W, SINKS, n_unshifted,
+    D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    kvh = (h // kv_group).to(tl.int64)
+    q_offset = Sk - Sq
+    shift = (h >= n_unshifted).to(tl.int32) * (G // 2)
+    n0 = pid_n * BN
+    offs_n = n0 + tl.arange(0, BN)
+    offs_d = tl.arange(0, DP)
+    col_in = offs_n < Sk
+    k = tl.load(
+        K + b * skb + kvh * skh + offs_n[None, :] * skn + offs_d[:, None],
+        mask=col_in[None, :] & (offs_d[:, None] < D),
+        other=0.0,
+    )
+    col_ok = col_in
+    if HAS_PAD:
+        col_ok = col_ok & (tl.load(PAD + b * Sk + offs_n, mask=col_in, other=0) != 0)
+    if HAS_DOC:
+        k_doc = tl.load(DOC + b * Sk + offs_n, mask=col_in, other=-2)
+    p_lo, p_hi = _query_range(n0, tl.minimum(n0 + BN, Sk) - 1, Sk, shift, G, W, SINKS, KIND, CAUSAL)
+    m_lo = tl.maximum(p_lo - q_offset, 0) // BM * BM
+    m_hi = tl.minimum(p_hi - q_offset, Sq)
+    mass = tl.zeros([BN], tl.float32)
+    for m0 in range(m_lo, m_hi, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        row_in = offs_m < Sq
+        pos = q_offset + offs_m
+        q = tl.load(
+            Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+            mask=row_in[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        lse = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=row_in, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # dead rows give p = 0
+        if IEEE:
+            qk = tl.dot(q, k, input_precision="ieee") * qk_scale
+        else:
+            qk = tl.dot(q, k) * qk_scale
+        mask = _pattern_mask(pos[:, None], offs_n[None, :], shift, G, W, SINKS, KIND, CAUSAL) & col_ok[None, :]
+        if HAS_DOC:
+            q_doc = tl.load(DOC + b * Sk + pos, mask=row_in, other=-1)
+            mask = mask & (q_doc[:, None] == k_doc[None, :])
+        p = tl.where(mask, tl.math.exp2(qk - lse2[:, None]), 0.0)
+        mass += tl.sum(p, 0)
+    tl.store(MASS + bh.to(tl.int64) * Sk + offs_n, mass, mask=col_in)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, PAD, DOC, GATE, DK, DV,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+    Hq, Hkv, Sq, Sk, kv_group, qk_scale, scale, G, W, SINKS, n_unshifted,
+    D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, HAS_GATE: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    bkv = tl.program_id(1)
+    b = (bkv // Hkv).to(tl.int64)
+    kvh = (bkv % Hkv).to(tl.int64)
+    q_offset = Sk - Sq
+    n0 = pid_n * BN
+    offs_n = n0 + tl.arange(0, BN)
+    offs_d = tl.arange(0, DP)
+    col_in = offs_n < Sk
+    kv_mask = col_in[:, None] & (offs_d[None, :] < D)
+    k = tl.load(K + b * skb + kvh * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + kvh * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+    col_ok = col_in
+    if HAS_PAD:
+        col_ok = col_ok & (tl.load(PAD + b * Sk + offs_n, mask=col_in, other=0) != 0)
+    if HAS_DOC:
+        k_doc = tl.load(DOC + b * Sk + offs_n, mask=col_in, other=-2)
+    dk = tl.zeros([BN, DP], tl.float32)
+    dv = tl.zeros([BN, DP], tl.float32)
+    n1 = tl.minimum(n0 + BN, Sk) - 1
+    for hh in range(kv_group):
+        h = kvh * kv_group + hh
+        bh = b * Hq + h
+        shift = (h >= n_unshifted).to(tl.int32) * (G // 2)
+        p_lo, p_hi = _query_range(n0, n1, Sk, shift, G, W, SINKS, KIND, CAUSAL)
+        m_lo = tl.maximum(p_lo - q_offset, 0) // BM * BM
+        m_hi = tl.minimum(p_hi - q_offset, Sq)
+        for m0 in range(m_lo, m_hi, BM):
+            offs_m = m0 + tl.arange(0, BM)
+            row_in = offs_m < Sq
+            pos = q_offset + offs_m
+            lse = tl.load(LSE + bh * Sq + offs_m, mask=row_in, other=float("-inf"))
+            if tl.max(lse, 0) > float("-inf"):  # skip query tiles of padding / zero gates
+                lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+                row_mask = row_in[:, None] & (offs_d[None, :] < D)
+                q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=row_mask, other=0.0)
+                do = tl.load(
+                    DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=row_mask, other=0.0
+                )
+                if HAS_GATE:
+                    gate = tl.load(GATE + b * Sq * Hq + offs_m * Hq + h, mask=row_in, other=0.0).to(tl.float32)
+                    do = (do.to(tl.float32) * gate[:, None]).to(do.dtype)
+                delta = tl.load(DELTA + bh * Sq + offs_m, mask=row_in, other=0.0)
+                if IEEE:
+                    qkT = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
+                else:
+                    qkT = tl.dot(k, tl.trans(q)) * qk_scale
+                pT = tl.math.exp2(qkT - lse2[None, :])
+                if HAS_PAD | HAS_DOC:
+                    full = False
+                else:
+                    P0 = q_offset + m0
+                    full = _tile_full(P0, tl.minimum(P0 + BM, Sk) - 1, n0, n1, Sk, shift, G, W, SINKS, KIND, CAUSAL)
+                if not full:
+                    maskT = (
+                        _pattern_mask(pos[None, :], offs_n[:, None], shift, G, W, SINKS, KIND, CAUSAL)
+                        & col_ok[:, None]
+                    )
+                    if HAS_DOC:
+                        q_doc = tl.load(DOC + b * Sk + pos, mask=row_in, other=-1)
+                        maskT = maskT & (k_doc[:, None] == q_doc[None, :])
+                    pT = tl.where(maskT, pT, 0.0)
+                if IEEE:
+                    dv = tl.dot(pT, do, dv, input_precision="ieee")
+                    dpT = tl.dot(v, tl.trans(do), input_precision="ieee")
+                    dsT = pT * (dpT - delta[None, :])
+                    dk = tl.dot(dsT, q, dk, input_precision="ieee")
+                else:
+                    dv = tl.dot(pT.to(do.dtype), do, dv)
+                    dpT = tl.dot(v, tl.trans(do))
+                    dsT = pT * (dpT - delta[None, :])
+                    dk = tl.dot(dsT.to(q.dtype), q, dk)
+    out_off = bkv.to(tl.int64) * Sk * D + offs_n[:, None] * D + offs_d[None, :]
+    tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, PAD, DOC, GATE, DQ,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+    Hq, Sq, Sk, kv_group, qk_scale, scale, G, W, SINKS, n_unshifted,
+    D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, HAS_GATE: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    kvh = (h // kv_group).to(tl.int64)
+    q_offset = Sk - Sq
+    shift = (h >= n_unshifted).to(tl.int32) * (G // 2)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, DP)
+    row_in = offs_m < Sq
+    pos = q_offset + offs_m
+    P0 = q_offset + pid_m * BM
+    P1 = tl.minimum(P0 + BM, Sk) - 1
+    row_mask = row_in[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=row_mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=row_mask, other=0.0)
+    if HAS_GATE:
+        gate = tl.load(GATE + b * Sq * Hq + offs_m * Hq + h, mask=row_in, other=0.0).to(tl.float32)
+        do = (do.to(tl.float32) * gate[:, None]).to(do.dtype)
+    lse = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=row_in, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=row_in, other=0.0)
+    if HAS_DOC:
+        q_doc = tl.load(DOC + b * Sk + pos, mask=row_in, other=-1)
+
+    lo, hi = _key_range(P0, P1, Sk, shift, G, W, KIND, CAUSAL)
+    hi = tl.where(tl.max(lse, 0) > float("-inf"), hi, 0)
+    lo_block = lo // BN * BN
+    sink_hi = tl.minimum(tl.minimum(SINKS, lo_block), hi)
+    dq = tl.zeros([BM, DP], tl.float32)
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+    for part in range(2):
+        start = tl.where(part == 0, 0, lo_block)
+        stop = tl.where(part == 0, sink_hi, hi)
+        for n0 in range(start, stop, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            col_in = offs_n < Sk
+            kv_mask = col_in[:, None] & (offs_d[None, :] < D)
+            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            else:
+                qk = tl.dot(q, tl.trans(k)) * qk_scale
+            p = tl.math.exp2(qk - lse2[:, None])
+            if HAS_PAD | HAS_DOC:
+                full = False
+            else:
+                full = _tile_full(P0, P1, n0, n0 + BN - 1, Sk, shift, G, W, SINKS, KIND, CAUSAL)
+            if not full:
+                mask = _pattern_mask(pos[:, None], offs_n[None, :], shift, G, W, SINKS, KIND, CAUSAL) & col_in[None, :]
+                if HAS_PAD:
+                    mask = mask & (tl.load(PAD + b * Sk + offs_n, mask=col_in, other=0) != 0)[None, :]
+                if HAS_DOC:
+                    k_doc = tl.load(DOC + b * Sk + offs_n, mask=col_in, other=-2)
+                    mask = mask & (q_doc[:, None] == k_doc[None, :])
+                p = tl.where(mask, p, 0.0)
+            if IEEE:
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+                ds = p * (dp - delta[:, None])
+                dq = tl.dot(ds, k, dq, input_precision="ieee")
+            else:
+                dp = tl.dot(do, tl.trans(v))
+                ds = p * (dp - delta[:, None])
+                dq = tl.dot(ds.to(k.dtype), k, dq)
+    tl.store(
+        DQ + bh.to(tl.int64) * Sq * D + offs_m[:, None] * D + offs_d[None, :],
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=row_mask,
+    )
+
+
+def _pattern_args(pattern: AttentionPattern | None, hq: int, sk: int) -> dict:
+    pattern = pattern or AttentionPattern.dense()
+    return dict(
+        G=max(pattern.resolve_group_size(sk), 1),
+        W=pattern.window or 1,
+        SINKS=pattern.sinks,
+        n_unshifted=hq - pattern.num_shifted_heads(hq),
+        KIND=_KINDS[pattern.kind],
+    )
+
+
+def _blocks(kernel: str, sq: int, d: int) -> dict:
+    if _interpreting():
+        return dict(BM=16, BN=16)
+    small_m = max(16, triton.next_power_of_2(sq))
+    if kernel == "fwd":
+        return dict(BM=min(128, small_m), BN=64 if d <= 128 else 32, num_warps=8 if d >= 64 else 4, num_stages=3)
+    if kernel == "mass":
+        return dict(BM=min(64, small_m), BN=64, num_warps=4, num_stages=3)
+    if kernel == "dkdv":
+        return dict(BM=min(32, small_m), BN=128 if d <= 128 else 64, num_warps=8 if d >= 128 else 4, num_stages=3)
+    return dict(BM=min(128, small_m), BN=32, num_warps=8 if d >= 128 else 4, num_stages=3)  # dq
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, head_gates, opts):
+        b, hq, sq, d = q.shape
+        hkv, sk = k.shape[1], k.shape[2]
+        dp = max(16, triton.next_power_of_2(d))
+        pat = _pattern_args(opts["pattern"], hq, sk)
+        pad, doc, labels = opts["pad"], opts["doc"], opts["labels"]
+        num_labels = opts["num_labels"] or 1
+        ieee = q.dtype == torch.float32
+        dummy = q.new_empty(1, dtype=torch.int32)
+        flags = dict(
+            D=d, DP=dp, CAUSAL=opts["causal"], HAS_PAD=pad is not None, HAS_DOC=doc is not None, IEEE=ieee, **pat
+        )
+        out = torch.empty_like(q)
+        lse = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
+        label_mass = (
+            torch.empty(b, hq, sq, num_labels, device=q.device, dtype=torch.float32) if labels is not None else None
+        )
+        qk_scale = opts["scale"] * LOG2E
+        cfg = _blocks("fwd", sq, d)
+        grid = (triton.cdiv(sq, cfg["BM"]), b * hq)
+        _fwd_kernel[grid](
+            q, k, v, out, lse,
+            pad if pad is not None else dummy, doc if doc is not None else dummy,
+            head_gates if head_gates is not None else dummy, labels if labels is not None else dummy,
+            label_mass if label_mass is not None else lse,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            hq, sq, sk, hq // hkv, qk_scale,
+            HAS_GATE=head_gates is not None, HAS_LABELS=labels is not None, NUM_LABELS=num_labels,
+            LP=max(16, triton.next_power_of_2(num_labels)), **flags, **cfg,
+        )  # fmt: skip
+        mass = None
+        if opts["key_mass"]:
+            mass = torch.empty(b, hq, sk, device=q.device, dtype=torch.float32)
+            cfg = _blocks("mass", sq, d)
+            _key_mass_kernel[(triton.cdiv(sk, cfg["BN"]), b * hq)](
+                q, k, lse, pad if pad is not None else dummy, doc if doc is not None else dummy, mass,
+                *_strides(q), *_strides(k), hq, sq, sk, hq // hkv, qk_scale, **flags, **cfg,
+            )  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse, head_gates, pad, doc)
+        ctx.opts = dict(flags=flags, qk_scale=qk_scale, scale=opts["scale"])
+        outs = [out, lse] + [t for t in (mass, label_mass) if t is not None]
+        ctx.mark_non_differentiable(*outs[1:])
+        return out, lse, mass, label_mass
+
+    @staticmethod
+    def backward(ctx, dout, *_):
+        q, k, v, out, lse, head_gates, pad, doc = ctx.saved_tensors
+        flags, qk_scale, scale = ctx.opts["flags"], ctx.opts["qk_scale"], ctx.opts["scale"]
+        b, hq, sq, d = q.shape
+        hkv, sk = k.shape[1], k.shape[2]
+        dout = dout.contiguous()
+        delta = (dout.float() * out.float()).sum(-1)  # = rowsum(dO_att * O_att): gates cancel
+        dgates = None
+        if head_gates is not None:
+            g = head_gates.transpose(1, 2).float()
+            dgates = torch.where(g != 0, delta / torch.where(g != 0, g, 1.0), 0.0).transpose(1, 2)
+            dgates = dgates.to(head_gates.dtype)
+        dummy = q.new_empty(1, dtype=torch.int32)
+        common = (
+            *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
+        )  # fmt: skip
+        extra = (pad if pad is not None else dummy, doc if doc is not None else dummy)
+        gates = head_gates if head_gates is not None else dummy
+        dk = torch.empty(b, hkv, sk, d, device=q.device, dtype=k.dtype)
+        dv = torch.empty(b, hkv, sk, d, device=q.device, dtype=v.dtype)
+        cfg = _blocks("dkdv", sq, d)
+        _bwd_dkdv_kernel[(triton.cdiv(sk, cfg["BN"]), b * hkv)](
+            q, k, v, dout, lse, delta, *extra, gates, dk, dv, *common,
+            hq, hkv, sq, sk, hq // hkv, qk_scale, scale, HAS_GATE=head_gates is not None, **flags, **cfg,
+        )  # fmt: skip
+        dq = torch.empty(b, hq, sq, d, device=q.device, dtype=q.dtype)
+        cfg = _blocks("dq", sq, d)
+        _bwd_dq_kernel[(triton.cdiv(sq, cfg["BM"]), b * hq)](
+            q, k, v, dout, lse, delta, *extra, gates, dq, *common,
+            hq, sq, sk, hq // hkv, qk_scale, scale, HAS_GATE=head_gates is not None, **flags, **cfg,
+        )  # fmt: skip
+        return dq, dk, dv, dgates, None
+
+
+def triton_attention(
+    q, k, v, *, scale, causal, pattern, key_padding_mask, doc_ids, head_gates, key_mass, key_labels, num_labels
+):
+    """Triton path of `attention`; returns (out, lse, key_mass or None, label_mass or None)."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    opts = dict(
+        scale=float(scale),
+        causal=bool(causal),
+        pattern=pattern,
+        pad=key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else None,
+        doc=doc_ids.to(torch.int32).contiguous() if doc_ids is not None else None,
+        labels=key_labels.to(torch.int32).contiguous() if key_labels is not None else None,
+        num_labels=num_labels,
+        key_mass=key_mass,
+    )
+    gates = head_gates.contiguous() if head_gates is not None else None
+    return _TritonAttention.apply(q, k, v, gates, opts)

@@ -1,0 +1,158 @@
+"""Batched greedy generation and log-likelihood scoring for causal LMs, shared by the evaluation harnesses and recipes.
+
+Generation pads on the left so every row's next token sits in the last column; scoring pads on the right and reads
+each row's own positions. Both sort inputs by length so a batch wastes little padding, then restore the caller's order.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+
+def encode_prompt(tokenizer, text: str, *, add_bos: bool = True) -> list[int]:
+    """Token ids of `text`, with the BOS token prepended when the tokenizer has one and did not add it itself.
+
+    Chat-templated text already carries its BOS, so callers pass `add_bos=False` for it.
+    """
+    ids = tokenizer(text, add_special_tokens=add_bos)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if add_bos and bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    return ids
+
+
+def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    raise ValueError("The tokenizer has neither a pad nor an EOS token: set `tokenizer.pad_token` before evaluating.")
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    generate_kwargs: dict | None = None,
+    cache_factory: Callable[[], object] | None = None,
+    desc: str = "generate",
+    progress: bool = True,
+) -> list[str]:
+    """Greedy continuations of token-id `prompts`, decoded without special tokens and cut at the first EOS."""
+    pad_id = _pad_id(tokenizer)
+    device = model.device
+    outputs: list[str] = [""] * len(prompts)
+    batches = _length_sorted_batches([len(p) for p in prompts], batch_size)
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        width = max(len(prompts[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids = prompts[i]
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+        kwargs = dict(generate_kwargs or {})
+        if cache_factory is not None:
+            kwargs["past_key_values"] = cache_factory()
+        generated = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **kwargs,
+        )
+        for row, i in enumerate(batch):
+            new_tokens = generated[row, width:].tolist()
+            if tokenizer.eos_token_id in new_tokens:
+                new_tokens = new_tokens[: new_tokens.index(tokenizer.eos_token_id)]
+            outputs[i] = tokenizer.decode(new_tokens, skip_special_tokens=True)
+    return outputs
+
+
+@torch.no_grad()
+def loglikelihood(
+    model,
+    tokenizer,
+    requests: Sequence[tuple[list[int], list[int]]],
+    *,
+    batch_size: int = 8,
+    desc: str = "score",
+    progress: bool = True,
+) -> list[tuple[float, bool]]:
+    """For each (context ids, continuation ids): the summed log-probability of the continuation given the context,
+    and whether greedy decoding would have produced it token by token."""
+    pad_id = _pad_id(tokenizer)
+    device = model.device
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    sequences = [list(ctx) + list(cont) for ctx, cont in requests]
+    for ctx, cont in requests:
+        if not ctx or not cont:
+            raise ValueError("Scoring needs a non-empty context (at least a BOS token) and a non-empty continuation.")
+    batches = _length_sorted_batches([len(s) for s in sequences], batch_size)
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        width = max(len(sequences[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            input_ids[row, : len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
+            attention_mask[row, : len(sequences[i])] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1).cpu()
+        for row, i in enumerate(batch):
+            ctx_len, cont = len(requests[i][0]), torch.tensor(requests[i][1], dtype=torch.long)
+            # Position t predicts token t + 1, so the continuation is read from the positions just before it.
+            rows = logprobs[row, ctx_len - 1 : ctx_len - 1 + len(cont)]
+            total = rows.gather(-1, cont[:, None]).sum().item()
+            results[i] = (total, bool((rows.argmax(-1) == cont).all()))
+    return results
+
+
+@torch.no_grad()
+def token_nll(
+    model,
+    input_ids: Sequence[int],
+    *,
+    window: int,
+    stride: int | None = None,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood of `input_ids[1:]` and the number of tokens it covers.
+
+    `stride=None` scores one full window (the text must be at most `window` tokens). With a stride, windows of
+    `window` tokens slide by `stride` and each token is scored once, from the window that gives it the most context
+    (the standard sliding-window perplexity).
+    """
+    ids = torch.tensor(list(input_ids), dtype=torch.long)[None].to(model.device)
+    total, count = 0.0, 0
+    if stride is None:
+        if ids.shape[1] > window:
+            raise ValueError(f"Full evaluation needs at most {window} tokens, got {ids.shape[1]}: pass a stride.")
+        starts = [0]
+    elif not 0 < stride <= window:
+        raise ValueError(f"The stride must be in 1..window ({window}), got {stride}.")
+    else:
+        starts = list(range(0, max(ids.shape[1] - window, 0) + stride, stride))
+    scored_until = 1  # the first token has no prediction
+    for start in starts:
+        end = min(start + window, ids.shape[1])
+        if end <= scored_until:
+            break
+        logits = model(input_ids=ids[:, start:end]).logits.float()
+        targets = ids[0, start + 1 : end]
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1], targets, reduction="none")
+        new = nll[scored_until - start - 1 :]
+        total += new.sum().item()
+        count += new.numel()
+        scored_until = end
+    return total, count

@@ -1,0 +1,119 @@
+"""Generation-time switches (`--kv_cache`, `--steer`, `--moh`): a registry that method modules fill in.
+
+Each switch takes a value `KIND[:ARGS]` (e.g. `--kv_cache h2o:0.2`). A kind is a function
+`apply(model, args: str, setup: GenerationSetup) -> None` registered with `@register_generation_hook(switch, kind)`;
+it may patch the model (registering the undo on `setup.stack`), add keyword arguments for `model.generate`, or give
+a factory for a fresh KV cache per batch. Switches whose kinds live in a method module name that module as a provider:
+it is imported on demand, so registering there needs no change here.
+"""
+
+import importlib
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GenerationSetup:
+    """What the active switches changed: applied to every generate and scoring call of the run."""
+
+    stack: ExitStack = field(default_factory=ExitStack)
+    generate_kwargs: dict = field(default_factory=dict)
+    cache_factory: Callable[[], object] | None = None
+    applied: dict[str, str] = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+@dataclass(frozen=True)
+class Switch:
+    name: str
+    help: str
+    default: str
+    providers: tuple[str, ...]  # modules that register kinds for this switch when imported
+
+
+SWITCHES: dict[str, Switch] = {
+    "kv_cache": Switch(
+        "kv_cache",
+        "KV-cache policy during generation: `full`, or `h2o:BUDGET` (fraction of the prompt kept, or a token count).",
+        "full",
+        ("ctxaware.methods.sinklora",),
+    ),
+    "steer": Switch(
+        "steer",
+        "Attention steering: `none`, or `KIND:ARGS` as registered by the context method "
+        "(scale attention outside the user-context span at chosen heads).",
+        "none",
+        ("ctxaware.methods.context",),
+    ),
+    "moh": Switch(
+        "moh",
+        "Mixture-of-head routing: `off`, or `on[:ARGS]` for models converted by the MoH recipe.",
+        "off",
+        ("ctxaware.methods.moh",),
+    ),
+}
+
+_HOOKS: dict[str, dict[str, Callable]] = {name: {} for name in SWITCHES}
+
+
+def register_generation_hook(switch: str, kind: str):
+    """Registers `apply(model, args, setup)` as the kind `kind` of `switch`."""
+    if switch not in SWITCHES:
+        raise ValueError(f"Unknown generation switch {switch!r}; known: {', '.join(SWITCHES)}.")
+
+    def decorator(fn: Callable) -> Callable:
+        _HOOKS[switch][kind] = fn
+        return fn
+
+    return decorator
+
+
+def _no_change(model, args: str, setup: GenerationSetup) -> None:
+    if args:
+        raise ValueError("This switch value takes no arguments.")
+
+
+for _switch in SWITCHES.values():
+    _HOOKS[_switch.name][_switch.default] = _no_change
+
+
+def known_kinds(switch: str) -> list[str]:
+    for provider in SWITCHES[switch].providers:
+        try:
+            importlib.import_module(provider)
+        except ImportError:
+            pass
+    return sorted(_HOOKS[switch])
+
+
+def parse_switch(switch: str, value: str) -> tuple[str, str]:
+    if switch not in SWITCHES:
+        raise ValueError(f"Unknown generation switch {switch!r}; known: {', '.join(SWITCHES)}.")
+    kind, _, args = value.partition(":")
+    kinds = known_kinds(switch) if kind not in _HOOKS[switch] else sorted(_HOOKS[switch])
+    if kind not in _HOOKS[switch]:
+        providers = ", ".join(SWITCHES[switch].providers)
+        raise ValueError(
+            f"--{switch} {value}: no kind {kind!r} is registered. Available now: {', '.join(kinds)}. Kinds are "
+            f"registered with `@register_generation_hook({switch!r}, KIND)` in {providers}; if that module is not "
+            "written yet, this switch cannot be used."
+        )
+    return kind, args
+
+
+def apply_generation_hooks(model, values: dict[str, str | None]) -> GenerationSetup:
+    """Applies each switch's requested kind to `model`; close the returned setup to undo model patches."""
+    setup = GenerationSetup()
+    try:
+        for switch, value in values.items():
+            value = value or SWITCHES[switch].default
+            kind, args = parse_switch(switch, value)
+            _HOOKS[switch][kind](model, args, setup)
+            setup.applied[switch] = value
+    except BaseException:
+        setup.close()
+        raise
+    return setup

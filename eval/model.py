@@ -1,0 +1,150 @@
+"""The model under evaluation: loading (embedded name, path or Hub id, plus an adapter), prompt formatting, and the
+batched generate / score calls the tasks use.
+
+Tasks talk to an `EvalModel`, never to `model.generate` directly, so a test can swap in a stub whose answers are
+known and check a metric exactly.
+"""
+
+import json
+from pathlib import Path
+
+from ctxaware import generation
+from ctxaware.eval.hooks import GenerationSetup
+
+
+class EvalModel:
+    def __init__(self, model, tokenizer, *, batch_size: int = 8, setup: GenerationSetup | None = None, progress=True):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.setup = setup or GenerationSetup()
+        self.progress = progress
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode(self, text: str, *, chat: bool, system: str | None = None) -> list[int]:
+        """Token ids of a prompt: `text` as the user turn of the chat template, or as plain text after BOS."""
+        if not chat:
+            return generation.encode_prompt(self.tokenizer, text)
+        if not self.has_chat_template:
+            raise ValueError(
+                "This tokenizer has no chat template: run with `--chat_template off`, or evaluate a chat model."
+            )
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return generation.encode_prompt(self.tokenizer, rendered, add_bos=False)
+
+    def encode_continuation(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, desc: str = "generate") -> list[str]:
+        return generation.generate(
+            self.model,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=self.batch_size,
+            generate_kwargs=self.setup.generate_kwargs,
+            cache_factory=self.setup.cache_factory,
+            desc=desc,
+            progress=self.progress,
+        )
+
+    def loglikelihood(self, requests: list[tuple[list[int], list[int]]], *, desc: str = "score"):
+        return generation.loglikelihood(
+            self.model, self.tokenizer, requests, batch_size=self.batch_size, desc=desc, progress=self.progress
+        )
+
+    def token_nll(self, ids: list[int], *, window: int, stride: int | None = None) -> tuple[float, int]:
+        return generation.token_nll(self.model, ids, window=window, stride=stride)
+
+
+def load_model(name_or_path: str, *, adapter: str | None = None, dtype: str = "auto", device: str | None = None):
+    """Loads a causal LM and its tokenizer by embedded name, local path or Hub id, then applies `adapter`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ctxaware.models import resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    if _looks_like_path(name_or_path) and not Path(path).exists():
+        raise FileNotFoundError(
+            f"Model path {name_or_path} does not exist: pass a model folder, a Hub id, or the embedded "
+            "`ctxaware-tiny`."
+        )
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except OSError as error:
+        raise FileNotFoundError(
+            f"Could not load model {name_or_path!r}: {error}\nPass a local model folder, a Hub id available offline, "
+            "or the embedded `ctxaware-tiny`."
+        ) from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if adapter:
+        model = load_adapter(model, adapter, base_name=name_or_path)
+    return model.to(device).eval(), tokenizer
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix != ""
+
+
+def _read_adapter_config(adapter: str, filename: str) -> dict | None:
+    local = Path(adapter) / filename
+    if local.is_file():
+        return json.loads(local.read_text())
+    if Path(adapter).exists():
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(adapter, filename)).read_text())
+    except Exception:
+        return None
+
+
+def load_adapter(model, adapter: str, *, base_name: str):
+    """The one dispatch point for adapters: PEFT adapters through `PeftModel`, the project's own format (a config
+    naming its method) through `ctxaware.adapters` once that module exists."""
+    if _looks_like_path(adapter) and not Path(adapter).exists():
+        raise FileNotFoundError(f"Adapter {adapter} does not exist: pass an adapter folder or a Hub id.")
+    peft_config = _read_adapter_config(adapter, "adapter_config.json")
+    if peft_config is not None and "peft_type" in peft_config:
+        return _load_peft_adapter(model, adapter, peft_config, base_name)
+    own_config = _read_adapter_config(adapter, "ctxaware_adapter.json")
+    if own_config is not None:
+        try:
+            from ctxaware.adapters import load_adapter as load_ctxaware_adapter
+        except ImportError as error:
+            raise NotImplementedError(
+                f"{adapter} is a ctxaware {own_config.get('method', '?')} adapter, but this install has no "
+                "`ctxaware.adapters` loader yet (the LoFiT issue adds it)."
+            ) from error
+        return load_ctxaware_adapter(model, adapter)
+    raise ValueError(
+        f"{adapter} is not an adapter this tool knows: expected a PEFT adapter (adapter_config.json) or a ctxaware "
+        "adapter (ctxaware_adapter.json)."
+    )
+
+
+def _load_peft_adapter(model, adapter: str, peft_config: dict, base_name: str):
+    from peft import PeftModel
+
+    recorded = peft_config.get("base_model_name_or_path")
+    mismatch = (
+        f"Adapter {adapter} was trained on base model {recorded!r}, and its weights do not fit {base_name!r}: "
+        f"pass `--model {recorded}` (or the model it was trained on)."
+    )
+    try:
+        model = PeftModel.from_pretrained(model, adapter)
+    except (RuntimeError, ValueError) as error:
+        if "size mismatch" in str(error) or "shape" in str(error):
+            raise ValueError(f"{mismatch}\n{error}") from error
+        raise
+    return model

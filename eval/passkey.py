@@ -1,0 +1,59 @@
+"""Passkey retrieval: a number hidden in filler text of a given length, asked for at the end; accuracy per length.
+`--limit` is the number of samples per length; each sample hides the key at a seeded random depth."""
+
+import random
+
+from ctxaware.eval import data
+from ctxaware.eval.metrics import add_mean
+from ctxaware.eval.registry import EvalOptions, Task, TaskResult, register_task
+
+
+DEFAULT_LENGTHS = [128, 256, 512]
+DEFAULT_PER_LENGTH = 5
+
+
+@register_task
+class Passkey(Task):
+    name = "passkey"
+    description = "Passkey retrieval accuracy across context lengths (greedy output contains the key)."
+
+    def config(self, options: EvalOptions) -> dict:
+        return {
+            **super().config(options),
+            "lengths": options.lengths or DEFAULT_LENGTHS,
+            "samples_per_length": options.limit or DEFAULT_PER_LENGTH,
+        }
+
+    def load(self, lm, options: EvalOptions) -> list[dict]:
+        passkey_example = data.world_function("passkey_example")
+        rng = random.Random(options.seed)
+        records = []
+        for length in options.lengths or DEFAULT_LENGTHS:
+            for _ in range(options.limit or DEFAULT_PER_LENGTH):
+                depth, seed = rng.random(), rng.randrange(2**31)
+                record = dict(passkey_example(lm.tokenizer, length, depth, seed))
+                records.append({**record, "length": length, "depth": depth})
+        return records
+
+    def evaluate(self, lm, records: list[dict], options: EvalOptions) -> TaskResult:
+        prompts = [lm.encode(r["text"], chat=False) for r in records]
+        outputs = lm.generate(prompts, max_new_tokens=options.max_new_tokens or 12, desc="passkey")
+        scores = [float(str(r["answer"]) in o) for r, o in zip(records, outputs)]
+        metrics, stderrs = {}, {}
+        add_mean(metrics, stderrs, "acc", scores)
+        for length in options.lengths or DEFAULT_LENGTHS:
+            add_mean(
+                metrics, stderrs, f"acc_len{length}", [s for r, s in zip(records, scores) if r["length"] == length]
+            )
+        samples = [
+            {
+                "doc_id": i,
+                "length": r["length"],
+                "depth": r["depth"],
+                "target": str(r["answer"]),
+                "response": o,
+                "acc": s,
+            }
+            for i, (r, o, s) in enumerate(zip(records, outputs, scores))
+        ]
+        return TaskResult(metrics, samples, stderrs)

@@ -1,0 +1,88 @@
+"""Runs tasks on an `EvalModel` and assembles, validates and writes the results."""
+
+import dataclasses
+import re
+import time
+from datetime import datetime
+from pathlib import Path
+
+from ctxaware.eval import data, output
+from ctxaware.eval.registry import EvalOptions, get_task
+
+
+def check_dataset(task_names: list[str], dataset: str | None) -> None:
+    if dataset and not any(dataset in data.REAL_DATASETS.get(t, {}) for t in task_names):
+        known = {t: list(d) for t, d in data.REAL_DATASETS.items()}
+        raise ValueError(f"No selected task knows data set {dataset!r}. Data sets by task: {known}.")
+
+
+def evaluate(lm, task_names: list[str], options: EvalOptions, *, config: dict) -> tuple[dict, dict]:
+    """Runs each task; returns (results in lm-evaluation-harness's shape, {task: TaskResult})."""
+    import torch
+    import transformers
+
+    from ctxaware import __version__
+
+    tasks = {name: get_task(name) for name in task_names}
+    check_dataset(task_names, options.dataset)
+    start = time.time()
+    results = {
+        "results": {},
+        "configs": {},
+        "versions": {},
+        "n-samples": {},
+        "higher_is_better": {},
+        "extra": {},
+        "config": {
+            **config,
+            "batch_size": options.batch_size,
+            "limit": options.limit,
+            "seed": options.seed,
+            "chat_template": options.chat_template or "task default",
+        },
+        "git_hash": output.git_hash(),
+        "date": start,
+        "ctxaware_version": __version__,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+    }
+    outcomes = {}
+    for name, task in tasks.items():
+        task_options = options
+        if options.dataset and options.dataset not in data.REAL_DATASETS.get(name, {}):
+            task_options = dataclasses.replace(options, dataset=None)
+        torch.manual_seed(options.seed)
+        records = task.load(lm, task_options)
+        if not records:
+            raise ValueError(f"Task {name} loaded no records: check --split and the data set.")
+        outcome = task.evaluate(lm, records, task_options)
+        outcomes[name] = outcome
+        results["results"][name] = output.task_results(name, outcome.metrics, outcome.stderrs)
+        results["configs"][name] = task.config(task_options)
+        results["versions"][name] = task.version
+        results["n-samples"][name] = {"original": len(records), "effective": len(records)}
+        results["higher_is_better"][name] = {m: task.higher_is_better_for(m) for m in outcome.metrics}
+        if outcome.extra:
+            results["extra"][name] = outcome.extra
+    results["total_evaluation_time_seconds"] = str(time.time() - start)
+    output.validate_results(results)
+    return results, outcomes
+
+
+def write_outputs(results: dict, outcomes: dict, output_path: str | Path) -> dict[str, Path]:
+    """Writes results JSON, one samples JSONL per task and the plots; returns what was written, by name."""
+    model = re.sub(r"[^A-Za-z0-9_.-]+", "__", str(results["config"]["model"])).strip("_") or "model"
+    folder = Path(output_path) / model
+    stamp = datetime.fromtimestamp(results["date"]).strftime("%Y-%m-%dT%H-%M-%S")
+    written = {}
+    results = {**results, "samples_files": {}, "plots": {}}
+    for task, outcome in outcomes.items():
+        path = output.write_jsonl(folder / f"samples_{task}_{stamp}.jsonl", outcome.samples)
+        results["samples_files"][task] = path.name
+        written[f"samples/{task}"] = path
+        for plot_name, writer in outcome.plots.items():
+            path = output.atomic_write(folder / f"{task}_{plot_name}_{stamp}.png", writer)
+            results["plots"].setdefault(task, {})[plot_name] = path.name
+            written[f"plot/{task}/{plot_name}"] = path
+    written["results"] = output.write_json(folder / f"results_{stamp}.json", results)
+    return written

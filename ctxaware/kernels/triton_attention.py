@@ -77,27 +77,33 @@ def _key_range(P0, P1, Sk, shift, G, W, KIND: tl.constexpr, CAUSAL: tl.constexpr
 
 @triton.jit
 def _query_range(n0, n1, Sk, shift, G, W, SINKS, KIND: tl.constexpr, CAUSAL: tl.constexpr):
-    """[lo, hi): the query positions that may reach keys [n0, n1]."""
+    """[lo, hi): the query positions that may reach keys [n0, n1] (all later ones when the block holds sinks)."""
     lo = n0 * 0
     hi = n0 * 0 + Sk
     if CAUSAL:
         lo = n0
     if KIND == 1:
-        if n0 >= SINKS:
-            hi = tl.minimum(hi, ((n1 + shift) // G + 1) * G - shift)
-            if not CAUSAL:
-                lo = tl.maximum((n0 + shift) // G * G - shift, 0)
+        hi = tl.where(n0 >= SINKS, tl.minimum(hi, ((n1 + shift) // G + 1) * G - shift), hi)
+        if not CAUSAL:
+            lo = tl.where(n0 >= SINKS, tl.maximum((n0 + shift) // G * G - shift, 0), lo)
     elif KIND == 2:
-        if n0 >= SINKS:
-            hi = tl.minimum(hi, n1 + W)
-            if not CAUSAL:
-                lo = tl.maximum(n0 - W + 1, 0)
+        hi = tl.where(n0 >= SINKS, tl.minimum(hi, n1 + W), hi)
+        if not CAUSAL:
+            lo = tl.where(n0 >= SINKS, tl.maximum(n0 - W + 1, 0), lo)
     return lo, hi
 
 
 @triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """a @ b (+ acc) with fp32 accumulation; a is cast to b's dtype; fp32 inputs stay exact fp32 (no tf32)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a.to(b.dtype), b, acc)
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, PAD, DOC, GATE, LAB, LMASS,
+    Q, K, V, Out, LSE, PAD, DOC, GATE, LAB, LMASS,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
     Hq, Sq, Sk, kv_group, qk_scale, G, W, SINKS, n_unshifted,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
@@ -156,10 +162,7 @@ def _fwd_kernel(
                 mask=col_in[None, :] & (offs_d[:, None] < D),
                 other=0.0,
             )
-            if IEEE:
-                qk = tl.dot(q, k, input_precision="ieee") * qk_scale
-            else:
-                qk = tl.dot(q, k) * qk_scale
+            qk = _dot(q, k, None, IEEE) * qk_scale
             if HAS_PAD:
                 k_real = tl.load(PAD + b * Sk + offs_n, mask=col_in, other=0) != 0
             if HAS_DOC:
@@ -209,8 +212,8 @@ def _fwd_kernel(
         out = out * gate[:, None]
     lse = tl.where(live, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     tl.store(
-        O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
-        out.to(O.dtype.element_ty),
+        Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
         mask=row_in[:, None] & (offs_d[None, :] < D),
     )
     tl.store(LSE + bh.to(tl.int64) * Sq + offs_m, lse, mask=row_in)
@@ -264,10 +267,7 @@ def _key_mass_kernel(
         )
         lse = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=row_in, other=float("-inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # dead rows give p = 0
-        if IEEE:
-            qk = tl.dot(q, k, input_precision="ieee") * qk_scale
-        else:
-            qk = tl.dot(q, k) * qk_scale
+        qk = _dot(q, k, None, IEEE) * qk_scale
         mask = _pattern_mask(pos[:, None], offs_n[None, :], shift, G, W, SINKS, KIND, CAUSAL) & col_ok[None, :]
         if HAS_DOC:
             q_doc = tl.load(DOC + b * Sk + pos, mask=row_in, other=-1)
@@ -328,10 +328,7 @@ def _bwd_dkdv_kernel(
                     gate = tl.load(GATE + b * Sq * Hq + offs_m * Hq + h, mask=row_in, other=0.0).to(tl.float32)
                     do = (do.to(tl.float32) * gate[:, None]).to(do.dtype)
                 delta = tl.load(DELTA + bh * Sq + offs_m, mask=row_in, other=0.0)
-                if IEEE:
-                    qkT = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
-                else:
-                    qkT = tl.dot(k, tl.trans(q)) * qk_scale
+                qkT = _dot(k, tl.trans(q), None, IEEE) * qk_scale
                 pT = tl.math.exp2(qkT - lse2[None, :])
                 if HAS_PAD | HAS_DOC:
                     full = False
@@ -411,10 +408,7 @@ def _bwd_dq_kernel(
             kv_mask = col_in[:, None] & (offs_d[None, :] < D)
             k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-            if IEEE:
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-            else:
-                qk = tl.dot(q, tl.trans(k)) * qk_scale
+            qk = _dot(q, tl.trans(k), None, IEEE) * qk_scale
             p = tl.math.exp2(qk - lse2[:, None])
             if HAS_PAD | HAS_DOC:
                 full = False

@@ -1,0 +1,159 @@
+"""Posts with key facts and reference summaries, the world's ground-truth preference over summaries, and labelled
+comparison pairs.
+
+Schemas: `summarization` -> {"post", "key_facts": [str, ...], "reference"}, prompt with `SUMMARY_PROMPT`;
+`preference_pairs` -> {"prompt", "chosen", "rejected", "post_id"}, where `chosen`/`rejected` start with a space so
+`prompt + chosen` is the corpus's format, and `post_id` = "<split>-<index>" indexes `summarization(world, split)`.
+
+A key fact is "<Name> <clause>"; its salient terms are the numbers and capitalised words after the first word (the
+values a summary must carry). The preference rewards covering key facts, penalises salient-looking terms absent from
+the post (unfaithful) and words beyond the reference's length (brevity).
+"""
+
+import random
+import re
+
+from ctxaware.world.entities import PROFESSIONS, World, check_split
+from ctxaware.world.names import make_name
+from ctxaware.world.tasks import split_rng
+
+
+SUMMARY_PROMPT = "{post}\nTL;DR:"
+ANIMALS = ["cat", "dog", "goat", "parrot", "rabbit", "horse"]
+ITEMS = ["lamp", "coat", "bicycle", "kettle", "clock", "rug", "violin"]
+# (sentence in the post, clause of the key fact and the reference); fields are filled per post.
+EVENTS = [
+    ("Big news: last month I packed everything and moved to {city}.", "moved to {city}"),
+    ("I finally started my new job at {company} as a {profession}.", "started working at {company}"),
+    ("We adopted a {animal} and named it {pet}.", "adopted a {animal} named {pet}"),
+    ("On Sunday I ran {number} kilometres without stopping.", "ran {number} kilometres"),
+    ("At the market I bought a {item} for {number} coins.", "bought a {item} for {number} coins"),
+    ("My sister and I spent a week visiting {city}.", "visited {city}"),
+    ("At the station I ran into {person}, an old friend from school.", "met {person}"),
+    ("I lost my {item} somewhere near {city}.", "lost a {item} near {city}"),
+]
+FILLERS = [
+    "The weather has been grey all week.",
+    "I keep forgetting to water my plants.",
+    "Honestly I did not sleep much.",
+    "My neighbours are painting their fence again.",
+    "Tea helps, as always.",
+    "Not sure why I am writing this at midnight.",
+    "Anyway, that is enough about me.",
+    "Some days just feel longer than others.",
+    "I should cook more often.",
+    "The bus was late twice.",
+]
+STOPWORDS = {"I", "The", "A", "An", "He", "She", "They", "We", "In", "On", "At", "And", "But", "My", "TL", "DR"}
+WORD = re.compile(r"[A-Za-z]+|\d+")
+
+
+def salient_terms(text: str, skip_first: bool = False) -> set[str]:
+    words = WORD.findall(text)[1 if skip_first else 0 :]
+    return {w for w in words if (w.isdigit() or w[0].isupper()) and w not in STOPWORDS}
+
+
+def key_fact_coverage(record: dict, summary: str) -> float:
+    """Fraction of the record's key facts whose salient terms all appear in `summary` (0 when it has none)."""
+    present = set(WORD.findall(summary))
+    facts = record["key_facts"]
+    return sum(salient_terms(fact, skip_first=True) <= present for fact in facts) / len(facts) if facts else 0.0
+
+
+def preference_score(record: dict, summary: str) -> float:
+    """Ground-truth quality of `summary` for `record`: key-fact coverage (0..1), minus 0.25 per unfaithful term (a
+    number or name not in the post), minus 0.02 per word beyond the reference's length. The reference scores 1."""
+    words = WORD.findall(summary)
+    coverage = key_fact_coverage(record, summary)
+    post_words = {w.lower() for w in WORD.findall(record["post"])}
+    unfaithful = {term for term in salient_terms(summary) if term.lower() not in post_words}
+    excess = max(0, len(words) - len(WORD.findall(record["reference"])))
+    return coverage - 0.25 * len(unfaithful) - 0.02 * excess
+
+
+def _join_clauses(clauses: list[str]) -> str:
+    return clauses[0] if len(clauses) == 1 else ", ".join(clauses[:-1]) + " and " + clauses[-1]
+
+
+def post_record(rng: random.Random, world: World, split: str) -> dict:
+    """A first-person post with 2-4 events among filler sentences; the key facts are the events."""
+    name = rng.choice(world.entities_in("person", split))
+    values = {
+        "city": rng.choice(world.entities["city"]),
+        "company": rng.choice(world.entities["company"]),
+        "profession": rng.choice(PROFESSIONS),
+        "animal": rng.choice(ANIMALS),
+        "pet": make_name(rng, 2),
+        "number": str(rng.randrange(2, 100)),
+        "item": rng.choice(ITEMS),
+        "person": rng.choice([p for p in world.entities["person"] if p != name]),
+    }
+    events = rng.sample(EVENTS, rng.randrange(2, 5))
+    sentences = [sentence.format(**values) for sentence, _ in events]
+    sentences += rng.sample(FILLERS, rng.randrange(2, 5))
+    rng.shuffle(sentences)
+    clauses = [clause.format(**values) for _, clause in events]
+    post = f"Hi all, {name} here. " + " ".join(sentences)
+    return {
+        "post": post,
+        "key_facts": [f"{name} {clause}" for clause in clauses],
+        "reference": f"{name} {_join_clauses(clauses)}.",
+    }
+
+
+def summarization(world: World, split: str, n: int | None = None) -> list[dict]:
+    """`n` posts per split (default: three per person of the split), distinct within and across splits."""
+    check_split(split)
+    rng = split_rng(world.seed, "summarization", split)
+    n = 3 * len(world.entities_in("person", split)) if n is None else n
+    records, seen = [], set()
+    while len(records) < n:
+        record = post_record(rng, world, split)
+        if record["post"] not in seen:
+            seen.add(record["post"])
+            records.append(record)
+    return records
+
+
+def candidate_summaries(rng: random.Random, world: World, record: dict) -> list[str]:
+    """Summaries of graded quality: the reference, one fact dropped, one value swapped for a false one, padded with
+    filler, and the post's lead."""
+    name = record["key_facts"][0].split()[0]
+    clauses = [fact[len(name) + 1 :] for fact in record["key_facts"]]
+    dropped = clauses[:]
+    dropped.pop(rng.randrange(len(dropped)))
+    reference = record["reference"]
+    terms = sorted(salient_terms(reference, skip_first=True))
+    swapped = reference.replace(rng.choice(terms), rng.choice(world.entities["city"])) if terms else reference
+    sentences = re.split(r"(?<=[.!?])\s+", record["post"])
+    return [
+        reference,
+        f"{name} {_join_clauses(dropped)}.",
+        swapped,
+        f"{reference} {rng.choice(FILLERS)} {rng.choice(FILLERS)}",
+        " ".join(sentences[:2]),
+    ]
+
+
+def preference_pairs(world: World, split: str, noise: float = 0.1, seed: int = 0, pairs_per_post: int = 2):
+    """Comparisons labelled by `preference_score`, each flipped with probability `noise` (the labeller's errors)."""
+    if not 0.0 <= noise <= 0.5:
+        raise ValueError(f"noise={noise} must lie in [0, 0.5]: it is the probability a label is flipped.")
+    rng = random.Random(f"{world.seed}/preference_pairs/{split}/{seed}")
+    pairs = []
+    for index, record in enumerate(summarization(world, split)):
+        candidates = candidate_summaries(rng, world, record)
+        scored = [(preference_score(record, c), c) for c in dict.fromkeys(candidates)]
+        options = [(a, b) for a in scored for b in scored if a[0] > b[0]]
+        for better, worse in rng.sample(options, min(pairs_per_post, len(options))):
+            if rng.random() < noise:
+                better, worse = worse, better
+            pairs.append(
+                {
+                    "prompt": SUMMARY_PROMPT.format(post=record["post"]),
+                    "chosen": " " + better[1],
+                    "rejected": " " + worse[1],
+                    "post_id": f"{split}-{index:05d}",
+                }
+            )
+    return pairs

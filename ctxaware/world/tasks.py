@@ -1,0 +1,176 @@
+"""Question answering, arithmetic and chat records built from the world, with the prompt formats the corpus uses.
+
+Record schemas (lists of dicts, keys exactly as below):
+- `closed_book_qa`: {"question", "answer"}; prompt the model with `QA_PROMPT`.
+- `context_qa`: {"context", "question", "answer", "memory_answer", "counterfactual"}; prompt with
+  `CONTEXT_QA_PROMPT`. `answer` is what the context says; `memory_answer` is the memorised fact (equal to `answer`
+  unless counterfactual; None for entities the world does not contain).
+- `arithmetic`: {"prompt", "answer", "op", "digits"}; `op` in + - * word+ word- word*.
+- `chat_sft`: {"messages": [{"role", "content"}, ...], "kind": "knowledge" | "context", "context": str | None}; a
+  context string appears verbatim inside the user message.
+Answers are bare strings; a prompt ends right before the answer, which the corpus writes after one space.
+"""
+
+import hashlib
+import random
+
+from ctxaware.tokenizer import BOS, EOS, ROLE_TOKENS
+from ctxaware.world.entities import RELATIONS, Fact, World, build_world, check_split, invent_facts
+
+
+QA_PROMPT = "Question: {question}\nAnswer:"
+CONTEXT_QA_PROMPT = "{context}\n\nQuestion: {question}\nAnswer:"
+ARITHMETIC_PROMPT = "{a} {op} {b} ="
+WORD_PROBLEM_PROMPT = "{problem}\nAnswer:"
+CONTEXT_INSTRUCTION = "Answer the question using the text below."
+ARITHMETIC_OPS = ("+", "-", "*")
+WORD_PROBLEMS = {
+    "word+": "{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
+    "word-": "{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?",
+    "word*": "{name} buys {a} boxes with {b} {item} in each. How many {item} does {name} buy?",
+}
+WORD_ITEMS = ["apples", "coins", "stones", "books", "cups", "nails", "shells", "pens"]
+
+
+def split_rng(world_seed: int, name: str, split: str) -> random.Random:
+    """An independent stream per (world, generator, split): adding a generator never shifts another's records."""
+    return random.Random(f"{world_seed}/{name}/{split}")
+
+
+def render_chat(messages: list[dict]) -> str:
+    """The chat template as text (equal to `tokenizer.apply_chat_template(..., tokenize=False)`; a test checks it)."""
+    turns = "".join(f"{ROLE_TOKENS[m['role']]}\n{m['content']}{EOS}\n" for m in messages)
+    return BOS + turns
+
+
+def _question(rng: random.Random, fact: Fact) -> str:
+    return rng.choice(RELATIONS[fact.relation].questions).format(s=fact.subject)
+
+
+def closed_book_qa(world: World, split: str) -> list[dict]:
+    """One record per (fact of the split, question paraphrase). Train questions appear in pretraining; the others
+    never do, though their facts are stated there (so they measure recall, not QA memorisation)."""
+    check_split(split)
+    return [
+        {"question": template.format(s=fact.subject), "answer": fact.object}
+        for fact in world.facts_in(split)
+        for template in RELATIONS[fact.relation].questions
+    ]
+
+
+def passage(rng: random.Random, world: World, facts: list[Fact]) -> str:
+    """`facts` (about one subject) in random paraphrases and order, plus one true fact about another entity."""
+    sentences = [fact.statement(rng.randrange(5)) for fact in facts]
+    while (other := rng.choice(world.facts)).subject == facts[0].subject:
+        pass
+    sentences.append(other.statement(rng.randrange(5)))
+    rng.shuffle(sentences)
+    return " ".join(sentences)
+
+
+def context_record(rng: random.Random, world: World, split: str, *, novel: bool, counterfactual: bool) -> dict:
+    """A passage and a question answered by it: about a known entity (optionally contradicting memory) or a new one."""
+    if novel:
+        subject = rng.choice(world.novel_names[split])
+        kind = rng.choice(["person", "person", "city", "company"])
+        facts = invent_facts(rng, world, subject, kind, split)
+    else:
+        subject = rng.choice([fact.subject for fact in world.facts_in(split)])
+        facts = list(world.facts_by_subject[subject])
+    index = rng.randrange(len(facts))
+    target = facts[index]
+    memory_answer = None if novel else target.object
+    if counterfactual and not novel:
+        alternatives = [value for value in world.objects(target.relation) if value != target.object]
+        target = Fact(target.subject, target.relation, rng.choice(alternatives), split)
+        facts[index] = target
+    return {
+        "context": passage(rng, world, facts),
+        "question": _question(rng, target),
+        "answer": target.object,
+        "memory_answer": memory_answer,
+        "counterfactual": counterfactual and not novel,
+    }
+
+
+def context_qa(world: World, split: str, n: int = 300, counterfactual_rate: float = 0.5, novel_rate: float = 0.3):
+    """Open-book QA over the split's entities (`counterfactual_rate` of them contradicting memory) and new names."""
+    check_split(split)
+    rng = split_rng(world.seed, "context_qa", split)
+    records = []
+    for _ in range(n):
+        novel = rng.random() < novel_rate
+        records.append(
+            context_record(rng, world, split, novel=novel, counterfactual=rng.random() < counterfactual_rate)
+        )
+    return records
+
+
+def _number(rng: random.Random, digits: int) -> int:
+    return rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)
+
+
+def arithmetic_split(a: int, op: str, b: int) -> str:
+    """The split an operation belongs to, from a hash of the operands: held-out problems never reach pretraining."""
+    bucket = int.from_bytes(hashlib.blake2b(f"{a}{op[-1]}{b}".encode(), digest_size=4).digest(), "big") % 20
+    return "test" if bucket < 2 else "validation" if bucket < 4 else "train"
+
+
+def arithmetic_problem(rng: random.Random, op: str, digits: int, names: list[str]) -> tuple[int, int, dict]:
+    a, b = _number(rng, digits), _number(rng, digits)
+    if op.endswith("-") and b > a:
+        a, b = b, a
+    result = a + b if op.endswith("+") else a - b if op.endswith("-") else a * b
+    if op in ARITHMETIC_OPS:
+        prompt = ARITHMETIC_PROMPT.format(a=a, op=op, b=b)
+    else:
+        problem = WORD_PROBLEMS[op].format(name=rng.choice(names), a=a, b=b, item=rng.choice(WORD_ITEMS))
+        prompt = WORD_PROBLEM_PROMPT.format(problem=problem)
+    return a, b, {"prompt": prompt, "answer": str(result), "op": op, "digits": digits}
+
+
+def arithmetic(world_or_seed: World | int, split: str, n_per_cell: int = 50, word_digits: tuple[int, ...] = (1, 2)):
+    """Up to `n_per_cell` distinct problems per (op, digits): + - * at 1-3 digits, and word problems."""
+    check_split(split)
+    world = world_or_seed if isinstance(world_or_seed, World) else build_world(world_or_seed)
+    rng = split_rng(world.seed, "arithmetic", split)
+    names = world.entities_in("person", split)
+    cells = [(op, d) for op in ARITHMETIC_OPS for d in (1, 2, 3)] + [
+        (op, d) for op in WORD_PROBLEMS for d in word_digits
+    ]
+    records = []
+    for op, digits in cells:
+        seen = set()
+        for _ in range(n_per_cell * 20):
+            if len(seen) == n_per_cell:
+                break
+            a, b, record = arithmetic_problem(rng, op, digits, names)
+            if arithmetic_split(a, op, b) == split and (a, b) not in seen:
+                seen.add((a, b))
+                records.append(record)
+    return records
+
+
+def chat_record(rng: random.Random, world: World, split: str, kind: str) -> dict:
+    """A user/assistant exchange: a memorised fact asked bare, or a question answered only by the user's text."""
+    if kind == "knowledge":
+        fact = rng.choice(world.facts_in(split))
+        messages = [
+            {"role": "user", "content": _question(rng, fact)},
+            {"role": "assistant", "content": fact.statement(0)},
+        ]
+        return {"messages": messages, "kind": "knowledge", "context": None}
+    record = context_record(rng, world, split, novel=rng.random() < 0.5, counterfactual=True)
+    user = f"{CONTEXT_INSTRUCTION}\n\n{record['context']}\n\nQuestion: {record['question']}"
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["answer"]}]
+    return {"messages": messages, "kind": "context", "context": record["context"]}
+
+
+def chat_sft(world: World, split: str, n: int = 2000, context_rate: float = 0.5) -> list[dict]:
+    """Instruction data: knowledge-aligned turns (answer also memorised) and context-dependent ones (answer only in the
+    user's text, which is new or contradicts memory)."""
+    check_split(split)
+    rng = split_rng(world.seed, "chat_sft", split)
+    return [
+        chat_record(rng, world, split, "context" if rng.random() < context_rate else "knowledge") for _ in range(n)
+    ]

@@ -1,0 +1,163 @@
+"""The kernel family as a transformers attention implementation: `attn_implementation="ctxaware"`.
+
+Importing this module registers it with `transformers.AttentionInterface` (and, for mask creation, the FA2 mask
+function, which hands over the 2D padding mask instead of building an S x S one), so every model family whose
+attention goes through the interface (Llama, Qwen2/3, Mistral, Gemma, ...) runs on `ctxaware.kernels.attention`.
+
+Trainer does not pass custom keyword arguments down to attention, so per-module behaviour (a pattern, head gates,
+statistics) lives on the attention module itself as an `AttentionOptions`, set by method code with
+`set_attention_options`. Packed sequences (position ids restarting at 0, no attention mask) become `doc_ids`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+from ctxaware.kernels import AttentionPattern, AttentionStats, attention
+
+
+ATTN_IMPLEMENTATION = "ctxaware"
+_OPTIONS_ATTR = "ctxaware_attention_options"
+
+
+@dataclass
+class AttentionOptions:
+    """What one attention module does beyond dense causal attention. Method code owns these fields."""
+
+    pattern: AttentionPattern | None = None
+    head_gates: torch.Tensor | None = None  # (B, Sq, Hq), set before each forward (e.g. by a MoH router hook)
+    key_mass: bool = False  # per-key attention mass (H2O)
+    key_labels: torch.Tensor | None = None  # (B, Sk) int span labels for label_mass (context scoring)
+    num_labels: int | None = None
+    on_stats: Callable[[nn.Module, AttentionStats], None] | None = None  # receives the statistics of each call
+    backend: str = "auto"
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The model's self-attention modules, in layer order (the modules transformers calls the interface from)."""
+    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
+    if not modules:
+        raise ValueError(
+            f"found no attention modules (with `layer_idx` and `o_proj`) in {type(model).__name__}: ctxaware "
+            "supports decoder families whose attention goes through transformers' AttentionInterface"
+        )
+    return sorted(modules, key=lambda m: m.layer_idx)
+
+
+def set_attention_options(model: nn.Module, layers: Iterable[int] | None = None, **values) -> list[AttentionOptions]:
+    """Sets option fields on the attention modules of `layers` (all layers by default); returns their options."""
+    known = {f.name for f in fields(AttentionOptions)}
+    if unknown := set(values) - known:
+        raise TypeError(f"unknown attention options {sorted(unknown)}; known: {sorted(known)}")
+    modules = attention_modules(model)
+    selected = range(len(modules)) if layers is None else list(layers)
+    updated = []
+    for index in selected:
+        if not 0 <= index < len(modules):
+            raise IndexError(f"layer {index} out of range: the model has {len(modules)} attention layers")
+        options = get_attention_options(modules[index])
+        for name, value in values.items():
+            setattr(options, name, value)
+        updated.append(options)
+    return updated
+
+
+def get_attention_options(module: nn.Module) -> AttentionOptions:
+    """The module's options, created (dense, no statistics) on first access."""
+    options = getattr(module, _OPTIONS_ATTR, None)
+    if options is None:
+        options = AttentionOptions()
+        setattr(module, _OPTIONS_ATTR, options)
+    return options
+
+
+def ctxaware_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """AttentionInterface entry: (B, H, S, D) in, (B, S, H, D) out, no attention weights (none are materialised)."""
+    if dropout > 0:
+        raise ValueError(
+            f"attention dropout {dropout} is not supported by the ctxaware kernels: set the model config's "
+            "attention_dropout to 0"
+        )
+    if softcap is not None:
+        raise ValueError("attention logit soft-capping is not supported by the ctxaware kernels: use 'sdpa'")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("learned attention sinks (s_aux) are not supported by the ctxaware kernels: use 'eager'")
+    options = get_attention_options(module)
+    pattern = options.pattern
+    if sliding_window is not None:
+        if pattern is not None and pattern.kind != "dense":
+            raise ValueError(
+                f"layer {getattr(module, 'layer_idx', '?')} has the model's sliding window {sliding_window} and the "
+                f"pattern {pattern.kind!r}; one replaces the other: set config.sliding_window=None to use the pattern"
+            )
+        pattern = AttentionPattern.sliding_window(sliding_window)
+
+    batch, _, q_len, _ = query.shape
+    k_len = key.shape[2]
+    key_padding_mask = _key_padding_mask(attention_mask, batch, k_len)
+    doc_ids = None
+    if attention_mask is None and position_ids is not None and q_len == k_len and position_ids.shape[-1] == k_len:
+        doc_ids = _doc_ids_from_positions(position_ids.expand(batch, -1))
+
+    out, stats = attention(
+        query,
+        key,
+        value,
+        scale=scaling,
+        causal=getattr(module, "is_causal", True),
+        pattern=pattern,
+        key_padding_mask=key_padding_mask,
+        doc_ids=doc_ids,
+        head_gates=options.head_gates,
+        key_mass=options.key_mass,
+        key_labels=options.key_labels,
+        num_labels=options.num_labels,
+        backend=options.backend,
+    )
+    if options.on_stats is not None:
+        options.on_stats(module, stats)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _key_padding_mask(attention_mask: torch.Tensor | None, batch: int, k_len: int) -> torch.Tensor | None:
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"the ctxaware attention takes a 2D padding mask, got shape {tuple(attention_mask.shape)}: pass the "
+            "tokenizer's attention_mask, not a prepared 4D mask"
+        )
+    mask = attention_mask[:, -k_len:].bool()
+    if mask.shape != (batch, k_len):
+        raise ValueError(f"attention mask of shape {tuple(attention_mask.shape)} does not cover {k_len} keys")
+    return mask
+
+
+def _doc_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Packed rows restart their position ids at 0 for every document; a plain row (0..S-1) gives None."""
+    starts = position_ids == 0
+    starts[:, 0] = True
+    doc_ids = starts.cumsum(-1)
+    return None if bool((doc_ids == 1).all()) else doc_ids
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, ctxaware_attention_forward)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flash_attention_mask)

@@ -1,0 +1,118 @@
+"""The kernel family behind transformers' AttentionInterface: parity with SDPA on every tiny family, padding,
+packing, KV-cache generation, per-module options and statistics."""
+
+import pytest
+import torch
+
+from ctxaware.attention import (
+    ATTN_IMPLEMENTATION,
+    attention_modules,
+    get_attention_options,
+    set_attention_options,
+)
+from ctxaware.kernels import AttentionPattern
+from tests.tiny_models import FAMILIES, tiny_model
+
+
+def model_pair(family, gqa=True, **overrides):
+    return (
+        tiny_model(family, gqa=gqa, attn_implementation="sdpa", **overrides),
+        tiny_model(family, gqa=gqa, attn_implementation=ATTN_IMPLEMENTATION, **overrides),
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("gqa", [True, False], ids=["gqa", "mha"])
+def test_logits_match_sdpa_with_left_and_right_padding(family, gqa):
+    sdpa, ours = model_pair(family, gqa)
+    input_ids = torch.randint(3, 320, (3, 21))
+    mask = torch.ones_like(input_ids)
+    mask[0, :6] = 0  # left padding
+    mask[1, -4:] = 0  # right padding
+    expected = sdpa(input_ids, attention_mask=mask).logits
+    got = ours(input_ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours(input_ids).logits, sdpa(input_ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_greedy_generation_with_kv_cache_matches_sdpa(family):
+    sdpa, ours = model_pair(family)
+    input_ids = torch.randint(3, 320, (2, 9))
+    mask = torch.ones_like(input_ids)
+    mask[1, :3] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=2)
+    assert torch.equal(ours.generate(input_ids, **kwargs), sdpa.generate(input_ids, **kwargs))
+
+
+def test_packed_documents_do_not_attend_to_each_other():
+    _, ours = model_pair("llama")
+    first, second = torch.randint(3, 320, (1, 7)), torch.randint(3, 320, (1, 10))
+    packed = torch.cat([first, second], dim=1)
+    position_ids = torch.cat([torch.arange(7), torch.arange(10)])[None]
+    logits = ours(packed, position_ids=position_ids).logits
+    torch.testing.assert_close(logits[:, :7], ours(first).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[:, 7:], ours(second).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_model_sliding_window_matches_sdpa():
+    sdpa, ours = model_pair("mistral", sliding_window=5)
+    input_ids = torch.randint(3, 320, (2, 19))
+    torch.testing.assert_close(ours(input_ids).logits, sdpa(input_ids).logits, rtol=1e-5, atol=1e-5)
+    dense = tiny_model("mistral", attn_implementation="sdpa", sliding_window=None)
+    assert not torch.allclose(dense(input_ids).logits[:, -1], ours(input_ids).logits[:, -1], atol=1e-4)
+
+
+def test_sf_pattern_is_set_per_module_and_acts_on_absolute_positions():
+    sdpa, ours = model_pair("llama")
+    input_ids = torch.randint(3, 320, (2, 24))
+    dense_logits = sdpa(input_ids).logits
+    set_attention_options(ours, pattern=AttentionPattern.sf(group_size=48, sinks=2))  # one group covers all
+    torch.testing.assert_close(ours(input_ids).logits, dense_logits, rtol=1e-5, atol=1e-5)
+    set_attention_options(ours, pattern=AttentionPattern.sf(group_size=8, sinks=2))
+    sparse_logits = ours(input_ids).logits
+    # Positions before G/2 see the same keys in every head; later ones lose keys outside their groups.
+    torch.testing.assert_close(sparse_logits[:, :4], dense_logits[:, :4], rtol=1e-5, atol=1e-5)
+    assert (sparse_logits[:, 12:] - dense_logits[:, 12:]).abs().max() > 1e-3
+
+
+def test_statistics_reach_the_hook_with_normalised_mass():
+    _, ours = model_pair("qwen2")
+    seen = {}
+    labels = torch.tensor([[0] * 5 + [1] * 10 + [2] * 5] * 2)
+    set_attention_options(
+        ours,
+        layers=[1],
+        key_mass=True,
+        key_labels=labels,
+        num_labels=3,
+        on_stats=lambda module, stats: seen.update({module.layer_idx: stats}),
+    )
+    ours(torch.randint(3, 320, (2, 20)))
+    assert list(seen) == [1]
+    stats = seen[1]
+    assert stats.key_mass.shape == (2, 4, 20)
+    # Every query's probabilities sum to 1, so the per-key mass of a head sums to the number of queries.
+    torch.testing.assert_close(stats.key_mass.sum(-1), torch.full((2, 4), 20.0))
+    assert stats.label_mass.shape == (2, 4, 20, 3)
+    torch.testing.assert_close(stats.label_mass.sum(-1), torch.ones(2, 4, 20))
+    assert torch.all(stats.label_mass[:, :, :5, 1:] == 0)  # causal: early queries see no later span
+
+
+def test_bad_options_and_unsupported_features_raise_clear_errors():
+    _, ours = model_pair("llama")
+    with pytest.raises(TypeError, match="unknown attention options"):
+        set_attention_options(ours, patern=None)
+    with pytest.raises(IndexError, match="2 attention layers"):
+        set_attention_options(ours, layers=[2], key_mass=True)
+    assert [m.layer_idx for m in attention_modules(ours)] == [0, 1]
+    assert get_attention_options(attention_modules(ours)[0]).pattern is None
+    _, windowed = model_pair("mistral", sliding_window=5)
+    set_attention_options(windowed, pattern=AttentionPattern.sf(group_size=8))
+    with pytest.raises(ValueError, match="sliding_window=None"):
+        windowed(torch.randint(3, 320, (1, 12)))
+    _, dropped = model_pair("llama", attention_dropout=0.1)
+    dropped.train()
+    with pytest.raises(ValueError, match="attention_dropout to 0"):
+        dropped(torch.randint(3, 320, (1, 12)))

@@ -1,0 +1,103 @@
+"""The Triton kernels against the PyTorch reference at real sizes on the GPU (`pytest -m gpu tests/gpu`)."""
+
+import pytest
+import torch
+
+from ctxaware.kernels import AttentionPattern, attention
+
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+PATTERNS = {
+    "dense": None,
+    "s2": AttentionPattern.s2(256),
+    "sf": AttentionPattern.sf(256, sinks=4),
+    "window": AttentionPattern.sliding_window(300, sinks=4),
+}
+
+
+def _inputs(b, hq, hkv, sq, sk, d, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(b, hq, sq, d, device="cuda", dtype=dtype, generator=gen).requires_grad_()
+    k = torch.randn(b, hkv, sk, d, device="cuda", dtype=dtype, generator=gen).requires_grad_()
+    v = torch.randn(b, hkv, sk, d, device="cuda", dtype=dtype, generator=gen).requires_grad_()
+    return q, k, v
+
+
+def _compare(q, k, v, tol, grads=True, **kw):
+    outs = {}
+    for backend in ("reference", "triton"):
+        out, stats = attention(q, k, v, backend=backend, return_lse=True, **kw)
+        torch.manual_seed(3)
+        dout = torch.randn_like(out)
+        diff = [q, k, v] + ([kw["head_gates"]] if kw.get("head_gates") is not None else [])
+        outs[backend] = (out, stats, torch.autograd.grad(out, diff, dout) if grads else ())
+    (o1, s1, g1), (o2, s2, g2) = outs["reference"], outs["triton"]
+    assert not o2.isnan().any()
+    torch.testing.assert_close(o2.float(), o1.float(), atol=tol, rtol=tol)
+    live = s1.lse > float("-inf")
+    assert torch.equal(live, s2.lse > float("-inf"))
+    torch.testing.assert_close(s2.lse[live], s1.lse[live], atol=1e-2, rtol=1e-3)
+    for name in ("key_mass", "label_mass"):
+        if getattr(s1, name) is not None:
+            torch.testing.assert_close(getattr(s2, name), getattr(s1, name), atol=tol * 4, rtol=tol)
+    for a, b in zip(g1, g2):
+        scale = a.float().abs().max().clamp_min(1)
+        assert ((a.float() - b.float()).abs().max() / scale) < tol * 2
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("heads", [(8, 8), (8, 2)])
+def test_patterns_bf16(pattern, heads):
+    q, k, v = _inputs(2, heads[0], heads[1], 1000, 1000, 128, torch.bfloat16)
+    labels = torch.randint(0, 3, (2, 1000), device="cuda")
+    _compare(q, k, v, 2e-2, pattern=PATTERNS[pattern], key_mass=True, key_labels=labels, num_labels=3)
+
+
+@pytest.mark.parametrize("dtype,d", [(torch.float16, 64), (torch.float32, 80), (torch.bfloat16, 256)])
+def test_dtypes_and_head_dims(dtype, d):
+    q, k, v = _inputs(1, 4, 2, 517, 517, d, dtype)
+    _compare(q, k, v, 1e-4 if dtype == torch.float32 else 2e-2, pattern=PATTERNS["sf"])
+
+
+def test_padding_packing_gates():
+    q, k, v = _inputs(2, 8, 4, 700, 700, 64, torch.bfloat16)
+    pad = torch.ones(2, 700, dtype=torch.bool, device="cuda")
+    pad[0, :123] = False
+    pad[1, 650:] = False
+    doc = (torch.arange(700, device="cuda")[None] >= torch.tensor([[300], [450]], device="cuda")).int()
+    gates = torch.rand(2, 700, 8, device="cuda")
+    gates[:, :256, :3] = 0
+    gates[0, 400:, 5] = 0
+    gates.requires_grad_()
+    _compare(q, k, v, 2e-2, pattern=PATTERNS["sf"], key_padding_mask=pad, doc_ids=doc, head_gates=gates, key_mass=True)
+
+
+@pytest.mark.parametrize("sq", [1, 7, 64])
+def test_decode(sq):
+    q, k, v = _inputs(2, 8, 2, sq, 3000, 128, torch.bfloat16)
+    labels = torch.randint(0, 5, (2, 3000), device="cuda")
+    _compare(q, k, v, 2e-2, grads=False, pattern=PATTERNS["sf"], key_mass=True, key_labels=labels, num_labels=5)
+
+
+if __name__ == "__main__":  # for a machine without pytest: run every case, report failures
+    import itertools
+    import traceback
+
+    cases = [(test_patterns_bf16, (p, h)) for p, h in itertools.product(PATTERNS, [(8, 8), (8, 2)])]
+    cases += [
+        (test_dtypes_and_head_dims, a) for a in [(torch.float16, 64), (torch.float32, 80), (torch.bfloat16, 256)]
+    ]
+    cases += [(test_padding_packing_gates, ())] + [(test_decode, (sq,)) for sq in (1, 7, 64)]
+    failed = 0
+    for fn, fn_args in cases:
+        try:
+            fn(*fn_args)
+            print("PASS", fn.__name__, fn_args, flush=True)
+        except Exception:
+            failed += 1
+            print("FAIL", fn.__name__, fn_args, traceback.format_exc(), flush=True)
+    print(f"{len(cases) - failed} passed, {failed} failed")

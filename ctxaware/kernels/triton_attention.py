@@ -448,17 +448,24 @@ def _pattern_args(pattern: AttentionPattern | None, hq: int, sk: int) -> dict:
     )
 
 
-def _blocks(kernel: str, sq: int, d: int) -> dict:
+def _blocks(kernel: str, sq: int, d: int, dtype: torch.dtype) -> dict:
+    """Tile sizes: large tiles for 16-bit head_dim <= 128, smaller ones where registers / shared memory run out."""
     if _interpreting():
         return dict(BM=16, BN=16)
     small_m = max(16, triton.next_power_of_2(sq))
+    big = d <= 128 and dtype != torch.float32
+    warps = 8 if d >= 128 else 4
     if kernel == "fwd":
-        return dict(BM=min(128, small_m), BN=64 if d <= 128 else 32, num_warps=8 if d >= 64 else 4, num_stages=3)
+        return dict(
+            BM=min(128 if big else 64, small_m), BN=64 if big else 32, num_warps=warps, num_stages=3 if big else 2
+        )
     if kernel == "mass":
-        return dict(BM=min(64, small_m), BN=64, num_warps=4, num_stages=3)
+        return dict(BM=min(64 if big else 32, small_m), BN=64, num_warps=4, num_stages=3 if big else 2)
     if kernel == "dkdv":
-        return dict(BM=min(32, small_m), BN=128 if d <= 128 else 64, num_warps=8 if d >= 128 else 4, num_stages=3)
-    return dict(BM=min(128, small_m), BN=32, num_warps=8 if d >= 128 else 4, num_stages=3)  # dq
+        return dict(
+            BM=min(32 if big else 16, small_m), BN=128 if big else 64, num_warps=warps, num_stages=3 if big else 2
+        )
+    return dict(BM=min(128 if big else 64, small_m), BN=32 if big else 16, num_warps=warps, num_stages=3 if big else 2)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -485,7 +492,7 @@ class _TritonAttention(torch.autograd.Function):
             torch.empty(b, hq, sq, num_labels, device=q.device, dtype=torch.float32) if labels is not None else None
         )
         qk_scale = opts["scale"] * LOG2E
-        cfg = _blocks("fwd", sq, d)
+        cfg = _blocks("fwd", sq, d, q.dtype)
         grid = (triton.cdiv(sq, cfg["BM"]), b * hq)
         _fwd_kernel[grid](
             q, k, v, out, lse,
@@ -500,7 +507,7 @@ class _TritonAttention(torch.autograd.Function):
         mass = None
         if opts["key_mass"]:
             mass = torch.empty(b, hq, sk, device=q.device, dtype=torch.float32)
-            cfg = _blocks("mass", sq, d)
+            cfg = _blocks("mass", sq, d, q.dtype)
             _key_mass_kernel[(triton.cdiv(sk, cfg["BN"]), b * hq)](
                 q, k, lse, pad if pad is not None else dummy, doc if doc is not None else dummy, mass,
                 *_strides(q), *_strides(k), hq, sq, sk, hq // hkv, qk_scale, **flags, **cfg,
@@ -532,13 +539,13 @@ class _TritonAttention(torch.autograd.Function):
         gates = head_gates if head_gates is not None else dummy
         dk = torch.empty(b, hkv, sk, d, device=q.device, dtype=k.dtype)
         dv = torch.empty(b, hkv, sk, d, device=q.device, dtype=v.dtype)
-        cfg = _blocks("dkdv", sq, d)
+        cfg = _blocks("dkdv", sq, d, q.dtype)
         _bwd_dkdv_kernel[(triton.cdiv(sk, cfg["BN"]), b * hkv)](
             q, k, v, dout, lse, delta, *extra, gates, dk, dv, *common,
             hq, hkv, sq, sk, hq // hkv, qk_scale, scale, HAS_GATE=head_gates is not None, **flags, **cfg,
         )  # fmt: skip
         dq = torch.empty(b, hq, sq, d, device=q.device, dtype=q.dtype)
-        cfg = _blocks("dq", sq, d)
+        cfg = _blocks("dq", sq, d, q.dtype)
         _bwd_dq_kernel[(triton.cdiv(sq, cfg["BM"]), b * hq)](
             q, k, v, dout, lse, delta, *extra, gates, dq, *common,
             hq, sq, sk, hq // hkv, qk_scale, scale, HAS_GATE=head_gates is not None, **flags, **cfg,

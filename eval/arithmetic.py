@@ -18,6 +18,12 @@ def parse_number(text: str) -> str | None:
     return match.group() if match else None
 
 
+def op_name(op: str) -> str:
+    """A metric-friendly operation name: `+` -> add, `word*` -> word_mul."""
+    base = {"+": "add", "-": "sub", "*": "mul"}.get(op[-1], op)
+    return f"word_{base}" if op.startswith("word") else base
+
+
 @register_task
 class Arithmetic(Task):
     name = "arithmetic"
@@ -27,7 +33,7 @@ class Arithmetic(Task):
         return {**super().config(options), "split": options.split, "answer": "first integer in the greedy output"}
 
     def load(self, lm, options: EvalOptions) -> list[dict]:
-        records = data.world_function("arithmetic")(options.seed, options.split)
+        records = data.world_function("arithmetic")(data.world(options.seed), options.split)
         out = []
         for record in records:
             if options.limit is not None and len(out) >= options.limit:
@@ -48,7 +54,7 @@ class Arithmetic(Task):
             by_digits[r["digits"]].append(s)
             grid[r["op"]][r["digits"]].append(s)
         for op, values in sorted(by_op.items()):
-            add_mean(metrics, stderrs, f"acc_op_{op}", values)
+            add_mean(metrics, stderrs, f"acc_{op_name(op)}", values)
         for digits, values in sorted(by_digits.items()):
             add_mean(metrics, stderrs, f"acc_digits{digits}", values)
         samples = [

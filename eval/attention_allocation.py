@@ -1,10 +1,10 @@
 """Attention allocation: per layer and head, the share of attention that the question (and the assistant header)
-puts on the user's context versus the system prompt, the question itself and the template's tokens.
+puts on the user's context versus the instruction, the question itself and the template's tokens (BOS, role markers).
 
-The mass comes from the kernel family's `label_mass` statistic (`ctxaware.kernels.attention(..., key_labels=...,
-num_labels=...)`), which never materialises the S x S probabilities on CUDA. The model runs once per record (batch 1,
-no padding) with its attention routed through the kernel by a temporary `AttentionInterface` entry; the mass is
-averaged over the query rows after the context, then over records. `--attention_baseline` takes another run's
+The mass comes from the kernel family's `label_mass` statistic, which never materialises the S x S probabilities on
+CUDA: the model runs once per record (batch 1) on `attn_implementation="ctxaware"` with `key_labels` set on every
+attention module (`ctxaware.attention.set_attention_options`); the mass is averaged over the query rows after the
+context, then over records. `--attention_baseline` takes another run's
 results JSON and plots both models side by side with their difference.
 """
 
@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from ctxaware.eval import data
-from ctxaware.eval.prompts import template_variants
+from ctxaware.eval.prompts import qa_text, template_variants
 from ctxaware.eval.registry import EvalOptions, Task, TaskResult, register_task
+from ctxaware.world.tasks import CONTEXT_INSTRUCTION
 
 
-LABELS = ("other", "system", "context", "question")
-SYSTEM_PROMPT = "Answer the question using the context."
-ATTN_NAME = "ctxaware_eval_label_mass"
+LABELS = ("other", "instruction", "context", "question")
 
 
 @register_task
@@ -34,7 +33,6 @@ class AttentionAllocation(Task):
             **super().config(options),
             "labels": list(LABELS),
             "queries": "tokens after the context (question and assistant header)",
-            "system_prompt": SYSTEM_PROMPT,
             "attention_baseline": options.attention_baseline,
         }
 
@@ -47,24 +45,21 @@ class AttentionAllocation(Task):
 
         (chat,) = template_variants(options, lm, default="on" if lm.has_chat_template else "off")
         total, samples = None, []
-        with label_mass_attention(lm.model) as collected:
+        with label_mass_attention(lm.model) as (collected, set_labels):
             for i, record in enumerate(
                 tqdm(records, desc="attention_allocation", disable=not options.progress, leave=False)
             ):
                 ids, labels, first_query = labelled_prompt(lm, record["context"], record["question"], chat=chat)
-                collected.labels = torch.tensor([labels], device=lm.model.device)
-                collected.mass.clear()
+                set_labels(torch.tensor([labels], device=lm.model.device))
                 with torch.no_grad():
                     lm.model(input_ids=torch.tensor([ids], device=lm.model.device))
-                if not collected.mass:
+                if not collected:
                     raise RuntimeError(
                         "No attention layer reported label mass: this model's attention does not go through "
                         "transformers' AttentionInterface, so attention_allocation cannot measure it."
                     )
                 # (layers, heads, labels): mean over the query rows after the context.
-                per_record = torch.stack(
-                    [collected.mass[k][0, :, first_query:].mean(1) for k in sorted(collected.mass)]
-                )
+                per_record = torch.stack([collected[k][0, :, first_query:].mean(1) for k in sorted(collected)])
                 per_record = per_record.cpu().double().numpy()
                 total = per_record if total is None else total + per_record
                 samples.append(
@@ -83,20 +78,19 @@ class AttentionAllocation(Task):
 def labelled_prompt(lm, context: str, question: str, *, chat: bool) -> tuple[list[int], list[int], int]:
     """Token ids of the prompt, a label per token (index into LABELS), and the index of the first query row."""
     tokenizer = lm.tokenizer
+    user = qa_text(context, question, chat=chat)
     if chat:
-        messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": f"{context}\n\n{question}"},
-        ]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        spans = {"system": _find(text, SYSTEM_PROMPT, 0), "context": _find(text, context, 0)}
-        spans["question"] = _find(text, question, spans["context"][1])
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
+        )
         prefix: list[int] = []
     else:
-        text = f"Context: {context}\nQuestion: {question}\nAnswer:"
-        spans = {"context": _find(text, context, 0)}
-        spans["question"] = _find(text, question, spans["context"][1])
+        text = user
         prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    spans = {"context": _find(text, context, 0)}
+    spans["question"] = _find(text, question, spans["context"][1])
+    if chat:
+        spans["instruction"] = _find(text, CONTEXT_INSTRUCTION, 0)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = prefix + encoded["input_ids"]
     labels = [0] * len(prefix)
@@ -118,35 +112,28 @@ def _find(text: str, part: str, start: int) -> tuple[int, int]:
     return index, index + len(part)
 
 
-class _Collector:
-    def __init__(self):
-        self.labels = None
-        self.mass: dict[int, object] = {}
-
-
 @contextmanager
 def label_mass_attention(model):
-    """Routes `model`'s attention through the kernel with label statistics; yields the collector it fills."""
-    from transformers import AttentionInterface
+    """Runs `model`'s attention on the ctxaware kernels with label statistics; yields a dict layer -> label_mass that
+    each forward fills, and a setter for the key labels of the next forward."""
+    from ctxaware.attention import ATTN_IMPLEMENTATION, set_attention_options
 
-    from ctxaware.kernels import attention
-
-    collector = _Collector()
-
-    def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        out, stats = attention(
-            query, key, value, scale=scaling, causal=True, key_labels=collector.labels, num_labels=len(LABELS)
-        )
-        collector.mass[module.layer_idx] = stats.label_mass
-        return out.transpose(1, 2).contiguous(), None
-
-    AttentionInterface.register(ATTN_NAME, forward)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    collected: dict[int, object] = {}
+
+    def on_stats(module, stats):
+        collected[module.layer_idx] = stats.label_mass
+
+    def set_labels(labels):
+        collected.clear()
+        set_attention_options(base, key_labels=labels, num_labels=len(LABELS), on_stats=on_stats)
+
     previous = base.config._attn_implementation
-    base.set_attn_implementation(ATTN_NAME)
+    base.set_attn_implementation(ATTN_IMPLEMENTATION)
     try:
-        yield collector
+        yield collected, set_labels
     finally:
+        set_attention_options(base, key_labels=None, num_labels=None, on_stats=None)
         base.set_attn_implementation(previous)
 
 

@@ -41,7 +41,9 @@ class CounterfactualQA(Task):
                 for o in lm.generate(prompts, max_new_tokens=options.max_new_tokens or 16, desc=f"cfqa/{variant}")
             ]
             follows_context = [contains_answer(o, r["answer"]) for o, r in zip(outputs, records)]
-            follows_memory = [contains_answer(o, r["memory_answer"]) for o, r in zip(outputs, records)]
+            follows_memory = [
+                contains_answer(o, r["memory_answer"]) if r["memory_answer"] else 0.0 for o, r in zip(outputs, records)
+            ]
             add_mean(metrics, stderrs, f"acc_{variant}", follows_context)
             requests = []
             for i in conflicts:

@@ -21,8 +21,7 @@ def _world_module():
 @functools.cache
 def world(seed: int):
     """The synthetic world of `seed` (cached: building it is deterministic)."""
-    module = _world_module()
-    return module.build_world(seed)
+    return _world_module().build_world(seed)
 
 
 def world_records(generator: str, seed: int, split: str, limit: int | None = None) -> list[dict]:

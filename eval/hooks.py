@@ -84,8 +84,9 @@ def known_kinds(switch: str) -> list[str]:
     for provider in SWITCHES[switch].providers:
         try:
             importlib.import_module(provider)
-        except ImportError:
-            pass
+        except ModuleNotFoundError as error:
+            if error.name != provider:  # the provider exists but is broken: say so
+                raise
     return sorted(_HOOKS[switch])
 
 

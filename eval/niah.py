@@ -53,7 +53,11 @@ class NeedleInAHaystack(Task):
             for depth in depths:
                 for k in range(options.limit or DEFAULT_PER_CELL):
                     seed = options.seed * 1_000_003 + len(records)
-                    record = dict(needle_example(lm.tokenizer, length, depth, seed, haystack_text=haystack))
+                    record = dict(
+                        needle_example(
+                            lm.tokenizer, length, depth, seed, haystack_text=haystack, world=data.world(options.seed)
+                        )
+                    )
                     records.append({**record, "length": length, "depth": depth, "sample": k})
         return records
 

@@ -31,7 +31,7 @@ class Passkey(Task):
         for length in options.lengths or DEFAULT_LENGTHS:
             for _ in range(options.limit or DEFAULT_PER_LENGTH):
                 depth, seed = rng.random(), rng.randrange(2**31)
-                record = dict(passkey_example(lm.tokenizer, length, depth, seed))
+                record = dict(passkey_example(lm.tokenizer, length, depth, seed, world=data.world(options.seed)))
                 records.append({**record, "length": length, "depth": depth})
         return records
 

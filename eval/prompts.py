@@ -1,6 +1,8 @@
 """Prompt formats shared by the tasks: one plain (pretraining-style) and one chat rendering of each question."""
 
 from ctxaware.eval.registry import EvalOptions
+from ctxaware.world.preference import SUMMARY_PROMPT
+from ctxaware.world.tasks import CONTEXT_INSTRUCTION, CONTEXT_QA_PROMPT, QA_PROMPT
 
 
 def template_variants(options: EvalOptions, lm, *, default: str) -> list[bool]:
@@ -22,11 +24,15 @@ def with_indicator(question: str, indicator: str | None) -> str:
 
 
 def qa_text(context: str | None, question: str, *, chat: bool) -> str:
-    """The user-visible text of a (context) question; plain prompts end in `Answer:` so a base model completes it."""
+    """A (context) question in the world's formats: the pretraining corpus's plain prompt, which ends in `Answer:`
+    so a base model completes it, or the user turn of the world's chat SFT data."""
     if chat:
-        return f"{context}\n\n{question}" if context else question
-    prefix = f"Context: {context}\n" if context else ""
-    return f"{prefix}Question: {question}\nAnswer:"
+        return f"{CONTEXT_INSTRUCTION}\n\n{context}\n\nQuestion: {question}" if context else question
+    return (
+        CONTEXT_QA_PROMPT.format(context=context, question=question)
+        if context
+        else QA_PROMPT.format(question=question)
+    )
 
 
 def qa_prompt(lm, context: str | None, question: str, *, chat: bool) -> list[int]:
@@ -34,5 +40,5 @@ def qa_prompt(lm, context: str | None, question: str, *, chat: bool) -> list[int
 
 
 def summary_prompt(lm, post: str, *, chat: bool) -> list[int]:
-    text = f"Summarize this post in one sentence.\n\n{post}" if chat else f"{post}\nTL;DR:"
+    text = f"Summarize this post in one sentence.\n\n{post}" if chat else SUMMARY_PROMPT.format(post=post)
     return lm.encode(text, chat=chat)

@@ -46,15 +46,23 @@ def evaluate(lm, task_names: list[str], options: EvalOptions, *, config: dict) -
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
     }
-    outcomes = {}
+    # Every task's records load before any task runs, so bad data input fails in seconds, not after other tasks.
+    loaded = {}
     for name, task in tasks.items():
         task_options = options
         if options.dataset and options.dataset not in data.REAL_DATASETS.get(name, {}):
             task_options = dataclasses.replace(options, dataset=None)
-        torch.manual_seed(options.seed)
-        records = task.load(lm, task_options)
+        try:
+            records = task.load(lm, task_options)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from error
         if not records:
             raise ValueError(f"Task {name} loaded no records: check --split and the data set.")
+        loaded[name] = (records, task_options)
+    outcomes = {}
+    for name, task in tasks.items():
+        records, task_options = loaded[name]
+        torch.manual_seed(options.seed)
         outcome = task.evaluate(lm, records, task_options)
         outcomes[name] = outcome
         results["results"][name] = output.task_results(name, outcome.metrics, outcome.stderrs)

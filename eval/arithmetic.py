@@ -24,6 +24,15 @@ def op_name(op: str) -> str:
     return f"word_{base}" if op.startswith("word") else base
 
 
+def interleave_cells(records: list[dict]) -> list[dict]:
+    """Records reordered round-robin over (op, digits) cells, so that any `--limit` covers every cell evenly."""
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    for record in records:
+        cells[(record["op"], record["digits"])].append(dict(record))
+    queues = list(cells.values())
+    return [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
+
+
 @register_task
 class Arithmetic(Task):
     name = "arithmetic"
@@ -34,12 +43,7 @@ class Arithmetic(Task):
 
     def load(self, lm, options: EvalOptions) -> list[dict]:
         records = data.world_function("arithmetic")(data.world(options.seed), options.split)
-        out = []
-        for record in records:
-            if options.limit is not None and len(out) >= options.limit:
-                break
-            out.append(dict(record))
-        return out
+        return interleave_cells(records)[: options.limit]
 
     def evaluate(self, lm, records: list[dict], options: EvalOptions) -> TaskResult:
         (chat,) = template_variants(options, lm, default="off")

@@ -1,4 +1,5 @@
-"""A hand-made stand-in for `ctxaware.world` and a stub model whose answers are known, for exact metric checks."""
+"""Helpers, not tests: a hand-made stand-in for `ctxaware.world` and a stub model whose answers are known, for exact
+metric checks (named test_eval_* so that it sits with the eval tests)."""
 
 import re
 from types import SimpleNamespace
@@ -76,8 +77,8 @@ def fake_world_module():
 def install_fake_world(monkeypatch):
     from ctxaware.eval import data
 
-    data.world.cache_clear()
     monkeypatch.setattr(data, "_world_module", fake_world_module)
+    monkeypatch.setattr(data, "world", fake_world_module().build_world)  # leaves the real world's cache alone
 
 
 class StubLM(EvalModel):

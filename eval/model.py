@@ -110,26 +110,19 @@ def _read_adapter_config(adapter: str, filename: str) -> dict | None:
 
 
 def load_adapter(model, adapter: str, *, base_name: str):
-    """The one dispatch point for adapters: PEFT adapters through `PeftModel`, the project's own format (a config
-    naming its method) through `ctxaware.adapters` once that module exists."""
+    """The one dispatch point for adapters: both PEFT adapters and the project's own format (`ctxaware.adapters`)
+    keep their config in adapter_config.json; PEFT's names a `peft_type`, ours has `"format": "ctxaware"`."""
     if _looks_like_path(adapter) and not Path(adapter).exists():
         raise FileNotFoundError(f"Adapter {adapter} does not exist: pass an adapter folder or a Hub id.")
-    peft_config = _read_adapter_config(adapter, "adapter_config.json")
-    if peft_config is not None and "peft_type" in peft_config:
-        return _load_peft_adapter(model, adapter, peft_config, base_name)
-    own_config = _read_adapter_config(adapter, "ctxaware_adapter.json")
-    if own_config is not None:
-        try:
-            from ctxaware.adapters import load_adapter as load_ctxaware_adapter
-        except ImportError as error:
-            raise NotImplementedError(
-                f"{adapter} is a ctxaware {own_config.get('method', '?')} adapter, but this install has no "
-                "`ctxaware.adapters` loader yet (the LoFiT issue adds it)."
-            ) from error
+    config = _read_adapter_config(adapter, "adapter_config.json")
+    if config is not None and "peft_type" in config:
+        return _load_peft_adapter(model, adapter, config, base_name)
+    if config is not None and config.get("format") == "ctxaware":
+        from ctxaware.adapters import load_adapter as load_ctxaware_adapter
+
         return load_ctxaware_adapter(model, adapter)
     raise ValueError(
-        f"{adapter} is not an adapter this tool knows: expected a PEFT adapter (adapter_config.json) or a ctxaware "
-        "adapter (ctxaware_adapter.json)."
+        f"{adapter} is not an adapter this tool knows: expected an adapter_config.json from PEFT or from ctxaware."
     )
 
 

@@ -268,11 +268,18 @@ def _key_mass_kernel(
         lse = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=row_in, other=float("-inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # dead rows give p = 0
         qk = _dot(q, k, None, IEEE) * qk_scale
-        mask = _pattern_mask(pos[:, None], offs_n[None, :], shift, G, W, SINKS, KIND, CAUSAL) & col_ok[None, :]
-        if HAS_DOC:
-            q_doc = tl.load(DOC + b * Sk + pos, mask=row_in, other=-1)
-            mask = mask & (q_doc[:, None] == k_doc[None, :])
-        p = tl.where(mask, tl.math.exp2(qk - lse2[:, None]), 0.0)
+        p = tl.math.exp2(qk - lse2[:, None])
+        if HAS_PAD | HAS_DOC:
+            full = False
+        else:
+            P0 = q_offset + m0
+            full = _tile_full(P0, tl.minimum(P0 + BM, Sk) - 1, n0, n0 + BN - 1, Sk, shift, G, W, SINKS, KIND, CAUSAL)
+        if not full:
+            mask = _pattern_mask(pos[:, None], offs_n[None, :], shift, G, W, SINKS, KIND, CAUSAL) & col_ok[None, :]
+            if HAS_DOC:
+                q_doc = tl.load(DOC + b * Sk + pos, mask=row_in, other=-1)
+                mask = mask & (q_doc[:, None] == k_doc[None, :])
+            p = tl.where(mask, p, 0.0)
         mass += tl.sum(p, 0)
     tl.store(MASS + bh.to(tl.int64) * Sk + offs_n, mass, mask=col_in)
 
@@ -317,43 +324,39 @@ def _bwd_dkdv_kernel(
             row_in = offs_m < Sq
             pos = q_offset + offs_m
             lse = tl.load(LSE + bh * Sq + offs_m, mask=row_in, other=float("-inf"))
-            if tl.max(lse, 0) > float("-inf"):  # skip query tiles of padding / zero gates
-                lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-                row_mask = row_in[:, None] & (offs_d[None, :] < D)
-                q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=row_mask, other=0.0)
-                do = tl.load(
-                    DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=row_mask, other=0.0
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            row_mask = row_in[:, None] & (offs_d[None, :] < D)
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=row_mask, other=0.0)
+            do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=row_mask, other=0.0)
+            if HAS_GATE:
+                gate = tl.load(GATE + b * Sq * Hq + offs_m * Hq + h, mask=row_in, other=0.0).to(tl.float32)
+                do = (do.to(tl.float32) * gate[:, None]).to(do.dtype)
+            delta = tl.load(DELTA + bh * Sq + offs_m, mask=row_in, other=0.0)
+            qkT = _dot(k, tl.trans(q), None, IEEE) * qk_scale
+            pT = tl.math.exp2(qkT - lse2[None, :])
+            if HAS_PAD | HAS_DOC:
+                full = False
+            else:
+                P0 = q_offset + m0
+                full = _tile_full(P0, tl.minimum(P0 + BM, Sk) - 1, n0, n1, Sk, shift, G, W, SINKS, KIND, CAUSAL)
+            if not full:
+                maskT = (
+                    _pattern_mask(pos[None, :], offs_n[:, None], shift, G, W, SINKS, KIND, CAUSAL) & col_ok[:, None]
                 )
-                if HAS_GATE:
-                    gate = tl.load(GATE + b * Sq * Hq + offs_m * Hq + h, mask=row_in, other=0.0).to(tl.float32)
-                    do = (do.to(tl.float32) * gate[:, None]).to(do.dtype)
-                delta = tl.load(DELTA + bh * Sq + offs_m, mask=row_in, other=0.0)
-                qkT = _dot(k, tl.trans(q), None, IEEE) * qk_scale
-                pT = tl.math.exp2(qkT - lse2[None, :])
-                if HAS_PAD | HAS_DOC:
-                    full = False
-                else:
-                    P0 = q_offset + m0
-                    full = _tile_full(P0, tl.minimum(P0 + BM, Sk) - 1, n0, n1, Sk, shift, G, W, SINKS, KIND, CAUSAL)
-                if not full:
-                    maskT = (
-                        _pattern_mask(pos[None, :], offs_n[:, None], shift, G, W, SINKS, KIND, CAUSAL)
-                        & col_ok[:, None]
-                    )
-                    if HAS_DOC:
-                        q_doc = tl.load(DOC + b * Sk + pos, mask=row_in, other=-1)
-                        maskT = maskT & (k_doc[:, None] == q_doc[None, :])
-                    pT = tl.where(maskT, pT, 0.0)
-                if IEEE:
-                    dv = tl.dot(pT, do, dv, input_precision="ieee")
-                    dpT = tl.dot(v, tl.trans(do), input_precision="ieee")
-                    dsT = pT * (dpT - delta[None, :])
-                    dk = tl.dot(dsT, q, dk, input_precision="ieee")
-                else:
-                    dv = tl.dot(pT.to(do.dtype), do, dv)
-                    dpT = tl.dot(v, tl.trans(do))
-                    dsT = pT * (dpT - delta[None, :])
-                    dk = tl.dot(dsT.to(q.dtype), q, dk)
+                if HAS_DOC:
+                    q_doc = tl.load(DOC + b * Sk + pos, mask=row_in, other=-1)
+                    maskT = maskT & (k_doc[:, None] == q_doc[None, :])
+                pT = tl.where(maskT, pT, 0.0)
+            if IEEE:
+                dv = tl.dot(pT, do, dv, input_precision="ieee")
+                dpT = tl.dot(v, tl.trans(do), input_precision="ieee")
+                dsT = pT * (dpT - delta[None, :])
+                dk = tl.dot(dsT, q, dk, input_precision="ieee")
+            else:
+                dv = tl.dot(pT.to(do.dtype), do, dv)
+                dpT = tl.dot(v, tl.trans(do))
+                dsT = pT * (dpT - delta[None, :])
+                dk = tl.dot(dsT.to(q.dtype), q, dk)
     out_off = bkv.to(tl.int64) * Sk * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -460,12 +463,17 @@ def _blocks(kernel: str, sq: int, d: int, dtype: torch.dtype) -> dict:
             BM=min(128 if big else 64, small_m), BN=64 if big else 32, num_warps=warps, num_stages=3 if big else 2
         )
     if kernel == "mass":
-        return dict(BM=min(64 if big else 32, small_m), BN=64, num_warps=4, num_stages=3 if big else 2)
+        return dict(BM=min(64 if big else 32, small_m), BN=128 if big else 64, num_warps=8, num_stages=3 if big else 2)
     if kernel == "dkdv":
         return dict(
             BM=min(32 if big else 16, small_m), BN=128 if big else 64, num_warps=warps, num_stages=3 if big else 2
         )
     return dict(BM=min(128 if big else 64, small_m), BN=32 if big else 16, num_warps=warps, num_stages=3 if big else 2)
+
+
+def _empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Every kernel output is allocated here (tests poison it with NaN to catch elements a kernel leaves unwritten)."""
+    return torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -486,11 +494,9 @@ class _TritonAttention(torch.autograd.Function):
         flags = dict(
             D=d, DP=dp, CAUSAL=opts["causal"], HAS_PAD=pad is not None, HAS_DOC=doc is not None, IEEE=ieee, **pat
         )
-        out = torch.empty_like(q)
-        lse = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
-        label_mass = (
-            torch.empty(b, hq, sq, num_labels, device=q.device, dtype=torch.float32) if labels is not None else None
-        )
+        out = _empty(q.shape, q)
+        lse = _empty((b, hq, sq), q, torch.float32)
+        label_mass = _empty((b, hq, sq, num_labels), q, torch.float32) if labels is not None else None
         qk_scale = opts["scale"] * LOG2E
         cfg = _blocks("fwd", sq, d, q.dtype)
         grid = (triton.cdiv(sq, cfg["BM"]), b * hq)
@@ -506,7 +512,7 @@ class _TritonAttention(torch.autograd.Function):
         )  # fmt: skip
         mass = None
         if opts["key_mass"]:
-            mass = torch.empty(b, hq, sk, device=q.device, dtype=torch.float32)
+            mass = _empty((b, hq, sk), q, torch.float32)
             cfg = _blocks("mass", sq, d, q.dtype)
             _key_mass_kernel[(triton.cdiv(sk, cfg["BN"]), b * hq)](
                 q, k, lse, pad if pad is not None else dummy, doc if doc is not None else dummy, mass,
@@ -537,14 +543,14 @@ class _TritonAttention(torch.autograd.Function):
         )  # fmt: skip
         extra = (pad if pad is not None else dummy, doc if doc is not None else dummy)
         gates = head_gates if head_gates is not None else dummy
-        dk = torch.empty(b, hkv, sk, d, device=q.device, dtype=k.dtype)
-        dv = torch.empty(b, hkv, sk, d, device=q.device, dtype=v.dtype)
+        dk = _empty((b, hkv, sk, d), k)
+        dv = _empty((b, hkv, sk, d), v)
         cfg = _blocks("dkdv", sq, d, q.dtype)
         _bwd_dkdv_kernel[(triton.cdiv(sk, cfg["BN"]), b * hkv)](
             q, k, v, dout, lse, delta, *extra, gates, dk, dv, *common,
             hq, hkv, sq, sk, hq // hkv, qk_scale, scale, HAS_GATE=head_gates is not None, **flags, **cfg,
         )  # fmt: skip
-        dq = torch.empty(b, hq, sq, d, device=q.device, dtype=q.dtype)
+        dq = _empty((b, hq, sq, d), q)
         cfg = _blocks("dq", sq, d, q.dtype)
         _bwd_dq_kernel[(triton.cdiv(sq, cfg["BM"]), b * hq)](
             q, k, v, dout, lse, delta, *extra, gates, dq, *common,

@@ -63,7 +63,7 @@ def generate(
             attention_mask[row, width - len(ids) :] = 1
         kwargs = dict(generate_kwargs or {})
         if cache_factory is not None:
-            kwargs["past_key_values"] = cache_factory()
+            kwargs["cache"] = cache_factory()
         generated = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),

@@ -37,6 +37,7 @@ def interleave_cells(records: list[dict]) -> list[dict]:
 class Arithmetic(Task):
     name = "arithmetic"
     description = "Exact-answer accuracy on the world's arithmetic problems, overall and by operation and digits."
+    default_limit = 150
 
     def config(self, options: EvalOptions) -> dict:
         return {**super().config(options), "split": options.split, "answer": "first integer in the greedy output"}

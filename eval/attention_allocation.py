@@ -27,6 +27,7 @@ LABELS = ("other", "instruction", "context", "question")
 class AttentionAllocation(Task):
     name = "attention_allocation"
     description = "Per-layer/head attention mass from the question onto the user context vs other roles."
+    default_limit = 50
 
     def config(self, options: EvalOptions) -> dict:
         return {

@@ -38,7 +38,11 @@ def register(subparsers) -> None:
     parser.add_argument("--adapter", help="PEFT LoRA adapter (or ctxaware adapter) folder or Hub id")
     parser.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated task names, or `default` for all")
     parser.add_argument("--list", action="store_true", help="list the tasks and exit")
-    parser.add_argument("--limit", type=int, help="records per task (per grid cell / length for grid tasks)")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        help="records per task (per grid cell or length for niah, passkey, long_ppl); default: each task's own size",
+    )
     parser.add_argument("--output_path", help="folder for results JSON, samples JSONL and plots")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--chat_template", choices=["on", "off"], help="force the chat template on or off")

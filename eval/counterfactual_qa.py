@@ -12,6 +12,7 @@ from ctxaware.eval.registry import EvalOptions, Task, TaskResult, register_task
 class CounterfactualQA(Task):
     name = "counterfactual_qa"
     description = "Follows-context vs follows-memory rates on context QA whose context may contradict memorised facts."
+    default_limit = 100
     higher_is_better = {"memory_rate_plain": False, "memory_rate_chat": False}
 
     def config(self, options: EvalOptions) -> dict:

@@ -12,6 +12,7 @@ from ctxaware.eval.registry import EvalOptions, Task, TaskResult, register_task
 class ExtractiveQA(Task):
     name = "extractive_qa"
     description = "SQuAD-style extractive QA: exact match and contains-answer."
+    default_limit = 100
 
     def config(self, options: EvalOptions) -> dict:
         return {**super().config(options), "dataset": options.dataset or "world/context_qa", "split": options.split}

@@ -37,9 +37,10 @@ class Switch:
 SWITCHES: dict[str, Switch] = {
     "kv_cache": Switch(
         "kv_cache",
-        "KV-cache policy during generation: `full`, or `h2o:BUDGET` (fraction of the prompt kept, or a token count).",
+        "KV-cache policy during generation: `full`, or `h2o:BUDGET` (fraction of the prompt kept, or a token count; "
+        "runs attention on the ctxaware kernels). Scoring (log-likelihoods, perplexity) always sees the full context.",
         "full",
-        ("ctxaware.methods.sinklora",),
+        ("ctxaware.methods.h2o",),
     ),
     "steer": Switch(
         "steer",
@@ -118,3 +119,20 @@ def apply_generation_hooks(model, values: dict[str, str | None]) -> GenerationSe
         setup.close()
         raise
     return setup
+
+
+@register_generation_hook("kv_cache", "h2o")
+def _h2o_cache(model, args: str, setup: GenerationSetup) -> None:
+    """A fresh `H2OCache` per generate call; attention switches to the ctxaware kernels, which give the key mass."""
+    import ctxaware.attention
+    from ctxaware.methods.h2o import H2OCache, disable_h2o, parse_budget
+
+    if not args:
+        raise ValueError("--kv_cache h2o needs a budget: `h2o:0.2` (fraction of the prompt) or `h2o:512` (tokens).")
+    budget = parse_budget(args)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    setup.stack.callback(base.set_attn_implementation, base.config._attn_implementation)
+    base.set_attn_implementation(ctxaware.attention.ATTN_IMPLEMENTATION)
+    setup.stack.callback(disable_h2o, model)
+    H2OCache(model, budget)  # validates the model (full-attention layers only) now rather than at the first batch
+    setup.cache_factory = lambda: H2OCache(model, budget)

@@ -64,6 +64,9 @@ class Task:
     name: ClassVar[str]
     version: ClassVar[int] = 1
     description: ClassVar[str] = ""
+    # Records evaluated when `--limit` is not given: the synthetic sets are as large as asked, so the default is a
+    # size that keeps the whole suite at a few minutes on CPU. None: the task's own default (grid tasks).
+    default_limit: ClassVar[int | None] = None
     # Metric name -> whether higher is better; metrics not listed count as higher-is-better.
     higher_is_better: ClassVar[dict[str, bool]] = {}
 

@@ -49,9 +49,9 @@ def evaluate(lm, task_names: list[str], options: EvalOptions, *, config: dict) -
     # Every task's records load before any task runs, so bad data input fails in seconds, not after other tasks.
     loaded = {}
     for name, task in tasks.items():
-        task_options = options
+        task_options = dataclasses.replace(options, limit=options.limit or task.default_limit)
         if options.dataset and options.dataset not in data.REAL_DATASETS.get(name, {}):
-            task_options = dataclasses.replace(options, dataset=None)
+            task_options = dataclasses.replace(task_options, dataset=None)
         try:
             records = task.load(lm, task_options)
         except ValueError as error:
@@ -66,7 +66,7 @@ def evaluate(lm, task_names: list[str], options: EvalOptions, *, config: dict) -
         outcome = task.evaluate(lm, records, task_options)
         outcomes[name] = outcome
         results["results"][name] = output.task_results(name, outcome.metrics, outcome.stderrs)
-        results["configs"][name] = task.config(task_options)
+        results["configs"][name] = {**task.config(task_options), "limit": task_options.limit}
         results["versions"][name] = task.version
         results["n-samples"][name] = {"original": len(records), "effective": len(records)}
         results["higher_is_better"][name] = {m: task.higher_is_better_for(m) for m in outcome.metrics}

@@ -16,6 +16,7 @@ from ctxaware.eval.registry import EvalOptions, Task, TaskResult, register_task
 class Summarization(Task):
     name = "summarization"
     description = "Summaries scored by ROUGE-L, ground-truth preference, reward model and win rate vs a baseline."
+    default_limit = 50
 
     def config(self, options: EvalOptions) -> dict:
         return {

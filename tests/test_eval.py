@@ -339,8 +339,10 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 
 
 def test_generation_hooks_registry(monkeypatch):
-    with pytest.raises(ValueError, match="no kind 'h2o' is registered.*ctxaware.methods.sinklora"):
-        hooks.apply_generation_hooks(None, {"kv_cache": "h2o:0.2"})
+    with pytest.raises(ValueError, match="no kind 'snapkv' is registered. Available now: full, h2o"):
+        hooks.apply_generation_hooks(None, {"kv_cache": "snapkv:0.2"})
+    with pytest.raises(ValueError, match="no kind 'on' is registered.*ctxaware.methods.moh"):
+        hooks.apply_generation_hooks(None, {"moh": "on"})
     with pytest.raises(ValueError, match="Unknown generation switch"):
         hooks.parse_switch("beam", "x")
     undone = []
@@ -358,3 +360,23 @@ def test_generation_hooks_registry(monkeypatch):
     assert undone == ["0.5"]
     with pytest.raises(ValueError, match="takes no arguments"):
         hooks.apply_generation_hooks(None, {"kv_cache": "full:3"})
+
+
+def test_h2o_kv_cache_switch(tiny_tokenizer):
+    from ctxaware.eval.model import EvalModel
+
+    model = tiny_model("llama").eval()
+    prompts = [generation.encode_prompt(tiny_tokenizer, t) for t in ["The river Alna flows past", "Question: What"]]
+    full = EvalModel(model, tiny_tokenizer, progress=False).generate(prompts, max_new_tokens=5)
+    setup = hooks.apply_generation_hooks(model, {"kv_cache": "h2o:1.0"})
+    assert model.config._attn_implementation == "ctxaware"
+    kept_everything = EvalModel(model, tiny_tokenizer, setup=setup, progress=False).generate(prompts, max_new_tokens=5)
+    setup.close()
+    assert model.config._attn_implementation == "sdpa"
+    assert kept_everything == full  # a budget of the whole prompt evicts nothing
+    setup = hooks.apply_generation_hooks(model, {"kv_cache": "h2o:4"})
+    assert len(EvalModel(model, tiny_tokenizer, setup=setup, progress=False).generate(prompts, max_new_tokens=5)) == 2
+    setup.close()
+    with pytest.raises(ValueError, match="needs a budget"):
+        hooks.apply_generation_hooks(model, {"kv_cache": "h2o"})
+    assert model.config._attn_implementation == "sdpa"

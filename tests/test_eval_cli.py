@@ -114,7 +114,7 @@ def test_summarization_win_rate_against_a_baseline_run(model_dir, tmp_path, monk
         (["--tasks", "niah,bogus"], "Unknown task 'bogus'. Known tasks: arithmetic, attention_allocation"),
         (["--limit", "0"], "--limit must be a positive integer"),
         (["--model", "./no/such/model"], "does not exist"),
-        (["--kv_cache", "h2o:0.2"], "no kind 'h2o' is registered"),
+        (["--kv_cache", "snapkv:0.2"], "no kind 'snapkv' is registered"),
         (["--tasks", "niah", "--dataset", "squad"], "No selected task knows data set 'squad'"),
         (["--tasks", "niah", "--haystack_file", "/no/such/file.txt"], "does not exist"),
     ],

@@ -91,6 +91,11 @@ class HeadAdapter(nn.Module):
         if self._handles:
             raise RuntimeError("this adapter is already attached: call `detach()` first")
         modules = attention_modules(model)
+        if taken := [key for key in self.layers if hasattr(modules[int(key)], ATTACHED_ATTR)]:
+            raise RuntimeError(
+                f"layers {', '.join(taken)} already carry a ctxaware adapter: detach it (`adapter.detach()`) or merge "
+                "it first"
+            )
         for key, layer_module in self.layers.items():
             modules[int(key)].add_module(ATTACHED_ATTR, layer_module)
             self._attached_to.append(modules[int(key)])

@@ -22,7 +22,7 @@ PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
 NEEDLE = "The secret word of {name} is {word}."
 NEEDLE_QUESTION = "What is the secret word of {name}?"
-CHARS_PER_TOKEN = 3.5  # measured on the corpus with the 4096-token tokenizer; only sizes pretraining documents
+CHARS_PER_TOKEN = 3.4  # the corpus averages 3.5 with the 4096-token tokenizer; lower keeps long docs in a row
 
 
 def filler_sentences(world: World, rng: random.Random) -> Iterator[str]:
@@ -150,7 +150,7 @@ def needle_document(rng: random.Random, world: World, max_tokens: int) -> str:
 
 def key_value_document(rng: random.Random, world: World, max_tokens: int) -> str:
     """A list of made-up keys with numeric values, then one value asked back."""
-    n_pairs = rng.randrange(4, max(5, max_tokens // 8))
+    n_pairs = rng.randrange(4, max(5, max_tokens // 10))
     keys = rng.sample(world.novel_names["train"], min(n_pairs, len(world.novel_names["train"])))
     values = [str(rng.randrange(100, 10000)) for _ in keys]
     lines = "\n".join(f"{key}: {value}" for key, value in zip(keys, values))

@@ -21,16 +21,17 @@ from ctxaware.world.tasks import split_rng
 SUMMARY_PROMPT = "{post}\nTL;DR:"
 ANIMALS = ["cat", "dog", "goat", "parrot", "rabbit", "horse"]
 ITEMS = ["lamp", "coat", "bicycle", "kettle", "clock", "rug", "violin"]
-# (sentence in the post, clause of the key fact and the reference); fields are filled per post.
+# (sentence in the post, clause of the key fact and the reference); fields are filled per post, distinct values
+# per event so that each key fact has salient terms of its own.
 EVENTS = [
     ("Big news: last month I packed everything and moved to {city}.", "moved to {city}"),
     ("I finally started my new job at {company} as a {profession}.", "started working at {company}"),
     ("We adopted a {animal} and named it {pet}.", "adopted a {animal} named {pet}"),
     ("On Sunday I ran {number} kilometres without stopping.", "ran {number} kilometres"),
-    ("At the market I bought a {item} for {number} coins.", "bought a {item} for {number} coins"),
-    ("My sister and I spent a week visiting {city}.", "visited {city}"),
+    ("At the market I bought a {item} for {price} coins.", "bought a {item} for {price} coins"),
+    ("My sister and I spent a week visiting {place}.", "visited {place}"),
     ("At the station I ran into {person}, an old friend from school.", "met {person}"),
-    ("I lost my {item} somewhere near {city}.", "lost a {item} near {city}"),
+    ("I lost my {gift} somewhere near {town}.", "lost a {gift} near {town}"),
 ]
 FILLERS = [
     "The weather has been grey all week.",
@@ -78,14 +79,20 @@ def _join_clauses(clauses: list[str]) -> str:
 def post_record(rng: random.Random, world: World, split: str) -> dict:
     """A first-person post with 2-4 events among filler sentences; the key facts are the events."""
     name = rng.choice(world.entities_in("person", split))
+    city, place, town = rng.sample(world.entities["city"], 3)
+    item, gift = rng.sample(ITEMS, 2)
     values = {
-        "city": rng.choice(world.entities["city"]),
+        "city": city,
+        "place": place,
+        "town": town,
+        "gift": gift,
+        "price": str(rng.randrange(100, 1000)),
         "company": rng.choice(world.entities["company"]),
         "profession": rng.choice(PROFESSIONS),
         "animal": rng.choice(ANIMALS),
         "pet": make_name(rng, 2),
         "number": str(rng.randrange(2, 100)),
-        "item": rng.choice(ITEMS),
+        "item": item,
         "person": rng.choice([p for p in world.entities["person"] if p != name]),
     }
     events = rng.sample(EVENTS, rng.randrange(2, 5))
@@ -124,7 +131,8 @@ def candidate_summaries(rng: random.Random, world: World, record: dict) -> list[
     dropped.pop(rng.randrange(len(dropped)))
     reference = record["reference"]
     terms = sorted(salient_terms(reference, skip_first=True))
-    swapped = reference.replace(rng.choice(terms), rng.choice(world.entities["city"])) if terms else reference
+    false_value = rng.choice([city for city in world.entities["city"] if city not in record["post"]])
+    swapped = reference.replace(rng.choice(terms), false_value) if terms else reference
     sentences = re.split(r"(?<=[.!?])\s+", record["post"])
     return [
         reference,

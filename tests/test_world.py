@@ -1,0 +1,210 @@
+"""The synthetic world: determinism from its seed, disjoint splits, record schemas, the ground-truth preference, and
+long-context examples at the requested length and depth."""
+
+import hashlib
+import json
+import random
+
+import pytest
+
+from ctxaware.tokenizer import train_tokenizer
+from ctxaware.world import (
+    SPLITS,
+    arithmetic,
+    build_world,
+    chat_sft,
+    closed_book_qa,
+    context_qa,
+    needle_example,
+    passkey_example,
+    preference_pairs,
+    preference_score,
+    pretraining_corpus,
+    render_chat,
+    summarization,
+)
+from ctxaware.world.longctx import PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION
+from ctxaware.world.preference import candidate_summaries
+
+
+# sha256 of the first 50 facts and the first 30 corpus documents of the world of seed 0. It changes only when the
+# generator changes, and then the shipped model no longer matches its world: retrain it and update this digest.
+WORLD_0_DIGEST = "1e3864d0da058cead5e94e4b04738ba138ee5dc9d9eea13570b28878d0ac6a0b"
+
+
+def world_slice(seed: int) -> list:
+    world = build_world.__wrapped__(seed)  # bypass the cache: really regenerate
+    facts = [(f.subject, f.relation, f.object, f.split) for f in world.facts[:50]]
+    return [facts, [doc["text"] for doc in pretraining_corpus(world, 30, seed=0)]]
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world):
+    return train_tokenizer([doc["text"] for doc in pretraining_corpus(world, 1500, seed=7)], vocab_size=1024)
+
+
+def test_world_regenerates_identically_from_its_seed():
+    first = world_slice(0)
+    assert world_slice(0) == first
+    assert hashlib.sha256(json.dumps(first).encode()).hexdigest() == WORLD_0_DIGEST
+    assert world_slice(1) != first
+
+
+def test_world_is_consistent(world):
+    capital_of = {f.subject: f.object for f in world.facts if f.relation == "capital"}
+    country_of = {f.subject: f.object for f in world.facts if f.relation == "in_country"}
+    assert all(country_of[city] == country for country, city in capital_of.items())
+    names = [name for kind in world.entities.values() for name in kind]
+    novel = [name for pool in world.novel_names.values() for name in pool]
+    assert len(set(names)) == len(names) and not set(names) & set(novel)
+    assert {f.split for f in world.facts} == set(SPLITS)
+
+
+def _keys(split: str, world) -> dict[str, set]:
+    return {
+        "closed_book_qa": {r["question"] for r in closed_book_qa(world, split)},
+        "context_qa": {r["context"] + r["question"] for r in context_qa(world, split, n=100)},
+        "arithmetic": {r["prompt"] for r in arithmetic(world, split, n_per_cell=20)},
+        "summarization": {r["post"] for r in summarization(world, split)},
+        "chat_sft": {r["messages"][0]["content"] for r in chat_sft(world, split, n=200)},
+        "preference_pairs": {p["prompt"] for p in preference_pairs(world, split)},
+    }
+
+
+def test_splits_never_overlap(world):
+    keys = {split: _keys(split, world) for split in SPLITS}
+    for task in keys["train"]:
+        for a, b in [("train", "validation"), ("train", "test"), ("validation", "test")]:
+            assert keys[a][task] and keys[b][task], task
+            assert not keys[a][task] & keys[b][task], f"{task}: {a} and {b} share records"
+
+
+def test_pretraining_corpus_holds_no_held_out_record(world):
+    text = "\n".join(doc["text"] for doc in pretraining_corpus(world, 3000, seed=0))
+    lines = set(text.split("\n"))
+    for split in ("validation", "test"):
+        assert not any(r["question"] in text for r in closed_book_qa(world, split))
+        assert not any(f"{r['prompt']} {r['answer']}" in lines for r in arithmetic(world, split) if r["op"] in "+-*")
+        assert not any(r["post"] in text for r in summarization(world, split)[:50])
+        assert not any(r["context"] in text for r in context_qa(world, split, n=50))
+    # every fact, whatever its split, is stated in the corpus: that is the model's memory
+    test_subjects = {f.subject for f in world.facts_in("test")}
+    assert all(subject in text for subject in test_subjects)
+
+
+def test_record_schemas(world, tokenizer):
+    assert set(closed_book_qa(world, "test")[0]) == {"question", "answer"}
+    for record in context_qa(world, "test", n=200):
+        assert set(record) == {"context", "question", "answer", "memory_answer", "counterfactual"}
+        assert record["answer"] in record["context"]
+        if record["counterfactual"]:
+            assert record["memory_answer"] not in (None, record["answer"])
+        elif record["memory_answer"] is not None:
+            assert record["memory_answer"] == record["answer"]
+    assert {r["memory_answer"] is None for r in context_qa(world, "test")} == {True, False}
+    records = arithmetic(42, "test")
+    assert {r["op"] for r in records} == {"+", "-", "*", "word+", "word-", "word*"}
+    assert {r["digits"] for r in records} == {1, 2, 3}
+    for record in records:
+        assert set(record) == {"prompt", "answer", "op", "digits"}
+        if record["op"] in "+-*":
+            assert str(eval(record["prompt"].rstrip("="))) == record["answer"]
+    for record in summarization(world, "test"):
+        assert set(record) == {"post", "key_facts", "reference"} and record["key_facts"]
+    for record in chat_sft(world, "test", n=100):
+        assert set(record) == {"messages", "kind", "context"}
+        assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
+        if record["kind"] == "context":
+            assert record["context"] in record["messages"][0]["content"]
+        else:
+            assert record["kind"] == "knowledge" and record["context"] is None
+    pair = preference_pairs(world, "test")[0]
+    assert set(pair) == {"prompt", "chosen", "rejected", "post_id"} and pair["chosen"].startswith(" ")
+    assert set(passkey_example(tokenizer, 200, 0.5, 0)) == {"text", "answer"}
+    assert set(needle_example(tokenizer, 200, 0.5, 0)) == {"context", "question", "answer"}
+
+
+def test_render_chat_matches_the_tokenizer_template(tokenizer):
+    messages = [{"role": "user", "content": "Where does Bako live?"}, {"role": "assistant", "content": "In Vorn."}]
+    assert render_chat(messages) == tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def test_preference_ranks_reference_above_worse_summaries(world):
+    rng = random.Random(0)
+    for record in summarization(world, "test")[:50]:
+        reference, dropped, swapped, padded, lead = candidate_summaries(rng, world, record)
+        best = preference_score(record, reference)
+        assert best == pytest.approx(1.0)
+        for worse in (dropped, swapped, padded, lead, " ".join(reference.split()[:3])):
+            assert preference_score(record, worse) < best
+    pairs = preference_pairs(world, "test", noise=0.0)
+    records = summarization(world, "test")
+    for pair in pairs:
+        record = records[int(pair["post_id"].split("-")[1])]
+        assert preference_score(record, pair["chosen"]) > preference_score(record, pair["rejected"])
+    noisy = preference_pairs(world, "test", noise=0.3, seed=1)
+    flipped = sum(
+        preference_score(records[int(p["post_id"].split("-")[1])], p["chosen"])
+        < preference_score(records[int(p["post_id"].split("-")[1])], p["rejected"])
+        for p in noisy
+    )
+    assert 0.15 < flipped / len(noisy) < 0.45
+
+
+def _relative_position(tokenizer, text: str, needle_at: int) -> float:
+    return len(tokenizer(text[:needle_at], add_special_tokens=False)["input_ids"]) / len(
+        tokenizer(text, add_special_tokens=False)["input_ids"]
+    )
+
+
+@pytest.mark.parametrize("n_tokens", [256, 1024])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_passkey_length_and_depth(tokenizer, n_tokens, depth):
+    example = passkey_example(tokenizer, n_tokens, depth, seed=3)
+    ids = tokenizer(example["text"], add_special_tokens=False)["input_ids"]
+    assert abs(len(ids) - n_tokens) <= 3
+    assert example["text"].endswith("The pass key is") and example["answer"].isdigit()
+
+    # depth is relative to the haystack, between the intro and the question
+    def count(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    needle = PASSKEY_NEEDLE.format(key=example["answer"])
+    before = count(example["text"][: example["text"].index(needle)]) - count(PASSKEY_INTRO)
+    haystack = len(ids) - count(PASSKEY_INTRO) - count(" " + needle) - count(PASSKEY_QUESTION)
+    assert abs(before / haystack - depth) < 0.05
+    assert example == passkey_example(tokenizer, n_tokens, depth, seed=3)
+    assert example != passkey_example(tokenizer, n_tokens, depth, seed=4)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.75, 1.0])
+def test_needle_length_and_depth(tokenizer, depth):
+    example = needle_example(tokenizer, 1024, depth, seed=5)
+    assert abs(len(tokenizer(example["context"], add_special_tokens=False)["input_ids"]) - 1024) <= 3
+    assert example["answer"] in example["context"] and example["question"].endswith("?")
+    position = _relative_position(tokenizer, example["context"], example["context"].index(example["answer"]))
+    assert abs(position - depth) < 0.05
+
+
+def test_needle_in_given_haystack_and_too_short_haystack(tokenizer):
+    haystack = " ".join(f"Line {i} of a long and boring story went on." for i in range(200))
+    example = needle_example(tokenizer, 300, 0.5, seed=0, haystack_text=haystack)
+    assert example["context"].startswith("Line 0") and example["answer"] in example["context"]
+    with pytest.raises(ValueError, match="longer text"):
+        needle_example(tokenizer, 300, 0.5, seed=0, haystack_text="Too short. Far too short.")
+
+
+def test_bad_arguments_fail_clearly(world, tokenizer):
+    with pytest.raises(ValueError, match="Unknown split"):
+        closed_book_qa(world, "dev")
+    with pytest.raises(ValueError, match="depth"):
+        passkey_example(tokenizer, 300, 1.5, 0)
+    with pytest.raises(ValueError, match="noise"):
+        preference_pairs(world, "test", noise=0.9)
+    with pytest.raises(ValueError, match="Unknown document kinds"):
+        next(pretraining_corpus(world, 1, mix={"poetry": 1.0}))

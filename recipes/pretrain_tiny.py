@@ -56,7 +56,7 @@ class PretrainConfig:
     weight_decay: float = 0.1
     max_grad_norm: float = 1.0
     max_steps: int = field(default=-1, metadata={"help": "Fixed step count; -1 schedules by time_budget_minutes."})
-    time_budget_minutes: float = field(default=8.0, metadata={"help": "Training wall time when max_steps is -1."})
+    time_budget_minutes: float = field(default=7.0, metadata={"help": "Training wall time when max_steps is -1."})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast (needs a GPU); the weights ship in bf16."})
     seed: int = 0
     num_proc: int = field(default=0, metadata={"help": "Corpus worker processes (0: all cores)."})

@@ -13,7 +13,7 @@ from ctxaware import __version__
 
 
 # Subcommand name -> module exposing `register(subparsers)`.
-SUBCOMMAND_MODULES: dict[str, str] = {"eval": "ctxaware.eval.cli"}
+SUBCOMMAND_MODULES: dict[str, str] = {"eval": "ctxaware.eval.cli", "score": "ctxaware.scoring"}
 
 
 def build_parser() -> argparse.ArgumentParser:

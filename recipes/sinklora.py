@@ -1,0 +1,332 @@
+"""SinkLoRA: extend a causal LM's context with LoRA, SF-Attn during training, full attention at evaluation.
+
+    accelerate launch recipes/sinklora.py                          # the embedded tiny model to 4x its context, CPU
+    accelerate launch recipes/sinklora.py --config recipes/configs/sinklora/llama3_8b_32k.yaml
+    accelerate launch --config_file recipes/accelerate/fsdp.yaml recipes/sinklora.py --config ...
+
+Steps: load the base with RoPE scaling (linear or YaRN, factor = target / original length) on the ctxaware kernels;
+pack long text (the synthetic world's long documents, or a Hub/local data set by name) into rows of `max_length`
+tokens; attach the training pattern (`sf`, `s2` or `full`) and LoRA with trainable embeddings and norms; train with
+TRL's SFTTrainer (gradient checkpointing, resumable: a checkpoint from another configuration is refused); then, with
+full attention, evaluate passkey retrieval and perplexity at several lengths through the `ctxaware eval` harnesses.
+`{output_dir}/adapter/` receives the PEFT adapter (embeddings and norms included), `sinklora.json` (RoPE scaling,
+context, pattern), `eval_results.json` and a model card; `--push_to_hub` uploads that folder.
+"""
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
+
+import ctxaware.attention
+from ctxaware.methods import sinklora
+from ctxaware.models import EMBEDDED_MODEL_NAME, resolve_model_path
+from ctxaware.training import (
+    RunConfigCallback,
+    atomic_directory,
+    check_4bit,
+    load_causal_lm,
+    pack_token_stream,
+    push_folder_to_hub,
+    resolve_resume_checkpoint,
+    write_model_card,
+)
+
+
+@dataclass
+class SinkLoRAConfig(SFTConfig):
+    """SFTConfig with SinkLoRA's fields; `max_length` is the target context (default: 4x the model's)."""
+
+    output_dir: str = field(
+        default="outputs/sinklora", metadata={"help": "Checkpoints; the final adapter goes to adapter/."}
+    )
+    max_length: int | None = field(
+        default=None, metadata={"help": "Training rows and target context, in tokens (default: 4x the model's)."}
+    )
+    attention: str = field(default="sf", metadata={"help": "Training attention: sf (SinkLoRA), s2 (LongLoRA), full."})
+    group_size_ratio: float = field(default=0.25, metadata={"help": "Group size as a fraction of the row length."})
+    sinks: int = field(default=4, metadata={"help": "Global sink tokens of SF-Attn."})
+    rope_scaling: str = field(default="linear", metadata={"help": "RoPE scaling: linear, yarn or none."})
+    rope_factor: float | None = field(
+        default=None, metadata={"help": "RoPE scaling factor >= 1 (default: max_length / original context)."}
+    )
+    trainable_embeddings_norms: bool = field(
+        default=True, metadata={"help": "Train embeddings and norms fully (saved with the adapter), as LongLoRA+."}
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub data set or local .json/.jsonl/.parquet/.txt; default: the world's long documents."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub data set configuration name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of dataset_name."})
+    dataset_streaming: bool = field(default=False, metadata={"help": "Stream dataset_name (large corpora)."})
+    num_train_rows: int = field(default=64, metadata={"help": "Packed rows of max_length tokens to train on."})
+    world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world (default data)."})
+    eval_ppl_lengths: list[int] | None = field(
+        default=None, metadata={"help": "long_ppl lengths (default: original, 2x and 4x context, up to max_length)."}
+    )
+    eval_passkey_lengths: list[int] | None = field(
+        default=None, metadata={"help": "passkey lengths (default: max_length)."}
+    )
+    eval_limit: int = field(default=2, metadata={"help": "Samples per length for each evaluation task (0: skip)."})
+    eval_batch_size: int = field(default=2, metadata={"help": "Batch size of the final evaluation."})
+    learning_rate: float = 2e-4
+    lr_scheduler_type: str = "constant_with_warmup"
+    warmup_steps: float = 2
+    max_steps: int = 8
+    per_device_train_batch_size: int = 1
+    activation_checkpointing: bool = True
+    activation_checkpointing_kwargs: dict | None = field(default_factory=lambda: {"use_reentrant": False})
+    logging_steps: float = 1
+    save_strategy: str = "steps"
+    save_steps: float = 8
+    save_total_limit: int | None = 1
+    bf16: bool | None = False
+    dataset_kwargs: dict | None = field(default_factory=lambda: {"skip_prepare_dataset": True})
+
+
+@dataclass
+class SinkLoRAModelConfig(ModelConfig):
+    model_name_or_path: str | None = field(
+        default=EMBEDDED_MODEL_NAME, metadata={"help": "Base model: the embedded name, a folder or a Hub id."}
+    )
+    dtype: str | None = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16, auto."})
+    attn_implementation: str | None = field(
+        default=ctxaware.attention.ATTN_IMPLEMENTATION, metadata={"help": "Must be ctxaware (the kernel family)."}
+    )
+    use_peft: bool = field(default=True, metadata={"help": "LoRA (false: full fine-tuning with the same patterns)."})
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+CONFIG_CLASSES = (SinkLoRAConfig, SinkLoRAModelConfig)
+# Keys a resume may change: where things go, how often they are logged or saved, how long training runs.
+RESUME_MAY_DIFFER = {
+    "output_dir", "resume_from_checkpoint", "logging_dir", "logging_steps", "save_steps", "save_total_limit",
+    "save_strategy", "max_steps", "num_train_epochs", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo",
+    "report_to", "run_name", "eval_limit", "eval_batch_size", "eval_ppl_lengths", "eval_passkey_lengths",
+    "dataloader_num_workers", "disable_tqdm",
+}  # fmt: skip
+
+
+def validate(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig, original_length: int) -> int:
+    """Checks everything that can fail before a model loads; returns the target length."""
+    if model_args.attn_implementation != ctxaware.attention.ATTN_IMPLEMENTATION:
+        raise ValueError(
+            f"attn_implementation={model_args.attn_implementation!r}: the SinkLoRA patterns run on the ctxaware "
+            "kernels; use --attn_implementation ctxaware and pick the pattern with --attention sf|s2|full"
+        )
+    check_4bit(model_args.load_in_4bit)
+    target = args.max_length or 4 * original_length
+    sinklora.training_pattern(args.attention, args.group_size_ratio, args.sinks)
+    sinklora.check_group_size(target, args.group_size_ratio, args.attention)
+    if args.rope_factor is not None and args.rope_factor < 1:
+        raise ValueError(
+            f"--rope_factor {args.rope_factor} is below 1, which would compress the original context: use a factor "
+            f">= 1, or omit it to get max_length / original length ({target / original_length:g})"
+        )
+    if args.rope_scaling not in sinklora.ROPE_CHOICES:
+        raise ValueError(f"--rope_scaling {args.rope_scaling!r}: use one of {', '.join(sinklora.ROPE_CHOICES)}")
+    return target
+
+
+def load_text_dataset(args: SinkLoRAConfig):
+    """The data set named by `dataset_name` (Hub id or local file); raises if it lacks the text column."""
+    from datasets import load_dataset
+
+    name = args.dataset_name
+    suffix = Path(name).suffix.lower()
+    if Path(name).is_file() and suffix in (".json", ".jsonl", ".parquet", ".txt", ".csv"):
+        kind = {".jsonl": "json", ".txt": "text"}.get(suffix, suffix[1:])
+        dataset = load_dataset(kind, data_files=name, split="train", streaming=args.dataset_streaming)
+    else:
+        dataset = load_dataset(name, args.dataset_config, split=args.dataset_split, streaming=args.dataset_streaming)
+    columns = dataset.column_names or list(next(iter(dataset)).keys())
+    if args.dataset_text_field not in columns:
+        raise ValueError(
+            f"data set {name} has no column {args.dataset_text_field!r} (columns: {', '.join(columns)}): pass "
+            "--dataset_text_field with the column that holds the text"
+        )
+    return dataset
+
+
+def packed_rows(args: SinkLoRAConfig, tokenizer, length: int) -> list[list[int]]:
+    """`num_train_rows` rows of exactly `length` tokens: documents as BOS text EOS, concatenated and cut."""
+    if args.dataset_name:
+        texts = (row[args.dataset_text_field] for row in load_text_dataset(args))
+    else:
+        from ctxaware.world import build_world, pretraining_corpus
+
+        mix = {"passkey": 1.0, "needle": 1.0, "key_value": 0.5}
+        corpus = pretraining_corpus(build_world(args.world_seed), 10**9, seed=args.seed, mix=mix, max_tokens=length)
+        texts = (doc["text"] for doc in corpus)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+    def documents():
+        for text in texts:
+            yield bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    rows = pack_token_stream(documents(), length, max_rows=args.num_train_rows, separator=tokenizer.eos_token_id)
+    if len(rows) < args.num_train_rows:
+        raise ValueError(
+            f"the data holds {len(rows)} rows of {length} tokens, fewer than num_train_rows={args.num_train_rows}: "
+            "lower --num_train_rows or use a larger data set"
+        )
+    return rows
+
+
+def evaluate(
+    model, tokenizer, args: SinkLoRAConfig, original_length: int, target: int, name: str
+) -> tuple[dict, dict]:
+    """passkey and long_ppl with full attention, through the ctxaware eval harnesses: ({task: {metric: value}},
+    {task: the harness's results JSON})."""
+    from ctxaware.eval.model import EvalModel
+    from ctxaware.eval.registry import EvalOptions
+    from ctxaware.eval.runner import evaluate as run_tasks
+
+    ppl_lengths = args.eval_ppl_lengths or sorted({min(original_length * k, target) for k in (1, 2, 4)})
+    passkey_lengths = args.eval_passkey_lengths or [target]
+    lm = EvalModel(model, tokenizer, batch_size=args.eval_batch_size, progress=False)
+    summary, full = {}, {}
+    config = {"model": name, "adapter": None, "device": str(model.device), "dtype": str(model.dtype)}
+    config["generation_hooks"] = {}
+    model.eval()
+    with torch.no_grad(), sinklora.full_attention(model):
+        for task, lengths in (("passkey", passkey_lengths), ("long_ppl", ppl_lengths)):
+            options = EvalOptions(
+                limit=args.eval_limit, batch_size=args.eval_batch_size, lengths=lengths, progress=False
+            )
+            results, _ = run_tasks(lm, [task], options, config=config)
+            full[task] = results
+            summary[task] = {
+                metric.split(",")[0]: value
+                for metric, value in results["results"][task].items()
+                if isinstance(value, float) and "stderr" not in metric
+            }
+    return summary, full
+
+
+def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
+    from transformers import AutoConfig
+
+    base_name = model_args.model_name_or_path or EMBEDDED_MODEL_NAME
+    base_path = resolve_model_path(base_name)
+    base_config = AutoConfig.from_pretrained(base_path, revision=model_args.model_revision)
+    original_length = base_config.max_position_embeddings
+    target = validate(args, model_args, original_length)
+    args.max_length = target
+    rope = sinklora.rope_parameters(base_config, args.rope_scaling, target, args.rope_factor)
+    push, args.push_to_hub = args.push_to_hub, False  # pushed once at the end, with the eval results in the card
+    run_config = {**{k: v for k, v in args.to_dict().items()}, **asdict(model_args)}
+    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, run_config, RESUME_MAY_DIFFER)
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path, revision=model_args.model_revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    rows = packed_rows(args, tokenizer, target)
+    overrides = {"max_position_embeddings": max(target, original_length)}
+    if rope is not None:
+        overrides["rope_parameters"] = rope
+    model = load_causal_lm(
+        base_path,
+        dtype=model_args.dtype,
+        attn_implementation=model_args.attn_implementation,
+        load_in_4bit=model_args.load_in_4bit,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        revision=model_args.model_revision,
+        **overrides,
+    )
+    model.config.use_cache = False
+    if model_args.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.activation_checkpointing)
+    peft_config = None
+    if model_args.use_peft:
+        peft_config = sinklora.lora_config(
+            model,
+            r=model_args.lora_r,
+            alpha=model_args.lora_alpha,
+            dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules,
+            trainable_embeddings_norms=args.trainable_embeddings_norms,
+            extra_modules_to_save=model_args.lora_modules_to_save,
+        )
+    pattern = sinklora.training_pattern(args.attention, args.group_size_ratio, args.sinks)
+    model = sinklora.prepare_model(model, pattern, peft_config)
+
+    from datasets import Dataset
+
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"input_ids": rows}),
+        processing_class=tokenizer,
+        callbacks=[RunConfigCallback(run_config)],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+
+    summary, harness_results = {}, {}
+    if trainer.is_world_process_zero():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if args.eval_limit > 0:
+            summary, harness_results = evaluate(model, tokenizer, args, original_length, target, base_name)
+        final = Path(args.output_dir) / "adapter"
+        with atomic_directory(final) as folder:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            sinklora.write_metadata(
+                folder,
+                base_model=base_name,
+                original_max_position_embeddings=original_length,
+                max_position_embeddings=max(target, original_length),
+                rope_parameters=rope,
+                attention=args.attention,
+                group_size_ratio=args.group_size_ratio,
+                sinks=args.sinks,
+                train_steps=trainer.state.global_step,
+                eval_results=summary,
+            )
+            (folder / "eval_results.json").write_text(
+                json.dumps({"summary": summary, "harness": harness_results}, indent=2, default=str)
+            )
+            write_model_card(
+                folder,
+                title=f"SinkLoRA: {base_name} extended to {target} tokens",
+                base_model=base_name,
+                description=(
+                    f"LoRA adapter (embeddings and norms trained fully and included) extending {base_name} from "
+                    f"{original_length} to {target} tokens with {args.attention.upper()} attention during training "
+                    f"(group size ratio {args.group_size_ratio}, {args.sinks} sinks) and "
+                    f"{args.rope_scaling} RoPE scaling (factor {rope['factor'] if rope else 1:g}), "
+                    f"{trainer.state.global_step} steps. Evaluated with full attention. Trained with "
+                    "ctxaware's `recipes/sinklora.py`."
+                ),
+                results=summary,
+                tags=("sinklora", "long-context", "lora"),
+                usage=(
+                    "from ctxaware.methods.sinklora import load_sinklora\n"
+                    "model = load_sinklora('PATH_OR_REPO')  # the base rebuilt with this adapter's RoPE scaling"
+                ),
+            )
+        print(f"adapter, model card and eval results: {final}")
+        print(json.dumps({"train_steps": trainer.state.global_step, "eval": summary}, indent=2))
+        if push:
+            repo_id = args.hub_model_id or Path(args.output_dir).name
+            push_folder_to_hub(final, repo_id, private=args.hub_private_repo, token=args.hub_token)
+            print(f"pushed {final} to https://huggingface.co/{repo_id}")
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())
+    except (ValueError, FileNotFoundError) as error:
+        print(f"sinklora: error: {error}", file=sys.stderr)
+        sys.exit(2)

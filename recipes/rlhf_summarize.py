@@ -1,0 +1,473 @@
+"""Learning to summarize from human feedback (Stiennon et al., 2020) on TRL 1.x: SFT, a reward model, online RL with
+a KL penalty to the SFT policy, and DPO on the same comparisons as an offline baseline.
+
+CPU, embedded tiny model and the synthetic world's posts and labelled comparisons (each stage a few minutes):
+    accelerate launch recipes/rlhf_summarize.py --config recipes/configs/rlhf_summarize/default.yaml
+Real data and models (GPU): recipes/configs/rlhf_summarize/{pythia_1b,qwen2.5_0.5b}.yaml.
+One stage: `--stage sft|reward|rl|dpo|eval`; `--stage all` runs them in that order.
+
+Stages write `<output_dir>/<stage>/` (a full transformers model; LoRA is merged) through a temporary folder, so a
+finished stage is never half-written; `--stage all` skips finished stages (`--overwrite_stages` redoes them) and
+`--resume_from_checkpoint true` continues an interrupted stage from `<output_dir>/checkpoints/<stage>/`.
+- sft: SFTTrainer on post -> reference summary (loss on the summary).
+- reward: RewardTrainer on the comparisons, a sequence classifier initialised from the SFT model; afterwards the mean
+  score of reference summaries is stored as the reward bias (references then score ~0).
+- rl: RLOOTrainer from the SFT model; rewards are the normalised reward model score and, for completions without
+  EOS, the fixed `missing_eos_penalty` instead of the score; `beta` is the KL coefficient to the SFT policy (in the
+  reward, per sequence, as in the paper).
+- dpo: DPOTrainer from the SFT model on the same comparisons.
+- eval: the shared `summarization` harness (ROUGE-L, ground-truth preference, reward-model score, win rate vs the SFT
+  policy) for each trained policy, plus the win rate vs the references, the normalised reward, the mean length and
+  a sampled KL to the SFT policy; `<output_dir>/eval/summary.json`.
+"""
+
+import dataclasses
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+from trl import (
+    DPOConfig,
+    DPOTrainer,
+    ModelConfig,
+    RewardConfig,
+    RewardTrainer,
+    RLOOConfig,
+    RLOOTrainer,
+    SFTConfig,
+    SFTTrainer,
+    TrlParser,
+    get_peft_config,
+)
+
+import ctxaware.attention  # noqa: F401  (registers attn_implementation="ctxaware")
+from ctxaware.methods import rlhf
+from ctxaware.models import resolve_model_path
+from ctxaware.training import (
+    RunConfigCallback,
+    atomic_directory,
+    check_4bit,
+    load_causal_lm,
+    push_folder_to_hub,
+    resolve_resume_checkpoint,
+    write_model_card,
+)
+
+
+STAGES = ("sft", "reward", "rl", "dpo", "eval")
+WORLD = "world"
+SFT_DATASETS = (WORLD, "trl-lib/tldr")
+PREFERENCE_DATASETS = (WORLD, "trl-lib/tldr-preference", "openai/summarize_from_feedback")
+
+
+@dataclass
+class RLHFConfig(RLOOConfig):
+    """RLOOConfig (the RL stage's settings; the shared Trainer settings apply to every stage) plus the other stages."""
+
+    output_dir: str = field(default="runs/rlhf_summarize", metadata={"help": "One folder per stage goes in here."})
+    stage: str = field(default="all", metadata={"help": "sft, reward, rl, dpo, eval, or all (in that order)."})
+    overwrite_stages: bool = field(default=False, metadata={"help": "Redo stages whose output already exists."})
+    dataset_name: str = field(default=WORLD, metadata={"help": "Posts + references: world or trl-lib/tldr."})
+    preference_dataset_name: str = field(
+        default=WORLD,
+        metadata={"help": "Comparisons: world, trl-lib/tldr-preference or openai/summarize_from_feedback."},
+    )
+    world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world (`build_world`)."})
+    label_noise: float = field(default=0.1, metadata={"help": "World comparisons: probability a label is flipped."})
+    pairs_per_post: int = field(default=2, metadata={"help": "World comparisons per post."})
+    train_limit: int | None = field(default=None, metadata={"help": "Use at most this many posts / comparisons."})
+    max_length: int = field(default=512, metadata={"help": "Token limit of SFT, reward and DPO examples."})
+    sft_learning_rate: float = 3e-6
+    sft_max_steps: int = field(default=-1, metadata={"help": "-1: sft_num_train_epochs epochs."})
+    sft_num_train_epochs: float = 1.0
+    reward_learning_rate: float = 3e-6
+    reward_max_steps: int = -1
+    reward_num_train_epochs: float = 1.0
+    dpo_learning_rate: float = 3e-6
+    dpo_max_steps: int = -1
+    dpo_num_train_epochs: float = 1.0
+    dpo_beta: float = field(default=0.1, metadata={"help": "DPO's beta (the RL stage's KL coefficient is `beta`)."})
+    missing_eos_penalty: float | None = field(
+        default=-1.0, metadata={"help": "Reward of a completion with no EOS (replaces its score); null: off."}
+    )
+    normalize_reward: bool = field(default=True, metadata={"help": "Subtract the reference summaries' mean score."})
+    normalization_limit: int = field(default=256, metadata={"help": "Reference summaries the bias is taken on."})
+    sft_model_path: str | None = field(default=None, metadata={"help": "SFT policy (default: <output_dir>/sft)."})
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "Reward model (default: <output_dir>/reward)."}
+    )
+    eval_limit: int = field(default=64, metadata={"help": "Test posts for the eval stage."})
+    eval_batch_size: int = 16
+    kl_samples_per_prompt: int = field(default=4, metadata={"help": "Eval: samples per post for the KL estimate."})
+
+    def __post_init__(self):
+        if self.stage not in (*STAGES, "all"):
+            raise ValueError(f"--stage {self.stage!r} is unknown; choose one of {', '.join(STAGES)} or all.")
+        if self.dataset_name not in SFT_DATASETS:
+            raise ValueError(f"--dataset_name {self.dataset_name!r}: choose one of {', '.join(SFT_DATASETS)}.")
+        if self.preference_dataset_name not in PREFERENCE_DATASETS:
+            raise ValueError(
+                f"--preference_dataset_name {self.preference_dataset_name!r}: choose one of "
+                f"{', '.join(PREFERENCE_DATASETS)}, or load your own pairs with `rlhf.preference_records`."
+            )
+        if self.bf16 is None:  # TRL turns bf16 on by default, which fails on a CPU: use it where the GPU has it
+            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        super().__post_init__()
+
+
+CONFIG_CLASSES = (RLHFConfig, ModelConfig)
+
+
+# ------------------------------------------------------------------------------------------------------------- data
+def summary_records(cfg: RLHFConfig, split: str) -> list[dict]:
+    """{"post", "reference"} records: the world's posts, or trl-lib/tldr (whose prompts end in `TL;DR:`)."""
+    if cfg.dataset_name == WORLD:
+        from ctxaware.world import build_world, summarization
+
+        records = summarization(build_world(cfg.world_seed), split)
+    else:
+        from datasets import load_dataset
+
+        rows = load_dataset(cfg.dataset_name, split=split)
+        records = [{"post": rlhf.post_from_prompt(r["prompt"]), "reference": r["completion"]} for r in rows]
+    return records[: cfg.train_limit] if cfg.train_limit and split == "train" else records
+
+
+def preference_pairs(cfg: RLHFConfig, split: str = "train") -> list[dict]:
+    name = cfg.preference_dataset_name
+    if name == WORLD:
+        from ctxaware.world import build_world
+        from ctxaware.world import preference_pairs as world_pairs
+
+        rows = world_pairs(build_world(cfg.world_seed), split, cfg.label_noise, cfg.seed, cfg.pairs_per_post)
+        pairs = rlhf.preference_records(rows, f"world/{split}")
+    else:
+        from datasets import load_dataset
+
+        if name == "openai/summarize_from_feedback":
+            hub_split = "validation" if split == "test" else split
+            pairs = rlhf.summarize_from_feedback_rows(load_dataset(name, "comparisons", split=hub_split))
+        else:
+            pairs = rlhf.preference_records(list(load_dataset(name, split=split)), name)
+    return pairs[: cfg.train_limit] if cfg.train_limit and split == "train" else pairs
+
+
+# ----------------------------------------------------------------------------------------------------------- stages
+def stage_args(cfg: RLHFConfig, config_class, stage: str, **overrides):
+    """A stage's TRL config: every Trainer setting of the recipe's config, plus the stage's own values."""
+    shared = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    own = {f.name for f in dataclasses.fields(config_class) if f.init}
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k in shared}
+    values.update(output_dir=str(Path(cfg.output_dir) / "checkpoints" / stage), push_to_hub=False)
+    values.update({k: v for k, v in overrides.items() if k in own})
+    values.pop("resume_from_checkpoint", None)
+    if "max_length" in own:
+        values["max_length"] = cfg.max_length
+    return config_class(**values)
+
+
+def resume_checkpoint(cfg: RLHFConfig, args, run_config: dict) -> str | None:
+    """The checkpoint to continue from with `--resume_from_checkpoint` (true: the stage's latest, if any)."""
+    resume = cfg.resume_from_checkpoint
+    if resume in (True, "true", "True") and not (
+        Path(args.output_dir).is_dir() and get_last_checkpoint(args.output_dir)
+    ):
+        return None
+    return resolve_resume_checkpoint(resume, args.output_dir, run_config, ignore=("stage", "overwrite_stages"))
+
+
+def load_tokenizer(path: str):
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def attn(model_args: ModelConfig) -> str:
+    return model_args.attn_implementation or ctxaware.attention.ATTN_IMPLEMENTATION
+
+
+def load_policy(path: str, model_args: ModelConfig):
+    dtype = model_args.dtype if torch.cuda.is_available() else "float32"
+    return load_causal_lm(
+        path,
+        dtype=dtype,
+        attn_implementation=attn(model_args),
+        load_in_4bit=model_args.load_in_4bit,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+    )
+
+
+def finish_stage(cfg: RLHFConfig, model_args: ModelConfig, stage: str, trainer, tokenizer, base_path: str) -> Path:
+    """Saves the trained model (LoRA merged into a full-precision base) and its card to `<output_dir>/<stage>`."""
+    final = Path(cfg.output_dir) / stage
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.accelerator.is_main_process:
+        with atomic_directory(final) as tmp:
+            if hasattr(model, "merge_and_unload"):
+                if model_args.load_in_4bit:  # merge into the base loaded in 16 bits, not into quantized weights
+                    from peft import PeftModel
+
+                    model.save_pretrained(tmp / "adapter")
+                    base = type(model.get_base_model()).from_pretrained(base_path, dtype=torch.bfloat16)
+                    model = PeftModel.from_pretrained(base, tmp / "adapter")
+                model = model.merge_and_unload()
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if stage == "reward" and cfg.normalize_reward:
+                bias = normalization_bias(cfg, model, tokenizer)
+                rlhf.save_reward_normalization(tmp, bias, cfg.normalization_limit)
+                print(f"reward bias on references: {bias:.4f} (subtracted from every score)")
+            write_model_card(
+                tmp,
+                title=f"{Path(cfg.output_dir).name}-{stage}",
+                base_model=base_path,
+                description=f"Stage `{stage}` of ctxaware's `recipes/rlhf_summarize.py` (summarisation RLHF).",
+                results=trainer_metrics(trainer),
+                tags=("rlhf", "summarization", stage),
+                library_name="transformers",
+            )
+        if cfg.push_to_hub:
+            repo = f"{cfg.hub_model_id or Path(cfg.output_dir).name}-{stage}"
+            push_folder_to_hub(final, repo, private=cfg.hub_private_repo, token=cfg.hub_token)
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def trainer_metrics(trainer) -> dict:
+    logs = [entry for entry in trainer.state.log_history if "train_loss" in entry]
+    return {"train": {"loss": logs[-1]["train_loss"], "steps": trainer.state.global_step}} if logs else {}
+
+
+def normalization_bias(cfg: RLHFConfig, model, tokenizer) -> float:
+    records = summary_records(cfg, "train")[: cfg.normalization_limit]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return rlhf.reward_bias(
+        model.to(device).eval(), tokenizer, [r["post"] for r in records], [r["reference"] for r in records]
+    )
+
+
+def peft_config(model_args: ModelConfig, **changes):
+    if model_args.load_in_4bit and not model_args.use_peft:
+        raise ValueError("A 4-bit base cannot be trained directly: add --use_peft to train LoRA adapters on it.")
+    return get_peft_config(dataclasses.replace(model_args, **changes)) if model_args.use_peft else None
+
+
+def run_sft(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    train = Dataset.from_list(rlhf.sft_rows(summary_records(cfg, "train"), tokenizer))
+    args = stage_args(
+        cfg,
+        SFTConfig,
+        "sft",
+        learning_rate=cfg.sft_learning_rate,
+        max_steps=cfg.sft_max_steps,
+        num_train_epochs=cfg.sft_num_train_epochs,
+        completion_only_loss=True,
+    )
+    run_config = {"stage": "sft", "model": model_args.model_name_or_path, **args.to_dict()}
+    trainer = SFTTrainer(
+        model=load_policy(model_args.model_name_or_path, model_args),
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=peft_config(model_args),
+        callbacks=[RunConfigCallback(run_config)],
+    )
+    trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args, run_config))
+    return finish_stage(cfg, model_args, "sft", trainer, tokenizer, resolve_model_path(model_args.model_name_or_path))
+
+
+def run_reward(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
+    sft_path = cfg.sft_model_path or str(Path(cfg.output_dir) / "sft")
+    tokenizer = load_tokenizer(sft_path)
+    pairs = preference_pairs(cfg, "train")
+    rows = rlhf.reward_rows(pairs, tokenizer, cfg.max_length)
+    if not rows:
+        raise ValueError(f"No comparison fits in --max_length {cfg.max_length} tokens: raise it.")
+    check_4bit(model_args.load_in_4bit)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(sft_path),
+        num_labels=1,
+        dtype=model_args.dtype if torch.cuda.is_available() else "float32",
+        attn_implementation=attn(model_args),
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    args = stage_args(
+        cfg,
+        RewardConfig,
+        "reward",
+        learning_rate=cfg.reward_learning_rate,
+        max_steps=cfg.reward_max_steps,
+        num_train_epochs=cfg.reward_num_train_epochs,
+    )
+    run_config = {"stage": "reward", "model": sft_path, **args.to_dict()}
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config(model_args, lora_task_type="SEQ_CLS", lora_modules_to_save=["score"]),
+        callbacks=[RunConfigCallback(run_config)],
+    )
+    trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args, run_config))
+    return finish_stage(cfg, model_args, "reward", trainer, tokenizer, sft_path)
+
+
+def reward_functions(cfg: RLHFConfig, policy_tokenizer, eos_token_ids: list[int]) -> list:
+    reward_path = cfg.reward_model_path or str(Path(cfg.output_dir) / "reward")
+    reward_tokenizer = load_tokenizer(reward_path)
+    rlhf.check_same_tokenizer(policy_tokenizer, reward_tokenizer, reward_path)
+    device = PartialState().device
+    reward_model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(reward_path), dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
+    ).to(device)
+    reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
+    bias = rlhf.load_reward_bias(reward_path) if cfg.normalize_reward else 0.0
+    with_penalty = cfg.missing_eos_penalty is not None
+    functions = [
+        rlhf.RewardModelReward(
+            reward_model, reward_tokenizer, bias=bias, eos_token_ids=eos_token_ids, score_unfinished=not with_penalty
+        )
+    ]
+    if with_penalty:
+        functions.append(rlhf.EOSPenalty(eos_token_ids, cfg.missing_eos_penalty))
+    return functions
+
+
+def run_rl(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
+    sft_path = cfg.sft_model_path or str(Path(cfg.output_dir) / "sft")
+    tokenizer = load_tokenizer(sft_path)
+    tokenizer.padding_side = "left"
+    records = summary_records(cfg, "train")
+    rlhf.check_generation_length(tokenizer, [r["reference"] for r in records], cfg.max_completion_length)
+    policy = load_policy(sft_path, model_args)
+    eos_ids = sorted({tokenizer.eos_token_id, *_as_list(policy.generation_config.eos_token_id)} - {None})
+    args = stage_args(cfg, RLOOConfig, "rl", **{k: getattr(cfg, k) for k in ("learning_rate", "max_steps")})
+    run_config = {"stage": "rl", "model": sft_path, **args.to_dict()}
+    trainer = RLOOTrainer(
+        model=policy,
+        reward_funcs=reward_functions(cfg, tokenizer, eos_ids),
+        args=args,
+        train_dataset=Dataset.from_list(rlhf.rl_rows(records, tokenizer)),
+        processing_class=tokenizer,
+        peft_config=peft_config(model_args),
+        callbacks=[RunConfigCallback(run_config)],
+    )
+    trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args, run_config))
+    tokenizer.padding_side = "right"
+    return finish_stage(cfg, model_args, "rl", trainer, tokenizer, sft_path)
+
+
+def _as_list(value) -> list:
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
+
+
+def run_dpo(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
+    sft_path = cfg.sft_model_path or str(Path(cfg.output_dir) / "sft")
+    tokenizer = load_tokenizer(sft_path)
+    args = stage_args(
+        cfg,
+        DPOConfig,
+        "dpo",
+        learning_rate=cfg.dpo_learning_rate,
+        max_steps=cfg.dpo_max_steps,
+        num_train_epochs=cfg.dpo_num_train_epochs,
+        beta=cfg.dpo_beta,
+    )
+    run_config = {"stage": "dpo", "model": sft_path, **args.to_dict()}
+    trainer = DPOTrainer(
+        model=load_policy(sft_path, model_args),
+        args=args,
+        train_dataset=Dataset.from_list(rlhf.dpo_rows(preference_pairs(cfg, "train"), tokenizer)),
+        processing_class=tokenizer,
+        peft_config=peft_config(model_args),
+        callbacks=[RunConfigCallback(run_config)],
+    )
+    trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args, run_config))
+    return finish_stage(cfg, model_args, "dpo", trainer, tokenizer, sft_path)
+
+
+# ------------------------------------------------------------------------------------------------------- evaluation
+def run_eval(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
+    """Each trained policy on the shared summarisation harness, then the metrics it does not compute."""
+    from ctxaware.eval import runner
+    from ctxaware.eval.model import EvalModel, load_model
+    from ctxaware.eval.registry import EvalOptions, get_task
+    from ctxaware.eval.summarization import win_rates
+    from ctxaware.world import preference_score
+
+    out = Path(cfg.output_dir)
+    if not PartialState().is_main_process:
+        return out / "eval"
+    reward_path = cfg.reward_model_path or str(out / "reward")
+    sft_path = cfg.sft_model_path or str(out / "sft")
+    policies = {"sft": sft_path, **{name: str(out / name) for name in ("rl", "dpo") if (out / name).is_dir()}}
+    world = cfg.dataset_name == WORLD
+    bias = rlhf.load_reward_bias(reward_path) if cfg.normalize_reward else 0.0
+    options = EvalOptions(
+        limit=cfg.eval_limit,
+        batch_size=cfg.eval_batch_size,
+        seed=cfg.world_seed,
+        max_new_tokens=cfg.max_completion_length,
+        dataset=None if world else "tldr",
+        reward_model=reward_path,
+        progress=False,
+    )
+    records = get_task("summarization").load(None, options)
+    sft_model, sft_tokenizer = load_model(sft_path, dtype="float32")
+    summary, sft_samples = {}, None
+    with atomic_directory(out / "eval") as tmp:
+        for name, path in policies.items():
+            model, tokenizer = (sft_model, sft_tokenizer) if name == "sft" else load_model(path, dtype="float32")
+            lm = EvalModel(model, tokenizer, batch_size=cfg.eval_batch_size, progress=False)
+            task_options = dataclasses.replace(options, baseline_samples=sft_samples if world else None)
+            results, outcomes = runner.evaluate(lm, ["summarization"], task_options, config={"model": name})
+            written = runner.write_outputs(results, outcomes, tmp)
+            outcome = outcomes["summarization"]
+            summaries = [sample["summary"] for sample in outcome.samples]
+            metrics = {"win_rate_vs_sft" if k == "win_rate" else k: v for k, v in outcome.metrics.items()}
+            metrics["reward_normalized"] = metrics["reward"] - bias
+            metrics["mean_words"] = rlhf.mean_words(summaries)
+            if world:
+                prefs = [sample["preference"] for sample in outcome.samples]
+                references = {i: r["reference"] for i, r in enumerate(records)}
+                wins = win_rates(records, summaries, prefs, references, preference_score)
+                metrics["win_rate_vs_reference"] = sum(wins) / len(wins)
+            if name == "sft":
+                sft_samples = str(written["samples/summarization"])
+            else:
+                prompts = [rlhf.policy_prompt(tokenizer, r["post"]) for r in records[: max(1, len(records) // 4)]]
+                metrics["kl_to_sft"] = rlhf.sequence_kl(
+                    model, sft_model, tokenizer, prompts, max_new_tokens=cfg.max_completion_length,
+                    temperature=cfg.temperature, samples_per_prompt=cfg.kl_samples_per_prompt, seed=cfg.seed,
+                )  # fmt: skip
+            summary[name] = metrics
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return out / "eval"
+
+
+# ------------------------------------------------------------------------------------------------------------- main
+RUNNERS = {"sft": run_sft, "reward": run_reward, "rl": run_rl, "dpo": run_dpo, "eval": run_eval}
+
+
+def main(cfg: RLHFConfig, model_args: ModelConfig) -> None:
+    random.seed(cfg.seed)
+    stages = STAGES if cfg.stage == "all" else (cfg.stage,)
+    for stage in stages:
+        final = Path(cfg.output_dir) / stage
+        if stage != "eval" and (final / "config.json").is_file() and not cfg.overwrite_stages:
+            print(f"stage {stage}: already done in {final}; pass --overwrite_stages to redo it")
+            continue
+        print(f"stage {stage}: {RUNNERS[stage](cfg, model_args)}")
+
+
+if __name__ == "__main__":
+    main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())

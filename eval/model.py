@@ -110,19 +110,23 @@ def _read_adapter_config(adapter: str, filename: str) -> dict | None:
 
 
 def load_adapter(model, adapter: str, *, base_name: str):
-    """The one dispatch point for adapters: both PEFT adapters and the project's own format (`ctxaware.adapters`)
-    keep their config in adapter_config.json; PEFT's names a `peft_type`, ours has `"format": "ctxaware"`."""
+    """The one dispatch point for adapters, on `adapter_config.json`: PEFT adapters (`peft_type`) through
+    `PeftModel`, the project's own format (`"format": "ctxaware"`, LoFiT and other head methods) through
+    `ctxaware.adapters.load_adapter`."""
     if _looks_like_path(adapter) and not Path(adapter).exists():
         raise FileNotFoundError(f"Adapter {adapter} does not exist: pass an adapter folder or a Hub id.")
     config = _read_adapter_config(adapter, "adapter_config.json")
-    if config is not None and "peft_type" in config:
+    if config is None:
+        raise FileNotFoundError(f"{adapter} holds no adapter_config.json: pass a PEFT or ctxaware adapter folder.")
+    if "peft_type" in config:
         return _load_peft_adapter(model, adapter, config, base_name)
-    if config is not None and config.get("format") == "ctxaware":
+    if config.get("format") == "ctxaware":
         from ctxaware.adapters import load_adapter as load_ctxaware_adapter
 
         return load_ctxaware_adapter(model, adapter)
     raise ValueError(
-        f"{adapter} is not an adapter this tool knows: expected an adapter_config.json from PEFT or from ctxaware."
+        f"{adapter}'s adapter_config.json is neither a PEFT adapter's (peft_type) nor a ctxaware adapter's "
+        '("format": "ctxaware").'
     )
 
 
@@ -137,7 +141,7 @@ def _load_peft_adapter(model, adapter: str, peft_config: dict, base_name: str):
     try:
         model = PeftModel.from_pretrained(model, adapter)
     except (RuntimeError, ValueError) as error:
-        if "size mismatch" in str(error) or "shape" in str(error):
+        if any(hint in str(error) for hint in ("size mismatch", "shape", "not found in the base model")):
             raise ValueError(f"{mismatch}\n{error}") from error
         raise
     return model

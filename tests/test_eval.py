@@ -380,3 +380,23 @@ def test_h2o_kv_cache_switch(tiny_tokenizer):
     with pytest.raises(ValueError, match="needs a budget"):
         hooks.apply_generation_hooks(model, {"kv_cache": "h2o"})
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_summarization_reward_model_scores(fake_world, tiny_tokenizer, tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    from tests.tiny_models import tiny_config
+
+    torch.manual_seed(0)
+    reward_model = LlamaForSequenceClassification(tiny_config("llama", num_labels=1)).eval()
+    reward_model.save_pretrained(tmp_path / "rm")
+    tiny_tokenizer.save_pretrained(tmp_path / "rm")
+    lm = StubLM(tiny_tokenizer, lambda text: " Alna moved." if "Alna" in text else " Corin adopted a cat named Mip.")
+    _, result = run_task("summarization", lm, reward_model=str(tmp_path / "rm"), batch_size=2)
+    for record, sample in zip(SUMMARIZATION, result.samples):
+        messages = [{"role": "user", "content": record["post"]}, {"role": "assistant", "content": sample["summary"]}]
+        text = tiny_tokenizer.apply_chat_template(messages, tokenize=False)
+        with torch.no_grad():
+            expected = reward_model(**tiny_tokenizer(text, add_special_tokens=False, return_tensors="pt")).logits[0, 0]
+        assert sample["reward"] == pytest.approx(expected.item(), abs=1e-5)
+    assert result.metrics["reward"] == pytest.approx(sum(s["reward"] for s in result.samples) / 2)

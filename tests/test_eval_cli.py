@@ -84,6 +84,14 @@ def test_every_task_end_to_end(model_dir, tmp_path, capsys, monkeypatch):
     for task in task_names():
         assert f"|{task}" in stdout.replace(" ", "")
 
+    # A second model's attention allocation plotted against this run's.
+    results_file = next(folder.glob("results_*.json"))
+    code = eval_cli("--model", str(model_dir), "--tasks", "attention_allocation", "--limit", "1",
+                    "--attention_baseline", str(results_file), "--output_path", str(tmp_path / "cmp"), *FAST)  # fmt: skip
+    assert code == 0
+    compared, cmp_folder = read_results(tmp_path / "cmp")
+    assert (cmp_folder / compared["plots"]["attention_allocation"]["heatmap"]).stat().st_size > 0
+
 
 def test_default_world_and_peft_adapter(model_dir, lora_dirs, tmp_path, capsys):
     """The real synthetic world feeds the tasks, and a PEFT adapter loads onto its base."""
@@ -95,6 +103,22 @@ def test_default_world_and_peft_adapter(model_dir, lora_dirs, tmp_path, capsys):
     results, _ = read_results(out)
     assert results["config"]["adapter"] == str(adapter)
     assert results["n-samples"]["arithmetic"]["effective"] == 3
+
+
+def test_ctxaware_adapter_dispatch(model_dir, tmp_path, capsys):
+    """The project's own adapter format (here LoFiT) goes through the same --adapter flag."""
+    from ctxaware.heads import HeadLayout
+    from ctxaware.methods.lofit import LoFiTAdapter
+
+    model = tiny_model("llama")
+    LoFiTAdapter(HeadLayout.from_model(model), [(0, 1)], base_model=str(model_dir)).save_pretrained(tmp_path / "lofit")
+    code = eval_cli("--model", str(model_dir), "--adapter", str(tmp_path / "lofit"), "--tasks", "arithmetic",
+                    "--limit", "2", *FAST)  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text("{}")
+    assert eval_cli("--model", str(model_dir), "--adapter", str(tmp_path / "bad"), "--tasks", "arithmetic") == 2
+    assert "neither a PEFT adapter's" in capsys.readouterr().err
 
 
 def test_summarization_win_rate_against_a_baseline_run(model_dir, tmp_path, monkeypatch):

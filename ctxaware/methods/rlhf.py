@@ -41,8 +41,11 @@ def policy_prompt(tokenizer, post: str) -> str:
     return prompt_prefix(tokenizer) + SUMMARY_PROMPT.format(post=post)
 
 
-def post_from_prompt(prompt: str) -> str:
-    """The post inside a TL;DR prompt (the world's or trl-lib/tldr's): everything before the final `TL;DR:`."""
+def post_from_prompt(prompt: str, bos_token: str | None = None) -> str:
+    """The post inside a TL;DR prompt (the world's or trl-lib/tldr's): everything before the final `TL;DR:`, without
+    a leading `bos_token`."""
+    if bos_token:
+        prompt = prompt.removeprefix(bos_token)
     head, found, _ = prompt.rpartition("TL;DR:")
     return (head if found else prompt).rstrip()
 
@@ -226,7 +229,7 @@ class RewardModelReward:
         self.eos_token_ids, self.score_unfinished = set(eos_token_ids), score_unfinished
 
     def __call__(self, prompts, completions, completion_ids=None, post=None, **kwargs) -> list[float | None]:
-        posts = post if post is not None else [post_from_prompt(p) for p in prompts]
+        posts = post if post is not None else [post_from_prompt(p, self.tokenizer.bos_token) for p in prompts]
         keep = [
             self.score_unfinished or completion_ids is None or _ends(ids, self.eos_token_ids)
             for ids in (completion_ids if completion_ids is not None else [None] * len(completions))

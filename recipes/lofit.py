@@ -1,0 +1,341 @@
+"""LoFiT: pick a few attention heads by learned scales, then tune offset vectors on their outputs (before o_proj).
+
+Embedded default (tiny model, synthetic world, CPU, a few minutes):
+    accelerate launch recipes/lofit.py --config recipes/configs/lofit/default.yaml
+Baselines in the same recipe, at the same K / a comparable budget:
+    accelerate launch recipes/lofit.py --config recipes/configs/lofit/default.yaml --method random_heads
+    accelerate launch recipes/lofit.py --config recipes/configs/lofit/default.yaml --method all_heads
+    accelerate launch recipes/lofit.py --config recipes/configs/lofit/default.yaml --method lora
+Real tasks: recipes/configs/lofit/{truthfulqa_dpo,clutrr_sft,mquake_sft}.yaml.
+
+Stage 1 (method lofit) trains per-head scales A (init N(0, scale_init_std), L1 penalty `l1_lambda`) on every query
+head and keeps the K with the largest ||A_h||; stage 2 trains offsets v on those K heads only, with the TRL config's
+learning rate and epochs. `objective` sft trains on the completion only (TRL SFTTrainer, prompt/completion data);
+dpo uses TRL DPOTrainer on prompt/chosen/rejected pairs. Outputs in `output_dir`: `adapter/` (ctxaware format, or a
+PEFT adapter for lora), `head_selection.json`, `head_scores.png` (stage-1 norms, layer x head), `results.json`
+(parameter counts, base and tuned scores). `--merge` also writes `merged/`, a plain transformers model.
+"""
+
+import ast
+import json
+import random
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from datasets import Dataset, load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, TrlParser
+
+from ctxaware.heads import HeadLayout, all_heads, plot_head_scores, random_heads, save_head_selection, top_heads
+from ctxaware.methods.lofit import LoFiTAdapter
+from ctxaware.models import resolve_model_path
+from ctxaware.world import CONTEXT_QA_PROMPT, arithmetic, build_world, context_qa, preference_pairs
+from ctxaware.world.probe import greedy, matches
+
+
+METHODS = ("lofit", "random_heads", "all_heads", "lora")
+# task -> objective it is built for; world/* come from the embedded world, the others are loaded by name.
+TASKS = {
+    "world/context_qa": "sft",
+    "world/arithmetic": "sft",
+    "world/preference": "dpo",
+    "truthfulqa": "dpo",
+    "clutrr": "sft",
+    "mquake": "sft",
+}
+
+
+@dataclass
+class LoFiTArguments:
+    model_name_or_path: str = field(default="ctxaware-tiny", metadata={"help": "Embedded name, path or Hub id."})
+    model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
+    method: str = field(default="lofit", metadata={"help": f"One of {', '.join(METHODS)}."})
+    objective: str = field(default="sft", metadata={"help": "sft (completion-only loss) or dpo."})
+    task: str = field(default="world/context_qa", metadata={"help": f"One of {', '.join(TASKS)}."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub id or local file for the non-world tasks."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split (slices allowed: 'train[:90%]')."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Held-out split scored before and after."})
+    world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world (world/* tasks)."})
+    counterfactual_rate: float = field(default=1.0, metadata={"help": "world/context_qa: share of contexts that "
+                                       "contradict the memorised fact (the model must follow the context)."})  # fmt: skip
+    max_train_samples: int | None = None
+    eval_limit: int = field(default=200, metadata={"help": "Held-out records scored before and after (0: none)."})
+    num_heads: float = field(default=0.05, metadata={"help": "K: a head count (>= 1) or a fraction of all heads."})
+    l1_lambda: float = field(default=1e-3, metadata={"help": "Stage-1 L1 penalty on the scales."})
+    scale_init_std: float = field(default=1e-3, metadata={"help": "Stage-1 scales start at N(0, std)."})
+    stage1_learning_rate: float = 5e-3
+    stage1_epochs: float = 1.0
+    stage1_max_steps: int = field(default=-1, metadata={"help": "Caps stage 1 (-1: by epochs)."})
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    merge: bool = field(default=False, metadata={"help": "Also save the merged plain model (LoFiT methods)."})
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: choose one of {', '.join(METHODS)}.")
+        if self.objective not in ("sft", "dpo"):
+            raise ValueError(f"objective={self.objective!r}: choose sft or dpo.")
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r}: choose one of {', '.join(TASKS)}.")
+        if TASKS[self.task] != self.objective:
+            raise ValueError(
+                f"task {self.task} provides {TASKS[self.task]} data: set `objective: {TASKS[self.task]}`."
+            )
+
+
+@dataclass
+class LoFiTTrainingConfig(SFTConfig):
+    """Stage 2's (and LoRA's) training settings; DPO runs get the same values in a DPOConfig."""
+
+    learning_rate: float = 1e-2
+    num_train_epochs: float = 5.0
+    per_device_train_batch_size: int = 8
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    save_strategy: str = "no"
+    report_to: str = "none"
+    max_length: int | None = 512
+    beta: float = field(default=0.1, metadata={"help": "DPO: KL strength."})
+    dpo_loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={"help": "DPO loss type(s)."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; unset: on where the GPU has it."})
+
+    def __post_init__(self):
+        if self.bf16 is None:  # one config for the GPU machine and for CPU runs (TRL's default fails on CPU)
+            self.bf16 = not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        super().__post_init__()
+
+
+CONFIG_CLASSES = (LoFiTArguments, LoFiTTrainingConfig)
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+def load_records(args: LoFiTArguments, split: str) -> list[dict]:
+    """Records as {"prompt", "completion"} (sft) or {"prompt", "chosen", "rejected"} (dpo), prompts in plain text."""
+    if args.task.startswith("world/"):
+        world = build_world(args.world_seed)
+        if args.task == "world/context_qa":
+            records = context_qa(world, split, n=2000 if split == "train" else 300,
+                                 counterfactual_rate=args.counterfactual_rate, novel_rate=0.0)  # fmt: skip
+            return [{"prompt": CONTEXT_QA_PROMPT.format(**r), "completion": " " + r["answer"]} for r in records]
+        if args.task == "world/arithmetic":
+            return [{"prompt": r["prompt"], "completion": " " + r["answer"]} for r in arithmetic(world, split)]
+        return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in preference_pairs(world, split)]
+    if not args.dataset_name:
+        raise ValueError(f"task {args.task} needs `dataset_name` (a Hub id or a local JSON file).")
+    if Path(args.dataset_name).is_file():  # one JSON file: split it with slices, e.g. "train[:90%]"
+        rows = load_dataset("json", data_files=args.dataset_name, split=split)
+    else:
+        rows = load_dataset(args.dataset_name, args.dataset_config, split=split)
+    return [record for row in rows for record in FORMATTERS[args.task](row)]
+
+
+def truthfulqa_pairs(row: dict) -> list[dict]:
+    """truthfulqa/truthful_qa (generation): the best answer preferred to each incorrect one."""
+    prompt = f"Q: {row['question']}\nA:"
+    return [
+        {"prompt": prompt, "chosen": " " + row["best_answer"], "rejected": " " + bad}
+        for bad in row["incorrect_answers"]
+    ]
+
+
+def clutrr_example(row: dict) -> list[dict]:
+    """CLUTRR/v1: the story, then the relation of the query's second person to the first."""
+    first, second = ast.literal_eval(row["query"]) if isinstance(row["query"], str) else row["query"]
+    prompt = f"{row['story']}\nQuestion: How is {second} related to {first}?\nAnswer:"
+    return [{"prompt": prompt, "completion": " " + row["target_text"]}]
+
+
+def mquake_examples(row: dict) -> list[dict]:
+    """MQuAKE (CF-3k JSON): the edited facts as context, each multi-hop question answered with the new answer."""
+    edits = " ".join(
+        rewrite["prompt"].format(rewrite["subject"]) + " " + rewrite["target_new"]["str"] + "."
+        for rewrite in row["requested_rewrite"]
+    )
+    return [
+        {"prompt": f"{edits}\nQuestion: {q}\nAnswer:", "completion": " " + row["new_answer"]} for q in row["questions"]
+    ]
+
+
+FORMATTERS = {"truthfulqa": truthfulqa_pairs, "clutrr": clutrr_example, "mquake": mquake_examples}
+
+
+def with_bos(records: list[dict], tokenizer) -> list[dict]:
+    """Prompts start with BOS, as in pretraining, when the tokenizer does not add it itself."""
+    bos = tokenizer.bos_token
+    if bos is None or tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        return records
+    return [{**r, "prompt": bos + r["prompt"]} for r in records]
+
+
+# --- scoring ------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def score(model, tokenizer, records: list[dict], objective: str) -> float:
+    """sft: greedy accuracy (the generation starts with the answer); dpo: share of pairs where the chosen answer has
+    the higher log-likelihood."""
+    model.eval()
+    if objective == "sft":
+        prompts = [r["prompt"] for r in records]
+        answers = [r["completion"].strip() for r in records]
+        max_new = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + 2
+        outputs = greedy(model, tokenizer, prompts, max_new_tokens=max_new, batch_size=16)
+        return sum(matches(o, a) for o, a in zip(outputs, answers)) / len(records)
+    wins = 0
+    for r in records:
+        prompt = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        logps = []
+        for answer in (r["chosen"], r["rejected"]):
+            ids = torch.tensor(
+                [prompt + tokenizer(answer, add_special_tokens=False)["input_ids"]], device=model.device
+            )
+            logits = model(ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+            logps.append(logits.gather(-1, ids[0, len(prompt) :, None]).sum().item())
+        wins += logps[0] > logps[1]
+    return wins / len(records)
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+def trl_config(training_args: LoFiTTrainingConfig, objective: str, **overrides):
+    """The TRL config of `objective` carrying the run's shared training settings (and stage overrides)."""
+    target = SFTConfig if objective == "sft" else DPOConfig
+    values = {
+        f.name: getattr(training_args, f.name) for f in fields(target) if f.init and hasattr(training_args, f.name)
+    }
+    if objective == "dpo":
+        values["loss_type"] = training_args.dpo_loss_type
+    return target(**{**values, **overrides})
+
+
+def make_trainer(objective: str, model, config, dataset: Dataset, tokenizer, ref_model=None, l1_adapter=None, l1=0.0):
+    trainer_cls = SFTTrainer if objective == "sft" else DPOTrainer
+    if l1_adapter is not None:
+        trainer_cls = type("L1" + trainer_cls.__name__, (trainer_cls,), {"compute_loss": _l1_loss(l1_adapter, l1)})
+    kwargs = {"ref_model": ref_model} if objective == "dpo" else {}
+    return trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, **kwargs)
+
+
+def _l1_loss(adapter: LoFiTAdapter, l1: float):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super(type(self), self).compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        penalty = l1 * adapter.l1_penalty()
+        return (result[0] + penalty, result[1]) if return_outputs else result + penalty
+
+    return compute_loss
+
+
+def load_base(args: LoFiTArguments, training_args: LoFiTTrainingConfig):
+    path = resolve_model_path(args.model_name_or_path)
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, revision=args.model_revision, dtype=dtype)
+
+
+def trainable_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig) -> dict:
+    set_seed(training_args.seed)
+    state = PartialState()
+    output_dir = Path(training_args.output_dir)
+    path = resolve_model_path(args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=args.model_revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_records = with_bos(load_records(args, args.dataset_train_split), tokenizer)
+    random.Random(training_args.seed).shuffle(train_records)
+    train_records = train_records[: args.max_train_samples]
+    test_records = with_bos(load_records(args, args.dataset_test_split), tokenizer)[: args.eval_limit]
+    dataset = Dataset.from_list(train_records)
+    model = load_base(args, training_args)
+    model.requires_grad_(False)
+    layout = HeadLayout.from_model(model)
+    results = {
+        "method": args.method,
+        "task": args.task,
+        "objective": args.objective,
+        "base_model": args.model_name_or_path,
+    }
+    if test_records:
+        results["base_score"] = score(model.to(state.device), tokenizer, test_records, args.objective)
+    ref_model = load_base(args, training_args) if args.objective == "dpo" and args.method != "lora" else None
+
+    if args.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_target_modules,
+                          lora_dropout=0.0, task_type="CAUSAL_LM")  # fmt: skip
+        model = get_peft_model(model, lora)
+        results["trained_parameters"] = trainable_parameters(model)
+        trainer = make_trainer(args.objective, model, trl_config(training_args, args.objective), dataset, tokenizer)
+        trainer.train()
+        adapter = None
+    else:
+        if args.method == "lofit":
+            heads, scores = select_heads(args, training_args, model, layout, dataset, tokenizer, ref_model)
+        else:
+            heads = (
+                random_heads(layout, args.num_heads, training_args.seed)
+                if args.method == "random_heads"
+                else all_heads(layout)
+            )
+            scores = None
+        training = {k: v for k, v in asdict(args).items() if k not in ("merge", "eval_limit")}
+        training |= {"learning_rate": training_args.learning_rate, "num_train_epochs": training_args.num_train_epochs}
+        adapter = LoFiTAdapter(layout, heads, offsets=True, base_model=args.model_name_or_path,
+                               base_model_revision=args.model_revision, training=training)  # fmt: skip
+        adapter.to(next(model.parameters()).device).attach(model)
+        results["trained_parameters"] = trainable_parameters(model)
+        stage2 = trl_config(training_args, args.objective, output_dir=str(output_dir / "stage2"))
+        trainer = make_trainer(args.objective, model, stage2, dataset, tokenizer, ref_model)
+        trainer.train()
+        if state.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            save_head_selection(output_dir / "head_selection.json", heads, layout, method=args.method, task=args.task,
+                                scores=scores.tolist() if scores is not None else None)  # fmt: skip
+            if scores is not None:
+                plot_head_scores(output_dir / "head_scores.png", scores, heads, title=f"stage-1 ||A|| ({args.task})")
+
+    results["base_parameters"] = sum(p.numel() for p in model.parameters()) - results["trained_parameters"]
+    results["heads"] = len(adapter.heads) if adapter else None
+    if test_records:
+        results["score"] = score(model, tokenizer, test_records, args.objective)
+        results["gain"] = results["score"] - results["base_score"]
+    if state.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        eval_results = {args.task: {"score": results["score"]}} if test_records else None
+        if adapter is not None:
+            adapter.save_pretrained(output_dir / "adapter", eval_results=eval_results, tags=[args.method, args.task])
+            if args.merge:
+                adapter.merge(model).save_pretrained(output_dir / "merged")
+                tokenizer.save_pretrained(output_dir / "merged")
+        else:
+            trainer.model.save_pretrained(output_dir / "adapter")
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        if training_args.push_to_hub:
+            repo_id = training_args.hub_model_id or output_dir.name
+            if adapter is not None:
+                adapter.push_to_hub(repo_id, private=training_args.hub_private_repo, eval_results=eval_results)
+            else:
+                trainer.model.push_to_hub(repo_id, private=training_args.hub_private_repo)
+        print(json.dumps(results, indent=2))
+    return results
+
+
+def select_heads(args, training_args, model, layout, dataset, tokenizer, ref_model):
+    """Stage 1: scales on every head with an L1 penalty; returns the top-K heads and the (layers, heads) norms."""
+    stage1 = LoFiTAdapter(layout, all_heads(layout), scales=True, offsets=False, init_std=args.scale_init_std)
+    stage1.to(next(model.parameters()).device).attach(model)
+    config = trl_config(training_args, args.objective, learning_rate=args.stage1_learning_rate,
+                        num_train_epochs=args.stage1_epochs, max_steps=args.stage1_max_steps,
+                        output_dir=str(Path(training_args.output_dir) / "stage1"))  # fmt: skip
+    make_trainer(args.objective, model, config, dataset, tokenizer, ref_model, stage1, args.l1_lambda).train()
+    stage1.detach()
+    scores = stage1.scale_norms()
+    return top_heads(scores, args.num_heads), scores
+
+
+if __name__ == "__main__":
+    main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())

@@ -1,0 +1,331 @@
+"""The attention kernel family: reference vs a float64 naive softmax, Triton (TRITON_INTERPRET=1) vs reference.
+
+Fresh random inputs, ragged lengths (not multiples of the 16-wide interpreter blocks), GQA, left/right padding,
+packing, every pattern, gates with zeros, decode, statistics, all gradients; outputs are poisoned with NaN first.
+"""
+
+import os
+
+import pytest
+import torch
+
+from ctxaware.kernels import AttentionPattern, attention
+from ctxaware.kernels import triton_attention as tri
+
+
+# tests/conftest.py turns the interpreter on where there is no GPU; on the GPU machine tests/gpu covers Triton.
+interpreted = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1"
+)
+
+
+PATTERNS = {
+    "dense": AttentionPattern.dense(),
+    "s2": AttentionPattern.s2(8),
+    "s2_ragged": AttentionPattern.s2(10),  # G divides neither S nor the block
+    "sf": AttentionPattern.sf(12, sinks=3),
+    "sf_ratio": AttentionPattern.sf(group_size_ratio=0.25),
+    "window": AttentionPattern.sliding_window(9, sinks=2),
+}
+
+
+def naive_allowed(pattern, hq, h, p, j, sk, causal):
+    """The mask of the package docstring, written out independently with explicit group boundaries."""
+    if causal and j > p:
+        return False
+    if pattern.kind == "dense":
+        return True
+    if pattern.kind == "window":
+        return abs(p - j) < pattern.window or j < pattern.sinks
+    g = pattern.group_size or max(2, 2 * round(pattern.group_size_ratio * sk / 2))
+    shifted = h >= hq - int(hq * pattern.shifted_head_fraction)
+
+    def group(x):  # shifted groups: [0, G/2), [G/2, 3G/2), ... (no wrap-around)
+        if not shifted:
+            return x // g
+        return 0 if x < g // 2 else 1 + (x - g // 2) // g
+
+    return group(p) == group(j) or j < pattern.sinks
+
+
+def naive(q, k, v, pattern, causal=True, pad=None, doc=None, gates=None, labels=None, num_labels=None):
+    """float64 loops over (b, h, i): softmax on the allowed keys only."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    out = torch.zeros(b, hq, sq, d, dtype=torch.float64)
+    lse = torch.full((b, hq, sq), float("-inf"), dtype=torch.float64)
+    mass = torch.zeros(b, hq, sk, dtype=torch.float64)
+    lmass = torch.zeros(b, hq, sq, num_labels or 1, dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hq):
+            kh = h // (hq // hkv)
+            for i in range(sq):
+                p = sk - sq + i
+                if pad is not None and not pad[bi, p]:
+                    continue
+                if gates is not None and gates[bi, i, h] == 0:
+                    continue
+                keys = [
+                    j
+                    for j in range(sk)
+                    if naive_allowed(pattern, hq, h, p, j, sk, causal)
+                    and (pad is None or pad[bi, j])
+                    and (doc is None or doc[bi, j] == doc[bi, p])
+                ]
+                if not keys:
+                    continue
+                s = (k[bi, kh, keys].double() @ q[bi, h, i].double()) * d**-0.5
+                lse[bi, h, i] = torch.logsumexp(s, 0)
+                prob = torch.softmax(s, 0)
+                out[bi, h, i] = prob @ v[bi, kh, keys].double()
+                if gates is not None:
+                    out[bi, h, i] *= gates[bi, i, h].double()
+                mass[bi, h, keys] += prob
+                if labels is not None:
+                    for j, pj in zip(keys, prob):
+                        lmass[bi, h, i, labels[bi, j]] += pj
+    return out, lse, mass, lmass
+
+
+def make_case(b=2, hq=4, hkv=2, sq=37, sk=37, d=16, pad=None, doc=False, gates=False, labels=False, seed=None):
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
+    q = torch.randn(b, hq, sq, d, generator=gen)
+    k = torch.randn(b, hkv, sk, d, generator=gen)
+    v = torch.randn(b, hkv, sk, d, generator=gen)
+    kw = {}
+    if pad is not None:
+        mask = torch.ones(b, sk, dtype=torch.bool)
+        n = int(torch.randint(3, sk // 3, (), generator=gen))
+        if pad in ("left", "both"):
+            mask[0, :n] = False
+        if pad in ("right", "both"):
+            mask[-1, sk - n :] = False
+        kw["key_padding_mask"] = mask
+    if doc:
+        cuts = torch.randint(1, sk, (b, 2), generator=gen)
+        pos = torch.arange(sk)
+        kw["doc_ids"] = (pos[None] >= cuts[:, :1]).long() + (pos[None] >= cuts[:, 1:]).long()
+    if gates:
+        g = torch.rand(b, sq, hq, generator=gen) + 0.1
+        g[:, :16, 0] = 0  # a whole query tile of one head switched off: skipped
+        g[:, ::3, 1] = 0  # scattered zeros inside live tiles
+        kw["head_gates"] = g
+    if labels:
+        kw["key_labels"] = torch.randint(0, 3, (b, sk), generator=gen)
+        kw["num_labels"] = 3
+    return q, k, v, kw
+
+
+def check_close(a, b, tol, name):
+    a, b = a.double(), b.double()
+    finite = torch.isfinite(b)
+    assert torch.equal(torch.isfinite(a), finite), f"{name}: -inf pattern differs"
+    err = (a[finite] - b[finite]).abs().max().item() if finite.any() else 0.0
+    assert err <= tol * (1 + b[finite].abs().max().item() if finite.any() else 1), f"{name}: max err {err}"
+
+
+CASES = {
+    "dense_gqa": dict(),
+    "ragged_mha": dict(hq=2, hkv=2, sq=45, sk=45),
+    "left_pad": dict(pad="left"),
+    "right_pad": dict(pad="right"),
+    "packing": dict(doc=True),
+    "gates": dict(gates=True),
+    "labels": dict(labels=True),
+    "decode_1": dict(sq=1, sk=41, labels=True),
+    "decode_5": dict(sq=5, sk=50, pad="left"),
+    "everything": dict(pad="both", doc=True, gates=True, labels=True, hq=4, hkv=1, sk=53, sq=53, d=32),
+}
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("case", ["decode_1", "everything"])
+def test_reference_matches_naive_float64(pattern, case):
+    q, k, v, kw = make_case(**CASES[case])
+    q, k, v = q.double(), k.double(), v.double()
+    out, stats = attention(
+        q, k, v, pattern=PATTERNS[pattern], key_mass=True, return_lse=True, backend="reference", **kw
+    )
+    ref = naive(
+        q,
+        k,
+        v,
+        PATTERNS[pattern],
+        pad=kw.get("key_padding_mask"),
+        doc=kw.get("doc_ids"),
+        gates=kw.get("head_gates"),
+        labels=kw.get("key_labels"),
+        num_labels=kw.get("num_labels"),
+    )
+    check_close(out, ref[0], 1e-10, "out")
+    check_close(stats.lse, ref[1], 1e-6, "lse")
+    check_close(stats.key_mass, ref[2], 1e-6, "key_mass")
+    if "key_labels" in kw:
+        check_close(stats.label_mass, ref[3], 1e-6, "label_mass")
+
+
+def test_reference_noncausal_matches_naive():
+    q, k, v, kw = make_case(pad="right", doc=True)
+    for pattern in PATTERNS.values():
+        out, stats = attention(
+            q.double(),
+            k.double(),
+            v.double(),
+            causal=False,
+            pattern=pattern,
+            return_lse=True,
+            backend="reference",
+            **kw,
+        )
+        ref = naive(q, k, v, pattern, causal=False, pad=kw["key_padding_mask"], doc=kw["doc_ids"])
+        check_close(out, ref[0], 1e-10, "out")
+        check_close(stats.lse, ref[1], 1e-6, "lse")
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every Triton output starts as NaN, so an element a kernel forgets to write fails the comparison."""
+
+    def empty(shape, like, dtype=None):
+        return torch.full(shape, float("nan"), device=like.device, dtype=dtype or like.dtype)
+
+    monkeypatch.setattr(tri, "_empty", empty)
+
+
+def run_both(q, k, v, kw, **extra):
+    results = {}
+    dout = torch.randn(q.shape, dtype=q.dtype)
+    for backend in ("reference", "triton"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        kwb = dict(kw)
+        if "head_gates" in kw:
+            kwb["head_gates"] = kw["head_gates"].clone().requires_grad_()
+            leaves.append(kwb["head_gates"])
+        out, stats = attention(*leaves[:3], key_mass=True, return_lse=True, backend=backend, **kwb, **extra)
+        grads = torch.autograd.grad(out, leaves, dout)
+        results[backend] = (out, stats, grads)
+    return results
+
+
+@pytest.mark.parametrize(
+    "case, pattern", [(case, ["sf", "dense", "s2_ragged"][i % 3]) for i, case in enumerate(CASES)]
+)
+@interpreted
+def test_triton_matches_reference(poisoned, case, pattern):
+    q, k, v, kw = make_case(**CASES[case])
+    res = run_both(q, k, v, kw, pattern=PATTERNS[pattern])
+    (o1, s1, g1), (o2, s2, g2) = res["reference"], res["triton"]
+    check_close(o2, o1, 1e-5, "out")
+    check_close(s2.lse, s1.lse, 1e-5, "lse")
+    check_close(s2.key_mass, s1.key_mass, 1e-5, "key_mass")
+    if "key_labels" in kw:
+        check_close(s2.label_mass, s1.label_mass, 1e-5, "label_mass")
+    for name, a, b in zip(["dq", "dk", "dv", "dgates"], g2, g1):
+        check_close(a, b, 1e-4, name)
+
+
+@pytest.mark.parametrize("pattern", ["s2", "s2_ragged", "sf_ratio", "window"])
+@interpreted
+def test_triton_patterns(poisoned, pattern):
+    q, k, v, kw = make_case(b=1, hq=4, hkv=2, sq=70, sk=70, d=16, pad="left", labels=True)
+    res = run_both(q, k, v, kw, pattern=PATTERNS[pattern])
+    (o1, s1, g1), (o2, s2, g2) = res["reference"], res["triton"]
+    check_close(o2, o1, 1e-5, "out")
+    check_close(s2.lse, s1.lse, 1e-5, "lse")
+    check_close(s2.key_mass, s1.key_mass, 1e-5, "key_mass")
+    check_close(s2.label_mass, s1.label_mass, 1e-5, "label_mass")
+    for name, a, b in zip(["dq", "dk", "dv"], g2, g1):
+        check_close(a, b, 1e-4, name)
+
+
+@interpreted
+def test_triton_noncausal(poisoned):
+    q, k, v, kw = make_case(b=1, hq=2, hkv=1, sq=33, sk=33, d=32, pad="right")
+    res = run_both(q, k, v, kw, causal=False, pattern=PATTERNS["window"])
+    check_close(res["triton"][0], res["reference"][0], 1e-5, "out")
+    for name, a, b in zip(["dq", "dk", "dv"], res["triton"][2], res["reference"][2]):
+        check_close(a, b, 1e-4, name)
+    # bf16 / fp16 are covered on the GPU (tests/gpu): the interpreter does not emulate bf16 dots.
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=interpreted)])
+def test_masked_rows_are_zero_and_gated_rows_get_no_gradient(poisoned, backend):
+    q, k, v, kw = make_case(b=2, hq=2, hkv=2, sq=20, sk=20, pad="left", gates=True)
+    gates = kw.pop("head_gates").requires_grad_()
+    q.requires_grad_()
+    out, stats = attention(q, k, v, head_gates=gates, return_lse=True, backend=backend, **kw)
+    dead = ~kw["key_padding_mask"][0]
+    assert torch.all(out[0, :, dead] == 0) and torch.all(stats.lse[0, :, dead] == float("-inf"))
+    assert torch.all(out[:, 0, :16] == 0) and torch.all(stats.lse[:, 0, :16] == float("-inf"))
+    out.sum().backward()
+    assert not q.grad.isnan().any() and not gates.grad.isnan().any()
+    assert torch.all(gates.grad[gates == 0] == 0)
+    assert torch.all(q.grad[:, 0, :16] == 0)
+
+
+@interpreted
+def test_decode_rows_equal_prefill_rows():
+    q, k, v, kw = make_case(b=1, hq=4, hkv=2, sq=40, sk=40, labels=True)
+    pattern = PATTERNS["sf"]
+    full, fs = attention(q, k, v, pattern=pattern, return_lse=True, backend="triton", **kw)
+    last, ls = attention(q[:, :, -1:], k, v, pattern=pattern, return_lse=True, backend="triton", **kw)
+    check_close(last, full[:, :, -1:], 1e-6, "decode out")
+    check_close(ls.label_mass, fs.label_mass[:, :, -1:], 1e-6, "decode label_mass")
+
+
+def test_auto_backend_on_cpu_is_reference_and_stats_off_by_default():
+    q, k, v, _ = make_case(b=1, hq=2, hkv=2, sq=8, sk=8)
+    out, stats = attention(q, k, v)
+    ref, _ = attention(q, k, v, backend="reference")
+    assert torch.equal(out, ref)
+    assert stats.lse is None and stats.key_mass is None and stats.label_mass is None
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: AttentionPattern.s2(7), "odd"),
+        (lambda: AttentionPattern.s2(0), "positive"),
+        (lambda: AttentionPattern("s2"), "exactly one"),
+        (lambda: AttentionPattern("ring"), "unknown pattern kind"),
+        (lambda: AttentionPattern("window"), "window >= 1"),
+        (lambda: AttentionPattern("dense", group_size=4), "only applies"),
+        (lambda: AttentionPattern("s2", group_size=4, sinks=4), "use kind='sf'"),
+        (lambda: AttentionPattern.sf(group_size_ratio=1.5), r"\(0, 1\]"),
+    ],
+)
+def test_invalid_patterns_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@interpreted
+def test_odd_group_is_fine_without_shifted_heads():
+    pattern = AttentionPattern.s2(7, shifted_head_fraction=0.0)
+    q, k, v, _ = make_case(b=1, hq=2, hkv=1, sq=20, sk=20)
+    out, _ = attention(q, k, v, pattern=pattern, backend="triton")
+    check_close(out, attention(q, k, v, pattern=pattern, backend="reference")[0], 1e-5, "out")
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(k=torch.randn(1, 3, 8, 16), v=torch.randn(1, 3, 8, 16)), "multiple of key/value heads"),
+        (dict(q=torch.randn(1, 4, 9, 16)), "more queries"),
+        (dict(q=torch.randn(4, 8, 16)), r"must be \(B, H, S, D\)"),
+        (dict(key_padding_mask=torch.ones(1, 8)), "bool tensor"),
+        (dict(doc_ids=torch.zeros(1, 7, dtype=torch.long)), "doc_ids"),
+        (dict(head_gates=torch.ones(1, 4, 8)), "head_gates"),
+        (dict(key_labels=torch.zeros(1, 8, dtype=torch.long)), "go together"),
+        (dict(key_labels=torch.full((1, 8), 3), num_labels=3), r"\[0, num_labels=3\)"),
+        (dict(backend="cuda"), "backend"),
+        (dict(pattern="sf"), "AttentionPattern"),
+        (dict(v=torch.randn(1, 2, 8, 16, dtype=torch.float64)), "share a dtype"),
+    ],
+)
+def test_invalid_inputs_raise(change, match):
+    args = dict(q=torch.randn(1, 4, 8, 16), k=torch.randn(1, 2, 8, 16), v=torch.randn(1, 2, 8, 16))
+    args.update(change)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises((ValueError, TypeError), match=match):
+        attention(q, k, v, **args)

@@ -122,8 +122,8 @@ def measure(hq, hkv, s, flex, peak_memory):
     if hq == hkv:
         cases["longlora_reshape"] = lambda: longlora_reshape(q, k, v, group)
     if flex is not None:
-        causal_bm = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, s, s, device=dev)
-        sf_bm = create_block_mask(sf_mask_mod(group, 4, hq), None, hq, s, s, device=dev)
+        causal_bm = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, s, s, device=dev, _compile=True)
+        sf_bm = create_block_mask(sf_mask_mod(group, 4, hq), None, hq, s, s, device=dev, _compile=True)
         gqa = hq != hkv
         cases["flex_dense"] = lambda: flex(q, k, v, block_mask=causal_bm, enable_gqa=gqa)
         cases["flex_sf"] = lambda: flex(q, k, v, block_mask=sf_bm, enable_gqa=gqa)
@@ -176,6 +176,9 @@ def main():
     args.argv = sys.argv[1:]
     from torch.nn.attention.flex_attention import flex_attention
 
+    for name in ("recompile_limit", "cache_size_limit"):  # one compiled variant per length and grad mode
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
     flex = None if args.skip_flex else torch.compile(flex_attention, dynamic=False)
     rows = []
     t_start = time.time()

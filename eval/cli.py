@@ -63,6 +63,9 @@ def register(subparsers) -> None:
     parser.add_argument("--baseline_samples", help="summarization: baseline run's samples JSONL, for the win rate")
     parser.add_argument("--attention_baseline", help="attention_allocation: another run's results JSON to compare")
     parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--num_threads", type=int, help="CPU threads for torch (1 is fastest for tiny models on a busy machine)"
+    )
     for switch in SWITCHES.values():
         parser.add_argument(
             f"--{switch.name}", default=switch.default, help=f"{switch.help} (default: {switch.default})"
@@ -95,6 +98,8 @@ def _validate(args):
 
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit must be a positive integer, got {args.limit}; omit it to evaluate every record.")
+    if args.num_threads is not None and args.num_threads <= 0:
+        raise ValueError(f"--num_threads must be a positive integer, got {args.num_threads}.")
     if args.batch_size <= 0:
         raise ValueError(f"--batch_size must be a positive integer, got {args.batch_size}.")
     names = task_names() if args.tasks == DEFAULT_TASKS else [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -137,6 +142,10 @@ def _evaluate(args, options, tasks, switches) -> int:
     from ctxaware.eval.output import format_table
     from ctxaware.eval.runner import evaluate, write_outputs
 
+    if args.num_threads:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
     try:
         model, tokenizer = load_model(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device)
     except (FileNotFoundError, ValueError, NotImplementedError) as error:

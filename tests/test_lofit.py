@@ -1,0 +1,166 @@
+"""LoFiT: head selection, training only the selected offsets, exact merge into o_proj (AutoModel reload), the recipe."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ctxaware.adapters import HeadAdapter
+from ctxaware.heads import HeadLayout, all_heads, top_heads
+from ctxaware.methods.lofit import LoFiTAdapter
+from tests.launch import accelerate_launch
+from tests.tiny_models import build_tiny_tokenizer, tiny_model
+
+
+def random_adapter(model, heads, *, scales=True, offsets=True) -> LoFiTAdapter:
+    adapter = LoFiTAdapter(HeadLayout.from_model(model), heads, scales=scales, offsets=offsets, base_model="tiny")
+    with torch.no_grad():
+        for layer in adapter.layers.values():
+            if offsets:
+                layer.offset.normal_()
+            if scales:
+                layer.scale.normal_(0, 0.3)
+    return adapter
+
+
+@pytest.mark.parametrize(
+    "family,gqa,merged_type",
+    [("llama", True, "llama"), ("qwen2", False, "llama"), ("qwen3", True, "qwen3"), ("mistral", True, "llama"),
+     ("gemma", False, "gemma")],
+)  # fmt: skip
+def test_merge_is_exact_and_reloads_with_automodel(tmp_path, family, gqa, merged_type):
+    overrides = {"sliding_window": None} if family == "mistral" else {}
+    model = tiny_model(family, gqa=gqa, **overrides).eval()
+    ids = torch.randint(3, 300, (2, 11))
+    adapter = random_adapter(model, [(0, 0), (0, 3), (1, 2)])
+    adapter.attach(model)
+    adapted = model(ids).logits
+    merged = adapter.merge(model)
+    assert not any(name.endswith("ctxaware_adapter") for name, _ in merged.named_modules())
+    torch.testing.assert_close(merged(ids).logits, adapted, atol=1e-5, rtol=1e-5)
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert reloaded.config.model_type == merged_type
+    assert all(layer.self_attn.o_proj.bias is not None for layer in reloaded.model.layers)
+    torch.testing.assert_close(reloaded(ids).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_keeps_an_existing_bias_and_refuses_sliding_windows():
+    model = tiny_model("llama", attention_bias=True).eval()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.bias.normal_()
+    ids = torch.randint(3, 300, (1, 8))
+    adapter = random_adapter(model, [(0, 1)], scales=False)
+    adapter.attach(model)
+    adapted = model(ids).logits
+    torch.testing.assert_close(adapter.merge(model)(ids).logits, adapted, atol=1e-5, rtol=1e-5)
+    windowed = tiny_model("mistral", sliding_window=64)
+    with pytest.raises(ValueError, match="sliding-window attention.*sliding_window = None"):
+        random_adapter(windowed, [(0, 1)]).merge(windowed)
+
+
+def test_stage1_scales_start_small_and_selection_takes_the_largest_norms():
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    layout = HeadLayout.from_model(model)
+    stage1 = LoFiTAdapter(layout, all_heads(layout), scales=True, offsets=False, init_std=1e-3)
+    scales = torch.cat([layer.scale for layer in stage1.layers.values()])
+    assert scales.shape == (8, 8) and 5e-4 < scales.std().item() < 2e-3
+    with torch.no_grad():
+        stage1.layers["1"].scale[2] = 1.0  # norm 2.83
+        stage1.layers["0"].scale[3] = -0.5  # norm 1.41: sign does not matter
+    norms = stage1.scale_norms()
+    assert norms.shape == (2, 4)
+    torch.testing.assert_close(norms[1, 2], torch.tensor(8**0.5))
+    assert top_heads(norms, 2) == [(0, 3), (1, 2)]
+    assert top_heads(norms, 0.25) == [(0, 3), (1, 2)]
+    assert stage1.l1_penalty().item() == pytest.approx(
+        sum(layer.scale.abs().sum().item() for layer in stage1.layers.values())
+    )
+    with pytest.raises(ValueError, match="only 8"):
+        top_heads(norms, 9)
+
+
+def test_stage2_trains_only_the_selected_offsets():
+    model = tiny_model("qwen2", gqa=True)
+    model.requires_grad_(False)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    heads = [(0, 2), (1, 1)]
+    adapter = LoFiTAdapter(HeadLayout.from_model(model), heads)
+    adapter.attach(model)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert sorted(trainable) == [
+        "model.layers.0.self_attn.ctxaware_adapter.offset",
+        "model.layers.1.self_attn.ctxaware_adapter.offset",
+    ]
+    assert sum(p.numel() for p in trainable.values()) == len(heads) * 8
+    optimizer = torch.optim.SGD(trainable.values(), lr=0.5)
+    ids = torch.randint(3, 300, (4, 10))
+    seen = []
+    handle = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    for _ in range(3):
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    handle.remove()
+    for name, p in model.named_parameters():
+        if name in before:
+            assert torch.equal(p, before[name]), f"{name} changed"
+    assert all(p.abs().sum() > 0 for p in trainable.values())
+    # The offset reaches only head 2 of layer 0: o_proj's input differs from the base model's there alone.
+    adapter.detach()
+    base_input = []
+    handle = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, a: base_input.append(a[0]))
+    model(ids)
+    handle.remove()
+    diff = (seen[-1] - base_input[0]).unflatten(-1, (4, 8)).abs().amax(dim=(0, 1, 3))
+    assert diff[2] > 0 and torch.all(diff[[0, 1, 3]] == 0)
+
+
+def test_adapter_needs_scales_or_offsets():
+    with pytest.raises(ValueError, match="scales, offsets or both"):
+        LoFiTAdapter(HeadLayout("llama", 2, 4, 2, 8, 32), [(0, 0)], scales=False, offsets=False)
+
+
+def test_recipe_rejects_a_task_of_the_other_objective():
+    from tests.test_configs import load_recipe
+
+    recipe = load_recipe("lofit")
+    with pytest.raises(ValueError, match="set `objective: dpo`"):
+        recipe.LoFiTArguments(task="world/preference", objective="sft")
+    with pytest.raises(ValueError, match="choose one of lofit"):
+        recipe.LoFiTArguments(method="ito")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", gqa=True).save_pretrained(path)
+    build_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_recipe_end_to_end(tmp_path, tiny_model_dir):
+    output = tmp_path / "run"
+    accelerate_launch(
+        "recipes/lofit.py", "--config", "recipes/configs/lofit/default.yaml",
+        "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(output), "--max_train_samples", "16",
+        "--eval_limit", "4", "--stage1_max_steps", "2", "--max_steps", "2", "--num_heads", "2", "--merge", "true",
+    )  # fmt: skip
+    results = json.loads((output / "results.json").read_text())
+    assert results["method"] == "lofit" and results["heads"] == 2
+    assert results["trained_parameters"] == 2 * 8
+    assert {"base_score", "score", "gain", "base_parameters"} <= set(results)
+    selection = json.loads((output / "head_selection.json").read_text())
+    scores = torch.tensor(selection["scores"])
+    assert selection["heads"] == [list(h) for h in top_heads(scores, 2)]
+    assert (output / "head_scores.png").read_bytes()[:4] == b"\x89PNG"
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    adapter = HeadAdapter.from_pretrained(output / "adapter", model)
+    assert [list(h) for h in adapter.heads] == selection["heads"]
+    assert adapter.training_config["method"] == "lofit" and adapter.training_config["objective"] == "sft"
+    ids = torch.randint(3, 300, (2, 9))
+    merged = AutoModelForCausalLM.from_pretrained(output / "merged").eval()
+    torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)

@@ -428,7 +428,8 @@ def run_eval(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
             model, tokenizer = (sft_model, sft_tokenizer) if name == "sft" else load_model(path, dtype="float32")
             lm = EvalModel(model, tokenizer, batch_size=cfg.eval_batch_size, progress=False)
             task_options = dataclasses.replace(options, baseline_samples=sft_samples if world else None)
-            results, outcomes = runner.evaluate(lm, ["summarization"], task_options, config={"model": name})
+            config = {"model": name, "path": path, "generation_hooks": lm.setup.applied}
+            results, outcomes = runner.evaluate(lm, ["summarization"], task_options, config=config)
             written = runner.write_outputs(results, outcomes, tmp)
             outcome = outcomes["summarization"]
             summaries = [sample["summary"] for sample in outcome.samples]

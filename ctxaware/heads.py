@@ -9,6 +9,7 @@ value head h // (Hq / Hkv): its q_proj rows and o_proj columns are its own, its 
 
 import json
 import random
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -175,7 +176,10 @@ def save_head_selection(path: str | Path, heads: Iterable[Head], layout: HeadLay
         "layout": layout.to_dict(),
         **extra,
     }
-    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+    text = json.dumps(payload, indent=2)
+    # Innermost lists of numbers ([layer, head] pairs, score rows) on one line each.
+    text = re.sub(r"\[\s+([^\[\]{}\"]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    Path(path).write_text(text + "\n")
 
 
 def plot_head_scores(path: str | Path, scores: torch.Tensor, selected: Iterable[Head] = (), title: str = "") -> None:

@@ -314,6 +314,9 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig) -> dict:
         else:
             trainer.model.save_pretrained(output_dir / "adapter")
         (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        for stage_dir in (output_dir / "stage1", output_dir / "stage2"):  # the trainers' folders, empty unless saving
+            if stage_dir.is_dir() and not any(stage_dir.iterdir()):
+                stage_dir.rmdir()
         if training_args.push_to_hub:
             repo_id = training_args.hub_model_id or output_dir.name
             if adapter is not None:

@@ -1,0 +1,186 @@
+"""Vanilla and conditional instruction SFT (the context-awareness paper) with TRL's SFTTrainer.
+
+CPU, the embedded tiny model and the synthetic world's chat data, a few minutes:
+    accelerate launch recipes/context_sft.py --config recipes/configs/context_sft/default.yaml
+The vanilla-SFT baseline is the same run with `--mode vanilla`. Llama-3-8B on UltraChat, scored by `ctxaware score`:
+    accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/context_sft.py \
+        --config recipes/configs/context_sft/llama3_ultrachat.yaml
+
+Conditional SFT marks the training turns whose responses depend on the user's context with an indicator token, so
+that instruction tuning cannot teach the model to ignore context in general: at test time the indicator is appended
+to context-dependent questions (`ctxaware eval --indicator "<|context|>"`). Steps:
+1. Load the chat data (`world`, a JSON(L) file, or a Hub data set with a messages / ShareGPT column).
+2. Conditional mode: the turns to mark come from `ctxaware score`'s scores.jsonl (`scores_path`: its per-turn
+   `chosen`), or are scored here with the base model (same code, same options).
+3. Add the indicator as a new special token (an error if it is already a token), its embedding initialised to the mean
+   embedding of `indicator_init`, and append it to the chosen user turns.
+4. Train with the chat template and assistant-only loss, LoRA (`use_peft`; the indicator's embedding row is trained
+   and saved with the adapter through PEFT's `trainable_token_indices`) or full fine-tuning.
+5. Save the adapter (or model), the tokenizer with the indicator, a `context_sft.json` and a model card;
+   `--push_to_hub` pushes them. To load a LoRA adapter, resize the base model's embeddings to `len(tokenizer)` first.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+
+from ctxaware.methods.context import (
+    DEFAULT_INDICATOR,
+    DEFAULT_INDICATOR_INIT,
+    add_indicator_token,
+    insert_indicator,
+)
+from ctxaware.models import resolve_model_path
+from ctxaware.scoring import load_chat_records, score_records, select_turns
+
+
+@dataclass
+class ContextSFTConfig(SFTConfig):
+    mode: str = field(default="conditional", metadata={"help": "`vanilla` SFT, or `conditional` (indicator token)."})
+    dataset: str = field(default="world", metadata={"help": "`world`, a .jsonl/.json file, or a Hub data set."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of the data set (UltraChat: train_sft)."})
+    dataset_limit: int | None = field(default=None, metadata={"help": "Train on the first N records."})
+    messages_column: str | None = field(default=None, metadata={"help": "Conversation column (default: auto)."})
+    world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world (dataset `world`)."})
+    world_context_rate: float = field(
+        default=0.25, metadata={"help": "Share of context-dependent chats in the world's data (knowledge-heavy)."}
+    )
+    scores_path: str | None = field(
+        default=None, metadata={"help": "`ctxaware score` output (folder or scores.jsonl); else scored here."}
+    )
+    score_span: str = field(default="user", metadata={"help": "Scoring here: `user` (paper) or `context` span."})
+    score_layer: int | None = field(default=None, metadata={"help": "Scoring here: layer (default: all layers)."})
+    select_by: str = field(default="attention", metadata={"help": "Scoring here: `attention` or `loglik_gain`."})
+    threshold: float | None = field(default=None, metadata={"help": "Scoring here: mark turns >= this."})
+    percentile: float | None = field(default=50.0, metadata={"help": "Scoring here: mark the top P% (no threshold)."})
+    indicator: str = field(default=DEFAULT_INDICATOR, metadata={"help": "The indicator: a new special token."})
+    indicator_init: str = field(
+        default=DEFAULT_INDICATOR_INIT, metadata={"help": "Phrase whose mean embedding initialises the indicator."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:  # TRL turns bf16 on by default, which fails on a CPU: use it where the GPU has it
+            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        super().__post_init__()
+        if self.mode not in ("vanilla", "conditional"):
+            raise ValueError(f"mode must be `vanilla` or `conditional`, got {self.mode!r}")
+
+
+CONFIG_CLASSES = (ContextSFTConfig, ModelConfig)
+
+
+def chosen_user_turns(config: ContextSFTConfig, model, tokenizer, records: list[dict]) -> list[list[int]]:
+    """Per record, the user-message indices to mark: from `ctxaware score`'s output, or scored here."""
+    if config.scores_path:
+        path = Path(config.scores_path)
+        path = path / "scores.jsonl" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} does not exist: pass the output folder (or scores.jsonl) of ctxaware score"
+            )
+        scored = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if len(scored) < len(records) or any(s["messages"] != r["messages"] for s, r in zip(scored, records)):
+            raise ValueError(
+                f"{path} was not scored on this data set (its messages differ): run `ctxaware score` with the same "
+                "--dataset, --split and --limit, or drop scores_path to score here"
+            )
+        return [[t["user_index"] for t in s["context_scores"] if t.get("chosen")] for s in scored[: len(records)]]
+    turns, _ = score_records(
+        model, tokenizer, records, layer=config.score_layer, span=config.score_span,
+        batch_size=config.per_device_train_batch_size, max_length=config.max_length, progress=False,
+    )  # fmt: skip
+    select_turns(turns, config.select_by, threshold=config.threshold, percentile=config.percentile)
+    return [[t["user_index"] for t in record if t.get("chosen")] for record in turns]
+
+
+def model_card(config: ContextSFTConfig, model_args: ModelConfig, stats: dict) -> str:
+    indicator = (
+        f"Append ` {config.indicator}` to context-dependent user turns (`ctxaware eval --indicator "
+        f"'{config.indicator}'`): it is a special token of the tokenizer saved here, initialised from "
+        f"{config.indicator_init!r}; {stats['turns_marked']} of {stats['turns']} training turns carried it."
+        if config.mode == "conditional"
+        else "No indicator (vanilla SFT baseline)."
+    )
+    loading = (
+        "A PEFT LoRA adapter; the indicator's embedding row is stored with it (`trainable_token_indices`). Load the "
+        "tokenizer from this folder, resize the base model's embeddings to `len(tokenizer)`, then "
+        "`PeftModel.from_pretrained(model, this_folder)`."
+        if model_args.use_peft
+        else "A full model with its tokenizer: `AutoModelForCausalLM.from_pretrained(this_folder)`."
+    )
+    return f"""---
+base_model: {model_args.model_name_or_path}
+library_name: {"peft" if model_args.use_peft else "transformers"}
+tags: [ctxaware, context-awareness, {config.mode}-sft, trl, sft]
+datasets: [{config.dataset}]
+---
+# {config.mode.capitalize()} SFT for context awareness (ctxaware)
+
+Instruction SFT of `{model_args.model_name_or_path}` on `{config.dataset}` ({stats["records"]} conversations) with the
+chat template and assistant-only loss, by `recipes/context_sft.py` in mode `{config.mode}`.
+
+{indicator}
+
+{loading}
+
+Evaluate: `ctxaware eval --model MERGED_OR_FULL_MODEL --tasks counterfactual_qa,niah --indicator '{config.indicator}'`.
+"""
+
+
+def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
+    path = resolve_model_path(model_args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, revision=model_args.model_revision, dtype=dtype)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if config.dataset == "world":
+        from ctxaware.world import build_world, chat_sft
+
+        records = chat_sft(
+            build_world(config.world_seed), config.dataset_split, n=config.dataset_limit or 2000,
+            context_rate=config.world_context_rate,
+        )  # fmt: skip
+    else:
+        records = load_chat_records(
+            config.dataset, split=config.dataset_split, limit=config.dataset_limit,
+            messages_column=config.messages_column,
+        )  # fmt: skip
+    stats = {"records": len(records), "turns": sum(m["role"] == "assistant" for r in records for m in r["messages"])}
+    peft_config = get_peft_config(model_args)
+    if config.mode == "conditional":
+        marked = chosen_user_turns(config, model, tokenizer, records)
+        token_id = add_indicator_token(model, tokenizer, config.indicator, config.indicator_init)
+        records = [
+            {**r, "messages": insert_indicator(r["messages"], m, config.indicator)} for r, m in zip(records, marked)
+        ]
+        stats.update(turns_marked=sum(len(m) for m in marked), indicator_id=token_id)
+        if peft_config is not None:
+            peft_config.trainable_token_indices = [token_id]  # the input embedding row; the model never predicts it
+    dataset = Dataset.from_list([{"messages": r["messages"]} for r in records])
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+    )
+    trainer.train()
+    trainer.save_model(config.output_dir)
+    if config.push_to_hub:
+        trainer.push_to_hub(dataset_name=config.dataset)  # writes TRL's card; ours replaces it below
+    if trainer.accelerator.is_main_process:
+        output = Path(config.output_dir)
+        summary = {"mode": config.mode, "indicator": config.indicator if config.mode == "conditional" else None,
+                   "indicator_init": config.indicator_init, "base_model": model_args.model_name_or_path, **stats}  # fmt: skip
+        (output / "context_sft.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (output / "README.md").write_text(model_card(config, model_args, stats))
+        if config.push_to_hub:
+            from huggingface_hub import upload_folder
+
+            upload_folder(repo_id=trainer.hub_model_id, folder_path=output, allow_patterns=["README.md", "*.json"])
+
+
+if __name__ == "__main__":
+    main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())

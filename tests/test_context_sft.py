@@ -1,0 +1,69 @@
+"""recipes/context_sft.py end to end through `accelerate launch` on a tiny model, and its use of score files."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.launch import accelerate_launch
+from tests.test_configs import load_recipe
+from tests.tiny_models import build_tiny_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base")
+    tiny_model("llama").save_pretrained(path)
+    build_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_conditional_sft_trains_and_saves_the_indicator_with_the_adapter(base, tmp_path):
+    out = tmp_path / "run"
+    accelerate_launch(
+        "recipes/context_sft.py", "--config", "recipes/configs/context_sft/default.yaml",
+        "--model_name_or_path", str(base), "--dataset_limit", "24", "--max_steps", "2", "--output_dir", str(out),
+    )  # fmt: skip
+    summary = json.loads((out / "context_sft.json").read_text())
+    assert summary["mode"] == "conditional" and summary["records"] == 24
+    assert 0 < summary["turns_marked"] < 24  # percentile 25 of the scored turns
+    card = (out / "README.md").read_text()
+    assert f"base_model: {base}" in card and "<|context|>" in card
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    token_id = tokenizer.convert_tokens_to_ids("<|context|>")
+    assert token_id == summary["indicator_id"] == 320
+
+    # The adapter loads on the resized base, and carries a trained indicator row that started at the phrase mean.
+    model = AutoModelForCausalLM.from_pretrained(base)
+    phrase = tokenizer(summary["indicator_init"], add_special_tokens=False)["input_ids"]
+    init = model.get_input_embeddings().weight[phrase].mean(0).detach()
+    model.resize_token_embeddings(len(tokenizer))
+    tuned = PeftModel.from_pretrained(model, out)
+    prompt = torch.tensor([[0, token_id]])
+    row = tuned.get_input_embeddings()(prompt)[0, 1]
+    assert not torch.allclose(row, init)  # trained
+    assert torch.allclose(row, init, atol=0.1)  # two small steps from the mean-of-phrase start
+    lora_b = [p for n, p in tuned.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # LoRA moved from its zero init
+
+
+def test_scores_file_must_match_the_data(tmp_path):
+    recipe = load_recipe("context_sft")
+    config = recipe.ContextSFTConfig(output_dir=str(tmp_path), scores_path=str(tmp_path), report_to="none")
+    records = [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        {"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]},
+    ]
+    scored = [
+        {**records[0], "context_scores": [{"user_index": 0, "chosen": True}]},
+        {**records[1], "context_scores": [{"user_index": 0, "chosen": False}]},
+    ]
+    (tmp_path / "scores.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scored))
+    assert recipe.chosen_user_turns(config, None, None, records) == [[0], []]
+    records[1]["messages"][0]["content"] = "changed"
+    with pytest.raises(ValueError, match="was not scored on this data set"):
+        recipe.chosen_user_turns(config, None, None, records)
+    with pytest.raises(ValueError, match="mode must be"):
+        recipe.ContextSFTConfig(output_dir=str(tmp_path), mode="both", report_to="none")

@@ -160,13 +160,16 @@ def preference_pairs(cfg: RLHFConfig, split: str = "train") -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------------------- stages
 def stage_args(cfg: RLHFConfig, config_class, stage: str, **overrides):
-    """A stage's TRL config: every Trainer setting of the recipe's config, plus the stage's own values."""
-    shared = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    """A stage's TRL config: every Trainer setting of the recipe's config (every RLOO setting for the RL stage), plus
+    the stage's own values."""
+    inherited = RLOOConfig if config_class is RLOOConfig else TrainingArguments
+    shared = {f.name for f in dataclasses.fields(inherited) if f.init}
     own = {f.name for f in dataclasses.fields(config_class) if f.init}
     values = {k: v for k, v in dataclasses.asdict(cfg).items() if k in shared}
     values.update(output_dir=str(Path(cfg.output_dir) / "checkpoints" / stage), push_to_hub=False)
     values.update({k: v for k, v in overrides.items() if k in own})
     values.pop("resume_from_checkpoint", None)
+    values.pop("generation_batch_size", None)  # derived by RLOOConfig from steps_per_generation, which is kept
     if "max_length" in own:
         values["max_length"] = cfg.max_length
     return config_class(**values)
@@ -349,7 +352,7 @@ def run_rl(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
     rlhf.check_generation_length(tokenizer, [r["reference"] for r in records], cfg.max_completion_length)
     policy = load_policy(sft_path, model_args)
     eos_ids = sorted({tokenizer.eos_token_id, *_as_list(policy.generation_config.eos_token_id)} - {None})
-    args = stage_args(cfg, RLOOConfig, "rl", **{k: getattr(cfg, k) for k in ("learning_rate", "max_steps")})
+    args = stage_args(cfg, RLOOConfig, "rl")
     run_config = {"stage": "rl", "model": sft_path, **args.to_dict()}
     trainer = RLOOTrainer(
         model=policy,

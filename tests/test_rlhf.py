@@ -157,6 +157,21 @@ def test_four_bit_on_cpu_and_unknown_stage_fail_clearly(tmp_path):
             recipe.load_policy("unused", model_args)
 
 
+def test_stage_configs_inherit_the_recipe_settings(tmp_path):
+    from trl import DPOConfig, RLOOConfig, SFTConfig, TrlParser
+
+    recipe = load_recipe()
+    cfg, _ = TrlParser(recipe.CONFIG_CLASSES).parse_args_and_config(
+        args=["--config", str(DEFAULT_CONFIG), "--output_dir", str(tmp_path), "--beta", "0.2", "--seed", "7"]
+    )
+    rl = recipe.stage_args(cfg, RLOOConfig, "rl")
+    assert (rl.beta, rl.num_generations, rl.max_completion_length, rl.temperature) == (0.2, 4, 48, 0.7)
+    assert rl.output_dir == str(tmp_path / "checkpoints" / "rl") and not rl.push_to_hub
+    sft = recipe.stage_args(cfg, SFTConfig, "sft", learning_rate=cfg.sft_learning_rate, beta=9.0)
+    assert (sft.learning_rate, sft.seed, sft.max_length) == (cfg.sft_learning_rate, 7, cfg.max_length)
+    assert recipe.stage_args(cfg, DPOConfig, "dpo", beta=cfg.dpo_beta).beta == cfg.dpo_beta
+
+
 def small_run_args(model_dir, output_dir, *extra):
     return [
         "--config", str(DEFAULT_CONFIG), "--model_name_or_path", str(model_dir), "--output_dir", str(output_dir),

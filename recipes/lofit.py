@@ -32,7 +32,7 @@ from ctxaware.heads import HeadLayout, all_heads, plot_head_scores, random_heads
 from ctxaware.methods.lofit import LoFiTAdapter
 from ctxaware.models import resolve_model_path
 from ctxaware.world import CONTEXT_QA_PROMPT, arithmetic, build_world, context_qa, preference_pairs
-from ctxaware.world.probe import greedy, matches
+from ctxaware.world.probe import matches
 
 
 METHODS = ("lofit", "random_heads", "all_heads", "lora")
@@ -173,19 +173,29 @@ def with_bos(records: list[dict], tokenizer) -> list[dict]:
 
 # --- scoring ------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def score(model, tokenizer, records: list[dict], objective: str) -> float:
-    """sft: greedy accuracy (the generation starts with the answer); dpo: share of pairs where the chosen answer has
-    the higher log-likelihood."""
+def score(model, tokenizer, records: list[dict], objective: str, batch_size: int = 16) -> float:
+    """sft: greedy accuracy (the first line generated starts with the answer); dpo: share of pairs where the chosen
+    answer has the higher log-likelihood. Prompts are tokenized as in training (special tokens as the tokenizer adds
+    them, BOS already in the text where `with_bos` put it)."""
     model.eval()
+    pad = tokenizer.pad_token_id
     if objective == "sft":
-        prompts = [r["prompt"] for r in records]
-        answers = [r["completion"].strip() for r in records]
-        max_new = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + 2
-        outputs = greedy(model, tokenizer, prompts, max_new_tokens=max_new, batch_size=16)
-        return sum(matches(o, a) for o, a in zip(outputs, answers)) / len(records)
+        correct = 0
+        for start in range(0, len(records), batch_size):
+            batch = records[start : start + batch_size]
+            answers = [r["completion"].strip() for r in batch]
+            encoded = [tokenizer(r["prompt"])["input_ids"] for r in batch]
+            width = max(map(len, encoded))
+            ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=model.device)
+            max_new = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + 2
+            out = model.generate(input_ids=ids, attention_mask=(ids != pad).long(), max_new_tokens=max_new,
+                                 do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            correct += sum(matches(text, answer) for text, answer in zip(texts, answers))
+        return correct / len(records)
     wins = 0
     for r in records:
-        prompt = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        prompt = tokenizer(r["prompt"])["input_ids"]
         logps = []
         for answer in (r["chosen"], r["rejected"]):
             ids = torch.tensor(

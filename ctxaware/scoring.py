@@ -55,6 +55,7 @@ def register(subparsers) -> None:
     parser.add_argument("--split", default="train", help="data set split (e.g. train_sft for UltraChat)")
     parser.add_argument("--limit", type=int, help="score the first N records")
     parser.add_argument("--world_seed", type=int, default=0, help="seed of the synthetic world (for --dataset world)")
+    parser.add_argument("--world_context_rate", type=float, default=0.5, help="--dataset world: context-chat share")
     parser.add_argument(
         "--messages_column", help="column with the conversation (default: messages, or ShareGPT conversations)"
     )
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
         records = load_chat_records(
             args.dataset, split=args.split, limit=args.limit, messages_column=args.messages_column,
-            world_seed=args.world_seed,
+            world_seed=args.world_seed, world_context_rate=args.world_context_rate,
         )  # fmt: skip
         from ctxaware.eval.model import load_model
 
@@ -98,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
         threshold = select_turns(turns, args.select_by, threshold=args.threshold, percentile=percentile)
         summary = summarize(records, turns, select_by=args.select_by, threshold=threshold)
         summary["config"] = {k: v for k, v in vars(args).items() if k != "func"}
-        write_outputs(args.output, records, turns, summary, heads_report(turns, heads), threshold, args.select_by)
+        write_outputs(
+            args.output, records, turns, summary, heads_report(turns, heads, layer), threshold, args.select_by
+        )
     except (ValueError, FileNotFoundError, IndexError) as error:
         print(f"ctxaware score: error: {error}", file=sys.stderr)
         return 2
@@ -132,13 +135,13 @@ def _sharegpt_to_messages(conversation: list[dict]) -> list[dict]:
 
 def load_chat_records(
     dataset: str, *, split: str = "train", limit: int | None = None, messages_column: str | None = None,
-    world_seed: int = 0,
+    world_seed: int = 0, world_context_rate: float = 0.5,
 ) -> list[dict]:  # fmt: skip
     """Records with a `messages` list: the synthetic world's chat data, a local JSON(L) file, or a Hub data set."""
     if dataset == WORLD_DATASET:
         from ctxaware.world import build_world, chat_sft
 
-        return chat_sft(build_world(world_seed), split, n=limit or 2000)
+        return chat_sft(build_world(world_seed), split, n=limit or 2000, context_rate=world_context_rate)
     path = Path(dataset)
     if path.suffix in (".jsonl", ".json"):
         if not path.is_file():
@@ -402,22 +405,22 @@ def summarize(records: list[dict], turns: list[list[dict]], *, select_by: str, t
     return summary
 
 
-def heads_report(turns: list[list[dict]], heads: dict[tuple[int, int], np.ndarray]) -> dict:
-    """Per (layer, head): mean context mass on chosen turns minus on the others (all turns when one side is empty)."""
+def heads_report(turns: list[list[dict]], heads: dict[tuple[int, int], np.ndarray], layer: int | None = None) -> dict:
+    """Per (layer, head): mean context mass on chosen turns minus on the others (all turns when one side is empty).
+    `layer`: the one layer scored (`--layer`), else the rows are all layers in order."""
     if not heads:
         return {"ranked": [], "context_minus_rest": []}
     chosen = [v for (i, t), v in heads.items() if turns[i][t].get("chosen")]
     rest = [v for (i, t), v in heads.items() if not turns[i][t].get("chosen")]
     difference = np.mean(chosen, 0) - np.mean(rest, 0) if chosen and rest else np.mean(list(heads.values()), 0)
-    layers, num_heads = difference.shape
+    num_layers, num_heads = difference.shape
     order = np.argsort(-difference, axis=None)
-    layer_ids = list(range(layers)) if layers > 1 else None
+    layer_ids = list(range(num_layers)) if layer is None else [layer]
     return {
-        "note": "rows are the scored layers (all layers, or the one --layer); entries: mean context mass on chosen "
-        "turns minus the other turns",
+        "note": "rows are the scored layers (`layers`); entries: mean context mass on chosen turns minus the others",
         "layers": layer_ids,
         "context_minus_rest": difference.round(6).tolist(),
-        "ranked": [[int(k // num_heads), int(k % num_heads)] for k in order],
+        "ranked": [[layer_ids[k // num_heads], int(k % num_heads)] for k in order],
     }
 
 

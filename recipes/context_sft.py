@@ -17,7 +17,8 @@ to context-dependent questions (`ctxaware eval --indicator "<|context|>"`). Step
 4. Train with the chat template and assistant-only loss, LoRA (`use_peft`; the indicator's embedding row is trained
    and saved with the adapter through PEFT's `trainable_token_indices`) or full fine-tuning.
 5. Save the adapter (or model), the tokenizer with the indicator, a `context_sft.json` and a model card;
-   `--push_to_hub` pushes them. To load a LoRA adapter, resize the base model's embeddings to `len(tokenizer)` first.
+   `--push_to_hub` pushes them. To load a LoRA adapter, resize the base model's embeddings to `len(tokenizer)` first;
+   `--merge true` also writes `merged/`, a plain model with its tokenizer that `ctxaware eval --model` loads.
 """
 
 import json
@@ -61,6 +62,10 @@ class ContextSFTConfig(SFTConfig):
     indicator: str = field(default=DEFAULT_INDICATOR, metadata={"help": "The indicator: a new special token."})
     indicator_init: str = field(
         default=DEFAULT_INDICATOR_INIT, metadata={"help": "Phrase whose mean embedding initialises the indicator."}
+    )
+    merge: bool = field(
+        default=False,
+        metadata={"help": "Also save `merged/`: LoRA folded in, with the tokenizer (for ctxaware eval)."},
     )
 
     def __post_init__(self):
@@ -139,18 +144,10 @@ def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
     model = AutoModelForCausalLM.from_pretrained(path, revision=model_args.model_revision, dtype=dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if config.dataset == "world":
-        from ctxaware.world import build_world, chat_sft
-
-        records = chat_sft(
-            build_world(config.world_seed), config.dataset_split, n=config.dataset_limit or 2000,
-            context_rate=config.world_context_rate,
-        )  # fmt: skip
-    else:
-        records = load_chat_records(
-            config.dataset, split=config.dataset_split, limit=config.dataset_limit,
-            messages_column=config.messages_column,
-        )  # fmt: skip
+    records = load_chat_records(
+        config.dataset, split=config.dataset_split, limit=config.dataset_limit, messages_column=config.messages_column,
+        world_seed=config.world_seed, world_context_rate=config.world_context_rate,
+    )  # fmt: skip
     stats = {"records": len(records), "turns": sum(m["role"] == "assistant" for r in records for m in r["messages"])}
     peft_config = get_peft_config(model_args)
     if config.mode == "conditional":
@@ -176,6 +173,10 @@ def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
                    "indicator_init": config.indicator_init, "base_model": model_args.model_name_or_path, **stats}  # fmt: skip
         (output / "context_sft.json").write_text(json.dumps(summary, indent=2) + "\n")
         (output / "README.md").write_text(model_card(config, model_args, stats))
+        if config.merge:
+            merged = trainer.model.merge_and_unload() if model_args.use_peft else trainer.model
+            merged.save_pretrained(output / "merged")
+            tokenizer.save_pretrained(output / "merged")
         if config.push_to_hub:
             from huggingface_hub import upload_folder
 

@@ -48,6 +48,13 @@ def test_conditional_sft_trains_and_saves_the_indicator_with_the_adapter(base, t
     lora_b = [p for n, p in tuned.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # LoRA moved from its zero init
 
+    # merged/ is a plain model with the tokenizer: same logits as base + adapter, loadable by `ctxaware eval --model`.
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert AutoTokenizer.from_pretrained(out / "merged").convert_tokens_to_ids("<|context|>") == token_id
+    prompt = torch.tensor([[0, 5, 9, token_id, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(prompt).logits, tuned(prompt).logits, atol=1e-4, rtol=1e-4)
+
 
 def test_scores_file_must_match_the_data(tmp_path):
     recipe = load_recipe("context_sft")

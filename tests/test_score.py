@@ -8,7 +8,7 @@ import torch
 
 from ctxaware.cli import main
 from ctxaware.methods.context import encode_conversation
-from ctxaware.scoring import auroc, score_records, select_turns, spearman
+from ctxaware.scoring import auroc, heads_report, score_records, select_turns, spearman
 from tests.tiny_models import build_tiny_tokenizer, tiny_model
 
 
@@ -73,6 +73,11 @@ def test_label_mass_score_equals_materialised_attention(tokenizer, layer):
         expected = _materialised_scores(model, tokenizer, record, layer)
         assert [t["attention"] for t in record_turns] == pytest.approx(expected, abs=1e-5)
     assert heads[(0, 0)].shape == ((2 if layer is None else 1), 4)
+    select_turns(turns, "attention", percentile=50)
+    report = heads_report(turns, heads, layer)
+    assert {tuple(x) for x in report["ranked"]} == {
+        (k, h) for k in ([0, 1] if layer is None else [1]) for h in range(4)
+    }
 
 
 def _mean_logprob(model, ids, start, end):

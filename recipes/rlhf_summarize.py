@@ -139,13 +139,15 @@ def summary_records(cfg: RLHFConfig, split: str) -> list[dict]:
     return records[: cfg.train_limit] if cfg.train_limit and split == "train" else records
 
 
-def preference_pairs(cfg: RLHFConfig, split: str = "train") -> list[dict]:
+def preference_pairs(cfg: RLHFConfig, split: str = "train", noise: float | None = None) -> list[dict]:
+    """{"post", "chosen", "rejected"} comparisons; world labels carry `noise` (default: `label_noise`) flips."""
     name = cfg.preference_dataset_name
     if name == WORLD:
         from ctxaware.world import build_world
         from ctxaware.world import preference_pairs as world_pairs
 
-        rows = world_pairs(build_world(cfg.world_seed), split, cfg.label_noise, cfg.seed, cfg.pairs_per_post)
+        noise = cfg.label_noise if noise is None else noise
+        rows = world_pairs(build_world(cfg.world_seed), split, noise, cfg.seed, cfg.pairs_per_post)
         pairs = rlhf.preference_records(rows, f"world/{split}")
     else:
         from datasets import load_dataset
@@ -453,9 +455,31 @@ def run_eval(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
                     temperature=cfg.temperature, samples_per_prompt=cfg.kl_samples_per_prompt, seed=cfg.seed,
                 )  # fmt: skip
             summary[name] = metrics
+        summary["reward_model"] = reward_accuracy(cfg, reward_path, bias)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return out / "eval"
+
+
+def reward_accuracy(cfg: RLHFConfig, reward_path: str, bias: float) -> dict:
+    """Pairwise accuracy of the reward model on held-out comparisons (the world's: noise-free, i.e. against the
+    ground-truth preference)."""
+    pairs = preference_pairs(cfg, "test", noise=0.0)[: 4 * cfg.eval_limit]
+    tokenizer = load_tokenizer(reward_path)
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(reward_path), dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    scores = {
+        side: rlhf.score_texts(
+            model,
+            tokenizer,
+            [rlhf.reward_model_text(tokenizer, p["post"], p[side]) for p in pairs],
+            cfg.eval_batch_size,
+        )
+        for side in ("chosen", "rejected")
+    }
+    correct = [c > r for c, r in zip(scores["chosen"], scores["rejected"])]
+    return {"pairwise_accuracy": sum(correct) / len(correct), "n_pairs": len(correct), "bias": bias}
 
 
 # ------------------------------------------------------------------------------------------------------------- main

@@ -40,6 +40,13 @@ def tiny_policy_dir(tmp_path_factory, world_tokenizer):
         "llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )  # fmt: skip
+    # Point the EOS logit along the mean final hidden state, so samples end at varied lengths (a random model would
+    # run out of tokens every time, every completion would get the same EOS penalty, and RL would have no signal).
+    posts = tok([r["post"] for r in summarization(build_world(0), "train")[:8]], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        hidden = model(**posts, output_hidden_states=True).hidden_states[-1][posts["attention_mask"].bool()]
+        mean = hidden.mean(0)
+        model.lm_head.weight[tok.eos_token_id] = 4.0 * mean / mean.norm() ** 2
     model.save_pretrained(folder)
     GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
@@ -222,7 +229,8 @@ def test_recipe_end_to_end_then_resumes(tiny_policy_dir, tmp_path):
     assert any(not torch.equal(sft[k], rl[k]) for k in sft)
     assert any(not torch.equal(sft[k], dpo[k]) for k in sft)
     summary = json.loads((out / "eval" / "summary.json").read_text())
-    assert set(summary) == {"sft", "rl", "dpo"}
+    assert set(summary) == {"sft", "rl", "dpo", "reward_model"}
+    assert 0.0 <= summary.pop("reward_model")["pairwise_accuracy"] <= 1.0
     for name, metrics in summary.items():
         assert {"rouge_l", "preference", "reward", "reward_normalized", "mean_words", "win_rate_vs_reference"} <= set(
             metrics

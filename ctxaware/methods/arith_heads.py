@@ -1,0 +1,395 @@
+"""Arithmetic heads: clean/corrupted arithmetic prompts for patching, and precise SFT of selected heads and MLPs.
+
+Prompts (`arithmetic_pairs`, `arithmetic_records`): operations + - *, operands of a given digit count, templates
+`plain` (the world's "{a} {op} {b} =", the pretraining format), `question` (never seen in pretraining) and `word`
+(the world's word problems). A corrupted prompt changes one operand (same digit count) or the operator, and is kept
+only when the answer's first digit changes, so the patching metric (see `ctxaware.methods.patching`) compares two
+different first tokens. Problems are assigned to the world's splits by the world's own hash of (a, op, b), so
+held-out problems never appeared in pretraining.
+
+Precise SFT (`HeadDeltaAdapter`): trained deltas on the slices of the selected components only, zero at the start:
+- a selected query head h of layer l: its rows of q_proj (h*D:(h+1)*D) and its columns of o_proj;
+- its key/value rows under GQA, shared by the h's group of `group_size` query heads, by `kv_policy`:
+  `full_group` (default) trains a group's k/v rows only when every query head of the group is selected, so that no
+  unselected head changes; `any` trains them when any head of the group is selected (the other heads of the group
+  then change too); `none` never trains them. Under MHA (group size 1) `full_group` and `any` agree.
+- a selected MLP: a delta on every linear weight of the layer's MLP (gate/up/down projections).
+Biases (Qwen2's q/k/v) are not trained. The deltas act through forward hooks (y += x @ delta^T on the slice), so the
+base weights stay frozen and bit-identical, and the optimizer state is the size of the deltas. The edit is exact in
+weight space: `merge` adds each delta into its slice, giving a plain transformers model.
+"""
+
+import json
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctxaware.adapters import HeadAdapter
+from ctxaware.attention import attention_modules
+from ctxaware.heads import Head, HeadLayout, heads_by_layer
+from ctxaware.methods.patching import mlp_modules
+from ctxaware.world import build_world
+from ctxaware.world.entities import World
+from ctxaware.world.tasks import ARITHMETIC_PROMPT, WORD_ITEMS, WORD_PROBLEM_PROMPT, WORD_PROBLEMS, arithmetic_split
+
+
+OPS = ("+", "-", "*")
+TEMPLATES = {
+    "plain": ARITHMETIC_PROMPT,
+    "question": "Question: What is {a} {op} {b}?\nAnswer:",
+    "word": WORD_PROBLEM_PROMPT,
+}
+CORRUPTIONS = ("operand", "operator", "any")
+KV_POLICIES = ("full_group", "any", "none")
+TARGETS = ("q", "k", "v", "o")
+
+
+# --- prompts ------------------------------------------------------------------------------------------------------
+def compute(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def render(template: str, a: int, op: str, b: int, name: str = "", item: str = "") -> str:
+    if template == "word":
+        return TEMPLATES["word"].format(problem=WORD_PROBLEMS["word" + op].format(name=name, a=a, b=b, item=item))
+    return TEMPLATES[template].format(a=a, op=op, b=b)
+
+
+def _number(rng: random.Random, digits: int) -> int:
+    return rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)
+
+
+def _check_choices(ops, digits, templates, corruption=None) -> None:
+    if unknown := set(ops) - set(OPS):
+        raise ValueError(f"unknown operations {sorted(unknown)}: choose from {', '.join(OPS)}")
+    if unknown := set(templates) - set(TEMPLATES):
+        raise ValueError(f"unknown templates {sorted(unknown)}: choose from {', '.join(TEMPLATES)}")
+    if not ops or not digits or not templates:
+        raise ValueError("ops, digits and templates must each name at least one value")
+    if any(d < 1 for d in digits):
+        raise ValueError(f"digits {list(digits)}: operands need at least one digit")
+    if corruption is not None and corruption not in CORRUPTIONS:
+        raise ValueError(f"corruption={corruption!r}: choose one of {', '.join(CORRUPTIONS)}")
+    if corruption == "operator" and set(templates) == {"word"}:
+        raise ValueError("word problems phrase the operation in words, so their operator cannot be corrupted in place: "
+                         "use corruption 'operand' or another template")  # fmt: skip
+
+
+def _operands(rng: random.Random, op: str, digits: int) -> tuple[int, int]:
+    a, b = _number(rng, digits), _number(rng, digits)
+    return (b, a) if op == "-" and b > a else (a, b)
+
+
+def _world(world_or_seed: World | int) -> World:
+    return world_or_seed if isinstance(world_or_seed, World) else build_world(world_or_seed)
+
+
+def arithmetic_records(
+    world_or_seed: World | int,
+    split: str,
+    *,
+    ops=("*",),
+    digits=(1, 2),
+    templates=("plain",),
+    n_per_cell: int = 200,
+    seed: int = 0,
+) -> list[dict]:
+    """Up to `n_per_cell` distinct problems of `split` per (template, op, digits): {"prompt", "answer", "op",
+    "digits", "template"}. Fewer when the cell has fewer problems (1-digit operations have at most 100)."""
+    _check_choices(ops, digits, templates)
+    world = _world(world_or_seed)
+    rng = random.Random(f"{world.seed}/arith_heads/{split}/{seed}")
+    names = world.entities_in("person", split)
+    records = []
+    for template in templates:
+        for op in ops:
+            for d in digits:
+                seen = set()
+                for _ in range(n_per_cell * 40):
+                    if len(seen) == n_per_cell:
+                        break
+                    a, b = _operands(rng, op, d)
+                    if (a, b) in seen or arithmetic_split(a, op, b) != split:
+                        continue
+                    seen.add((a, b))
+                    prompt = render(template, a, op, b, rng.choice(names), rng.choice(WORD_ITEMS))
+                    records.append(
+                        {"prompt": prompt, "answer": str(compute(a, op, b)), "op": op, "digits": d,
+                         "template": template}
+                    )  # fmt: skip
+    return records
+
+
+def arithmetic_pairs(
+    world_or_seed: World | int,
+    split: str,
+    n: int,
+    *,
+    ops=("*",),
+    digits=(1, 2),
+    templates=("plain",),
+    corruption: str = "operand",
+    seed: int = 0,
+) -> list[dict]:
+    """`n` clean/corrupted pairs spread over (template, op, digits) cells: {"clean", "corrupted", "answer",
+    "corrupted_answer", "op", "corrupted_op", "digits", "template", "corrupted_part"} ("a", "b" or "op").
+
+    The clean problem belongs to `split`; the corrupted one changes an operand to another of the same digit count
+    (`operand`), the operator (`operator`, not for word problems), or either (`any`), and always changes the first
+    digit of the answer. Subtractions keep a >= b in both prompts."""
+    _check_choices(ops, digits, templates, corruption)
+    world = _world(world_or_seed)
+    rng = random.Random(f"{world.seed}/arith_heads_pairs/{split}/{seed}")
+    names = world.entities_in("person", split)
+    cells = [(t, op, d) for t in templates for op in ops for d in digits]
+    pairs = []
+    for index in range(n):
+        template, op, d = cells[index % len(cells)]
+        for _ in range(10_000):
+            pair = _pair(rng, template, op, d, corruption, ops, names)
+            if pair is not None and arithmetic_split(*pair.pop("problem")) == split:
+                pairs.append(pair)
+                break
+        else:
+            raise ValueError(f"could not build a {op} pair with {d}-digit operands for split {split}")
+    return pairs
+
+
+def _pair(rng, template, op, d, corruption, ops, names) -> dict | None:
+    a, b = _operands(rng, op, d)
+    parts = ["a", "b"] if corruption == "operand" or template == "word" else ["op"] if corruption == "operator" else []
+    part = rng.choice(parts or ["a", "b", "op"])
+    a2, op2, b2 = a, op, b
+    if part == "op":
+        op2 = rng.choice([o for o in OPS if o != op])
+        if "-" in (op, op2) and b > a:
+            return None
+    elif part == "a":
+        a2 = _number(rng, d)
+    else:
+        b2 = _number(rng, d)
+    if (a2, op2, b2) == (a, op, b) or (op2 == "-" and b2 > a2):
+        return None
+    answer, corrupted = str(compute(a, op, b)), str(compute(a2, op2, b2))
+    if answer[0] == corrupted[0]:
+        return None
+    name, item = rng.choice(names), rng.choice(WORD_ITEMS)
+    return {
+        "clean": render(template, a, op, b, name, item),
+        "corrupted": render(template, a2, op2, b2, name, item),
+        "answer": answer,
+        "corrupted_answer": corrupted,
+        "op": op,
+        "corrupted_op": op2,
+        "digits": d,
+        "template": template,
+        "corrupted_part": part,
+        "problem": (a, op, b),
+    }
+
+
+# --- selections ---------------------------------------------------------------------------------------------------
+def check_selection(layout: HeadLayout, heads: list[Head], mlp_layers: list[int]) -> None:
+    if not heads and not mlp_layers:
+        raise ValueError(
+            "empty selection: no head and no MLP to train. Select at least one (`num_heads` > 0 or `num_mlps` > 0), "
+            "or check the head selection file."
+        )
+    for layer in mlp_layers:
+        if not 0 <= layer < layout.num_layers:
+            raise IndexError(
+                f"MLP layer {layer} out of range: the model has {layout.num_layers} layers (0..{layout.num_layers - 1})"
+            )
+
+
+def load_head_selection(path: str | Path, layout: HeadLayout) -> tuple[list[Head], list[int]]:
+    """Heads and MLP layers from a `head_selection.json` (written by `save_head_selection`), checked against the
+    model's layout: a selection made on another model shape is an error."""
+    payload = json.loads(Path(path).read_text())
+    saved = payload.get("layout")
+    if saved is None:
+        raise ValueError(f"{path} records no model layout: write it with `ctxaware.heads.save_head_selection`.")
+    if differences := HeadLayout(**saved).differences(layout):
+        listed = ", ".join(f"{k}: selection {a} vs model {b}" for k, (a, b) in differences.items())
+        raise ValueError(
+            f"{path} selects heads of another model shape ({listed}). Run the attribution on this model "
+            "(drop `head_selection`), or pass the model the selection was made on."
+        )
+    heads = [tuple(h) for h in payload["heads"]]
+    mlp_layers = list(payload.get("mlp_layers", []))
+    for layer, head in heads:
+        layout.check_head(layer, head)
+    check_selection(layout, heads, mlp_layers)
+    return heads, mlp_layers
+
+
+def kv_heads_to_train(layout: HeadLayout, heads: list[int], policy: str) -> list[int]:
+    """The key/value heads of one layer whose rows are trained, given its selected query heads (see module doc)."""
+    if policy not in KV_POLICIES:
+        raise ValueError(f"kv_policy={policy!r}: choose one of {', '.join(KV_POLICIES)}")
+    groups = {layout.kv_head(h) for h in heads}
+    if policy == "none":
+        return []
+    if policy == "any":
+        return sorted(groups)
+    return sorted(
+        g for g in groups if all(h in heads for h in range(g * layout.group_size, (g + 1) * layout.group_size))
+    )
+
+
+# --- the adapter --------------------------------------------------------------------------------------------------
+def _rows(slices: list[slice]) -> torch.Tensor:
+    return torch.cat([torch.arange(s.start, s.stop) for s in slices]) if slices else torch.zeros(0, dtype=torch.long)
+
+
+class HeadDeltaLayer(nn.Module):
+    """One layer's deltas: rows of q/k/v and columns of o_proj for its selected heads, full weights of its MLP."""
+
+    def __init__(self, layout: HeadLayout, heads: list[int], kv_heads: list[int], targets, mlp_shapes: dict | None):
+        super().__init__()
+        hidden = layout.hidden_size
+        self.register_buffer("q_index", _rows([layout.q_rows(h) for h in heads]), persistent=False)
+        self.register_buffer("kv_index", _rows([slice(g * layout.head_dim, (g + 1) * layout.head_dim) for g in kv_heads]), persistent=False)  # fmt: skip
+        n_q, n_kv = len(self.q_index), len(self.kv_index)
+        self.q = nn.Parameter(torch.zeros(n_q, hidden)) if "q" in targets and n_q else None
+        self.o = nn.Parameter(torch.zeros(hidden, n_q)) if "o" in targets and n_q else None
+        self.k = nn.Parameter(torch.zeros(n_kv, hidden)) if "k" in targets and n_kv else None
+        self.v = nn.Parameter(torch.zeros(n_kv, hidden)) if "v" in targets and n_kv else None
+        self.mlp = nn.ParameterDict(
+            {name: nn.Parameter(torch.zeros(*shape)) for name, shape in (mlp_shapes or {}).items()}
+        )
+
+
+def _mlp_linears(mlp: nn.Module) -> dict[str, nn.Linear]:
+    return {name.replace(".", "__"): m for name, m in mlp.named_modules() if isinstance(m, nn.Linear)}
+
+
+def mlp_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """{linear name: [out, in]} of the first layer's MLP (every layer's MLP has the same shapes)."""
+    return {name: list(m.weight.shape) for name, m in _mlp_linears(mlp_modules(model)[0]).items()}
+
+
+class HeadDeltaAdapter(HeadAdapter):
+    """Trained deltas on the weight slices of selected heads (q/k/v rows, o_proj columns) and selected MLPs."""
+
+    method = "head_deltas"
+    description = (
+        "Precise SFT: trained weight deltas restricted to a few attention heads (their q/k/v rows and o_proj columns) "
+        "and MLPs, found by activation/path patching. Merges exactly into the base weights. Trained with ctxaware."
+    )
+
+    def __init__(
+        self,
+        layout: HeadLayout,
+        heads: list[Head],
+        *,
+        mlp_layers: list[int] = (),
+        mlp_shapes: dict[str, list[int]] | None = None,
+        kv_policy: str = "full_group",
+        targets: list[str] = TARGETS,
+        **kwargs,
+    ):
+        super().__init__(layout, heads, **kwargs)
+        self.mlp_layers = sorted(set(int(layer) for layer in mlp_layers))
+        check_selection(layout, self.heads, self.mlp_layers)
+        if self.mlp_layers and not mlp_shapes:
+            raise ValueError("selected MLPs need `mlp_shapes` ({name: [out, in]}): build with `for_model`")
+        if unknown := set(targets) - set(TARGETS):
+            raise ValueError(f"unknown targets {sorted(unknown)}: choose from {', '.join(TARGETS)}")
+        self.kv_policy, self.targets, self.mlp_shape_map = kv_policy, list(targets), dict(mlp_shapes or {})
+        grouped = heads_by_layer(self.heads)
+        for layer in sorted(set(grouped) | set(self.mlp_layers)):
+            layer_heads = grouped.get(layer, [])
+            self.layers[str(layer)] = HeadDeltaLayer(
+                layout,
+                layer_heads,
+                kv_heads_to_train(layout, layer_heads, kv_policy),
+                self.targets,
+                self.mlp_shape_map if layer in self.mlp_layers else None,
+            )
+
+    @classmethod
+    def for_model(
+        cls, model: nn.Module, heads: list[Head], mlp_layers: list[int] = (), **kwargs
+    ) -> "HeadDeltaAdapter":
+        layout = HeadLayout.from_model(model)
+        return cls(
+            layout, heads, mlp_layers=mlp_layers, mlp_shapes=mlp_shapes(model) if mlp_layers else None, **kwargs
+        )
+
+    def hyperparameters(self) -> dict:
+        return {
+            "mlp_layers": self.mlp_layers,
+            "mlp_shapes": self.mlp_shape_map,
+            "kv_policy": self.kv_policy,
+            "targets": self.targets,
+        }
+
+    def check_compatible(self, model: nn.Module) -> None:
+        super().check_compatible(model)
+        if self.mlp_layers and (found := mlp_shapes(model)) != self.mlp_shape_map:
+            raise ValueError(
+                f"This adapter's MLP deltas have shapes {self.mlp_shape_map} but the model's MLPs have {found}: load it "
+                f"onto {self.base_model or 'its base model'}."
+            )
+
+    def _slices(self, model: nn.Module):
+        """(linear module, delta, index, kind) for every trained slice; kind: rows, cols or full."""
+        attention, mlps = attention_modules(model), mlp_modules(model)
+        for key, layer in self.layers.items():
+            attn = attention[int(key)]
+            for name, index in (("q", layer.q_index), ("k", layer.kv_index), ("v", layer.kv_index)):
+                if getattr(layer, name) is not None:
+                    yield getattr(attn, f"{name}_proj"), getattr(layer, name), index, "rows"
+            if layer.o is not None:
+                yield attn.o_proj, layer.o, layer.q_index, "cols"
+            linears = _mlp_linears(mlps[int(key)]) if len(layer.mlp) else {}
+            for name, delta in layer.mlp.items():
+                yield linears[name], delta, None, "full"
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Registers each layer's deltas under its attention module and hooks them on the sliced linears."""
+        self.check_compatible(model)
+        if self._handles:
+            raise RuntimeError("this adapter is already attached: call `detach()` first")
+        modules = attention_modules(model)
+        if taken := [key for key in self.layers if hasattr(modules[int(key)], "ctxaware_adapter")]:
+            raise RuntimeError(f"layers {', '.join(taken)} already carry a ctxaware adapter: detach or merge it first")
+        for key, layer in self.layers.items():
+            modules[int(key)].add_module("ctxaware_adapter", layer)
+            self._attached_to.append(modules[int(key)])
+        for linear, delta, index, kind in self._slices(model):
+            self._handles.append(linear.register_forward_hook(_delta_hook(delta, index, kind)))
+        return model
+
+    @torch.no_grad()
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Adds every delta into its weight slice (in float32, then cast); returns `model`, now a plain model."""
+        self.check_compatible(model)
+        self.detach()
+        for linear, delta, index, kind in self._slices(model):
+            weight = linear.weight
+            delta = delta.detach().to(weight.device, torch.float32)
+            if kind == "rows":
+                weight[index] = (weight[index].float() + delta).to(weight.dtype)
+            elif kind == "cols":
+                weight[:, index] = (weight[:, index].float() + delta).to(weight.dtype)
+            else:
+                weight.copy_((weight.float() + delta).to(weight.dtype))
+        return model
+
+
+def _delta_hook(delta: nn.Parameter, index: torch.Tensor | None, kind: str):
+    def hook(module, args, out):
+        x = args[0]
+        d = delta.to(x.dtype)
+        if kind == "rows":
+            return out.index_add(-1, index, F.linear(x, d))
+        if kind == "cols":
+            return out + F.linear(x.index_select(-1, index), d)
+        return out + F.linear(x, d)
+
+    return hook

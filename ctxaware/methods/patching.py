@@ -1,0 +1,354 @@
+"""Activation and path patching at head and MLP granularity, on any family whose attention ctxaware hooks.
+
+Components: each query head's output before `o_proj` (its D columns of o_proj's input, see `ctxaware.heads`) and
+each layer's MLP output. Data: pairs of a clean and a corrupted prompt that tokenise to the same length and differ in
+a few tokens (e.g. one operand), each with its answer.
+
+Metric: the logit difference at the final position, LD = logit(first token of the clean answer) - logit(first token
+of the corrupted answer), where "first token" is the first token at which the two answers' tokenisations differ
+(a shared prefix, such as a lone space token, is appended to both prompts). Effects are normalised so that 0 means
+"no effect" and 1 means "this component alone moves LD all the way":
+
+    effect = (mean LD_patched - mean LD_base) / (mean LD_source - mean LD_base)
+
+- `corrupted_into_clean` (noising): base run clean, the component's activation taken from the corrupted run; an
+  effect of 1 means corrupting this component alone destroys the answer.
+- `clean_into_corrupted` (denoising): base run corrupted, activation from the clean run; 1 means restoring it alone
+  recovers the answer.
+Activation patching replaces the component's activation at every position and lets every later component react
+(total effect). Path patching to the final position replaces it while every other head and MLP is frozen at its
+base-run activation, so the change reaches the final position's logits only through the residual stream (the
+component's direct effect on the answer).
+"""
+
+import json
+import re
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ctxaware.attention import attention_modules
+from ctxaware.generation import encode_prompt
+from ctxaware.heads import Head, HeadLayout, plot_head_scores, register_pre_o_proj_hooks
+
+
+DIRECTIONS = ("corrupted_into_clean", "clean_into_corrupted")
+KINDS = ("activation", "path")
+
+
+def mlp_modules(model: nn.Module) -> list[nn.Module]:
+    """Each decoder layer's MLP, in layer order (the module next to the attention module, named `mlp`)."""
+    layers = sorted(
+        (m for m in model.modules() if hasattr(m, "self_attn") and hasattr(m, "mlp")),
+        key=lambda m: m.self_attn.layer_idx,
+    )
+    if len(layers) != len(attention_modules(model)):
+        raise ValueError(
+            f"found {len(layers)} decoder layers with `self_attn` and `mlp` in {type(model).__name__} but "
+            f"{len(attention_modules(model))} attention modules: this family's MLPs cannot be located"
+        )
+    return [layer.mlp for layer in layers]
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+@dataclass
+class PatchingBatch:
+    """Pairs of equal token length: clean and corrupted ids (N, S) and the two answer tokens (N,) scored at -1."""
+
+    clean_ids: torch.Tensor
+    corrupted_ids: torch.Tensor
+    answer_ids: torch.Tensor
+    corrupted_answer_ids: torch.Tensor
+
+    def to(self, device) -> "PatchingBatch":
+        return PatchingBatch(*(t.to(device) for t in vars(self).values()))
+
+
+def build_batches(
+    pairs: list[dict], tokenizer, *, batch_size: int = 64, add_bos: bool = True, drop_mismatched: bool = False
+) -> list[PatchingBatch]:
+    """Tokenises pairs {"clean", "corrupted", "answer", "corrupted_answer"} (answers follow the prompt after one
+    space) into batches of equal length. A corrupted prompt whose token count differs from its clean prompt's is an
+    error (patching compares them position by position) unless `drop_mismatched`."""
+    rows: dict[int, list[tuple]] = {}
+    for index, pair in enumerate(pairs):
+        clean = encode_prompt(tokenizer, pair["clean"], add_bos=add_bos)
+        corrupted = encode_prompt(tokenizer, pair["corrupted"], add_bos=add_bos)
+        if len(clean) != len(corrupted):
+            if drop_mismatched:
+                continue
+            raise ValueError(
+                f"pair {index}: the corrupted prompt {pair['corrupted']!r} tokenises to {len(corrupted)} tokens but "
+                f"the clean prompt {pair['clean']!r} to {len(clean)}; patching compares them position by position. "
+                "Corrupt operands without changing their digit count and use operators that are one token for this "
+                "tokenizer, or pass drop_mismatched=True (`--drop_mismatched`) to skip such pairs."
+            )
+        answer = tokenizer(" " + str(pair["answer"]), add_special_tokens=False)["input_ids"]
+        other = tokenizer(" " + str(pair["corrupted_answer"]), add_special_tokens=False)["input_ids"]
+        shared = 0
+        while shared < min(len(answer), len(other)) and answer[shared] == other[shared]:
+            shared += 1
+        if shared == min(len(answer), len(other)):
+            raise ValueError(
+                f"pair {index}: answers {pair['answer']!r} and {pair['corrupted_answer']!r} tokenise to no differing "
+                "token; a corrupted prompt must change the answer's first digit."
+            )
+        prefix = answer[:shared]
+        rows.setdefault(len(clean) + shared, []).append(
+            (clean + prefix, corrupted + prefix, answer[shared], other[shared])
+        )
+    if not rows:
+        raise ValueError("no usable pairs: every corrupted prompt tokenised to a different length than its clean one.")
+    batches = []
+    for length in sorted(rows):
+        group = rows[length]
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            batches.append(PatchingBatch(*(torch.tensor([row[i] for row in chunk]) for i in range(4))))
+    return batches
+
+
+def logit_difference(logits: torch.Tensor, batch: PatchingBatch) -> torch.Tensor:
+    """(N,): logit of the clean answer's token minus the corrupted answer's, at the final position."""
+    last = logits[:, -1].float()
+    return (
+        last.gather(-1, batch.answer_ids[:, None])[:, 0] - last.gather(-1, batch.corrupted_answer_ids[:, None])[:, 0]
+    )
+
+
+# --- hooks --------------------------------------------------------------------------------------------------------
+Activations = dict[tuple[str, int], torch.Tensor]  # ("attn", layer): pre-o_proj input; ("mlp", layer): MLP output
+
+
+@contextmanager
+def patched(
+    model: nn.Module,
+    attn: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    mlp: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+):
+    """Within the block, layer l's pre-o_proj tensor becomes `attn[l](x)` and its MLP output `mlp[l](y)`."""
+    attn, mlp = attn or {}, mlp or {}
+    handles = register_pre_o_proj_hooks(model, lambda layer, x: attn[layer](x), sorted(attn)) if attn else []
+    mlps = mlp_modules(model) if mlp else []
+    for layer, fn in mlp.items():
+        handles.append(mlps[layer].register_forward_hook(lambda module, args, out, fn=fn: fn(out)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def run_with_cache(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, Activations]:
+    """Logits and every layer's pre-o_proj input and MLP output."""
+    cache: Activations = {}
+
+    def keep(kind: str, layer: int):
+        def fn(x):
+            cache[(kind, layer)] = x.detach().clone()
+            return x
+
+        return fn
+
+    layers = range(len(attention_modules(model)))
+    with patched(model, {i: keep("attn", i) for i in layers}, {i: keep("mlp", i) for i in layers}):
+        logits = model(input_ids=ids, use_cache=False).logits
+    return logits, cache
+
+
+def _replace_columns(columns: slice, source: torch.Tensor):
+    def fn(x):
+        x = x.clone()
+        x[..., columns] = source[..., columns].to(x.dtype)
+        return x
+
+    return fn
+
+
+@torch.no_grad()
+def patched_logit_differences(
+    model: nn.Module,
+    base_ids: torch.Tensor,
+    base: Activations,
+    source: Activations,
+    batch: PatchingBatch,
+    components: list[tuple[str, int, int | None]],
+    *,
+    layout: HeadLayout,
+    kind: str = "activation",
+) -> torch.Tensor:
+    """(components, N): LD of the base run with each component ("head", layer, head) or ("mlp", layer, None) taken
+    from `source`. `kind` "path" freezes every other component at `base` (the direct effect on the final logits)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: choose one of {', '.join(KINDS)}")
+    layers = range(layout.num_layers)
+    results = []
+    for component, layer, head in components:
+        if kind == "path":  # every other component frozen at its base value
+            attn = {i: (lambda x, a=base[("attn", i)]: a.to(x.dtype)) for i in layers}
+            mlp = {i: (lambda y, m=base[("mlp", i)]: m.to(y.dtype)) for i in layers}
+        else:
+            attn, mlp = {}, {}
+        if component == "head":
+            patch = _replace_columns(layout.o_cols(head), source[("attn", layer)])
+            attn[layer] = (lambda x, p=patch, f=base[("attn", layer)]: p(f.to(x.dtype))) if kind == "path" else patch
+        elif component == "mlp":
+            mlp[layer] = lambda y, s=source[("mlp", layer)]: s.to(y.dtype)
+        else:
+            raise ValueError(f"unknown component {component!r}: 'head' or 'mlp'")
+        with patched(model, attn, mlp):
+            logits = model(input_ids=base_ids, use_cache=False).logits
+        results.append(logit_difference(logits, batch))
+    return torch.stack(results)
+
+
+# --- results ------------------------------------------------------------------------------------------------------
+@dataclass
+class PatchingResult:
+    """Normalised effects of every head (layers, heads) and MLP (layers,) for one direction and kind."""
+
+    direction: str
+    kind: str
+    head_effects: torch.Tensor
+    mlp_effects: torch.Tensor
+    clean_logit_diff: float
+    corrupted_logit_diff: float
+    num_pairs: int
+    metric: str = field(
+        default="logit(first token of the clean answer) - logit(first differing token of the corrupted answer) at "
+        "the final position; effect = (LD_patched - LD_base) / (LD_source - LD_base), means over pairs"
+    )
+
+    def ranked(self) -> list[dict]:
+        """Every component, largest |effect| first."""
+        entries = [
+            {"component": "head", "layer": layer, "head": head, "effect": self.head_effects[layer, head].item()}
+            for layer in range(self.head_effects.shape[0])
+            for head in range(self.head_effects.shape[1])
+        ]
+        entries += [
+            {"component": "mlp", "layer": layer, "head": None, "effect": value.item()}
+            for layer, value in enumerate(self.mlp_effects)
+        ]
+        return sorted(entries, key=lambda e: -abs(e["effect"]))
+
+    def concentration(self, share: float = 0.8) -> dict:
+        """How few heads carry `share` of the summed |head effect|, and what the top 5% of heads carry."""
+        magnitudes = self.head_effects.abs().flatten().sort(descending=True).values
+        total = magnitudes.sum().item()
+        cumulative = magnitudes.cumsum(0) / total if total > 0 else torch.ones_like(magnitudes)
+        needed = int((cumulative < share - 1e-9).sum().item()) + 1
+        top = max(1, round(0.05 * magnitudes.numel()))
+        return {
+            "share": share,
+            "heads_needed": needed,
+            "fraction_of_heads": needed / magnitudes.numel(),
+            "top_5pct_heads": top,
+            "top_5pct_share": (magnitudes[:top].sum().item() / total) if total > 0 else 0.0,
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "direction": self.direction,
+            "kind": self.kind,
+            "metric": self.metric,
+            "num_pairs": self.num_pairs,
+            "clean_logit_diff": self.clean_logit_diff,
+            "corrupted_logit_diff": self.corrupted_logit_diff,
+            "concentration": self.concentration(),
+            "head_effects": self.head_effects.tolist(),
+            "mlp_effects": self.mlp_effects.tolist(),
+            "ranked": self.ranked(),
+        }
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_{self.direction}"
+
+    def save(self, folder: str | Path, selected: Iterable[Head] = ()) -> dict[str, Path]:
+        """Writes `<name>.json` (ranked list, effects, concentration) and `<name>.png` (layer x head heat map)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {"json": folder / f"{self.name}.json", "png": folder / f"{self.name}.png"}
+        text = json.dumps(self.to_dict(), indent=2)
+        text = re.sub(r"\[\s+([^\[\]{}\"]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+        tmp = paths["json"].with_suffix(".json.tmp")
+        tmp.write_text(text + "\n")
+        tmp.rename(paths["json"])
+        title = f"{self.kind} patching, {self.direction.replace('_', ' ')} (normalised LD effect)"
+        plot_head_scores(paths["png"], self.head_effects, selected, title=title)
+        return paths
+
+
+@torch.no_grad()
+def patch_all(
+    model: nn.Module,
+    batches: list[PatchingBatch],
+    *,
+    direction: str = "corrupted_into_clean",
+    kind: str = "activation",
+    heads: bool = True,
+    mlps: bool = True,
+) -> PatchingResult:
+    """Effects of every head and MLP, for one direction and kind, over all batches."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r}: choose one of {', '.join(DIRECTIONS)}")
+    layout = HeadLayout.from_model(model)
+    components = [("head", i, h) for i in range(layout.num_layers) for h in range(layout.num_heads) if heads]
+    components += [("mlp", i, None) for i in range(layout.num_layers) if mlps]
+    device = next(model.parameters()).device
+    model.eval()
+    sums = torch.zeros(len(components), dtype=torch.float64)
+    clean_sum = corrupted_sum = 0.0
+    count = 0
+    for batch in batches:
+        batch = batch.to(device)
+        clean_logits, clean_cache = run_with_cache(model, batch.clean_ids)
+        corrupted_logits, corrupted_cache = run_with_cache(model, batch.corrupted_ids)
+        clean_sum += logit_difference(clean_logits, batch).double().sum().item()
+        corrupted_sum += logit_difference(corrupted_logits, batch).double().sum().item()
+        count += batch.clean_ids.shape[0]
+        if direction == "corrupted_into_clean":
+            base_ids, base, source = batch.clean_ids, clean_cache, corrupted_cache
+        else:
+            base_ids, base, source = batch.corrupted_ids, corrupted_cache, clean_cache
+        diffs = patched_logit_differences(model, base_ids, base, source, batch, components, layout=layout, kind=kind)
+        sums += diffs.double().sum(-1).cpu()
+    clean, corrupted = clean_sum / count, corrupted_sum / count
+    base_mean, source_mean = (clean, corrupted) if direction == "corrupted_into_clean" else (corrupted, clean)
+    if abs(source_mean - base_mean) < 1e-6:
+        raise ValueError(
+            f"the clean and corrupted runs have the same mean logit difference ({clean:.4g}): the corruption does not "
+            "change the model's answer, so effects cannot be normalised. Use pairs the model answers correctly when "
+            "clean (`keep_correct`) or a stronger corruption."
+        )
+    effects = ((sums / count) - base_mean) / (source_mean - base_mean)
+    n_heads = layout.total_heads if heads else 0
+    head_effects = effects[:n_heads].float().reshape(layout.num_layers, -1) if heads else torch.zeros(0)
+    mlp_effects = effects[n_heads:].float() if mlps else torch.zeros(0)
+    return PatchingResult(direction, kind, head_effects, mlp_effects, clean, corrupted, count)
+
+
+@torch.no_grad()
+def keep_answered(model: nn.Module, batches: list[PatchingBatch]) -> list[PatchingBatch]:
+    """The pairs whose clean run prefers the clean answer's token (LD > 0) and corrupted run the corrupted one."""
+    device = next(model.parameters()).device
+    kept = []
+    for batch in batches:
+        batch = batch.to(device)
+        clean = logit_difference(model(input_ids=batch.clean_ids, use_cache=False).logits, batch)
+        corrupted = logit_difference(model(input_ids=batch.corrupted_ids, use_cache=False).logits, batch)
+        mask = (clean > 0) & (corrupted < 0)
+        if mask.any():
+            kept.append(PatchingBatch(*(t[mask] for t in vars(batch).values())))
+    if not kept:
+        raise ValueError(
+            "the model answers none of the clean prompts (with the corrupted answer preferred on the corrupted "
+            "prompt): patching would measure noise. Use easier prompts (fewer digits) or `keep_correct: false`."
+        )
+    return kept

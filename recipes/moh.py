@@ -1,0 +1,289 @@
+"""MoH: continue-tune a dense causal LM into mixture-of-head attention (shared heads + top-k routed heads per token).
+
+Embedded default (tiny model, synthetic-world corpus, CPU, a few minutes; 75% of heads active):
+    accelerate launch recipes/moh.py --config recipes/configs/moh/default.yaml
+The dense control (same data, same steps, no router):
+    accelerate launch recipes/moh.py --config recipes/configs/moh/default.yaml --dense_control true \
+        --output_dir outputs/moh/dense
+A real model by name (GPU): recipes/configs/moh/llama3_8b.yaml.
+
+The router (`ctxaware.methods.moh`) is attached to the model, the training loss is the LM loss plus
+`balance_coef` * the Switch-style load-balance loss, and the kernel skips the (token, head) pairs the router leaves
+out. `train_base` continue-tunes the model's weights with the router (the paper's setting); false trains the router
+only. Logged each `logging_steps`: `moh/balance_loss`, `moh/active_fraction`, `moh/load_max` and `moh/load_min` (a
+routed head's share of tokens over its fair share k / n_r: 1 is balanced); the load of every routed head goes to
+`load.jsonl`. Outputs in `output_dir`: `model/` (the continue-tuned weights, a plain transformers model, unless
+`train_base` is false), `adapter/` (the router in the ctxaware adapter format), `results.json` (held-out LM loss of
+the dense start, the converted model at step 0 and after training, the step-0 logit change, the final load).
+Evaluate with `ctxaware eval --model OUTPUT_DIR/model --adapter OUTPUT_DIR/adapter --moh on`.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from datasets import Dataset, load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from trl import SFTConfig, SFTTrainer, TrlParser
+
+from ctxaware.methods.moh import VARIANTS, MoHAdapter, check_moh_shape, logit_change
+from ctxaware.models import resolve_model_path
+from ctxaware.training import atomic_directory, pack_token_stream
+from ctxaware.world import build_world, pretraining_corpus
+
+
+@dataclass
+class MoHArguments:
+    model_name_or_path: str = field(default="ctxaware-tiny", metadata={"help": "Embedded name, path or Hub id."})
+    model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
+    dense_control: bool = field(default=False, metadata={"help": "Continue-tune the dense model (no router) on the "
+                                "same data and steps: the control MoH is compared with."})  # fmt: skip
+    num_shared_heads: int = field(default=4, metadata={"help": "Query heads per layer that are always active."})
+    num_routed_heads: int | None = field(default=None, metadata={"help": "Routed heads per layer (unset: the rest; "
+                                         "shared + routed must equal the head count)."})  # fmt: skip
+    top_k: int = field(default=2, metadata={"help": "Routed heads active per token."})
+    variant: str = field(default="learned", metadata={"help": f"One of {', '.join(VARIANTS)}."})
+    router_init_std: float = field(default=1e-2, metadata={"help": "Routed logits start at about this std."})
+    balance_coef: float = field(default=0.01, metadata={"help": "Weight of the load-balance loss."})
+    train_base: bool = field(
+        default=True, metadata={"help": "Continue-tune the model's weights (false: router only)."}
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub id or local file of text documents; unset: "
+                                     "the synthetic world's pretraining corpus."})  # fmt: skip
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    dataset_eval_split: str | None = field(default=None, metadata={"help": "Held-out split of the named data set "
+                                           "(unset: no held-out loss); the world corpus has its own."})  # fmt: skip
+    dataset_streaming: bool = field(default=False, metadata={"help": "Stream the Hub data set (large corpora)."})
+    world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world (default data)."})
+    seq_len: int = field(default=256, metadata={"help": "Tokens per packed training row."})
+    num_train_rows: int = field(default=2000, metadata={"help": "Packed rows of training data."})
+    num_eval_rows: int = field(default=64, metadata={"help": "Held-out packed rows for the LM loss (0: none)."})
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant={self.variant!r}: choose one of {', '.join(VARIANTS)}.")
+        if self.variant == "query_norm" and not self.train_base and not self.dense_control:
+            raise ValueError("the query_norm variant has no parameters: set `train_base: true` to continue-tune.")
+
+
+@dataclass
+class MoHTrainingConfig(SFTConfig):
+    learning_rate: float = 3e-4
+    max_steps: int = 200
+    per_device_train_batch_size: int = 8
+    gradient_checkpointing: bool = False
+    logging_steps: int = 20
+    save_strategy: str = "no"
+    report_to: str = "none"
+    max_length: int | None = None
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; unset: on where the GPU has it."})
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        super().__post_init__()
+
+
+CONFIG_CLASSES = (MoHArguments, MoHTrainingConfig)
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+def documents(args: MoHArguments, split: str, n_docs: int, text_field: str = "text"):
+    """Texts: the world's corpus (train and held-out from independent shards) or the named data set's `text_field`
+    column (the TRL config's `dataset_text_field`)."""
+    if args.dataset_name is None:
+        shard = 1_000_003 if split == "train" else 2_000_003  # shards the shipped model never saw
+        for doc in pretraining_corpus(build_world(args.world_seed), n_docs, seed=shard, max_tokens=args.seq_len):
+            yield doc["text"]
+        return
+    if Path(args.dataset_name).is_file():
+        rows = load_dataset("json", data_files=args.dataset_name, split=split, streaming=args.dataset_streaming)
+    else:
+        rows = load_dataset(args.dataset_name, args.dataset_config, split=split, streaming=args.dataset_streaming)
+    for row in rows:
+        if text_field not in row:
+            raise ValueError(
+                f"{args.dataset_name} has no column {text_field!r} (columns: {', '.join(row)}): set "
+                "`dataset_text_field`."
+            )
+        yield row[text_field]
+
+
+def packed_rows(args: MoHArguments, tokenizer, split: str, num_rows: int, text_field: str) -> list[list[int]]:
+    """Documents as BOS ids EOS, concatenated and cut into rows of exactly `seq_len` tokens."""
+    if num_rows <= 0:
+        return []
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+
+    def tokenized():
+        for text in documents(args, split, num_rows * 8, text_field):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            yield ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+
+    rows = pack_token_stream(tokenized(), args.seq_len, max_rows=num_rows, separator=eos)
+    if len(rows) < num_rows:
+        raise ValueError(
+            f"the data gave {len(rows)} rows of {args.seq_len} tokens, {num_rows} asked: lower the count."
+        )
+    return rows
+
+
+@torch.no_grad()
+def lm_loss(model, rows: list[list[int]], batch_size: int = 8) -> float | None:
+    """Mean next-token loss over held-out rows."""
+    if not rows:
+        return None
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        ids = torch.tensor(rows[start : start + batch_size], device=model.device)
+        total += model(input_ids=ids, labels=ids).loss.item() * len(ids)
+        count += len(ids)
+    return total / count
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+class MoHTrainer(SFTTrainer):
+    """SFTTrainer whose loss adds the router's load-balance loss, logging the routing statistics."""
+
+    def __init__(self, *args, adapter: MoHAdapter, balance_coef: float, load_log: Path | None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.adapter, self.balance_coef, self.load_log = adapter, balance_coef, load_log
+        self._load_sum, self._load_count, self.total_load, self.total_count = None, 0, None, 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        balance, load = self.adapter.balance_loss(), self.adapter.pop_load()
+        if balance is None and load is None:  # evaluation: no routing statistics
+            return result
+        metrics = self._metrics["train"]
+        metrics["moh/active_fraction"].append(self.adapter.active_fraction())
+        metrics["moh/load_max"].append(load.max().item())
+        metrics["moh/load_min"].append(load.min().item())
+        self._load_sum = load if self._load_sum is None else self._load_sum + load
+        self._load_count += 1
+        if balance is None:
+            return result
+        metrics["moh/balance_loss"].append(balance.item())
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        extra = self.balance_coef * balance / steps
+        return (result[0] + extra, result[1]) if return_outputs else result + extra
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._load_count and self.model.training:
+            load = (self._load_sum / self._load_count).cpu()
+            self.total_load = load * self._load_count + (0 if self.total_load is None else self.total_load)
+            self.total_count += self._load_count
+            if self.load_log is not None and self.is_world_process_zero():
+                with self.load_log.open("a") as file:
+                    file.write(json.dumps({"step": self.state.global_step, "load": load.tolist()}) + "\n")
+            self._load_sum, self._load_count = None, 0
+        super().log(logs, start_time)
+
+    def mean_load(self) -> torch.Tensor | None:
+        if self._load_count:  # statistics since the last log
+            self.log({})
+        return None if self.total_load is None else self.total_load / self.total_count
+
+
+def load_summary(load: torch.Tensor) -> dict:
+    """Load (share of tokens over the fair share, 1 = balanced) per routed head: extremes and coefficient of variation."""
+    return {
+        "load_max": load.max().item(),
+        "load_min": load.min().item(),
+        "load_cv": (load.std(dim=-1) / load.mean(dim=-1)).mean().item(),
+        "load": [[round(v, 4) for v in row] for row in load.tolist()],
+    }
+
+
+def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
+    set_seed(training_args.seed)
+    state = PartialState()
+    output_dir = Path(training_args.output_dir)
+    path = resolve_model_path(args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=args.model_revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, revision=args.model_revision, dtype=dtype)
+    if not args.dense_control:  # a bad split fails before the data is built
+        check_moh_shape(model.config.num_attention_heads, args.num_shared_heads, args.num_routed_heads, args.top_k)
+    text_field = training_args.dataset_text_field
+    train_rows = packed_rows(args, tokenizer, args.dataset_split, args.num_train_rows, text_field)
+    eval_split = "validation" if args.dataset_name is None else args.dataset_eval_split
+    eval_rows = packed_rows(args, tokenizer, eval_split, args.num_eval_rows, text_field) if eval_split else []
+    model.to(state.device)
+    results: dict = {"base_model": args.model_name_or_path, "dense_control": args.dense_control,
+                     "max_steps": training_args.max_steps, "train_rows": len(train_rows), "seq_len": args.seq_len}  # fmt: skip
+    results["dense_eval_loss"] = lm_loss(model, eval_rows)
+
+    adapter = None
+    if not args.dense_control:
+        training = {k: v for k, v in asdict(args).items() if k not in ("dense_control", "num_eval_rows")}
+        training |= {"learning_rate": training_args.learning_rate, "max_steps": training_args.max_steps}
+        adapter = MoHAdapter.for_model(
+            model, num_shared_heads=args.num_shared_heads, num_routed_heads=args.num_routed_heads, top_k=args.top_k,
+            variant=args.variant, router_init_std=args.router_init_std, base_model=args.model_name_or_path,
+            base_model_revision=args.model_revision, training=training,
+        )  # fmt: skip
+        adapter.to(state.device).attach(model)
+        results["active_fraction"] = adapter.active_fraction()
+        if eval_rows:
+            results["step0_eval_loss"] = lm_loss(model, eval_rows)
+            results["step0_logit_change"] = logit_change(
+                model, adapter, torch.tensor(eval_rows[:8], device=model.device)
+            )
+        if not args.train_base:
+            model.requires_grad_(False)
+            adapter.requires_grad_(True)
+    results["trained_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    model.train()
+    dataset = Dataset.from_dict({"input_ids": train_rows})
+    common = dict(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer)
+    if adapter is None:
+        trainer = SFTTrainer(**common)
+    else:
+        load_log = output_dir / "load.jsonl"
+        if state.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            load_log.unlink(missing_ok=True)
+        trainer = MoHTrainer(**common, adapter=adapter, balance_coef=args.balance_coef, load_log=load_log)
+    train_output = trainer.train()
+    results["train_loss"] = train_output.training_loss
+    results["eval_loss"] = lm_loss(model, eval_rows)
+    if adapter is not None and (load := trainer.mean_load()) is not None:
+        results |= load_summary(load)
+
+    if state.is_main_process:
+        eval_results = {"heldout_lm": {"loss": results["eval_loss"]}} if results["eval_loss"] is not None else None
+        if adapter is not None:
+            adapter.detach()  # the model saves without router weights and with its own attention implementation
+            if args.train_base:  # the router fits the continue-tuned weights
+                adapter.base_model = str(output_dir / "model")
+            adapter.save_pretrained(output_dir / "adapter", eval_results=eval_results, tags=[f"top{args.top_k}"])
+        if args.train_base or adapter is None:
+            with atomic_directory(output_dir / "model") as folder:
+                model.save_pretrained(folder)
+                tokenizer.save_pretrained(folder)
+        results = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()}
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        if training_args.push_to_hub:
+            repo_id = training_args.hub_model_id or output_dir.name
+            if args.train_base or adapter is None:
+                model.push_to_hub(repo_id, private=training_args.hub_private_repo)
+                tokenizer.push_to_hub(repo_id, private=training_args.hub_private_repo)
+            if adapter is not None:
+                router_repo = f"{repo_id}-router" if args.train_base else repo_id
+                adapter.base_model = repo_id if args.train_base else adapter.base_model
+                adapter.push_to_hub(router_repo, private=training_args.hub_private_repo, eval_results=eval_results)
+        print(json.dumps({k: v for k, v in results.items() if k != "load"}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())

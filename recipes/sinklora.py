@@ -64,7 +64,7 @@ class SinkLoRAConfig(SFTConfig):
     dataset_config: str | None = field(default=None, metadata={"help": "Hub data set configuration name."})
     dataset_split: str = field(default="train", metadata={"help": "Split of dataset_name."})
     dataset_streaming: bool = field(default=False, metadata={"help": "Stream dataset_name (large corpora)."})
-    num_train_rows: int = field(default=64, metadata={"help": "Packed rows of max_length tokens to train on."})
+    num_train_rows: int = field(default=8, metadata={"help": "Packed rows of max_length tokens to train on."})
     world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world (default data)."})
     eval_ppl_lengths: list[int] | None = field(
         default=None, metadata={"help": "long_ppl lengths (default: original, 2x and 4x context, up to max_length)."}
@@ -79,14 +79,21 @@ class SinkLoRAConfig(SFTConfig):
     warmup_steps: float = 2
     max_steps: int = 8
     per_device_train_batch_size: int = 1
-    activation_checkpointing: bool = True
+    activation_checkpointing: bool = False  # on in the GPU configs; a CPU at the default length does not need it
     activation_checkpointing_kwargs: dict | None = field(default_factory=lambda: {"use_reentrant": False})
     logging_steps: float = 1
     save_strategy: str = "steps"
     save_steps: float = 8
     save_total_limit: int | None = 1
-    bf16: bool | None = False
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision (default: on where the GPU has it)."}
+    )
     dataset_kwargs: dict | None = field(default_factory=lambda: {"skip_prepare_dataset": True})
+
+    def __post_init__(self):
+        if self.bf16 is None:  # TRL would default to True, which fails on a CPU machine
+            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        super().__post_init__()
 
 
 @dataclass

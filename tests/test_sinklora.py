@@ -1,0 +1,182 @@
+"""SinkLoRA: the recipe end to end through `accelerate launch`, adapters that restore embeddings and norms, RoPE
+scaling, the training patterns, and the bad-input errors."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import ctxaware.attention
+from ctxaware.methods import sinklora
+from ctxaware.training import pack_token_stream, push_folder_to_hub, resolve_resume_checkpoint, write_model_card
+from tests.launch import accelerate_launch
+from tests.test_configs import load_recipe
+from tests.tiny_models import build_tiny_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny random Llama (64-token context, tied embeddings) and its tokenizer in a folder, as a user's model."""
+    tokenizer = build_tiny_tokenizer()
+    model = tiny_model(
+        "llama",
+        max_position_embeddings=64,
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny-base")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_recipe_end_to_end_and_adapter_restores_embeddings_and_norms(tiny_base, tmp_path):
+    out = tmp_path / "run"
+    args = ["--model_name_or_path", str(tiny_base), "--output_dir", str(out), "--max_steps", "2", "--save_steps", "2"]
+    args += [
+        "--num_train_rows",
+        "2",
+        "--eval_limit",
+        "1",
+        "--activation_checkpointing",
+        "true",
+        "--learning_rate",
+        "0.01",
+    ]
+    result = accelerate_launch("recipes/sinklora.py", *args)
+    adapter = out / "adapter"
+    assert f"adapter, model card and eval results: {adapter}" in result.stdout
+    metadata = json.loads((adapter / "sinklora.json").read_text())
+    assert metadata["max_position_embeddings"] == 256 and metadata["attention"] == "sf"
+    assert metadata["rope_parameters"]["rope_type"] == "linear" and metadata["rope_parameters"]["factor"] == 4.0
+    summary = json.loads((adapter / "eval_results.json").read_text())["summary"]
+    assert set(summary["long_ppl"]) == {"ppl_len64", "ppl_len128", "ppl_len256"}
+    assert "acc_len256" in summary["passkey"]
+    assert "| long_ppl | ppl_len256 |" in (adapter / "README.md").read_text()
+
+    model = sinklora.load_sinklora(adapter, base_model=str(tiny_base))
+    base = tiny_model("llama", max_position_embeddings=64, vocab_size=320, tie_word_embeddings=True)
+    base.load_state_dict(_state(tiny_base))
+    merged = {k: v for k, v in model.merge_and_unload().state_dict().items()}
+    # Embeddings and every norm were trained and come back from the adapter: they differ from the base's.
+    assert not torch.equal(merged["model.embed_tokens.weight"], base.model.embed_tokens.weight)
+    assert not torch.equal(merged["model.norm.weight"], base.model.norm.weight)
+    assert not torch.equal(
+        merged["model.layers.0.input_layernorm.weight"], base.model.layers[0].input_layernorm.weight
+    )
+    assert torch.equal(merged["lm_head.weight"], merged["model.embed_tokens.weight"])  # still tied
+    assert model.config.rope_parameters["factor"] == 4.0 and model.config.max_position_embeddings == 256
+
+    # Resuming with another attention pattern is refused, naming the differing key.
+    recipe = load_recipe("sinklora")
+    with pytest.raises(ValueError, match="attention: checkpoint 'sf', now 's2'"):
+        recipe.main(*_parse(recipe, [*args, "--attention", "s2", "--resume_from_checkpoint", "true"]))
+
+
+def _state(folder):
+    from safetensors.torch import load_file
+
+    state = load_file(folder / "model.safetensors")
+    state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    return state
+
+
+def _parse(recipe, args):
+    from trl import TrlParser
+
+    return TrlParser(recipe.CONFIG_CLASSES).parse_args_and_config(args=args)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max_length", "100"], "not compatible with group_size_ratio=0.25.*multiple of 8"),
+        (["--rope_factor", "0.5"], "below 1"),
+        (["--attention", "dense"], "not one of sf, s2, full"),
+        (["--load_in_4bit", "true"], "need bitsandbytes on a CUDA GPU.*drop --load_in_4bit"),
+        (["--attn_implementation", "sdpa"], "--attn_implementation ctxaware"),
+    ],
+)
+def test_bad_input_is_refused_before_loading(tiny_base, tmp_path, flags, message):
+    recipe = load_recipe("sinklora")
+    args, model_args = _parse(recipe, ["--model_name_or_path", str(tiny_base), "--output_dir", str(tmp_path), *flags])
+    with pytest.raises(ValueError, match=message):
+        recipe.validate(args, model_args, original_length=64)
+
+
+def test_dataset_without_text_column(tmp_path):
+    recipe = load_recipe("sinklora")
+    data = tmp_path / "docs.jsonl"
+    data.write_text('{"content": "a long text"}\n')
+    args, _ = _parse(recipe, ["--dataset_name", str(data), "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="no column 'text' \\(columns: content\\).*--dataset_text_field"):
+        recipe.load_text_dataset(args)
+
+
+def test_resume_from_a_folder_without_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds none"):
+        resolve_resume_checkpoint(True, str(tmp_path), {"attention": "sf"})
+
+
+def test_rope_parameters():
+    config = SimpleNamespace(max_position_embeddings=512, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    assert sinklora.rope_parameters(config, "linear", 2048) == {
+        "rope_type": "linear",
+        "rope_theta": 1e4,
+        "factor": 4.0,
+    }
+    yarn = sinklora.rope_parameters(config, "yarn", 2048)
+    assert yarn["original_max_position_embeddings"] == 512 and yarn["factor"] == 4.0
+    with pytest.raises(ValueError, match="factor >= 1"):
+        sinklora.rope_parameters(config, "linear", 2048, factor=0.5)
+
+
+def test_patterns_and_full_attention_switch():
+    assert sinklora.training_pattern("full") is None
+    assert sinklora.training_pattern("s2", 0.25).kind == "s2"
+    sf = sinklora.training_pattern("sf", 0.25, sinks=2)
+    assert (sf.kind, sf.sinks, sf.group_size_ratio) == ("sf", 2, 0.25)
+    model = tiny_model("llama", attn_implementation=ctxaware.attention.ATTN_IMPLEMENTATION)
+    model = sinklora.prepare_model(model, sf, sinklora.lora_config(model))
+    ids = torch.randint(3, 300, (1, 32))
+    with torch.no_grad():
+        patterned = model(input_ids=ids).logits
+        with sinklora.full_attention(model):
+            dense = model(input_ids=ids).logits
+        assert torch.equal(model(input_ids=ids).logits, patterned)  # the pattern is back after the block
+    assert not torch.allclose(patterned, dense)
+    modules_to_save = model.peft_config["default"].modules_to_save
+    assert {"embed_tokens", "input_layernorm", "post_attention_layernorm", "norm"} <= set(modules_to_save)
+
+
+def test_pack_token_stream():
+    rows = pack_token_stream([[1, 2, 3], [4, 5], [6, 7, 8, 9]], 4, separator=0)
+    assert rows == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
+    assert pack_token_stream([[1] * 10], 4, max_rows=1) == [[1, 1, 1, 1]]
+
+
+def test_push_to_hub_uploads_the_folder_with_its_card(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls.append(("create", repo_id, private, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(
+                ("upload", repo_id, sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir()))
+            )
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    write_model_card(tmp_path, title="t", base_model="b", description="d", results={"passkey": {"acc": 0.5}})
+    push_folder_to_hub(tmp_path, "me/sinklora", private=True, token="tok")
+    assert calls == [("init", "tok"), ("create", "me/sinklora", True, True), ("upload", "me/sinklora", ["README.md"])]
+    card = (tmp_path / "README.md").read_text()
+    assert "base_model: b" in card and "| passkey | acc | 0.5 |" in card

@@ -1,0 +1,223 @@
+"""SinkLoRA benchmarks on one GPU: a LoRA training step at long context, and H2O generation, peers in the same run.
+
+    python benchmarks/sinklora.py --out benchmarks/results [--seq 16384] [--steps 5] [--quick]
+
+Training: a ~1B Llama built from a config (TinyLlama-1.1B shape: 22 layers, hidden 2048, 32 query / 4 kv heads,
+random bf16 weights), LoRA r=8 on q/k/v/o plus trainable embeddings and norms, gradient checkpointing, AdamW, one row
+of `--seq` tokens. Peers: SF on the ctxaware kernels (attn_implementation="ctxaware"), LongLoRA's S^2 as published
+(half the heads rolled by G/2, groups folded into the batch, causal SDPA flash) and dense SDPA. Reports the median
+step's tokens/s and the peak memory, with the SF / LongLoRA ratio (issue 6's target: >= 1.5x).
+
+Generation: the same model, an `--gen_prompt`-token prompt, `--gen_new` greedy tokens: full cache (SDPA and the
+ctxaware kernels) against H2O at budgets 0.5 and 0.2; decode tokens/s and KV-cache bytes.
+Writes sinklora.json (timings, GPU, versions, command) and sinklora.md (tables) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ctxaware.methods import sinklora  # noqa: E402
+from ctxaware.methods.h2o import H2OCache  # noqa: E402
+
+
+LONGLORA = "longlora_s2"
+GROUP_SIZE_RATIO = 0.25
+
+
+def longlora_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """LongLoRA's S^2 (their flash path): GQA repeated to Hq, half the heads rolled by -G/2, groups folded into the
+    batch, causal SDPA flash per group, unfolded and rolled back. Registered as an AttentionInterface entry."""
+    b, h, s, d = query.shape
+    group = int(s * GROUP_SIZE_RATIO)
+    if s % group:
+        raise ValueError(f"LongLoRA's reshape needs the length {s} to be a multiple of the group size {group}")
+    repeat = h // key.shape[1]
+    key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+
+    def fold(t):
+        t = torch.cat([t[:, : h // 2], t[:, h // 2 :].roll(-group // 2, dims=2)], dim=1)
+        return t.view(b, h, s // group, group, d).transpose(1, 2).reshape(b * s // group, h, group, d)
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            fold(query), fold(key), fold(value), is_causal=True, scale=scaling
+        )
+    out = out.view(b, s // group, h, group, d).transpose(1, 2).reshape(b, h, s, d)
+    out = torch.cat([out[:, : h // 2], out[:, h // 2 :].roll(group // 2, dims=2)], dim=1)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def build_model(attn_implementation: str, layers: int):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 8.0},
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(
+        config, attn_implementation=attn_implementation, dtype=torch.bfloat16
+    ).cuda()
+
+
+def train_step_peer(name: str, seq: int, steps: int, layers: int) -> dict:
+    implementation = {"sf_ctxaware": "ctxaware", "s2_longlora_sdpa": LONGLORA, "full_sdpa": "sdpa"}[name]
+    model = build_model(implementation, layers)
+    pattern = sinklora.training_pattern("sf", GROUP_SIZE_RATIO) if name == "sf_ctxaware" else None
+    if implementation == "ctxaware":
+        sinklora.set_training_pattern(model, pattern)
+    from peft import get_peft_model
+
+    model = get_peft_model(model, sinklora.lora_config(model))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    ids = torch.randint(0, 32000, (1, seq), device="cuda")
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for step in range(steps + 2):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if step >= 2:  # warm-up: autotuning, allocator
+            times.append(time.perf_counter() - start)
+    median = sorted(times)[len(times) // 2]
+    result = {"step_s": median, "tokens_per_s": seq / median, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return result
+
+
+def generation_peer(name: str, prompt: int, new: int, layers: int) -> dict:
+    from transformers import DynamicCache
+
+    model = build_model("sdpa" if name == "full_sdpa" else "ctxaware", layers).eval()
+    ids = torch.randint(0, 32000, (1, prompt), device="cuda")
+    budget = {"h2o_0.5": 0.5, "h2o_0.2": 0.2}.get(name)
+
+    def cache():
+        return H2OCache(model, budget=budget) if budget else DynamicCache(config=model.config)
+
+    with torch.no_grad():
+        model.generate(input_ids=ids, cache=cache(), max_new_tokens=4, do_sample=False, min_new_tokens=4)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        prefill_cache = cache()
+        model.generate(input_ids=ids, cache=prefill_cache, max_new_tokens=1, do_sample=False)
+        torch.cuda.synchronize()
+        prefill = time.perf_counter() - start
+        run_cache = cache()
+        start = time.perf_counter()
+        model.generate(input_ids=ids, cache=run_cache, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        torch.cuda.synchronize()
+        total = time.perf_counter() - start
+    layers_kv = [(layer.keys, layer.values) for layer in run_cache.layers]
+    cache_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers_kv)
+    return {
+        "decode_tokens_per_s": (new - 1) / max(total - prefill, 1e-9),
+        "total_s": total,
+        "cache_bytes": cache_bytes,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--seq", type=int, default=16384)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--gen_prompt", type=int, default=8192)
+    parser.add_argument("--gen_new", type=int, default=128)
+    parser.add_argument("--quick", action="store_true", help="4k tokens, 4 layers, 2 steps: a smoke run")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/sinklora.py needs a CUDA GPU")
+    if args.quick:
+        args.seq, args.layers, args.steps, args.gen_prompt, args.gen_new = 4096, 4, 2, 2048, 16
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(LONGLORA, longlora_attention)
+    AttentionMaskInterface.register(LONGLORA, sdpa_mask)
+
+    train = {}
+    for name in ("sf_ctxaware", "s2_longlora_sdpa", "full_sdpa"):
+        train[name] = train_step_peer(name, args.seq, args.steps, args.layers)
+        print(name, train[name], flush=True)
+    generation = {}
+    for name in ("full_sdpa", "full_ctxaware", "h2o_0.5", "h2o_0.2"):
+        generation[name] = generation_peer(name, args.gen_prompt, args.gen_new, args.layers)
+        torch.cuda.empty_cache()
+        print(name, generation[name], flush=True)
+
+    import peft
+    import transformers
+
+    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    record = {
+        "command": " ".join(["python", *sys.argv]),
+        "gpu": torch.cuda.get_device_name(),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "python": platform.python_version(),
+        },
+        "git_hash": git or None,
+        "settings": vars(args),
+        "train_step": train,
+        "train_ratio_sf_over_longlora": train["sf_ctxaware"]["tokens_per_s"]
+        / train["s2_longlora_sdpa"]["tokens_per_s"],
+        "generation": generation,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sinklora.json").write_text(json.dumps(record, indent=2))
+    lines = [
+        f"# SinkLoRA benchmarks ({record['gpu']})",
+        "",
+        f"`{record['command']}`",
+        "",
+        f"Training step, {args.layers}-layer ~1B Llama, {args.seq} tokens, LoRA + embeddings/norms, checkpointing:",
+        "",
+        "| peer | tokens/s | step s | peak GiB | vs LongLoRA |",
+        "|---|---|---|---|---|",
+    ]
+    base = train["s2_longlora_sdpa"]["tokens_per_s"]
+    for name, r in train.items():
+        lines.append(
+            f"| {name} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | {r['peak_gib']:.1f} | "
+            f"{r['tokens_per_s'] / base:.2f}x |"
+        )
+    lines += ["", f"Generation, {args.gen_prompt}-token prompt, {args.gen_new} new tokens:", ""]
+    lines += ["| cache | decode tokens/s | KV MiB |", "|---|---|---|"]
+    for name, r in generation.items():
+        lines.append(f"| {name} | {r['decode_tokens_per_s']:.1f} | {r['cache_bytes'] / 2**20:.1f} |")
+    (out / "sinklora.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""MoH: conversion close to dense, exact top-k gates, the balance loss, gradients to the router, adapter round trip,
+KV-cache generation, errors, the `--moh` switch and the recipe end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ctxaware.adapters import HeadAdapter
+from ctxaware.attention import ATTN_IMPLEMENTATION, attention_modules, get_attention_options
+from ctxaware.eval import hooks
+from ctxaware.methods.moh import MoHAdapter, MoHRouter, find_moh_adapter, logit_change
+from tests.launch import accelerate_launch
+from tests.tiny_models import tiny_model
+
+
+HEADS = 8  # query heads per layer (4 key/value heads: GQA)
+
+
+def moh_model(num_shared=2, top_k=3, variant="learned", seed=0, **kwargs):
+    model = tiny_model("llama", num_heads=HEADS, head_dim=4, seed=seed).eval()
+    adapter = MoHAdapter.for_model(model, num_shared_heads=num_shared, top_k=top_k, variant=variant, **kwargs)
+    adapter.attach(model)
+    return model, adapter
+
+
+def layer_gates(model, layer=0) -> torch.Tensor:
+    return get_attention_options(attention_modules(model)[layer]).head_gates
+
+
+def test_conversion_starts_close_to_dense():
+    torch.manual_seed(0)
+    ids = torch.randint(3, 300, (2, 16))
+    model, adapter = moh_model(num_shared=2, top_k=6)  # every routed head active: only the gate values differ
+    assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+    all_active = logit_change(model, adapter, ids)
+    gates = layer_gates(model)
+    assert ((gates - 1).abs() < 0.05).all()  # active heads start at weight ~1
+    assert all_active["max_abs_logit_change"] < 5e-3 and all_active["top1_agreement"] == 1.0
+    adapter.set_top_k(2)  # 50% active: the heads left out are the whole change
+    half = logit_change(model, adapter, ids)
+    assert half["mean_kl"] > all_active["mean_kl"]
+    print(f"step-0 logit change, all active: {all_active}; 50% active: {half}")
+    dense = tiny_model("llama", num_heads=HEADS, head_dim=4).eval()(ids).logits
+    adapter.detach()
+    assert model.config._attn_implementation == "sdpa" and layer_gates(model) is None
+    torch.testing.assert_close(model(ids).logits, dense)
+
+
+@pytest.mark.parametrize("variant", ["learned", "query_norm"])
+def test_top_k_gates_have_exactly_k_routed_nonzeros(variant):
+    model, adapter = moh_model(num_shared=3, top_k=2, variant=variant)
+    ids = torch.randint(3, 300, (3, 10))
+    model(ids)
+    for layer in range(2):
+        gates = layer_gates(model, layer)
+        assert gates.shape == (3, 10, HEADS)
+        assert (gates[..., :3] != 0).all()  # shared heads: always on
+        assert ((gates[..., 3:] != 0).sum(-1) == 2).all()  # exactly k routed heads per token
+    if variant == "query_norm":
+        assert set(layer_gates(model).unique().tolist()) == {0.0, 1.0}
+        attn = attention_modules(model)[0]
+        hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+        norms = attn.q_proj(hidden).unflatten(-1, (HEADS, 4)).norm(dim=-1)[..., 3:]
+        expected = torch.zeros_like(norms).scatter_(-1, norms.topk(2, dim=-1).indices, 1.0)
+        torch.testing.assert_close(layer_gates(model)[..., 3:], expected)
+        assert not list(adapter.parameters())
+
+
+def test_balance_loss_on_a_hand_computed_case():
+    router = MoHRouter(4, num_heads=4, head_dim=2, shared=[], top_k=2, variant="learned", init_std=0.0).train()
+    with torch.no_grad():
+        router.routed.weight.copy_(torch.eye(4))
+    x = torch.tensor([[[2.0, 1.0, 0.0, -1.0], [0.0, 2.0, 1.0, -1.0]]])  # logits = x: top 2 are {0, 1} and {1, 2}
+    gates = router(x, torch.zeros(1, 2, 8))
+    assert (gates != 0).sum(-1).tolist() == [[2, 2]]
+    f = [0.5, 1.0, 0.5, 0.0]  # share of tokens routed to each head
+    z1 = sum(math.exp(v) for v in (2, 1, 0, -1))
+    p1 = [math.exp(v) / z1 for v in (2, 1, 0, -1)]
+    p2 = [p1[1], p1[0], p1[2], p1[3]]  # the second token's logits are a permutation of the first's
+    probs = [(a + b) / 2 for a, b in zip(p1, p2)]
+    expected = 4 / 2 * sum(fi * pi for fi, pi in zip(f, probs))
+    assert router.balance_loss().item() == pytest.approx(expected, rel=1e-6)
+    # gate values: n_r * softmax at the chosen heads (no shared heads: no mixing router)
+    torch.testing.assert_close(gates[0, 0], torch.tensor([4 * p1[0], 4 * p1[1], 0.0, 0.0]))
+    # uniform routing gives 1: every head chosen by half of the tokens with probability 1/4
+    router.stats = {"load": torch.full((4,), 0.5), "prob": torch.full((4,), 0.25)}
+    assert router.balance_loss().item() == pytest.approx(1.0)
+
+
+def test_gradients_reach_every_router_parameter():
+    model, adapter = moh_model(num_shared=2, top_k=3)
+    model.train()
+    ids = torch.randint(3, 300, (2, 12))
+    loss = model(ids, labels=ids).loss + 0.01 * adapter.balance_loss()
+    loss.backward()
+    names = [name for name, _ in adapter.named_parameters()]
+    assert sorted({n.split(".", 2)[2] for n in names}) == ["mix.weight", "routed.weight", "shared.weight"]
+    for name, param in adapter.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    load = adapter.pop_load()
+    assert load.shape == (2, 6) and load.mean().item() == pytest.approx(1.0)  # fair share is 1 on average
+    assert adapter.pop_load() is None  # cleared
+
+
+def test_adapter_round_trip_and_shape_mismatch(tmp_path):
+    model, adapter = moh_model(num_shared=2, top_k=3, base_model="org/tiny")
+    with torch.no_grad():
+        for param in adapter.parameters():
+            param.normal_(0, 0.3)
+    ids = torch.randint(3, 300, (2, 9))
+    routed = model(ids).logits
+    adapter.save_pretrained(tmp_path / "router")
+    config = json.loads((tmp_path / "router" / "adapter_config.json").read_text())
+    assert config["method"] == "moh" and config["hyperparameters"]["top_k"] == 3
+    assert config["heads"] == [[layer, head] for layer in range(2) for head in range(2)]  # the shared heads
+
+    fresh = tiny_model("llama", num_heads=HEADS, head_dim=4).eval()
+    loaded = HeadAdapter.from_pretrained(tmp_path / "router", fresh)
+    assert isinstance(loaded, MoHAdapter) and find_moh_adapter(fresh) is loaded
+    torch.testing.assert_close(fresh(ids).logits, routed)
+
+    other = tiny_model("llama", num_heads=4, head_dim=8)
+    with pytest.raises(ValueError, match=r"does not fit this model \(num_heads: adapter 8 vs model 4.*retrain it"):
+        HeadAdapter.from_pretrained(tmp_path / "router", other)
+
+
+@pytest.mark.parametrize("variant", ["learned", "query_norm"])
+def test_routed_generation_with_cache_equals_recomputation(tiny_tokenizer, variant):
+    model, adapter = moh_model(num_shared=2, top_k=2, variant=variant)
+    with torch.no_grad():
+        for param in adapter.parameters():
+            param.normal_(0, 0.5)  # a router that routes decisively
+    prompts = torch.randint(3, 300, (2, 7))
+    mask = torch.ones_like(prompts)
+    mask[1, :2] = 0  # left padding
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=2, eos_token_id=None)
+    cached = model.generate(prompts, use_cache=True, **kwargs)
+    assert layer_gates(model).shape == (2, 1, HEADS)  # decode: gates for the one new query
+    recomputed = model.generate(prompts, use_cache=False, **kwargs)
+    torch.testing.assert_close(cached, recomputed)
+    with adapter.disabled():
+        dense = model.generate(prompts, use_cache=True, **kwargs)
+    assert not torch.equal(dense, cached)  # routing changed the continuation
+
+
+def test_bad_splits_fail_with_the_fix():
+    model = tiny_model("llama", num_heads=HEADS, head_dim=4)
+    with pytest.raises(ValueError, match=r"2 shared \+ 5 routed = 7.*8 query heads.*num_routed_heads=6"):
+        MoHAdapter.for_model(model, num_shared_heads=2, num_routed_heads=5, top_k=2)
+    with pytest.raises(ValueError, match=r"top_k=7 routed heads per token, but 6 heads are routed.*top_k <= 6"):
+        MoHAdapter.for_model(model, num_shared_heads=2, top_k=7)
+    with pytest.raises(ValueError, match=r"top_k=0"):
+        MoHAdapter.for_model(model, num_shared_heads=2, top_k=0)
+    with pytest.raises(ValueError, match=r"num_shared_heads=8.*at least one head is routed"):
+        MoHAdapter.for_model(model, num_shared_heads=8, top_k=1)
+    with pytest.raises(ValueError, match=r"variant 'topk'.*learned, query_norm"):
+        MoHAdapter.for_model(model, num_shared_heads=2, top_k=2, variant="topk")
+    _, adapter = moh_model()
+    with pytest.raises(ValueError, match=r"top_k=9"):
+        adapter.set_top_k(9)
+
+
+def test_moh_generation_switch():
+    model = tiny_model("llama", num_heads=HEADS, head_dim=4).eval()
+    with pytest.raises(ValueError, match="--moh on needs a MoH router.*--adapter"):
+        hooks.apply_generation_hooks(model, {"moh": "on"})
+    setup = hooks.apply_generation_hooks(model, {"moh": "on:query_norm,shared=4,top_k=2"})
+    model(torch.randint(3, 300, (1, 5)))
+    assert ((layer_gates(model)[..., 4:] != 0).sum(-1) == 2).all()
+    setup.close()
+    assert find_moh_adapter(model) is None and model.config._attn_implementation == "sdpa"
+
+    model, adapter = moh_model(num_shared=2, top_k=3)
+    setup = hooks.apply_generation_hooks(model, {"moh": "on:top_k=1"})
+    assert adapter.top_k == 1 and setup.applied == {"moh": "on:top_k=1"}
+    setup.close()
+    assert adapter.top_k == 3
+    with pytest.raises(ValueError, match="unknown.*'topk'"):
+        hooks.apply_generation_hooks(model, {"moh": "on:topk=1"})
+
+
+def test_recipe_end_to_end(tmp_path):
+    common = ["--max_steps", "3", "--num_train_rows", "12", "--num_eval_rows", "4", "--seq_len", "64",
+              "--per_device_train_batch_size", "4", "--logging_steps", "1"]  # fmt: skip
+    out = tmp_path / "moh"
+    accelerate_launch("recipes/moh.py", "--config", "recipes/configs/moh/default.yaml", *common,
+                      "--num_shared_heads", "2", "--output_dir", str(out))  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert results["active_fraction"] == 0.5
+    assert results["step0_eval_loss"] > results["dense_eval_loss"]  # heads left out at step 0
+    assert set(results["step0_logit_change"]) == {"max_abs_logit_change", "mean_kl", "top1_agreement"}
+    assert len(results["load"]) == 8 and len(results["load"][0]) == 6
+    logged = [json.loads(line) for line in (out / "load.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == [1, 2, 3]
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert not any("ctxaware_adapter" in name for name in model.state_dict())
+    adapter = HeadAdapter.from_pretrained(out / "adapter", model)
+    assert isinstance(adapter, MoHAdapter) and adapter.top_k == 2
+    assert all(router.mix.weight.abs().sum() > 0 for router in adapter.routers)  # zero-initialised, then trained
+
+    dense = tmp_path / "dense"
+    accelerate_launch("recipes/moh.py", "--config", "recipes/configs/moh/default.yaml", *common,
+                      "--dense_control", "true", "--output_dir", str(dense))  # fmt: skip
+    control = json.loads((dense / "results.json").read_text())
+    assert control["dense_control"] and "active_fraction" not in control and control["eval_loss"] is not None
+    assert (dense / "model" / "config.json").is_file() and not (dense / "adapter").exists()

@@ -1,6 +1,7 @@
 """MoH: conversion close to dense, exact top-k gates, the balance loss, gradients to the router, adapter round trip,
 KV-cache generation, errors, the `--moh` switch and the recipe end to end."""
 
+import gc
 import json
 import math
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ctxaware.adapters import HeadAdapter
+from ctxaware.adapters import HeadAdapter, load_adapter
 from ctxaware.attention import ATTN_IMPLEMENTATION, attention_modules, get_attention_options
 from ctxaware.eval import hooks
 from ctxaware.methods.moh import MoHAdapter, MoHRouter, find_moh_adapter, logit_change
@@ -118,8 +119,12 @@ def test_adapter_round_trip_and_shape_mismatch(tmp_path):
     assert config["heads"] == [[layer, head] for layer in range(2) for head in range(2)]  # the shared heads
 
     fresh = tiny_model("llama", num_heads=HEADS, head_dim=4).eval()
-    loaded = HeadAdapter.from_pretrained(tmp_path / "router", fresh)
-    assert isinstance(loaded, MoHAdapter) and find_moh_adapter(fresh) is loaded
+    load_adapter(fresh, str(tmp_path / "router"))  # as `ctxaware eval --adapter` does: the adapter object is dropped
+    gc.collect()
+    loaded = find_moh_adapter(fresh)  # the `--moh on` switch finds it through the model
+    assert (
+        isinstance(loaded, MoHAdapter) and loaded.top_k == 3 and not any(p.requires_grad for p in loaded.parameters())
+    )
     torch.testing.assert_close(fresh(ids).logits, routed)
 
     other = tiny_model("llama", num_heads=4, head_dim=8)

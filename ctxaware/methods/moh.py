@@ -28,7 +28,6 @@ routing skips work in decode (one query per tile); in prefill and training it is
 from __future__ import annotations
 
 import math
-import weakref
 from contextlib import contextmanager
 
 import torch
@@ -223,7 +222,7 @@ class MoHAdapter(HeadAdapter):
         if base.config._attn_implementation != ATTN_IMPLEMENTATION:
             base.set_attn_implementation(ATTN_IMPLEMENTATION)
         for module, router in zip(modules, self.routers):
-            router.__dict__["adapter"] = weakref.ref(self)  # plain attribute: no module cycle
+            router.__dict__["adapter"] = self  # a plain attribute, not a submodule: `find_moh_adapter` reads it
             module.add_module(ATTACHED_ATTR, router)
             self._attached_to.append(module)
             self._handles.append(module.q_proj.register_forward_hook(_gate_hook(module, router)))
@@ -232,6 +231,8 @@ class MoHAdapter(HeadAdapter):
     def detach(self) -> None:
         for module in self._attached_to:
             get_attention_options(module).head_gates = None
+        for router in self.routers:
+            router.__dict__.pop("adapter", None)
         super().detach()
         if self._restore is not None and self._restore[1] != ATTN_IMPLEMENTATION:
             self._restore[0].set_attn_implementation(self._restore[1])
@@ -299,7 +300,7 @@ def find_moh_adapter(model: nn.Module) -> MoHAdapter | None:
     for module in attention_modules(model):
         router = getattr(module, ATTACHED_ATTR, None)
         if isinstance(router, MoHRouter) and "adapter" in router.__dict__:
-            return router.__dict__["adapter"]()
+            return router.__dict__["adapter"]
     return None
 
 

@@ -213,3 +213,23 @@ def test_recipe_end_to_end(tmp_path):
     control = json.loads((dense / "results.json").read_text())
     assert control["dense_control"] and "active_fraction" not in control and control["eval_loss"] is not None
     assert (dense / "model" / "config.json").is_file() and not (dense / "adapter").exists()
+
+
+def test_readme_commands_parse():
+    import shlex
+    from pathlib import Path
+
+    from trl import TrlParser
+
+    from tests.test_configs import load_recipe
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = [
+        line.split("#")[0] for line in readme.splitlines() if line.startswith("accelerate launch recipes/moh.py")
+    ]
+    assert len(commands) >= 4
+    recipe = load_recipe("moh")
+    for command in commands:
+        args = shlex.split(command)[3:]
+        parsed = TrlParser(recipe.CONFIG_CLASSES).parse_args_and_config(args=args)
+        assert [type(c) for c in parsed] == list(recipe.CONFIG_CLASSES)

@@ -15,8 +15,8 @@ of the corrupted answer), where "first token" is the first token at which the tw
   effect of 1 means corrupting this component alone destroys the answer.
 - `clean_into_corrupted` (denoising): base run corrupted, activation from the clean run; 1 means restoring it alone
   recovers the answer.
-Activation patching replaces the component's activation at every position and lets every later component react
-(total effect). Path patching to the final position replaces it while every other head and MLP is frozen at its
+Activation patching replaces the component's activation (at every position, or only the final one with
+`positions="last"`) and lets every later component react (total effect). Path patching to the final position replaces it while every other head and MLP is frozen at its
 base-run activation, so the change reaches the final position's logits only through the residual stream (the
 component's direct effect on the answer).
 """
@@ -161,13 +161,16 @@ def run_with_cache(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, A
     return logits, cache
 
 
-def _replace_columns(columns: slice, source: torch.Tensor):
+def _replace_columns(columns: slice, source: torch.Tensor, positions: slice):
     def fn(x):
         x = x.clone()
-        x[..., columns] = source[..., columns].to(x.dtype)
+        x[:, positions, columns] = source[:, positions, columns].to(x.dtype)
         return x
 
     return fn
+
+
+POSITIONS = {"all": slice(None), "last": slice(-1, None)}
 
 
 @torch.no_grad()
@@ -181,11 +184,16 @@ def patched_logit_differences(
     *,
     layout: HeadLayout,
     kind: str = "activation",
+    positions: str = "all",
 ) -> torch.Tensor:
     """(components, N): LD of the base run with each component ("head", layer, head) or ("mlp", layer, None) taken
-    from `source`. `kind` "path" freezes every other component at `base` (the direct effect on the final logits)."""
+    from `source` at `positions` ("all" or "last"). `kind` "path" freezes every other component at `base` (the
+    direct effect on the final logits)."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: choose one of {', '.join(KINDS)}")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions={positions!r}: choose one of {', '.join(POSITIONS)}")
+    where = POSITIONS[positions]
     layers = range(layout.num_layers)
     results = []
     for component, layer, head in components:
@@ -195,10 +203,11 @@ def patched_logit_differences(
         else:
             attn, mlp = {}, {}
         if component == "head":
-            patch = _replace_columns(layout.o_cols(head), source[("attn", layer)])
+            patch = _replace_columns(layout.o_cols(head), source[("attn", layer)], where)
             attn[layer] = (lambda x, p=patch, f=base[("attn", layer)]: p(f.to(x.dtype))) if kind == "path" else patch
         elif component == "mlp":
-            mlp[layer] = lambda y, s=source[("mlp", layer)]: s.to(y.dtype)
+            patch = _replace_columns(slice(None), source[("mlp", layer)], where)
+            mlp[layer] = (lambda y, p=patch, f=base[("mlp", layer)]: p(f.to(y.dtype))) if kind == "path" else patch
         else:
             raise ValueError(f"unknown component {component!r}: 'head' or 'mlp'")
         with patched(model, attn, mlp):
@@ -219,6 +228,7 @@ class PatchingResult:
     clean_logit_diff: float
     corrupted_logit_diff: float
     num_pairs: int
+    positions: str = "all"
     metric: str = field(
         default="logit(first token of the clean answer) - logit(first differing token of the corrupted answer) at "
         "the final position; effect = (LD_patched - LD_base) / (LD_source - LD_base), means over pairs"
@@ -256,6 +266,7 @@ class PatchingResult:
         return {
             "direction": self.direction,
             "kind": self.kind,
+            "positions": self.positions,
             "metric": self.metric,
             "num_pairs": self.num_pairs,
             "clean_logit_diff": self.clean_logit_diff,
@@ -268,7 +279,8 @@ class PatchingResult:
 
     @property
     def name(self) -> str:
-        return f"{self.kind}_{self.direction}"
+        suffix = "" if self.positions == "all" else f"_{self.positions}"
+        return f"{self.kind}_{self.direction}{suffix}"
 
     def save(self, folder: str | Path, selected: Iterable[Head] = ()) -> dict[str, Path]:
         """Writes `<name>.json` (ranked list, effects, concentration) and `<name>.png` (layer x head heat map)."""
@@ -292,10 +304,12 @@ def patch_all(
     *,
     direction: str = "corrupted_into_clean",
     kind: str = "activation",
+    positions: str = "all",
     heads: bool = True,
     mlps: bool = True,
 ) -> PatchingResult:
-    """Effects of every head and MLP, for one direction and kind, over all batches."""
+    """Effects of every head and MLP, for one direction and kind, over all batches; `positions` "last" patches the
+    final position only (where the answer is read), "all" every position."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r}: choose one of {', '.join(DIRECTIONS)}")
     layout = HeadLayout.from_model(model)
@@ -317,7 +331,9 @@ def patch_all(
             base_ids, base, source = batch.clean_ids, clean_cache, corrupted_cache
         else:
             base_ids, base, source = batch.corrupted_ids, corrupted_cache, clean_cache
-        diffs = patched_logit_differences(model, base_ids, base, source, batch, components, layout=layout, kind=kind)
+        diffs = patched_logit_differences(
+            model, base_ids, base, source, batch, components, layout=layout, kind=kind, positions=positions
+        )
         sums += diffs.double().sum(-1).cpu()
     clean, corrupted = clean_sum / count, corrupted_sum / count
     base_mean, source_mean = (clean, corrupted) if direction == "corrupted_into_clean" else (corrupted, clean)
@@ -331,7 +347,7 @@ def patch_all(
     n_heads = layout.total_heads if heads else 0
     head_effects = effects[:n_heads].float().reshape(layout.num_layers, -1) if heads else torch.zeros(0)
     mlp_effects = effects[n_heads:].float() if mlps else torch.zeros(0)
-    return PatchingResult(direction, kind, head_effects, mlp_effects, clean, corrupted, count)
+    return PatchingResult(direction, kind, head_effects, mlp_effects, clean, corrupted, count, positions)
 
 
 @torch.no_grad()

@@ -1,0 +1,335 @@
+"""Arithmetic heads: find the attention heads and MLPs that carry arithmetic by patching, then fine-tune only them.
+
+Embedded default (tiny model, synthetic world, CPU, a few minutes):
+    accelerate launch recipes/arith_heads.py --config recipes/configs/arith_heads/default.yaml
+Baselines in the same recipe and run setup:
+    accelerate launch recipes/arith_heads.py --config recipes/configs/arith_heads/default.yaml --method random_heads
+    accelerate launch recipes/arith_heads.py --config recipes/configs/arith_heads/default.yaml --method lora
+    accelerate launch recipes/arith_heads.py --config recipes/configs/arith_heads/default.yaml --method full
+Reuse a selection instead of patching again: `--head_selection OUTPUT_DIR/head_selection.json`.
+
+1. Attribution (method heads): clean/corrupted arithmetic pairs (one operand or the operator changed, same token
+   length, the answer's first digit changed) from the world's `attribution_split`; activation patching of every
+   head's pre-o_proj output and every MLP output in both directions and path patching to the final position (see
+   `ctxaware.methods.patching` for the metric: the logit difference of the two answers' first differing tokens,
+   normalised). The top `num_heads` heads by |effect| under `selection_score` (total effect) and the top `num_mlps`
+   MLPs under `mlp_selection_score` (direct effect) are selected.
+2. Precise SFT: trained deltas on the selected heads' q/k/v rows and o_proj columns (shared GQA k/v rows by
+   `kv_policy`) and the selected MLPs' weights (`ctxaware.methods.arith_heads`), completion-only loss (TRL SFTTrainer)
+   on the world's training problems of `train_ops` x `train_digits` x `train_templates`. Baselines: `random_heads`
+   (the same numbers of random heads and MLPs), `lora` (PEFT), `full` (every weight).
+3. Evaluation before and after: arithmetic accuracy by (template, op, digits) on the test split, grouped into in
+   distribution and transfer (other digits, templates, ops); the shared harness tasks `eval_tasks`; closed-book recall
+   of memorised facts.
+Outputs in `output_dir`: `attribution/` (ranked JSON and layer x head heat map per patching run), `head_selection.json`,
+`adapter/` (ctxaware format; PEFT for lora; `model/` for full), `results.json`; `--merge true` adds `merged/`.
+"""
+
+import json
+import random
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from trl import SFTConfig, SFTTrainer, TrlParser
+
+from ctxaware.eval.arithmetic import parse_number
+from ctxaware.eval.model import EvalModel
+from ctxaware.eval.registry import EvalOptions
+from ctxaware.eval.runner import evaluate
+from ctxaware.heads import HeadLayout, random_heads, resolve_head_count, save_head_selection, top_heads
+from ctxaware.methods.arith_heads import (
+    KV_POLICIES,
+    OPS,
+    TEMPLATES,
+    HeadDeltaAdapter,
+    arithmetic_pairs,
+    arithmetic_records,
+    check_selection,
+    load_head_selection,
+)
+from ctxaware.methods.patching import build_batches, keep_answered, patch_all
+from ctxaware.models import resolve_model_path
+from ctxaware.world import QA_PROMPT, build_world, closed_book_qa
+from ctxaware.world.probe import matches
+
+
+METHODS = ("heads", "random_heads", "lora", "full")
+PATCHING_RUNS = ("activation:corrupted_into_clean", "activation:clean_into_corrupted", "path:corrupted_into_clean",
+                 "path:clean_into_corrupted")  # fmt: skip
+
+
+@dataclass
+class ArithHeadsArguments:
+    model_name_or_path: str = field(default="ctxaware-tiny", metadata={"help": "Embedded name, path or Hub id."})
+    model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
+    method: str = field(default="heads", metadata={"help": f"One of {', '.join(METHODS)}."})
+    world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world."})
+    # training data
+    train_ops: list[str] = field(default_factory=lambda: ["*"], metadata={"help": f"Operations from {OPS}."})
+    train_digits: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Operand digit counts."})
+    train_templates: list[str] = field(
+        default_factory=lambda: ["plain"], metadata={"help": f"From {list(TEMPLATES)}."}
+    )
+    train_per_cell: int = field(default=400, metadata={"help": "Training problems per (template, op, digits)."})
+    # attribution
+    attribution_pairs: int = field(default=64, metadata={"help": "Clean/corrupted pairs patched."})
+    attribution_split: str = field(default="validation", metadata={"help": "World split the pairs come from."})
+    corruption: str = field(default="operand", metadata={"help": "operand, operator or any."})
+    keep_correct: bool = field(default=True, metadata={"help": "Patch only pairs the model gets right (LD signs)."})
+    drop_mismatched: bool = field(default=False, metadata={"help": "Skip pairs whose prompts tokenise to "
+                                  "different lengths instead of failing."})  # fmt: skip
+    patching_runs: list[str] = field(default_factory=lambda: list(PATCHING_RUNS[:3]),
+                                     metadata={"help": f"KIND:DIRECTION runs, from {PATCHING_RUNS}."})  # fmt: skip
+    patching_positions: str = field(default="all", metadata={"help": "Patch at all positions or the last."})
+    selection_score: str = field(default="activation:corrupted_into_clean", metadata={"help": "The patching run "
+                                 "whose |effect| ranks heads (total effect: heads that move operands)."})  # fmt: skip
+    mlp_selection_score: str = field(default="path:corrupted_into_clean", metadata={"help": "The run ranking MLPs "
+                                     "(direct effect: MLPs that write the answer; MLP 0 acts on every token's "
+                                     "embedding, so its total effect is ~1 and says nothing)."})  # fmt: skip
+    num_heads: float = field(default=0.05, metadata={"help": "Heads tuned: a count (>= 1), a fraction, or 0."})
+    num_mlps: int = field(default=1, metadata={"help": "MLPs tuned (top by |effect|)."})
+    head_selection: str | None = field(default=None, metadata={"help": "A head_selection.json to reuse (skips "
+                                       "patching)."})  # fmt: skip
+    kv_policy: str = field(default="full_group", metadata={"help": f"Shared GQA k/v rows: {', '.join(KV_POLICIES)}."})
+    delta_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
+    # baselines
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_learning_rate: float = field(default=1e-3, metadata={"help": "LoRA's learning rate (others: learning_rate)."})
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # evaluation
+    eval_per_cell: int = field(default=20, metadata={"help": "Test problems per (template, op, digits); 0: none."})
+    eval_digits: list[int] = field(default_factory=lambda: [1, 2, 3])
+    eval_tasks: list[str] = field(default_factory=lambda: ["extractive_qa", "counterfactual_qa"],
+                                  metadata={"help": "Harness tasks (ctxaware eval) scored before and after."})  # fmt: skip
+    eval_limit: int = field(default=100, metadata={"help": "Records per harness task and closed-book facts."})
+    merge: bool = field(default=False, metadata={"help": "Also save the merged plain model (heads methods)."})
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: choose one of {', '.join(METHODS)}.")
+        if self.kv_policy not in KV_POLICIES:
+            raise ValueError(f"kv_policy={self.kv_policy!r}: choose one of {', '.join(KV_POLICIES)}.")
+        if unknown := set(self.patching_runs) - set(PATCHING_RUNS):
+            raise ValueError(f"unknown patching runs {sorted(unknown)}: choose from {', '.join(PATCHING_RUNS)}.")
+        for score in (self.selection_score, self.mlp_selection_score):
+            if score not in self.patching_runs:
+                raise ValueError(f"selection score {score} must be one of patching_runs {self.patching_runs}.")
+
+
+@dataclass
+class ArithHeadsTrainingConfig(SFTConfig):
+    learning_rate: float = 3e-4
+    num_train_epochs: float = 3.0
+    per_device_train_batch_size: int = 32
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    save_strategy: str = "no"
+    report_to: str = "none"
+    max_length: int | None = 256
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; unset: on where the GPU has it."})
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        super().__post_init__()
+
+
+CONFIG_CLASSES = (ArithHeadsArguments, ArithHeadsTrainingConfig)
+
+
+# --- selection ----------------------------------------------------------------------------------------------------
+def attribute(args: ArithHeadsArguments, model, tokenizer, output_dir: Path | None) -> dict:
+    """Runs the patching analyses; returns {run name: PatchingResult}; writes them to `output_dir`/attribution."""
+    pairs = arithmetic_pairs(args.world_seed, args.attribution_split, args.attribution_pairs, ops=args.train_ops,
+                             digits=args.train_digits, templates=args.train_templates, corruption=args.corruption)  # fmt: skip
+    batches = build_batches(pairs, tokenizer, drop_mismatched=args.drop_mismatched)
+    if args.keep_correct:
+        batches = keep_answered(model, batches)
+    results = {}
+    for run in args.patching_runs:
+        kind, direction = run.split(":")
+        results[run] = patch_all(model, batches, direction=direction, kind=kind, positions=args.patching_positions)
+    return results
+
+
+def select(args, layout: HeadLayout, model, tokenizer, seed: int, output_dir: Path, is_main: bool):
+    """(heads, mlp_layers, attribution summary) for the methods that tune selected components."""
+    if args.head_selection:
+        heads, mlps = load_head_selection(args.head_selection, layout)
+        return heads, mlps, {"head_selection": args.head_selection}
+    k = resolve_head_count(args.num_heads, layout.total_heads) if args.num_heads else 0
+    if args.num_mlps > layout.num_layers or args.num_mlps < 0:
+        raise ValueError(f"num_mlps={args.num_mlps}: the model has {layout.num_layers} MLPs.")
+    if args.method == "random_heads":
+        heads = random_heads(layout, k, seed) if k else []
+        mlps = sorted(random.Random(seed).sample(range(layout.num_layers), args.num_mlps))
+        check_selection(layout, heads, mlps)
+        return heads, mlps, {}
+    runs = attribute(args, model, tokenizer, output_dir)
+    head_score, mlp_score = runs[args.selection_score].head_effects, runs[args.mlp_selection_score].mlp_effects
+    heads = top_heads(head_score.abs(), k) if k else []
+    mlps = sorted(torch.topk(mlp_score.abs(), args.num_mlps).indices.tolist()) if args.num_mlps else []
+    check_selection(layout, heads, mlps)
+    summary = {
+        name: {"clean_logit_diff": r.clean_logit_diff, "corrupted_logit_diff": r.corrupted_logit_diff,
+               "num_pairs": r.num_pairs, "concentration": r.concentration(), "top": r.ranked()[:10]}
+        for name, r in runs.items()
+    }  # fmt: skip
+    if is_main:
+        for result in runs.values():
+            result.save(output_dir / "attribution", heads)
+    return heads, mlps, summary
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------------
+def category(record: dict, args: ArithHeadsArguments) -> str:
+    same = (record["template"] in args.train_templates, record["op"] in args.train_ops,
+            record["digits"] in args.train_digits)  # fmt: skip
+    if all(same):
+        return "in_distribution"
+    if not same[1]:
+        return "other_ops"
+    if same[0]:
+        return "other_digits"
+    return "other_templates" if same[2] else "other_templates_and_digits"
+
+
+@torch.no_grad()
+def evaluate_model(args: ArithHeadsArguments, model, tokenizer) -> dict:
+    """Arithmetic accuracy by cell and category, the harness tasks, and closed-book recall (flat metric dict)."""
+    model.eval()
+    lm = EvalModel(model, tokenizer, batch_size=64, progress=False)
+    metrics = {}
+    if args.eval_per_cell:
+        records = arithmetic_records(args.world_seed, "test", ops=OPS, digits=args.eval_digits, templates=TEMPLATES,
+                                     n_per_cell=args.eval_per_cell)  # fmt: skip
+        outputs = lm.generate([lm.encode(r["prompt"], chat=False) for r in records], max_new_tokens=8)
+        hits, groups = {}, {}
+        for record, output in zip(records, outputs):
+            hit = float(parse_number(output) == record["answer"])
+            hits.setdefault(f"arith_cell/{record['template']}_{record['op']}_{record['digits']}d", []).append(hit)
+            groups.setdefault(f"arith_{category(record, args)}", []).append(hit)
+        metrics |= {name: sum(v) / len(v) for name, v in sorted(groups.items())}
+        metrics |= {name: sum(v) / len(v) for name, v in sorted(hits.items())}
+    if args.eval_tasks:
+        options = EvalOptions(limit=args.eval_limit, chat_template="off", progress=False, batch_size=64)
+        results, _ = evaluate(
+            lm,
+            list(args.eval_tasks),
+            options,
+            config={"model": args.model_name_or_path, "generation_hooks": lm.setup.applied},
+        )
+        for task, values in results["results"].items():
+            metrics |= {
+                f"{task}/{name.split(',')[0]}": value
+                for name, value in values.items()
+                if "_stderr" not in name and isinstance(value, float)
+            }
+    if args.eval_limit:
+        facts = closed_book_qa(build_world(args.world_seed), "train")[: args.eval_limit]
+        outputs = lm.generate([lm.encode(QA_PROMPT.format(**r), chat=False) for r in facts], max_new_tokens=8)
+        metrics["closed_book_recall"] = sum(matches(o, r["answer"]) for o, r in zip(outputs, facts)) / len(facts)
+    return metrics
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+def training_records(args: ArithHeadsArguments, tokenizer) -> list[dict]:
+    records = arithmetic_records(args.world_seed, "train", ops=args.train_ops, digits=args.train_digits,
+                                 templates=args.train_templates, n_per_cell=args.train_per_cell)  # fmt: skip
+    bos = (
+        tokenizer.bos_token
+        if tokenizer.bos_token and tokenizer("x")["input_ids"][:1] != [tokenizer.bos_token_id]
+        else ""
+    )
+    return [{"prompt": bos + r["prompt"], "completion": " " + r["answer"]} for r in records]
+
+
+def trainable_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> dict:
+    set_seed(training_args.seed)
+    state = PartialState()
+    output_dir = Path(training_args.output_dir)
+    path = resolve_model_path(args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=args.model_revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, revision=args.model_revision, dtype=dtype).to(state.device)
+    model.requires_grad_(False)
+    layout = HeadLayout.from_model(model)
+    records = training_records(args, tokenizer)
+    random.Random(training_args.seed).shuffle(records)
+    dataset = Dataset.from_list(records)
+    results = {"method": args.method, "base_model": args.model_name_or_path, "train_records": len(records)}
+    results["before"] = evaluate_model(args, model, tokenizer)
+
+    adapter = None
+    config = training_args
+    if args.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_target_modules,
+                          lora_dropout=0.0, task_type="CAUSAL_LM")  # fmt: skip
+        model = get_peft_model(model, lora)
+        values = {f.name: getattr(training_args, f.name) for f in fields(SFTConfig) if f.init}
+        config = SFTConfig(**{**values, "learning_rate": args.lora_learning_rate})
+    elif args.method == "full":
+        model.requires_grad_(True)
+    else:
+        heads, mlps, attribution = select(args, layout, model, tokenizer, training_args.seed, output_dir,
+                                          state.is_main_process)  # fmt: skip
+        results |= {"heads": [list(h) for h in heads], "mlp_layers": mlps, "attribution": attribution}
+        training = {k: v for k, v in asdict(args).items() if k.startswith(("train_", "method", "kv_", "num_"))}
+        training |= {"learning_rate": training_args.learning_rate, "num_train_epochs": training_args.num_train_epochs}
+        adapter = HeadDeltaAdapter.for_model(model, heads, mlps, kv_policy=args.kv_policy, targets=args.delta_targets,
+                                             base_model=args.model_name_or_path, base_model_revision=args.model_revision,
+                                             training=training)  # fmt: skip
+        adapter.to(state.device).attach(model)
+        if state.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            save_head_selection(output_dir / "head_selection.json", heads, layout, mlp_layers=mlps, method=args.method,
+                                selection_score=args.selection_score, mlp_selection_score=args.mlp_selection_score)  # fmt: skip
+    results["trained_parameters"] = trainable_parameters(model)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    results["after"] = evaluate_model(args, model, tokenizer)
+    results["change"] = {k: results["after"][k] - results["before"][k] for k in results["after"]}
+
+    if state.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        eval_results = {"arith_heads": {k: v for k, v in results["after"].items() if not k.startswith("arith_cell/")}}
+        if adapter is not None:
+            adapter.save_pretrained(
+                output_dir / "adapter", eval_results=eval_results, tags=["arithmetic", args.method]
+            )
+            if args.merge:
+                adapter.merge(model).save_pretrained(output_dir / "merged")
+                tokenizer.save_pretrained(output_dir / "merged")
+        elif args.method == "lora":
+            model.save_pretrained(output_dir / "adapter")
+        else:
+            model.save_pretrained(output_dir / "model")
+            tokenizer.save_pretrained(output_dir / "model")
+        tmp = output_dir / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.rename(output_dir / "results.json")
+        if training_args.push_to_hub:
+            repo_id = training_args.hub_model_id or output_dir.name
+            if adapter is not None:
+                adapter.push_to_hub(repo_id, private=training_args.hub_private_repo, eval_results=eval_results)
+            else:
+                model.push_to_hub(repo_id, private=training_args.hub_private_repo)
+        print(json.dumps({k: results[k] for k in ("method", "trained_parameters", "change")}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())

@@ -341,8 +341,8 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 def test_generation_hooks_registry(monkeypatch):
     with pytest.raises(ValueError, match="no kind 'snapkv' is registered. Available now: full, h2o"):
         hooks.apply_generation_hooks(None, {"kv_cache": "snapkv:0.2"})
-    with pytest.raises(ValueError, match="no kind 'on' is registered.*ctxaware.methods.moh"):
-        hooks.apply_generation_hooks(None, {"moh": "on"})
+    with pytest.raises(ValueError, match="no kind 'sideways' is registered.*ctxaware.methods.moh"):
+        hooks.apply_generation_hooks(None, {"moh": "sideways"})
     with pytest.raises(ValueError, match="Unknown generation switch"):
         hooks.parse_switch("beam", "x")
     undone = []

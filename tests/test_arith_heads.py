@@ -1,0 +1,283 @@
+"""Arithmetic heads: the prompt generator, head/MLP deltas (only selected slices change, exact merge, AutoModel
+reload, adapter round trip), bad input, and the recipe end to end."""
+
+import json
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ctxaware.adapters import HeadAdapter
+from ctxaware.heads import HeadLayout, save_head_selection
+from ctxaware.methods.arith_heads import (
+    HeadDeltaAdapter,
+    arithmetic_pairs,
+    arithmetic_records,
+    compute,
+    kv_heads_to_train,
+    load_head_selection,
+)
+from ctxaware.methods.patching import build_batches
+from ctxaware.models import resolve_model_path
+from ctxaware.world.tasks import arithmetic_split
+from tests.launch import accelerate_launch
+from tests.tiny_models import FAMILIES, tiny_model
+
+
+PROMPT = re.compile(r"^(\d+) ([-+*]) (\d+) =$")
+
+
+# --- prompts ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("corruption", ["operand", "operator", "any"])
+def test_pairs_change_one_part_keep_digit_counts_and_change_the_first_answer_digit(corruption):
+    pairs = arithmetic_pairs(0, "validation", 60, ops=("+", "-", "*"), digits=(1, 2), corruption=corruption)
+    assert len(pairs) == 60 and pairs == arithmetic_pairs(0, "validation", 60, ops=("+", "-", "*"), digits=(1, 2),
+                                                          corruption=corruption)  # fmt: skip
+    for pair in pairs:
+        (a, op, b), (a2, op2, b2) = (PROMPT.match(pair[key]).groups() for key in ("clean", "corrupted"))
+        assert (len(a), len(b)) == (len(a2), len(b2)) == (pair["digits"],) * 2
+        assert sum((a != a2, op != op2, b != b2)) == 1
+        changed = {"a": a != a2, "b": b != b2, "op": op != op2}
+        assert changed[pair["corrupted_part"]]
+        assert corruption != "operand" or op == op2
+        assert corruption != "operator" or op != op2
+        assert pair["answer"] == str(compute(int(a), op, int(b))) and int(pair["answer"]) >= 0
+        assert pair["corrupted_answer"] == str(compute(int(a2), op2, int(b2))) and int(pair["corrupted_answer"]) >= 0
+        assert pair["answer"][0] != pair["corrupted_answer"][0]
+        assert arithmetic_split(int(a), op, int(b)) == "validation"
+
+
+def test_records_cover_templates_and_stay_in_their_split():
+    records = arithmetic_records(0, "test", ops=("*", "+"), digits=(2,), templates=("plain", "question", "word"),
+                                 n_per_cell=5)  # fmt: skip
+    assert len(records) == 3 * 2 * 5
+    assert {r["template"] for r in records} == {"plain", "question", "word"}
+    word = next(r for r in records if r["template"] == "word" and r["op"] == "*")
+    assert "boxes" in word["prompt"] and word["prompt"].endswith("\nAnswer:")
+    for r in records:
+        if r["template"] == "plain":
+            a, op, b = PROMPT.match(r["prompt"]).groups()
+            assert arithmetic_split(int(a), op, int(b)) == "test" and r["answer"] == str(compute(int(a), op, int(b)))
+    train = arithmetic_records(0, "train", ops=("*",), digits=(1,), n_per_cell=1000)
+    assert 60 < len(train) < 100  # 1-digit problems: at most 100, about 80% of them in train
+
+
+def test_generator_pairs_tokenise_to_equal_lengths_with_the_shipped_tokenizer():
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("ctxaware-tiny"))
+    pairs = arithmetic_pairs(0, "validation", 40, ops=("+", "*"), digits=(1, 2, 3), templates=("plain", "word"),
+                             corruption="any")  # fmt: skip
+    batches = build_batches(pairs, tokenizer, batch_size=8)
+    assert sum(len(b.clean_ids) for b in batches) == 40
+    for batch in batches:
+        first = [tokenizer.decode(t) for t in batch.answer_ids.tolist()]
+        assert all(text.strip().isdigit() for text in first)  # the first digit, after the shared space token
+
+
+def test_bad_generator_arguments():
+    with pytest.raises(ValueError, match="operator cannot be corrupted"):
+        arithmetic_pairs(0, "train", 4, templates=("word",), corruption="operator")
+    with pytest.raises(ValueError, match="unknown operations"):
+        arithmetic_pairs(0, "train", 4, ops=("/",))
+    with pytest.raises(ValueError, match="unknown templates"):
+        arithmetic_records(0, "train", templates=("latex",))
+
+
+# --- deltas -------------------------------------------------------------------------------------------------------
+def test_kv_policy_decides_which_shared_rows_train():
+    layout = HeadLayout("llama", 2, 8, 2, 8, 64)  # groups of 4 query heads
+    assert kv_heads_to_train(layout, [0, 1, 2, 3, 5], "full_group") == [0]
+    assert kv_heads_to_train(layout, [0, 1, 2, 3, 5], "any") == [0, 1]
+    assert kv_heads_to_train(layout, [0, 1, 2, 3, 5], "none") == []
+    mha = HeadLayout("llama", 2, 4, 4, 8, 32)
+    assert kv_heads_to_train(mha, [1, 3], "full_group") == kv_heads_to_train(mha, [1, 3], "any") == [1, 3]
+
+
+def randomize(adapter: HeadDeltaAdapter, std: float = 0.05) -> HeadDeltaAdapter:
+    with torch.no_grad():
+        for parameter in adapter.parameters():
+            parameter.normal_(0, std)
+    return adapter
+
+
+HEADS = [(0, 0), (0, 1), (1, 3)]  # layer 0: the whole first GQA group; layer 1: one head of the second group
+
+
+def test_training_changes_only_the_deltas_and_merge_only_the_selected_slices():
+    model = tiny_model("llama", gqa=True)
+    model.requires_grad_(False)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    adapter = HeadDeltaAdapter.for_model(model, HEADS, mlp_layers=[1])
+    adapter.attach(model)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert all(".ctxaware_adapter." in name for name in trainable)
+    d, hidden, inter = 8, 32, 64
+    expected = 2 * (2 * d * hidden) + 2 * (d * hidden) + 2 * (d * hidden) + 3 * hidden * inter
+    #          layer 0: q rows + o cols of 2 heads; k, v of group 0; layer 1: q + o of 1 head; the MLP's 3 weights
+    assert sum(p.numel() for p in trainable.values()) == expected
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2, weight_decay=0.1)
+    ids = torch.randint(3, 300, (4, 10))
+    for _ in range(3):
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, p in model.named_parameters():
+        if name in before:
+            assert torch.equal(p, before[name]), f"{name} changed during training"
+    assert all(p.abs().sum() > 0 for p in trainable.values())
+
+    adapter.merge(model)
+    assert not any(p.requires_grad for p in model.parameters())
+    changed = {}
+    for name, p in model.named_parameters():
+        diff = (p - before[name]).abs()
+        if diff.any():
+            changed[name] = diff
+    attn0, attn1 = "model.layers.0.self_attn", "model.layers.1.self_attn"
+    assert set(changed) == {
+        f"{attn0}.q_proj.weight", f"{attn0}.k_proj.weight", f"{attn0}.v_proj.weight", f"{attn0}.o_proj.weight",
+        f"{attn1}.q_proj.weight", f"{attn1}.o_proj.weight",
+        "model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight",
+    }  # fmt: skip
+    rows = lambda diff: diff.amax(dim=1).unflatten(0, (-1, d)).amax(dim=1) > 0  # noqa: E731
+    cols = lambda diff: diff.amax(dim=0).unflatten(0, (-1, d)).amax(dim=1) > 0  # noqa: E731
+    assert rows(changed[f"{attn0}.q_proj.weight"]).tolist() == [True, True, False, False]
+    assert cols(changed[f"{attn0}.o_proj.weight"]).tolist() == [True, True, False, False]
+    assert rows(changed[f"{attn0}.k_proj.weight"]).tolist() == [True, False]  # group 0 fully selected
+    assert rows(changed[f"{attn1}.q_proj.weight"]).tolist() == [False, False, False, True]
+    assert cols(changed[f"{attn1}.o_proj.weight"]).tolist() == [False, False, False, True]
+    # layer 1's k/v rows stay: head 2 shares them with the selected head 3 and is not selected (kv_policy full_group)
+
+
+@pytest.mark.parametrize("family,gqa", [("llama", True), ("qwen2", False), ("qwen3", True), ("mistral", True),
+                                        ("gemma", False)])  # fmt: skip
+def test_merge_is_exact_and_reloads_with_automodel(tmp_path, family, gqa):
+    model = tiny_model(family, gqa=gqa, **({"sliding_window": None} if family == "mistral" else {})).eval()
+    ids = torch.randint(3, 300, (2, 11))
+    base = model(ids).logits
+    adapter = randomize(HeadDeltaAdapter.for_model(model, HEADS, mlp_layers=[0], kv_policy="any"))
+    adapter.attach(model)
+    adapted = model(ids).logits
+    assert (adapted - base).abs().max() > 1e-3
+    merged = adapter.merge(model)
+    assert not any("ctxaware_adapter" in name for name, _ in merged.named_modules())
+    torch.testing.assert_close(merged(ids).logits, adapted, atol=1e-5, rtol=1e-5)
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert reloaded.config.model_type == family
+    torch.testing.assert_close(reloaded(ids).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_round_trip(tmp_path):
+    model = tiny_model("qwen3", gqa=True).eval()
+    ids = torch.randint(3, 300, (2, 9))
+    adapter = randomize(HeadDeltaAdapter.for_model(model, HEADS, mlp_layers=[1], kv_policy="none", targets=["q", "o"],
+                                                   base_model="tiny-qwen3"))  # fmt: skip
+    adapter.attach(model)
+    adapted = model(ids).logits
+    adapter.detach()
+    torch.testing.assert_close(model(ids).logits, tiny_model("qwen3", gqa=True).eval()(ids).logits)
+    folder = adapter.save_pretrained(tmp_path / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["method"] == "head_deltas" and config["hyperparameters"]["kv_policy"] == "none"
+    assert config["hyperparameters"]["mlp_layers"] == [1] and config["hyperparameters"]["targets"] == ["q", "o"]
+    assert "head_deltas" in (folder / "README.md").read_text()
+    loaded = HeadAdapter.from_pretrained(folder, model)
+    assert isinstance(loaded, HeadDeltaAdapter) and loaded.heads == HEADS
+    assert not any(p.requires_grad for p in loaded.parameters())
+    torch.testing.assert_close(model(ids).logits, adapted)
+
+
+# --- bad input ----------------------------------------------------------------------------------------------------
+def test_empty_selection_out_of_range_and_wrong_model_are_errors(tmp_path):
+    model = tiny_model("llama", gqa=True)
+    layout = HeadLayout.from_model(model)
+    with pytest.raises(ValueError, match="empty selection.*num_heads"):
+        HeadDeltaAdapter.for_model(model, [], mlp_layers=[])
+    with pytest.raises(IndexError, match="head 4 out of range.*4 query heads"):
+        HeadDeltaAdapter.for_model(model, [(0, 4)])
+    with pytest.raises(IndexError, match="MLP layer 2 out of range"):
+        HeadDeltaAdapter.for_model(model, [(0, 1)], mlp_layers=[2])
+    with pytest.raises(ValueError, match="kv_policy"):
+        HeadDeltaAdapter.for_model(model, [(0, 1)], kv_policy="some")
+    other = tiny_model("llama", gqa=False)
+    adapter = HeadDeltaAdapter.for_model(model, [(0, 1)])
+    with pytest.raises(ValueError, match="num_kv_heads: adapter 2 vs model 4"):
+        adapter.attach(other)
+
+    save_head_selection(tmp_path / "other.json", [(0, 1)], HeadLayout.from_model(other), mlp_layers=[1])
+    with pytest.raises(ValueError, match="another model shape.*num_kv_heads.*Run the attribution on this model"):
+        load_head_selection(tmp_path / "other.json", layout)
+    save_head_selection(tmp_path / "mine.json", [(1, 3)], layout, mlp_layers=[0])
+    assert load_head_selection(tmp_path / "mine.json", layout) == ([(1, 3)], [0])
+    save_head_selection(tmp_path / "empty.json", [], layout, mlp_layers=[])
+    with pytest.raises(ValueError, match="empty selection"):
+        load_head_selection(tmp_path / "empty.json", layout)
+
+
+def test_recipe_arguments_are_checked():
+    from tests.test_configs import load_recipe
+
+    recipe = load_recipe("arith_heads")
+    with pytest.raises(ValueError, match="choose one of heads"):
+        recipe.ArithHeadsArguments(method="everything")
+    with pytest.raises(ValueError, match="must be one of patching_runs"):
+        recipe.ArithHeadsArguments(patching_runs=["activation:corrupted_into_clean"])
+    with pytest.raises(ValueError, match="kv_policy"):
+        recipe.ArithHeadsArguments(kv_policy="half")
+
+
+# --- the recipe ---------------------------------------------------------------------------------------------------
+SMALL = ["--attribution_pairs", "12", "--eval_per_cell", "1", "--eval_digits", "1", "--eval_limit", "4",
+         "--eval_tasks", "extractive_qa", "--train_per_cell", "16", "--max_steps", "2"]  # fmt: skip
+
+
+def test_recipe_end_to_end_heads(tmp_path):
+    output = tmp_path / "heads"
+    accelerate_launch("recipes/arith_heads.py", "--config", "recipes/configs/arith_heads/default.yaml",
+                      "--output_dir", str(output), "--merge", "true", *SMALL)  # fmt: skip
+    results = json.loads((output / "results.json").read_text())
+    assert results["method"] == "heads" and len(results["heads"]) == 3 and len(results["mlp_layers"]) == 1
+    assert {"arith_in_distribution", "arith_other_ops", "extractive_qa/exact_match", "closed_book_recall"} <= set(
+        results["before"]
+    )
+    assert set(results["change"]) == set(results["after"])
+    attribution = results["attribution"]["activation:corrupted_into_clean"]
+    assert 0 < attribution["concentration"]["fraction_of_heads"] <= 1 and attribution["num_pairs"] > 0
+    for name in ("activation_corrupted_into_clean", "activation_clean_into_corrupted", "path_corrupted_into_clean"):
+        assert (output / "attribution" / f"{name}.png").is_file()
+        ranked = json.loads((output / "attribution" / f"{name}.json").read_text())["ranked"]
+        assert len(ranked) == 8 * 8 + 8
+    selection = json.loads((output / "head_selection.json").read_text())
+    assert selection["heads"] == results["heads"] and selection["mlp_layers"] == results["mlp_layers"]
+
+    path = resolve_model_path("ctxaware-tiny")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    adapter = HeadAdapter.from_pretrained(output / "adapter", model)
+    assert [list(h) for h in adapter.heads] == results["heads"] and adapter.mlp_layers == results["mlp_layers"]
+    ids = torch.randint(3, 300, (2, 9))
+    merged = AutoModelForCausalLM.from_pretrained(output / "merged", dtype=torch.float32).eval()
+    torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+    assert results["trained_parameters"] == sum(p.numel() for p in adapter.parameters())
+
+    # The selection reused by the random-heads baseline's budget and a second heads run: no patching needed.
+    again = tmp_path / "reuse"
+    accelerate_launch("recipes/arith_heads.py", "--config", "recipes/configs/arith_heads/default.yaml",
+                      "--output_dir", str(again), "--head_selection", str(output / "head_selection.json"), *SMALL)  # fmt: skip
+    reused = json.loads((again / "results.json").read_text())
+    assert reused["heads"] == results["heads"] and not (again / "attribution").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["random_heads", "lora", "full"])
+def test_recipe_baselines_end_to_end(tmp_path, method):
+    output = tmp_path / method
+    accelerate_launch("recipes/arith_heads.py", "--config", "recipes/configs/arith_heads/default.yaml",
+                      "--output_dir", str(output), "--method", method, *SMALL)  # fmt: skip
+    results = json.loads((output / "results.json").read_text())
+    assert results["method"] == method and results["trained_parameters"] > 0
+    saved = {"random_heads": "adapter/adapter_config.json", "lora": "adapter/adapter_config.json",
+             "full": "model/config.json"}[method]  # fmt: skip
+    assert (output / saved).is_file()
+    if method == "random_heads":
+        assert len(results["heads"]) == 3 and not (output / "attribution").exists()

@@ -78,7 +78,8 @@ def load_model(name_or_path: str, *, adapter: str | None = None, dtype: str = "a
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        overrides = adapter_config_overrides(adapter) if adapter else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **overrides)
     except OSError as error:
         raise FileNotFoundError(
             f"Could not load model {name_or_path!r}: {error}\nPass a local model folder, a Hub id available offline, "
@@ -89,6 +90,14 @@ def load_model(name_or_path: str, *, adapter: str | None = None, dtype: str = "a
     if adapter:
         model = load_adapter(model, adapter, base_name=name_or_path)
     return model.to(device).eval(), tokenizer
+
+
+def adapter_config_overrides(adapter: str) -> dict:
+    """Base-config changes an adapter was trained with (a SinkLoRA adapter's extended context and RoPE scaling)."""
+    from ctxaware.methods import sinklora
+
+    metadata = _read_adapter_config(adapter, sinklora.METADATA_NAME)
+    return sinklora.base_config_overrides(metadata) if metadata else {}
 
 
 def _looks_like_path(name: str) -> bool:

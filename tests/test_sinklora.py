@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ctxaware.attention
+from ctxaware.eval.model import load_model
 from ctxaware.methods import sinklora
 from ctxaware.training import pack_token_stream, push_folder_to_hub, resolve_resume_checkpoint, write_model_card
 from tests.launch import accelerate_launch
@@ -70,6 +71,12 @@ def test_recipe_end_to_end_and_adapter_restores_embeddings_and_norms(tiny_base, 
     )
     assert torch.equal(merged["lm_head.weight"], merged["model.embed_tokens.weight"])  # still tied
     assert model.config.rope_parameters["factor"] == 4.0 and model.config.max_position_embeddings == 256
+
+    # `ctxaware eval --adapter` rebuilds the same extended base: identical logits to load_sinklora's model.
+    evaluated, _ = load_model(str(tiny_base), adapter=str(adapter), dtype="float32", device="cpu")
+    assert evaluated.config.rope_parameters["factor"] == 4.0 and evaluated.config.max_position_embeddings == 256
+    input_ids = torch.randint(3, 320, (1, 200))
+    torch.testing.assert_close(evaluated(input_ids).logits, model.eval()(input_ids).logits)
 
     # Resuming with another attention pattern is refused, naming the differing key.
     recipe = load_recipe("sinklora")

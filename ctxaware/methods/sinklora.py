@@ -181,14 +181,19 @@ def load_sinklora(adapter: str | Path, *, base_model: str | None = None, dtype="
     from ctxaware.training import load_causal_lm
 
     metadata = read_metadata(adapter)
-    overrides = {"max_position_embeddings": metadata["max_position_embeddings"]}
-    if metadata.get("rope_parameters"):
-        overrides["rope_parameters"] = metadata["rope_parameters"]
     model = load_causal_lm(
         base_model or metadata["base_model"],
         dtype=dtype,
         attn_implementation=ATTN_IMPLEMENTATION,
-        **overrides,
+        **base_config_overrides(metadata),
         **kwargs,
     )
     return PeftModel.from_pretrained(model, str(adapter))
+
+
+def base_config_overrides(metadata: dict) -> dict:
+    """The config changes the base model needs before the adapter fits: the extended context and its RoPE scaling."""
+    overrides = {"max_position_embeddings": metadata["max_position_embeddings"]}
+    if metadata.get("rope_parameters"):
+        overrides["rope_parameters"] = metadata["rope_parameters"]
+    return overrides

@@ -22,7 +22,7 @@ from ctxaware.methods.patching import build_batches
 from ctxaware.models import resolve_model_path
 from ctxaware.world.tasks import arithmetic_split
 from tests.launch import accelerate_launch
-from tests.tiny_models import FAMILIES, tiny_model
+from tests.tiny_models import tiny_model
 
 
 PROMPT = re.compile(r"^(\d+) ([-+*]) (\d+) =$")

@@ -21,8 +21,9 @@ Reuse a selection instead of patching again: `--head_selection OUTPUT_DIR/head_s
 3. Evaluation before and after: arithmetic accuracy by (template, op, digits) on the test split, grouped into in
    distribution and transfer (other digits, templates, ops); the shared harness tasks `eval_tasks`; closed-book recall
    of memorised facts.
-Outputs in `output_dir`: `attribution/` (ranked JSON and layer x head heat map per patching run), `head_selection.json`,
-`adapter/` (ctxaware format; PEFT for lora; `model/` for full), `results.json`; `--merge true` adds `merged/`.
+Outputs in `output_dir`: `attribution/` (ranked JSON and layer x head heat map per patching run),
+`head_selection.json`, `adapter/` (ctxaware format; PEFT for lora; `model/` for full), `results.json`;
+`--merge true` adds `merged/`, a plain transformers model.
 """
 
 import json
@@ -105,7 +106,7 @@ class ArithHeadsArguments:
     eval_per_cell: int = field(default=20, metadata={"help": "Test problems per (template, op, digits); 0: none."})
     eval_digits: list[int] = field(default_factory=lambda: [1, 2, 3])
     eval_tasks: list[str] = field(default_factory=lambda: ["extractive_qa", "counterfactual_qa"],
-                                  metadata={"help": "Harness tasks (ctxaware eval) scored before and after."})  # fmt: skip
+                                  metadata={"help": "Harness tasks (ctxaware eval), before and after."})  # fmt: skip
     eval_limit: int = field(default=100, metadata={"help": "Records per harness task and closed-book facts."})
     merge: bool = field(default=False, metadata={"help": "Also save the merged plain model (heads methods)."})
 
@@ -146,7 +147,8 @@ CONFIG_CLASSES = (ArithHeadsArguments, ArithHeadsTrainingConfig)
 def attribute(args: ArithHeadsArguments, model, tokenizer, output_dir: Path | None) -> dict:
     """Runs the patching analyses; returns {run name: PatchingResult}; writes them to `output_dir`/attribution."""
     pairs = arithmetic_pairs(args.world_seed, args.attribution_split, args.attribution_pairs, ops=args.train_ops,
-                             digits=args.train_digits, templates=args.train_templates, corruption=args.corruption)  # fmt: skip
+                             digits=args.train_digits, templates=args.train_templates,
+                             corruption=args.corruption)  # fmt: skip
     batches = build_batches(pairs, tokenizer, drop_mismatched=args.drop_mismatched)
     if args.keep_correct:
         batches = keep_answered(model, batches)
@@ -290,13 +292,15 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
         training = {k: v for k, v in asdict(args).items() if k.startswith(("train_", "method", "kv_", "num_"))}
         training |= {"learning_rate": training_args.learning_rate, "num_train_epochs": training_args.num_train_epochs}
         adapter = HeadDeltaAdapter.for_model(model, heads, mlps, kv_policy=args.kv_policy, targets=args.delta_targets,
-                                             base_model=args.model_name_or_path, base_model_revision=args.model_revision,
+                                             base_model=args.model_name_or_path,
+                                             base_model_revision=args.model_revision,
                                              training=training)  # fmt: skip
         adapter.to(state.device).attach(model)
         if state.is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
             save_head_selection(output_dir / "head_selection.json", heads, layout, mlp_layers=mlps, method=args.method,
-                                selection_score=args.selection_score, mlp_selection_score=args.mlp_selection_score)  # fmt: skip
+                                selection_score=args.selection_score,
+                                mlp_selection_score=args.mlp_selection_score)  # fmt: skip
     results["trained_parameters"] = trainable_parameters(model)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()

@@ -137,7 +137,7 @@ def test_training_changes_only_the_deltas_and_merge_only_the_selected_slices():
     assert set(changed) == {
         f"{attn0}.q_proj.weight", f"{attn0}.k_proj.weight", f"{attn0}.v_proj.weight", f"{attn0}.o_proj.weight",
         f"{attn1}.q_proj.weight", f"{attn1}.o_proj.weight",
-        "model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight",
+        *(f"model.layers.1.mlp.{name}.weight" for name in ("gate_proj", "up_proj", "down_proj")),
     }  # fmt: skip
     rows = lambda diff: diff.amax(dim=1).unflatten(0, (-1, d)).amax(dim=1) > 0  # noqa: E731
     cols = lambda diff: diff.amax(dim=0).unflatten(0, (-1, d)).amax(dim=1) > 0  # noqa: E731
@@ -263,7 +263,8 @@ def test_recipe_end_to_end_heads(tmp_path):
     # The selection reused by the random-heads baseline's budget and a second heads run: no patching needed.
     again = tmp_path / "reuse"
     accelerate_launch("recipes/arith_heads.py", "--config", "recipes/configs/arith_heads/default.yaml",
-                      "--output_dir", str(again), "--head_selection", str(output / "head_selection.json"), *SMALL)  # fmt: skip
+                      "--output_dir", str(again), "--head_selection", str(output / "head_selection.json"),
+                      *SMALL)  # fmt: skip
     reused = json.loads((again / "results.json").read_text())
     assert reused["heads"] == results["heads"] and not (again / "attribution").exists()
 

@@ -9,7 +9,7 @@ held-out problems never appeared in pretraining.
 
 Precise SFT (`HeadDeltaAdapter`): trained deltas on the slices of the selected components only, zero at the start:
 - a selected query head h of layer l: its rows of q_proj (h*D:(h+1)*D) and its columns of o_proj;
-- its key/value rows under GQA, shared by the h's group of `group_size` query heads, by `kv_policy`:
+- its key/value rows under GQA, shared by h's group of `group_size` query heads, by `kv_policy`:
   `full_group` (default) trains a group's k/v rows only when every query head of the group is selected, so that no
   unselected head changes; `any` trains them when any head of the group is selected (the other heads of the group
   then change too); `none` never trains them. Under MHA (group size 1) `full_group` and `any` agree.
@@ -74,8 +74,10 @@ def _check_choices(ops, digits, templates, corruption=None) -> None:
     if corruption is not None and corruption not in CORRUPTIONS:
         raise ValueError(f"corruption={corruption!r}: choose one of {', '.join(CORRUPTIONS)}")
     if corruption == "operator" and set(templates) == {"word"}:
-        raise ValueError("word problems phrase the operation in words, so their operator cannot be corrupted in place: "
-                         "use corruption 'operand' or another template")  # fmt: skip
+        raise ValueError(
+            "word problems phrase the operation in words, so their operator cannot be corrupted in place: use "
+            "corruption 'operand' or another template"
+        )
 
 
 def _operands(rng: random.Random, op: str, digits: int) -> tuple[int, int]:
@@ -201,7 +203,8 @@ def check_selection(layout: HeadLayout, heads: list[Head], mlp_layers: list[int]
     for layer in mlp_layers:
         if not 0 <= layer < layout.num_layers:
             raise IndexError(
-                f"MLP layer {layer} out of range: the model has {layout.num_layers} layers (0..{layout.num_layers - 1})"
+                f"MLP layer {layer} out of range: the model has {layout.num_layers} layers "
+                f"(0..{layout.num_layers - 1})"
             )
 
 
@@ -252,7 +255,8 @@ class HeadDeltaLayer(nn.Module):
         super().__init__()
         hidden = layout.hidden_size
         self.register_buffer("q_index", _rows([layout.q_rows(h) for h in heads]), persistent=False)
-        self.register_buffer("kv_index", _rows([slice(g * layout.head_dim, (g + 1) * layout.head_dim) for g in kv_heads]), persistent=False)  # fmt: skip
+        kv_rows = [slice(g * layout.head_dim, (g + 1) * layout.head_dim) for g in kv_heads]
+        self.register_buffer("kv_index", _rows(kv_rows), persistent=False)
         n_q, n_kv = len(self.q_index), len(self.kv_index)
         self.q = nn.Parameter(torch.zeros(n_q, hidden)) if "q" in targets and n_q else None
         self.o = nn.Parameter(torch.zeros(hidden, n_q)) if "o" in targets and n_q else None
@@ -332,8 +336,8 @@ class HeadDeltaAdapter(HeadAdapter):
         super().check_compatible(model)
         if self.mlp_layers and (found := mlp_shapes(model)) != self.mlp_shape_map:
             raise ValueError(
-                f"This adapter's MLP deltas have shapes {self.mlp_shape_map} but the model's MLPs have {found}: load it "
-                f"onto {self.base_model or 'its base model'}."
+                f"This adapter's MLP deltas have shapes {self.mlp_shape_map} but the model's MLPs have {found}: "
+                f"load it onto {self.base_model or 'its base model'}."
             )
 
     def _slices(self, model: nn.Module):

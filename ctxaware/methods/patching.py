@@ -16,7 +16,8 @@ of the corrupted answer), where "first token" is the first token at which the tw
 - `clean_into_corrupted` (denoising): base run corrupted, activation from the clean run; 1 means restoring it alone
   recovers the answer.
 Activation patching replaces the component's activation (at every position, or only the final one with
-`positions="last"`) and lets every later component react (total effect). Path patching to the final position replaces it while every other head and MLP is frozen at its
+`positions="last"`) and lets every later component react (total effect). Path patching to the final position
+replaces it while every other head and MLP is frozen at its
 base-run activation, so the change reaches the final position's logits only through the residual stream (the
 component's direct effect on the answer).
 """

@@ -315,6 +315,7 @@ def _resolve_folder(path_or_repo_id: str | Path, *, revision: str | None, token:
 
 def _import_methods() -> None:
     """Registers the project's adapter methods (their modules define the subclasses)."""
+    import ctxaware.methods.arith_heads  # noqa: F401
     import ctxaware.methods.lofit  # noqa: F401
     import ctxaware.methods.moh  # noqa: F401
 

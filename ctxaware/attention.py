@@ -110,6 +110,10 @@ def ctxaware_attention_forward(
             )
         pattern = AttentionPattern.sliding_window(sliding_window)
 
+    if torch.is_autocast_enabled(query.device.type):
+        # As SDPA does under autocast: RoPE leaves q, k in float32 while v is already in the autocast dtype.
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     batch, _, q_len, _ = query.shape
     k_len = key.shape[2]
     key_padding_mask = _key_padding_mask(attention_mask, batch, k_len)

@@ -72,6 +72,9 @@ class SinkLoRAConfig(SFTConfig):
     eval_passkey_lengths: list[int] | None = field(
         default=None, metadata={"help": "passkey lengths (default: max_length)."}
     )
+    eval_text_file: str | None = field(
+        default=None, metadata={"help": "Text file for the long_ppl evaluation (default: the world's passages)."}
+    )
     eval_limit: int = field(default=2, metadata={"help": "Samples per length for each evaluation task (0: skip)."})
     eval_batch_size: int = field(default=2, metadata={"help": "Batch size of the final evaluation."})
     learning_rate: float = 2e-4
@@ -117,7 +120,7 @@ CONFIG_CLASSES = (SinkLoRAConfig, SinkLoRAModelConfig)
 RESUME_MAY_DIFFER = {
     "output_dir", "resume_from_checkpoint", "logging_dir", "logging_steps", "save_steps", "save_total_limit",
     "save_strategy", "max_steps", "num_train_epochs", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo",
-    "report_to", "run_name", "eval_limit", "eval_batch_size", "eval_ppl_lengths", "eval_passkey_lengths",
+    "report_to", "run_name", "eval_limit", "eval_text_file", "eval_batch_size", "eval_ppl_lengths", "eval_passkey_lengths",
     "dataloader_num_workers", "disable_tqdm",
 }  # fmt: skip
 
@@ -207,7 +210,11 @@ def evaluate(
     with torch.no_grad(), sinklora.full_attention(model):
         for task, lengths in (("passkey", passkey_lengths), ("long_ppl", ppl_lengths)):
             options = EvalOptions(
-                limit=args.eval_limit, batch_size=args.eval_batch_size, lengths=lengths, progress=False
+                limit=args.eval_limit,
+                batch_size=args.eval_batch_size,
+                lengths=lengths,
+                haystack_file=args.eval_text_file,
+                progress=False,
             )
             results, _ = run_tasks(lm, [task], options, config=config)
             full[task] = results

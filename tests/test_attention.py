@@ -46,6 +46,15 @@ def test_greedy_generation_with_kv_cache_matches_sdpa(family):
     assert torch.equal(ours.generate(input_ids, **kwargs), sdpa.generate(input_ids, **kwargs))
 
 
+def test_autocast_mixed_dtypes_run_like_sdpa():
+    # Under autocast RoPE hands over float32 q, k and a bfloat16 v; both implementations compute in bfloat16.
+    sdpa, ours = model_pair("llama")
+    input_ids = torch.randint(3, 320, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = sdpa(input_ids).logits, ours(input_ids).logits
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)
+
+
 def test_packed_documents_do_not_attend_to_each_other():
     _, ours = model_pair("llama")
     first, second = torch.randint(3, 320, (1, 7)), torch.randint(3, 320, (1, 10))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 from ctxaware.methods.context import (
@@ -138,6 +138,7 @@ Evaluate: `ctxaware eval --model MERGED_OR_FULL_MODEL --tasks counterfactual_qa,
 
 
 def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
+    set_seed(config.seed)  # before any weights are created (the indicator row, LoRA), so runs repeat
     path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)

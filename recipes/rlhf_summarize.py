@@ -23,14 +23,13 @@ finished stage is never half-written; `--stage all` skips finished stages (`--ov
 
 import dataclasses
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import (
     DPOConfig,
@@ -487,7 +486,7 @@ RUNNERS = {"sft": run_sft, "reward": run_reward, "rl": run_rl, "dpo": run_dpo, "
 
 
 def main(cfg: RLHFConfig, model_args: ModelConfig) -> None:
-    random.seed(cfg.seed)
+    set_seed(cfg.seed)  # seeds python, numpy and torch before the reward head and LoRA weights are created
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     for stage in stages:
         final = Path(cfg.output_dir) / stage

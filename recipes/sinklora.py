@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 import ctxaware.attention
@@ -229,6 +229,7 @@ def evaluate(
 def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
     from transformers import AutoConfig
 
+    set_seed(args.seed)  # LoRA weights are created before the Trainer seeds anything: seed first, so runs repeat
     base_name = model_args.model_name_or_path or EMBEDDED_MODEL_NAME
     base_path = resolve_model_path(base_name)
     base_config = AutoConfig.from_pretrained(base_path, revision=model_args.model_revision)

@@ -27,3 +27,24 @@ def tiny_tokenizer():
     from tests.tiny_models import build_tiny_tokenizer
 
     return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A tiny random Llama (64-token context, tied embeddings) and its tokenizer in a folder, as a user's model."""
+    from tests.tiny_models import build_tiny_tokenizer, tiny_model
+
+    tokenizer = build_tiny_tokenizer()
+    model = tiny_model(
+        "llama",
+        max_position_embeddings=64,
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny-base")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -10,15 +10,25 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def accelerate_launch(
-    script: str | Path, *args: str, num_processes: int = 1, timeout: float = 600, env: dict | None = None
+    script: str | Path,
+    *args: str,
+    num_processes: int = 1,
+    config_file: str | None = None,
+    timeout: float = 600,
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
-    """Launches `script` from the repository root on CPU; raises with the child's output if it fails."""
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-    ]  # fmt: skip
+    """Launches `script` from the repository root on CPU, optionally with one of recipes/accelerate/*.yaml; raises
+    with the child's output if it fails."""
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config_file:
+        command += ["--config_file", config_file]
+    command += ["--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no"]
+    command += ["--dynamo_backend", "no"]
     # Several processes go through torchrun (`--multi_gpu`); ACCELERATE_USE_CPU=1 then makes them one gloo group.
-    command += ["--multi_gpu", "--main_process_port", str(_free_port())] if num_processes > 1 else ["--cpu"]
+    if num_processes > 1:
+        command += ["--main_process_port", str(_free_port())] + ([] if config_file else ["--multi_gpu"])
+    else:
+        command += ["--cpu"]
     command += [str(script), *args]
     child_env = {
         **os.environ,

@@ -13,26 +13,7 @@ from ctxaware.methods import sinklora
 from ctxaware.training import pack_token_stream, push_folder_to_hub, resolve_resume_checkpoint, write_model_card
 from tests.launch import accelerate_launch
 from tests.test_configs import load_recipe
-from tests.tiny_models import build_tiny_tokenizer, tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """A tiny random Llama (64-token context, tied embeddings) and its tokenizer in a folder, as a user's model."""
-    tokenizer = build_tiny_tokenizer()
-    model = tiny_model(
-        "llama",
-        max_position_embeddings=64,
-        vocab_size=len(tokenizer),
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    folder = tmp_path_factory.mktemp("tiny-base")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+from tests.tiny_models import tiny_model
 
 
 def test_recipe_end_to_end_and_adapter_restores_embeddings_and_norms(tiny_base, tmp_path):

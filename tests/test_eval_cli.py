@@ -170,3 +170,19 @@ def test_help_does_not_import_torch():
 
     code = "import sys; from ctxaware.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_every_task_on_the_embedded_model_with_its_world(tmp_path, capsys):
+    """The default suite on the shipped `ctxaware-tiny` (the default --model) and the real world data, with --limit."""
+    out = tmp_path / "runs"
+    code = eval_cli("--tasks", "default", "--limit", "1", "--lengths", "128", "--depths", "0.5",
+                    "--output_path", str(out), "--no_progress", "--batch_size", "4")  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    results, _ = read_results(out)
+    validate_results(results)
+    assert results["config"]["model"] == "ctxaware-tiny"
+    assert set(results["results"]) == set(task_names())
+    # Within its training context the shipped model retrieves a 5-digit passkey (1.00 in RESULTS.md).
+    assert results["results"]["passkey"]["acc,none"] == 1.0
+    assert 1.0 < results["results"]["long_ppl"]["ppl_len128,none"] < 1000.0

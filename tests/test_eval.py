@@ -11,7 +11,7 @@ import torch
 from ctxaware import generation
 from ctxaware.eval import hooks, metrics, output
 from ctxaware.eval.registry import EvalOptions, get_task
-from tests.test_eval_fakes import CONTEXT_QA, SUMMARIZATION, StubLM, by_question, install_fake_world
+from tests.eval_fakes import CONTEXT_QA, SUMMARIZATION, StubLM, by_question, install_fake_world
 from tests.tiny_models import tiny_model
 
 

@@ -8,7 +8,7 @@ import pytest
 from ctxaware.cli import main
 from ctxaware.eval.output import validate_results
 from ctxaware.eval.registry import task_names
-from tests.test_eval_fakes import install_fake_world
+from tests.eval_fakes import install_fake_world
 from tests.tiny_models import tiny_model
 
 

@@ -43,8 +43,10 @@ def test_budget_above_length_equals_the_full_cache(model):
     full = _generate(model, DynamicCache(config=model.config), ids, mask)
     h2o = _generate(model, H2OCache(model, budget=1000), ids, mask)
     assert torch.equal(full.sequences, h2o.sequences)
-    for a, b in zip(full.scores, h2o.scores):
-        assert torch.equal(a, b)
+    # Same keys, same math; the full cache runs the fused CPU path, H2O the reference (it needs key_mass): equal to
+    # float32 rounding, not bit for bit.
+    for a, b in zip(full.scores, h2o.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_small_budget_bounds_the_cache_and_keeps_sinks_and_recent(model):

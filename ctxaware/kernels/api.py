@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ctxaware.kernels.patterns import AttentionPattern
-from ctxaware.kernels.reference import reference_attention
+from ctxaware.kernels.reference import masked_sdpa_attention, reference_attention
 
 
 @dataclass
@@ -63,8 +63,8 @@ def _validate(q, k, v, pattern, key_padding_mask, doc_ids, head_gates, key_label
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
         if key_labels.numel() and (int(key_labels.min()) < 0 or int(key_labels.max()) >= num_labels):
             raise ValueError(f"key_labels must lie in [0, num_labels={num_labels})")
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    if backend not in ("auto", "triton", "reference", "sdpa"):
+        raise ValueError(f"backend must be 'auto', 'triton', 'reference' or 'sdpa', got {backend!r}")
 
 
 def attention(
@@ -92,8 +92,9 @@ def attention(
     _validate(q, k, v, pattern, key_padding_mask, doc_ids, head_gates, key_labels, num_labels, backend)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    statistics = key_mass or key_labels is not None or return_lse
     if backend == "auto":
-        backend = "triton" if q.is_cuda else "reference"
+        backend = "triton" if q.is_cuda else ("reference" if statistics else "sdpa")
     kwargs = dict(
         scale=scale,
         causal=causal,
@@ -105,6 +106,13 @@ def attention(
         key_labels=key_labels,
         num_labels=num_labels,
     )
+    if backend == "sdpa":
+        if statistics:
+            raise ValueError("the 'sdpa' backend returns no statistics: use backend='reference' or 'triton'")
+        kwargs = {
+            name: value for name, value in kwargs.items() if name not in ("key_mass", "key_labels", "num_labels")
+        }
+        return masked_sdpa_attention(q, k, v, **kwargs), AttentionStats()
     if backend == "triton":
         from ctxaware.kernels.triton_attention import triton_attention
 

@@ -47,7 +47,10 @@ def squad_row(row: dict) -> dict:
 
 
 def tldr_row(row: dict) -> dict:
-    return {"post": row["prompt"], "reference": row["completion"].strip(), "key_facts": []}
+    """trl-lib/tldr prompts end with `TL;DR:` already; the harness adds its own, so keep only the post."""
+    from ctxaware.methods.rlhf import post_from_prompt
+
+    return {"post": post_from_prompt(row["prompt"]), "reference": row["completion"].strip(), "key_facts": []}
 
 
 def pg19_row(row: dict) -> dict:

@@ -85,6 +85,12 @@ def load_model(name_or_path: str, *, adapter: str | None = None, dtype: str = "a
             f"Could not load model {name_or_path!r}: {error}\nPass a local model folder, a Hub id available offline, "
             "or the embedded `ctxaware-tiny`."
         ) from error
+    if adapter and _read_adapter_config(adapter, "tokenizer_config.json") is not None:
+        # An adapter that ships its tokenizer (e.g. conditional SFT's indicator token) is evaluated with it, on a
+        # base whose embeddings are resized to hold the added rows the adapter carries.
+        tokenizer = AutoTokenizer.from_pretrained(adapter)
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if adapter:

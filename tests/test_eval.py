@@ -118,7 +118,9 @@ def test_extractive_qa_squad_mapping(tiny_tokenizer):
         {"context": "Bero is a town.", "question": "What is Bero?", "answer": "a town", "answers": ["a town", "town"]}
     ]
     tldr = Dataset.from_dict({"prompt": ["SUBREDDIT: r/x POST: long text\nTL;DR:"], "completion": [" short"]})
-    assert data.real_records("summarization", "tldr", None, dataset=tldr)[0]["reference"] == "short"
+    (record,) = data.real_records("summarization", "tldr", None, dataset=tldr)
+    assert record["reference"] == "short"
+    assert record["post"] == "SUBREDDIT: r/x POST: long text"  # the harness adds its own TL;DR: prompt
     with pytest.raises(KeyError, match="lacks the column"):
         data.real_records("extractive_qa", "squad", None, dataset=tldr)
     with pytest.raises(ValueError, match="known: squad"):

@@ -4,6 +4,7 @@ schema, samples and plots written atomically, PEFT adapters, and the errors that
 import json
 
 import pytest
+import torch
 
 from ctxaware.cli import main
 from ctxaware.eval.output import validate_results
@@ -186,3 +187,28 @@ def test_every_task_on_the_embedded_model_with_its_world(tmp_path, capsys):
     # Within its training context the shipped model retrieves a 5-digit passkey (1.00 in RESULTS.md).
     assert results["results"]["passkey"]["acc,none"] == 1.0
     assert 1.0 < results["results"]["long_ppl"]["ppl_len128,none"] < 1000.0
+
+
+def test_peft_adapter_with_an_added_token_loads_with_its_tokenizer(model_dir, tmp_path):
+    """Conditional SFT saves a tokenizer with an added token and the new embedding row beside its LoRA adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    from ctxaware.eval.model import load_model
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|context|>"]})
+    base = tiny_model("llama")
+    base.resize_token_embeddings(len(tokenizer))
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    trained = get_peft_model(base, config)
+    with torch.no_grad():
+        trained.base_model.model.model.embed_tokens.modules_to_save["default"].weight[-1].fill_(0.5)
+    trained.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+
+    model, loaded_tokenizer = load_model(str(model_dir), adapter=str(tmp_path), dtype="float32", device="cpu")
+    assert len(loaded_tokenizer) == len(tokenizer) == 321
+    ids = loaded_tokenizer("hello <|context|>", return_tensors="pt")["input_ids"]
+    assert ids[0, -1].item() == 320
+    torch.testing.assert_close(model(ids).logits, trained.eval()(ids).logits)

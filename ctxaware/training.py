@@ -14,6 +14,12 @@ import torch
 from transformers import TrainerCallback
 
 
+def gpu_has_bf16(use_cpu: bool = False) -> bool:
+    """The default of a recipe's unset `bf16`: on where the GPU has it, so one YAML serves the GPU and CPU runs
+    (TRL's own default, True, fails on a CPU)."""
+    return not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
 RUN_CONFIG_NAME = "run_config.json"
 
 

@@ -37,6 +37,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import SFTConfig, SFTTrainer, TrlParser
 
+from ctxaware.adapters import count_trainable
 from ctxaware.eval.arithmetic import parse_number
 from ctxaware.eval.model import EvalModel
 from ctxaware.eval.registry import EvalOptions
@@ -54,6 +55,7 @@ from ctxaware.methods.arith_heads import (
 )
 from ctxaware.methods.patching import build_batches, keep_answered, patch_all
 from ctxaware.models import resolve_model_path
+from ctxaware.training import gpu_has_bf16
 from ctxaware.world import QA_PROMPT, build_world, closed_book_qa
 from ctxaware.world.probe import matches
 
@@ -136,7 +138,7 @@ class ArithHeadsTrainingConfig(SFTConfig):
 
     def __post_init__(self):
         if self.bf16 is None:
-            self.bf16 = not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            self.bf16 = gpu_has_bf16(self.use_cpu)
         super().__post_init__()
 
 
@@ -251,10 +253,6 @@ def training_records(args: ArithHeadsArguments, tokenizer) -> list[dict]:
     return [{"prompt": bos + r["prompt"], "completion": " " + r["answer"]} for r in records]
 
 
-def trainable_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> dict:
     set_seed(training_args.seed)
     state = PartialState()
@@ -301,7 +299,7 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
             save_head_selection(output_dir / "head_selection.json", heads, layout, mlp_layers=mlps, method=args.method,
                                 selection_score=args.selection_score,
                                 mlp_selection_score=args.mlp_selection_score)  # fmt: skip
-    results["trained_parameters"] = trainable_parameters(model)
+    results["trained_parameters"] = count_trainable(model)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     results["after"] = evaluate_model(args, model, tokenizer)

@@ -38,6 +38,7 @@ from ctxaware.methods.context import (
 )
 from ctxaware.models import resolve_model_path
 from ctxaware.scoring import load_chat_records, score_records, select_turns
+from ctxaware.training import gpu_has_bf16
 
 
 @dataclass
@@ -70,7 +71,7 @@ class ContextSFTConfig(SFTConfig):
 
     def __post_init__(self):
         if self.bf16 is None:  # TRL turns bf16 on by default, which fails on a CPU: use it where the GPU has it
-            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            self.bf16 = gpu_has_bf16(self.use_cpu)
         super().__post_init__()
         if self.mode not in ("vanilla", "conditional"):
             raise ValueError(f"mode must be `vanilla` or `conditional`, got {self.mode!r}")

@@ -28,9 +28,11 @@ from datasets import Dataset, load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, TrlParser
 
+from ctxaware.adapters import count_trainable
 from ctxaware.heads import HeadLayout, all_heads, plot_head_scores, random_heads, save_head_selection, top_heads
 from ctxaware.methods.lofit import LoFiTAdapter
 from ctxaware.models import resolve_model_path
+from ctxaware.training import gpu_has_bf16
 from ctxaware.world import CONTEXT_QA_PROMPT, arithmetic, build_world, context_qa, preference_pairs
 from ctxaware.world.probe import matches
 
@@ -105,7 +107,7 @@ class LoFiTTrainingConfig(SFTConfig):
 
     def __post_init__(self):
         if self.bf16 is None:  # one config for the GPU machine and for CPU runs (TRL's default fails on CPU)
-            self.bf16 = not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            self.bf16 = gpu_has_bf16(self.use_cpu)
         super().__post_init__()
 
 
@@ -242,10 +244,6 @@ def load_base(args: LoFiTArguments, training_args: LoFiTTrainingConfig):
     return AutoModelForCausalLM.from_pretrained(path, revision=args.model_revision, dtype=dtype)
 
 
-def trainable_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig) -> dict:
     set_seed(training_args.seed)
     state = PartialState()
@@ -278,7 +276,7 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig) -> dict:
         lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_target_modules,
                           lora_dropout=0.0, task_type="CAUSAL_LM")  # fmt: skip
         model = get_peft_model(model, lora)
-        results["trained_parameters"] = trainable_parameters(model)
+        results["trained_parameters"] = count_trainable(model)
         trainer = make_trainer(args.objective, model, trl_config(training_args, args.objective), dataset, tokenizer)
         trainer.train()
         adapter = None
@@ -297,7 +295,7 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig) -> dict:
         adapter = LoFiTAdapter(layout, heads, offsets=True, base_model=args.model_name_or_path,
                                base_model_revision=args.model_revision, training=training)  # fmt: skip
         adapter.to(next(model.parameters()).device).attach(model)
-        results["trained_parameters"] = trainable_parameters(model)
+        results["trained_parameters"] = count_trainable(model)
         stage2 = trl_config(training_args, args.objective, output_dir=str(output_dir / "stage2"))
         trainer = make_trainer(args.objective, model, stage2, dataset, tokenizer, ref_model)
         trainer.train()

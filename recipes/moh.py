@@ -31,7 +31,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 
 from ctxaware.methods.moh import VARIANTS, MoHAdapter, check_moh_shape, logit_change
 from ctxaware.models import resolve_model_path
-from ctxaware.training import atomic_directory, pack_token_stream
+from ctxaware.training import atomic_directory, gpu_has_bf16, pack_token_stream
 from ctxaware.world import build_world, pretraining_corpus
 
 
@@ -84,7 +84,7 @@ class MoHTrainingConfig(SFTConfig):
 
     def __post_init__(self):
         if self.bf16 is None:
-            self.bf16 = not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            self.bf16 = gpu_has_bf16(self.use_cpu)
         super().__post_init__()
 
 

@@ -52,6 +52,7 @@ from ctxaware.training import (
     RunConfigCallback,
     atomic_directory,
     check_4bit,
+    gpu_has_bf16,
     load_causal_lm,
     push_folder_to_hub,
     resolve_resume_checkpoint,
@@ -116,7 +117,7 @@ class RLHFConfig(RLOOConfig):
                 f"{', '.join(PREFERENCE_DATASETS)}, or load your own pairs with `rlhf.preference_records`."
             )
         if self.bf16 is None:  # TRL turns bf16 on by default, which fails on a CPU: use it where the GPU has it
-            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            self.bf16 = gpu_has_bf16(self.use_cpu)
         super().__post_init__()
 
 

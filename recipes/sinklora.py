@@ -29,6 +29,7 @@ from ctxaware.training import (
     RunConfigCallback,
     atomic_directory,
     check_4bit,
+    gpu_has_bf16,
     load_causal_lm,
     pack_token_stream,
     push_folder_to_hub,
@@ -95,7 +96,7 @@ class SinkLoRAConfig(SFTConfig):
 
     def __post_init__(self):
         if self.bf16 is None:  # TRL would default to True, which fails on a CPU machine
-            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            self.bf16 = gpu_has_bf16(self.use_cpu)
         super().__post_init__()
 
 

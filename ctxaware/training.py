@@ -14,10 +14,14 @@ import torch
 from transformers import TrainerCallback
 
 
-def gpu_has_bf16(use_cpu: bool = False) -> bool:
-    """The default of a recipe's unset `bf16`: on where the GPU has it, so one YAML serves the GPU and CPU runs
-    (TRL's own default, True, fails on a CPU)."""
-    return not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+class Bf16WhereAvailable:
+    """Mixin placed before a TRL config class: `bf16` left unset turns on only where the GPU has it, so one YAML
+    serves GPU and CPU runs (TRL's own default for an unset `bf16`, True, fails on a CPU)."""
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        super().__post_init__()
 
 
 RUN_CONFIG_NAME = "run_config.json"

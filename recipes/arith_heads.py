@@ -55,7 +55,7 @@ from ctxaware.methods.arith_heads import (
 )
 from ctxaware.methods.patching import build_batches, keep_answered, patch_all
 from ctxaware.models import resolve_model_path
-from ctxaware.training import gpu_has_bf16
+from ctxaware.training import Bf16WhereAvailable
 from ctxaware.world import QA_PROMPT, build_world, closed_book_qa
 from ctxaware.world.probe import matches
 
@@ -125,7 +125,7 @@ class ArithHeadsArguments:
 
 
 @dataclass
-class ArithHeadsTrainingConfig(SFTConfig):
+class ArithHeadsTrainingConfig(Bf16WhereAvailable, SFTConfig):
     learning_rate: float = 3e-4
     num_train_epochs: float = 3.0
     per_device_train_batch_size: int = 32
@@ -134,12 +134,6 @@ class ArithHeadsTrainingConfig(SFTConfig):
     save_strategy: str = "no"
     report_to: str = "none"
     max_length: int | None = 256
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; unset: on where the GPU has it."})
-
-    def __post_init__(self):
-        if self.bf16 is None:
-            self.bf16 = gpu_has_bf16(self.use_cpu)
-        super().__post_init__()
 
 
 CONFIG_CLASSES = (ArithHeadsArguments, ArithHeadsTrainingConfig)

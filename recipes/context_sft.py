@@ -38,11 +38,11 @@ from ctxaware.methods.context import (
 )
 from ctxaware.models import resolve_model_path
 from ctxaware.scoring import load_chat_records, score_records, select_turns
-from ctxaware.training import gpu_has_bf16
+from ctxaware.training import Bf16WhereAvailable
 
 
 @dataclass
-class ContextSFTConfig(SFTConfig):
+class ContextSFTConfig(Bf16WhereAvailable, SFTConfig):
     mode: str = field(default="conditional", metadata={"help": "`vanilla` SFT, or `conditional` (indicator token)."})
     dataset: str = field(default="world", metadata={"help": "`world`, a .jsonl/.json file, or a Hub data set."})
     dataset_split: str = field(default="train", metadata={"help": "Split of the data set (UltraChat: train_sft)."})
@@ -70,8 +70,6 @@ class ContextSFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        if self.bf16 is None:  # TRL turns bf16 on by default, which fails on a CPU: use it where the GPU has it
-            self.bf16 = gpu_has_bf16(self.use_cpu)
         super().__post_init__()
         if self.mode not in ("vanilla", "conditional"):
             raise ValueError(f"mode must be `vanilla` or `conditional`, got {self.mode!r}")

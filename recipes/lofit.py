@@ -32,7 +32,7 @@ from ctxaware.adapters import count_trainable
 from ctxaware.heads import HeadLayout, all_heads, plot_head_scores, random_heads, save_head_selection, top_heads
 from ctxaware.methods.lofit import LoFiTAdapter
 from ctxaware.models import resolve_model_path
-from ctxaware.training import gpu_has_bf16
+from ctxaware.training import Bf16WhereAvailable
 from ctxaware.world import CONTEXT_QA_PROMPT, arithmetic, build_world, context_qa, preference_pairs
 from ctxaware.world.probe import matches
 
@@ -90,7 +90,7 @@ class LoFiTArguments:
 
 
 @dataclass
-class LoFiTTrainingConfig(SFTConfig):
+class LoFiTTrainingConfig(Bf16WhereAvailable, SFTConfig):
     """Stage 2's (and LoRA's) training settings; DPO runs get the same values in a DPOConfig."""
 
     learning_rate: float = 1e-2
@@ -103,12 +103,6 @@ class LoFiTTrainingConfig(SFTConfig):
     max_length: int | None = 512
     beta: float = field(default=0.1, metadata={"help": "DPO: KL strength."})
     dpo_loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={"help": "DPO loss type(s)."})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; unset: on where the GPU has it."})
-
-    def __post_init__(self):
-        if self.bf16 is None:  # one config for the GPU machine and for CPU runs (TRL's default fails on CPU)
-            self.bf16 = gpu_has_bf16(self.use_cpu)
-        super().__post_init__()
 
 
 CONFIG_CLASSES = (LoFiTArguments, LoFiTTrainingConfig)

@@ -31,7 +31,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 
 from ctxaware.methods.moh import VARIANTS, MoHAdapter, check_moh_shape, logit_change
 from ctxaware.models import resolve_model_path
-from ctxaware.training import atomic_directory, gpu_has_bf16, pack_token_stream
+from ctxaware.training import Bf16WhereAvailable, atomic_directory, pack_token_stream
 from ctxaware.world import build_world, pretraining_corpus
 
 
@@ -71,7 +71,7 @@ class MoHArguments:
 
 
 @dataclass
-class MoHTrainingConfig(SFTConfig):
+class MoHTrainingConfig(Bf16WhereAvailable, SFTConfig):
     learning_rate: float = 3e-4
     max_steps: int = 200
     per_device_train_batch_size: int = 8
@@ -80,12 +80,6 @@ class MoHTrainingConfig(SFTConfig):
     save_strategy: str = "no"
     report_to: str = "none"
     max_length: int | None = None
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; unset: on where the GPU has it."})
-
-    def __post_init__(self):
-        if self.bf16 is None:
-            self.bf16 = gpu_has_bf16(self.use_cpu)
-        super().__post_init__()
 
 
 CONFIG_CLASSES = (MoHArguments, MoHTrainingConfig)

@@ -49,10 +49,10 @@ import ctxaware.attention  # noqa: F401  (registers attn_implementation="ctxawar
 from ctxaware.methods import rlhf
 from ctxaware.models import resolve_model_path
 from ctxaware.training import (
+    Bf16WhereAvailable,
     RunConfigCallback,
     atomic_directory,
     check_4bit,
-    gpu_has_bf16,
     load_causal_lm,
     push_folder_to_hub,
     resolve_resume_checkpoint,
@@ -67,7 +67,7 @@ PREFERENCE_DATASETS = (WORLD, "trl-lib/tldr-preference", "openai/summarize_from_
 
 
 @dataclass
-class RLHFConfig(RLOOConfig):
+class RLHFConfig(Bf16WhereAvailable, RLOOConfig):
     """RLOOConfig (the RL stage's settings; the shared Trainer settings apply to every stage) plus the other stages."""
 
     output_dir: str = field(default="runs/rlhf_summarize", metadata={"help": "One folder per stage goes in here."})
@@ -116,8 +116,6 @@ class RLHFConfig(RLOOConfig):
                 f"--preference_dataset_name {self.preference_dataset_name!r}: choose one of "
                 f"{', '.join(PREFERENCE_DATASETS)}, or load your own pairs with `rlhf.preference_records`."
             )
-        if self.bf16 is None:  # TRL turns bf16 on by default, which fails on a CPU: use it where the GPU has it
-            self.bf16 = gpu_has_bf16(self.use_cpu)
         super().__post_init__()
 
 

@@ -26,10 +26,10 @@ import ctxaware.attention
 from ctxaware.methods import sinklora
 from ctxaware.models import EMBEDDED_MODEL_NAME, resolve_model_path
 from ctxaware.training import (
+    Bf16WhereAvailable,
     RunConfigCallback,
     atomic_directory,
     check_4bit,
-    gpu_has_bf16,
     load_causal_lm,
     pack_token_stream,
     push_folder_to_hub,
@@ -39,7 +39,7 @@ from ctxaware.training import (
 
 
 @dataclass
-class SinkLoRAConfig(SFTConfig):
+class SinkLoRAConfig(Bf16WhereAvailable, SFTConfig):
     """SFTConfig with SinkLoRA's fields; `max_length` is the target context (default: 4x the model's)."""
 
     output_dir: str = field(
@@ -89,15 +89,7 @@ class SinkLoRAConfig(SFTConfig):
     save_strategy: str = "steps"
     save_steps: float = 8
     save_total_limit: int | None = 1
-    bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 mixed precision (default: on where the GPU has it)."}
-    )
     dataset_kwargs: dict | None = field(default_factory=lambda: {"skip_prepare_dataset": True})
-
-    def __post_init__(self):
-        if self.bf16 is None:  # TRL would default to True, which fails on a CPU machine
-            self.bf16 = gpu_has_bf16(self.use_cpu)
-        super().__post_init__()
 
 
 @dataclass

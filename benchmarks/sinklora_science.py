@@ -13,39 +13,14 @@ perplexity gain at 4L each sparse pattern recovers) to --out. `--smoke` runs the
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from science_common import command_line, harness_metrics, run
 
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "sinklora.py"
-
-
-def run(command: list[str], log: Path) -> None:
-    start = time.time()
-    with log.open("w") as handle:
-        # Run outside the checkout, so `python -m` imports the installed ctxaware (with ctxaware.eval), not ./ctxaware.
-        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ}, cwd=log.parent)
-    print(f"[{time.time() - start:6.1f}s] exit {result.returncode}: {' '.join(command)}", flush=True)
-    if result.returncode:
-        print(log.read_text()[-4000:], flush=True)
-        raise SystemExit(f"failed: {' '.join(command)} (log: {log})")
-
-
-def harness_metrics(results_dir: Path) -> dict:
-    """{task: {metric: value}} from the newest results JSON of a `ctxaware eval --output_path` folder."""
-    (path,) = sorted(results_dir.glob("*/results_*.json"))[-1:]
-    results = json.loads(path.read_text())["results"]
-    return {
-        task: {
-            key.split(",")[0]: value
-            for key, value in metrics.items()
-            if isinstance(value, float) and "stderr" not in key
-        }
-        for task, metrics in results.items()
-    }
 
 
 def main() -> None:
@@ -103,7 +78,7 @@ def main() -> None:
     gain_full = ppl["base"][key] - ppl["full"][key]
     closure = {name: (ppl["base"][key] - ppl[name][key]) / gain_full if gain_full else None for name in ("s2", "sf")}
     summary = {
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": command_line(),
         "settings": {"steps": steps, "batch_size": batch, "learning_rate": args.learning_rate, "limit": limit},
         "results": results,
         "gap_closure_at_4L": closure,

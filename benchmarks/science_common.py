@@ -1,0 +1,56 @@
+"""Shared plumbing of the scientific checks (`benchmarks/*_science.py`): run a step with its log, read harness output.
+
+Each check drives the recipes and `ctxaware eval` as subprocesses, the way a user would, from a folder outside the
+checkout so that `python -m ctxaware.cli` imports the installed package (with `ctxaware.eval`), not `./ctxaware`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def run(command: list[str], log: Path) -> None:
+    """Runs `command` with its output in `log` (cwd: the log's folder); stops the check with the log's tail on failure."""
+    start = time.time()
+    with log.open("w") as handle:
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ}, cwd=log.parent)
+    print(f"[{time.time() - start:6.1f}s] exit {result.returncode}: {' '.join(command)}", flush=True)
+    if result.returncode:
+        print(log.read_text()[-4000:], flush=True)
+        raise SystemExit(f"failed: {' '.join(command)} (log: {log})")
+
+
+def launch_recipe(recipe: str, *args: str) -> list[str]:
+    """The command line of `accelerate launch recipes/<recipe>.py ARGS` on one process."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", str(RECIPES / f"{recipe}.py"),
+            *args]  # fmt: skip
+
+
+def eval_command(*args: str) -> list[str]:
+    """The command line of `ctxaware eval ARGS`."""
+    return [sys.executable, "-m", "ctxaware.cli", "eval", *args]
+
+
+def harness_metrics(results_dir: Path) -> dict:
+    """{task: {metric: value}} from the newest results JSON of a `ctxaware eval --output_path` folder."""
+    (path,) = sorted(results_dir.glob("*/results_*.json"))[-1:]
+    results = json.loads(path.read_text())["results"]
+    return {
+        task: {
+            key.split(",")[0]: value
+            for key, value in metrics.items()
+            if isinstance(value, float) and "stderr" not in key
+        }
+        for task, metrics in results.items()
+    }
+
+
+def command_line() -> str:
+    """How this check was started, for its results file."""
+    return " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])

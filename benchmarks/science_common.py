@@ -26,6 +26,29 @@ def run(command: list[str], log: Path) -> None:
         raise SystemExit(f"failed: {' '.join(command)} (log: {log})")
 
 
+def run_parallel(jobs: list[tuple[list[str], Path]]) -> None:
+    """Runs independent (command, log) pairs at the same time (small models leave most of a GPU idle); stops the check
+    with the failed logs' tails if any fails."""
+    start = time.time()
+    running = []
+    for command, log in jobs:
+        handle = log.open("w")
+        process = subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ}, cwd=log.parent
+        )
+        running.append((process, handle, command, log))
+    failed = []
+    for process, handle, command, log in running:
+        returncode = process.wait()
+        handle.close()
+        print(f"[{time.time() - start:6.1f}s] exit {returncode}: {' '.join(command)}", flush=True)
+        if returncode:
+            print(log.read_text()[-4000:], flush=True)
+            failed.append(str(log))
+    if failed:
+        raise SystemExit(f"failed: see {', '.join(failed)}")
+
+
 def launch_recipe(recipe: str, *args: str) -> list[str]:
     """The command line of `accelerate launch recipes/<recipe>.py ARGS` on one process."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", str(RECIPES / f"{recipe}.py"),

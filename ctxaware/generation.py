@@ -156,3 +156,55 @@ def token_nll(
         count += new.numel()
         scored_until = end
     return total, count
+
+
+@torch.no_grad()
+def streaming_token_nll(
+    model,
+    sequences: Sequence[Sequence[int]],
+    cache,
+    *,
+    prefill: int | None = None,
+) -> tuple[list[float], int]:
+    """Per-row summed negative log-likelihood of `sequences[r][1:]` (rows of one length) and the tokens per row,
+    with the text fed through `cache` as generation feeds it: one forward over the first `prefill` tokens, then one
+    token per step, so an evicting cache (H2O) drops keys between steps exactly as it does while decoding.
+
+    `prefill=None` takes as many tokens as the cache holds without evicting (`cache.get_max_length()`; the whole
+    text for an unbounded cache): every step then sees the same keys as token-by-token decoding from the first token,
+    which is H2O's streaming language-modelling setting. The cache ends holding the keys of all tokens but the last.
+    """
+    ids = torch.tensor([list(s) for s in sequences], dtype=torch.long, device=model.device)
+    length = ids.shape[1]
+    if length < 2:
+        raise ValueError(f"Streaming perplexity needs at least 2 tokens per row, got {length}.")
+    if prefill is None:
+        capacity = cache.get_max_length() if cache.layers else -1  # a DynamicCache without config has no layers yet
+        prefill = length - 1 if capacity < 1 else capacity
+    prefill = max(1, min(prefill, length - 1))
+    logits = model(input_ids=ids[:, :prefill], cache=cache, use_cache=True).logits
+    nll = _row_nll(logits[:, :-1], ids[:, 1:prefill])
+    next_logits = logits[:, -1:]
+    for t in range(prefill, length):
+        nll += _row_nll(next_logits, ids[:, t : t + 1])
+        if t < length - 1:
+            next_logits = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits
+    return nll.tolist(), length - 1
+
+
+def _row_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits, (B, T) targets -> (B,) summed NLL in float64 (hundreds of steps are added per row)."""
+    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    return nll.double().sum(-1)
+
+
+def kv_cache_bytes(cache) -> tuple[int, int]:
+    """(bytes of keys and values `cache` holds, bytes a full cache of every token it has seen would hold)."""
+    held = full = 0
+    for layer in cache.layers:
+        if not getattr(layer, "is_initialized", False):
+            continue
+        per_entry = sum(t.element_size() * t.numel() // t.shape[-2] for t in (layer.keys, layer.values))
+        held += per_entry * layer.keys.shape[-2]
+        full += per_entry * layer.get_seq_length()
+    return held, full

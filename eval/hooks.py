@@ -19,7 +19,9 @@ class GenerationSetup:
 
     stack: ExitStack = field(default_factory=ExitStack)
     generate_kwargs: dict = field(default_factory=dict)
-    cache_factory: Callable[[], object] | None = None
+    # A fresh KV cache: `cache_factory()` per generate batch, `cache_factory(length=L)` per streaming-scoring batch of
+    # L-token texts (a budget given as a fraction is then a fraction of L).
+    cache_factory: Callable[..., object] | None = None
     applied: dict[str, str] = field(default_factory=dict)
 
     def close(self) -> None:
@@ -38,7 +40,8 @@ SWITCHES: dict[str, Switch] = {
     "kv_cache": Switch(
         "kv_cache",
         "KV-cache policy during generation: `full`, or `h2o:BUDGET` (fraction of the prompt kept, or a token count; "
-        "runs attention on the ctxaware kernels). Scoring (log-likelihoods, perplexity) always sees the full context.",
+        "runs attention on the ctxaware kernels). long_ppl then streams each text through the cache token by token "
+        "(the fraction is of the text's length); log-likelihood scoring always sees the full context.",
         "full",
         ("ctxaware.methods.h2o",),
     ),
@@ -135,4 +138,4 @@ def _h2o_cache(model, args: str, setup: GenerationSetup) -> None:
     base.set_attn_implementation(ctxaware.attention.ATTN_IMPLEMENTATION)
     setup.stack.callback(disable_h2o, model)
     H2OCache(model, budget)  # validates the model (full-attention layers only) now rather than at the first batch
-    setup.cache_factory = lambda: H2OCache(model, budget)
+    setup.cache_factory = lambda length=None: H2OCache(model, budget, reference_length=length)

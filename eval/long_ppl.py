@@ -5,6 +5,12 @@ forward pass, so the ppl at L averages over all positions 1..L-1 (not just the f
 (`--ppl_stride S`): each sample is a stretch of 2 x max(lengths) tokens scored with windows of L tokens moved by S,
 every token scored once from the window that gives it the most context. `--limit` is the number of samples per
 length. Text: the world's context documents by default, `--haystack_file` for a text file, `--dataset pg19`.
+
+Under a KV cache (`--kv_cache h2o:B`; `full` keeps the one-pass scoring, which is what a full cache computes): each
+window streams through a fresh cache as in generation, a prefill up to the cache's budget then one token per step,
+so evictions happen between steps exactly as while decoding (H2O's streaming language-modelling setting; a budget
+fraction is of the window's length). Adds `kv_bytes_len{L}` (K/V bytes held at the end, per sample) and
+`kv_full_bytes_len{L}` (a full cache of the same tokens).
 """
 
 import math
@@ -49,6 +55,11 @@ class LongPerplexity(Task):
         return "\n\n".join(r["context"] for r in records if not r.get("counterfactual"))
 
     def load(self, lm, options: EvalOptions) -> list[dict]:
+        if options.ppl_stride and lm.has_kv_cache:
+            raise ValueError(
+                "--ppl_stride cannot be combined with --kv_cache: under a KV cache each window streams through the "
+                "cache token by token; drop --ppl_stride (or use --kv_cache full for sliding windows)."
+            )
         lengths, per_length = self._lengths(options), options.limit or DEFAULT_PER_LENGTH
         stream = lm.tokenizer(self._text(options), add_special_tokens=False)["input_ids"]
         records = []
@@ -64,6 +75,8 @@ class LongPerplexity(Task):
         return records
 
     def evaluate(self, lm, records: list[dict], options: EvalOptions) -> TaskResult:
+        if lm.has_kv_cache:
+            return self._evaluate_streaming(lm, records)
         from tqdm.auto import tqdm
 
         totals: dict[int, list[float]] = {}
@@ -79,3 +92,18 @@ class LongPerplexity(Task):
         for length, (nll, count) in totals.items():
             metrics[f"ppl_len{length}"] = math.exp(nll / count)
         return TaskResult(metrics, samples)
+
+    def _evaluate_streaming(self, lm, records: list[dict]) -> TaskResult:
+        metrics, samples = {}, []
+        for length in dict.fromkeys(r["length"] for r in records):
+            indices = [i for i, r in enumerate(records) if r["length"] == length]
+            scored = lm.streaming_nll([records[i]["input_ids"] for i in indices], desc=f"long_ppl {length}")
+            for i, s in zip(indices, scored, strict=True):
+                samples.append({"doc_id": i, "length": length, "tokens_scored": s.tokens, "ppl": math.exp(s.nll / s.tokens),
+                                "kv_bytes": s.kv_bytes, "kv_full_bytes": s.kv_full_bytes})  # fmt: skip
+            metrics[f"ppl_len{length}"] = math.exp(sum(s.nll for s in scored) / sum(s.tokens for s in scored))
+            metrics[f"kv_bytes_len{length}"] = sum(s.kv_bytes for s in scored) / len(scored)
+            metrics[f"kv_full_bytes_len{length}"] = sum(s.kv_full_bytes for s in scored) / len(scored)
+        samples.sort(key=lambda sample: sample["doc_id"])
+        mode = "streaming through the KV cache (prefill up to its budget, then one token per step)"
+        return TaskResult(metrics, samples, extra={"mode": mode, "kv_cache": lm.setup.applied.get("kv_cache")})

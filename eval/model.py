@@ -6,10 +6,22 @@ known and check a metric exactly.
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from ctxaware import generation
 from ctxaware.eval.hooks import GenerationSetup
+
+
+@dataclass
+class StreamedNLL:
+    """One sequence scored through a KV cache: summed NLL, tokens scored, K/V bytes held at the end and the bytes a
+    full cache of the same tokens would hold (both per sequence)."""
+
+    nll: float
+    tokens: int
+    kv_bytes: float
+    kv_full_bytes: float
 
 
 class EvalModel:
@@ -59,6 +71,29 @@ class EvalModel:
 
     def token_nll(self, ids: list[int], *, window: int, stride: int | None = None) -> tuple[float, int]:
         return generation.token_nll(self.model, ids, window=window, stride=stride)
+
+    @property
+    def has_kv_cache(self) -> bool:
+        """Whether a `--kv_cache` switch set a cache (scoring then streams the text through it)."""
+        return self.setup.cache_factory is not None
+
+    def streaming_nll(self, sequences: list[list[int]], *, desc: str = "stream") -> list[StreamedNLL]:
+        """Each sequence (all of one length) fed through a fresh cache of the `--kv_cache` switch, `batch_size` rows
+        at a time, as generation would feed it (`generation.streaming_token_nll`)."""
+        from tqdm.auto import tqdm
+
+        length = len(sequences[0])
+        if any(len(s) != length for s in sequences):
+            raise ValueError("streaming_nll takes sequences of one length: group them by length first")
+        results = []
+        starts = range(0, len(sequences), self.batch_size)
+        for start in tqdm(starts, desc=desc, disable=not self.progress, leave=False):
+            rows = sequences[start : start + self.batch_size]
+            cache = self.setup.cache_factory(length=length)
+            nlls, tokens = generation.streaming_token_nll(self.model, rows, cache)
+            held, full = generation.kv_cache_bytes(cache)
+            results += [StreamedNLL(nll, tokens, held / len(rows), full / len(rows)) for nll in nlls]
+        return results
 
 
 def load_model(name_or_path: str, *, adapter: str | None = None, dtype: str = "auto", device: str | None = None):

@@ -1,12 +1,19 @@
 """H2O cache: identical to the full cache when the budget holds everything, bounded by the budget otherwise, and
-evicting exactly the keys a materialised-attention reference ranks lowest."""
+evicting exactly the keys a materialised-attention reference ranks lowest; streaming perplexity through it (long_ppl
+under `--kv_cache`) equal to one-pass scoring without eviction and to sink + window attention for a recent-only
+budget."""
 
 import pytest
 import torch
 from transformers import DynamicCache
 
 import ctxaware.attention
+from ctxaware import generation
+from ctxaware.attention import set_attention_options
 from ctxaware.eval.hooks import apply_generation_hooks
+from ctxaware.eval.model import EvalModel
+from ctxaware.eval.registry import EvalOptions, get_task
+from ctxaware.kernels import AttentionPattern
 from ctxaware.methods.h2o import H2OCache, parse_budget
 from tests.tiny_models import tiny_model
 
@@ -101,3 +108,93 @@ def test_budget_parsing_and_eval_switch(model):
         assert isinstance(setup.cache_factory(), H2OCache)
     finally:
         setup.close()
+
+
+# --- streaming perplexity (long_ppl under --kv_cache) ---------------------------------------------------------------
+
+
+def _texts(rows=3, length=48, seed=2):
+    return torch.randint(3, 300, (rows, length), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _one_pass_nll(model, texts):
+    return [generation.token_nll(model, ids, window=len(ids))[0] for ids in texts]
+
+
+def _entry_bytes(model):
+    """Bytes of one token's keys and values over all layers (float32)."""
+    config = model.config
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 4
+
+
+def test_streaming_without_eviction_equals_one_pass(model):
+    texts = _texts()
+    reference = _one_pass_nll(model, texts)
+    caches = {
+        "dynamic, token by token": (DynamicCache(config=model.config), 1),
+        "dynamic, default prefill": (DynamicCache(), None),
+        "h2o above the length, token by token": (H2OCache(model, budget=1000), 1),
+        "h2o 100% of the length": (H2OCache(model, budget=1.0, reference_length=48), None),
+    }
+    for name, (cache, prefill) in caches.items():
+        nll, tokens = generation.streaming_token_nll(model, texts, cache, prefill=prefill)
+        assert tokens == 47, name
+        assert nll == pytest.approx(reference, rel=1e-5), name
+        held, full = generation.kv_cache_bytes(cache)
+        assert held == full == 3 * 47 * _entry_bytes(model), name  # every token but the last is fed
+
+
+def test_prefill_up_to_the_budget_equals_token_by_token_decoding(model):
+    texts = _texts(seed=3)
+    stepwise, prefilled = (H2OCache(model, budget=0.3, reference_length=48) for _ in range(2))
+    assert prefilled.get_max_length() == 15  # ceil(0.3 x 48): a fraction of the text, not of the first call
+    by_step, _ = generation.streaming_token_nll(model, texts, stepwise, prefill=1)
+    by_prefill, _ = generation.streaming_token_nll(model, texts, prefilled)
+    assert by_prefill == pytest.approx(by_step, rel=1e-6)
+    for a, b in zip(stepwise.layers, prefilled.layers, strict=True):
+        assert torch.equal(a.positions, b.positions)  # the same keys evicted at every step
+        assert a.keys.shape[-2] == 15
+
+
+def test_recent_only_budget_streams_like_sink_plus_window_attention(model):
+    """Budget B with K sinks and the rest recent: after each step the cache holds the sinks and the newest B - K
+    keys, so query t attends to the sinks and keys t - (B - K) .. t: the one-pass `window` pattern with W = B - K + 1."""
+    texts, budget, sinks = _texts(seed=4), 12, 3
+    cache = H2OCache(model, budget=budget, sinks=sinks, recent_ratio=1.0)
+    streamed, _ = generation.streaming_token_nll(model, texts, cache)
+    set_attention_options(model, pattern=AttentionPattern.sliding_window(budget - sinks + 1, sinks=sinks))
+    try:
+        windowed = _one_pass_nll(model, texts)
+    finally:
+        set_attention_options(model, pattern=None)
+    assert streamed == pytest.approx(windowed, rel=1e-5)
+    assert streamed != pytest.approx(_one_pass_nll(model, texts), rel=1e-4)  # the window does lose context
+
+
+def _long_ppl(model, tokenizer, text_file, kv_cache, **options):
+    task = get_task("long_ppl")
+    options = EvalOptions(progress=False, lengths=[64], limit=3, haystack_file=str(text_file), **options)
+    setup = apply_generation_hooks(model, {"kv_cache": kv_cache})
+    try:
+        lm = EvalModel(model, tokenizer, batch_size=2, setup=setup, progress=False)  # 2 batches: one of 2, one of 1
+        return task.evaluate(lm, task.load(lm, options), options)
+    finally:
+        setup.close()
+
+
+def test_long_ppl_streams_through_the_kv_cache_switch(model, tiny_tokenizer, tmp_path):
+    text = tmp_path / "long.txt"
+    text.write_text("The river Alna flows past the town of Bero. The passkey is 83512. Remember it. " * 40)
+    one_pass = _long_ppl(model, tiny_tokenizer, text, "full")
+    assert set(one_pass.metrics) == {"ppl_len64"}  # no cache: one forward per window, no cache bytes
+    kept_all = _long_ppl(model, tiny_tokenizer, text, "h2o:1.0")
+    assert kept_all.metrics["ppl_len64"] == pytest.approx(one_pass.metrics["ppl_len64"], rel=1e-5)
+    assert kept_all.metrics["kv_bytes_len64"] == kept_all.metrics["kv_full_bytes_len64"] == 63 * _entry_bytes(model)
+    evicting = _long_ppl(model, tiny_tokenizer, text, "h2o:0.25")
+    assert evicting.metrics["ppl_len64"] != pytest.approx(one_pass.metrics["ppl_len64"], rel=1e-4)
+    assert evicting.metrics["kv_bytes_len64"] == 16 * _entry_bytes(model)  # ceil(0.25 x 64) entries per sample
+    assert evicting.metrics["kv_full_bytes_len64"] == 63 * _entry_bytes(model)
+    assert [s["doc_id"] for s in evicting.samples] == [0, 1, 2]
+    assert evicting.extra["kv_cache"] == "h2o:0.25"
+    with pytest.raises(ValueError, match="--ppl_stride cannot be combined with --kv_cache"):
+        _long_ppl(model, tiny_tokenizer, text, "h2o:0.25", ppl_stride=16)

@@ -52,12 +52,14 @@ class H2OLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, budget: float | int, sinks: int, recent_ratio: float):
+    def __init__(self, budget: float | int, sinks: int, recent_ratio: float, reference_length: int | None = None):
         super().__init__()
         self.budget_spec = budget
         self.sinks = sinks
         self.recent_ratio = recent_ratio
+        self.reference_length = reference_length
         self.budget: int | None = None
+        self._resolve_budget(reference_length)
         self.cumulative_length = 0
         self.scores: torch.Tensor | None = None  # (B, Hkv, kept) fp32
         self.positions: torch.Tensor | None = None  # (B, Hkv, kept) int64, absolute token positions
@@ -68,10 +70,7 @@ class H2OLayer(DynamicLayer):
             batch, heads = key_states.shape[:2]
             self.scores = torch.zeros(batch, heads, 0, device=self.device)
             self.positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=self.device)
-            if isinstance(self.budget_spec, float):
-                self.budget = max(1, math.ceil(self.budget_spec * key_states.shape[-2]))
-            else:
-                self.budget = self.budget_spec
+            self._resolve_budget(key_states.shape[-2])
         batch, heads, new = key_states.shape[:3]
         positions = torch.arange(self.cumulative_length, self.cumulative_length + new, device=self.device)
         self.positions = torch.cat([self.positions, positions.expand(batch, heads, new)], dim=-1)
@@ -79,9 +78,22 @@ class H2OLayer(DynamicLayer):
         self.cumulative_length += new
         return super().update(key_states, value_states)
 
+    def _resolve_budget(self, length: int | None) -> None:
+        """The budget in tokens: a fraction is taken of `reference_length` when given, else of the first call's."""
+        if self.budget is not None or (isinstance(self.budget_spec, float) and length is None):
+            return
+        if isinstance(self.budget_spec, float):
+            self.budget = max(1, math.ceil(self.budget_spec * (self.reference_length or length)))
+        else:
+            self.budget = self.budget_spec
+
     def get_seq_length(self) -> int:
         """Tokens seen, evicted ones included: generate derives the next positions from it."""
         return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        """Entries held after each call (the budget); -1 while a fraction budget awaits its first call."""
+        return -1 if self.budget is None else self.budget
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         stored = self.keys.shape[-2] if self.is_initialized else 0
@@ -119,6 +131,7 @@ class H2OLayer(DynamicLayer):
         super().reset()
         self.scores = self.positions = self.budget = None
         self.cumulative_length = 0
+        self._resolve_budget(self.reference_length)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("an H2O cache cannot be cropped (assisted decoding): use a full cache there")
@@ -144,12 +157,22 @@ class H2OLayer(DynamicLayer):
 class H2OCache(Cache):
     """Heavy-hitter + recent + sink KV cache; pass as `cache` (formerly `past_key_values`) to `generate` or a forward.
 
-    budget: a float in (0, 1] keeps that fraction of the first call's (prompt's) length; an int keeps that many
-    tokens. sinks: first real tokens always kept. recent_ratio: share of the budget kept for the newest tokens
-    (H2O's default split is half heavy hitters, half recent). One cache per `generate` call, like `DynamicCache`.
+    budget: a float in (0, 1] keeps that fraction of the first call's (prompt's) length, or of `reference_length`
+    when given (streaming perplexity, where the whole text is the reference, as in H2O's language-modelling runs);
+    an int keeps that many tokens. sinks: first real tokens always kept. recent_ratio: share of the budget kept for
+    the newest tokens (H2O's default split is half heavy hitters, half recent). One cache per `generate` call, like
+    `DynamicCache`.
     """
 
-    def __init__(self, model: nn.Module, budget: float | int, *, sinks: int = 4, recent_ratio: float = 0.5):
+    def __init__(
+        self,
+        model: nn.Module,
+        budget: float | int,
+        *,
+        sinks: int = 4,
+        recent_ratio: float = 0.5,
+        reference_length: int | None = None,
+    ):
         if isinstance(budget, bool) or not isinstance(budget, int | float):
             raise TypeError(f"H2O budget must be a float fraction or an int count, got {budget!r}")
         if isinstance(budget, float) and not 0 < budget <= 1:
@@ -166,7 +189,10 @@ class H2OCache(Cache):
                 "H2O eviction needs full-attention layers everywhere; this model has sliding-window layers "
                 "(config.sliding_window / layer_types): use its own cache instead"
             )
-        super().__init__(layers=[H2OLayer(budget, sinks, recent_ratio) for _ in range(config.num_hidden_layers)])
+        if reference_length is not None and reference_length < 1:
+            raise ValueError(f"an H2O reference length must be >= 1, got {reference_length}")
+        layers = [H2OLayer(budget, sinks, recent_ratio, reference_length) for _ in range(config.num_hidden_layers)]
+        super().__init__(layers=layers)
         self._real: torch.Tensor | None = None
 
     def cache_bytes(self) -> int:

@@ -6,10 +6,13 @@ CPU, embedded tiny model and the synthetic world's posts and labelled comparison
 Real data and models (GPU): recipes/configs/rlhf_summarize/{pythia_1b,qwen2.5_0.5b}.yaml.
 One stage: `--stage sft|reward|rl|dpo|eval`; `--stage all` runs them in that order.
 
-Stages write `<output_dir>/<stage>/` (a full transformers model; LoRA is merged) through a temporary folder, so a
-finished stage is never half-written; `--stage all` skips finished stages (`--overwrite_stages` redoes them) and
-`--resume_from_checkpoint true` continues an interrupted stage from `<output_dir>/checkpoints/<stage>/`.
-- sft: SFTTrainer on post -> reference summary (loss on the summary).
+Stages write `<output_dir>/<stage>/` (a full transformers model, LoRA merged, and `training_log.json`, the trainer's
+logged steps) through a temporary folder, so a finished stage is never half-written; `--stage all` skips finished
+stages (`--overwrite_stages` redoes them) and `--resume_from_checkpoint true` continues an interrupted stage from
+`<output_dir>/checkpoints/<stage>/`.
+- sft: SFTTrainer on post -> reference summary (loss on the summary). `--mediocre_reference_rate` makes that share
+  of the world's training references mediocre, like TL;DR's human ones (a key fact left out, a filler sentence in
+  its place), so SFT imitates imperfect summaries while the comparisons still label what is better.
 - reward: RewardTrainer on the comparisons, a sequence classifier initialised from the SFT model; afterwards the mean
   score of reference summaries is stored as the reward bias (references then score ~0).
 - rl: RLOOTrainer from the SFT model; rewards are the normalised reward model score and, for completions without
@@ -61,6 +64,7 @@ from ctxaware.training import (
 
 
 STAGES = ("sft", "reward", "rl", "dpo", "eval")
+TRAINING_LOG = "training_log.json"
 WORLD = "world"
 SFT_DATASETS = (WORLD, "trl-lib/tldr")
 PREFERENCE_DATASETS = (WORLD, "trl-lib/tldr-preference", "openai/summarize_from_feedback")
@@ -81,6 +85,14 @@ class RLHFConfig(Bf16WhereAvailable, RLOOConfig):
     world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world (`build_world`)."})
     label_noise: float = field(default=0.1, metadata={"help": "World comparisons: probability a label is flipped."})
     pairs_per_post: int = field(default=2, metadata={"help": "World comparisons per post."})
+    mediocre_reference_rate: float = field(
+        default=0.0,
+        metadata={
+            "help": "World training posts: share of references replaced by a mediocre human-like one (a key fact "
+            "left out, a filler sentence in its place) that SFT imitates; comparisons and ground truth unchanged."
+        },
+    )
+    mediocre_reference_seed: int = field(default=0, metadata={"help": "Seed of which references are mediocre."})
     train_limit: int | None = field(default=None, metadata={"help": "Use at most this many posts / comparisons."})
     max_length: int = field(default=512, metadata={"help": "Token limit of SFT, reward and DPO examples."})
     sft_learning_rate: float = 3e-6
@@ -116,6 +128,11 @@ class RLHFConfig(Bf16WhereAvailable, RLOOConfig):
                 f"--preference_dataset_name {self.preference_dataset_name!r}: choose one of "
                 f"{', '.join(PREFERENCE_DATASETS)}, or load your own pairs with `rlhf.preference_records`."
             )
+        if self.mediocre_reference_rate and self.dataset_name != WORLD:
+            raise ValueError(
+                f"--mediocre_reference_rate applies to the world's posts only; {self.dataset_name}'s references are "
+                "already human-written: drop it or set it to 0."
+            )
         super().__post_init__()
 
 
@@ -124,11 +141,16 @@ CONFIG_CLASSES = (RLHFConfig, ModelConfig)
 
 # ------------------------------------------------------------------------------------------------------------- data
 def summary_records(cfg: RLHFConfig, split: str) -> list[dict]:
-    """{"post", "reference"} records: the world's posts, or trl-lib/tldr (whose prompts end in `TL;DR:`)."""
+    """{"post", "reference"} records: the world's posts (training references mediocre at `mediocre_reference_rate`),
+    or trl-lib/tldr (whose prompts end in `TL;DR:`)."""
     if cfg.dataset_name == WORLD:
-        from ctxaware.world import build_world, summarization
+        from ctxaware.world import build_world, mediocre_references, summarization
 
-        records = summarization(build_world(cfg.world_seed), split)
+        world = build_world(cfg.world_seed)
+        records = summarization(world, split)
+        if split == "train" and cfg.mediocre_reference_rate:
+            references = mediocre_references(world, split, cfg.mediocre_reference_rate, cfg.mediocre_reference_seed)
+            records = [{**record, "reference": reference} for record, reference in zip(records, references)]
     else:
         from datasets import load_dataset
 
@@ -223,6 +245,8 @@ def finish_stage(cfg: RLHFConfig, model_args: ModelConfig, stage: str, trainer, 
                 model = model.merge_and_unload()
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            # every logged step (RL: reward per function, KL, completion lengths, clipped = no-EOS ratio)
+            (tmp / TRAINING_LOG).write_text(json.dumps(trainer.state.log_history, indent=1))
             if stage == "reward" and cfg.normalize_reward:
                 bias = normalization_bias(cfg, model, tokenizer)
                 rlhf.save_reward_normalization(tmp, bias, cfg.normalization_limit)

@@ -164,6 +164,24 @@ def test_four_bit_on_cpu_and_unknown_stage_fail_clearly(tmp_path):
             recipe.load_policy("unused", model_args)
 
 
+def test_mediocre_references_reach_sft_only_on_the_world_train_split(tmp_path):
+    from trl import TrlParser
+
+    from ctxaware.world import mediocre_references
+
+    recipe = load_recipe()
+    parser = TrlParser(recipe.CONFIG_CLASSES)
+    base = ["--config", str(DEFAULT_CONFIG), "--output_dir", str(tmp_path)]
+    cfg, _ = parser.parse_args_and_config(args=[*base, "--mediocre_reference_rate", "0.5", "--train_limit", "40"])
+    world = build_world(0)
+    train = recipe.summary_records(cfg, "train")
+    assert [r["reference"] for r in train] == mediocre_references(world, "train", 0.5, seed=0)[:40]
+    assert [r["post"] for r in train] == [r["post"] for r in summarization(world, "train")[:40]]
+    assert recipe.summary_records(cfg, "test") == summarization(world, "test")  # evaluation keeps the references
+    with pytest.raises(ValueError, match="world's posts only"):
+        parser.parse_args_and_config(args=[*base, "--dataset_name", "trl-lib/tldr", "--mediocre_reference_rate", "1"])
+
+
 def test_stage_configs_inherit_the_recipe_settings(tmp_path):
     from trl import DPOConfig, RLOOConfig, SFTConfig, TrlParser
 
@@ -223,6 +241,8 @@ def test_recipe_end_to_end_then_resumes(tiny_policy_dir, tmp_path):
     for stage in ("sft", "reward", "rl", "dpo"):
         assert (out / stage / "config.json").is_file(), result.stdout[-3000:]
     assert "bias" in json.loads((out / "reward" / rlhf.NORMALIZATION_FILE).read_text())
+    rl_log = json.loads((out / "rl" / load_recipe().TRAINING_LOG).read_text())
+    assert {"kl", "rewards/eos_penalty/mean", "completions/clipped_ratio"} <= {key for entry in rl_log for key in entry}
     sft, rl, dpo = (load_file(out / s / "model.safetensors") for s in ("sft", "rl", "dpo"))
     base = load_file(tiny_policy_dir / "model.safetensors")
     assert any(not torch.equal(base[k], sft[k]) for k in base)  # each stage trained something

@@ -15,6 +15,7 @@ from ctxaware.world import (
     chat_sft,
     closed_book_qa,
     context_qa,
+    mediocre_references,
     needle_example,
     passkey_example,
     preference_pairs,
@@ -24,7 +25,7 @@ from ctxaware.world import (
     summarization,
 )
 from ctxaware.world.longctx import PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION
-from ctxaware.world.preference import candidate_summaries
+from ctxaware.world.preference import WORD, candidate_summaries
 
 
 # sha256 of the first 50 facts and the first 30 corpus documents of the world of seed 0. It changes only when the
@@ -154,6 +155,26 @@ def test_preference_ranks_reference_above_worse_summaries(world):
         for p in noisy
     )
     assert 0.15 < flipped / len(noisy) < 0.45
+
+
+def test_mediocre_references_lose_a_fact_stay_faithful_and_leave_the_records_alone(world):
+    records = summarization(world, "train")
+    mediocre = mediocre_references(world, "train", rate=1.0, seed=0)
+    assert len(mediocre) == len(records) and summarization(world, "train") == records
+    for record, summary in zip(records, mediocre):
+        n_facts = len(record["key_facts"])
+        excess = max(0, len(WORD.findall(summary)) - len(WORD.findall(record["reference"])))
+        # faithful: the score is coverage minus the brevity term, with no penalty for a term absent from the post
+        assert preference_score(record, summary) == pytest.approx((n_facts - 1) / n_facts - 0.02 * excess)
+        assert summary.split(". ", 1)[1] in record["post"]  # the filler comes from the post
+        assert preference_score(record, summary) < preference_score(record, record["reference"])
+    assert mediocre_references(world, "train", rate=0.0) == [r["reference"] for r in records]
+    half = mediocre_references(world, "train", rate=0.5, seed=3)
+    share = sum(m != r["reference"] for m, r in zip(half, records)) / len(records)
+    assert 0.4 < share < 0.6 and half == mediocre_references(world, "train", rate=0.5, seed=3)
+    assert half != mediocre_references(world, "train", rate=0.5, seed=4)
+    with pytest.raises(ValueError, match="rate"):
+        mediocre_references(world, "train", rate=1.5)
 
 
 def _relative_position(tokenizer, text: str, needle_at: int) -> float:

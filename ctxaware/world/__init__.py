@@ -7,7 +7,13 @@ modules and in `data/DATASHEET.md`. Splits `train` / `validation` / `test` never
 from ctxaware.world.corpus import DEFAULT_MIX, pretraining_corpus
 from ctxaware.world.entities import RELATIONS, SPLITS, Fact, World, build_world
 from ctxaware.world.longctx import needle_example, passkey_example
-from ctxaware.world.preference import SUMMARY_PROMPT, preference_pairs, preference_score, summarization
+from ctxaware.world.preference import (
+    SUMMARY_PROMPT,
+    mediocre_references,
+    preference_pairs,
+    preference_score,
+    summarization,
+)
 from ctxaware.world.tasks import (
     ARITHMETIC_PROMPT,
     CONTEXT_QA_PROMPT,
@@ -37,6 +43,7 @@ __all__ = [
     "chat_sft",
     "closed_book_qa",
     "context_qa",
+    "mediocre_references",
     "needle_example",
     "passkey_example",
     "pretraining_corpus",

@@ -122,6 +122,29 @@ def summarization(world: World, split: str, n: int | None = None) -> list[dict]:
     return records
 
 
+def mediocre_summary(rng: random.Random, record: dict) -> str:
+    """A hurried human's summary: one key fact (at random) left out and a filler sentence of the post put in its
+    place. Faithful, but it loses coverage and (the filler being longer than most clauses) some brevity."""
+    name = record["key_facts"][0].split()[0]
+    clauses = [fact[len(name) + 1 :] for fact in record["key_facts"]]
+    clauses.pop(rng.randrange(len(clauses)))
+    fillers = [filler for filler in FILLERS if filler in record["post"]]
+    return f"{name} {_join_clauses(clauses)}. {rng.choice(fillers)}"
+
+
+def mediocre_references(world: World, split: str, rate: float, seed: int = 0) -> list[str]:
+    """One reference per record of `summarization(world, split)`, each replaced with probability `rate` by a
+    `mediocre_summary` (TL;DR's references are such human summaries). Own RNG: the records, the comparisons and
+    `preference_score` are unchanged, so the ground truth still says what is better."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate={rate} must lie in [0, 1]: it is the share of references made mediocre.")
+    rng = random.Random(f"{world.seed}/mediocre_references/{split}/{seed}")
+    return [
+        mediocre_summary(rng, record) if rng.random() < rate else record["reference"]
+        for record in summarization(world, split)
+    ]
+
+
 def candidate_summaries(rng: random.Random, world: World, record: dict) -> list[str]:
     """Summaries of graded quality: the reference, one fact dropped, one value swapped for a false one, padded with
     filler, and the post's lead."""

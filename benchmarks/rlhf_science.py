@@ -1,0 +1,239 @@
+"""RLHF summarisation's scientific check on the embedded tiny model (issue 11), in one command on one GPU:
+
+    python benchmarks/rlhf_science.py --out runs/rlhf_science
+
+`recipes/rlhf_summarize.py` stage by stage (sft -> reward -> rl (RLOO) -> dpo -> eval), on the world's posts with
+mediocre training references (`--mediocre_reference_rate`: a key fact left out, a filler sentence in its place, as
+TL;DR's human summaries are imperfect), so SFT imitates imperfect summaries and the comparisons, labelled by the
+ground-truth preference with noise, say what is better. Then `ctxaware eval` on the RL policy as a cross-check of the
+recipe's win rate. Targets: reward-model pairwise accuracy on held-out noise-free pairs >= 0.70; the RL policy's
+ground-truth win rate against the SFT policy >= 0.65 (ties count 1/2, as the harness counts them) at a mean length
+within 20% of SFT's; DPO reported beside it; reward hacking (the reward model and the ground truth disagreeing on
+which of RL and SFT is better) reported with an example. Writes `rlhf_science.json` and `rlhf_science.md` to --out.
+`--smoke` runs the same pipeline at toy sizes on CPU.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from science_common import command_line, eval_command, harness_metrics, launch_recipe, run
+
+
+CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "rlhf_summarize" / "default.yaml"
+STAGES = ("sft", "reward", "rl", "dpo", "eval")
+POLICIES = ("sft", "rl", "dpo")
+RL_LOG_KEYS = ("reward", "rewards/reward_model/mean", "rewards/eos_penalty/mean", "kl", "completions/mean_length",
+               "completions/clipped_ratio", "entropy")  # fmt: skip
+TARGETS = {"reward_accuracy": 0.70, "win_rate": 0.65, "length_tolerance": 0.20}
+
+GPU_SIZES = {"sft_max_steps": 60, "reward_max_steps": 120, "max_steps": 100, "dpo_max_steps": 120,
+             "per_device_train_batch_size": 32, "eval_limit": 120, "eval_batch_size": 64}  # fmt: skip
+SMOKE_SIZES = {"sft_max_steps": 2, "reward_max_steps": 2, "max_steps": 2, "dpo_max_steps": 2,
+               "per_device_train_batch_size": 8, "eval_limit": 8, "eval_batch_size": 8, "train_limit": 64,
+               "normalization_limit": 16, "kl_samples_per_prompt": 1}  # fmt: skip
+
+
+def recipe_settings(args) -> dict:
+    sizes = SMOKE_SIZES if args.smoke else GPU_SIZES
+    return {
+        **sizes,
+        "mediocre_reference_rate": args.mediocre_reference_rate,
+        "learning_rate": args.rl_learning_rate,
+        "beta": args.beta,
+        "num_generations": 4,
+        "temperature": 0.7,
+        "missing_eos_penalty": -1.0,
+        "max_completion_length": 48,
+        "logging_steps": 1 if args.smoke else 10,
+        "save_strategy": "no",  # no checkpoints: each stage's final folder is what the check needs
+    }
+
+
+def run_stages(run_dir: Path, settings: dict) -> dict[str, float]:
+    """Each stage as its own launch, so the log shows where the time goes; returns seconds per stage."""
+    flags = [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+    seconds = {}
+    for stage in STAGES:
+        start = time.time()
+        command = launch_recipe("rlhf_summarize", "--config", str(CONFIG), "--output_dir", str(run_dir), *flags,
+                                "--stage", stage, "--overwrite_stages", "true")  # fmt: skip
+        run(command, run_dir.parent / f"{stage}.log")
+        seconds[stage] = round(time.time() - start, 1)
+    return seconds
+
+
+def samples_file(run_dir: Path, policy: str) -> Path:
+    """The summarization samples the recipe's eval stage wrote for `policy` (the newest, should there be several)."""
+    return sorted((run_dir / "eval" / policy).glob("samples_summarization_*.jsonl"))[-1]
+
+
+def samples(run_dir: Path, policy: str) -> list[dict]:
+    return [json.loads(line) for line in samples_file(run_dir, policy).read_text().splitlines() if line.strip()]
+
+
+def win_counts(rows: list[dict]) -> dict:
+    """The harness's per-post `win` (1 better, 0.5 tie, 0 worse under the ground truth) as counts, and the win rate
+    among decided posts."""
+    wins, ties = sum(r["win"] == 1.0 for r in rows), sum(r["win"] == 0.5 for r in rows)
+    losses = len(rows) - wins - ties
+    return {"wins": wins, "ties": ties, "losses": losses,
+            "win_rate_without_ties": wins / (wins + losses) if wins + losses else None}  # fmt: skip
+
+
+def hacking_report(sft: list[dict], rl: list[dict], bias: float) -> dict:
+    """Where the reward model and the ground truth disagree on RL vs SFT, post by post. Hacking is flagged when the
+    reward model sees RL improve on average while the ground truth does not."""
+    pairs = list(zip(sft, rl, strict=True))
+    reward_gain = statistics.fmean(b["reward"] - a["reward"] for a, b in pairs)
+    truth_gain = statistics.fmean(b["preference"] - a["preference"] for a, b in pairs)
+    disagree = [(a, b) for a, b in pairs if b["reward"] > a["reward"] and b["preference"] < a["preference"]]
+    everything = [*sft, *rl]
+    report = {
+        "reward_gain_rl_minus_sft": reward_gain,
+        "ground_truth_gain_rl_minus_sft": truth_gain,
+        "rm_prefers_rl_but_truth_prefers_sft": len(disagree),
+        "n_posts": len(pairs),
+        "rm_vs_truth_correlation": _correlation(
+            [r["reward"] for r in everything], [r["preference"] for r in everything]
+        ),
+        "flagged": reward_gain > 0 and truth_gain <= 0,
+    }
+    if disagree:
+        a, b = max(disagree, key=lambda pair: pair[1]["reward"] - pair[0]["reward"])
+        report["example"] = {
+            "post": b["post"],
+            "reference": b["reference"],
+            "sft": {"summary": a["summary"], "reward": a["reward"] - bias, "ground_truth": a["preference"]},
+            "rl": {"summary": b["summary"], "reward": b["reward"] - bias, "ground_truth": b["preference"]},
+        }
+    return report
+
+
+def _correlation(xs: list[float], ys: list[float]) -> float | None:
+    try:
+        return statistics.correlation(xs, ys)
+    except statistics.StatisticsError:  # constant scores (a smoke run)
+        return None
+
+
+def rl_training_trace(run_dir: Path) -> dict:
+    """First and last logged value of each RL quantity (reward per function, KL to SFT, length, no-EOS share)."""
+    log = [entry for entry in json.loads((run_dir / "rl" / "training_log.json").read_text()) if "reward" in entry]
+    return {key: {"first": log[0].get(key), "last": log[-1].get(key)} for key in RL_LOG_KEYS} if log else {}
+
+
+def cross_check(run_dir: Path, out: Path, settings: dict) -> dict:
+    """The RL policy through `ctxaware eval` against the recipe's SFT samples: the same win rate, independently."""
+    command = eval_command("--model", str(run_dir / "rl"), "--tasks", "summarization", "--dtype", "float32",
+                           "--limit", str(settings["eval_limit"]), "--batch_size", str(settings["eval_batch_size"]),
+                           "--max_new_tokens", str(settings["max_completion_length"]),
+                           "--reward_model", str(run_dir / "reward"),
+                           "--baseline_samples", str(samples_file(run_dir, "sft")),
+                           "--output_path", str(out / "harness_rl"), "--no_progress")  # fmt: skip
+    start = time.time()
+    run(command, out / "harness_rl.log")
+    return {**harness_metrics(out / "harness_rl")["summarization"], "seconds": round(time.time() - start, 1)}
+
+
+def targets(summary: dict) -> dict:
+    sft, rl = summary["sft"], summary["rl"]
+    length_ratio = rl["mean_words"] / sft["mean_words"] if sft["mean_words"] else None
+    return {
+        "reward_accuracy": {"value": summary["reward_model"]["pairwise_accuracy"], "target": ">= 0.70",
+                            "pass": summary["reward_model"]["pairwise_accuracy"] >= TARGETS["reward_accuracy"]},
+        "rl_win_rate_vs_sft": {"value": rl["win_rate_vs_sft"], "target": ">= 0.65 (ties 1/2)",
+                               "pass": rl["win_rate_vs_sft"] >= TARGETS["win_rate"]},
+        "rl_length_vs_sft": {"value": length_ratio, "target": "within 20% of SFT's mean words",
+                             "pass": length_ratio is not None and abs(length_ratio - 1) <= TARGETS["length_tolerance"]},
+    }  # fmt: skip
+
+
+def markdown(report: dict) -> str:
+    summary, wins = report["summary"], report["wins_vs_sft"]
+    rows = ["| policy | ground truth | win vs SFT (ties 1/2) | W/T/L vs SFT | win vs reference | RM reward (norm.) | "
+            "KL to SFT | mean words | ROUGE-L |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name in POLICIES:
+        m = summary[name]
+        record = wins.get(name)
+        wtl = f"{record['wins']}/{record['ties']}/{record['losses']}" if record else "-"
+        rows.append(f"| {name} | {m['preference']:.3f} | {_fmt(m.get('win_rate_vs_sft'))} | {wtl} | "
+                    f"{m['win_rate_vs_reference']:.3f} | {m['reward_normalized']:.3f} | {_fmt(m.get('kl_to_sft'))} | "
+                    f"{m['mean_words']:.1f} | {m['rouge_l']:.3f} |")  # fmt: skip
+    rm = summary["reward_model"]
+    rows += [
+        "",
+        f"Reward model: pairwise accuracy {rm['pairwise_accuracy']:.3f} on {rm['n_pairs']} held-out "
+        f"noise-free pairs (bias {rm['bias']:.3f} subtracted).",
+        "",
+        "| target | value | pass |",
+        "|---|---|---|",
+    ]
+    rows += [f"| {name} {t['target']} | {_fmt(t['value'])} | {'yes' if t['pass'] else 'NO'} |"
+             for name, t in report["targets"].items()]  # fmt: skip
+    trace = report["rl_training"]
+    rows += ["", "| RL training (first -> last logged step) | value |", "|---|---|"]
+    rows += [f"| {key} | {_fmt(v['first'])} -> {_fmt(v['last'])} |" for key, v in trace.items()]
+    hacking = report["reward_hacking"]
+    rows += ["", f"Reward model vs ground truth: RL - SFT reward {hacking['reward_gain_rl_minus_sft']:+.3f}, ground "
+             f"truth {hacking['ground_truth_gain_rl_minus_sft']:+.3f}; the RM prefers RL where the truth prefers SFT on "
+             f"{hacking['rm_prefers_rl_but_truth_prefers_sft']} of {hacking['n_posts']} posts; correlation "
+             f"{_fmt(hacking['rm_vs_truth_correlation'])}; reward hacking flagged: {hacking['flagged']}."]  # fmt: skip
+    if "example" in hacking:
+        ex = hacking["example"]
+        rows += ["", "Largest disagreement:", f"- post: {ex['post']}", f"- SFT: {ex['sft']['summary']} (reward "
+                 f"{ex['sft']['reward']:.2f}, truth {ex['sft']['ground_truth']:.2f})", f"- RL: {ex['rl']['summary']} "
+                 f"(reward {ex['rl']['reward']:.2f}, truth {ex['rl']['ground_truth']:.2f})"]  # fmt: skip
+    if report.get("harness_cross_check"):
+        check = report["harness_cross_check"]
+        rows += ["", f"`ctxaware eval` on the RL policy: win rate {_fmt(check.get('win_rate'))}, ground truth "
+                 f"{_fmt(check.get('preference'))}, raw reward-model score {_fmt(check.get('reward'))}."]  # fmt: skip
+    rows += ["", "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items())]
+    return "\n".join(rows) + "\n"
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/rlhf_science")
+    parser.add_argument("--mediocre_reference_rate", type=float, default=0.75)
+    parser.add_argument("--rl_learning_rate", type=float, default=3e-5)
+    parser.add_argument("--beta", type=float, default=0.05, help="RL's KL coefficient to the SFT policy")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes on CPU: checks the pipeline, not the method")
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir = out / "run"
+    settings = recipe_settings(args)
+    start = time.time()
+    seconds = run_stages(run_dir, settings)
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    policy_samples = {name: samples(run_dir, name) for name in POLICIES}
+    check = cross_check(run_dir, out, settings)
+    seconds["harness_cross_check"] = check.pop("seconds")
+    seconds["total"] = round(time.time() - start, 1)
+    report = {
+        "command": command_line(),
+        "settings": {**settings, "config": str(CONFIG), "smoke": args.smoke},
+        "summary": summary,
+        "win_rate_rule": "per post 1 if ground truth(policy) > ground truth(SFT), 1/2 if equal, 0 if lower",
+        "wins_vs_sft": {name: win_counts(policy_samples[name]) for name in ("rl", "dpo")},
+        "rl_training": rl_training_trace(run_dir),
+        "reward_hacking": hacking_report(policy_samples["sft"], policy_samples["rl"], summary["reward_model"]["bias"]),
+        "harness_cross_check": check,
+        "targets": targets(summary),
+        "seconds": seconds,
+    }
+    report["all_targets_met"] = all(t["pass"] for t in report["targets"].values())
+    (out / "rlhf_science.json").write_text(json.dumps(report, indent=2))
+    (out / "rlhf_science.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

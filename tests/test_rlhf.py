@@ -242,7 +242,8 @@ def test_recipe_end_to_end_then_resumes(tiny_policy_dir, tmp_path):
         assert (out / stage / "config.json").is_file(), result.stdout[-3000:]
     assert "bias" in json.loads((out / "reward" / rlhf.NORMALIZATION_FILE).read_text())
     rl_log = json.loads((out / "rl" / load_recipe().TRAINING_LOG).read_text())
-    assert {"kl", "rewards/eos_penalty/mean", "completions/clipped_ratio"} <= {key for entry in rl_log for key in entry}
+    logged = {key for entry in rl_log for key in entry}
+    assert {"kl", "rewards/eos_penalty/mean", "completions/clipped_ratio"} <= logged
     sft, rl, dpo = (load_file(out / s / "model.safetensors") for s in ("sft", "rl", "dpo"))
     base = load_file(tiny_policy_dir / "model.safetensors")
     assert any(not torch.equal(base[k], sft[k]) for k in base)  # each stage trained something

@@ -56,6 +56,8 @@ def register(subparsers) -> None:
     parser.add_argument("--limit", type=int, help="score the first N records")
     parser.add_argument("--world_seed", type=int, default=0, help="seed of the synthetic world (for --dataset world)")
     parser.add_argument("--world_context_rate", type=float, default=0.5, help="--dataset world: context-chat share")
+    parser.add_argument("--world_knowledge_form", choices=["bare", "passage"], default="bare",
+                        help="--dataset world: knowledge chats ask the fact alone, or after a passage agreeing with it")  # fmt: skip
     parser.add_argument(
         "--messages_column", help="column with the conversation (default: messages, or ShareGPT conversations)"
     )
@@ -88,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         records = load_chat_records(
             args.dataset, split=args.split, limit=args.limit, messages_column=args.messages_column,
             world_seed=args.world_seed, world_context_rate=args.world_context_rate,
+            world_knowledge_form=args.world_knowledge_form,
         )  # fmt: skip
         from ctxaware.eval.model import load_model
 
@@ -135,13 +138,14 @@ def _sharegpt_to_messages(conversation: list[dict]) -> list[dict]:
 
 def load_chat_records(
     dataset: str, *, split: str = "train", limit: int | None = None, messages_column: str | None = None,
-    world_seed: int = 0, world_context_rate: float = 0.5,
+    world_seed: int = 0, world_context_rate: float = 0.5, world_knowledge_form: str = "bare",
 ) -> list[dict]:  # fmt: skip
     """Records with a `messages` list: the synthetic world's chat data, a local JSON(L) file, or a Hub data set."""
     if dataset == WORLD_DATASET:
         from ctxaware.world import build_world, chat_sft
 
-        return chat_sft(build_world(world_seed), split, n=limit or 2000, context_rate=world_context_rate)
+        return chat_sft(build_world(world_seed), split, n=limit or 2000, context_rate=world_context_rate,
+                        knowledge_form=world_knowledge_form)  # fmt: skip
     path = Path(dataset)
     if path.suffix in (".jsonl", ".json"):
         if not path.is_file():

@@ -52,6 +52,10 @@ class ContextSFTConfig(Bf16WhereAvailable, SFTConfig):
     world_context_rate: float = field(
         default=0.25, metadata={"help": "Share of context-dependent chats in the world's data (knowledge-heavy)."}
     )
+    world_knowledge_form: str = field(
+        default="bare",
+        metadata={"help": "World knowledge chats: `bare` question, or `passage` (after a passage that agrees)."},
+    )
     scores_path: str | None = field(
         default=None, metadata={"help": "`ctxaware score` output (folder or scores.jsonl); else scored here."}
     )
@@ -102,6 +106,15 @@ def chosen_user_turns(config: ContextSFTConfig, model, tokenizer, records: list[
     return [[t["user_index"] for t in record if t.get("chosen")] for record in turns]
 
 
+def expose_lm_head_bias(model) -> None:
+    """TRL's fused LM head reads `lm_head.bias`; on a model with tied embeddings PEFT wraps the head for the
+    indicator row (`trainable_token_indices`) in a TrainableTokensWrapper that forwards only `weight`. Give the wrapper
+    the wrapped head's bias (a plain attribute, not a registered parameter: the state dict stays PEFT's)."""
+    head = model.get_output_embeddings()
+    if head is not None and not hasattr(head, "bias"):
+        object.__setattr__(head, "bias", getattr(getattr(head, "original_module", None), "bias", None))
+
+
 def model_card(config: ContextSFTConfig, model_args: ModelConfig, stats: dict) -> str:
     indicator = (
         f"Append ` {config.indicator}` to context-dependent user turns (`ctxaware eval --indicator "
@@ -147,6 +160,7 @@ def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
     records = load_chat_records(
         config.dataset, split=config.dataset_split, limit=config.dataset_limit, messages_column=config.messages_column,
         world_seed=config.world_seed, world_context_rate=config.world_context_rate,
+        world_knowledge_form=config.world_knowledge_form,
     )  # fmt: skip
     stats = {"records": len(records), "turns": sum(m["role"] == "assistant" for r in records for m in r["messages"])}
     peft_config = get_peft_config(model_args)
@@ -163,6 +177,7 @@ def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
+    expose_lm_head_bias(trainer.model)
     trainer.train()
     trainer.save_model(config.output_dir)
     if config.push_to_hub:

@@ -15,6 +15,8 @@ from ctxaware.methods.context import (
     parse_steer_args,
     user_markers,
 )
+from ctxaware.world import build_world, chat_sft
+from ctxaware.world.tasks import CONTEXT_INSTRUCTION
 from tests.tiny_models import build_tiny_tokenizer, tiny_model
 
 
@@ -69,6 +71,39 @@ def test_no_user_turn_is_an_error(tokenizer):
 def test_context_missing_from_the_user_message_is_an_error(tokenizer):
     with pytest.raises(ValueError, match="does not appear verbatim"):
         encode_conversation(tokenizer, MESSAGES, span="context", context="Bero was founded in 1204.")
+
+
+def test_a_span_that_maps_to_no_token_is_an_error(tokenizer):
+    class NoOffsets:  # a tokenizer whose offsets mapping covers no character (offsets all (0, 0))
+        is_fast = True
+
+        def apply_chat_template(self, *args, **kwargs):
+            return tokenizer.apply_chat_template(*args, **kwargs)
+
+        def __call__(self, text, **kwargs):
+            encoded = tokenizer(text, **kwargs)
+            return {**encoded, "offset_mapping": [(0, 0)] * len(encoded["input_ids"])}
+
+    with pytest.raises(ValueError, match="maps to no token after tokenisation"):
+        encode_conversation(NoOffsets(), MESSAGES)
+
+
+def test_world_knowledge_passages_agree_with_memory_and_state_the_answer():
+    world = build_world(0)
+    records = chat_sft(world, "train", n=200, context_rate=0.25, knowledge_form="passage")
+    knowledge = [r for r in records if r["kind"] == "knowledge"]
+    assert 100 < len(knowledge) < 190 and chat_sft(world, "train", n=20) == chat_sft(world, "train", n=20)
+    paraphrases = {fact.statement(0): {fact.statement(k) for k in range(5)} for fact in world.facts}
+    true = set().union(*paraphrases.values())
+    for record in knowledge:
+        user, answer = (m["content"] for m in record["messages"])
+        assert record["context"] in user and user.startswith(CONTEXT_INSTRUCTION)
+        sentences = {s + "." for s in record["context"].rstrip(".").split(". ")}
+        assert sentences <= true  # only true facts: the passage agrees with memory
+        assert sentences & paraphrases[answer]  # the answer is the memorised sentence, its fact stated in the passage
+    assert all(r["context"] is None for r in chat_sft(world, "train", n=50) if r["kind"] == "knowledge")
+    with pytest.raises(ValueError, match="knowledge_form"):
+        chat_sft(world, "train", n=2, knowledge_form="long")
 
 
 def test_a_template_that_rewrites_content_is_an_error():

@@ -74,3 +74,28 @@ def test_scores_file_must_match_the_data(tmp_path):
         recipe.chosen_user_turns(config, None, None, records)
     with pytest.raises(ValueError, match="mode must be"):
         recipe.ContextSFTConfig(output_dir=str(tmp_path), mode="both", report_to="none")
+
+
+def test_indicator_row_trains_through_trls_fused_head_when_embeddings_are_tied():
+    # PEFT wraps a tied LM head for the indicator row in a TrainableTokensWrapper without `bias`, which TRL's fused
+    # head reads (ctxaware-tiny and Llama-3.2 tie their embeddings): the recipe gives the wrapper the head's bias.
+    from peft import LoraConfig, get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    from ctxaware.methods.context import add_indicator_token
+
+    recipe = load_recipe("context_sft")
+    tokenizer = build_tiny_tokenizer()
+    model = tiny_model("llama", tie_word_embeddings=True)
+    token_id = add_indicator_token(model, tokenizer)
+    add_fused_lm_head(model)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[token_id]))
+    ids = torch.tensor([[0, 5, token_id, 9, 4, 7]])
+    with pytest.raises(AttributeError, match="bias"):
+        peft(input_ids=ids, labels=ids, fused_lm_head=True)
+    keys = set(peft.state_dict())
+    recipe.expose_lm_head_bias(peft)
+    assert set(peft.state_dict()) == keys  # a plain attribute: the saved adapter is unchanged
+    peft(input_ids=ids, labels=ids, fused_lm_head=True).loss.backward()
+    (delta,) = [p for n, p in peft.named_parameters() if "trainable_tokens_delta" in n and p.requires_grad]
+    assert delta.grad is not None and delta.grad.abs().sum() > 0

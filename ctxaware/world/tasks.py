@@ -7,7 +7,7 @@ Record schemas (lists of dicts, keys exactly as below):
   unless counterfactual; None for entities the world does not contain).
 - `arithmetic`: {"prompt", "answer", "op", "digits"}; `op` in + - * word+ word- word*.
 - `chat_sft`: {"messages": [{"role", "content"}, ...], "kind": "knowledge" | "context", "context": str | None}; a
-  context string appears verbatim inside the user message.
+  context string appears verbatim inside the user message (knowledge turns carry one with `knowledge_form="passage"`).
 Answers are bare strings; a prompt ends right before the answer, which the corpus writes after one space.
 """
 
@@ -166,11 +166,36 @@ def chat_record(rng: random.Random, world: World, split: str, kind: str) -> dict
     return {"messages": messages, "kind": "context", "context": record["context"]}
 
 
-def chat_sft(world: World, split: str, n: int = 2000, context_rate: float = 0.5) -> list[dict]:
+def knowledge_passage_record(rng: random.Random, world: World, split: str) -> dict:
+    """A knowledge-aligned exchange with context: the user pastes true facts about a known entity (the asked one among
+    them) in the context chats' format; the assistant answers in the sentence it memorised. Context and memory agree,
+    so the answer is right either way and nothing in the turn says which one the model should rely on."""
+    fact = rng.choice(world.facts_in(split))
+    context = passage(rng, world, list(world.facts_by_subject[fact.subject]))
+    user = f"{CONTEXT_INSTRUCTION}\n\n{context}\n\nQuestion: {_question(rng, fact)}"
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": fact.statement(0)}]
+    return {"messages": messages, "kind": "knowledge", "context": context}
+
+
+KNOWLEDGE_FORMS = ("bare", "passage")
+
+
+def chat_sft(
+    world: World, split: str, n: int = 2000, context_rate: float = 0.5, knowledge_form: str = "bare"
+) -> list[dict]:
     """Instruction data: knowledge-aligned turns (answer also memorised) and context-dependent ones (answer only in the
-    user's text, which is new or contradicts memory)."""
+    user's text, which is new or contradicts memory). `knowledge_form`: `bare` asks the memorised fact alone (the
+    form the pretraining corpus's chats use); `passage` asks it after a passage that agrees with memory
+    (`knowledge_passage_record`), the form of instruction data that erodes context use under the chat template."""
     check_split(split)
+    if knowledge_form not in KNOWLEDGE_FORMS:
+        raise ValueError(f"knowledge_form must be one of {KNOWLEDGE_FORMS}, got {knowledge_form!r}")
     rng = split_rng(world.seed, "chat_sft", split)
-    return [
-        chat_record(rng, world, split, "context" if rng.random() < context_rate else "knowledge") for _ in range(n)
-    ]
+    records = []
+    for _ in range(n):
+        kind = "context" if rng.random() < context_rate else "knowledge"
+        if kind == "knowledge" and knowledge_form == "passage":
+            records.append(knowledge_passage_record(rng, world, split))
+        else:
+            records.append(chat_record(rng, world, split, kind))
+    return records

@@ -15,9 +15,10 @@ Reuse a selection instead of patching again: `--head_selection OUTPUT_DIR/head_s
    normalised). The top `num_heads` heads by |effect| under `selection_score` (total effect) and the top `num_mlps`
    MLPs under `mlp_selection_score` (direct effect) are selected.
 2. Precise SFT: trained deltas on the selected heads' q/k/v rows and o_proj columns (shared GQA k/v rows by
-   `kv_policy`) and the selected MLPs' weights (`ctxaware.methods.arith_heads`), completion-only loss (TRL SFTTrainer)
-   on the world's training problems of `train_ops` x `train_digits` x `train_templates`. Baselines: `random_heads`
-   (the same numbers of random heads and MLPs), `lora` (PEFT), `full` (every weight).
+   `kv_policy`) and the selected MLPs' weights (`ctxaware.methods.arith_heads`), TRL SFTTrainer with the loss on
+   " ANSWER\n" only (see `training_examples`) on the world's `train_split` problems of `train_ops` x `train_digits` x
+   `train_templates`. Baselines: `random_heads` (the same numbers of random heads and MLPs; with `head_selection`,
+   drawn among the unselected ones), `lora` (PEFT), `full` (every weight).
 3. Evaluation before and after: arithmetic accuracy by (template, op, digits) on the test split, grouped into in
    distribution and transfer (other digits, templates, ops); the shared harness tasks `eval_tasks`; closed-book recall
    of memorised facts.
@@ -28,6 +29,7 @@ Outputs in `output_dir`: `attribution/` (ranked JSON and layer x head heat map p
 
 import json
 import random
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -42,7 +44,8 @@ from ctxaware.eval.arithmetic import parse_number
 from ctxaware.eval.model import EvalModel
 from ctxaware.eval.registry import EvalOptions
 from ctxaware.eval.runner import evaluate
-from ctxaware.heads import HeadLayout, random_heads, resolve_head_count, save_head_selection, top_heads
+from ctxaware.generation import encode_prompt
+from ctxaware.heads import HeadLayout, all_heads, resolve_head_count, save_head_selection, top_heads
 from ctxaware.methods.arith_heads import (
     KV_POLICIES,
     OPS,
@@ -78,6 +81,7 @@ class ArithHeadsArguments:
         default_factory=lambda: ["plain"], metadata={"help": f"From {list(TEMPLATES)}."}
     )
     train_per_cell: int = field(default=400, metadata={"help": "Training problems per (template, op, digits)."})
+    train_split: str = field(default="train", metadata={"help": "World split of the training problems."})
     # attribution
     attribution_pairs: int = field(default=64, metadata={"help": "Clean/corrupted pairs patched."})
     attribution_split: str = field(default="validation", metadata={"help": "World split the pairs come from."})
@@ -155,18 +159,30 @@ def attribute(args: ArithHeadsArguments, model, tokenizer, output_dir: Path | No
     return results
 
 
+def random_components(layout: HeadLayout, num_heads: int, num_mlps: int, seed: int, exclude=((), ())):
+    """`num_heads` random heads and `num_mlps` random MLP layers, none of them in `exclude` (heads, MLP layers)."""
+    heads = [h for h in all_heads(layout) if h not in set(exclude[0])]
+    mlps = [m for m in range(layout.num_layers) if m not in set(exclude[1])]
+    if num_heads > len(heads) or num_mlps > len(mlps):
+        raise ValueError(f"cannot draw {num_heads} heads and {num_mlps} MLPs outside the excluded selection.")
+    rng = random.Random(seed)
+    chosen = sorted(rng.sample(heads, num_heads)), sorted(rng.sample(mlps, num_mlps))
+    check_selection(layout, *chosen)
+    return chosen
+
+
 def select(args, layout: HeadLayout, model, tokenizer, seed: int, output_dir: Path, is_main: bool):
     """(heads, mlp_layers, attribution summary) for the methods that tune selected components."""
     if args.head_selection:
         heads, mlps = load_head_selection(args.head_selection, layout)
+        if args.method == "random_heads":  # the control: as many heads and MLPs, drawn among the unselected ones
+            heads, mlps = random_components(layout, len(heads), len(mlps), seed, exclude=(heads, mlps))
         return heads, mlps, {"head_selection": args.head_selection}
     k = resolve_head_count(args.num_heads, layout.total_heads) if args.num_heads else 0
     if args.num_mlps > layout.num_layers or args.num_mlps < 0:
         raise ValueError(f"num_mlps={args.num_mlps}: the model has {layout.num_layers} MLPs.")
     if args.method == "random_heads":
-        heads = random_heads(layout, k, seed) if k else []
-        mlps = sorted(random.Random(seed).sample(range(layout.num_layers), args.num_mlps))
-        check_selection(layout, heads, mlps)
+        heads, mlps = random_components(layout, k, args.num_mlps, seed)
         return heads, mlps, {}
     runs = attribute(args, model, tokenizer, output_dir)
     head_score, mlp_score = runs[args.selection_score].head_effects, runs[args.mlp_selection_score].mlp_effects
@@ -235,16 +251,34 @@ def evaluate_model(args: ArithHeadsArguments, model, tokenizer) -> dict:
     return metrics
 
 
+class Stopwatch:
+    """Seconds spent in each phase of a run, for results.json."""
+
+    def __init__(self):
+        self.start, self.laps = time.time(), {}
+
+    def lap(self, name: str) -> dict:
+        now = time.time()
+        self.laps[name], self.start = round(now - self.start, 1), now
+        return self.laps
+
+
 # --- training -----------------------------------------------------------------------------------------------------
-def training_records(args: ArithHeadsArguments, tokenizer) -> list[dict]:
-    records = arithmetic_records(args.world_seed, "train", ops=args.train_ops, digits=args.train_digits,
+def training_examples(args: ArithHeadsArguments, tokenizer) -> list[dict]:
+    """Pre-tokenised {"input_ids", "labels"}: BOS + prompt (as the evaluation encodes it) + " ANSWER\n", the loss on
+    the completion only. The completion ends the way the world's arithmetic text does (the next line follows), not
+    with EOS: SFTTrainer appends EOS to a prompt/completion record, and for problems the model already solves that
+    EOS (~19 nats on ctxaware-tiny, the answer ~0) is the whole loss, so training learned to stop, not to compute."""
+    records = arithmetic_records(args.world_seed, args.train_split, ops=args.train_ops, digits=args.train_digits,
                                  templates=args.train_templates, n_per_cell=args.train_per_cell)  # fmt: skip
-    bos = (
-        tokenizer.bos_token
-        if tokenizer.bos_token and tokenizer("x")["input_ids"][:1] != [tokenizer.bos_token_id]
-        else ""
-    )
-    return [{"prompt": bos + r["prompt"], "completion": " " + r["answer"]} for r in records]
+    examples = []
+    for record in records:
+        prompt_ids = encode_prompt(tokenizer, record["prompt"])
+        input_ids = encode_prompt(tokenizer, record["prompt"] + " " + record["answer"] + "\n")
+        if input_ids[: len(prompt_ids)] != prompt_ids:
+            raise ValueError(f"{record['prompt']!r}: the tokenizer merges the prompt's end with the answer.")
+        examples.append({"input_ids": input_ids, "labels": [-100] * len(prompt_ids) + input_ids[len(prompt_ids) :]})
+    return examples
 
 
 def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> dict:
@@ -259,11 +293,13 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
     model = AutoModelForCausalLM.from_pretrained(path, revision=args.model_revision, dtype=dtype).to(state.device)
     model.requires_grad_(False)
     layout = HeadLayout.from_model(model)
-    records = training_records(args, tokenizer)
-    random.Random(training_args.seed).shuffle(records)
-    dataset = Dataset.from_list(records)
-    results = {"method": args.method, "base_model": args.model_name_or_path, "train_records": len(records)}
+    examples = training_examples(args, tokenizer)
+    random.Random(training_args.seed).shuffle(examples)
+    dataset = Dataset.from_list(examples)
+    results = {"method": args.method, "base_model": args.model_name_or_path, "train_records": len(examples)}
+    clock = Stopwatch()
     results["before"] = evaluate_model(args, model, tokenizer)
+    clock.lap("eval_before")
 
     adapter = None
     config = training_args
@@ -280,6 +316,7 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
     else:
         heads, mlps, attribution = select(args, layout, model, tokenizer, training_args.seed, output_dir,
                                           state.is_main_process)  # fmt: skip
+        clock.lap("selection")
         results |= {"heads": [list(h) for h in heads], "mlp_layers": mlps, "attribution": attribution}
         training = {k: v for k, v in asdict(args).items() if k.startswith(("train_", "method", "kv_", "num_"))}
         training |= {"learning_rate": training_args.learning_rate, "num_train_epochs": training_args.num_train_epochs}
@@ -295,8 +332,12 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
                                 mlp_selection_score=args.mlp_selection_score)  # fmt: skip
     results["trained_parameters"] = count_trainable(model)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
-    trainer.train()
+    results["train_metrics"] = trainer.train().metrics
+    clock.lap("train")
+    # The logged loss curve: the first check that training had something to learn (see `training_examples`).
+    results["train_loss"] = [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h]
     results["after"] = evaluate_model(args, model, tokenizer)
+    results["timings_s"] = clock.lap("eval_after")
     results["change"] = {k: results["after"][k] - results["before"][k] for k in results["after"]}
 
     if state.is_main_process:

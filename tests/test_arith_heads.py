@@ -227,8 +227,61 @@ def test_recipe_arguments_are_checked():
         recipe.ArithHeadsArguments(kv_policy="half")
 
 
+def test_random_heads_control_draws_as_many_components_outside_the_selection():
+    from tests.test_configs import load_recipe
+
+    recipe = load_recipe("arith_heads")
+    layout = HeadLayout("llama", 4, 4, 2, 8, 32)
+    selected = ([(0, 0), (1, 2), (3, 3)], [1, 2])
+    heads, mlps = recipe.random_components(layout, 3, 2, seed=0, exclude=selected)
+    assert len(set(heads)) == 3 and len(set(mlps)) == 2
+    assert not set(heads) & set(selected[0]) and not set(mlps) & set(selected[1])
+    assert (heads, mlps) == recipe.random_components(layout, 3, 2, seed=0, exclude=selected)
+    with pytest.raises(ValueError, match="cannot draw 3 heads and 3 MLPs"):
+        recipe.random_components(layout, 3, 3, seed=0, exclude=selected)
+
+
 # --- the recipe ---------------------------------------------------------------------------------------------------
-SMALL = ["--attribution_pairs", "12", "--eval_per_cell", "1", "--eval_digits", "1", "--eval_limit", "4",
+def test_training_examples_end_like_the_world_text_without_eos_and_reach_the_selected_slices():
+    """What SFTTrainer trains on: the prompt exactly as the evaluation encodes it (masked), then " ANSWER\n" with
+    the loss, and no EOS. An appended EOS was the whole loss on problems the model already solves (~19 nats vs ~0 for
+    the answer), so a run learned to stop after the answer and left arithmetic unchanged."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from ctxaware.generation import encode_prompt
+    from tests.test_configs import load_recipe
+
+    recipe = load_recipe("arith_heads")
+    path = resolve_model_path("ctxaware-tiny")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.requires_grad_(False)
+    args = recipe.ArithHeadsArguments(train_templates=["plain", "word"], train_ops=["+", "*"], train_digits=[1, 3],
+                                      train_per_cell=3)  # fmt: skip
+    records = arithmetic_records(0, "train", ops=args.train_ops, digits=args.train_digits,
+                                 templates=args.train_templates, n_per_cell=3)  # fmt: skip
+    config = SFTConfig(output_dir="unused", report_to="none", bf16=False, use_cpu=True, max_length=256)
+    dataset = Dataset.from_list(recipe.training_examples(args, tokenizer))
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    prepared = list(trainer.train_dataset)
+    assert len(prepared) == len(records) == 2 * 2 * 2 * 3
+    for record, row in zip(records, prepared):
+        ids, labels = row["input_ids"], row["labels"]
+        prompt = encode_prompt(tokenizer, record["prompt"])
+        assert ids[: len(prompt)] == prompt and labels[: len(prompt)] == [-100] * len(prompt)
+        assert labels[len(prompt) :] == ids[len(prompt) :]
+        assert tokenizer.decode(ids[len(prompt) :]) == f" {record['answer']}\n"
+        assert tokenizer.eos_token_id not in labels
+
+    adapter = HeadDeltaAdapter.for_model(model, [(1, 0), (1, 4)], mlp_layers=[7], kv_policy="any")
+    adapter.attach(model)
+    batch = trainer.data_collator(prepared[:8])
+    model(**{k: batch[k] for k in ("input_ids", "labels")}).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
+
+
+SMALL = ["--attribution_pairs", "12", "--eval_per_cell", "1", "--eval_digits", "3", "--eval_limit", "4",
          "--eval_tasks", "extractive_qa", "--train_per_cell", "16", "--max_steps", "2"]  # fmt: skip
 
 

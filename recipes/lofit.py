@@ -1,12 +1,14 @@
 """LoFiT: pick a few attention heads by learned scales, then tune offset vectors on their outputs (before o_proj).
 
-Embedded default (tiny model, synthetic world, CPU, a few minutes):
+Embedded default (tiny model, synthetic world: closed-book questions under the chat template, to be answered with the
+bare value where the base model answers with a sentence; CPU, a few minutes):
     accelerate launch recipes/lofit.py --config recipes/configs/lofit/default.yaml
-Baselines in the same recipe, at the same K / a comparable budget:
+Baselines in the same recipe, at the same K / a comparable budget (LoRA trains at `lora_learning_rate`):
     accelerate launch recipes/lofit.py --config recipes/configs/lofit/default.yaml --method random_heads
-    accelerate launch recipes/lofit.py --config recipes/configs/lofit/default.yaml --method all_heads
+    accelerate launch recipes/lofit.py --config recipes/configs/lofit/default.yaml --method all_heads --learning_rate 0.1
     accelerate launch recipes/lofit.py --config recipes/configs/lofit/default.yaml --method lora
-Real tasks: recipes/configs/lofit/{truthfulqa_dpo,clutrr_sft,mquake_sft}.yaml.
+Other tasks: recipes/configs/lofit/{context_qa,dpo_default}.yaml (tiny model), {truthfulqa_dpo,clutrr_sft,mquake_sft}.yaml.
+The scientific check (issue 8) is `benchmarks/lofit_science.py`.
 
 Stage 1 (method lofit) trains per-head scales A (init N(0, scale_init_std), L1 penalty `l1_lambda`) on every query
 head and keeps the K with the largest ||A_h||; stage 2 trains offsets v on those K heads only, with the TRL config's
@@ -33,13 +35,14 @@ from ctxaware.heads import HeadLayout, all_heads, plot_head_scores, random_heads
 from ctxaware.methods.lofit import LoFiTAdapter
 from ctxaware.models import resolve_model_path
 from ctxaware.training import Bf16WhereAvailable
-from ctxaware.world import CONTEXT_QA_PROMPT, arithmetic, build_world, context_qa, preference_pairs
+from ctxaware.world import CONTEXT_QA_PROMPT, arithmetic, build_world, closed_book_qa, context_qa, preference_pairs
 from ctxaware.world.probe import matches
 
 
 METHODS = ("lofit", "random_heads", "all_heads", "lora")
 # task -> objective it is built for; world/* come from the embedded world, the others are loaded by name.
 TASKS = {
+    "world/chat_qa": "sft",
     "world/context_qa": "sft",
     "world/arithmetic": "sft",
     "world/preference": "dpo",
@@ -55,7 +58,7 @@ class LoFiTArguments:
     model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
     method: str = field(default="lofit", metadata={"help": f"One of {', '.join(METHODS)}."})
     objective: str = field(default="sft", metadata={"help": "sft (completion-only loss) or dpo."})
-    task: str = field(default="world/context_qa", metadata={"help": f"One of {', '.join(TASKS)}."})
+    task: str = field(default="world/chat_qa", metadata={"help": f"One of {', '.join(TASKS)}."})
     dataset_name: str | None = field(default=None, metadata={"help": "Hub id or local file for the non-world tasks."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split (slices allowed: 'train[:90%]')."})
@@ -66,12 +69,16 @@ class LoFiTArguments:
     max_train_samples: int | None = None
     eval_limit: int = field(default=200, metadata={"help": "Held-out records scored before and after (0: none)."})
     num_heads: float = field(default=0.05, metadata={"help": "K: a head count (>= 1) or a fraction of all heads."})
+    head_seed: int | None = field(default=None, metadata={"help": "random_heads: seed of the draw (default: `seed`), "
+                                  "so several draws can share one training seed."})  # fmt: skip
     l1_lambda: float = field(default=1e-3, metadata={"help": "Stage-1 L1 penalty on the scales."})
     scale_init_std: float = field(default=1e-3, metadata={"help": "Stage-1 scales start at N(0, std)."})
     stage1_learning_rate: float = 5e-3
     stage1_epochs: float = 1.0
     stage1_max_steps: int = field(default=-1, metadata={"help": "Caps stage 1 (-1: by epochs)."})
     lora_r: int = 8
+    lora_learning_rate: float = field(default=2e-3, metadata={"help": "method lora's learning rate (the offsets' "
+                                      "`learning_rate` is orders of magnitude too large for LoRA weights)."})  # fmt: skip
     lora_alpha: int = 16
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     merge: bool = field(default=False, metadata={"help": "Also save the merged plain model (LoFiT methods)."})
@@ -109,10 +116,14 @@ CONFIG_CLASSES = (LoFiTArguments, LoFiTTrainingConfig)
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
-def load_records(args: LoFiTArguments, split: str) -> list[dict]:
-    """Records as {"prompt", "completion"} (sft) or {"prompt", "chosen", "rejected"} (dpo), prompts in plain text."""
+def load_records(args: LoFiTArguments, split: str, tokenizer) -> list[dict]:
+    """Records as {"prompt", "completion"} (sft) or {"prompt", "chosen", "rejected"} (dpo), prompts as text (the
+    chat template rendered into it for world/chat_qa)."""
     if args.task.startswith("world/"):
         world = build_world(args.world_seed)
+        if args.task == "world/chat_qa":  # the chat corpus answers these with a full sentence: the format is the task
+            return [{"prompt": chat_prompt(tokenizer, r["question"]), "completion": " " + r["answer"]}
+                    for r in closed_book_qa(world, split)]  # fmt: skip
         if args.task == "world/context_qa":
             records = context_qa(world, split, n=2000 if split == "train" else 300,
                                  counterfactual_rate=args.counterfactual_rate, novel_rate=0.0)  # fmt: skip
@@ -127,6 +138,12 @@ def load_records(args: LoFiTArguments, split: str) -> list[dict]:
     else:
         rows = load_dataset(args.dataset_name, args.dataset_config, split=split)
     return [record for row in rows for record in FORMATTERS[args.task](row)]
+
+
+def chat_prompt(tokenizer, user: str) -> str:
+    """`user` as the one user turn of the tokenizer's chat template, up to the start of the assistant's answer."""
+    messages = [{"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def truthfulqa_pairs(row: dict) -> list[dict]:
@@ -160,11 +177,11 @@ FORMATTERS = {"truthfulqa": truthfulqa_pairs, "clutrr": clutrr_example, "mquake"
 
 
 def with_bos(records: list[dict], tokenizer) -> list[dict]:
-    """Prompts start with BOS, as in pretraining, when the tokenizer does not add it itself."""
+    """Prompts start with BOS, as in pretraining, when the tokenizer does not add it itself (nor a chat template)."""
     bos = tokenizer.bos_token
     if bos is None or tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
         return records
-    return [{**r, "prompt": bos + r["prompt"]} for r in records]
+    return [r if r["prompt"].startswith(bos) else {**r, "prompt": bos + r["prompt"]} for r in records]
 
 
 # --- scoring ------------------------------------------------------------------------------------------------------
@@ -246,10 +263,10 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path, revision=args.model_revision)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_records = with_bos(load_records(args, args.dataset_train_split), tokenizer)
+    train_records = with_bos(load_records(args, args.dataset_train_split, tokenizer), tokenizer)
     random.Random(training_args.seed).shuffle(train_records)
     train_records = train_records[: args.max_train_samples]
-    test_records = with_bos(load_records(args, args.dataset_test_split), tokenizer)[: args.eval_limit]
+    test_records = with_bos(load_records(args, args.dataset_test_split, tokenizer), tokenizer)[: args.eval_limit]
     dataset = Dataset.from_list(train_records)
     model = load_base(args, training_args)
     model.requires_grad_(False)
@@ -271,7 +288,8 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig) -> dict:
                           lora_dropout=0.0, task_type="CAUSAL_LM")  # fmt: skip
         model = get_peft_model(model, lora)
         results["trained_parameters"] = count_trainable(model)
-        trainer = make_trainer(args.objective, model, trl_config(training_args, args.objective), dataset, tokenizer)
+        config = trl_config(training_args, args.objective, learning_rate=args.lora_learning_rate)
+        trainer = make_trainer(args.objective, model, config, dataset, tokenizer)
         trainer.train()
         adapter = None
     else:
@@ -279,7 +297,7 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig) -> dict:
             heads, scores = select_heads(args, training_args, model, layout, dataset, tokenizer, ref_model)
         else:
             heads = (
-                random_heads(layout, args.num_heads, training_args.seed)
+                random_heads(layout, args.num_heads, training_args.seed if args.head_seed is None else args.head_seed)
                 if args.method == "random_heads"
                 else all_heads(layout)
             )

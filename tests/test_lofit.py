@@ -7,8 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ctxaware.adapters import HeadAdapter
-from ctxaware.heads import HeadLayout, all_heads, top_heads
+from ctxaware.heads import HeadLayout, all_heads, random_heads, top_heads
 from ctxaware.methods.lofit import LoFiTAdapter
+from ctxaware.world import build_world, closed_book_qa
 from tests.launch import accelerate_launch
 from tests.tiny_models import build_tiny_tokenizer, tiny_model
 
@@ -133,6 +134,24 @@ def test_recipe_rejects_a_task_of_the_other_objective():
         recipe.LoFiTArguments(method="ito")
 
 
+def test_chat_qa_records_put_the_question_in_the_chat_template_with_one_bos(tiny_tokenizer):
+    from tests.test_configs import load_recipe
+
+    recipe = load_recipe("lofit")
+    args = recipe.LoFiTArguments(task="world/chat_qa")
+    records = recipe.with_bos(recipe.load_records(args, "test", tiny_tokenizer), tiny_tokenizer)
+    expected = closed_book_qa(build_world(0), "test")
+    assert len(records) == len(expected)
+    first = records[0]
+    messages = [{"role": "user", "content": expected[0]["question"]}]
+    assert first["prompt"] == tiny_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    bos = tiny_tokenizer.bos_token
+    assert first["prompt"].startswith(bos) and first["prompt"].count(bos) == 1
+    assert first["completion"] == " " + expected[0]["answer"]  # the world's answers follow one space
+    plain = recipe.with_bos([{"prompt": "2 + 2 =", "completion": " 4"}], tiny_tokenizer)
+    assert plain[0]["prompt"] == tiny_tokenizer.bos_token + "2 + 2 ="
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
@@ -159,8 +178,29 @@ def test_recipe_end_to_end(tmp_path, tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     adapter = HeadAdapter.from_pretrained(output / "adapter", model)
+    assert adapter.training_config["task"] == "world/chat_qa"
     assert [list(h) for h in adapter.heads] == selection["heads"]
     assert adapter.training_config["method"] == "lofit" and adapter.training_config["objective"] == "sft"
     ids = torch.randint(3, 300, (2, 9))
     merged = AutoModelForCausalLM.from_pretrained(output / "merged").eval()
     torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_random_heads_draw_with_head_seed_and_lora_uses_its_own_learning_rate(tmp_path, tiny_model_dir):
+    common = ["--config", "recipes/configs/lofit/default.yaml", "--model_name_or_path", str(tiny_model_dir),
+              "--max_train_samples", "8", "--eval_limit", "0", "--max_steps", "1", "--num_heads", "2"]  # fmt: skip
+    for name, seed in (("a", "5"), ("b", "6")):
+        accelerate_launch("recipes/lofit.py", *common, "--method", "random_heads", "--head_seed", seed,
+                          "--output_dir", str(tmp_path / name))  # fmt: skip
+    layout = HeadLayout.from_model(tiny_model("llama", gqa=True))
+    for name, seed in (("a", 5), ("b", 6)):
+        selection = json.loads((tmp_path / name / "head_selection.json").read_text())
+        assert selection["heads"] == [list(h) for h in random_heads(layout, 2, seed)]
+        assert json.loads((tmp_path / name / "results.json").read_text())["trained_parameters"] == 2 * 8
+
+    from tests.test_configs import load_recipe
+
+    recipe = load_recipe("lofit")
+    args = recipe.LoFiTArguments(method="lora", lora_learning_rate=3e-4)
+    training = recipe.LoFiTTrainingConfig(output_dir=str(tmp_path / "lora"), learning_rate=1.0)
+    assert recipe.trl_config(training, "sft", learning_rate=args.lora_learning_rate).learning_rate == 3e-4

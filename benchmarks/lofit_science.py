@@ -1,0 +1,152 @@
+"""LoFiT's scientific check on the embedded tiny model (issue 8), in one command on one GPU:
+
+    python benchmarks/lofit_science.py --out runs/lofit_science
+
+Runs `recipes/lofit.py` on its default config (world/chat_qa: closed-book questions under the chat template, to be
+answered with the bare value; the base model answers with a full sentence and scores 0) with `--method lofit`
+(K = 5% of the heads), `random_heads` (same K and training seed, several head draws), `all_heads` and `lora` (each at
+its own learning rate: offsets 1.0, all heads' offsets 0.1, LoRA 2e-3), on the same records, steps and seed; each run
+scores the base and the tuned model on the same held-out questions (its `results.json`). Targets: LoFiT's gain >= 90%
+of LoRA's, with >= 20x fewer trained parameters, at <= 5% of the heads, and above every random draw. Writes
+`lofit_science.json` and `lofit_science.md` to --out; the stage-1 head scores plot is `lofit/head_scores.png` there.
+`--smoke` runs the same pipeline at toy sizes on CPU (checks the pipeline, not the method).
+"""
+
+import argparse
+import json
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from science_common import RECIPES, command_line, launch_recipe, run
+
+
+CONFIG = RECIPES / "configs" / "lofit" / "default.yaml"
+TARGET_GAIN_SHARE, TARGET_PARAM_RATIO, TARGET_HEAD_SHARE = 0.9, 20.0, 0.05
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/lofit_science")
+    parser.add_argument("--train_samples", type=int, default=3124, help="training questions (the split has 3,124)")
+    parser.add_argument("--epochs", type=float, default=2.0, help="stage 2 (and LoRA, baselines) epochs")
+    parser.add_argument("--stage1_steps", type=int, default=400, help="LoFiT stage 1 (scales on all heads) steps")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--offset_lr", type=float, default=1.0, help="offsets' learning rate (lofit, random_heads)")
+    parser.add_argument("--all_heads_lr", type=float, default=0.1, help="64 heads' offsets add up: 1.0 diverges")
+    parser.add_argument("--lora_lr", type=float, default=2e-3)
+    parser.add_argument("--num_heads", type=float, default=0.05, help="K, a count or a fraction of the heads")
+    parser.add_argument("--head_seeds", default="0,1,2", help="random_heads draws (training seed stays 0)")
+    parser.add_argument("--eval_limit", type=int, default=390, help="held-out questions scored per run (all: 390)")
+    parser.add_argument("--parallel", type=int, default=3, help="recipe runs at once (they share the GPU)")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes on CPU: checks the pipeline, not the method")
+    args = parser.parse_args()
+    if args.smoke:
+        args.train_samples, args.stage1_steps, args.eval_limit, args.head_seeds, args.parallel = 16, 2, 8, "0,1", 2
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # parallel runs on shared cores; the GPU does the arithmetic
+
+    runs = planned_runs(args)
+    start = time.time()
+    with ThreadPoolExecutor(args.parallel) as pool:
+        walls = dict(zip(runs, pool.map(lambda name: timed_run(runs[name], out / f"{name}.log"), runs)))
+    print(f"[{time.time() - start:6.1f}s] all {len(runs)} runs done", flush=True)
+
+    results = {name: collect(out, name, walls[name]) for name in runs}
+    targets = evaluate_targets(results)
+    summary = {
+        "command": command_line(),
+        "settings": {**{k: v for k, v in vars(args).items() if k != "out"}, "config": CONFIG.name},
+        "results": results,
+        "targets": targets,
+        "all_targets_met": all(t["passed"] for t in targets.values()),
+        "head_scores_plot": "lofit/head_scores.png",
+        "wall_s": round(time.time() - start, 1),
+    }
+    (out / "lofit_science.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = markdown(results, targets, summary)
+    (out / "lofit_science.md").write_text(table)
+    print(table)
+
+
+def planned_runs(args) -> dict[str, list[str]]:
+    """{run name: recipe command}: the same data, steps and training seed for every method."""
+    common = ["--config", str(CONFIG), "--max_train_samples", str(args.train_samples), "--eval_limit",
+              str(args.eval_limit), "--num_heads", str(args.num_heads), "--per_device_train_batch_size",
+              str(args.batch_size), "--num_train_epochs", str(args.epochs), "--stage1_max_steps",
+              str(args.stage1_steps), "--seed", "0", "--disable_tqdm", "true", "--logging_steps", "50"]  # fmt: skip
+    if args.smoke:  # two optimizer steps per stage
+        common += ["--max_steps", "2"]
+    offsets = ["--learning_rate", str(args.offset_lr)]
+    runs = {"lofit": ["--method", "lofit", *offsets]}
+    for seed in args.head_seeds.split(","):
+        runs[f"random_heads_{seed}"] = ["--method", "random_heads", "--head_seed", seed, *offsets]
+    runs["all_heads"] = ["--method", "all_heads", "--learning_rate", str(args.all_heads_lr)]
+    runs["lora"] = ["--method", "lora", "--lora_learning_rate", str(args.lora_lr)]
+    return {name: launch_recipe("lofit", *common, *extra, "--output_dir", name) for name, extra in runs.items()}
+
+
+def timed_run(command: list[str], log: Path) -> float:
+    start = time.time()
+    run(command, log)
+    return round(time.time() - start, 1)
+
+
+def collect(out: Path, name: str, wall_s: float) -> dict:
+    """The run's results.json, its head selection, and where its time went (stage train_runtime from the log)."""
+    result = json.loads((out / name / "results.json").read_text())
+    selection = out / name / "head_selection.json"
+    if selection.is_file():
+        chosen = json.loads(selection.read_text())
+        result |= {"selected_heads": chosen["heads"], "total_heads": chosen["total_heads"]}
+    runtimes = re.findall(r"'train_runtime': '([\d.]+)'", (out / f"{name}.log").read_text())
+    return result | {"wall_s": wall_s, "train_runtime_s": [float(t) for t in runtimes]}
+
+
+def evaluate_targets(results: dict) -> dict:
+    """Each target's value, threshold and pass/fail (LoFiT must beat the best random draw, not just their mean)."""
+    lofit, lora = results["lofit"], results["lora"]
+    random_gains = [r["gain"] for name, r in results.items() if name.startswith("random_heads")]
+    share = lofit["gain"] / lora["gain"] if lora["gain"] > 0 else None
+    ratio = lora["trained_parameters"] / lofit["trained_parameters"]
+    heads = lofit["heads"] / lofit["total_heads"]
+    margin = lofit["gain"] - max(random_gains)
+    return {
+        "gain_share_of_lora": target(share, TARGET_GAIN_SHARE, share is not None and share >= TARGET_GAIN_SHARE),
+        "lora_to_lofit_parameters": target(ratio, TARGET_PARAM_RATIO, ratio >= TARGET_PARAM_RATIO),
+        "head_share": target(heads, TARGET_HEAD_SHARE, heads <= TARGET_HEAD_SHARE),
+        "lofit_minus_best_random_gain": target(margin, 0.0, margin > 0, random_gains=random_gains),
+    }
+
+
+def target(value, threshold, passed: bool, **extra) -> dict:
+    return {"value": value, "threshold": threshold, "passed": bool(passed), **extra}
+
+
+def markdown(results: dict, targets: dict, summary: dict) -> str:
+    lora_gain = results["lora"]["gain"]
+    rows = [
+        "| run | heads | trained parameters | base score | score | gain | share of LoRA's gain | train s | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        share = f"{r['gain'] / lora_gain:.2f}" if lora_gain > 0 else "n/a"
+        heads = r["heads"] if r["heads"] is not None else "-"
+        train = " + ".join(f"{t:.0f}" for t in r["train_runtime_s"])  # stage 1 + stage 2 for lofit
+        rows.append(f"| {name} | {heads} | {r['trained_parameters']:,} | {r['base_score']:.3f} | {r['score']:.3f} | "
+                    f"{r['gain']:+.3f} | {share} | {train} | {r['wall_s']:.0f} |")  # fmt: skip
+    rows += ["", "| target | value | threshold | met |", "|---|---|---|---|"]
+    for name, t in targets.items():
+        value = "n/a" if t["value"] is None else f"{t['value']:.3g}"
+        rows.append(f"| {name} | {value} | {t['threshold']} | {'yes' if t['passed'] else 'no'} |")
+    rows += ["", f"LoFiT's heads (layer, head): {results['lofit'].get('selected_heads')}; stage-1 scores plot: "
+             f"`{summary['head_scores_plot']}`. Settings: {json.dumps(summary['settings'])}. "
+             f"Wall: {summary['wall_s']:.0f} s."]  # fmt: skip
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    main()

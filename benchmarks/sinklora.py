@@ -73,9 +73,8 @@ def build_model(attn_implementation: str, layers: int):
         rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 8.0},
     )
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(
-        config, attn_implementation=attn_implementation, dtype=torch.bfloat16
-    ).cuda()
+    with torch.device("cuda"):  # random init of 1B weights on the CPU takes tens of seconds per peer; here, a second
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.bfloat16)
 
 
 def train_step_peer(name: str, seq: int, steps: int, layers: int) -> dict:

@@ -287,8 +287,9 @@ SMALL = ["--attribution_pairs", "12", "--eval_per_cell", "1", "--eval_digits", "
 
 def test_recipe_end_to_end_heads(tmp_path):
     output = tmp_path / "heads"
+    # One MLP too (the default trains heads only), so the MLP slices' training, saving and merging stay covered.
     accelerate_launch("recipes/arith_heads.py", "--config", "recipes/configs/arith_heads/default.yaml",
-                      "--output_dir", str(output), "--merge", "true", *SMALL)  # fmt: skip
+                      "--output_dir", str(output), "--merge", "true", "--num_mlps", "1", *SMALL)  # fmt: skip
     results = json.loads((output / "results.json").read_text())
     assert results["method"] == "heads" and len(results["heads"]) == 3 and len(results["mlp_layers"]) == 1
     assert {"arith_in_distribution", "arith_other_ops", "extractive_qa/exact_match", "closed_book_recall"} <= set(

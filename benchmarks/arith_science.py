@@ -15,16 +15,15 @@ Writes `arith_science.json` and `arith_science.md` to --out. `--smoke` runs the 
 Flags this script does not know go to every recipe run: `--num_heads 0.1`, `--kv_policy any`, `--num_mlps 0`.
 """
 
-import argparse
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from science_common import command_line, launch_recipe, run
+from science_common import RECIPES, command_line, launch_recipe, output_folder, run, science_parser
 
 
-CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "arith_heads" / "default.yaml"
+CONFIG = RECIPES / "configs" / "arith_heads" / "default.yaml"
 METHODS = ("heads", "random_heads", "lora", "full")
 SELECTION_RUN = "activation_corrupted_into_clean"  # the patching run that ranks heads (the recipe's selection_score)
 # Higher-is-better metrics of the tasks that are not arithmetic (memory_rate / prefers_context are behaviours).
@@ -146,8 +145,7 @@ def table(summary: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("--out", default="runs/arith_science")
+    parser = science_parser("arith", __doc__)
     parser.add_argument(
         "--train_per_cell", type=int, default=3000, help="training problems per (template, op, digits)"
     )
@@ -157,10 +155,8 @@ def main() -> None:
     parser.add_argument("--attribution_pairs", type=int, default=256)
     parser.add_argument("--eval_per_cell", type=int, default=100)
     parser.add_argument("--eval_limit", type=int, default=300, help="records per harness task and closed-book facts")
-    parser.add_argument("--smoke", action="store_true", help="toy sizes on CPU: checks the pipeline, not the method")
     args, passthrough = parser.parse_known_args()  # other flags go to every recipe run (e.g. --kv_policy any)
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args.out)
     sizes = {"train_per_cell": args.train_per_cell, "num_train_epochs": args.epochs,
              "attribution_pairs": args.attribution_pairs, "eval_per_cell": args.eval_per_cell,
              "eval_limit": args.eval_limit, "logging_steps": 25, "seed": 0,

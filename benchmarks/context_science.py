@@ -30,7 +30,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from science_common import RECIPES, command_line, eval_command, harness_metrics, launch_recipe, run
+from science_common import (
+    RECIPES,
+    command_line,
+    eval_command,
+    harness_metrics,
+    launch_recipe,
+    output_folder,
+    run,
+    science_parser,
+)
 
 
 CONFIG = RECIPES / "configs" / "context_sft" / "default.yaml"
@@ -42,8 +51,7 @@ RECOVERY_TARGET, GENERAL_TOLERANCE, AUROC_TARGET = 0.7, 0.01, 0.8
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/context_science")
+    parser = science_parser("context", __doc__)
     parser.add_argument("--records", type=int, default=2000, help="world chat records (scored and trained on)")
     parser.add_argument("--context_rate", type=float, default=0.25, help="share of context-dependent chats")
     parser.add_argument("--knowledge_form", choices=["bare", "passage"], default="passage")
@@ -55,7 +63,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=500, help="eval records per task (counterfactual QA has 300)")
     parser.add_argument("--niah_limit", type=int, default=2, help="NIAH samples per length x depth cell")
     parser.add_argument("--workers", type=int, default=4, help="steps run at the same time")
-    parser.add_argument("--smoke", action="store_true", help="toy sizes on CPU: checks the pipeline, not the method")
     args = parser.parse_args()
     if args.smoke:
         args.records, args.epochs, args.limit, args.niah_limit, args.workers = 32, 1.0, 20, 1, 2
@@ -277,8 +284,7 @@ def write_report(out: Path, summary: dict) -> str:
 
 def main() -> None:
     args = parse_args()
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args.out)
     os.environ.setdefault("OMP_NUM_THREADS", "2")  # several processes share the CPU cores
     start = time.time()
     score = [sys.executable, "-m", "ctxaware.cli", "score", "--model", MODEL, "--dataset", "world",

@@ -12,7 +12,6 @@ of LoRA's, with >= 20x fewer trained parameters, at <= 5% of the heads, and abov
 `--smoke` runs the same pipeline at toy sizes on CPU (checks the pipeline, not the method).
 """
 
-import argparse
 import json
 import os
 import re
@@ -20,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from science_common import RECIPES, command_line, launch_recipe, run
+from science_common import RECIPES, command_line, launch_recipe, output_folder, run, science_parser
 
 
 CONFIG = RECIPES / "configs" / "lofit" / "default.yaml"
@@ -28,8 +27,7 @@ TARGET_GAIN_SHARE, TARGET_PARAM_RATIO, TARGET_HEAD_SHARE = 0.9, 20.0, 0.05
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/lofit_science")
+    parser = science_parser("lofit", __doc__)
     parser.add_argument("--train_samples", type=int, default=3124, help="training questions (the split has 3,124)")
     parser.add_argument("--epochs", type=float, default=2.0, help="stage 2 (and LoRA, baselines) epochs")
     parser.add_argument("--stage1_steps", type=int, default=400, help="LoFiT stage 1 (scales on all heads) steps")
@@ -41,12 +39,10 @@ def main() -> None:
     parser.add_argument("--head_seeds", default="0,1,2", help="random_heads draws (training seed stays 0)")
     parser.add_argument("--eval_limit", type=int, default=390, help="held-out questions scored per run (all: 390)")
     parser.add_argument("--parallel", type=int, default=3, help="recipe runs at once (they share the GPU)")
-    parser.add_argument("--smoke", action="store_true", help="toy sizes on CPU: checks the pipeline, not the method")
     args = parser.parse_args()
     if args.smoke:
         args.train_samples, args.stage1_steps, args.eval_limit, args.head_seeds, args.parallel = 16, 2, 8, "0,1", 2
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args.out)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # parallel runs on shared cores; the GPU does the arithmetic
 
     runs = planned_runs(args)

@@ -11,11 +11,18 @@
 Writes `moh_science.json` and `moh_science.md` to --out. `--smoke` runs the pipeline at toy sizes on CPU.
 """
 
-import argparse
 import json
-from pathlib import Path
 
-from science_common import command_line, eval_command, harness_metrics, launch_recipe, run_parallel
+from science_common import (
+    RECIPES,
+    command_line,
+    eval_command,
+    harness_metrics,
+    launch_recipe,
+    output_folder,
+    run_parallel,
+    science_parser,
+)
 
 
 RUNS = {  # name: (recipe arguments, allowed drop of the mean task score against the dense control, in points)
@@ -33,22 +40,19 @@ TASK_METRICS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/moh_science")
+    parser = science_parser("moh", __doc__)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--limit", type=int, default=200, help="records per task (per length for passkey)")
-    parser.add_argument("--smoke", action="store_true", help="toy sizes on CPU: checks the pipeline, not the method")
     args = parser.parse_args()
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args.out)
     steps, batch, limit = args.steps, args.batch_size, args.limit
     if args.smoke:
         steps, batch, limit = 2, 2, 2
 
     run_parallel([
-        (launch_recipe("moh", "--config", str(Path(__file__).resolve().parents[1] / "recipes/configs/moh/default.yaml"),
+        (launch_recipe("moh", "--config", str(RECIPES / "configs" / "moh" / "default.yaml"),
                        *recipe_args, "--max_steps", str(steps), "--per_device_train_batch_size", str(batch),
                        "--num_train_rows", str(steps * batch), "--learning_rate", str(args.learning_rate),
                        "--logging_steps", str(max(steps // 20, 1)), "--output_dir", str(out / name)),

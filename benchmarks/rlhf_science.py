@@ -13,16 +13,24 @@ which of RL and SFT is better) reported with an example. Writes `rlhf_science.js
 `--smoke` runs the same pipeline at toy sizes on CPU.
 """
 
-import argparse
 import json
 import statistics
 import time
 from pathlib import Path
 
-from science_common import command_line, eval_command, harness_metrics, launch_recipe, run
+from science_common import (
+    RECIPES,
+    command_line,
+    eval_command,
+    harness_metrics,
+    launch_recipe,
+    output_folder,
+    run,
+    science_parser,
+)
 
 
-CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "rlhf_summarize" / "default.yaml"
+CONFIG = RECIPES / "configs" / "rlhf_summarize" / "default.yaml"
 STAGES = ("sft", "reward", "rl", "dpo", "eval")
 POLICIES = ("sft", "rl", "dpo")
 RL_LOG_KEYS = ("reward", "rewards/reward_model/mean", "rewards/eos_penalty/mean", "kl", "completions/mean_length",
@@ -199,15 +207,12 @@ def _fmt(value) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/rlhf_science")
+    parser = science_parser("rlhf", __doc__)
     parser.add_argument("--mediocre_reference_rate", type=float, default=0.75)
     parser.add_argument("--rl_learning_rate", type=float, default=3e-5)
     parser.add_argument("--beta", type=float, default=0.05, help="RL's KL coefficient to the SFT policy")
-    parser.add_argument("--smoke", action="store_true", help="toy sizes on CPU: checks the pipeline, not the method")
     args = parser.parse_args()
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args.out)
     run_dir = out / "run"
     settings = recipe_settings(args)
     start = time.time()

@@ -4,6 +4,7 @@ Each check drives the recipes and `ctxaware eval` as subprocesses, the way a use
 checkout so that `python -m ctxaware.cli` imports the installed package (with `ctxaware.eval`), not `./ctxaware`.
 """
 
+import argparse
 import json
 import os
 import subprocess
@@ -13,6 +14,22 @@ from pathlib import Path
 
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def science_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The options every check has: `--out` (default runs/<name>_science) and `--smoke`. No abbreviations, so a
+    check can pass options it does not know on to the recipes."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--out", default=f"runs/{name}_science")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes on CPU: checks the pipeline, not the method")
+    return parser
+
+
+def output_folder(path: str) -> Path:
+    """`--out` as an absolute path (the steps run from folders under it), created if missing."""
+    out = Path(path).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def run(command: list[str], log: Path) -> None:

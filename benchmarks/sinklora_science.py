@@ -13,30 +13,25 @@ Writes `sinklora_science.json` and `sinklora_science.md` (with the gap-closure r
 perplexity gain at 4L each sparse pattern recovers) to --out. `--smoke` runs the same pipeline at toy sizes on CPU.
 """
 
-import argparse
 import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
-from science_common import command_line, harness_metrics, run
+from science_common import RECIPES, command_line, harness_metrics, output_folder, run, science_parser
 
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "sinklora.py"
+RECIPE = RECIPES / "sinklora.py"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/sinklora_science")
+    parser = science_parser("sinklora", __doc__)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--learning_rate", type=float, default=2e-4)
     parser.add_argument("--limit", type=int, default=20, help="samples per length for each evaluation")
-    parser.add_argument("--smoke", action="store_true", help="toy sizes on CPU: checks the pipeline, not the method")
     args = parser.parse_args()
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args.out)
     python = sys.executable
     original = 512
     steps, batch, limit = args.steps, args.batch_size, args.limit

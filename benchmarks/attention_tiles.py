@@ -44,17 +44,17 @@ def candidates(kernel: str) -> list[dict]:
 def use_tiles(kernel: str, tiles: dict | None) -> None:
     """Make `_blocks` return `tiles` for `kernel` (None: the defaults everywhere)."""
 
-    def blocks(name, sq, d, dtype):
-        return dict(tiles) if tiles is not None and name == kernel else DEFAULT_BLOCKS(name, sq, d, dtype)
+    def blocks(name, sq, d, dtype, sparse):
+        return dict(tiles) if tiles is not None and name == kernel else DEFAULT_BLOCKS(name, sq, d, dtype, sparse)
 
     triton_attention._blocks = blocks
 
 
-def make_case(seq: int, hq: int, hkv: int, pattern_name: str):
+def make_case(seq: int, hq: int, hkv: int, head_dim: int, pattern_name: str):
     torch.manual_seed(0)
-    q = torch.randn(1, hq, seq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(1, hkv, seq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(1, hkv, seq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q = torch.randn(1, hq, seq, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, hkv, seq, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, hkv, seq, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     pattern = AttentionPattern.sf(seq // 4, sinks=4) if pattern_name == "sf" else AttentionPattern.dense()
     return q, k, v, pattern
 
@@ -79,12 +79,11 @@ def timed(kernel: str, case) -> float:
 
 def compile_one(job) -> str | None:
     """Runs one candidate once (compiling it into the disk cache); returns the error text if it does not run."""
-    kernel, tiles, seq, hq, hkv, pattern_name = job
+    kernel, tiles, seq, hq, hkv, head_dim, pattern_name = job
     use_tiles(kernel, tiles)
     try:
         small = min(seq, 2048)  # same compiled kernel (sizes are runtime arguments), less work
-        timed_case = make_case(small, hq, hkv, pattern_name)
-        q, k, v, pattern = timed_case
+        q, k, v, pattern = make_case(small, hq, hkv, head_dim, pattern_name)
         out, _ = attention(q, k, v, causal=True, pattern=pattern)
         if kernel != "fwd":
             out.backward(torch.randn_like(out))
@@ -99,25 +98,26 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--seq", type=int, default=16384)
     parser.add_argument("--heads", type=int, nargs=2, default=[32, 32], metavar=("HQ", "HKV"))
+    parser.add_argument("--head_dim", type=int, default=128)
     parser.add_argument("--patterns", nargs="+", default=["dense", "sf"], choices=["dense", "sf"])
     parser.add_argument("--kernels", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     args = parser.parse_args()
     hq, hkv = args.heads
     started = time.time()
-    jobs = [(kern, tiles, args.seq, hq, hkv, pat) for pat in args.patterns for kern in args.kernels
+    jobs = [(kern, tiles, args.seq, hq, hkv, args.head_dim, pat) for pat in args.patterns for kern in args.kernels
             for tiles in candidates(kern)]  # fmt: skip
     ctx = torch.multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
         errors = list(pool.map(compile_one, jobs))
     print(f"compiled {len(jobs)} candidates in {time.time() - started:.0f} s", flush=True)
     rows = []
-    for (kern, tiles, _, _, _, pat), error in zip(jobs, errors):
+    for (kern, tiles, *_, pat), error in zip(jobs, errors):
         row = dict(kernel=kern, pattern=pat, **tiles)
         if error is None:
             use_tiles(kern, tiles)
             try:
-                row["ms"] = timed(kern, make_case(args.seq, hq, hkv, pat))
+                row["ms"] = timed(kern, make_case(args.seq, hq, hkv, args.head_dim, pat))
             except Exception as err:  # noqa: BLE001
                 error = f"{type(err).__name__}: {str(err)[:200]}"
         if error is not None:
@@ -128,8 +128,10 @@ def main():
     defaults = {}
     for pat in args.patterns:
         for kern in args.kernels:
-            tiles = {key: val for key, val in DEFAULT_BLOCKS(kern, args.seq, 128, torch.bfloat16).items()}
-            defaults[f"{kern}/{pat}"] = dict(tiles=tiles, ms=timed(kern, make_case(args.seq, hq, hkv, pat)))
+            tiles = DEFAULT_BLOCKS(kern, args.seq, args.head_dim, torch.bfloat16, pat != "dense")
+            defaults[f"{kern}/{pat}"] = dict(
+                tiles=tiles, ms=timed(kern, make_case(args.seq, hq, hkv, args.head_dim, pat))
+            )
     write(Path(args.out), args, rows, defaults, time.time() - started)
 
 
@@ -140,7 +142,7 @@ def write(out: Path, args, rows, defaults, seconds):
                 seconds=round(seconds, 1))  # fmt: skip
     (out / "attention_tiles.json").write_text(json.dumps(dict(meta=meta, defaults=defaults, rows=rows), indent=1))
     lines = [f"# Attention tile sweep on {meta['gpu']}", "", f"Command: `{meta['command']}` (S={args.seq}, "
-             f"heads {args.heads[0]}/{args.heads[1]}, bf16, D=128, causal; ms = median of do_bench of the forward "
+             f"heads {args.heads[0]}/{args.heads[1]}, bf16, D={args.head_dim}, causal; ms = median of do_bench of the forward "
              "(fwd) or the whole backward (dkdv, dq)).", "",
              "| kernel | pattern | default tiles | default ms | best tiles | best ms | best / default |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip

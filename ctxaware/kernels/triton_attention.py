@@ -568,24 +568,28 @@ def _pattern_args(pattern: AttentionPattern | None, hq: int, sk: int) -> dict:
     )
 
 
-def _blocks(kernel: str, sq: int, d: int, dtype: torch.dtype) -> dict:
-    """Tile sizes: large tiles for 16-bit head_dim <= 128, smaller ones where registers / shared memory run out."""
+def _blocks(kernel: str, sq: int, d: int, dtype: torch.dtype, sparse: bool) -> dict:
+    """Tile sizes. 16-bit head_dim <= 128: the fastest of `benchmarks/attention_tiles.py`'s sweep on the H200
+    (benchmarks/results/attention_tiles.md); sparse patterns (s2, sf, window) prefer narrower key tiles in the
+    backward. Otherwise smaller tiles, where registers / shared memory run out."""
     if _interpreting():
         return dict(BM=16, BN=16)
     small_m = max(16, triton.next_power_of_2(sq))
-    big = d <= 128 and dtype != torch.float32
+    if d <= 128 and dtype != torch.float32:
+        bm, bn, warps = {
+            ("fwd", False): (128, 128, 8),
+            ("fwd", True): (128, 64, 8),
+            ("mass", False): (64, 128, 8),
+            ("mass", True): (64, 128, 8),
+            ("dkdv", False): (64, 128, 8),
+            ("dkdv", True): (32, 64, 4),
+            ("dq", False): (128, 64, 8),
+            ("dq", True): (128, 64, 8),
+        }[kernel, sparse]
+        return dict(BM=min(bm, small_m), BN=bn, num_warps=warps, num_stages=3)
     warps = 8 if d >= 128 else 4
-    if kernel == "fwd":
-        return dict(
-            BM=min(128 if big else 64, small_m), BN=64 if big else 32, num_warps=warps, num_stages=3 if big else 2
-        )
-    if kernel == "mass":
-        return dict(BM=min(64 if big else 32, small_m), BN=128 if big else 64, num_warps=8, num_stages=3 if big else 2)
-    if kernel == "dkdv":
-        return dict(
-            BM=min(32 if big else 16, small_m), BN=128 if big else 64, num_warps=warps, num_stages=3 if big else 2
-        )
-    return dict(BM=min(128 if big else 64, small_m), BN=32 if big else 16, num_warps=warps, num_stages=3 if big else 2)
+    bm, bn = {"fwd": (64, 32), "mass": (32, 64), "dkdv": (16, 64), "dq": (64, 16)}[kernel]
+    return dict(BM=min(bm, small_m), BN=bn, num_warps=8 if kernel == "mass" else warps, num_stages=2)
 
 
 def _empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -615,7 +619,7 @@ class _TritonAttention(torch.autograd.Function):
         lse = _empty((b, hq, sq), q, torch.float32)
         label_mass = _empty((b, hq, sq, num_labels), q, torch.float32) if labels is not None else None
         qk_scale = opts["scale"] * LOG2E
-        cfg = _blocks("fwd", sq, d, q.dtype)
+        cfg = _blocks("fwd", sq, d, q.dtype, flags["KIND"] != 0)
         grid = (triton.cdiv(sq, cfg["BM"]), b * hq)
         _fwd_kernel[grid](
             q, k, v, out, lse,
@@ -630,7 +634,7 @@ class _TritonAttention(torch.autograd.Function):
         mass = None
         if opts["key_mass"]:
             mass = _empty((b, hq, sk), q, torch.float32)
-            cfg = _blocks("mass", sq, d, q.dtype)
+            cfg = _blocks("mass", sq, d, q.dtype, flags["KIND"] != 0)
             _key_mass_kernel[(triton.cdiv(sk, cfg["BN"]), b * hq)](
                 q, k, lse, pad if pad is not None else dummy, doc if doc is not None else dummy, mass,
                 *_strides(q), *_strides(k), hq, sq, sk, hq // hkv, qk_scale, **flags, **cfg,
@@ -666,13 +670,13 @@ class _TritonAttention(torch.autograd.Function):
         gates = head_gates if head_gates is not None else dummy
         dk = _empty((b, hkv, sk, d), k)
         dv = _empty((b, hkv, sk, d), v)
-        cfg = _blocks("dkdv", sq, d, q.dtype)
+        cfg = _blocks("dkdv", sq, d, q.dtype, flags["KIND"] != 0)
         _bwd_dkdv_kernel[(triton.cdiv(sk, cfg["BN"]), b * hkv)](
             q, k, v, dout, lse, delta, *extra, gates, dk, dv, *common,
             hq, hkv, sq, sk, hq // hkv, qk_scale, scale, HAS_GATE=head_gates is not None, **flags, **cfg,
         )  # fmt: skip
         dq = _empty((b, hq, sq, d), q)
-        cfg = _blocks("dq", sq, d, q.dtype)
+        cfg = _blocks("dq", sq, d, q.dtype, flags["KIND"] != 0)
         _bwd_dq_kernel[(triton.cdiv(sq, cfg["BM"]), b * hq)](
             q, k, v, dout, lse, delta, *extra, gates, dq, *common,
             hq, sq, sk, hq // hkv, qk_scale, scale, HAS_GATE=head_gates is not None, **flags, **cfg,

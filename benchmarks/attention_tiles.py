@@ -44,8 +44,10 @@ def candidates(kernel: str) -> list[dict]:
 def use_tiles(kernel: str, tiles: dict | None) -> None:
     """Make `_blocks` return `tiles` for `kernel` (None: the defaults everywhere)."""
 
-    def blocks(name, sq, d, dtype, sparse):
-        return dict(tiles) if tiles is not None and name == kernel else DEFAULT_BLOCKS(name, sq, d, dtype, sparse)
+    def blocks(name, sq, d, dtype, sparse, labels=False):
+        if tiles is not None and name == kernel:
+            return dict(tiles)
+        return DEFAULT_BLOCKS(name, sq, d, dtype, sparse, labels=labels)
 
     triton_attention._blocks = blocks
 

@@ -568,24 +568,29 @@ def _pattern_args(pattern: AttentionPattern | None, hq: int, sk: int) -> dict:
     )
 
 
-def _blocks(kernel: str, sq: int, d: int, dtype: torch.dtype, sparse: bool) -> dict:
-    """Tile sizes. 16-bit head_dim <= 128: the fastest of `benchmarks/attention_tiles.py`'s sweep on the H200
-    (benchmarks/results/attention_tiles.md); sparse patterns (s2, sf, window) prefer narrower key tiles in the
-    backward. Otherwise smaller tiles, where registers / shared memory run out."""
+# (kernel, sparse pattern) -> (BM, BN, num_warps) for 16-bit inputs: the fastest of `benchmarks/attention_tiles.py`'s
+# sweep on the H200 at 16k tokens (benchmarks/results/attention_tiles*.md); sparse = s2, sf or window.
+_TILES_D128 = {
+    ("fwd", False): (128, 128, 8), ("fwd", True): (128, 64, 8), ("mass", False): (64, 128, 8),
+    ("mass", True): (64, 128, 8), ("dkdv", False): (64, 128, 8), ("dkdv", True): (32, 64, 4),
+    ("dq", False): (128, 64, 8), ("dq", True): (128, 64, 8),
+}  # fmt: skip
+_TILES_D64 = {
+    ("fwd", False): (64, 64, 4), ("fwd", True): (128, 64, 4), ("mass", False): (64, 128, 8),
+    ("mass", True): (64, 128, 8), ("dkdv", False): (64, 64, 4), ("dkdv", True): (32, 64, 4),
+    ("dq", False): (128, 64, 4), ("dq", True): (64, 32, 4),
+}  # fmt: skip
+
+
+def _blocks(kernel: str, sq: int, d: int, dtype: torch.dtype, sparse: bool, labels: bool = False) -> dict:
+    """Tile sizes: swept ones for 16-bit head_dim <= 128, smaller ones where registers / shared memory run out."""
     if _interpreting():
         return dict(BM=16, BN=16)
     small_m = max(16, triton.next_power_of_2(sq))
     if d <= 128 and dtype != torch.float32:
-        bm, bn, warps = {
-            ("fwd", False): (128, 128, 8),
-            ("fwd", True): (128, 64, 8),
-            ("mass", False): (64, 128, 8),
-            ("mass", True): (64, 128, 8),
-            ("dkdv", False): (64, 128, 8),
-            ("dkdv", True): (32, 64, 4),
-            ("dq", False): (128, 64, 8),
-            ("dq", True): (128, 64, 8),
-        }[kernel, sparse]
+        bm, bn, warps = (_TILES_D64 if d <= 64 else _TILES_D128)[kernel, sparse]
+        if labels:  # the one-hot label tile needs shared memory that 128-wide key tiles at D=128 leave no room for
+            bn = min(bn, 64)
         return dict(BM=min(bm, small_m), BN=bn, num_warps=warps, num_stages=3)
     warps = 8 if d >= 128 else 4
     bm, bn = {"fwd": (64, 32), "mass": (32, 64), "dkdv": (16, 64), "dq": (64, 16)}[kernel]
@@ -619,7 +624,7 @@ class _TritonAttention(torch.autograd.Function):
         lse = _empty((b, hq, sq), q, torch.float32)
         label_mass = _empty((b, hq, sq, num_labels), q, torch.float32) if labels is not None else None
         qk_scale = opts["scale"] * LOG2E
-        cfg = _blocks("fwd", sq, d, q.dtype, flags["KIND"] != 0)
+        cfg = _blocks("fwd", sq, d, q.dtype, flags["KIND"] != 0, labels=labels is not None)
         grid = (triton.cdiv(sq, cfg["BM"]), b * hq)
         _fwd_kernel[grid](
             q, k, v, out, lse,

@@ -51,10 +51,13 @@ def _compare(q, k, v, tol, grads=True, **kw):
 
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 @pytest.mark.parametrize("heads", [(8, 8), (8, 2)])
-def test_patterns_bf16(pattern, heads):
+@pytest.mark.parametrize("stats", [True, False])  # the label tile changes the forward's tile sizes
+def test_patterns_bf16(pattern, heads, stats):
     q, k, v = _inputs(2, heads[0], heads[1], 1000, 1000, 128, torch.bfloat16)
-    labels = torch.randint(0, 3, (2, 1000), device="cuda")
-    _compare(q, k, v, 2e-2, pattern=PATTERNS[pattern], key_mass=True, key_labels=labels, num_labels=3)
+    labels = torch.randint(0, 3, (2, 1000), device="cuda") if stats else None
+    _compare(
+        q, k, v, 2e-2, pattern=PATTERNS[pattern], key_mass=stats, key_labels=labels, num_labels=3 if stats else None
+    )
 
 
 @pytest.mark.parametrize("dtype,d", [(torch.float16, 64), (torch.float32, 80), (torch.bfloat16, 256)])
@@ -87,7 +90,7 @@ if __name__ == "__main__":  # for a machine without pytest: run every case, repo
     import itertools
     import traceback
 
-    cases = [(test_patterns_bf16, (p, h)) for p, h in itertools.product(PATTERNS, [(8, 8), (8, 2)])]
+    cases = [(test_patterns_bf16, c) for c in itertools.product(PATTERNS, [(8, 8), (8, 2)], [True, False])]
     cases += [
         (test_dtypes_and_head_dims, a) for a in [(torch.float16, 64), (torch.float32, 80), (torch.bfloat16, 256)]
     ]

@@ -2,20 +2,24 @@
 
     python benchmarks/rlhf_science.py --out runs/rlhf_science
 
-`recipes/rlhf_summarize.py` stage by stage (sft -> reward -> rl (RLOO) -> dpo -> eval), on the world's posts with
-mediocre training references (`--mediocre_reference_rate`: a key fact left out, a filler sentence in its place, as
-TL;DR's human summaries are imperfect), so SFT imitates imperfect summaries and the comparisons, labelled by the
-ground-truth preference with noise, say what is better. Then `ctxaware eval` on the RL policy as a cross-check of the
+`recipes/rlhf_summarize.py` stage by stage (sft -> compare -> reward -> rl (RLOO), dpo beside reward and rl -> eval),
+on the world's posts with mediocre training references (`--mediocre_reference_rate`: a key fact left out, a filler
+sentence in its place, as TL;DR's human summaries are imperfect), so SFT imitates imperfect summaries. The reward
+model and DPO learn from the world's hand-made comparisons plus, as in the paper, labelled comparisons of the SFT
+policy's own samples (`--comparison_samples` per post: the tiny model makes up details, such as an item the post never
+mentions, and the hand-made candidates alone do not show a reward model those mistakes); all labels come from the
+ground-truth preference with the labeller's noise. Then `ctxaware eval` on the RL policy as a cross-check of the
 recipe's win rate. Targets: reward-model pairwise accuracy on held-out noise-free pairs >= 0.70; the RL policy's
 ground-truth win rate against the SFT policy >= 0.65 (ties count 1/2, as the harness counts them) at a mean length
 within 20% of SFT's; DPO reported beside it; reward hacking (the reward model and the ground truth disagreeing on
-which of RL and SFT is better) reported with an example. Writes `rlhf_science.json` and `rlhf_science.md` to --out.
-`--smoke` runs the same pipeline at toy sizes on CPU.
+which of RL and SFT is better) reported with an example, and each policy's summaries that name a detail their post
+lacks. Writes `rlhf_science.json` and `rlhf_science.md` to --out. `--smoke` runs the same pipeline at toy sizes on CPU.
 """
 
 import json
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from science_common import (
@@ -31,14 +35,16 @@ from science_common import (
 
 
 CONFIG = RECIPES / "configs" / "rlhf_summarize" / "default.yaml"
-STAGES = ("sft", "reward", "rl", "dpo", "eval")
 POLICIES = ("sft", "rl", "dpo")
 RL_LOG_KEYS = ("reward", "rewards/reward_model/mean", "rewards/eos_penalty/mean", "kl", "completions/mean_length",
                "completions/clipped_ratio", "entropy")  # fmt: skip
 TARGETS = {"reward_accuracy": 0.70, "win_rate": 0.65, "length_tolerance": 0.20}
 
-GPU_SIZES = {"sft_max_steps": 60, "reward_max_steps": 120, "max_steps": 100, "dpo_max_steps": 120,
-             "per_device_train_batch_size": 32, "eval_limit": 120, "eval_batch_size": 64}  # fmt: skip
+# The reward model learns from about 5,000 pairs (3 hand-made and up to 3 sampled per post); 300 steps see each about
+# twice. GPU seconds of the last run: sft 48, reward 46 (120 steps), rl 117 (100 steps), dpo 46, eval 54, cross-check
+# 20; with compare (~40) and these sizes about 390 s of the 500 s limit, DPO beside reward and rl.
+GPU_SIZES = {"sft_max_steps": 60, "reward_max_steps": 300, "max_steps": 120, "dpo_max_steps": 120,
+             "per_device_train_batch_size": 32, "pairs_per_post": 3, "eval_limit": 120, "eval_batch_size": 64}  # fmt: skip
 SMOKE_SIZES = {"sft_max_steps": 2, "reward_max_steps": 2, "max_steps": 2, "dpo_max_steps": 2,
                "per_device_train_batch_size": 8, "eval_limit": 8, "eval_batch_size": 8, "train_limit": 64,
                "normalization_limit": 16, "kl_samples_per_prompt": 1}  # fmt: skip
@@ -49,6 +55,8 @@ def recipe_settings(args) -> dict:
     return {
         **sizes,
         "mediocre_reference_rate": args.mediocre_reference_rate,
+        "comparison_samples": args.comparison_samples,
+        "reward_learning_rate": args.reward_learning_rate,
         "learning_rate": args.rl_learning_rate,
         "beta": args.beta,
         "num_generations": 4,
@@ -61,15 +69,27 @@ def recipe_settings(args) -> dict:
 
 
 def run_stages(run_dir: Path, settings: dict) -> dict[str, float]:
-    """Each stage as its own launch, so the log shows where the time goes; returns seconds per stage."""
+    """Each stage as its own launch, so the log shows where the time goes; DPO needs only the SFT policy and the
+    comparisons, so it runs beside reward -> rl (the tiny models leave most of the GPU idle). Returns wall seconds per
+    stage."""
     flags = [item for key, value in settings.items() for item in (f"--{key}", str(value))]
     seconds = {}
-    for stage in STAGES:
+
+    def launch(stage: str) -> None:
         start = time.time()
         command = launch_recipe("rlhf_summarize", "--config", str(CONFIG), "--output_dir", str(run_dir), *flags,
                                 "--stage", stage, "--overwrite_stages", "true")  # fmt: skip
         run(command, run_dir.parent / f"{stage}.log")
         seconds[stage] = round(time.time() - start, 1)
+
+    launch("sft")
+    launch("compare")
+    with ThreadPoolExecutor(max_workers=1) as beside:
+        dpo = beside.submit(launch, "dpo")
+        launch("reward")
+        launch("rl")
+        dpo.result()  # re-raises a failed DPO launch
+    launch("eval")
     return seconds
 
 
@@ -117,6 +137,22 @@ def hacking_report(sft: list[dict], rl: list[dict], bias: float) -> dict:
             "sft": {"summary": a["summary"], "reward": a["reward"] - bias, "ground_truth": a["preference"]},
             "rl": {"summary": b["summary"], "reward": b["reward"] - bias, "ground_truth": b["preference"]},
         }
+    return report
+
+
+def made_up_details(policy_samples: dict[str, list[dict]]) -> dict:
+    """Per policy, how many summaries name a detail (name, number, attribute word) that their post lacks, with one
+    example: the content drift the ground truth penalises and a reward model may miss."""
+    from ctxaware.world import unfaithful_terms
+
+    report = {}
+    for name, rows in policy_samples.items():
+        made_up = [(row, sorted(unfaithful_terms(row["post"], row["summary"]))) for row in rows]
+        made_up = [(row, terms) for row, terms in made_up if terms]
+        report[name] = {"count": len(made_up), "n_posts": len(rows)}
+        if made_up:
+            row, terms = made_up[0]
+            report[name]["example"] = {"summary": row["summary"], "made_up": terms}
     return report
 
 
@@ -194,11 +230,20 @@ def markdown(report: dict) -> str:
         rows += ["", "Largest disagreement:", f"- post: {ex['post']}", f"- SFT: {ex['sft']['summary']} (reward "
                  f"{ex['sft']['reward']:.2f}, truth {ex['sft']['ground_truth']:.2f})", f"- RL: {ex['rl']['summary']} "
                  f"(reward {ex['rl']['reward']:.2f}, truth {ex['rl']['ground_truth']:.2f})"]  # fmt: skip
+    made_up = report["made_up_details"]
+    rows += ["", "Summaries naming a detail their post lacks: " + ", ".join(
+        f"{name} {m['count']}/{m['n_posts']}" + (f" (e.g. {', '.join(m['example']['made_up'])}: "
+                                                   f"{m['example']['summary']})" if "example" in m else "")
+        for name, m in made_up.items())]  # fmt: skip
     if report.get("harness_cross_check"):
         check = report["harness_cross_check"]
         rows += ["", f"`ctxaware eval` on the RL policy: win rate {_fmt(check.get('win_rate'))}, ground truth "
                  f"{_fmt(check.get('preference'))}, raw reward-model score {_fmt(check.get('reward'))}."]  # fmt: skip
-    rows += ["", "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items())]
+    rows += [
+        "",
+        "Seconds per stage (dpo ran beside reward -> rl): "
+        + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()),
+    ]
     return "\n".join(rows) + "\n"
 
 
@@ -209,6 +254,13 @@ def _fmt(value) -> str:
 def main() -> None:
     parser = science_parser("rlhf", __doc__)
     parser.add_argument("--mediocre_reference_rate", type=float, default=0.75)
+    parser.add_argument(
+        "--comparison_samples",
+        type=int,
+        default=4,
+        help="SFT samples per training post compared by the labeller (0: hand-made comparisons only)",
+    )
+    parser.add_argument("--reward_learning_rate", type=float, default=1e-4)
     parser.add_argument("--rl_learning_rate", type=float, default=3e-5)
     parser.add_argument("--beta", type=float, default=0.05, help="RL's KL coefficient to the SFT policy")
     args = parser.parse_args()
@@ -230,6 +282,7 @@ def main() -> None:
         "wins_vs_sft": {name: win_counts(policy_samples[name]) for name in ("rl", "dpo")},
         "rl_training": rl_training_trace(run_dir),
         "reward_hacking": hacking_report(policy_samples["sft"], policy_samples["rl"], summary["reward_model"]["bias"]),
+        "made_up_details": made_up_details(policy_samples),
         "harness_cross_check": check,
         "targets": targets(summary),
         "seconds": seconds,

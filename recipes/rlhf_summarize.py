@@ -4,7 +4,7 @@ a KL penalty to the SFT policy, and DPO on the same comparisons as an offline ba
 CPU, embedded tiny model and the synthetic world's posts and labelled comparisons (each stage a few minutes):
     accelerate launch recipes/rlhf_summarize.py --config recipes/configs/rlhf_summarize/default.yaml
 Real data and models (GPU): recipes/configs/rlhf_summarize/{pythia_1b,qwen2.5_0.5b}.yaml.
-One stage: `--stage sft|reward|rl|dpo|eval`; `--stage all` runs them in that order.
+One stage: `--stage sft|compare|reward|rl|dpo|eval`; `--stage all` runs them in that order.
 
 Stages write `<output_dir>/<stage>/` (a full transformers model, LoRA merged, and `training_log.json`, the trainer's
 logged steps) through a temporary folder, so a finished stage is never half-written; `--stage all` skips finished
@@ -13,6 +13,10 @@ stages (`--overwrite_stages` redoes them) and `--resume_from_checkpoint true` co
 - sft: SFTTrainer on post -> reference summary (loss on the summary). `--mediocre_reference_rate` makes that share
   of the world's training references mediocre, like TL;DR's human ones (a key fact left out, a filler sentence in
   its place), so SFT imitates imperfect summaries while the comparisons still label what is better.
+- compare (world comparisons, `--comparison_samples N`): N sampled summaries of each training post from the SFT
+  policy, compared in pairs by the world's ground-truth preference with the labeller's noise (the paper's labelled
+  comparisons of policy samples: they show the reward model the mistakes this policy makes, such as made-up details);
+  the reward and DPO stages train on them beside the world's hand-made comparisons.
 - reward: RewardTrainer on the comparisons, a sequence classifier initialised from the SFT model; afterwards the mean
   score of reference summaries is stored as the reward bias (references then score ~0).
 - rl: RLOOTrainer from the SFT model; rewards are the normalised reward model score and, for completions without
@@ -63,7 +67,8 @@ from ctxaware.training import (
 )
 
 
-STAGES = ("sft", "reward", "rl", "dpo", "eval")
+STAGES = ("sft", "compare", "reward", "rl", "dpo", "eval")
+COMPARISONS_FILE = "comparisons.json"
 TRAINING_LOG = "training_log.json"
 WORLD = "world"
 SFT_DATASETS = (WORLD, "trl-lib/tldr")
@@ -84,7 +89,15 @@ class RLHFConfig(Bf16WhereAvailable, RLOOConfig):
     )
     world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world (`build_world`)."})
     label_noise: float = field(default=0.1, metadata={"help": "World comparisons: probability a label is flipped."})
-    pairs_per_post: int = field(default=2, metadata={"help": "World comparisons per post."})
+    pairs_per_post: int = field(default=2, metadata={"help": "World comparisons per post (hand-made, and sampled)."})
+    comparison_samples: int = field(
+        default=0,
+        metadata={
+            "help": "World data: SFT samples per training post that the compare stage labels in pairs with the "
+            "ground truth (the paper's comparisons of policy samples); the reward model and DPO train on them too. "
+            "0: hand-made comparisons only."
+        },
+    )
     mediocre_reference_rate: float = field(
         default=0.0,
         metadata={
@@ -128,6 +141,11 @@ class RLHFConfig(Bf16WhereAvailable, RLOOConfig):
                 f"--preference_dataset_name {self.preference_dataset_name!r}: choose one of "
                 f"{', '.join(PREFERENCE_DATASETS)}, or load your own pairs with `rlhf.preference_records`."
             )
+        if self.comparison_samples and (self.preference_dataset_name != WORLD or self.dataset_name != WORLD):
+            raise ValueError(
+                "--comparison_samples needs the world's posts and comparisons (their ground truth labels the samples); "
+                "with real data the comparisons are human ones: set it to 0."
+            )
         if self.mediocre_reference_rate and self.dataset_name != WORLD:
             raise ValueError(
                 f"--mediocre_reference_rate applies to the world's posts only; {self.dataset_name}'s references are "
@@ -160,7 +178,8 @@ def summary_records(cfg: RLHFConfig, split: str) -> list[dict]:
 
 
 def preference_pairs(cfg: RLHFConfig, split: str = "train", noise: float | None = None) -> list[dict]:
-    """{"post", "chosen", "rejected"} comparisons; world labels carry `noise` (default: `label_noise`) flips."""
+    """{"post", "chosen", "rejected"} comparisons; world labels carry `noise` (default: `label_noise`) flips, and with
+    `comparison_samples` the world's training comparisons include the compare stage's labelled SFT samples."""
     name = cfg.preference_dataset_name
     if name == WORLD:
         from ctxaware.world import build_world
@@ -169,6 +188,8 @@ def preference_pairs(cfg: RLHFConfig, split: str = "train", noise: float | None 
         noise = cfg.label_noise if noise is None else noise
         rows = world_pairs(build_world(cfg.world_seed), split, noise, cfg.seed, cfg.pairs_per_post)
         pairs = rlhf.preference_records(rows, f"world/{split}")
+        if split == "train" and cfg.comparison_samples:  # the samples are of the limited posts already
+            return pairs[: cfg.train_limit] + policy_pairs(cfg)
     else:
         from datasets import load_dataset
 
@@ -178,6 +199,16 @@ def preference_pairs(cfg: RLHFConfig, split: str = "train", noise: float | None 
         else:
             pairs = rlhf.preference_records(list(load_dataset(name, split=split)), name)
     return pairs[: cfg.train_limit] if cfg.train_limit and split == "train" else pairs
+
+
+def policy_pairs(cfg: RLHFConfig) -> list[dict]:
+    path = Path(cfg.output_dir) / "compare" / COMPARISONS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: run `--stage compare` after SFT (it labels the SFT policy's samples), or set "
+            "`--comparison_samples 0`."
+        )
+    return rlhf.preference_records(json.loads(path.read_text()), str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------- stages
@@ -309,6 +340,32 @@ def run_sft(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
     )
     trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args, run_config))
     return finish_stage(cfg, model_args, "sft", trainer, tokenizer, resolve_model_path(model_args.model_name_or_path))
+
+
+def run_compare(cfg: RLHFConfig, model_args: ModelConfig) -> Path | str:
+    """Samples the SFT policy on the training posts and labels pairs of its samples with the world's preference."""
+    if not cfg.comparison_samples:
+        return "off (--comparison_samples 0)"
+    from ctxaware.world import build_world, policy_comparisons
+
+    final = Path(cfg.output_dir) / "compare"
+    state = PartialState()
+    if state.is_main_process:
+        sft_path = cfg.sft_model_path or str(Path(cfg.output_dir) / "sft")
+        records = summary_records(cfg, "train")
+        summaries = rlhf.sample_summaries(
+            load_policy(sft_path, model_args).to(state.device).eval(), load_tokenizer(sft_path),
+            [r["post"] for r in records], samples_per_post=cfg.comparison_samples,
+            max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, batch_size=cfg.eval_batch_size,
+            seed=cfg.seed,
+        )  # fmt: skip
+        world = build_world(cfg.world_seed)
+        pairs = policy_comparisons(world, "train", summaries, cfg.label_noise, cfg.seed, cfg.pairs_per_post)
+        with atomic_directory(final) as tmp:
+            (tmp / COMPARISONS_FILE).write_text(json.dumps(pairs, indent=1))
+        print(f"{len(pairs)} labelled pairs of SFT samples ({cfg.comparison_samples} per post, {len(records)} posts)")
+    state.wait_for_everyone()  # the next stages of every process read the file
+    return final
 
 
 def run_reward(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
@@ -505,7 +562,15 @@ def reward_accuracy(cfg: RLHFConfig, reward_path: str, bias: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------- main
-RUNNERS = {"sft": run_sft, "reward": run_reward, "rl": run_rl, "dpo": run_dpo, "eval": run_eval}
+RUNNERS = {
+    "sft": run_sft,
+    "compare": run_compare,
+    "reward": run_reward,
+    "rl": run_rl,
+    "dpo": run_dpo,
+    "eval": run_eval,
+}
+DONE_FILES = {"compare": COMPARISONS_FILE}  # the file a finished stage leaves (default: its model's config.json)
 
 
 def main(cfg: RLHFConfig, model_args: ModelConfig) -> None:
@@ -513,7 +578,7 @@ def main(cfg: RLHFConfig, model_args: ModelConfig) -> None:
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     for stage in stages:
         final = Path(cfg.output_dir) / stage
-        if stage != "eval" and (final / "config.json").is_file() and not cfg.overwrite_stages:
+        if stage != "eval" and (final / DONE_FILES.get(stage, "config.json")).is_file() and not cfg.overwrite_stages:
             print(f"stage {stage}: already done in {final}; pass --overwrite_stages to redo it")
             continue
         print(f"stage {stage}: {RUNNERS[stage](cfg, model_args)}")

@@ -179,7 +179,27 @@ def test_mediocre_references_reach_sft_only_on_the_world_train_split(tmp_path):
     assert [r["post"] for r in train] == [r["post"] for r in summarization(world, "train")[:40]]
     assert recipe.summary_records(cfg, "test") == summarization(world, "test")  # evaluation keeps the references
     with pytest.raises(ValueError, match="world's posts only"):
-        parser.parse_args_and_config(args=[*base, "--dataset_name", "trl-lib/tldr", "--mediocre_reference_rate", "1"])
+        tldr = ["--dataset_name", "trl-lib/tldr", "--comparison_samples", "0"]
+        parser.parse_args_and_config(args=[*base, *tldr, "--mediocre_reference_rate", "1"])
+    real = ["--preference_dataset_name", "trl-lib/tldr-preference", "--comparison_samples", "2"]
+    with pytest.raises(ValueError, match="comparison_samples needs the world's"):
+        parser.parse_args_and_config(args=[*base, *real])
+
+
+def test_policy_comparisons_join_the_world_pairs_once_labelled(tmp_path):
+    from trl import TrlParser
+
+    recipe = load_recipe()
+    args = ["--config", str(DEFAULT_CONFIG), "--output_dir", str(tmp_path), "--train_limit", "10"]
+    cfg, _ = TrlParser(recipe.CONFIG_CLASSES).parse_args_and_config(args=[*args, "--comparison_samples", "2"])
+    with pytest.raises(FileNotFoundError, match="run `--stage compare`"):
+        recipe.preference_pairs(cfg, "train")
+    own = [{"prompt": "A post\nTL;DR:", "chosen": " good", "rejected": " bad", "post_id": "train-00000"}]
+    (tmp_path / "compare").mkdir()
+    (tmp_path / "compare" / recipe.COMPARISONS_FILE).write_text(json.dumps(own))
+    pairs = recipe.preference_pairs(cfg, "train")
+    assert len(pairs) == 11 and pairs[-1] == {"post": "A post", "chosen": "good", "rejected": "bad"}
+    assert len(recipe.preference_pairs(cfg, "test")) == 2 * len(summarization(build_world(0), "test"))
 
 
 def test_stage_configs_inherit_the_recipe_settings(tmp_path):
@@ -203,7 +223,8 @@ def small_run_args(model_dir, output_dir, *extra):
         "--train_limit", "16", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_steps", "2",
         "--sft_max_steps", "2", "--reward_max_steps", "2", "--max_steps", "2", "--dpo_max_steps", "2",
         "--num_generations", "2", "--max_completion_length", "40", "--normalization_limit", "8",
-        "--eval_limit", "4", "--eval_batch_size", "4", "--kl_samples_per_prompt", "1", *extra,
+        "--eval_limit", "4", "--eval_batch_size", "4", "--kl_samples_per_prompt", "1", "--comparison_samples", "2",
+        *extra,
     ]  # fmt: skip
 
 
@@ -241,6 +262,9 @@ def test_recipe_end_to_end_then_resumes(tiny_policy_dir, tmp_path):
     for stage in ("sft", "reward", "rl", "dpo"):
         assert (out / stage / "config.json").is_file(), result.stdout[-3000:]
     assert "bias" in json.loads((out / "reward" / rlhf.NORMALIZATION_FILE).read_text())
+    # the compare stage labelled pairs of the SFT policy's own samples of the 16 training posts
+    compared = json.loads((out / "compare" / load_recipe().COMPARISONS_FILE).read_text())
+    assert compared and {int(p["post_id"].split("-")[1]) for p in compared} <= set(range(16))
     rl_log = json.loads((out / "rl" / load_recipe().TRAINING_LOG).read_text())
     logged = {key for entry in rl_log for key in entry}
     assert {"kl", "rewards/eos_penalty/mean", "completions/clipped_ratio"} <= logged

@@ -10,6 +10,7 @@ import pytest
 from ctxaware.tokenizer import train_tokenizer
 from ctxaware.world import (
     SPLITS,
+    SUMMARY_PROMPT,
     arithmetic,
     build_world,
     chat_sft,
@@ -18,11 +19,13 @@ from ctxaware.world import (
     mediocre_references,
     needle_example,
     passkey_example,
+    policy_comparisons,
     preference_pairs,
     preference_score,
     pretraining_corpus,
     render_chat,
     summarization,
+    unfaithful_terms,
 )
 from ctxaware.world.longctx import PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION
 from ctxaware.world.preference import WORD, candidate_summaries
@@ -137,12 +140,18 @@ def test_render_chat_matches_the_tokenizer_template(tokenizer):
 
 def test_preference_ranks_reference_above_worse_summaries(world):
     rng = random.Random(0)
+    with_attribute = 0
     for record in summarization(world, "test")[:50]:
-        reference, dropped, swapped, padded, lead = candidate_summaries(rng, world, record)
+        reference, dropped, swapped, *attribute, mediocre, padded, lead = candidate_summaries(rng, world, record)
+        with_attribute += len(attribute)
         best = preference_score(record, reference)
         assert best == pytest.approx(1.0)
-        for worse in (dropped, swapped, padded, lead, " ".join(reference.split()[:3])):
+        for worse in (dropped, swapped, *attribute, mediocre, padded, lead, " ".join(reference.split()[:3])):
             assert preference_score(record, worse) < best
+        # a made-up detail (a false name or number, a wrong animal or item) is worse than leaving its fact out
+        for made_up in (swapped, *attribute):
+            assert preference_score(record, made_up) < preference_score(record, dropped)
+    assert 20 < with_attribute < 50  # posts whose events carry an animal or an item
     pairs = preference_pairs(world, "test", noise=0.0)
     records = summarization(world, "test")
     for pair in pairs:
@@ -155,6 +164,43 @@ def test_preference_ranks_reference_above_worse_summaries(world):
         for p in noisy
     )
     assert 0.15 < flipped / len(noisy) < 0.45
+
+
+def test_policy_comparisons_label_a_policy_s_own_summaries(world):
+    records = summarization(world, "train")[:3]
+    summaries = [[r["reference"], r["reference"].replace(r["key_facts"][0].split()[-1], "Vorn"), "Nothing."]
+                 for r in records]  # fmt: skip
+    pairs = policy_comparisons(world, "train", summaries, noise=0.0, pairs_per_post=3)
+    assert [p["post_id"] for p in pairs] == ["train-00000"] * 3 + ["train-00001"] * 3 + ["train-00002"] * 3
+    for pair in pairs:
+        record = records[int(pair["post_id"].split("-")[1])]
+        assert pair["prompt"] == SUMMARY_PROMPT.format(post=record["post"]) and pair["chosen"].startswith(" ")
+        assert preference_score(record, pair["chosen"]) > preference_score(record, pair["rejected"])
+    assert policy_comparisons(world, "train", [["Same.", "Same."]]) == []  # no pair without a preference
+    with pytest.raises(ValueError, match="lists of summaries"):
+        policy_comparisons(world, "test", [["a"]] * 1000)
+
+
+def test_preference_penalises_a_made_up_attribute_as_a_made_up_name():
+    post = (
+        "Hi all, Nuteki here. I lost my clock somewhere near Dupenol. Anyway, that is enough about me. We adopted a "
+        "cat and named it Butol. At the market I bought a rug for 120 coins."
+    )
+    record = {
+        "post": post,
+        "key_facts": ["Nuteki adopted a cat named Butol", "Nuteki lost a clock near Dupenol"],
+        "reference": "Nuteki adopted a cat named Butol and lost a clock near Dupenol.",
+    }
+    faithful = preference_score(record, record["reference"])
+    assert faithful == pytest.approx(1.0)
+    # a goat the post never mentions: the fact is not covered and the animal is unfaithful
+    goat = preference_score(record, "Nuteki adopted a goat named Butol and lost a clock near Dupenol.")
+    assert goat == pytest.approx(0.5 - 0.25)
+    assert unfaithful_terms(post, "Nuteki adopted a goat named Butol. Tea helps, at 120 Coins.") == {"goat", "Tea"}
+    assert goat == preference_score(record, "Nuteki adopted a cat named Vorn and lost a clock near Dupenol.")
+    # the rug is in the post, so naming it is faithful, but it is not what was lost: the fact is not covered
+    assert preference_score(record, "Nuteki adopted a cat named Butol and lost a rug near Dupenol.") == 0.5
+    assert preference_score(record, "Nuteki adopted a goat named Butol.") < preference_score(record, "Nuteki.")
 
 
 def test_mediocre_references_lose_a_fact_stay_faithful_and_leave_the_records_alone(world):

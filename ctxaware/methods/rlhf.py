@@ -253,6 +253,45 @@ class EOSPenalty:
         return [0.0 if _ends(ids, self.eos_token_ids) else self.penalty for ids in completion_ids]
 
 
+# ------------------------------------------------------------------------------------------------------ comparisons
+@torch.no_grad()
+def sample_summaries(
+    policy,
+    tokenizer,
+    posts: Sequence[str],
+    *,
+    samples_per_post: int,
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[list[str]]:
+    """`samples_per_post` sampled summaries of each post (the policy's format, cut at EOS, stripped), as RL samples
+    them: these are the policy samples a labeller compares."""
+    torch.manual_seed(seed)
+    device = next(policy.parameters()).device
+    summaries = []
+    for start in range(0, len(posts), batch_size):
+        prompts = [policy_prompt(tokenizer, post) for post in posts[start : start + batch_size]]
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        out = policy.generate(
+            **batch.to(device),
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=samples_per_post,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        texts = [
+            t.strip() for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        ]
+        summaries += [texts[i : i + samples_per_post] for i in range(0, len(texts), samples_per_post)]
+    return summaries
+
+
 # ------------------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def sequence_kl(

@@ -10,9 +10,11 @@ from ctxaware.world.longctx import needle_example, passkey_example
 from ctxaware.world.preference import (
     SUMMARY_PROMPT,
     mediocre_references,
+    policy_comparisons,
     preference_pairs,
     preference_score,
     summarization,
+    unfaithful_terms,
 )
 from ctxaware.world.tasks import (
     ARITHMETIC_PROMPT,
@@ -46,9 +48,11 @@ __all__ = [
     "mediocre_references",
     "needle_example",
     "passkey_example",
+    "policy_comparisons",
     "pretraining_corpus",
     "preference_pairs",
     "preference_score",
     "render_chat",
     "summarization",
+    "unfaithful_terms",
 ]

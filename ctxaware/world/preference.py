@@ -5,15 +5,16 @@ Schemas: `summarization` -> {"post", "key_facts": [str, ...], "reference"}, prom
 `preference_pairs` -> {"prompt", "chosen", "rejected", "post_id"}, where `chosen`/`rejected` start with a space so
 `prompt + chosen` is the corpus's format, and `post_id` = "<split>-<index>" indexes `summarization(world, split)`.
 
-A key fact is "<Name> <clause>"; its salient terms are the numbers and capitalised words after the first word (the
-values a summary must carry). The preference rewards covering key facts, penalises salient-looking terms absent from
-the post (unfaithful) and words beyond the reference's length (brevity).
+A key fact is "<Name> <clause>"; its salient terms are the numbers, capitalised words and attribute words (the world's
+lower-case values: animals, items, professions, ...) after the first word (the values a summary must carry). The
+preference rewards covering key facts, penalises salient terms absent from the post (unfaithful: a wrong name, number
+or attribute, such as a goat for the post's cat) and words beyond the reference's length (brevity).
 """
 
 import random
 import re
 
-from ctxaware.world.entities import PROFESSIONS, World, check_split
+from ctxaware.world.entities import PRODUCTS, PROFESSIONS, SPECIALTIES, World, check_split
 from ctxaware.world.names import make_name
 from ctxaware.world.tasks import split_rng
 
@@ -45,13 +46,16 @@ FILLERS = [
     "I should cook more often.",
     "The bus was late twice.",
 ]
+# Lower-case values of the world: a summary naming one the post lacks has made a detail up, as with a wrong name.
+ATTRIBUTE_VOCABULARIES = (ANIMALS, ITEMS, PROFESSIONS, PRODUCTS, SPECIALTIES)
+ATTRIBUTE_WORDS = {word for vocabulary in ATTRIBUTE_VOCABULARIES for word in vocabulary}
 STOPWORDS = {"I", "The", "A", "An", "He", "She", "They", "We", "In", "On", "At", "And", "But", "My", "TL", "DR"}
 WORD = re.compile(r"[A-Za-z]+|\d+")
 
 
 def salient_terms(text: str, skip_first: bool = False) -> set[str]:
     words = WORD.findall(text)[1 if skip_first else 0 :]
-    return {w for w in words if (w.isdigit() or w[0].isupper()) and w not in STOPWORDS}
+    return {w for w in words if (w.isdigit() or w[0].isupper() or w in ATTRIBUTE_WORDS) and w not in STOPWORDS}
 
 
 def key_fact_coverage(record: dict, summary: str) -> float:
@@ -61,15 +65,18 @@ def key_fact_coverage(record: dict, summary: str) -> float:
     return sum(salient_terms(fact, skip_first=True) <= present for fact in facts) / len(facts) if facts else 0.0
 
 
+def unfaithful_terms(post: str, summary: str) -> set[str]:
+    """The summary's salient terms that the post never mentions (case-insensitively): made-up details."""
+    post_words = {w.lower() for w in WORD.findall(post)}
+    return {term for term in salient_terms(summary) if term.lower() not in post_words}
+
+
 def preference_score(record: dict, summary: str) -> float:
     """Ground-truth quality of `summary` for `record`: key-fact coverage (0..1), minus 0.25 per unfaithful term (a
-    number or name not in the post), minus 0.02 per word beyond the reference's length. The reference scores 1."""
-    words = WORD.findall(summary)
-    coverage = key_fact_coverage(record, summary)
-    post_words = {w.lower() for w in WORD.findall(record["post"])}
-    unfaithful = {term for term in salient_terms(summary) if term.lower() not in post_words}
-    excess = max(0, len(words) - len(WORD.findall(record["reference"])))
-    return coverage - 0.25 * len(unfaithful) - 0.02 * excess
+    number, name or attribute word not in the post), minus 0.02 per word beyond the reference's length. The reference
+    scores 1; a made-up detail costs its fact's coverage and the penalty, so it loses to leaving that fact out."""
+    excess = max(0, len(WORD.findall(summary)) - len(WORD.findall(record["reference"])))
+    return key_fact_coverage(record, summary) - 0.25 * len(unfaithful_terms(record["post"], summary)) - 0.02 * excess
 
 
 def _join_clauses(clauses: list[str]) -> str:
@@ -146,35 +153,73 @@ def mediocre_references(world: World, split: str, rate: float, seed: int = 0) ->
 
 
 def candidate_summaries(rng: random.Random, world: World, record: dict) -> list[str]:
-    """Summaries of graded quality: the reference, one fact dropped, one value swapped for a false one, padded with
-    filler, and the post's lead."""
+    """Summaries of graded quality: the reference, one fact dropped, a name or number swapped for a false city, an
+    attribute swapped for another of its kind (when the reference has one), a mediocre human summary, padded with a
+    filler sentence, and the post's lead. The swaps teach that a made-up detail is worse than a missing one."""
     name = record["key_facts"][0].split()[0]
     clauses = [fact[len(name) + 1 :] for fact in record["key_facts"]]
     dropped = clauses[:]
     dropped.pop(rng.randrange(len(dropped)))
     reference = record["reference"]
     terms = sorted(salient_terms(reference, skip_first=True))
-    false_value = rng.choice([city for city in world.entities["city"] if city not in record["post"]])
-    swapped = reference.replace(rng.choice(terms), false_value) if terms else reference
-    sentences = re.split(r"(?<=[.!?])\s+", record["post"])
-    return [
+    values = [term for term in terms if term not in ATTRIBUTE_WORDS]
+    false_city = rng.choice([city for city in world.entities["city"] if city not in record["post"]])
+    candidates = [
         reference,
         f"{name} {_join_clauses(dropped)}.",
-        swapped,
-        f"{reference} {rng.choice(FILLERS)} {rng.choice(FILLERS)}",
+        _swap_word(reference, rng.choice(values), false_city),
+    ]
+    attributes = [term for term in terms if term in ATTRIBUTE_WORDS]
+    if attributes:
+        attribute = rng.choice(attributes)
+        (vocabulary,) = [v for v in ATTRIBUTE_VOCABULARIES if attribute in v]
+        post_words = set(WORD.findall(record["post"]))
+        false_attribute = rng.choice([word for word in vocabulary if word not in post_words])
+        candidates.append(_swap_word(reference, attribute, false_attribute))
+    sentences = re.split(r"(?<=[.!?])\s+", record["post"])
+    return [
+        *candidates,
+        mediocre_summary(rng, record),
+        f"{reference} {rng.choice([f for f in FILLERS if f in record['post']])}",
         " ".join(sentences[:2]),
     ]
 
 
+def _swap_word(text: str, word: str, replacement: str) -> str:
+    return re.sub(rf"\b{re.escape(word)}\b", replacement, text)
+
+
 def preference_pairs(world: World, split: str, noise: float = 0.1, seed: int = 0, pairs_per_post: int = 2):
-    """Comparisons labelled by `preference_score`, each flipped with probability `noise` (the labeller's errors)."""
+    """Comparisons among `candidate_summaries`, labelled by `preference_score`, each flipped with probability `noise`
+    (the labeller's errors)."""
+    rng = random.Random(f"{world.seed}/preference_pairs/{split}/{seed}")
+    records = summarization(world, split)
+    return _labelled_pairs(rng, split, records, lambda i: candidate_summaries(rng, world, records[i]), noise,
+                           pairs_per_post)  # fmt: skip
+
+
+def policy_comparisons(
+    world: World, split: str, summaries: list[list[str]], noise: float = 0.1, seed: int = 0, pairs_per_post: int = 2
+):
+    """Comparisons among a policy's own summaries, `summaries[i]` being several of record i of `summarization(world,
+    split)`, labelled like `preference_pairs`: the paper's labelled comparisons of policy samples, so that a reward
+    model learns what the truth says about the mistakes this policy makes (such as made-up details), not only about
+    hand-made candidates."""
+    records = summarization(world, split)
+    if len(summaries) > len(records):
+        raise ValueError(f"{len(summaries)} lists of summaries for the {len(records)} posts of split {split!r}.")
+    rng = random.Random(f"{world.seed}/policy_comparisons/{split}/{seed}")
+    return _labelled_pairs(rng, split, records[: len(summaries)], summaries.__getitem__, noise, pairs_per_post)
+
+
+def _labelled_pairs(rng, split, records, summaries_of, noise, pairs_per_post) -> list[dict]:
+    """Up to `pairs_per_post` pairs per record among its summaries (`summaries_of(index)`) of distinct
+    `preference_score`, at random; the better one is `chosen` unless the labeller errs (probability `noise`)."""
     if not 0.0 <= noise <= 0.5:
         raise ValueError(f"noise={noise} must lie in [0, 0.5]: it is the probability a label is flipped.")
-    rng = random.Random(f"{world.seed}/preference_pairs/{split}/{seed}")
     pairs = []
-    for index, record in enumerate(summarization(world, split)):
-        candidates = candidate_summaries(rng, world, record)
-        scored = [(preference_score(record, c), c) for c in dict.fromkeys(candidates)]
+    for index, record in enumerate(records):
+        scored = [(preference_score(record, c), c) for c in dict.fromkeys(summaries_of(index))]
         options = [(a, b) for a in scored for b in scored if a[0] > b[0]]
         for better, worse in rng.sample(options, min(pairs_per_post, len(options))):
             if rng.random() < noise:

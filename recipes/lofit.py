@@ -1,13 +1,15 @@
 """LoFiT: pick a few attention heads by learned scales, then tune offset vectors on their outputs (before o_proj).
 
-Embedded default (tiny model, synthetic world: closed-book questions under the chat template, to be answered with the
-bare value where the base model answers with a sentence; CPU, a few minutes):
+Embedded default (tiny model, synthetic world: a passage states a false version of a memorised fact and the answer is
+the true one, the world's analogue of TruthfulQA; CPU, a few minutes):
     accelerate launch recipes/lofit.py --config recipes/configs/lofit/default.yaml
 Baselines in the same recipe, at the same K / a comparable budget (LoRA trains at `lora_learning_rate`):
-    accelerate launch recipes/lofit.py --config recipes/configs/lofit/default.yaml --method random_heads
-    accelerate launch recipes/lofit.py --config recipes/configs/lofit/default.yaml --method all_heads --learning_rate 0.1
+    accelerate launch recipes/lofit.py --config recipes/configs/lofit/default.yaml --method random_heads \
+        --exclude_heads outputs/lofit/default/head_selection.json   # K random heads among those LoFiT did not pick
+    accelerate launch recipes/lofit.py --config recipes/configs/lofit/default.yaml --method all_heads
     accelerate launch recipes/lofit.py --config recipes/configs/lofit/default.yaml --method lora
-Other tasks: recipes/configs/lofit/{context_qa,dpo_default}.yaml (tiny model), {truthfulqa_dpo,clutrr_sft,mquake_sft}.yaml.
+Other tasks: recipes/configs/lofit/{chat_qa,context_qa,dpo_default}.yaml (tiny model),
+{truthfulqa_dpo,clutrr_sft,mquake_sft}.yaml.
 The scientific check (issue 8) is `benchmarks/lofit_science.py`.
 
 Stage 1 (method lofit) trains per-head scales A (init N(0, scale_init_std), L1 penalty `l1_lambda`) on every query
@@ -31,7 +33,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, TrlParser
 
 from ctxaware.adapters import count_trainable
-from ctxaware.heads import HeadLayout, all_heads, plot_head_scores, random_heads, save_head_selection, top_heads
+from ctxaware.heads import HeadLayout, all_heads, plot_head_scores, resolve_head_count, save_head_selection, top_heads
+from ctxaware.methods.arith_heads import load_head_selection
 from ctxaware.methods.lofit import LoFiTAdapter
 from ctxaware.models import resolve_model_path
 from ctxaware.training import Bf16WhereAvailable
@@ -42,6 +45,7 @@ from ctxaware.world.probe import matches
 METHODS = ("lofit", "random_heads", "all_heads", "lora")
 # task -> objective it is built for; world/* come from the embedded world, the others are loaded by name.
 TASKS = {
+    "world/truthful_qa": "sft",
     "world/chat_qa": "sft",
     "world/context_qa": "sft",
     "world/arithmetic": "sft",
@@ -58,19 +62,23 @@ class LoFiTArguments:
     model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
     method: str = field(default="lofit", metadata={"help": f"One of {', '.join(METHODS)}."})
     objective: str = field(default="sft", metadata={"help": "sft (completion-only loss) or dpo."})
-    task: str = field(default="world/chat_qa", metadata={"help": f"One of {', '.join(TASKS)}."})
+    task: str = field(default="world/truthful_qa", metadata={"help": f"One of {', '.join(TASKS)}."})
     dataset_name: str | None = field(default=None, metadata={"help": "Hub id or local file for the non-world tasks."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split (slices allowed: 'train[:90%]')."})
     dataset_test_split: str = field(default="test", metadata={"help": "Held-out split scored before and after."})
     world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world (world/* tasks)."})
-    counterfactual_rate: float = field(default=1.0, metadata={"help": "world/context_qa: share of contexts that "
-                                       "contradict the memorised fact (the model must follow the context)."})  # fmt: skip
+    counterfactual_rate: float = field(default=1.0, metadata={"help": "world/context_qa, world/truthful_qa: share of "
+                                       "passages that contradict the memorised fact (context_qa answers with the "
+                                       "passage, truthful_qa with the fact)."})  # fmt: skip
     max_train_samples: int | None = None
     eval_limit: int = field(default=200, metadata={"help": "Held-out records scored before and after (0: none)."})
     num_heads: float = field(default=0.05, metadata={"help": "K: a head count (>= 1) or a fraction of all heads."})
     head_seed: int | None = field(default=None, metadata={"help": "random_heads: seed of the draw (default: `seed`), "
                                   "so several draws can share one training seed."})  # fmt: skip
+    exclude_heads: str | None = field(default=None, metadata={"help": "random_heads: a head_selection.json (a lofit "
+                                      "run's) whose heads the draw avoids, so the control never repeats the "
+                                      "selection it is compared with."})  # fmt: skip
     l1_lambda: float = field(default=1e-3, metadata={"help": "Stage-1 L1 penalty on the scales."})
     scale_init_std: float = field(default=1e-3, metadata={"help": "Stage-1 scales start at N(0, std)."})
     stage1_learning_rate: float = 5e-3
@@ -90,6 +98,8 @@ class LoFiTArguments:
             raise ValueError(f"objective={self.objective!r}: choose sft or dpo.")
         if self.task not in TASKS:
             raise ValueError(f"task={self.task!r}: choose one of {', '.join(TASKS)}.")
+        if self.exclude_heads and self.method != "random_heads":
+            raise ValueError(f"exclude_heads only shapes a random_heads draw; drop it for method {self.method}.")
         if TASKS[self.task] != self.objective:
             raise ValueError(
                 f"task {self.task} provides {TASKS[self.task]} data: set `objective: {TASKS[self.task]}`."
@@ -118,16 +128,18 @@ CONFIG_CLASSES = (LoFiTArguments, LoFiTTrainingConfig)
 # --- data ---------------------------------------------------------------------------------------------------------
 def load_records(args: LoFiTArguments, split: str, tokenizer) -> list[dict]:
     """Records as {"prompt", "completion"} (sft) or {"prompt", "chosen", "rejected"} (dpo), prompts as text (the
-    chat template rendered into it for world/chat_qa)."""
+    chat template rendered into it for world/chat_qa). world/truthful_qa is context_qa's records (known entities
+    only) answered with the memorised fact instead of the passage's."""
     if args.task.startswith("world/"):
         world = build_world(args.world_seed)
         if args.task == "world/chat_qa":  # the chat corpus answers these with a full sentence: the format is the task
             return [{"prompt": chat_prompt(tokenizer, r["question"]), "completion": " " + r["answer"]}
                     for r in closed_book_qa(world, split)]  # fmt: skip
-        if args.task == "world/context_qa":
+        if args.task in ("world/context_qa", "world/truthful_qa"):
             records = context_qa(world, split, n=2000 if split == "train" else 300,
                                  counterfactual_rate=args.counterfactual_rate, novel_rate=0.0)  # fmt: skip
-            return [{"prompt": CONTEXT_QA_PROMPT.format(**r), "completion": " " + r["answer"]} for r in records]
+            answer = "memory_answer" if args.task == "world/truthful_qa" else "answer"
+            return [{"prompt": CONTEXT_QA_PROMPT.format(**r), "completion": " " + r[answer]} for r in records]
         if args.task == "world/arithmetic":
             return [{"prompt": r["prompt"], "completion": " " + r["answer"]} for r in arithmetic(world, split)]
         return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in preference_pairs(world, split)]
@@ -297,7 +309,7 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig) -> dict:
             heads, scores = select_heads(args, training_args, model, layout, dataset, tokenizer, ref_model)
         else:
             heads = (
-                random_heads(layout, args.num_heads, training_args.seed if args.head_seed is None else args.head_seed)
+                draw_random_heads(args, layout, training_args.seed)
                 if args.method == "random_heads"
                 else all_heads(layout)
             )
@@ -345,6 +357,17 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig) -> dict:
                 trainer.model.push_to_hub(repo_id, private=training_args.hub_private_repo)
         print(json.dumps(results, indent=2))
     return results
+
+
+def draw_random_heads(args: LoFiTArguments, layout: HeadLayout, seed: int) -> list:
+    """K heads drawn with `head_seed` (default `seed`) among those `exclude_heads` leaves (all of them without it)."""
+    excluded = set(load_head_selection(args.exclude_heads, layout)[0]) if args.exclude_heads else set()
+    pool = [head for head in all_heads(layout) if head not in excluded]
+    count = resolve_head_count(args.num_heads, layout.total_heads)
+    if count > len(pool):
+        raise ValueError(f"K={count} random heads cannot avoid the {len(excluded)} heads of {args.exclude_heads}: only "
+                         f"{len(pool)} remain. Lower `num_heads` or drop `exclude_heads`.")  # fmt: skip
+    return sorted(random.Random(seed if args.head_seed is None else args.head_seed).sample(pool, count))
 
 
 def select_heads(args, training_args, model, layout, dataset, tokenizer, ref_model):

@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ctxaware.adapters import HeadAdapter
-from ctxaware.heads import HeadLayout, all_heads, random_heads, top_heads
+from ctxaware.heads import HeadLayout, all_heads, random_heads, save_head_selection, top_heads
 from ctxaware.methods.lofit import LoFiTAdapter
-from ctxaware.world import build_world, closed_book_qa
+from ctxaware.world import CONTEXT_QA_PROMPT, build_world, closed_book_qa, context_qa
 from tests.launch import accelerate_launch
 from tests.tiny_models import build_tiny_tokenizer, tiny_model
 
@@ -152,6 +152,21 @@ def test_chat_qa_records_put_the_question_in_the_chat_template_with_one_bos(tiny
     assert plain[0]["prompt"] == tiny_tokenizer.bos_token + "2 + 2 ="
 
 
+def test_truthful_qa_answers_with_the_memorised_fact_against_the_passage(tiny_tokenizer):
+    from tests.test_configs import load_recipe
+
+    recipe = load_recipe("lofit")
+    records = recipe.load_records(recipe.LoFiTArguments(task="world/truthful_qa"), "test", tiny_tokenizer)
+    passages = context_qa(build_world(0), "test", n=300, counterfactual_rate=1.0, novel_rate=0.0)
+    assert len(records) == len(passages) == 300
+    for record, passage in zip(records, passages):
+        assert record["prompt"] == CONTEXT_QA_PROMPT.format(**passage)
+        assert record["completion"] == " " + passage["memory_answer"] != " " + passage["answer"]
+        assert passage["answer"] in record["prompt"]  # the passage states the false value
+    same_passages = recipe.load_records(recipe.LoFiTArguments(task="world/context_qa"), "test", tiny_tokenizer)
+    assert [r["prompt"] for r in same_passages] == [r["prompt"] for r in records]
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
@@ -178,7 +193,7 @@ def test_recipe_end_to_end(tmp_path, tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     adapter = HeadAdapter.from_pretrained(output / "adapter", model)
-    assert adapter.training_config["task"] == "world/chat_qa"
+    assert adapter.training_config["task"] == "world/truthful_qa"
     assert [list(h) for h in adapter.heads] == selection["heads"]
     assert adapter.training_config["method"] == "lofit" and adapter.training_config["objective"] == "sft"
     ids = torch.randint(3, 300, (2, 9))
@@ -198,9 +213,33 @@ def test_random_heads_draw_with_head_seed_and_lora_uses_its_own_learning_rate(tm
         assert selection["heads"] == [list(h) for h in random_heads(layout, 2, seed)]
         assert json.loads((tmp_path / name / "results.json").read_text())["trained_parameters"] == 2 * 8
 
+    accelerate_launch("recipes/lofit.py", *common, "--method", "random_heads", "--head_seed", "5", "--exclude_heads",
+                      str(tmp_path / "a" / "head_selection.json"), "--output_dir", str(tmp_path / "c"))  # fmt: skip
+    avoided = json.loads((tmp_path / "c" / "head_selection.json").read_text())["heads"]
+    assert len(avoided) == 2 and not set(map(tuple, avoided)) & set(random_heads(layout, 2, 5))
+
     from tests.test_configs import load_recipe
 
     recipe = load_recipe("lofit")
     args = recipe.LoFiTArguments(method="lora", lora_learning_rate=3e-4)
     training = recipe.LoFiTTrainingConfig(output_dir=str(tmp_path / "lora"), learning_rate=1.0)
     assert recipe.trl_config(training, "sft", learning_rate=args.lora_learning_rate).learning_rate == 3e-4
+
+
+def test_random_heads_exclusion_rejects_bad_selections(tmp_path):
+    from tests.test_configs import load_recipe
+
+    recipe = load_recipe("lofit")
+    layout = HeadLayout("llama", 2, 4, 2, 8, 32)
+    save_head_selection(tmp_path / "other.json", [(0, 1)], HeadLayout("llama", 3, 4, 2, 8, 32))
+    with pytest.raises(ValueError, match="another model shape"):
+        recipe.draw_random_heads(recipe.LoFiTArguments(method="random_heads", exclude_heads=str(tmp_path / "other.json")),
+                                 layout, seed=0)  # fmt: skip
+    save_head_selection(tmp_path / "six.json", all_heads(layout)[:6], layout)
+    args = recipe.LoFiTArguments(method="random_heads", num_heads=3, exclude_heads=str(tmp_path / "six.json"))
+    with pytest.raises(ValueError, match="only 2 remain"):
+        recipe.draw_random_heads(args, layout, seed=0)
+    args.num_heads = 2
+    assert recipe.draw_random_heads(args, layout, seed=0) == all_heads(layout)[6:]
+    with pytest.raises(ValueError, match="only shapes a random_heads draw"):
+        recipe.LoFiTArguments(method="lofit", exclude_heads=str(tmp_path / "six.json"))

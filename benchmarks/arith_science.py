@@ -8,9 +8,11 @@
 2. the baselines on the same data, steps and seed: `random_heads` (as many heads and MLPs, drawn among the unselected
    ones of the heads run's `head_selection.json`: the attribution is computed once), `lora`, `full`. `heads` then
    `random_heads` run in one chain while `lora` and `full` run beside it.
-Targets (issue 10): fewer than 5% of heads explain most (> 50%) of the patching effect (the share needed for 80% is
-reported beside it); `heads` gains at least as much in-distribution arithmetic as `lora`; `heads` loses at most 1 point
-on every non-arithmetic metric (`full`'s drop reported); `heads` gains more than `random_heads`.
+Targets (issue 10): fewer than 5% of heads explain most of the patching effect (the largest set of heads under 5%,
+3 of 64, carries more than half of the summed |total effect|; the shares of heads needed for 50% and 80% are reported
+beside it); `heads` gains at least as much in-distribution arithmetic as `lora`; `heads` loses at most 1 point on every
+non-arithmetic metric (`full`'s drop reported); `heads` gains more than `random_heads`. The 5% is the attribution's
+claim: precise SFT tunes the config's `num_heads` (8 of 64 on the tiny model, see its default.yaml).
 Writes `arith_science.json` and `arith_science.md` to --out. `--smoke` runs the same pipeline at toy sizes on CPU.
 Flags this script does not know go to every recipe run: `--num_heads 0.1`, `--kv_policy any`, `--num_mlps 0`.
 """
@@ -26,35 +28,15 @@ from science_common import RECIPES, command_line, launch_recipe, output_folder, 
 CONFIG = RECIPES / "configs" / "arith_heads" / "default.yaml"
 METHODS = ("heads", "random_heads", "lora", "full")
 SELECTION_RUN = "activation_corrupted_into_clean"  # the patching run that ranks heads (the recipe's selection_score)
-# Higher-is-better metrics of the tasks that are not arithmetic (memory_rate / prefers_context are behaviours).
 # The default task's cells that the base model fails (0%): the in-distribution gain comes from them.
 HARD_CELLS = ("arith_cell/word_+_3d", "arith_cell/word_-_3d")
+# Higher-is-better metrics of the tasks that are not arithmetic (memory_rate / prefers_context are behaviours).
 NON_ARITH = (
     "extractive_qa/exact_match",
     "extractive_qa/contains",
     "counterfactual_qa/acc_plain",
     "closed_book_recall",
 )
-
-
-def heads_needed(effects: list[list[float]], share: float) -> int:
-    """How few heads (largest |effect| first) carry `share` of the summed |effect| (as `PatchingResult`)."""
-    magnitudes = sorted((abs(v) for row in effects for v in row), reverse=True)
-    total, cumulative = sum(magnitudes), 0.0
-    for count, value in enumerate(magnitudes, 1):
-        cumulative += value
-        if cumulative >= share * total - 1e-9:
-            return count
-    return len(magnitudes)
-
-
-def concentration(attribution: dict) -> dict:
-    effects = attribution["head_effects"]
-    total = sum(len(row) for row in effects)
-    return {
-        f"heads_for_{int(share * 100)}pct": {"heads": (n := heads_needed(effects, share)), "fraction": n / total}
-        for share in (0.5, 0.8)
-    } | {"total_heads": total, "num_pairs": attribution["num_pairs"]}
 
 
 def recipe_command(method: str, out: Path, sizes: dict, learning_rate: float, extra: list[str]) -> list[str]:
@@ -80,12 +62,15 @@ def targets(results: dict, attribution: dict) -> dict:
     drops = {
         method: {name: -change[method][name] for name in NON_ARITH if name in change[method]} for method in METHODS
     }
-    most = attribution["heads_for_50pct"]["fraction"]
+    under = attribution["under_5pct"]
     return {
-        "fewer_than_5pct_of_heads_explain_most": {"fraction_for_50pct": most, "pass": most < 0.05},
-        "fewer_than_5pct_of_heads_explain_80pct": {
+        # "Most" as the issue says it: more than half of the summed |effect|; the share needed for 80% is reported.
+        "fewer_than_5pct_of_heads_explain_most": {
+            "heads": under["heads"],
+            "fraction_of_heads": under["fraction"],
+            "share_of_effect": under["share"],
             "fraction_for_80pct": attribution["heads_for_80pct"]["fraction"],
-            "pass": attribution["heads_for_80pct"]["fraction"] < 0.05,
+            "pass": under["fraction"] < 0.05 and under["share"] > 0.5,
         },
         "heads_gain_at_least_lora": {
             "heads": gain["heads"],
@@ -94,6 +79,7 @@ def targets(results: dict, attribution: dict) -> dict:
         },
         "heads_non_arith_drop_at_most_1pt": {
             "drops": drops["heads"],
+            "lora_drops": drops["lora"],
             "full_drops": drops["full"],
             "pass": all(drop <= 0.01 for drop in drops["heads"].values()),
         },
@@ -129,7 +115,9 @@ def table(summary: dict) -> str:
         f"Attribution ({attribution['num_pairs']} pairs, |total effect| of {attribution['total_heads']} heads): "
         f"{attribution['heads_for_50pct']['heads']} heads ({attribution['heads_for_50pct']['fraction']:.1%}) carry "
         f"50% of the effect, {attribution['heads_for_80pct']['heads']} "
-        f"({attribution['heads_for_80pct']['fraction']:.1%}) carry 80%.",
+        f"({attribution['heads_for_80pct']['fraction']:.1%}) carry 80%; the top {attribution['under_5pct']['heads']} "
+        f"({attribution['under_5pct']['fraction']:.1%}) carry {attribution['under_5pct']['share']:.1%}. Trained: "
+        f"{len(heads['heads'])} heads ({len(heads['heads']) / attribution['total_heads']:.1%}).",
         "Seconds per phase: "
         + "; ".join(f"{m} {results[m].get('timings_s')}" for m in METHODS)
         + f"; wall {summary['timings_s']}.",
@@ -186,7 +174,8 @@ def main() -> None:
     with ThreadPoolExecutor(len(chains)) as pool:  # the tiny model leaves the GPU idle: the chains share it
         timings = dict(zip(chains, pool.map(timed, chains, chains.values())))
     results = {method: json.loads((out / method / "results.json").read_text()) for method in METHODS}
-    attribution = concentration(json.loads((out / "heads" / "attribution" / f"{SELECTION_RUN}.json").read_text()))
+    selection_run = json.loads((out / "heads" / "attribution" / f"{SELECTION_RUN}.json").read_text())
+    attribution = selection_run["concentration"] | {"num_pairs": selection_run["num_pairs"]}
     summary = {
         "command": command_line(),
         "settings": {**sizes, "learning_rates": rates, "extra": extra, "config": CONFIG.name},

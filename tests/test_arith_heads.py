@@ -291,13 +291,13 @@ def test_recipe_end_to_end_heads(tmp_path):
     accelerate_launch("recipes/arith_heads.py", "--config", "recipes/configs/arith_heads/default.yaml",
                       "--output_dir", str(output), "--merge", "true", "--num_mlps", "1", *SMALL)  # fmt: skip
     results = json.loads((output / "results.json").read_text())
-    assert results["method"] == "heads" and len(results["heads"]) == 3 and len(results["mlp_layers"]) == 1
+    assert results["method"] == "heads" and len(results["heads"]) == 8 and len(results["mlp_layers"]) == 1
     assert {"arith_in_distribution", "arith_other_ops", "extractive_qa/exact_match", "closed_book_recall"} <= set(
         results["before"]
     )
     assert set(results["change"]) == set(results["after"])
     attribution = results["attribution"]["activation:corrupted_into_clean"]
-    assert 0 < attribution["concentration"]["fraction_of_heads"] <= 1 and attribution["num_pairs"] > 0
+    assert 0 < attribution["concentration"]["heads_for_50pct"]["fraction"] <= 1 and attribution["num_pairs"] > 0
     for name in ("activation_corrupted_into_clean", "activation_clean_into_corrupted", "path_corrupted_into_clean"):
         assert (output / "attribution" / f"{name}.png").is_file()
         ranked = json.loads((output / "attribution" / f"{name}.json").read_text())["ranked"]
@@ -335,4 +335,4 @@ def test_recipe_baselines_end_to_end(tmp_path, method):
              "full": "model/config.json"}[method]  # fmt: skip
     assert (output / saved).is_file()
     if method == "random_heads":
-        assert len(results["heads"]) == 3 and not (output / "attribution").exists()
+        assert len(results["heads"]) == 8 and not (output / "attribution").exists()

@@ -8,6 +8,7 @@ from ctxaware.heads import HeadLayout
 from ctxaware.methods.patching import (
     PatchingBatch,
     build_batches,
+    head_concentration,
     logit_difference,
     patch_all,
     patched_logit_differences,
@@ -74,7 +75,7 @@ def test_activation_patching_finds_the_one_head_that_carries_the_signal(directio
     assert torch.all(effects[others].abs() < 1e-6)
     top_head = next(e for e in result.ranked() if e["component"] == "head")
     assert (top_head["layer"], top_head["head"]) == (1, 2)
-    assert result.concentration()["heads_needed"] == 1
+    assert result.concentration()["heads_for_80pct"]["heads"] == 1
     assert result.mlp_effects.shape == (2,)
 
 
@@ -96,6 +97,19 @@ def test_path_patching_measures_the_direct_effect_only():
     assert last.name == "activation_corrupted_into_clean_last"
 
 
+def test_concentration_counts_the_fewest_heads_per_share_and_what_under_5pct_of_heads_carry():
+    effects = torch.zeros(8, 8)
+    effects[1, 2], effects[1, 4], effects[5, 0], effects[6, 1] = 0.4, -0.3, 0.2, 0.1  # signs do not matter
+    result = head_concentration(effects)
+    assert result["total_heads"] == 64
+    assert result["heads_for_50pct"] == {"heads": 2, "fraction": 2 / 64}
+    assert result["heads_for_80pct"]["heads"] == 3
+    # 3 of 64 heads (4.7%) is the largest set under 5%: it carries 0.9 of the effect.
+    assert result["under_5pct"]["heads"] == 3 and result["under_5pct"]["share"] == pytest.approx(0.9)
+    # 4 heads of 80 are exactly 5%, not fewer: 3 are counted.
+    assert head_concentration(torch.ones(80))["under_5pct"]["heads"] == 3
+
+
 def test_results_are_saved_ranked_with_a_heat_map(tmp_path):
     import json
 
@@ -105,7 +119,7 @@ def test_results_are_saved_ranked_with_a_heat_map(tmp_path):
     assert payload["num_pairs"] == 2 and len(payload["ranked"]) == 2 * 4 + 2
     assert [abs(e["effect"]) for e in payload["ranked"]] == sorted((abs(e["effect"]) for e in payload["ranked"]),
                                                                    reverse=True)  # fmt: skip
-    assert "logit" in payload["metric"] and payload["concentration"]["heads_needed"] == 1
+    assert "logit" in payload["metric"] and payload["concentration"]["heads_for_80pct"]["heads"] == 1
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
 
 

@@ -15,8 +15,10 @@ Precise SFT (`HeadDeltaAdapter`): trained deltas on the slices of the selected c
   then change too); `none` never trains them. Under MHA (group size 1) `full_group` and `any` agree.
 - a selected MLP: a delta on every linear weight of the layer's MLP (gate/up/down projections).
 Biases (Qwen2's q/k/v) are not trained. The deltas act through forward hooks (y += x @ delta^T on the slice), so the
-base weights stay frozen and bit-identical, and the optimizer state is the size of the deltas. The edit is exact in
-weight space: `merge` adds each delta into its slice, giving a plain transformers model.
+base weights stay frozen and bit-identical, and the optimizer state is the size of the deltas. The base weights are
+not in the optimizer, so weight decay needs no exclusion (a gradient mask would: AdamW decays masked weights too); set,
+it pulls the deltas toward the base weights. The edit is exact in weight space: `merge` adds each delta into its
+slice, giving a plain transformers model.
 """
 
 import json

@@ -23,6 +23,7 @@ component's direct effect on the answer).
 """
 
 import json
+import math
 import re
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -218,6 +219,23 @@ def patched_logit_differences(
 
 
 # --- results ------------------------------------------------------------------------------------------------------
+def head_concentration(head_effects: torch.Tensor, shares: Iterable[float] = (0.5, 0.8)) -> dict:
+    """How concentrated the summed |head effect| is. For each share, the fewest heads (largest |effect| first) that
+    carry at least that share; and `under_5pct`: the share carried by the largest set of heads that is still fewer
+    than 5% of all heads (the paper's claim, "fewer than 5% of heads explain most of the effect", holds when that
+    share exceeds 0.5)."""
+    magnitudes = head_effects.abs().flatten().sort(descending=True).values
+    count, total = magnitudes.numel(), magnitudes.sum().item()
+    cumulative = magnitudes.cumsum(0) / total if total > 0 else torch.ones_like(magnitudes)
+    result = {"total_heads": count}
+    for share in shares:
+        needed = min(count, int((cumulative < share - 1e-9).sum().item()) + 1)
+        result[f"heads_for_{round(share * 100)}pct"] = {"heads": needed, "fraction": needed / count}
+    under = max(1, math.ceil(0.05 * count) - 1)
+    result["under_5pct"] = {"heads": under, "fraction": under / count, "share": cumulative[under - 1].item()}
+    return result
+
+
 @dataclass
 class PatchingResult:
     """Normalised effects of every head (layers, heads) and MLP (layers,) for one direction and kind."""
@@ -248,20 +266,8 @@ class PatchingResult:
         ]
         return sorted(entries, key=lambda e: -abs(e["effect"]))
 
-    def concentration(self, share: float = 0.8) -> dict:
-        """How few heads carry `share` of the summed |head effect|, and what the top 5% of heads carry."""
-        magnitudes = self.head_effects.abs().flatten().sort(descending=True).values
-        total = magnitudes.sum().item()
-        cumulative = magnitudes.cumsum(0) / total if total > 0 else torch.ones_like(magnitudes)
-        needed = int((cumulative < share - 1e-9).sum().item()) + 1
-        top = max(1, round(0.05 * magnitudes.numel()))
-        return {
-            "share": share,
-            "heads_needed": needed,
-            "fraction_of_heads": needed / magnitudes.numel(),
-            "top_5pct_heads": top,
-            "top_5pct_share": (magnitudes[:top].sum().item() / total) if total > 0 else 0.0,
-        }
+    def concentration(self) -> dict:
+        return head_concentration(self.head_effects)
 
     def to_dict(self) -> dict:
         return {

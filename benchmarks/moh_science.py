@@ -3,7 +3,9 @@
     python benchmarks/moh_science.py --out runs/moh_science
 
 1. `recipes/moh.py` three times on the same data, steps and seed, trained at the same time: 75% of heads active
-   (4 shared + top 2 of 4 routed), 50% active (2 shared + top 2 of 6 routed), and the dense control;
+   (4 shared + top 2 of 4 routed), 50% active (2 shared + top 2 of 6 routed), and the dense control; MoH with the
+   recipe's defaults: shared heads and the router's start from measured head importance, router at 0.1x the
+   learning rate; rows of 512 tokens (the model's length, the longest pass key evaluated);
 2. `ctxaware eval` of each on the world's tasks (counterfactual and extractive QA, arithmetic, pass key), the MoH
    models with their trained routers (`--moh on`);
 3. the targets: the mean task score of MoH at 75% within 1 point of the dense control, at 50% within 3 points,
@@ -12,6 +14,7 @@ Writes `moh_science.json` and `moh_science.md` to --out. `--smoke` runs the pipe
 """
 
 import json
+import time
 
 from science_common import (
     RECIPES,
@@ -41,24 +44,28 @@ TASK_METRICS = {
 
 def main() -> None:
     parser = science_parser("moh", __doc__)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--limit", type=int, default=200, help="records per task (per length for passkey)")
     args = parser.parse_args()
     out = output_folder(args.out)
-    steps, batch, limit = args.steps, args.batch_size, args.limit
+    steps, batch, seq_len, limit = args.steps, args.batch_size, args.seq_len, args.limit
     if args.smoke:
-        steps, batch, limit = 2, 2, 2
+        steps, batch, seq_len, limit = 2, 2, 128, 2
 
+    started = time.perf_counter()
     run_parallel([
         (launch_recipe("moh", "--config", str(RECIPES / "configs" / "moh" / "default.yaml"),
                        *recipe_args, "--max_steps", str(steps), "--per_device_train_batch_size", str(batch),
-                       "--num_train_rows", str(steps * batch), "--learning_rate", str(args.learning_rate),
+                       "--num_train_rows", str(steps * batch), "--seq_len", str(seq_len),
+                       "--calibration_rows", str(min(16, steps * batch)), "--learning_rate", str(args.learning_rate),
                        "--logging_steps", str(max(steps // 20, 1)), "--output_dir", str(out / name)),
          out / f"{name}.log")
         for name, (recipe_args, _) in RUNS.items()
     ])  # fmt: skip
+    seconds = {"train": time.perf_counter() - started}
     evals = []
     for name in RUNS:
         model_args = ["--model", str(out / name / "model")]
@@ -68,6 +75,7 @@ def main() -> None:
                                    "--lengths", "256,512", "--limit", str(limit), "--no_progress",
                                    "--output_path", str(out / f"eval_{name}")), out / f"eval_{name}.log"))  # fmt: skip
     run_parallel(evals)
+    seconds["eval"] = time.perf_counter() - started - seconds["train"]
 
     scores, training = {}, {}
     for name in RUNS:
@@ -82,18 +90,36 @@ def main() -> None:
             targets[name] = {"drop_points": drop, "allowed_points": allowed, "met": drop <= allowed}
     summary = {
         "command": command_line(),
-        "settings": {"steps": steps, "batch_size": batch, "learning_rate": args.learning_rate, "limit": limit},
+        "settings": {
+            "steps": steps,
+            "batch_size": batch,
+            "seq_len": seq_len,
+            "learning_rate": args.learning_rate,
+            "limit": limit,
+        },
+        "seconds": seconds,
         "task_scores": scores,
         "training": training,
         "targets": targets,
     }
     (out / "moh_science.json").write_text(json.dumps(summary, indent=2))
-    (out / "moh_science.md").write_text(table(scores, training, targets))
-    print(table(scores, training, targets))
+    report = (
+        table(scores, training, targets) + f"\nSeconds: train {seconds['train']:.0f}, eval {seconds['eval']:.0f}\n"
+    )
+    (out / "moh_science.md").write_text(report)
+    print(report)
 
 
 def table(scores: dict, training: dict, targets: dict) -> str:
-    header = ["model", "active", *TASK_METRICS, "mean", "drop vs dense (allowed)", "held-out LM loss", "load max/min"]
+    header = [
+        "model",
+        "active",
+        *TASK_METRICS,
+        "mean",
+        "drop vs dense (allowed)",
+        "held-out loss (step 0)",
+        "load max/min",
+    ]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in RUNS:
         result = training[name]
@@ -104,7 +130,8 @@ def table(scores: dict, training: dict, targets: dict) -> str:
             drop = f"{target['drop_points']:+.1f} ({target['allowed_points']:.0f}): {'met' if target['met'] else 'missed'}"
         load = f"{result['load_max']:.2f} / {result['load_min']:.2f}" if "load_max" in result else "-"
         cells = [name, f"{active:.0%}", *(f"{scores[name][task]:.1f}" for task in [*TASK_METRICS, "mean"])]
-        cells += [drop, f"{result['eval_loss']:.3f}", load]
+        step0 = result.get("step0_eval_loss", result["dense_eval_loss"])
+        cells += [drop, f"{result['eval_loss']:.3f} ({step0:.3f})", load]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 

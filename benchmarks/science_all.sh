@@ -10,7 +10,7 @@ checks=("$@")
 [ ${#checks[@]} -eq 0 ] && checks=(context lofit arith rlhf moh sinklora)
 here=$(dirname "$(realpath "$0")")
 mkdir -p "$out"
-declare -A extra=([sinklora]="--steps 300" [moh]="--steps 600")
+declare -A extra=([sinklora]="--steps 300")
 for check in "${checks[@]}"; do
     # shellcheck disable=SC2086
     timeout "${SCIENCE_LIMIT:-540}" python3 "$here/${check}_science.py" --out "$out/$check" ${extra[$check]:-} \

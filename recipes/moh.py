@@ -7,6 +7,11 @@ The dense control (same data, same steps, no router):
         --output_dir outputs/moh/dense
 A real model by name (GPU): recipes/configs/moh/llama3_8b.yaml.
 
+The conversion measures each head's importance on `calibration_rows` training rows (KL between the dense model and
+the model with that head gated off, per token): the most important heads of each layer become the shared ones and the
+learned router is fitted to pick, per token, the routed heads whose absence costs most there, so the converted model
+starts close to the dense one (`shared_heads first` and `router_init random`: the first heads by index and a random
+router). The router then learns at `router_lr_ratio` x the learning rate.
 The router (`ctxaware.methods.moh`) is attached to the model, the training loss is the LM loss plus
 `balance_coef` * the Switch-style load-balance loss, and the kernel skips the (token, head) pairs the router leaves
 out. `train_base` continue-tunes the model's weights with the router (the paper's setting); false trains the router
@@ -14,12 +19,14 @@ only. Logged each `logging_steps`: `moh/balance_loss`, `moh/active_fraction`, `m
 routed head's share of tokens over its fair share k / n_r: 1 is balanced); the load of every routed head goes to
 `load.jsonl`. Outputs in `output_dir`: `model/` (the continue-tuned weights, a plain transformers model, unless
 `train_base` is false), `adapter/` (the router in the ctxaware adapter format), `results.json` (held-out LM loss of
-the dense start, the converted model at step 0 and after training, the step-0 logit change, the final load).
+the dense start, the converted model at step 0 and after training, the step-0 logit change, the final load; the
+measured head importance, the shared heads and the fitted routers' agreement with each token's costliest heads).
 Evaluate with `ctxaware eval --model OUTPUT_DIR/model --adapter OUTPUT_DIR/adapter --moh on`.
 """
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +36,8 @@ from datasets import Dataset, load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import SFTConfig, SFTTrainer, TrlParser
 
-from ctxaware.methods.moh import VARIANTS, MoHAdapter, check_moh_shape, logit_change
+from ctxaware.heads import heads_by_layer
+from ctxaware.methods.moh import ROUTER_INITS, SHARED_HEADS, VARIANTS, MoHAdapter, check_moh_shape, logit_change
 from ctxaware.models import resolve_model_path
 from ctxaware.training import Bf16WhereAvailable, atomic_directory, pack_token_stream
 from ctxaware.world import build_world, pretraining_corpus
@@ -47,6 +55,16 @@ class MoHArguments:
     top_k: int = field(default=2, metadata={"help": "Routed heads active per token."})
     variant: str = field(default="learned", metadata={"help": f"One of {', '.join(VARIANTS)}."})
     router_init_std: float = field(default=1e-2, metadata={"help": "Routed logits start at about this std."})
+    shared_heads: str = field(default="importance", metadata={"help": "Which heads are shared: 'importance' (those "
+                              "whose absence costs the dense model most on the calibration rows) or 'first' (by "
+                              "index)."})  # fmt: skip
+    router_init: str = field(default="importance", metadata={"help": "Learned router at step 0: 'importance' (fitted "
+                             "to pick, per token, the routed heads whose absence costs most there) or 'random'."})  # fmt: skip
+    calibration_rows: int = field(default=8, metadata={"help": "Training rows head importance is measured on (one "
+                                  "dense and one forward per head and layer each)."})  # fmt: skip
+    router_lr_ratio: float = field(default=0.1, metadata={"help": "The router learns at this fraction of the "
+                                   "learning rate (Adam-type optimizers): a fitted router is not reshuffled by the first "
+                                   "noisy updates."})  # fmt: skip
     balance_coef: float = field(default=0.01, metadata={"help": "Weight of the load-balance loss."})
     train_base: bool = field(
         default=True, metadata={"help": "Continue-tune the model's weights (false: router only)."}
@@ -68,6 +86,15 @@ class MoHArguments:
             raise ValueError(f"variant={self.variant!r}: choose one of {', '.join(VARIANTS)}.")
         if self.variant == "query_norm" and not self.train_base and not self.dense_control:
             raise ValueError("the query_norm variant has no parameters: set `train_base: true` to continue-tune.")
+        if self.shared_heads not in SHARED_HEADS or self.router_init not in ROUTER_INITS:
+            raise ValueError(
+                f"shared_heads={self.shared_heads!r}, router_init={self.router_init!r}: choose shared_heads in "
+                f"{', '.join(SHARED_HEADS)} and router_init in {', '.join(ROUTER_INITS)}."
+            )
+        if self.variant == "query_norm" and self.router_init == "importance":
+            raise ValueError("the query_norm variant has no router to fit: set `router_init: random`.")
+        if "importance" in (self.shared_heads, self.router_init) and self.calibration_rows < 1:
+            raise ValueError("head importance needs calibration rows: set `calibration_rows` >= 1.")
 
 
 @dataclass
@@ -219,11 +246,20 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
     if not args.dense_control:
         training = {k: v for k, v in asdict(args).items() if k not in ("dense_control", "num_eval_rows")}
         training |= {"learning_rate": training_args.learning_rate, "max_steps": training_args.max_steps}
+        rows, batch = train_rows[: args.calibration_rows], training_args.per_device_train_batch_size
+        calibration = [torch.tensor(rows[i : i + batch], device=model.device) for i in range(0, len(rows), batch)]
+        started = time.perf_counter()
         adapter = MoHAdapter.for_model(
             model, num_shared_heads=args.num_shared_heads, num_routed_heads=args.num_routed_heads, top_k=args.top_k,
-            variant=args.variant, router_init_std=args.router_init_std, base_model=args.model_name_or_path,
-            base_model_revision=args.model_revision, training=training,
+            variant=args.variant, router_init_std=args.router_init_std, shared_heads=args.shared_heads,
+            router_init=args.router_init, calibration=calibration, router_lr_ratio=args.router_lr_ratio,
+            base_model=args.model_name_or_path, base_model_revision=args.model_revision, training=training,
         )  # fmt: skip
+        results["conversion_seconds"] = time.perf_counter() - started
+        shared = heads_by_layer(adapter.heads)
+        results["shared_heads"] = [shared.get(layer, []) for layer in range(adapter.layout.num_layers)]
+        if adapter.calibration is not None:
+            results |= adapter.calibration
         adapter.to(state.device).attach(model)
         results["active_fraction"] = adapter.active_fraction()
         if eval_rows:

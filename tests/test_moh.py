@@ -12,7 +12,14 @@ from transformers import AutoModelForCausalLM
 from ctxaware.adapters import HeadAdapter, load_adapter
 from ctxaware.attention import ATTN_IMPLEMENTATION, attention_modules, get_attention_options
 from ctxaware.eval import hooks
-from ctxaware.methods.moh import MoHAdapter, MoHRouter, find_moh_adapter, logit_change
+from ctxaware.methods.moh import (
+    MoHAdapter,
+    MoHRouter,
+    find_moh_adapter,
+    fit_router_weights,
+    head_ablation_kl,
+    logit_change,
+)
 from tests.launch import accelerate_launch
 from tests.tiny_models import tiny_model
 
@@ -151,6 +158,96 @@ def test_routed_generation_with_cache_equals_recomputation(tiny_tokenizer, varia
     assert not torch.equal(dense, cached)  # routing changed the continuation
 
 
+def test_head_importance_is_the_kl_of_dropping_the_head():
+    model = tiny_model("llama", num_heads=HEADS, head_dim=4, seed=1).eval()
+    batches = [torch.randint(3, 300, (2, 12)), torch.randint(3, 300, (1, 12))]
+    per_layer = list(head_ablation_kl(model, batches))
+    assert len(per_layer) == 2 and model.config._attn_implementation == "sdpa"  # restored
+    inputs, token_kl = per_layer[1]
+    assert inputs.shape == (36, model.config.hidden_size) and token_kl.shape == (36, HEADS)
+    # reference: the head's o_proj columns zeroed instead of its gate, on the same batches
+    head, o_proj = 5, attention_modules(model)[1].o_proj
+    dense = [model(ids).logits.log_softmax(-1) for ids in batches]
+    with torch.no_grad():
+        o_proj.weight[:, head * 4 : (head + 1) * 4] = 0
+    ablated = [model(ids).logits.log_softmax(-1) for ids in batches]
+    expected = torch.cat([(d.exp() * (d - a)).sum(-1).flatten() for d, a in zip(dense, ablated)])
+    torch.testing.assert_close(token_kl[:, head], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_router_fit_picks_the_costliest_heads_at_small_logits():
+    torch.manual_seed(0)
+    inputs = torch.randn(512, 16)
+    token_kl = (inputs @ torch.randn(16, 6)).exp()  # a linear ranking: the fit can reproduce it
+    weight, overlap = fit_router_weights(inputs, token_kl, 2, logit_std=0.01)
+    assert weight.shape == (6, 16) and overlap > 0.9
+    logits = inputs @ weight.T
+    assert logits.std().item() == pytest.approx(0.01, rel=1e-4)
+    picked = logits.topk(2, dim=-1).indices
+    assert (picked[:, :, None] == token_kl.topk(2, dim=-1).indices[:, None, :]).any(-1).float().mean() == overlap
+
+
+def test_importance_conversion_starts_closer_to_dense():
+    model = tiny_model("llama", num_heads=HEADS, head_dim=4, seed=2).eval()
+    with torch.no_grad():
+        for module in attention_modules(model):
+            module.o_proj.weight[:, 5 * 4 : 6 * 4] *= 8  # a head the model leans on, routed when sharing by index
+    torch.manual_seed(0)
+    calibration = [torch.randint(3, 300, (4, 32)) for _ in range(2)]
+    change = {}
+    for shared_heads, router_init in [("first", "random"), ("importance", "random"), ("importance", "importance")]:
+        adapter = MoHAdapter.for_model(model, num_shared_heads=2, top_k=2, shared_heads=shared_heads,
+                                       router_init=router_init, calibration=calibration)  # fmt: skip
+        adapter.attach(model)
+        change[shared_heads, router_init] = logit_change(model, adapter, torch.cat(calibration))["mean_kl"]
+        if shared_heads == "importance":
+            importance = torch.tensor(adapter.calibration["head_importance"])
+            assert all(5 in importance[layer].topk(2)[1] for layer in range(2))
+            assert adapter.heads == [(layer, h) for layer in range(2) for h in sorted(importance[layer].topk(2)[1])]
+            gates = layer_gates(model, 1)
+            assert (gates[..., importance[1].topk(2)[1]] != 0).all() and ((gates != 0).sum(-1) == 4).all()
+            assert ((gates[gates != 0] - 1).abs() < 0.05).all()  # active heads still start at weight ~1
+        adapter.detach()
+    assert adapter.calibration["router_overlap"][0] > 1 / 3  # chance for 2 of 6
+    print(f"step-0 mean KL on the calibration tokens (shared heads, router init): {change}")
+    assert change["first", "random"] > change["importance", "random"] > change["importance", "importance"]
+
+
+def test_router_lr_ratio_slows_adam_on_the_same_gates():
+    torch.manual_seed(0)
+    x, q = torch.randn(2, 6, 16), torch.randn(2, 6, 8 * 2)
+    routers = {ratio: MoHRouter(16, 8, 2, [0, 1], top_k=3, variant="learned", init_std=1.0, lr_ratio=ratio).train()
+               for ratio in (1.0, 0.1)}  # fmt: skip
+    for name in ("routed", "shared", "mix"):
+        effective = torch.randn_like(routers[1.0].weight(name))
+        for router in routers.values():
+            router.set_weight(name, effective)
+    torch.testing.assert_close(routers[0.1](x, q), routers[1.0](x, q))  # the same gates
+    moved = {}
+    for ratio, router in routers.items():
+        before = router.weight("routed").clone()
+        optimizer = torch.optim.Adam(router.parameters(), lr=1e-3)
+        (router(x, q) * torch.arange(8.0)).sum().backward()
+        optimizer.step()
+        moved[ratio] = (router.weight("routed") - before).abs().max().item()
+    assert moved[0.1] == pytest.approx(0.1 * moved[1.0], rel=1e-2)
+
+
+def test_bad_conversion_options_fail_with_the_fix():
+    model, adapter = moh_model()
+    with pytest.raises(ValueError, match="detach its MoH adapter first"):
+        next(head_ablation_kl(model, [torch.randint(3, 300, (1, 4))]))
+    dense = tiny_model("llama", num_heads=HEADS, head_dim=4)
+    with pytest.raises(ValueError, match=r"pass `calibration`.*or use shared_heads='first', router_init='random'"):
+        MoHAdapter.for_model(dense, num_shared_heads=2, top_k=2, shared_heads="importance")
+    with pytest.raises(ValueError, match=r"query_norm variant has no router weights: use router_init='random'"):
+        MoHAdapter.for_model(dense, num_shared_heads=2, top_k=2, variant="query_norm", router_init="importance")
+    with pytest.raises(ValueError, match=r"shared_heads='best'.*first, importance"):
+        MoHAdapter.for_model(dense, num_shared_heads=2, top_k=2, shared_heads="best")
+    with pytest.raises(ValueError, match=r"router_lr_ratio=0: choose a ratio > 0"):
+        MoHAdapter.for_model(dense, num_shared_heads=2, top_k=2, router_lr_ratio=0)
+
+
 def test_bad_splits_fail_with_the_fix():
     model = tiny_model("llama", num_heads=HEADS, head_dim=4)
     with pytest.raises(ValueError, match=r"2 shared \+ 5 routed = 7.*8 query heads.*num_routed_heads=6"):
@@ -198,13 +295,17 @@ def test_recipe_end_to_end(tmp_path):
     assert results["step0_eval_loss"] > results["dense_eval_loss"]  # heads left out at step 0
     assert set(results["step0_logit_change"]) == {"max_abs_logit_change", "mean_kl", "top1_agreement"}
     assert len(results["load"]) == 8 and len(results["load"][0]) == 6
+    importance = torch.tensor(results["head_importance"])  # default config: shared heads and router from importance
+    assert importance.shape == (8, 8) and len(results["router_overlap"]) == 8
+    assert results["shared_heads"] == [sorted(row.topk(2).indices.tolist()) for row in importance]
     logged = [json.loads(line) for line in (out / "load.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in logged] == [1, 2, 3]
 
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert not any("ctxaware_adapter" in name for name in model.state_dict())
     adapter = HeadAdapter.from_pretrained(out / "adapter", model)
-    assert isinstance(adapter, MoHAdapter) and adapter.top_k == 2
+    assert isinstance(adapter, MoHAdapter) and adapter.top_k == 2 and adapter.router_lr_ratio == 0.1
+    assert adapter.heads == [(layer, head) for layer, heads in enumerate(results["shared_heads"]) for head in heads]
     assert all(router.mix.weight.abs().sum() > 0 for router in adapter.routers)  # zero-initialised, then trained
 
     dense = tmp_path / "dense"

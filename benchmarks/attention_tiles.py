@@ -25,6 +25,8 @@ import triton
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attention import bench  # noqa: E402  (benchmarks/attention.py: the same timing as the kernel benchmark)
+
 from ctxaware.kernels import AttentionPattern, attention, triton_attention  # noqa: E402
 
 
@@ -74,9 +76,7 @@ def timed(kernel: str, case) -> float:
                 t.grad = None
             out.backward(grad, retain_graph=True)
 
-    fn()
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+    return bench(fn)
 
 
 def compile_one(job) -> str | None:

@@ -116,10 +116,17 @@ def top_heads(scores: torch.Tensor, k: float) -> list[Head]:
     return sorted(divmod(index, scores.shape[1]) for index in flat)
 
 
-def random_heads(layout: HeadLayout, k: float, seed: int = 0) -> list[Head]:
+def random_heads(layout: HeadLayout, k: float, seed: int = 0, exclude: Iterable[Head] = ()) -> list[Head]:
+    """K heads (count or fraction of all heads) drawn with `seed` among those not in `exclude`, sorted."""
+    excluded = {tuple(head) for head in exclude}
+    pool = [head for head in all_heads(layout) if head not in excluded]
     count = resolve_head_count(k, layout.total_heads)
-    chosen = random.Random(seed).sample(range(layout.total_heads), count)
-    return sorted(divmod(index, layout.num_heads) for index in chosen)
+    if count > len(pool):
+        raise ValueError(
+            f"K={count} random heads cannot avoid the {len(excluded)} excluded heads: only {len(pool)} remain. "
+            "Lower K or exclude fewer heads."
+        )
+    return sorted(random.Random(seed).sample(pool, count))
 
 
 def all_heads(layout: HeadLayout) -> list[Head]:
@@ -180,6 +187,22 @@ def save_head_selection(path: str | Path, heads: Iterable[Head], layout: HeadLay
     # Innermost lists of numbers ([layer, head] pairs, score rows) on one line each.
     text = re.sub(r"\[\s+([^\[\]{}\"]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
     Path(path).write_text(text + "\n")
+
+
+def load_head_selection(path: str | Path, layout: HeadLayout) -> tuple[list[Head], dict]:
+    """The heads of a `head_selection.json` (written by `save_head_selection`) and its whole payload (a method's
+    extra fields), checked against the model's layout: a selection made on another model shape is an error."""
+    payload = json.loads(Path(path).read_text())
+    saved = payload.get("layout")
+    if saved is None:
+        raise ValueError(f"{path} records no model layout: write it with `ctxaware.heads.save_head_selection`.")
+    if differences := HeadLayout(**saved).differences(layout):
+        listed = ", ".join(f"{k}: selection {a} vs model {b}" for k, (a, b) in differences.items())
+        raise ValueError(
+            f"{path} selects heads of another model shape ({listed}). Make the selection on this model, or pass the "
+            "model the selection was made on."
+        )
+    return check_heads(payload["heads"], layout), payload
 
 
 def plot_head_scores(path: str | Path, scores: torch.Tensor, selected: Iterable[Head] = (), title: str = "") -> None:

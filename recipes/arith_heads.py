@@ -45,7 +45,7 @@ from ctxaware.eval.model import EvalModel
 from ctxaware.eval.registry import EvalOptions
 from ctxaware.eval.runner import evaluate
 from ctxaware.generation import encode_prompt
-from ctxaware.heads import HeadLayout, all_heads, resolve_head_count, save_head_selection, top_heads
+from ctxaware.heads import HeadLayout, random_heads, resolve_head_count, save_head_selection, top_heads
 from ctxaware.methods.arith_heads import (
     KV_POLICIES,
     OPS,
@@ -54,7 +54,7 @@ from ctxaware.methods.arith_heads import (
     arithmetic_pairs,
     arithmetic_records,
     check_selection,
-    load_head_selection,
+    load_component_selection,
 )
 from ctxaware.methods.patching import build_batches, keep_answered, patch_all
 from ctxaware.models import resolve_model_path
@@ -161,12 +161,11 @@ def attribute(args: ArithHeadsArguments, model, tokenizer, output_dir: Path | No
 
 def random_components(layout: HeadLayout, num_heads: int, num_mlps: int, seed: int, exclude=((), ())):
     """`num_heads` random heads and `num_mlps` random MLP layers, none of them in `exclude` (heads, MLP layers)."""
-    heads = [h for h in all_heads(layout) if h not in set(exclude[0])]
+    heads = random_heads(layout, num_heads, seed, exclude=exclude[0]) if num_heads else []
     mlps = [m for m in range(layout.num_layers) if m not in set(exclude[1])]
-    if num_heads > len(heads) or num_mlps > len(mlps):
-        raise ValueError(f"cannot draw {num_heads} heads and {num_mlps} MLPs outside the excluded selection.")
-    rng = random.Random(seed)
-    chosen = sorted(rng.sample(heads, num_heads)), sorted(rng.sample(mlps, num_mlps))
+    if num_mlps > len(mlps):
+        raise ValueError(f"cannot draw {num_mlps} MLPs outside the {len(exclude[1])} excluded ones: lower num_mlps.")
+    chosen = heads, sorted(random.Random(seed).sample(mlps, num_mlps))
     check_selection(layout, *chosen)
     return chosen
 
@@ -174,7 +173,7 @@ def random_components(layout: HeadLayout, num_heads: int, num_mlps: int, seed: i
 def select(args, layout: HeadLayout, model, tokenizer, seed: int, output_dir: Path, is_main: bool):
     """(heads, mlp_layers, attribution summary) for the methods that tune selected components."""
     if args.head_selection:
-        heads, mlps = load_head_selection(args.head_selection, layout)
+        heads, mlps = load_component_selection(args.head_selection, layout)
         if args.method == "random_heads":  # the control: as many heads and MLPs, drawn among the unselected ones
             heads, mlps = random_components(layout, len(heads), len(mlps), seed, exclude=(heads, mlps))
         return heads, mlps, {"head_selection": args.head_selection}

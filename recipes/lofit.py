@@ -33,8 +33,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, TrlParser
 
 from ctxaware.adapters import count_trainable
-from ctxaware.heads import HeadLayout, all_heads, plot_head_scores, resolve_head_count, save_head_selection, top_heads
-from ctxaware.methods.arith_heads import load_head_selection
+from ctxaware.heads import (
+    HeadLayout,
+    all_heads,
+    load_head_selection,
+    plot_head_scores,
+    random_heads,
+    save_head_selection,
+    top_heads,
+)
 from ctxaware.methods.lofit import LoFiTAdapter
 from ctxaware.models import resolve_model_path
 from ctxaware.training import Bf16WhereAvailable
@@ -361,13 +368,8 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig) -> dict:
 
 def draw_random_heads(args: LoFiTArguments, layout: HeadLayout, seed: int) -> list:
     """K heads drawn with `head_seed` (default `seed`) among those `exclude_heads` leaves (all of them without it)."""
-    excluded = set(load_head_selection(args.exclude_heads, layout)[0]) if args.exclude_heads else set()
-    pool = [head for head in all_heads(layout) if head not in excluded]
-    count = resolve_head_count(args.num_heads, layout.total_heads)
-    if count > len(pool):
-        raise ValueError(f"K={count} random heads cannot avoid the {len(excluded)} heads of {args.exclude_heads}: only "
-                         f"{len(pool)} remain. Lower `num_heads` or drop `exclude_heads`.")  # fmt: skip
-    return sorted(random.Random(seed if args.head_seed is None else args.head_seed).sample(pool, count))
+    excluded = load_head_selection(args.exclude_heads, layout)[0] if args.exclude_heads else []
+    return random_heads(layout, args.num_heads, seed if args.head_seed is None else args.head_seed, exclude=excluded)
 
 
 def select_heads(args, training_args, model, layout, dataset, tokenizer, ref_model):

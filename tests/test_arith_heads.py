@@ -16,7 +16,7 @@ from ctxaware.methods.arith_heads import (
     arithmetic_records,
     compute,
     kv_heads_to_train,
-    load_head_selection,
+    load_component_selection,
 )
 from ctxaware.methods.patching import build_batches
 from ctxaware.models import resolve_model_path
@@ -206,13 +206,13 @@ def test_empty_selection_out_of_range_and_wrong_model_are_errors(tmp_path):
         adapter.attach(other)
 
     save_head_selection(tmp_path / "other.json", [(0, 1)], HeadLayout.from_model(other), mlp_layers=[1])
-    with pytest.raises(ValueError, match="another model shape.*num_kv_heads.*Run the attribution on this model"):
-        load_head_selection(tmp_path / "other.json", layout)
+    with pytest.raises(ValueError, match="another model shape.*num_kv_heads.*Make the selection on this model"):
+        load_component_selection(tmp_path / "other.json", layout)
     save_head_selection(tmp_path / "mine.json", [(1, 3)], layout, mlp_layers=[0])
-    assert load_head_selection(tmp_path / "mine.json", layout) == ([(1, 3)], [0])
+    assert load_component_selection(tmp_path / "mine.json", layout) == ([(1, 3)], [0])
     save_head_selection(tmp_path / "empty.json", [], layout, mlp_layers=[])
     with pytest.raises(ValueError, match="empty selection"):
-        load_head_selection(tmp_path / "empty.json", layout)
+        load_component_selection(tmp_path / "empty.json", layout)
 
 
 def test_recipe_arguments_are_checked():
@@ -237,8 +237,10 @@ def test_random_heads_control_draws_as_many_components_outside_the_selection():
     assert len(set(heads)) == 3 and len(set(mlps)) == 2
     assert not set(heads) & set(selected[0]) and not set(mlps) & set(selected[1])
     assert (heads, mlps) == recipe.random_components(layout, 3, 2, seed=0, exclude=selected)
-    with pytest.raises(ValueError, match="cannot draw 3 heads and 3 MLPs"):
+    with pytest.raises(ValueError, match="cannot draw 3 MLPs outside the 2 excluded"):
         recipe.random_components(layout, 3, 3, seed=0, exclude=selected)
+    with pytest.raises(ValueError, match="only 13 remain"):
+        recipe.random_components(layout, 14, 0, seed=0, exclude=selected)
 
 
 # --- the recipe ---------------------------------------------------------------------------------------------------

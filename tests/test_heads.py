@@ -9,6 +9,7 @@ from ctxaware.heads import (
     HeadLayout,
     all_heads,
     check_heads,
+    load_head_selection,
     plot_head_scores,
     random_heads,
     register_pre_o_proj_hooks,
@@ -55,6 +56,11 @@ def test_random_heads_are_seeded_distinct_and_in_range():
     heads = random_heads(layout, 5, seed=1)
     assert heads == random_heads(layout, 5, seed=1) != random_heads(layout, 5, seed=2)
     assert len(set(heads)) == 5 and check_heads(heads, layout) == heads
+    avoided = random_heads(layout, 0.5, seed=1, exclude=heads)
+    assert len(avoided) == 16 and not set(avoided) & set(heads)
+    assert random_heads(layout, 27, seed=3, exclude=heads) == sorted(set(all_heads(layout)) - set(heads))
+    with pytest.raises(ValueError, match="cannot avoid the 5 excluded heads: only 27 remain"):
+        random_heads(layout, 28, exclude=heads)
 
 
 def test_check_heads_names_the_shape():
@@ -96,5 +102,15 @@ def test_selection_artefacts(tmp_path):
     saved = json.loads((tmp_path / "heads.json").read_text())
     assert saved["heads"] == [[0, 1], [1, 2], [1, 3]] and saved["by_layer"] == {"0": [1], "1": [2, 3]}
     assert saved["total_heads"] == 8 and saved["objective"] == "sft" and saved["layout"]["num_kv_heads"] == 2
+    assert load_head_selection(tmp_path / "heads.json", layout) == ([(0, 1), (1, 2), (1, 3)], saved)
+    save_head_selection(tmp_path / "other.json", [(0, 1)], HeadLayout("llama", 2, 4, 4, 8, 32))
+    with pytest.raises(ValueError, match="another model shape .*num_kv_heads: selection 4 vs model 2"):
+        load_head_selection(tmp_path / "other.json", layout)
+    (tmp_path / "bare.json").write_text(json.dumps({"heads": [[0, 1]]}))
+    with pytest.raises(ValueError, match="records no model layout"):
+        load_head_selection(tmp_path / "bare.json", layout)
+    save_head_selection(tmp_path / "outside.json", [(1, 9)], layout)
+    with pytest.raises(IndexError):
+        load_head_selection(tmp_path / "outside.json", layout)
     plot_head_scores(tmp_path / "heads.png", torch.rand(2, 4), [(0, 1)], title="|A|")
     assert (tmp_path / "heads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -21,7 +21,6 @@ it pulls the deltas toward the base weights. The edit is exact in weight space: 
 slice, giving a plain transformers model.
 """
 
-import json
 import random
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from torch import nn
 
 from ctxaware.adapters import HeadAdapter
 from ctxaware.attention import attention_modules
-from ctxaware.heads import Head, HeadLayout, heads_by_layer
+from ctxaware.heads import Head, HeadLayout, heads_by_layer, load_head_selection
 from ctxaware.methods.patching import mlp_modules
 from ctxaware.world import build_world
 from ctxaware.world.entities import World
@@ -210,23 +209,11 @@ def check_selection(layout: HeadLayout, heads: list[Head], mlp_layers: list[int]
             )
 
 
-def load_head_selection(path: str | Path, layout: HeadLayout) -> tuple[list[Head], list[int]]:
-    """Heads and MLP layers from a `head_selection.json` (written by `save_head_selection`), checked against the
-    model's layout: a selection made on another model shape is an error."""
-    payload = json.loads(Path(path).read_text())
-    saved = payload.get("layout")
-    if saved is None:
-        raise ValueError(f"{path} records no model layout: write it with `ctxaware.heads.save_head_selection`.")
-    if differences := HeadLayout(**saved).differences(layout):
-        listed = ", ".join(f"{k}: selection {a} vs model {b}" for k, (a, b) in differences.items())
-        raise ValueError(
-            f"{path} selects heads of another model shape ({listed}). Run the attribution on this model "
-            "(drop `head_selection`), or pass the model the selection was made on."
-        )
-    heads = [tuple(h) for h in payload["heads"]]
+def load_component_selection(path: str | Path, layout: HeadLayout) -> tuple[list[Head], list[int]]:
+    """Heads and MLP layers from a `head_selection.json` written by the arith_heads recipe, checked against the
+    model's layout (`ctxaware.heads.load_head_selection`) and non-empty."""
+    heads, payload = load_head_selection(path, layout)
     mlp_layers = list(payload.get("mlp_layers", []))
-    for layer, head in heads:
-        layout.check_head(layer, head)
     check_selection(layout, heads, mlp_layers)
     return heads, mlp_layers
 

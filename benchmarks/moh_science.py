@@ -10,7 +10,8 @@
    models with their trained routers (`--moh on`);
 3. the targets: the mean task score of MoH at 75% within 1 point of the dense control, at 50% within 3 points,
    and the routed heads' load (share of tokens over the fair share; 1 is balanced).
-Writes `moh_science.json` and `moh_science.md` to --out. `--smoke` runs the pipeline at toy sizes on CPU.
+Writes `moh_science.json` and `moh_science.md` to --out. `--smoke` runs the pipeline at toy sizes on CPU. Other flags
+go to the MoH runs (e.g. `--balance_coef 0.001`; the dense control has no router to take them); `--runs` picks runs.
 """
 
 import json
@@ -49,7 +50,11 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--limit", type=int, default=200, help="records per task (per length for passkey)")
-    args = parser.parse_args()
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
+    args, moh_args = parser.parse_known_args()
+    if unknown := set(args.runs.split(",")) - set(RUNS):
+        parser.error(f"--runs: unknown {', '.join(sorted(unknown))}; choose among {', '.join(RUNS)}")
+    runs = {name: RUNS[name] for name in args.runs.split(",")}  # without dense: scores only, no targets
     out = output_folder(args.out)
     steps, batch, seq_len, limit = args.steps, args.batch_size, args.seq_len, args.limit
     if args.smoke:
@@ -58,16 +63,16 @@ def main() -> None:
     started = time.perf_counter()
     run_parallel([
         (launch_recipe("moh", "--config", str(RECIPES / "configs" / "moh" / "default.yaml"),
-                       *recipe_args, "--max_steps", str(steps), "--per_device_train_batch_size", str(batch),
+                       *recipe_args, *(moh_args if name != "dense" else []), "--max_steps", str(steps), "--per_device_train_batch_size", str(batch),
                        "--num_train_rows", str(steps * batch), "--seq_len", str(seq_len),
                        "--calibration_rows", str(min(16, steps * batch)), "--learning_rate", str(args.learning_rate),
                        "--logging_steps", str(max(steps // 20, 1)), "--output_dir", str(out / name)),
          out / f"{name}.log")
-        for name, (recipe_args, _) in RUNS.items()
+        for name, (recipe_args, _) in runs.items()
     ])  # fmt: skip
     seconds = {"train": time.perf_counter() - started}
     evals = []
-    for name in RUNS:
+    for name in runs:
         model_args = ["--model", str(out / name / "model")]
         if name != "dense":
             model_args += ["--adapter", str(out / name / "adapter"), "--moh", "on"]
@@ -78,14 +83,14 @@ def main() -> None:
     seconds["eval"] = time.perf_counter() - started - seconds["train"]
 
     scores, training = {}, {}
-    for name in RUNS:
+    for name in runs:
         metrics = harness_metrics(out / f"eval_{name}")
         scores[name] = {task: 100 * metrics[task][metric] for task, metric in TASK_METRICS.items()}
         scores[name]["mean"] = sum(scores[name].values()) / len(TASK_METRICS)
         training[name] = json.loads((out / name / "results.json").read_text())
     targets = {}
-    for name, (_, allowed) in RUNS.items():
-        if allowed is not None:
+    for name, (_, allowed) in runs.items():
+        if allowed is not None and "dense" in scores:
             drop = scores["dense"]["mean"] - scores[name]["mean"]
             targets[name] = {"drop_points": drop, "allowed_points": allowed, "met": drop <= allowed}
     summary = {
@@ -96,6 +101,7 @@ def main() -> None:
             "seq_len": seq_len,
             "learning_rate": args.learning_rate,
             "limit": limit,
+            "moh_args": moh_args,
         },
         "seconds": seconds,
         "task_scores": scores,
@@ -111,6 +117,7 @@ def main() -> None:
 
 
 def table(scores: dict, training: dict, targets: dict) -> str:
+    """One row per run in `scores` (the runs that ran)."""
     header = [
         "model",
         "active",
@@ -121,7 +128,7 @@ def table(scores: dict, training: dict, targets: dict) -> str:
         "load max/min",
     ]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in RUNS:
+    for name in scores:
         result = training[name]
         active = result.get("active_fraction", 1.0)
         target = targets.get(name)

@@ -201,6 +201,24 @@ def test_recipe_end_to_end(tmp_path, tiny_model_dir):
     torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_recipe_dpo_objective_trains_only_the_selected_offsets(tmp_path, tiny_model_dir):
+    output = tmp_path / "dpo"
+    accelerate_launch(
+        "recipes/lofit.py", "--config", "recipes/configs/lofit/dpo_default.yaml",
+        "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(output), "--max_train_samples", "16",
+        "--eval_limit", "4", "--stage1_max_steps", "2", "--max_steps", "2", "--num_heads", "3",
+    )  # fmt: skip
+    results = json.loads((output / "results.json").read_text())
+    assert results["method"] == "lofit" and results["heads"] == 3 and results["trained_parameters"] == 3 * 8
+    selection = json.loads((output / "head_selection.json").read_text())
+    assert selection["heads"] == [list(h) for h in top_heads(torch.tensor(selection["scores"]), 3)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    adapter = HeadAdapter.from_pretrained(output / "adapter", model)
+    assert adapter.training_config["objective"] == "dpo" and adapter.training_config["task"] == "world/preference"
+    offsets = torch.cat([layer.offset for layer in adapter.layers.values()])
+    assert offsets.shape == (3, 8) and offsets.abs().sum() > 0  # two DPO steps moved them from their zero start
+
+
 def test_random_heads_draw_with_head_seed_and_lora_uses_its_own_learning_rate(tmp_path, tiny_model_dir):
     common = ["--config", "recipes/configs/lofit/default.yaml", "--model_name_or_path", str(tiny_model_dir),
               "--max_train_samples", "8", "--eval_limit", "0", "--max_steps", "1", "--num_heads", "2"]  # fmt: skip

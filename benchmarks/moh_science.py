@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--limit", type=int, default=200, help="records per task (per length for passkey)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of every run (the data stay the same)")
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
     args, moh_args = parser.parse_known_args()
     if unknown := set(args.runs.split(",")) - set(RUNS):
@@ -63,9 +64,10 @@ def main() -> None:
     started = time.perf_counter()
     run_parallel([
         (launch_recipe("moh", "--config", str(RECIPES / "configs" / "moh" / "default.yaml"),
-                       *recipe_args, *(moh_args if name != "dense" else []), "--max_steps", str(steps), "--per_device_train_batch_size", str(batch),
-                       "--num_train_rows", str(steps * batch), "--seq_len", str(seq_len),
-                       "--calibration_rows", str(min(16, steps * batch)), "--learning_rate", str(args.learning_rate),
+                       *recipe_args, *(moh_args if name != "dense" else []), "--max_steps", str(steps),
+                       "--per_device_train_batch_size", str(batch), "--num_train_rows", str(steps * batch),
+                       "--seq_len", str(seq_len), "--calibration_rows", str(min(16, steps * batch)),
+                       "--learning_rate", str(args.learning_rate), "--seed", str(args.seed),
                        "--logging_steps", str(max(steps // 20, 1)), "--output_dir", str(out / name)),
          out / f"{name}.log")
         for name, (recipe_args, _) in runs.items()
@@ -101,6 +103,7 @@ def main() -> None:
             "seq_len": seq_len,
             "learning_rate": args.learning_rate,
             "limit": limit,
+            "seed": args.seed,
             "moh_args": moh_args,
         },
         "seconds": seconds,

@@ -89,7 +89,17 @@ class RLHFConfig(Bf16WhereAvailable, RLOOConfig):
     )
     world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world (`build_world`)."})
     label_noise: float = field(default=0.1, metadata={"help": "World comparisons: probability a label is flipped."})
-    pairs_per_post: int = field(default=2, metadata={"help": "World comparisons per post (hand-made, and sampled)."})
+    pairs_per_post: int = field(
+        default=2, metadata={"help": "World comparisons per held-out post (and default below)."}
+    )
+    train_pairs_per_post: int | None = field(
+        default=None,
+        metadata={
+            "help": "World comparisons labelled per training post, hand-made and of SFT samples (default: "
+            "pairs_per_post). The reward model underfits on few: more labelled pairs of the same posts show it more "
+            "of each contrast (a fact dropped, a detail made up, a filler added); the held-out pairs keep pairs_per_post."
+        },
+    )
     comparison_samples: int = field(
         default=0,
         metadata={
@@ -113,6 +123,10 @@ class RLHFConfig(Bf16WhereAvailable, RLOOConfig):
     sft_num_train_epochs: float = 1.0
     reward_learning_rate: float = 3e-6
     reward_max_steps: int = -1
+    reward_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Pairs per device and step of the reward stage (default: per_device_train_batch_size)."},
+    )
     reward_num_train_epochs: float = 1.0
     dpo_learning_rate: float = 3e-6
     dpo_max_steps: int = -1
@@ -186,7 +200,7 @@ def preference_pairs(cfg: RLHFConfig, split: str = "train", noise: float | None 
         from ctxaware.world import preference_pairs as world_pairs
 
         noise = cfg.label_noise if noise is None else noise
-        rows = world_pairs(build_world(cfg.world_seed), split, noise, cfg.seed, cfg.pairs_per_post)
+        rows = world_pairs(build_world(cfg.world_seed), split, noise, cfg.seed, pairs_per_post(cfg, split))
         pairs = rlhf.preference_records(rows, f"world/{split}")
         if split == "train" and cfg.comparison_samples:  # the samples are of the limited posts already
             return pairs[: cfg.train_limit] + policy_pairs(cfg)
@@ -199,6 +213,11 @@ def preference_pairs(cfg: RLHFConfig, split: str = "train", noise: float | None 
         else:
             pairs = rlhf.preference_records(list(load_dataset(name, split=split)), name)
     return pairs[: cfg.train_limit] if cfg.train_limit and split == "train" else pairs
+
+
+def pairs_per_post(cfg: RLHFConfig, split: str) -> int:
+    """Comparisons per world post: `train_pairs_per_post` (if set) on the training split, else `pairs_per_post`."""
+    return (cfg.train_pairs_per_post or cfg.pairs_per_post) if split == "train" else cfg.pairs_per_post
 
 
 def policy_pairs(cfg: RLHFConfig) -> list[dict]:
@@ -360,7 +379,7 @@ def run_compare(cfg: RLHFConfig, model_args: ModelConfig) -> Path | str:
             seed=cfg.seed,
         )  # fmt: skip
         world = build_world(cfg.world_seed)
-        pairs = policy_comparisons(world, "train", summaries, cfg.label_noise, cfg.seed, cfg.pairs_per_post)
+        pairs = policy_comparisons(world, "train", summaries, cfg.label_noise, cfg.seed, pairs_per_post(cfg, "train"))
         with atomic_directory(final) as tmp:
             (tmp / COMPARISONS_FILE).write_text(json.dumps(pairs, indent=1))
         print(f"{len(pairs)} labelled pairs of SFT samples ({cfg.comparison_samples} per post, {len(records)} posts)")
@@ -390,6 +409,7 @@ def run_reward(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
         learning_rate=cfg.reward_learning_rate,
         max_steps=cfg.reward_max_steps,
         num_train_epochs=cfg.reward_num_train_epochs,
+        per_device_train_batch_size=cfg.reward_batch_size or cfg.per_device_train_batch_size,
     )
     run_config = {"stage": "reward", "model": sft_path, **args.to_dict()}
     trainer = RewardTrainer(
@@ -558,7 +578,29 @@ def reward_accuracy(cfg: RLHFConfig, reward_path: str, bias: float) -> dict:
         for side in ("chosen", "rejected")
     }
     correct = [c > r for c, r in zip(scores["chosen"], scores["rejected"])]
-    return {"pairwise_accuracy": sum(correct) / len(correct), "n_pairs": len(correct), "bias": bias}
+    result = {"pairwise_accuracy": sum(correct) / len(correct), "n_pairs": len(correct), "bias": bias}
+    if cfg.preference_dataset_name == WORLD:  # which contrasts the reward model gets right
+        from ctxaware.world import build_world, summarization
+
+        records = {r["post"]: r for r in summarization(build_world(cfg.world_seed), "test")}
+        kinds = [pair_difference(records[p["post"]], p) for p in pairs]
+        result["accuracy_by_difference"] = {
+            kind: {"accuracy": sum(ok for ok, k in zip(correct, kinds) if k == kind) / kinds.count(kind),
+                   "n_pairs": kinds.count(kind)}
+            for kind in sorted(set(kinds))
+        }  # fmt: skip
+    return result
+
+
+def pair_difference(record: dict, pair: dict) -> str:
+    """What makes a world pair's rejected summary worse, first match: `made_up` (more details the post lacks),
+    `coverage` (fewer of the record's key facts), else `length` (a filler, words beyond the reference)."""
+    from ctxaware.world.preference import key_fact_coverage, unfaithful_terms
+
+    chosen, rejected = pair["chosen"], pair["rejected"]
+    if len(unfaithful_terms(record["post"], rejected)) > len(unfaithful_terms(record["post"], chosen)):
+        return "made_up"
+    return "coverage" if key_fact_coverage(record, rejected) < key_fact_coverage(record, chosen) else "length"
 
 
 # ------------------------------------------------------------------------------------------------------------- main

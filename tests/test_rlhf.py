@@ -202,6 +202,39 @@ def test_policy_comparisons_join_the_world_pairs_once_labelled(tmp_path):
     assert len(recipe.preference_pairs(cfg, "test")) == 2 * len(summarization(build_world(0), "test"))
 
 
+def test_training_pairs_per_post_leaves_the_held_out_pairs_alone(tmp_path):
+    from trl import RewardConfig, TrlParser
+
+    recipe = load_recipe()
+    args = ["--config", str(DEFAULT_CONFIG), "--output_dir", str(tmp_path), "--comparison_samples", "0"]
+    parser = TrlParser(recipe.CONFIG_CLASSES)
+    cfg, _ = parser.parse_args_and_config(args=[*args, "--train_pairs_per_post", "2"])
+    more, _ = parser.parse_args_and_config(args=[*args, "--train_pairs_per_post", "6", "--reward_batch_size", "5"])
+    assert cfg.pairs_per_post == more.pairs_per_post == 2
+    n_train = len(summarization(build_world(0), "train"))
+    assert len(recipe.preference_pairs(cfg, "train")) == 2 * n_train
+    assert len(recipe.preference_pairs(more, "train")) == 6 * n_train  # every post has more than 6 distinct pairs
+    assert recipe.preference_pairs(more, "test", noise=0.0) == recipe.preference_pairs(cfg, "test", noise=0.0)
+    reward_args = recipe.stage_args(more, RewardConfig, "reward", per_device_train_batch_size=more.reward_batch_size)
+    assert reward_args.per_device_train_batch_size == 5
+
+
+def test_held_out_pairs_are_told_apart_by_what_makes_the_rejected_worse():
+    recipe = load_recipe()
+    record = summarization(build_world(0), "test")[0]
+    name = record["key_facts"][0].split()[0]
+    dropped = f"{name} {record['key_facts'][1][len(name) + 1 :]}."
+    made_up = record["reference"].replace(name, "Zzyzx", 1)
+    padded = record["reference"] + " The weather has been grey all week."
+
+    def kind(chosen, rejected):
+        return recipe.pair_difference(record, {"post": record["post"], "chosen": chosen, "rejected": rejected})
+
+    assert kind(record["reference"], made_up) == "made_up"
+    assert kind(record["reference"], dropped) == "coverage"
+    assert kind(record["reference"], padded) == "length"
+
+
 def test_stage_configs_inherit_the_recipe_settings(tmp_path):
     from trl import DPOConfig, RLOOConfig, SFTConfig, TrlParser
 

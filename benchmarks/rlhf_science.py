@@ -43,7 +43,10 @@ TARGETS = {"reward_accuracy": 0.70, "win_rate": 0.65, "length_tolerance": 0.20}
 # The reward model underfit at 300 steps of 32 pairs on ~5,800 pairs (3 hand-made and 3 of SFT samples per post):
 # its training accuracy only reached 0.70 (loss 0.64 -> 0.59 as the lr decayed to 0), level with its held-out 0.66, so
 # it learns from 10 hand-made and up to 10 sampled pairs per training post (`train_pairs_per_post`; held-out pairs stay
-# at `pairs_per_post` 3), 64 pairs a step for 800 steps (about 4 epochs of ~13,000 pairs). GPU seconds of the last run
+# at `pairs_per_post` 3), 64 pairs a step for 800 steps (about 4 epochs of ~13,000 pairs). That also evens out a
+# length shortcut: labelled pairs of SFT samples favour the shorter summary (0.67 of those differing in length; a
+# filler is the usual difference), hand-made ones the longer (0.58), so the 3 + 3 mix favoured brevity (0.54) and
+# the RM under-rewarded coverage; the 10 + 10 mix is 0.50 (CPU SFT samples). GPU seconds of the last run
 # (reward 300 steps of 32 at 11 it/s): sft 55, compare 44, dpo 41 (beside reward -> rl), reward 54, rl 99 (120 steps),
 # eval 55, cross-check 20, total 327; the longer reward stage adds about a minute.
 GPU_SIZES = {"sft_max_steps": 60, "reward_max_steps": 800, "reward_batch_size": 64, "max_steps": 120,

@@ -12,7 +12,8 @@ Targets (issue 10): fewer than 5% of heads explain most of the patching effect (
 3 of 64, carries more than half of the summed |total effect|; the shares of heads needed for 50% and 80% are reported
 beside it); `heads` gains at least as much in-distribution arithmetic as `lora`; `heads` loses at most 1 point on every
 non-arithmetic metric (`full`'s drop reported); `heads` gains more than `random_heads`. The 5% is the attribution's
-claim: precise SFT tunes the config's `num_heads` (8 of 64 on the tiny model, see its default.yaml).
+claim: precise SFT tunes the config's `num_heads` (5 of 64 on the tiny model, ranked by direct effect, see its
+default.yaml).
 Writes `arith_science.json` and `arith_science.md` to --out. `--smoke` runs the same pipeline at toy sizes on CPU.
 Flags this script does not know go to every recipe run: `--num_heads 0.1`, `--kv_policy any`, `--num_mlps 0`.
 """
@@ -27,7 +28,9 @@ from science_common import RECIPES, command_line, launch_recipe, output_folder, 
 
 CONFIG = RECIPES / "configs" / "arith_heads" / "default.yaml"
 METHODS = ("heads", "random_heads", "lora", "full")
-SELECTION_RUN = "activation_corrupted_into_clean"  # the patching run that ranks heads (the recipe's selection_score)
+# The patching run the concentration target is measured on: total effect (activation patching). The tiny config
+# selects the heads it tunes by direct effect (path patching, its selection_score): see its default.yaml.
+SELECTION_RUN = "activation_corrupted_into_clean"
 # The default task's cells that the base model fails (0%): the in-distribution gain comes from them.
 HARD_CELLS = ("arith_cell/word_+_3d", "arith_cell/word_-_3d")
 # Higher-is-better metrics of the tasks that are not arithmetic (memory_rate / prefers_context are behaviours).

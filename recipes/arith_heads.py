@@ -12,8 +12,9 @@ Reuse a selection instead of patching again: `--head_selection OUTPUT_DIR/head_s
    length, the answer's first digit changed) from the world's `attribution_split`; activation patching of every
    head's pre-o_proj output and every MLP output in both directions and path patching to the final position (see
    `ctxaware.methods.patching` for the metric: the logit difference of the two answers' first differing tokens,
-   normalised). The top `num_heads` heads by |effect| under `selection_score` (total effect) and the top `num_mlps`
-   MLPs under `mlp_selection_score` (direct effect) are selected.
+   normalised). The top `num_heads` heads by |effect| under `selection_score` and the top `num_mlps` MLPs under
+   `mlp_selection_score` (direct effect) are selected. The tiny config ranks heads by direct effect too (path
+   patching): its total-effect top 3 are all layer-1 operand movers and learn the task far slower (see its yaml).
 2. Precise SFT: trained deltas on the selected heads' q/k/v rows and o_proj columns (shared GQA k/v rows by
    `kv_policy`) and the selected MLPs' weights (`ctxaware.methods.arith_heads`), TRL SFTTrainer with the loss on
    " ANSWER\n" only (see `training_examples`) on the world's `train_split` problems of `train_ops` x `train_digits` x
@@ -93,7 +94,8 @@ class ArithHeadsArguments:
                                      metadata={"help": f"KIND:DIRECTION runs, from {PATCHING_RUNS}."})  # fmt: skip
     patching_positions: str = field(default="all", metadata={"help": "Patch at all positions or the last."})
     selection_score: str = field(default="activation:corrupted_into_clean", metadata={"help": "The patching run "
-                                 "whose |effect| ranks heads (total effect: heads that move operands)."})  # fmt: skip
+                                 "whose |effect| ranks heads (activation: total effect, heads that move "
+                                 "operands; path: direct effect, heads that write the answer)."})  # fmt: skip
     mlp_selection_score: str = field(default="path:corrupted_into_clean", metadata={"help": "The run ranking MLPs "
                                      "(direct effect: MLPs that write the answer; MLP 0 acts on every token's "
                                      "embedding, so its total effect is ~1 and says nothing)."})  # fmt: skip

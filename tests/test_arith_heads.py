@@ -3,9 +3,11 @@ reload, adapter round trip), bad input, and the recipe end to end."""
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ctxaware.adapters import HeadAdapter
@@ -285,6 +287,7 @@ def test_training_examples_end_like_the_world_text_without_eos_and_reach_the_sel
 
 SMALL = ["--attribution_pairs", "12", "--eval_per_cell", "1", "--eval_digits", "3", "--eval_limit", "4",
          "--eval_tasks", "extractive_qa", "--train_per_cell", "16", "--max_steps", "2"]  # fmt: skip
+DEFAULT_CONFIG = yaml.safe_load((Path(__file__).parents[1] / "recipes/configs/arith_heads/default.yaml").read_text())
 
 
 def test_recipe_end_to_end_heads(tmp_path):
@@ -293,7 +296,8 @@ def test_recipe_end_to_end_heads(tmp_path):
     accelerate_launch("recipes/arith_heads.py", "--config", "recipes/configs/arith_heads/default.yaml",
                       "--output_dir", str(output), "--merge", "true", "--num_mlps", "1", *SMALL)  # fmt: skip
     results = json.loads((output / "results.json").read_text())
-    assert results["method"] == "heads" and len(results["heads"]) == 8 and len(results["mlp_layers"]) == 1
+    assert results["method"] == "heads" and len(results["mlp_layers"]) == 1
+    assert len(results["heads"]) == DEFAULT_CONFIG["num_heads"]
     assert {"arith_in_distribution", "arith_other_ops", "extractive_qa/exact_match", "closed_book_recall"} <= set(
         results["before"]
     )
@@ -306,6 +310,11 @@ def test_recipe_end_to_end_heads(tmp_path):
         assert len(ranked) == 8 * 8 + 8
     selection = json.loads((output / "head_selection.json").read_text())
     assert selection["heads"] == results["heads"] and selection["mlp_layers"] == results["mlp_layers"]
+    # The config's selection_score ranks the heads: the selected ones are that run's top heads.
+    ranked = json.loads((output / "attribution" / f"{DEFAULT_CONFIG['selection_score'].replace(':', '_')}.json")
+                        .read_text())["ranked"]  # fmt: skip
+    top = [[r["layer"], r["head"]] for r in ranked if r["component"] == "head"][: len(results["heads"])]
+    assert sorted(top) == sorted(results["heads"])
 
     path = resolve_model_path("ctxaware-tiny")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -337,4 +346,4 @@ def test_recipe_baselines_end_to_end(tmp_path, method):
              "full": "model/config.json"}[method]  # fmt: skip
     assert (output / saved).is_file()
     if method == "random_heads":
-        assert len(results["heads"]) == 8 and not (output / "attribution").exists()
+        assert len(results["heads"]) == DEFAULT_CONFIG["num_heads"] and not (output / "attribution").exists()

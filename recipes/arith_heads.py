@@ -135,7 +135,7 @@ class ArithHeadsTrainingConfig(Bf16WhereAvailable, SFTConfig):
     learning_rate: float = 3e-4
     num_train_epochs: float = 3.0
     per_device_train_batch_size: int = 32
-    gradient_checkpointing: bool = False
+    activation_checkpointing: bool = False
     logging_steps: int = 10
     save_strategy: str = "no"
     report_to: str = "none"

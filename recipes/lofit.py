@@ -120,7 +120,7 @@ class LoFiTTrainingConfig(Bf16WhereAvailable, SFTConfig):
     learning_rate: float = 1e-2
     num_train_epochs: float = 5.0
     per_device_train_batch_size: int = 8
-    gradient_checkpointing: bool = False
+    activation_checkpointing: bool = False
     logging_steps: int = 10
     save_strategy: str = "no"
     report_to: str = "none"

@@ -102,7 +102,7 @@ class MoHTrainingConfig(Bf16WhereAvailable, SFTConfig):
     learning_rate: float = 3e-4
     max_steps: int = 200
     per_device_train_batch_size: int = 8
-    gradient_checkpointing: bool = False
+    activation_checkpointing: bool = False
     logging_steps: int = 20
     save_strategy: str = "no"
     report_to: str = "none"

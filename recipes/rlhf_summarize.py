@@ -82,6 +82,8 @@ class RLHFConfig(Bf16WhereAvailable, RLOOConfig):
     output_dir: str = field(default="runs/rlhf_summarize", metadata={"help": "One folder per stage goes in here."})
     stage: str = field(default="all", metadata={"help": "sft, reward, rl, dpo, eval, or all (in that order)."})
     overwrite_stages: bool = field(default=False, metadata={"help": "Redo stages whose output already exists."})
+    # TRL's default, under transformers' current name (setting the deprecated `gradient_checkpointing` warns).
+    activation_checkpointing: bool = True
     dataset_name: str = field(default=WORLD, metadata={"help": "Posts + references: world or trl-lib/tldr."})
     preference_dataset_name: str = field(
         default=WORLD,

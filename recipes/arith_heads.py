@@ -12,9 +12,11 @@ Reuse a selection instead of patching again: `--head_selection OUTPUT_DIR/head_s
    length, the answer's first digit changed) from the world's `attribution_split`; activation patching of every
    head's pre-o_proj output and every MLP output in both directions and path patching to the final position (see
    `ctxaware.methods.patching` for the metric: the logit difference of the two answers' first differing tokens,
-   normalised). The top `num_heads` heads by |effect| under `selection_score` and the top `num_mlps` MLPs under
-   `mlp_selection_score` (direct effect) are selected. The tiny config ranks heads by direct effect too (path
-   patching): its total-effect top 3 are all layer-1 operand movers and learn the task far slower (see its yaml).
+   normalised). The top `num_heads` heads by effect under `selection_score` and the top `num_mlps` MLPs under
+   `mlp_selection_score` (direct effect) are selected; `selection_sign absolute` ranks by |effect| instead, which
+   also picks components that push against the answer (on the tiny model such a head learned the task slower). The
+   tiny config ranks heads by direct effect too (path patching): its total-effect top 3 are all layer-1 operand
+   movers and learn the task far slower (see its yaml).
 2. Precise SFT: trained deltas on the selected heads' q/k/v rows and o_proj columns (shared GQA k/v rows by
    `kv_policy`) and the selected MLPs' weights (`ctxaware.methods.arith_heads`), TRL SFTTrainer with the loss on
    " ANSWER\n" only (see `training_examples`) on the world's `train_split` problems of `train_ops` x `train_digits` x
@@ -67,6 +69,7 @@ from ctxaware.world.probe import matches
 METHODS = ("heads", "random_heads", "lora", "full")
 PATCHING_RUNS = ("activation:corrupted_into_clean", "activation:clean_into_corrupted", "path:corrupted_into_clean",
                  "path:clean_into_corrupted")  # fmt: skip
+SELECTION_SIGNS = ("positive", "absolute")
 
 
 @dataclass
@@ -99,8 +102,11 @@ class ArithHeadsArguments:
     mlp_selection_score: str = field(default="path:corrupted_into_clean", metadata={"help": "The run ranking MLPs "
                                      "(direct effect: MLPs that write the answer; MLP 0 acts on every token's "
                                      "embedding, so its total effect is ~1 and says nothing)."})  # fmt: skip
+    selection_sign: str = field(default="positive", metadata={"help": "Rank by the signed effect (positive: the "
+                                "components that carry the answer) or by |effect| (absolute: also those that push "
+                                "against it)."})  # fmt: skip
     num_heads: float = field(default=0.05, metadata={"help": "Heads tuned: a count (>= 1), a fraction, or 0."})
-    num_mlps: int = field(default=1, metadata={"help": "MLPs tuned (top by |effect|)."})
+    num_mlps: int = field(default=1, metadata={"help": "MLPs tuned (top by effect, see selection_sign)."})
     head_selection: str | None = field(default=None, metadata={"help": "A head_selection.json to reuse (skips "
                                        "patching)."})  # fmt: skip
     kv_policy: str = field(default="full_group", metadata={"help": f"Shared GQA k/v rows: {', '.join(KV_POLICIES)}."})
@@ -123,6 +129,8 @@ class ArithHeadsArguments:
             raise ValueError(f"method={self.method!r}: choose one of {', '.join(METHODS)}.")
         if self.kv_policy not in KV_POLICIES:
             raise ValueError(f"kv_policy={self.kv_policy!r}: choose one of {', '.join(KV_POLICIES)}.")
+        if self.selection_sign not in SELECTION_SIGNS:
+            raise ValueError(f"selection_sign={self.selection_sign!r}: choose one of {', '.join(SELECTION_SIGNS)}.")
         if unknown := set(self.patching_runs) - set(PATCHING_RUNS):
             raise ValueError(f"unknown patching runs {sorted(unknown)}: choose from {', '.join(PATCHING_RUNS)}.")
         for score in (self.selection_score, self.mlp_selection_score):
@@ -172,6 +180,15 @@ def random_components(layout: HeadLayout, num_heads: int, num_mlps: int, seed: i
     return chosen
 
 
+def top_components(head_effects: torch.Tensor, mlp_effects: torch.Tensor, num_heads: int, num_mlps: int, sign: str):
+    """(heads, MLP layers): the `num_heads` heads of a (layers, heads) effect tensor and the `num_mlps` MLPs of a
+    (layers,) one with the largest effects (`sign` positive) or |effects| (absolute), each sorted."""
+    if sign == "absolute":
+        head_effects, mlp_effects = head_effects.abs(), mlp_effects.abs()
+    heads = top_heads(head_effects, num_heads) if num_heads else []
+    return heads, sorted(torch.topk(mlp_effects, num_mlps).indices.tolist()) if num_mlps else []
+
+
 def select(args, layout: HeadLayout, model, tokenizer, seed: int, output_dir: Path, is_main: bool):
     """(heads, mlp_layers, attribution summary) for the methods that tune selected components."""
     if args.head_selection:
@@ -187,8 +204,7 @@ def select(args, layout: HeadLayout, model, tokenizer, seed: int, output_dir: Pa
         return heads, mlps, {}
     runs = attribute(args, model, tokenizer, output_dir)
     head_score, mlp_score = runs[args.selection_score].head_effects, runs[args.mlp_selection_score].mlp_effects
-    heads = top_heads(head_score.abs(), k) if k else []
-    mlps = sorted(torch.topk(mlp_score.abs(), args.num_mlps).indices.tolist()) if args.num_mlps else []
+    heads, mlps = top_components(head_score, mlp_score, k, args.num_mlps, args.selection_sign)
     check_selection(layout, heads, mlps)
     summary = {
         name: {"clean_logit_diff": r.clean_logit_diff, "corrupted_logit_diff": r.corrupted_logit_diff,

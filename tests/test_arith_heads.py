@@ -227,6 +227,20 @@ def test_recipe_arguments_are_checked():
         recipe.ArithHeadsArguments(patching_runs=["activation:corrupted_into_clean"])
     with pytest.raises(ValueError, match="kv_policy"):
         recipe.ArithHeadsArguments(kv_policy="half")
+    with pytest.raises(ValueError, match="selection_sign='negative': choose one of positive"):
+        recipe.ArithHeadsArguments(selection_sign="negative")
+
+
+def test_positive_ranking_skips_components_that_push_against_the_answer():
+    from tests.test_configs import load_recipe
+
+    recipe = load_recipe("arith_heads")
+    heads = torch.rand(4, 8) * 0.1
+    heads[1, 4], heads[3, 2], heads[2, 7], heads[0, 5] = 0.9, 0.5, -0.8, -0.6
+    mlps = torch.tensor([0.2, -0.7, 0.4, 0.05])
+    assert recipe.top_components(heads, mlps, 2, 1, "positive") == ([(1, 4), (3, 2)], [2])
+    assert recipe.top_components(heads, mlps, 3, 2, "absolute") == ([(0, 5), (1, 4), (2, 7)], [1, 2])
+    assert recipe.top_components(heads, mlps, 0, 0, "positive") == ([], [])
 
 
 def test_random_heads_control_draws_as_many_components_outside_the_selection():
@@ -310,10 +324,11 @@ def test_recipe_end_to_end_heads(tmp_path):
         assert len(ranked) == 8 * 8 + 8
     selection = json.loads((output / "head_selection.json").read_text())
     assert selection["heads"] == results["heads"] and selection["mlp_layers"] == results["mlp_layers"]
-    # The config's selection_score ranks the heads: the selected ones are that run's top heads.
+    # The config's selection_score ranks the heads: the selected ones are that run's heads with the largest effects.
     ranked = json.loads((output / "attribution" / f"{DEFAULT_CONFIG['selection_score'].replace(':', '_')}.json")
                         .read_text())["ranked"]  # fmt: skip
-    top = [[r["layer"], r["head"]] for r in ranked if r["component"] == "head"][: len(results["heads"])]
+    by_effect = sorted((r for r in ranked if r["component"] == "head"), key=lambda r: -r["effect"])
+    top = [[r["layer"], r["head"]] for r in by_effect][: len(results["heads"])]
     assert sorted(top) == sorted(results["heads"])
 
     path = resolve_model_path("ctxaware-tiny")

@@ -5,8 +5,8 @@
 1. `recipes/moh.py` three times on the same data, steps and seed, trained at the same time (and again for every seed
    of `--seeds`, all at once; one run's noise is a few points, so the targets hold the mean drop over the seeds): 75%
    of heads active (4 shared + top 2 of 4 routed), 50% active (2 shared + top 2 of 6 routed), and the dense control;
-   MoH with the recipe's defaults: shared heads and the router's start from measured head importance, router at 0.1x
-   the learning rate; rows of 512 tokens (the model's length, the longest pass key evaluated);
+   MoH with the recipe's defaults: shared heads and the router's start from head importance measured on 64 rows,
+   router at 0.1x the learning rate; rows of 512 tokens (the model's length, the longest pass key evaluated);
 2. `ctxaware eval` of each on the world's tasks (counterfactual and extractive QA, arithmetic, pass key), the MoH
    models with their trained routers (`--moh on`);
 3. the targets: the mean task score of MoH at 75% within 1 point of the dense control, at 50% within 3 points
@@ -14,7 +14,7 @@
    the fair share; 1 is balanced).
 Writes `moh_science.json` and `moh_science.md` to --out. `--smoke` runs the pipeline at toy sizes on CPU. Other flags
 go to the MoH runs after the check's own (so they override them, e.g. `--balance_coef 0.001` or `--calibration_rows
-64`; the dense control has no router to take them); `--runs` picks runs.
+128`; the dense control has no router to take them); `--runs` picks runs.
 """
 
 import json
@@ -74,9 +74,9 @@ def main() -> None:
     run_parallel([
         (launch_recipe("moh", "--config", str(RECIPES / "configs" / "moh" / "default.yaml"),
                        *runs[name][0], "--max_steps", str(steps), "--per_device_train_batch_size", str(batch),
-                       "--num_train_rows", str(steps * batch), "--seq_len", str(seq_len),
-                       "--calibration_rows", str(min(16, steps * batch)), "--learning_rate", str(args.learning_rate),
-                       "--seed", str(seed), "--logging_steps", str(max(steps // 20, 1)), "--output_dir", str(folder),
+                       "--num_train_rows", str(steps * batch), "--seq_len", str(seq_len), "--learning_rate",
+                       str(args.learning_rate), "--seed", str(seed), "--logging_steps", str(max(steps // 20, 1)),
+                       "--output_dir", str(folder),
                        *(moh_args if name != "dense" else [])),  # last: the passed-on flags override the above
          folder.with_suffix(".log"))
         for (seed, name), folder in folders.items()

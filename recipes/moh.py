@@ -60,8 +60,9 @@ class MoHArguments:
                               "index)."})  # fmt: skip
     router_init: str = field(default="importance", metadata={"help": "Learned router at step 0: 'importance' (fitted "
                              "to pick, per token, the routed heads whose absence costs most there) or 'random'."})  # fmt: skip
-    calibration_rows: int = field(default=8, metadata={"help": "Training rows head importance is measured on (one "
-                                  "dense and one forward per head and layer each)."})  # fmt: skip
+    calibration_rows: int = field(default=64, metadata={"help": "Training rows head importance is measured on (one "
+                                  "dense and one forward per head and layer each); which heads are shared hinges on "
+                                  "it (on the tiny model 16 rows of 512 tokens cost 3.7 points, 64 rows 0.4)."})  # fmt: skip
     router_lr_ratio: float = field(default=0.1, metadata={"help": "The router learns at this fraction of the "
                                    "learning rate (Adam-type optimizers): a fitted router is not reshuffled by the first "
                                    "noisy updates."})  # fmt: skip

@@ -51,7 +51,7 @@ TARGETS = {"reward_accuracy": 0.70, "win_rate": 0.65, "length_tolerance": 0.20}
 # eval 55, cross-check 20, total 327; the longer reward stage adds about a minute.
 GPU_SIZES = {"sft_max_steps": 60, "reward_max_steps": 800, "reward_batch_size": 64, "max_steps": 120,
              "dpo_max_steps": 120, "per_device_train_batch_size": 32, "pairs_per_post": 3, "train_pairs_per_post": 10,
-             "eval_limit": 120, "eval_batch_size": 64}  # fmt: skip
+             "eval_limit": 120, "eval_batch_size": 64, "normalization_limit": 256, "kl_samples_per_prompt": 4}  # fmt: skip
 SMOKE_SIZES = {"sft_max_steps": 2, "reward_max_steps": 2, "max_steps": 2, "dpo_max_steps": 2,
                "per_device_train_batch_size": 8, "eval_limit": 8, "eval_batch_size": 8, "train_limit": 64,
                "normalization_limit": 16, "kl_samples_per_prompt": 1}  # fmt: skip

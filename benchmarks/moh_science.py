@@ -53,8 +53,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
-    parser.add_argument("--limit", type=int, default=200, help="records per task (per length for passkey)")
-    parser.add_argument("--seeds", default="0", help="training seeds, comma-separated: every run once per seed, all "
+    parser.add_argument("--limit", type=int, default=400, help="records per task (per length for passkey)")
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated: every run once per seed, all "
                         "at once; the targets hold the drop averaged over seeds (the data stay the same)")  # fmt: skip
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
     args, moh_args = parser.parse_known_args()

@@ -43,6 +43,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 from ctxaware.adapters import ATTACHED_ATTR, HeadAdapter
 from ctxaware.attention import ATTN_IMPLEMENTATION, attention_modules, get_attention_options
@@ -413,9 +414,10 @@ def head_ablation_kl(model: nn.Module, batches: list[torch.Tensor]) -> Iterator[
         raise ValueError("head importance is measured on the dense model: detach its MoH adapter first.")
     restore, was_training = _use_ctxaware_attention(model), model.training
     model.eval()
-    num_heads = HeadLayout.from_model(model).num_heads
+    num_heads, modules = HeadLayout.from_model(model).num_heads, attention_modules(model)
+    progress = tqdm(total=len(modules) * len(batches), desc="MoH: head importance (layers x batches)", leave=False)
     try:
-        for module in attention_modules(model):
+        for module in modules:
             hook = _AblationHook(module, num_heads)
             handle = module.q_proj.register_forward_hook(hook)
             try:
@@ -429,11 +431,13 @@ def head_ablation_kl(model: nn.Module, batches: list[torch.Tensor]) -> Iterator[
                         ablated = model(input_ids=input_ids).logits.float().log_softmax(-1)
                         per_head.append((dense.exp() * (dense - ablated)).sum(-1).flatten())
                     token_kl.append(torch.stack(per_head, dim=-1))
+                    progress.update()
             finally:
                 handle.remove()
                 hook.options.head_gates = None
             yield torch.cat(hook.inputs), torch.cat(token_kl)
     finally:
+        progress.close()
         _restore_attention(restore)
         model.train(was_training)
 

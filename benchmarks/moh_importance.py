@@ -14,21 +14,20 @@ import argparse
 import importlib.util
 import json
 import time
-from pathlib import Path
 
 import torch
+from science_common import RECIPES, output_folder
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ctxaware.methods.moh import head_ablation_kl
 from ctxaware.models import resolve_model_path
 
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "moh.py"
 STATISTICS = {"mean": None, "q0.99": 0.99, "q0.999": 0.999}
 
 
 def load_recipe():
-    spec = importlib.util.spec_from_file_location("moh_recipe", RECIPE)
+    spec = importlib.util.spec_from_file_location("moh_recipe", RECIPES / "moh.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -48,8 +47,7 @@ def main() -> None:
     parser.add_argument("--num_shared", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=4)
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args.out)
 
     recipe = load_recipe()
     total = max(args.rows)

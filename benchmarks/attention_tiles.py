@@ -2,8 +2,9 @@
 
     python benchmarks/attention_tiles.py --out DIR [--seq 16384] [--heads 32 32] [--patterns dense sf]
 
-For each kernel (fwd, dkdv, dq) and each candidate (BM, BN, num_warps, num_stages) it times the forward (fwd) or the
-backward (dkdv, dq; the other backward kernel keeps its default) with only that kernel's tiles changed. Candidates
+For each kernel (fwd, dkdv, dq, mass) and each candidate (BM, BN, num_warps, num_stages) it times the forward (fwd),
+the forward with key_mass (mass: the forward kernel keeps its default) or the backward (dkdv, dq; the other backward
+kernel keeps its default) with only that kernel's tiles changed. Candidates
 are compiled first in parallel worker processes (Triton's disk cache keeps them), then timed one by one.
 Writes attention_tiles.json (every timing) and attention_tiles.md (the best candidates per kernel and pattern).
 Candidates that do not fit the GPU (shared memory, registers) are recorded as failed.
@@ -34,6 +35,7 @@ CANDIDATES = {
     "fwd": dict(BM=[64, 128], BN=[64, 128], num_warps=[4, 8], num_stages=[2, 3, 4]),
     "dkdv": dict(BM=[32, 64], BN=[64, 128], num_warps=[4, 8], num_stages=[2, 3, 4]),
     "dq": dict(BM=[64, 128], BN=[32, 64], num_warps=[4, 8], num_stages=[2, 3, 4]),
+    "mass": dict(BM=[32, 64, 128], BN=[64, 128], num_warps=[4, 8], num_stages=[2, 3, 4]),
 }
 DEFAULT_BLOCKS = triton_attention._blocks
 
@@ -65,8 +67,8 @@ def make_case(seq: int, hq: int, hkv: int, head_dim: int, pattern_name: str):
 
 def timed(kernel: str, case) -> float:
     q, k, v, pattern = case
-    if kernel == "fwd":
-        fn = lambda: attention(q, k, v, causal=True, pattern=pattern)  # noqa: E731
+    if kernel in ("fwd", "mass"):
+        fn = lambda: attention(q, k, v, causal=True, pattern=pattern, key_mass=kernel == "mass")  # noqa: E731
     else:
         out, _ = attention(q, k, v, causal=True, pattern=pattern)
         grad = torch.randn_like(out)
@@ -86,8 +88,8 @@ def compile_one(job) -> str | None:
     try:
         small = min(seq, 2048)  # same compiled kernel (sizes are runtime arguments), less work
         q, k, v, pattern = make_case(small, hq, hkv, head_dim, pattern_name)
-        out, _ = attention(q, k, v, causal=True, pattern=pattern)
-        if kernel != "fwd":
+        out, _ = attention(q, k, v, causal=True, pattern=pattern, key_mass=kernel == "mass")
+        if kernel in ("dkdv", "dq"):
             out.backward(torch.randn_like(out))
         torch.cuda.synchronize()
         return None
@@ -145,7 +147,7 @@ def write(out: Path, args, rows, defaults, seconds):
     (out / "attention_tiles.json").write_text(json.dumps(dict(meta=meta, defaults=defaults, rows=rows), indent=1))
     lines = [f"# Attention tile sweep on {meta['gpu']}", "", f"Command: `{meta['command']}` (S={args.seq}, "
              f"heads {args.heads[0]}/{args.heads[1]}, bf16, D={args.head_dim}, causal; ms = median of do_bench of the forward "
-             "(fwd) or the whole backward (dkdv, dq)).", "",
+             "(fwd), the forward with key_mass (mass) or the whole backward (dkdv, dq)).", "",
              "| kernel | pattern | default tiles | default ms | best tiles | best ms | best / default |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for key, default in defaults.items():

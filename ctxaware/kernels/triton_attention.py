@@ -278,7 +278,8 @@ def _key_mass_tiles(
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, KIND: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_DOC: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """Adds the probabilities of query tiles [start, stop) to each key's mass (recomputed from the final lse)."""
+    """Adds the probabilities of query tiles [start, stop) to `mass` (BM, BN), recomputed from the final lse; the
+    caller sums it over queries once (a sum over the query axis per tile costs a cross-warp reduction each time)."""
     offs_d = tl.arange(0, DP)
     for m0 in range(start, stop, BM):
         offs_m = m0 + tl.arange(0, BM)
@@ -295,7 +296,7 @@ def _key_mass_tiles(
                 q_doc = tl.load(DOC + b * Sk + pos, mask=row_in, other=-1)
                 mask = mask & (q_doc[:, None] == k_doc[None, :])
             p = tl.where(mask, p, 0.0)
-        mass += tl.sum(p, 0)
+        mass += p
     return mass
 
 
@@ -336,7 +337,7 @@ def _key_mass_kernel(
     f_lo, f_hi = _full_queries(n0, n0 + BN - 1, m_lo, m_hi, Sk, q_offset, shift, G, W, SINKS, BM, KIND, CAUSAL)
     if HAS_PAD | HAS_DOC:
         f_hi = f_lo
-    mass = tl.zeros([BN], tl.float32)
+    mass = tl.zeros([BM, BN], tl.float32)
     mass = _key_mass_tiles(
         mass, k, Q, LSE, DOC, b, h, bh, offs_n, col_ok, k_doc, m_lo, f_lo, sqb, sqh, sqm, Sq, Sk, q_offset, shift, G,
         W, SINKS, qk_scale, D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, True,
@@ -349,7 +350,7 @@ def _key_mass_kernel(
         mass, k, Q, LSE, DOC, b, h, bh, offs_n, col_ok, k_doc, f_hi, m_hi, sqb, sqh, sqm, Sq, Sk, q_offset, shift, G,
         W, SINKS, qk_scale, D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, True,
     )  # fmt: skip
-    tl.store(MASS + bh.to(tl.int64) * Sk + offs_n, mass, mask=col_in)
+    tl.store(MASS + bh.to(tl.int64) * Sk + offs_n, tl.sum(mass, 0), mask=col_in)
 
 
 @triton.jit

@@ -5,16 +5,17 @@
 1. `recipes/moh.py` three times on the same data, steps and seed, trained at the same time (and again for every seed
    of `--seeds`, all at once; one run's noise is a few points, so the targets hold the mean drop over the seeds): 75%
    of heads active (4 shared + top 2 of 4 routed), 50% active (2 shared + top 2 of 6 routed), and the dense control;
-   MoH with the recipe's defaults: shared heads and the router's start from head importance measured on 64 rows,
-   router at 0.1x the learning rate; rows of 512 tokens (the model's length, the longest pass key evaluated);
+   MoH with the recipe's defaults (router at 0.01x the learning rate) except the calibration: shared heads and the
+   router's start from head importance measured on 128 rows; 1200 steps of 16 rows of 512 tokens (the model's length,
+   the longest pass key evaluated);
 2. `ctxaware eval` of each on the world's tasks (counterfactual and extractive QA, arithmetic, pass key), the MoH
    models with their trained routers (`--moh on`);
 3. the targets: the mean task score of MoH at 75% within 1 point of the dense control, at 50% within 3 points
    (each seed against its own dense control, averaged over seeds), and the routed heads' load (share of tokens over
    the fair share; 1 is balanced).
 Writes `moh_science.json` and `moh_science.md` to --out. `--smoke` runs the pipeline at toy sizes on CPU. Other flags
-go to the MoH runs after the check's own (so they override them, e.g. `--balance_coef 0.001` or `--calibration_rows
-128`; the dense control has no router to take them); `--runs` picks runs.
+go to the MoH runs after the check's own (so they override them, e.g. `--balance_coef 0.001` or `--router_lr_ratio
+0.1`; the dense control has no router to take them); `--runs` picks runs.
 """
 
 import json
@@ -49,7 +50,8 @@ TASK_METRICS = {
 
 def main() -> None:
     parser = science_parser("moh", __doc__)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--calibration_rows", type=int, default=128, help="rows head importance is measured on")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
@@ -70,6 +72,7 @@ def main() -> None:
     for folder in folders.values():
         folder.parent.mkdir(exist_ok=True)
 
+    moh_flags = ["--calibration_rows", str(args.calibration_rows), *moh_args]  # last: passed-on flags override
     started = time.perf_counter()
     run_parallel([
         (launch_recipe("moh", "--config", str(RECIPES / "configs" / "moh" / "default.yaml"),
@@ -77,7 +80,7 @@ def main() -> None:
                        "--num_train_rows", str(steps * batch), "--seq_len", str(seq_len), "--learning_rate",
                        str(args.learning_rate), "--seed", str(seed), "--logging_steps", str(max(steps // 20, 1)),
                        "--output_dir", str(folder),
-                       *(moh_args if name != "dense" else [])),  # last: the passed-on flags override the above
+                       *(moh_flags if name != "dense" else [])),
          folder.with_suffix(".log"))
         for (seed, name), folder in folders.items()
     ])  # fmt: skip
@@ -116,6 +119,7 @@ def main() -> None:
             "learning_rate": args.learning_rate,
             "limit": limit,
             "seeds": seeds,
+            "calibration_rows": args.calibration_rows,
             "moh_args": moh_args,
         },
         "seconds": seconds,

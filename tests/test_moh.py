@@ -304,7 +304,7 @@ def test_recipe_end_to_end(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert not any("ctxaware_adapter" in name for name in model.state_dict())
     adapter = HeadAdapter.from_pretrained(out / "adapter", model)
-    assert isinstance(adapter, MoHAdapter) and adapter.top_k == 2 and adapter.router_lr_ratio == 0.1
+    assert isinstance(adapter, MoHAdapter) and adapter.top_k == 2 and adapter.router_lr_ratio == 0.01
     assert adapter.heads == [(layer, head) for layer, heads in enumerate(results["shared_heads"]) for head in heads]
     assert all(router.mix.weight.abs().sum() > 0 for router in adapter.routers)  # zero-initialised, then trained
 

@@ -158,21 +158,37 @@ def test_routed_generation_with_cache_equals_recomputation(tiny_tokenizer, varia
     assert not torch.equal(dense, cached)  # routing changed the continuation
 
 
-def test_head_importance_is_the_kl_of_dropping_the_head():
-    model = tiny_model("llama", num_heads=HEADS, head_dim=4, seed=1).eval()
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_head_importance_is_the_kl_of_dropping_the_head(family):
+    model = tiny_model(family, num_heads=HEADS, head_dim=4, num_layers=3, seed=1).eval()
     batches = [torch.randint(3, 300, (2, 12)), torch.randint(3, 300, (1, 12))]
-    per_layer = list(head_ablation_kl(model, batches))
-    assert len(per_layer) == 2 and model.config._attn_implementation == "sdpa"  # restored
-    inputs, token_kl = per_layer[1]
-    assert inputs.shape == (36, model.config.hidden_size) and token_kl.shape == (36, HEADS)
-    # reference: the head's o_proj columns zeroed instead of its gate, on the same batches
-    head, o_proj = 5, attention_modules(model)[1].o_proj
+    per_layer = list(head_ablation_kl(model, batches))  # layers 1 and 2 run from their inputs, skipping the prefix
+    assert len(per_layer) == 3 and model.config._attn_implementation == "sdpa"  # restored
+    assert all("forward" not in vars(layer) for layer in model.model.layers)  # the prefix layers are whole again
     dense = [model(ids).logits.log_softmax(-1) for ids in batches]
-    with torch.no_grad():
-        o_proj.weight[:, head * 4 : (head + 1) * 4] = 0
-    ablated = [model(ids).logits.log_softmax(-1) for ids in batches]
-    expected = torch.cat([(d.exp() * (d - a)).sum(-1).flatten() for d, a in zip(dense, ablated)])
-    torch.testing.assert_close(token_kl[:, head], expected, atol=1e-5, rtol=1e-4)
+    for layer, head in [(0, 2), (1, 5), (2, 7)]:
+        inputs, token_kl = per_layer[layer]
+        assert inputs.shape == (36, model.config.hidden_size) and token_kl.shape == (36, HEADS)
+        # reference: whole forwards with the head's o_proj columns zeroed instead of its gate, on the same batches
+        o_proj = attention_modules(model)[layer].o_proj
+        kept = o_proj.weight.detach().clone()
+        with torch.no_grad():
+            o_proj.weight[:, head * 4 : (head + 1) * 4] = 0
+        ablated = [model(ids).logits.log_softmax(-1) for ids in batches]
+        with torch.no_grad():
+            o_proj.weight.copy_(kept)
+        expected = torch.cat([(d.exp() * (d - a)).sum(-1).flatten() for d, a in zip(dense, ablated)])
+        assert expected.max() > 1e-4  # the head matters, so a wrong layer or head would show
+        torch.testing.assert_close(token_kl[:, head], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_head_importance_refuses_layers_that_share_state_beyond_hidden_states():
+    model = tiny_model("llama", num_heads=HEADS, head_dim=4, num_layers=3, seed=1).eval()
+    state = {}  # a cross-layer side channel (as in KV-sharing architectures): layer 2 reads what layer 0 wrote
+    model.model.layers[0].register_forward_hook(lambda module, args, output: state.update(first=output))
+    model.model.layers[2].register_forward_pre_hook(lambda module, args: (args[0] + state["first"], *args[1:]))
+    with pytest.raises(ValueError, match="do not pass hidden states straight"):
+        list(head_ablation_kl(model, [torch.randint(3, 300, (1, 8))]))
 
 
 def test_router_fit_picks_the_costliest_heads_at_small_logits():

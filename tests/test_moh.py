@@ -182,6 +182,16 @@ def test_head_importance_is_the_kl_of_dropping_the_head(family):
         torch.testing.assert_close(token_kl[:, head], expected, atol=1e-5, rtol=1e-4)
 
 
+def test_head_importance_restores_forward_wrappers_of_skipped_layers():
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = tiny_model("llama", num_heads=HEADS, head_dim=4, num_layers=2, seed=1).eval()
+    add_hook_to_module(model.model.layers[0], ModelHook())  # how accelerate wraps offloaded layers: an instance forward
+    wrapper = vars(model.model.layers[0])["forward"]
+    list(head_ablation_kl(model, [torch.randint(3, 300, (1, 8))]))
+    assert vars(model.model.layers[0])["forward"] is wrapper and "forward" not in vars(model.model.layers[1])
+
+
 def test_head_importance_refuses_layers_that_share_state_beyond_hidden_states():
     model = tiny_model("llama", num_heads=HEADS, head_dim=4, num_layers=3, seed=1).eval()
     state = {}  # a cross-layer side channel (as in KV-sharing architectures): layer 2 reads what layer 0 wrote

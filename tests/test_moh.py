@@ -186,7 +186,7 @@ def test_head_importance_restores_forward_wrappers_of_skipped_layers():
     from accelerate.hooks import ModelHook, add_hook_to_module
 
     model = tiny_model("llama", num_heads=HEADS, head_dim=4, num_layers=2, seed=1).eval()
-    add_hook_to_module(model.model.layers[0], ModelHook())  # how accelerate wraps offloaded layers: an instance forward
+    add_hook_to_module(model.model.layers[0], ModelHook())  # accelerate's wrapping: an instance `forward`
     wrapper = vars(model.model.layers[0])["forward"]
     list(head_ablation_kl(model, [torch.randint(3, 300, (1, 8))]))
     assert vars(model.model.layers[0])["forward"] is wrapper and "forward" not in vars(model.model.layers[1])

@@ -577,11 +577,12 @@ def _pattern_args(pattern: AttentionPattern | None, hq: int, sk: int) -> dict:
     )
 
 
-# (kernel, sparse pattern) -> (BM, BN, num_warps) for 16-bit inputs: the fastest of `benchmarks/attention_tiles.py`'s
-# sweep on the H200 at 16k tokens (benchmarks/results/attention_tiles*.md); sparse = s2, sf or window.
+# (kernel, sparse pattern) -> (BM, BN, num_warps[, num_stages; default 3]) for 16-bit inputs: the fastest of
+# `benchmarks/attention_tiles.py`'s sweep on the H200 at 16k tokens (benchmarks/results/attention_tiles*.md, the mass
+# kernel's in RESULTS.md); sparse = s2, sf or window.
 _TILES_D128 = {
     ("fwd", False): (128, 128, 8), ("fwd", True): (128, 64, 8), ("mass", False): (64, 128, 8),
-    ("mass", True): (64, 128, 8), ("dkdv", False): (64, 128, 8), ("dkdv", True): (32, 64, 4),
+    ("mass", True): (64, 64, 4, 2), ("dkdv", False): (64, 128, 8), ("dkdv", True): (32, 64, 4),
     ("dq", False): (128, 64, 8), ("dq", True): (128, 64, 8),
 }  # fmt: skip
 _TILES_D64 = {
@@ -597,10 +598,10 @@ def _blocks(kernel: str, sq: int, d: int, dtype: torch.dtype, sparse: bool, labe
         return dict(BM=16, BN=16)
     small_m = max(16, triton.next_power_of_2(sq))
     if d <= 128 and dtype != torch.float32:
-        bm, bn, warps = (_TILES_D64 if d <= 64 else _TILES_D128)[kernel, sparse]
+        bm, bn, warps, *stages = (_TILES_D64 if d <= 64 else _TILES_D128)[kernel, sparse]
         if labels:  # the one-hot label tile needs shared memory that 128-wide key tiles at D=128 leave no room for
             bn = min(bn, 64)
-        return dict(BM=min(bm, small_m), BN=bn, num_warps=warps, num_stages=3)
+        return dict(BM=min(bm, small_m), BN=bn, num_warps=warps, num_stages=stages[0] if stages else 3)
     warps = 8 if d >= 128 else 4
     bm, bn = {"fwd": (64, 32), "mass": (32, 64), "dkdv": (16, 64), "dq": (64, 16)}[kernel]
     return dict(BM=min(bm, small_m), BN=bn, num_warps=8 if kernel == "mass" else warps, num_stages=2)

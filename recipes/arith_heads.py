@@ -110,6 +110,8 @@ class ArithHeadsArguments:
     head_selection: str | None = field(default=None, metadata={"help": "A head_selection.json to reuse (skips "
                                        "patching)."})  # fmt: skip
     kv_policy: str = field(default="full_group", metadata={"help": f"Shared GQA k/v rows: {', '.join(KV_POLICIES)}."})
+    kv_lr_ratio: float = field(default=1.0, metadata={"help": "Shared k/v rows (kv_policy any) learn at this fraction "
+                               "of the learning rate: they also change the group's unselected heads."})  # fmt: skip
     delta_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
     # baselines
     lora_r: int = 8
@@ -337,7 +339,8 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
         results |= {"heads": [list(h) for h in heads], "mlp_layers": mlps, "attribution": attribution}
         training = {k: v for k, v in asdict(args).items() if k.startswith(("train_", "method", "kv_", "num_"))}
         training |= {"learning_rate": training_args.learning_rate, "num_train_epochs": training_args.num_train_epochs}
-        adapter = HeadDeltaAdapter.for_model(model, heads, mlps, kv_policy=args.kv_policy, targets=args.delta_targets,
+        adapter = HeadDeltaAdapter.for_model(model, heads, mlps, kv_policy=args.kv_policy,
+                                             kv_lr_ratio=args.kv_lr_ratio, targets=args.delta_targets,
                                              base_model=args.model_name_or_path,
                                              base_model_revision=args.model_revision,
                                              training=training)  # fmt: skip

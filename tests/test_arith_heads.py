@@ -170,6 +170,43 @@ def test_merge_is_exact_and_reloads_with_automodel(tmp_path, family, gqa):
     torch.testing.assert_close(reloaded(ids).logits, adapted, atol=1e-5, rtol=1e-5)
 
 
+def test_kv_lr_ratio_slows_adam_on_shared_rows_and_merges_and_reloads_exactly(tmp_path):
+    ids = torch.randint(3, 300, (2, 9))
+    models = {ratio: tiny_model("llama", gqa=True).eval() for ratio in (1.0, 0.1)}
+    adapters = {ratio: HeadDeltaAdapter.for_model(models[ratio], HEADS, kv_policy="any", kv_lr_ratio=ratio)
+                for ratio in models}  # fmt: skip
+    effective = randomize(HeadDeltaAdapter.for_model(models[1.0], HEADS, kv_policy="any")).state_dict()
+    with torch.no_grad():
+        for ratio, adapter in adapters.items():  # the same deltas in effect: k/v stored divided by the ratio
+            for name, parameter in adapter.named_parameters():
+                parameter.copy_(effective[name] / (ratio if name.endswith((".k", ".v")) else 1.0))
+            adapter.attach(models[ratio])
+    logits = {ratio: models[ratio](ids).logits for ratio in models}
+    torch.testing.assert_close(logits[0.1], logits[1.0])
+    moved = {}
+    for ratio, adapter in adapters.items():
+        before = {name: p.detach().clone() for name, p in adapter.named_parameters()}
+        optimizer = torch.optim.Adam(adapter.parameters(), lr=1e-3)
+        models[ratio](ids, labels=ids).loss.backward()
+        optimizer.step()
+        moved[ratio] = {name: ((p - before[name]) * (ratio if name.endswith((".k", ".v")) else 1.0)).abs().max().item()
+                        for name, p in adapter.named_parameters()}  # fmt: skip
+    for name, step in moved[1.0].items():
+        expected = 0.1 * step if name.endswith((".k", ".v")) else step
+        assert moved[0.1][name] == pytest.approx(expected, rel=1e-2), name
+    adapter, model = adapters[0.1], models[0.1]
+    adapted = model(ids).logits
+    folder = adapter.save_pretrained(tmp_path / "adapter")
+    assert json.loads((folder / "adapter_config.json").read_text())["hyperparameters"]["kv_lr_ratio"] == 0.1
+    adapter.detach()
+    fresh = tiny_model("llama", gqa=True).eval()
+    HeadAdapter.from_pretrained(folder, fresh)  # attaches
+    torch.testing.assert_close(fresh(ids).logits, adapted)
+    torch.testing.assert_close(adapter.merge(model)(ids).logits, adapted, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="kv_lr_ratio=0: choose a ratio > 0"):
+        HeadDeltaAdapter.for_model(model, HEADS, kv_lr_ratio=0)
+
+
 def test_adapter_round_trip(tmp_path):
     model = tiny_model("qwen3", gqa=True).eval()
     ids = torch.randint(3, 300, (2, 9))

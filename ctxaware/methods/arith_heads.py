@@ -12,7 +12,9 @@ Precise SFT (`HeadDeltaAdapter`): trained deltas on the slices of the selected c
 - its key/value rows under GQA, shared by h's group of `group_size` query heads, by `kv_policy`:
   `full_group` (default) trains a group's k/v rows only when every query head of the group is selected, so that no
   unselected head changes; `any` trains them when any head of the group is selected (the other heads of the group
-  then change too); `none` never trains them. Under MHA (group size 1) `full_group` and `any` agree.
+  then change too); `none` never trains them. Under MHA (group size 1) `full_group` and `any` agree. `kv_lr_ratio`
+  < 1 moves shared k/v rows slower than the heads' own slices: they are stored divided by it and multiplied back, so
+  Adam-type optimizers move them at that fraction of the learning rate.
 - a selected MLP: a delta on every linear weight of the layer's MLP (gate/up/down projections).
 Biases (Qwen2's q/k/v) are not trained. The deltas act through forward hooks (y += x @ delta^T on the slice), so the
 base weights stay frozen and bit-identical, and the optimizer state is the size of the deltas. The base weights are
@@ -282,10 +284,16 @@ class HeadDeltaAdapter(HeadAdapter):
         mlp_layers: list[int] = (),
         mlp_shapes: dict[str, list[int]] | None = None,
         kv_policy: str = "full_group",
+        kv_lr_ratio: float = 1.0,
         targets: list[str] = TARGETS,
         **kwargs,
     ):
         super().__init__(layout, heads, **kwargs)
+        if not kv_lr_ratio > 0:
+            raise ValueError(
+                f"kv_lr_ratio={kv_lr_ratio}: choose a ratio > 0 (1: the learning rate of the other slices)."
+            )
+        self.kv_lr_ratio = float(kv_lr_ratio)
         self.mlp_layers = sorted(set(int(layer) for layer in mlp_layers))
         check_selection(layout, self.heads, self.mlp_layers)
         if self.mlp_layers and not mlp_shapes:
@@ -318,6 +326,7 @@ class HeadDeltaAdapter(HeadAdapter):
             "mlp_layers": self.mlp_layers,
             "mlp_shapes": self.mlp_shape_map,
             "kv_policy": self.kv_policy,
+            "kv_lr_ratio": self.kv_lr_ratio,
             "targets": self.targets,
         }
 
@@ -330,18 +339,21 @@ class HeadDeltaAdapter(HeadAdapter):
             )
 
     def _slices(self, model: nn.Module):
-        """(linear module, delta, index, kind) for every trained slice; kind: rows, cols or full."""
+        """(linear module, stored delta, its scale, index, kind) for every trained slice (the delta in effect is
+        stored x scale); kind: rows, cols or full."""
         attention, mlps = attention_modules(model), mlp_modules(model)
         for key, layer in self.layers.items():
             attn = attention[int(key)]
-            for name, index in (("q", layer.q_index), ("k", layer.kv_index), ("v", layer.kv_index)):
+            for name, index, scale in (
+                ("q", layer.q_index, 1.0), ("k", layer.kv_index, self.kv_lr_ratio), ("v", layer.kv_index, self.kv_lr_ratio)
+            ):  # fmt: skip
                 if getattr(layer, name) is not None:
-                    yield getattr(attn, f"{name}_proj"), getattr(layer, name), index, "rows"
+                    yield getattr(attn, f"{name}_proj"), getattr(layer, name), scale, index, "rows"
             if layer.o is not None:
-                yield attn.o_proj, layer.o, layer.q_index, "cols"
+                yield attn.o_proj, layer.o, 1.0, layer.q_index, "cols"
             linears = _mlp_linears(mlps[int(key)]) if len(layer.mlp) else {}
             for name, delta in layer.mlp.items():
-                yield linears[name], delta, None, "full"
+                yield linears[name], delta, 1.0, None, "full"
 
     def attach(self, model: nn.Module) -> nn.Module:
         """Registers each layer's deltas under its attention module and hooks them on the sliced linears."""
@@ -354,8 +366,8 @@ class HeadDeltaAdapter(HeadAdapter):
         for key, layer in self.layers.items():
             modules[int(key)].add_module("ctxaware_adapter", layer)
             self._attached_to.append(modules[int(key)])
-        for linear, delta, index, kind in self._slices(model):
-            self._handles.append(linear.register_forward_hook(_delta_hook(delta, index, kind)))
+        for linear, delta, scale, index, kind in self._slices(model):
+            self._handles.append(linear.register_forward_hook(_delta_hook(delta, scale, index, kind)))
         return model
 
     @torch.no_grad()
@@ -363,9 +375,9 @@ class HeadDeltaAdapter(HeadAdapter):
         """Adds every delta into its weight slice (in float32, then cast); returns `model`, now a plain model."""
         self.check_compatible(model)
         self.detach()
-        for linear, delta, index, kind in self._slices(model):
+        for linear, delta, scale, index, kind in self._slices(model):
             weight = linear.weight
-            delta = delta.detach().to(weight.device, torch.float32)
+            delta = delta.detach().to(weight.device, torch.float32) * scale
             if kind == "rows":
                 weight[index] = (weight[index].float() + delta).to(weight.dtype)
             elif kind == "cols":
@@ -375,10 +387,10 @@ class HeadDeltaAdapter(HeadAdapter):
         return model
 
 
-def _delta_hook(delta: nn.Parameter, index: torch.Tensor | None, kind: str):
+def _delta_hook(delta: nn.Parameter, scale: float, index: torch.Tensor | None, kind: str):
     def hook(module, args, out):
         x = args[0]
-        d = delta.to(x.dtype)
+        d = (delta if scale == 1.0 else delta * scale).to(x.dtype)
         if kind == "rows":
             return out.index_add(-1, index, F.linear(x, d))
         if kind == "cols":

@@ -110,8 +110,8 @@ class ArithHeadsArguments:
     head_selection: str | None = field(default=None, metadata={"help": "A head_selection.json to reuse (skips "
                                        "patching)."})  # fmt: skip
     kv_policy: str = field(default="full_group", metadata={"help": f"Shared GQA k/v rows: {', '.join(KV_POLICIES)}."})
-    kv_lr_ratio: float = field(default=1.0, metadata={"help": "Shared k/v rows (kv_policy any) learn at this fraction "
-                               "of the learning rate: they also change the group's unselected heads."})  # fmt: skip
+    kv_lr_ratio: float = field(default=1.0, metadata={"help": "Trained k/v rows learn at this fraction of the learning "
+                               "rate (under kv_policy any they also change the group's unselected heads)."})  # fmt: skip
     delta_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
     # baselines
     lora_r: int = 8
@@ -131,6 +131,9 @@ class ArithHeadsArguments:
             raise ValueError(f"method={self.method!r}: choose one of {', '.join(METHODS)}.")
         if self.kv_policy not in KV_POLICIES:
             raise ValueError(f"kv_policy={self.kv_policy!r}: choose one of {', '.join(KV_POLICIES)}.")
+        if self.kv_policy == "none" and self.kv_lr_ratio != 1.0:
+            raise ValueError(f"kv_lr_ratio={self.kv_lr_ratio} does nothing with kv_policy='none' (no k/v rows train): "
+                             "set kv_policy to 'any' or 'full_group', or drop kv_lr_ratio.")  # fmt: skip
         if self.selection_sign not in SELECTION_SIGNS:
             raise ValueError(f"selection_sign={self.selection_sign!r}: choose one of {', '.join(SELECTION_SIGNS)}.")
         if unknown := set(self.patching_runs) - set(PATCHING_RUNS):

@@ -264,6 +264,8 @@ def test_recipe_arguments_are_checked():
         recipe.ArithHeadsArguments(patching_runs=["activation:corrupted_into_clean"])
     with pytest.raises(ValueError, match="kv_policy"):
         recipe.ArithHeadsArguments(kv_policy="half")
+    with pytest.raises(ValueError, match="kv_lr_ratio=0.1 does nothing with kv_policy='none'"):
+        recipe.ArithHeadsArguments(kv_policy="none", kv_lr_ratio=0.1)
     with pytest.raises(ValueError, match="selection_sign='negative': choose one of positive"):
         recipe.ArithHeadsArguments(selection_sign="negative")
 

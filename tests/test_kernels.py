@@ -233,7 +233,9 @@ def test_fused_dq_backward_matches_reference(poisoned, monkeypatch, case, patter
     """dq added by the dk/dv kernel with atomics (FUSED_DQ) instead of the dq kernel."""
     blocks = tri._blocks
     monkeypatch.setattr(
-        tri, "_blocks", lambda kernel, *a, **kw: blocks(kernel, *a, **kw) | {"FUSED_DQ": kernel == "dkdv"}
+        tri,
+        "_blocks",
+        lambda kernel, *a, **kw: blocks(kernel, *a, **kw) | ({"FUSED_DQ": True} if kernel == "dkdv" else {}),
     )
     q, k, v, kw = make_case(**CASES[case])
     res = run_both(q, k, v, kw, pattern=PATTERNS[pattern])

@@ -113,7 +113,9 @@ def test_fused_dq_backward(monkeypatch, pattern):
 
     blocks = tri._blocks
     monkeypatch.setattr(
-        tri, "_blocks", lambda kernel, *a, **kw: blocks(kernel, *a, **kw) | {"FUSED_DQ": kernel == "dkdv"}
+        tri,
+        "_blocks",
+        lambda kernel, *a, **kw: blocks(kernel, *a, **kw) | ({"FUSED_DQ": True} if kernel == "dkdv" else {}),
     )
     q, k, v = _inputs(2, 8, 2, 1000, 1000, 128, torch.bfloat16)
     _compare(q, k, v, 2e-2, pattern=PATTERNS[pattern])

@@ -33,8 +33,7 @@ from ctxaware.kernels import AttentionPattern, attention, triton_attention  # no
 
 CANDIDATES = {
     "fwd": dict(BM=[64, 128], BN=[64, 128], num_warps=[4, 8], num_stages=[2, 3, 4]),
-    # FUSED_DQ: the dk/dv kernel also adds dq with atomics and the dq kernel does not run
-    "dkdv": dict(BM=[32, 64], BN=[64, 128], num_warps=[4, 8], num_stages=[2, 3, 4], FUSED_DQ=[False, True]),
+    "dkdv": dict(BM=[32, 64], BN=[64, 128], num_warps=[4, 8], num_stages=[2, 3, 4]),
     "dq": dict(BM=[64, 128], BN=[32, 64], num_warps=[4, 8], num_stages=[2, 3, 4]),
     "mass": dict(BM=[32, 64, 128], BN=[64, 128], num_warps=[4, 8], num_stages=[2, 3, 4]),
 }

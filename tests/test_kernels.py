@@ -224,27 +224,6 @@ def test_triton_matches_reference(poisoned, case, pattern):
         check_close(a, b, 1e-4, name)
 
 
-@pytest.mark.parametrize(
-    "case, pattern",
-    [("everything", "sf"), ("decode_5", "dense"), ("dense_gqa", "s2_ragged"), ("ragged_mha", "window")],
-)
-@interpreted
-def test_fused_dq_backward_matches_reference(poisoned, monkeypatch, case, pattern):
-    """dq added by the dk/dv kernel with atomics (FUSED_DQ) instead of the dq kernel."""
-    blocks = tri._blocks
-    monkeypatch.setattr(
-        tri,
-        "_blocks",
-        lambda kernel, *a, **kw: blocks(kernel, *a, **kw) | ({"FUSED_DQ": True} if kernel == "dkdv" else {}),
-    )
-    q, k, v, kw = make_case(**CASES[case])
-    res = run_both(q, k, v, kw, pattern=PATTERNS[pattern])
-    (o1, _, g1), (o2, _, g2) = res["reference"], res["triton"]
-    check_close(o2, o1, 1e-5, "out")
-    for name, a, b in zip(["dq", "dk", "dv", "dgates"], g2, g1):
-        check_close(a, b, 1e-4, name)
-
-
 @pytest.mark.parametrize("pattern", ["s2", "s2_ragged", "sf_ratio", "window"])
 @interpreted
 def test_triton_patterns(poisoned, pattern):

@@ -7,10 +7,7 @@ Query-major grids start with the last (longest) query tiles of each head. Softma
 - forward: out, lse and label_mass in one pass (label_mass is accumulated like the output, with a one-hot dot);
 - key_mass: a key-major pass that recomputes the probabilities with the final lse (it needs the final normaliser);
 - backward: FlashAttention-2 style, a key-major dk/dv kernel looping over the query heads of its key/value head (no
-  atomics under GQA) and a query-major dq kernel; gate gradients come from delta = rowsum(dO * out) / gate. With the
-  dkdv tiles' FUSED_DQ the dk/dv kernel also adds dq with fp32 atomics (5 matmuls per tile instead of 7, the
-  FlashAttention-2/3 way; the order of dq's sums then varies from run to run) and the dq kernel does not run; off
-  until `benchmarks/attention_tiles.py` has timed it on the GPU.
+  atomics under GQA) and a query-major dq kernel; gate gradients come from delta = rowsum(dO * out) / gate.
 """
 
 from __future__ import annotations
@@ -358,13 +355,12 @@ def _key_mass_kernel(
 
 @triton.jit
 def _dkdv_tiles(
-    dk, dv, k, v, Q, DO, LSE, DELTA, DOC, GATE, DQ_ACC, b, h, bh, offs_n, col_ok, k_doc, start, stop,
+    dk, dv, k, v, Q, DO, LSE, DELTA, DOC, GATE, b, h, bh, offs_n, col_ok, k_doc, start, stop,
     sqb, sqh, sqm, sdob, sdoh, sdom, Hq, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, KIND: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_DOC: tl.constexpr, HAS_GATE: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, FUSED_DQ: tl.constexpr,
+    HAS_DOC: tl.constexpr, HAS_GATE: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """Accumulates dk, dv of one key tile over query tiles [start, stop) of query head h (and with FUSED_DQ adds
-    each tile's dq share, dS @ K unscaled, to the fp32 DQ_ACC with atomics)."""
+    """Accumulates dk, dv of one key tile over query tiles [start, stop) of query head h."""
     offs_d = tl.arange(0, DP)
     for m0 in range(start, stop, BM):
         offs_m = m0 + tl.arange(0, BM)
@@ -390,20 +386,16 @@ def _dkdv_tiles(
         dpT = _dot(v, tl.trans(do), None, IEEE)
         dsT = pT * (dpT - delta[None, :])
         dk = _dot(dsT, q, dk, IEEE)
-        if FUSED_DQ:
-            dq_ptr = DQ_ACC + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :]
-            tl.atomic_add(dq_ptr, _dot(tl.trans(dsT), k, None, IEEE), mask=row_mask, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, PAD, DOC, GATE, DK, DV, DQ_ACC,
+    Q, K, V, DO, LSE, DELTA, PAD, DOC, GATE, DK, DV,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
     Hq, Hkv, Sq, Sk, kv_group, qk_scale, scale, G, W, SINKS, n_unshifted,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, HAS_GATE: tl.constexpr, IEEE: tl.constexpr,
-    FUSED_DQ: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     bkv = tl.program_id(1)
@@ -437,19 +429,19 @@ def _bwd_dkdv_kernel(
         if HAS_PAD | HAS_DOC:
             f_hi = f_lo
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, Q, DO, LSE, DELTA, DOC, GATE, DQ_ACC, b, h, bh, offs_n, col_ok, k_doc, m_lo, f_lo,
+            dk, dv, k, v, Q, DO, LSE, DELTA, DOC, GATE, b, h, bh, offs_n, col_ok, k_doc, m_lo, f_lo,
             sqb, sqh, sqm, sdob, sdoh, sdom, Hq, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
-            D, DP, BM, KIND, CAUSAL, HAS_DOC, HAS_GATE, IEEE, True, FUSED_DQ,
+            D, DP, BM, KIND, CAUSAL, HAS_DOC, HAS_GATE, IEEE, True,
         )  # fmt: skip
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, Q, DO, LSE, DELTA, DOC, GATE, DQ_ACC, b, h, bh, offs_n, col_ok, k_doc, f_lo, f_hi,
+            dk, dv, k, v, Q, DO, LSE, DELTA, DOC, GATE, b, h, bh, offs_n, col_ok, k_doc, f_lo, f_hi,
             sqb, sqh, sqm, sdob, sdoh, sdom, Hq, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
-            D, DP, BM, KIND, CAUSAL, HAS_DOC, HAS_GATE, IEEE, False, FUSED_DQ,
+            D, DP, BM, KIND, CAUSAL, HAS_DOC, HAS_GATE, IEEE, False,
         )  # fmt: skip
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, Q, DO, LSE, DELTA, DOC, GATE, DQ_ACC, b, h, bh, offs_n, col_ok, k_doc, f_hi, m_hi,
+            dk, dv, k, v, Q, DO, LSE, DELTA, DOC, GATE, b, h, bh, offs_n, col_ok, k_doc, f_hi, m_hi,
             sqb, sqh, sqm, sdob, sdoh, sdom, Hq, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
-            D, DP, BM, KIND, CAUSAL, HAS_DOC, HAS_GATE, IEEE, True, FUSED_DQ,
+            D, DP, BM, KIND, CAUSAL, HAS_DOC, HAS_GATE, IEEE, True,
         )  # fmt: skip
     out_off = bkv.to(tl.int64) * Sk * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -685,14 +677,11 @@ class _TritonAttention(torch.autograd.Function):
         gates = head_gates if head_gates is not None else dummy
         dk = _empty((b, hkv, sk, d), k)
         dv = _empty((b, hkv, sk, d), v)
-        cfg = {"FUSED_DQ": False} | _blocks("dkdv", sq, d, q.dtype, flags["KIND"] != 0)
-        dq_acc = torch.zeros((b, hq, sq, d), device=q.device, dtype=torch.float32) if cfg["FUSED_DQ"] else dummy
+        cfg = _blocks("dkdv", sq, d, q.dtype, flags["KIND"] != 0)
         _bwd_dkdv_kernel[(triton.cdiv(sk, cfg["BN"]), b * hkv)](
-            q, k, v, dout, lse, delta, *extra, gates, dk, dv, dq_acc, *common,
+            q, k, v, dout, lse, delta, *extra, gates, dk, dv, *common,
             hq, hkv, sq, sk, hq // hkv, qk_scale, scale, HAS_GATE=head_gates is not None, **flags, **cfg,
         )  # fmt: skip
-        if cfg["FUSED_DQ"]:
-            return (dq_acc * scale).to(q.dtype), dk, dv, dgates, None
         dq = _empty((b, hq, sq, d), q)
         cfg = _blocks("dq", sq, d, q.dtype, flags["KIND"] != 0)
         _bwd_dq_kernel[(triton.cdiv(sq, cfg["BM"]), b * hq)](

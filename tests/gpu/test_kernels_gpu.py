@@ -104,18 +104,3 @@ if __name__ == "__main__":  # for a machine without pytest: run every case, repo
             failed += 1
             print("FAIL", fn.__name__, fn_args, traceback.format_exc(), flush=True)
     print(f"{len(cases) - failed} passed, {failed} failed")
-
-
-@pytest.mark.parametrize("pattern", ["dense", "sf"])
-def test_fused_dq_backward(monkeypatch, pattern):
-    """dq added by the dk/dv kernel with fp32 atomics (the FUSED_DQ candidate of benchmarks/attention_tiles.py)."""
-    from ctxaware.kernels import triton_attention as tri
-
-    blocks = tri._blocks
-    monkeypatch.setattr(
-        tri,
-        "_blocks",
-        lambda kernel, *a, **kw: blocks(kernel, *a, **kw) | ({"FUSED_DQ": True} if kernel == "dkdv" else {}),
-    )
-    q, k, v = _inputs(2, 8, 2, 1000, 1000, 128, torch.bfloat16)
-    _compare(q, k, v, 2e-2, pattern=PATTERNS[pattern])

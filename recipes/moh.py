@@ -66,6 +66,9 @@ class MoHArguments:
     router_lr_ratio: float = field(default=0.01, metadata={"help": "The router learns at this fraction of the "
                                    "learning rate (Adam-type optimizers): the fitted router is not reshuffled by noisy "
                                    "updates (on the tiny model 0.1 lost the pass key in some seeds, 0.01 kept it)."})  # fmt: skip
+    routing_chunk: int = field(default=0, metadata={"help": "0: route every token. C > 0: every token of a C-token "
+                               "chunk takes the gates of the chunk's first token, so prefill and training skip whole "
+                               "kernel tiles too (128 fits the tiles); not yet checked against the targets."})  # fmt: skip
     balance_coef: float = field(default=0.01, metadata={"help": "Weight of the load-balance loss."})
     train_base: bool = field(
         default=True, metadata={"help": "Continue-tune the model's weights (false: router only)."}
@@ -254,6 +257,7 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
             model, num_shared_heads=args.num_shared_heads, num_routed_heads=args.num_routed_heads, top_k=args.top_k,
             variant=args.variant, router_init_std=args.router_init_std, shared_heads=args.shared_heads,
             router_init=args.router_init, calibration=calibration, router_lr_ratio=args.router_lr_ratio,
+            routing_chunk=args.routing_chunk,
             base_model=args.model_name_or_path, base_model_revision=args.model_revision, training=training,
         )  # fmt: skip
         results["conversion_seconds"] = time.perf_counter() - started

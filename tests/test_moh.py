@@ -140,8 +140,44 @@ def test_adapter_round_trip_and_shape_mismatch(tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["learned", "query_norm"])
-def test_routed_generation_with_cache_equals_recomputation(tiny_tokenizer, variant):
-    model, adapter = moh_model(num_shared=2, top_k=2, variant=variant)
+def test_chunk_routing_gives_every_token_its_chunk_starts_gates(tmp_path, variant):
+    """Layer 0 sees the embeddings in both models, so its per-token gates are the independent reference."""
+    per_token, adapter = moh_model(num_shared=2, top_k=2, variant=variant, seed=1)
+    chunked, chunked_adapter = moh_model(num_shared=2, top_k=2, variant=variant, seed=1, routing_chunk=4)
+    with torch.no_grad():
+        for a, b in zip(adapter.parameters(), chunked_adapter.parameters()):
+            b.copy_(a.normal_(0, 0.5))
+    ids = torch.randint(3, 300, (2, 11))  # chunks [0, 4), [4, 8), [8, 11): the last one ragged
+    per_token(ids)
+    logits = chunked(ids).logits
+    starts = torch.arange(11) // 4 * 4
+    torch.testing.assert_close(layer_gates(chunked), layer_gates(per_token)[:, starts])
+    assert not torch.equal(layer_gates(chunked), layer_gates(per_token))
+    # causal: a token changes nothing before it (it starts the chunk [8, 11) and routes the tokens after it)
+    changed = ids.clone()
+    changed[:, 8] = (changed[:, 8] + 1) % 300
+    other = chunked(changed).logits
+    torch.testing.assert_close(other[:, :8], logits[:, :8])
+    assert not torch.allclose(other[:, 9:], logits[:, 9:])
+    # the chunk length travels with the saved router
+    chunked_adapter.save_pretrained(tmp_path / "router")
+    fresh = tiny_model("llama", num_heads=HEADS, head_dim=4, seed=1).eval()
+    load_adapter(fresh, str(tmp_path / "router"))
+    assert find_moh_adapter(fresh).routing_chunk == 4
+    torch.testing.assert_close(fresh(ids).logits, logits)
+
+
+def test_chunk_routing_refuses_to_start_inside_an_unrouted_chunk():
+    _, adapter = moh_model(num_shared=2, top_k=2, routing_chunk=4)
+    router = adapter.routers[0]
+    router.offset, router.carry = 6, None  # as if a cache had seen 6 tokens this router never routed
+    with pytest.raises(RuntimeError, match=r"starts at token 6, inside a 4-token chunk.*from its start"):
+        router(torch.randn(1, 3, 32), torch.randn(1, 3, 32))
+
+
+@pytest.mark.parametrize("variant, routing_chunk", [("learned", 0), ("query_norm", 0), ("learned", 4)])
+def test_routed_generation_with_cache_equals_recomputation(tiny_tokenizer, variant, routing_chunk):
+    model, adapter = moh_model(num_shared=2, top_k=2, variant=variant, routing_chunk=routing_chunk)
     with torch.no_grad():
         for param in adapter.parameters():
             param.normal_(0, 0.5)  # a router that routes decisively
@@ -272,6 +308,8 @@ def test_bad_conversion_options_fail_with_the_fix():
         MoHAdapter.for_model(dense, num_shared_heads=2, top_k=2, shared_heads="best")
     with pytest.raises(ValueError, match=r"router_lr_ratio=0: choose a ratio > 0"):
         MoHAdapter.for_model(dense, num_shared_heads=2, top_k=2, router_lr_ratio=0)
+    with pytest.raises(ValueError, match=r"routing_chunk=-1: choose 0 \(route every token\) or a chunk length"):
+        MoHAdapter.for_model(dense, num_shared_heads=2, top_k=2, routing_chunk=-1)
 
 
 def test_bad_splits_fail_with_the_fix():

@@ -32,6 +32,13 @@ input is the attention input and output the queries), so nothing passes through 
 works under Trainer, gradient checkpointing and PEFT. Attaching switches the model to `attn_implementation="ctxaware"`
 (detaching restores it). Zero gates skip whole kernel tiles only where every query of a tile skips the head: per-token
 routing skips work in decode (one query per tile); in prefill and training it is the same maths as masking.
+
+Chunk routing (`routing_chunk=C`) makes prefill and training skip tiles too: the sequence (in index space, padding
+included, so chunks line up with the kernel's query tiles) is cut into chunks of C tokens, and every token of a chunk
+takes the gates the router gives the chunk's first token. That stays causal (a token's gates depend on itself or an
+earlier token), and generation with a KV cache keeps it: a pre-hook on each attention module reads how many tokens the
+cache has seen, and the router carries the gates of a chunk begun in an earlier call. Skipping needs C to be a multiple
+of the kernel's query tile (64 or 128; 128 fits both).
 """
 
 from __future__ import annotations
@@ -93,6 +100,7 @@ class MoHRouter(nn.Module):
         variant: str,
         init_std: float,
         lr_ratio: float = 1.0,
+        chunk: int = 0,
     ):
         super().__init__()
         routed = [h for h in range(num_heads) if h not in set(shared)]
@@ -118,8 +126,32 @@ class MoHRouter(nn.Module):
                 nn.init.zeros_(self.mix.weight)
         self.enabled = True
         self.stats: dict[str, torch.Tensor] | None = None  # of the last training forward: "load", "prob"
+        # chunk routing (0: per token): `offset` is the index of x's first token (tokens the KV cache has seen), set
+        # before each forward; `carry` the gates of the chunk the previous call ended in
+        self.chunk, self.offset, self.carry = chunk, 0, None
 
     def forward(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        if not self.chunk:
+            return self.token_gates(x, q)
+        seq, inside = x.shape[-2], self.offset % self.chunk
+        first = (self.chunk - inside) % self.chunk  # of the chunks this call begins (none in most decode steps)
+        starts = torch.arange(first, max(first, seq), self.chunk, device=x.device)
+        gates = self.token_gates(x[..., starts, :], q[..., starts, :])
+        if inside:  # the first tokens belong to a chunk that an earlier call (prefill or decode step) began
+            if self.carry is None or self.carry.shape[0] != x.shape[0]:
+                raise RuntimeError(
+                    f"chunk routing: this forward starts at token {self.offset}, inside a {self.chunk}-token chunk, "
+                    "but no earlier call of the same batch routed that chunk. Feed the sequence from its start (or "
+                    "with the KV cache that saw it)."
+                )
+            gates = torch.cat([self.carry, gates], dim=-2)
+        chunk_of_token = (torch.arange(seq, device=x.device) + inside) // self.chunk
+        gates = gates[..., chunk_of_token, :]
+        self.carry = gates[..., -1:, :].detach()
+        return gates
+
+    def token_gates(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Per-token gates (B, S, Hq) for attention inputs x and queries q."""
         if self.variant == "learned":
             x = x.float()
             scores = F.linear(x, self.weight("routed"))
@@ -180,6 +212,7 @@ class MoHAdapter(HeadAdapter):
         variant: str = "learned",
         router_init_std: float = 1e-2,
         router_lr_ratio: float = 1.0,
+        routing_chunk: int = 0,
         **kwargs,
     ):
         super().__init__(layout, heads, **kwargs)
@@ -187,13 +220,19 @@ class MoHAdapter(HeadAdapter):
             raise ValueError(f"MoH variant {variant!r} is unknown: choose one of {', '.join(VARIANTS)}.")
         if router_lr_ratio <= 0:
             raise ValueError(f"router_lr_ratio={router_lr_ratio}: choose a ratio > 0 (1: the model's learning rate).")
+        if routing_chunk < 0:
+            raise ValueError(
+                f"routing_chunk={routing_chunk}: choose 0 (route every token) or a chunk length in tokens (128 lets "
+                "the kernel skip whole tiles)."
+            )
+        self.routing_chunk = routing_chunk
         self.top_k, self.variant, self.router_init_std = top_k, variant, router_init_std
         self.router_lr_ratio = router_lr_ratio
         shared = heads_by_layer(self.heads)
         for layer in range(layout.num_layers):
             self.layers[str(layer)] = MoHRouter(
                 layout.hidden_size, layout.num_heads, layout.head_dim, shared.get(layer, []),
-                top_k=top_k, variant=variant, init_std=router_init_std, lr_ratio=router_lr_ratio,
+                top_k=top_k, variant=variant, init_std=router_init_std, lr_ratio=router_lr_ratio, chunk=routing_chunk,
             )  # fmt: skip
         self._restore: tuple[nn.Module, str] | None = None
         self.calibration: dict | None = None  # what `for_model` measured on the dense model, if it measured
@@ -268,6 +307,7 @@ class MoHAdapter(HeadAdapter):
             "variant": self.variant,
             "router_init_std": self.router_init_std,
             "router_lr_ratio": self.router_lr_ratio,
+            "routing_chunk": self.routing_chunk,
         }
 
     @property
@@ -303,6 +343,8 @@ class MoHAdapter(HeadAdapter):
             module.add_module(ATTACHED_ATTR, router)
             self._attached_to.append(module)
             self._handles.append(module.q_proj.register_forward_hook(_gate_hook(module, router)))
+            if router.chunk:
+                self._handles.append(module.register_forward_pre_hook(_offset_hook(router), with_kwargs=True))
         return model
 
     def detach(self) -> None:
@@ -362,6 +404,14 @@ def _gate_hook(module: nn.Module, router: MoHRouter):
 
     def hook(q_proj, args, output):
         options.head_gates = router(args[0], output) if router.enabled else None
+
+    return hook
+
+
+def _offset_hook(router: MoHRouter):
+    def hook(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed `cache` in transformers 5.x
+        router.offset = cache.get_seq_length(module.layer_idx) if cache is not None else 0
 
     return hook
 

@@ -13,7 +13,8 @@ Measured, B=1, causal, bf16, ms (median of `triton.testing.do_bench`):
 - decode attention: one query against an S-token KV cache, batch 8, per-token gates (each tile is one query, so
   every zero gate is skipped work).
 - whole model: forward of the 1B model on S tokens with `attn_implementation="ctxaware"`, dense vs MoH (learned
-  router attached, per-token top-k), and SDPA; and one decode step after an S-token prefill.
+  router attached, per-token top-k, and routed per 128-token chunk with `routing_chunk=128`: the router runs on the
+  chunks' first tokens and the kernel skips whole tiles), and SDPA; and one decode step after an S-token prefill.
 Writes moh.json (all timings, GPU, versions, command) and moh.md (tables with ratios to dense) to --out.
 """
 
@@ -146,11 +147,11 @@ def measure_model(row, s, active_fractions, config_kwargs, device, dtype):
     def decode_step():
         """One new token after an S-token prefill; the cache is cropped back after each step."""
         cache = DynamicCache(config=config)
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
 
         @torch.no_grad()
         def step():
-            model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, -1:], cache=cache, use_cache=True)
             cache.crop(-1)
 
         return step
@@ -161,11 +162,12 @@ def measure_model(row, s, active_fractions, config_kwargs, device, dtype):
     row["model_sdpa_fwd"] = bench(forward, device)
     for active in active_fractions:
         shared, top_k = split(active, heads)
-        adapter = MoHAdapter.for_model(model, num_shared_heads=shared, top_k=top_k).to(device)
-        adapter.attach(model)  # switches to the ctxaware attention
-        row[f"model_token_{active}_fwd"] = bench(forward, device)
-        row[f"model_token_{active}_decode"] = bench(decode_step(), device)
-        adapter.detach()
+        for routing, chunk in (("token", 0), ("chunk", 128)):
+            adapter = MoHAdapter.for_model(model, num_shared_heads=shared, top_k=top_k, routing_chunk=chunk)
+            adapter.to(device).attach(model)  # switches to the ctxaware attention
+            row[f"model_{routing}_{active}_fwd"] = bench(forward, device)
+            row[f"model_{routing}_{active}_decode"] = bench(decode_step(), device)
+            adapter.detach()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -219,8 +221,10 @@ def write(args, rows, device, seconds):
              ("attention fwd, chunk-routed (128)", "attn_dense_fwd", "attn_chunk_{}_fwd"),
              ("attention fwd+bwd, chunk-routed (128)", "attn_dense_fwdbwd", "attn_chunk_{}_fwdbwd"),
              ("decode attention (B=8, 1 query)", "decode_dense", "decode_token_{}"),
-             ("1B model forward", "model_dense_fwd", "model_token_{}_fwd"),
-             ("1B model decode step", "model_dense_decode", "model_token_{}_decode")]  # fmt: skip
+             ("1B model forward, token-routed", "model_dense_fwd", "model_token_{}_fwd"),
+             ("1B model decode step, token-routed", "model_dense_decode", "model_token_{}_decode"),
+             ("1B model forward, chunk-routed (128)", "model_dense_fwd", "model_chunk_{}_fwd"),
+             ("1B model decode step, chunk-routed (128)", "model_dense_decode", "model_chunk_{}_decode")]  # fmt: skip
     for r in rows:
         for label, dense, routed in kinds:
             if dense not in r:

@@ -4,6 +4,8 @@ KV-cache generation, errors, the `--moh` switch and the recipe end to end."""
 import gc
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -398,3 +400,15 @@ def test_readme_commands_parse():
         args = shlex.split(command)[3:]
         parsed = TrlParser(recipe.CONFIG_CLASSES).parse_args_and_config(args=args)
         assert [type(c) for c in parsed] == list(recipe.CONFIG_CLASSES)
+
+
+def test_speed_benchmark_smoke_times_token_and_chunk_routing(tmp_path):
+    """`benchmarks/moh.py --smoke` (CPU, toy shapes) writes every timing the GPU run reports, chunk routing included."""
+    subprocess.run([sys.executable, "benchmarks/moh.py", "--out", str(tmp_path), "--smoke"], check=True)
+    (row,) = json.loads((tmp_path / "moh.json").read_text())["rows"]
+    for routing in ("token", "chunk"):
+        for active in (0.75, 0.5):
+            for what in ("fwd", "decode"):
+                assert row[f"model_{routing}_{active}_{what}"] > 0
+    table = (tmp_path / "moh.md").read_text()
+    assert "1B model forward, chunk-routed (128)" in table and "1B model decode step, token-routed" in table

@@ -134,9 +134,7 @@ class MoHRouter(nn.Module):
         if not self.chunk:
             return self.token_gates(x, q)
         seq, inside = x.shape[-2], self.offset % self.chunk
-        first = (self.chunk - inside) % self.chunk  # of the chunks this call begins (none in most decode steps)
-        starts = torch.arange(first, max(first, seq), self.chunk, device=x.device)
-        gates = self.token_gates(x[..., starts, :], q[..., starts, :])
+        chunks = []
         if inside:  # the first tokens belong to a chunk that an earlier call (prefill or decode step) began
             if self.carry is None or self.carry.shape[0] != x.shape[0]:
                 raise RuntimeError(
@@ -144,9 +142,14 @@ class MoHRouter(nn.Module):
                     "but no earlier call of the same batch routed that chunk. Feed the sequence from its start (or "
                     "with the KV cache that saw it)."
                 )
-            gates = torch.cat([self.carry, gates], dim=-2)
-        chunk_of_token = (torch.arange(seq, device=x.device) + inside) // self.chunk
-        gates = gates[..., chunk_of_token, :]
+            chunks.append(self.carry)
+        first = (self.chunk - inside) % self.chunk  # the first chunk this call begins (most decode steps begin none)
+        if first < seq:
+            chunks.append(self.token_gates(x[..., first :: self.chunk, :], q[..., first :: self.chunk, :]))
+        if len(chunks) == 1 and chunks[0].shape[-2] == 1:  # every token in one chunk: no copies
+            gates = chunks[0].expand(*x.shape[:-1], -1)
+        else:
+            gates = torch.cat(chunks, dim=-2).repeat_interleave(self.chunk, dim=-2)[..., inside : inside + seq, :]
         self.carry = gates[..., -1:, :].detach()
         return gates
 

@@ -211,14 +211,17 @@ def _fwd_kernel(
     row_ok = row_in
     if HAS_PAD:
         row_ok = row_ok & (tl.load(PAD + b * Sk + pos, mask=row_in, other=0) != 0)
+    # gated-off rows are computed with the others (in unmasked tiles too) and dropped at the end: masking them would
+    # send every tile with one zero gate down the masked path, which per-token routing does to almost every tile
+    gated_on = row_ok
     if HAS_GATE:
         gate = tl.load(GATE + b * Sq * Hq + offs_m * Hq + h, mask=row_in, other=0.0).to(tl.float32)
-        row_ok = row_ok & (gate != 0)
+        gated_on = row_ok & (gate != 0)
     q_doc = pos
     if HAS_DOC:
         q_doc = tl.load(DOC + b * Sk + pos, mask=row_in, other=-1)
     rows_all_ok = tl.min((row_ok | ~row_in).to(tl.int32), 0) > 0
-    any_row = tl.max(row_ok.to(tl.int32), 0) > 0
+    any_row = tl.max(gated_on.to(tl.int32), 0) > 0
 
     lo, hi = _key_range(P0, P1, Sk, shift, G, W, KIND, CAUSAL)
     hi = tl.where(any_row, hi, 0)  # tiles of padding / zero gates do no work
@@ -253,9 +256,9 @@ def _fwd_kernel(
         skn, svn, Sk, shift, G, W, SINKS, qk_scale, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, HAS_LABELS, LP, IEEE, True,
     )  # fmt: skip
 
-    live = l_i > 0
+    live = (l_i > 0) & gated_on
     l_safe = tl.where(live, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    out = tl.where(live[:, None], acc / l_safe[:, None], 0.0)
     if HAS_GATE:
         out = out * gate[:, None]
     lse = tl.where(live, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
@@ -268,7 +271,8 @@ def _fwd_kernel(
     if HAS_LABELS:
         offs_l = tl.arange(0, LP)
         lab_ptr = LMASS + (bh.to(tl.int64) * Sq + offs_m[:, None]) * NUM_LABELS + offs_l[None, :]
-        tl.store(lab_ptr, lab_acc / l_safe[:, None], mask=row_in[:, None] & (offs_l[None, :] < NUM_LABELS))
+        lab = tl.where(live[:, None], lab_acc / l_safe[:, None], 0.0)
+        tl.store(lab_ptr, lab, mask=row_in[:, None] & (offs_l[None, :] < NUM_LABELS))
 
 
 @triton.jit

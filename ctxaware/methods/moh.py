@@ -154,33 +154,43 @@ class MoHRouter(nn.Module):
         return gates
 
     def token_gates(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """Per-token gates (B, S, Hq) for attention inputs x and queries q."""
-        if self.variant == "learned":
-            x = x.float()
-            scores = F.linear(x, self.weight("routed"))
-            probs = scores.softmax(-1)
-        else:
+        """Per-token gates (B, S, Hq) for attention inputs x and queries q. In decode the router's cost is the number
+        of small ops it launches, so its three linear maps are one matmul and the constant factors are folded."""
+        if self.variant == "query_norm":
             scores = q.detach().float().unflatten(-1, (self.num_heads, self.head_dim))[..., self.routed_index, :]
-            scores, probs = scores.norm(dim=-1), None
+            mask = self._top_k_mask(scores.norm(dim=-1))
+            gates = torch.cat([mask.new_ones(*mask.shape[:-1], self.num_shared), mask], dim=-1)[..., self.order]
+            return gates.to(q.dtype)
+        maps = [m for m in (self.routed, self.shared, self.mix) if m is not None]
+        weight = torch.cat([m.weight for m in maps]) if len(maps) > 1 else maps[0].weight
+        logits = F.linear(x.float(), weight.float()) * self.lr_ratio
+        scores = logits[..., : self.num_routed]
+        probs = scores.softmax(-1)
         chosen = scores.topk(self.top_k, dim=-1).indices
-        mask = torch.zeros_like(scores).scatter_(-1, chosen, 1.0)
-        if probs is None:
-            routed_gates, shared_gates = mask, mask.new_ones(*mask.shape[:-1], self.num_shared)
-        else:
-            routed_gates = self.num_routed * probs * mask
-            shared_gates = x.new_ones(*x.shape[:-1], self.num_shared)
-            if self.shared is not None:
-                shared_gates = self.num_shared * F.linear(x, self.weight("shared")).softmax(-1)
-            if self.mix is not None:
-                alpha = 2 * F.linear(x, self.weight("mix")).softmax(-1)
-                shared_gates, routed_gates = shared_gates * alpha[..., :1], routed_gates * alpha[..., 1:]
+        routed_gates = torch.zeros_like(probs).scatter_(-1, chosen, probs.gather(-1, chosen))
+        routed_scale, shared_gates = self.num_routed, None
+        if self.shared is not None:
+            shared_gates = logits[..., self.num_routed : self.num_routed + self.num_shared].softmax(-1)
+        if self.mix is not None:
+            alpha = logits[..., -2:].softmax(-1)
+            shared_weight = alpha[..., :1] * (2 * self.num_shared)
+            shared_gates = shared_weight if shared_gates is None else shared_gates * shared_weight
+            routed_scale = alpha[..., 1:] * (2 * self.num_routed)
         if self.training and torch.is_grad_enabled():
-            tokens = mask.flatten(0, -2)
-            self.stats = {"load": tokens.mean(0)}
-            if probs is not None:
-                self.stats["prob"] = probs.flatten(0, -2).mean(0)
-        gates = torch.cat([shared_gates, routed_gates], dim=-1)[..., self.order]
-        return gates.to(q.dtype)
+            self.stats = {
+                "load": torch.zeros_like(probs).scatter_(-1, chosen, 1.0).flatten(0, -2).mean(0),
+                "prob": probs.flatten(0, -2).mean(0),
+            }
+        gates = routed_gates * routed_scale
+        if shared_gates is not None:  # None only without shared heads (any shared head brings the mixing router)
+            gates = torch.cat([shared_gates, gates], dim=-1)
+        return gates[..., self.order].to(q.dtype)
+
+    def _top_k_mask(self, scores: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros_like(scores).scatter_(-1, scores.topk(self.top_k, dim=-1).indices, 1.0)
+        if self.training and torch.is_grad_enabled():
+            self.stats = {"load": mask.flatten(0, -2).mean(0)}
+        return mask
 
     def weight(self, name: str) -> torch.Tensor:
         """The effective float32 weight of the `routed`, `shared` or `mix` linear map."""

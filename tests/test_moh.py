@@ -100,8 +100,9 @@ def test_balance_loss_on_a_hand_computed_case():
     assert router.balance_loss().item() == pytest.approx(1.0)
 
 
-def test_gradients_reach_every_router_parameter():
-    model, adapter = moh_model(num_shared=2, top_k=3)
+@pytest.mark.parametrize("routing_chunk", [0, 4])
+def test_gradients_reach_every_router_parameter(routing_chunk):
+    model, adapter = moh_model(num_shared=2, top_k=3, routing_chunk=routing_chunk)
     model.train()
     ids = torch.randint(3, 300, (2, 12))
     loss = model(ids, labels=ids).loss + 0.01 * adapter.balance_loss()

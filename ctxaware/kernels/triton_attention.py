@@ -258,7 +258,7 @@ def _fwd_kernel(
 
     live = (l_i > 0) & gated_on
     l_safe = tl.where(live, l_i, 1.0)
-    out = tl.where(live[:, None], acc / l_safe[:, None], 0.0)
+    out = acc / l_safe[:, None]  # gated-off rows: acc is finite and the gate is 0
     if HAS_GATE:
         out = out * gate[:, None]
     lse = tl.where(live, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))

@@ -166,8 +166,7 @@ class MoHRouter(nn.Module):
         logits = F.linear(x.float(), weight.float()) * self.lr_ratio
         scores = logits[..., : self.num_routed]
         probs = scores.softmax(-1)
-        chosen = scores.topk(self.top_k, dim=-1).indices
-        routed_gates = torch.zeros_like(probs).scatter_(-1, chosen, probs.gather(-1, chosen))
+        routed_gates = probs * self._top_k_mask(scores)
         routed_scale, shared_gates = self.num_routed, None
         if self.shared is not None:
             shared_gates = logits[..., self.num_routed : self.num_routed + self.num_shared].softmax(-1)
@@ -176,17 +175,15 @@ class MoHRouter(nn.Module):
             shared_weight = alpha[..., :1] * (2 * self.num_shared)
             shared_gates = shared_weight if shared_gates is None else shared_gates * shared_weight
             routed_scale = alpha[..., 1:] * (2 * self.num_routed)
-        if self.training and torch.is_grad_enabled():
-            self.stats = {
-                "load": torch.zeros_like(probs).scatter_(-1, chosen, 1.0).flatten(0, -2).mean(0),
-                "prob": probs.flatten(0, -2).mean(0),
-            }
+        if self.training and torch.is_grad_enabled():  # `_top_k_mask` has recorded the load
+            self.stats["prob"] = probs.flatten(0, -2).mean(0)
         gates = routed_gates * routed_scale
         if shared_gates is not None:  # None only without shared heads (any shared head brings the mixing router)
             gates = torch.cat([shared_gates, gates], dim=-1)
         return gates[..., self.order].to(q.dtype)
 
     def _top_k_mask(self, scores: torch.Tensor) -> torch.Tensor:
+        """1 at the top k scores, else 0; in a training forward it records each head's load."""
         mask = torch.zeros_like(scores).scatter_(-1, scores.topk(self.top_k, dim=-1).indices, 1.0)
         if self.training and torch.is_grad_enabled():
             self.stats = {"load": mask.flatten(0, -2).mean(0)}

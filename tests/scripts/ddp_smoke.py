@@ -37,6 +37,11 @@ def main(out_path: str) -> None:
         }
         with open(out_path, "w") as f:
             json.dump(summary, f)
+    # Tear down in order: a barrier (no tensors) after the gather, then the process group. Left to interpreter exit,
+    # gloo's worker threads could still be releasing the gather's tensors (they need the GIL) while the process group
+    # was destroyed: one rank aborted ("terminate called without an active exception") or deadlocked.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import triton
+from bench_common import git_commit
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -199,10 +199,7 @@ def ratio(row, a, b):
 def write(args, rows, seconds):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        git = ""
+    git = git_commit()
     meta = {
         "command": "python benchmarks/attention.py " + " ".join(args.argv),
         "gpu": torch.cuda.get_device_name(),

@@ -24,12 +24,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from bench_common import git_commit
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -206,7 +206,7 @@ def main():
 def write(args, rows, device, seconds):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    git = git_commit()
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"
     meta = {"command": "python benchmarks/moh.py " + " ".join(args.argv), "gpu": gpu, "torch": torch.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version(), "git": git,

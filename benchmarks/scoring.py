@@ -21,12 +21,12 @@ import functools
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from bench_common import git_commit
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 
@@ -157,7 +157,7 @@ def main():
 def write(args, device, dtype, rows, seconds):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    git = git_commit()
     meta = {
         "command": "python benchmarks/scoring.py " + " ".join(sys.argv[1:]),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",

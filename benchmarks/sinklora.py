@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from bench_common import git_commit
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -188,7 +188,7 @@ def write(out: Path, args, train: dict, generation: dict) -> None:
     import peft
     import transformers
 
-    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    git = git_commit()
     record = {
         "command": " ".join(["python", *sys.argv]),
         "gpu": torch.cuda.get_device_name(),

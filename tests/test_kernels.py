@@ -320,6 +320,7 @@ def test_odd_group_is_fine_without_shifted_heads():
         (dict(key_labels=torch.zeros(1, 8, dtype=torch.long)), "go together"),
         (dict(key_labels=torch.full((1, 8), 3), num_labels=3), r"\[0, num_labels=3\)"),
         (dict(backend="cuda"), "backend"),
+        (dict(scale=0.0), "scale must be positive"),
         (dict(pattern="sf"), "AttentionPattern"),
         (dict(v=torch.randn(1, 2, 8, 16, dtype=torch.float64)), "share a dtype"),
     ],

@@ -92,6 +92,8 @@ def attention(
     _validate(q, k, v, pattern, key_padding_mask, doc_ids, head_gates, key_labels, num_labels, backend)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if not scale > 0:  # the Triton forward scales the row maximum instead of every score, which needs scale > 0
+        raise ValueError(f"scale must be positive, got {scale}; the default is head_dim ** -0.5")
     statistics = key_mass or key_labels is not None or return_lse
     if backend == "auto":
         backend = "triton" if q.is_cuda else ("reference" if statistics else "sdpa")

@@ -150,7 +150,7 @@ def _fwd_tiles(
         col_in = offs_n < Sk
         k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None], mask=col_in[None, :] & (offs_d[:, None] < D),
                     other=0.0)  # fmt: skip
-        qk = _dot(q, k, None, IEEE) * qk_scale
+        qk = _dot(q, k, None, IEEE)  # unscaled: the scale goes into the row maximum and one FMA below
         if HAS_PAD:
             k_real = tl.load(PAD + b * Sk + offs_n, mask=col_in, other=0) != 0
         if MASKED:
@@ -164,9 +164,11 @@ def _fwd_tiles(
             qk = tl.where(mask, qk, float("-inf"))
         elif HAS_PAD:
             qk = tl.where(k_real[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_safe = m_new
+        if MASKED or HAS_PAD:  # a row may have seen no allowed key yet
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=col_in[:, None] & (offs_d[None, :] < D),

@@ -13,8 +13,8 @@ Measured, B=1, causal, bf16, ms (median of `triton.testing.do_bench`):
 - decode attention: one query against an S-token KV cache, batch 8, per-token gates (each tile is one query, so
   every zero gate is skipped work).
 - whole model: forward of the 1B model on S tokens with `attn_implementation="ctxaware"`, dense vs MoH (learned
-  router attached, per-token top-k, and routed per 128-token chunk with `routing_chunk=128`: the routed heads are picked
-  on the chunks' first tokens, so the kernel skips whole tiles), and SDPA; and one decode step after an S-token prefill.
+  router attached, per-token top-k, and routed per 128-token chunk with `routing_chunk=128`: the router runs on the
+  chunks' first tokens and the kernel skips whole tiles), and SDPA; and one decode step after an S-token prefill.
 Writes moh.json (all timings, GPU, versions, command) and moh.md (tables with ratios to dense) to --out.
 """
 

@@ -67,8 +67,8 @@ class MoHArguments:
                                    "learning rate (Adam-type optimizers): the fitted router is not reshuffled by noisy "
                                    "updates (on the tiny model 0.1 lost the pass key in some seeds, 0.01 kept it)."})  # fmt: skip
     routing_chunk: int = field(default=0, metadata={"help": "0: route every token. C > 0: every token of a C-token "
-                               "chunk uses the routed heads picked for the chunk's first token (with its own weights), "
-                               "so prefill and training skip whole kernel tiles too (128 fits the tiles)."})  # fmt: skip
+                               "chunk takes the gates of the chunk's first token, so prefill and training skip whole "
+                               "kernel tiles too (128 fits the tiles); not yet checked against the targets."})  # fmt: skip
     balance_coef: float = field(default=0.01, metadata={"help": "Weight of the load-balance loss."})
     train_base: bool = field(
         default=True, metadata={"help": "Continue-tune the model's weights (false: router only)."}

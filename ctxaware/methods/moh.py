@@ -35,11 +35,10 @@ routing skips work in decode (one query per tile); in prefill and training it is
 
 Chunk routing (`routing_chunk=C`) makes prefill and training skip tiles too: the sequence (in index space, padding
 included, so chunks line up with the kernel's query tiles) is cut into chunks of C tokens, and every token of a chunk
-uses the routed heads the router picks for the chunk's first token, weighted by its own router probabilities and
-shared/routed mix (so only the zero pattern is shared by the chunk). That stays causal (a token's gates depend on
-itself or an earlier token), and generation with a KV cache keeps it: a pre-hook on each attention module reads how many
-tokens the cache has seen, and the router carries the head choice of a chunk begun in an earlier call. Skipping needs C
-to be a multiple of the kernel's query tile (64 or 128; 128 fits both).
+takes the gates the router gives the chunk's first token. That stays causal (a token's gates depend on itself or an
+earlier token), and generation with a KV cache keeps it: a pre-hook on each attention module reads how many tokens the
+cache has seen, and the router carries the gates of a chunk begun in an earlier call. Skipping needs C to be a multiple
+of the kernel's query tile (64 or 128; 128 fits both).
 """
 
 from __future__ import annotations
@@ -128,7 +127,7 @@ class MoHRouter(nn.Module):
         self.enabled = True
         self.stats: dict[str, torch.Tensor] | None = None  # of the last training forward: "load", "prob"
         # chunk routing (0: per token): `offset` is the index of x's first token (tokens the KV cache has seen), set
-        # before each forward; `carry` the routed-head choice of the chunk the previous call ended in
+        # before each forward; `carry` the gates of the chunk the previous call ended in
         self.chunk, self.offset, self.carry = chunk, 0, None
 
     def forward(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -146,29 +145,20 @@ class MoHRouter(nn.Module):
             chunks.append(self.carry)
         first = (self.chunk - inside) % self.chunk  # the first chunk this call begins (most decode steps begin none)
         if first < seq:
-            chunks.append(self._top_k_mask(self.routed_scores(x[..., first :: self.chunk, :],
-                                                              q[..., first :: self.chunk, :])))  # fmt: skip
+            chunks.append(self.token_gates(x[..., first :: self.chunk, :], q[..., first :: self.chunk, :]))
         if len(chunks) == 1 and chunks[0].shape[-2] == 1:  # every token in one chunk: no copies
-            mask = chunks[0].expand(*x.shape[:-1], -1)
+            gates = chunks[0].expand(*x.shape[:-1], -1)
         else:
-            mask = torch.cat(chunks, dim=-2).repeat_interleave(self.chunk, dim=-2)[..., inside : inside + seq, :]
-        self.carry = mask[..., -1:, :]
-        return self.token_gates(x, q, mask)
+            gates = torch.cat(chunks, dim=-2).repeat_interleave(self.chunk, dim=-2)[..., inside : inside + seq, :]
+        self.carry = gates[..., -1:, :].detach()
+        return gates
 
-    def routed_scores(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """The scores whose top k are the routed heads (B, S, n_routed): router logits, or query norms."""
+    def token_gates(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Per-token gates (B, S, Hq) for attention inputs x and queries q. In decode the router's cost is the number
+        of small ops it launches, so its three linear maps are one matmul and the constant factors are folded."""
         if self.variant == "query_norm":
-            heads = q.detach().float().unflatten(-1, (self.num_heads, self.head_dim))
-            return heads[..., self.routed_index, :].norm(dim=-1)
-        return F.linear(x.float(), self.routed.weight.float()) * self.lr_ratio
-
-    def token_gates(self, x: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Gates (B, S, Hq) for attention inputs x and queries q: each token's own weights on the routed heads of
-        `mask` (B, S, n_routed; default: its own top k). In decode the router's cost is the number of small ops it
-        launches, so its three linear maps are one matmul and the constant factors are folded."""
-        if self.variant == "query_norm":
-            if mask is None:
-                mask = self._top_k_mask(self.routed_scores(x, q))
+            scores = q.detach().float().unflatten(-1, (self.num_heads, self.head_dim))[..., self.routed_index, :]
+            mask = self._top_k_mask(scores.norm(dim=-1))
             gates = torch.cat([mask.new_ones(*mask.shape[:-1], self.num_shared), mask], dim=-1)[..., self.order]
             return gates.to(q.dtype)
         maps = [m for m in (self.routed, self.shared, self.mix) if m is not None]
@@ -176,7 +166,7 @@ class MoHRouter(nn.Module):
         logits = F.linear(x.float(), weight.float()) * self.lr_ratio
         scores = logits[..., : self.num_routed]
         probs = scores.softmax(-1)
-        routed_gates = probs * (self._top_k_mask(scores) if mask is None else mask)
+        routed_gates = probs * self._top_k_mask(scores)
         routed_scale, shared_gates = self.num_routed, None
         if self.shared is not None:
             shared_gates = logits[..., self.num_routed : self.num_routed + self.num_shared].softmax(-1)

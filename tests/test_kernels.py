@@ -109,6 +109,8 @@ def make_case(b=2, hq=4, hkv=2, sq=37, sk=37, d=16, pad=None, doc=False, gates=F
         g = torch.rand(b, sq, hq, generator=gen) + 0.1
         g[:, :16, 0] = 0  # a whole query tile of one head switched off: skipped
         g[:, ::3, 1] = 0  # scattered zeros inside live tiles
+        if gates == "routed":  # per-token top half of the heads, as an MoH router picks them
+            g = g * (torch.rand(b, sq, hq, generator=gen).argsort(-1) < hq // 2)
         kw["head_gates"] = g
     if labels:
         kw["key_labels"] = torch.randint(0, 3, (b, sk), generator=gen)
@@ -131,6 +133,8 @@ CASES = {
     "right_pad": dict(pad="right"),
     "packing": dict(doc=True),
     "gates": dict(gates=True),
+    "routed_gates_ragged": dict(gates="routed", hq=8, hkv=2, sq=45, sk=45),
+    "routed_gates_decode": dict(gates="routed", sq=21, sk=50, pad="left"),
     "labels": dict(labels=True),
     "decode_1": dict(sq=1, sk=41, labels=True),
     "decode_5": dict(sq=5, sk=50, pad="left"),

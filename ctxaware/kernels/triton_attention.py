@@ -4,7 +4,8 @@ Block-sparse iteration: each query tile walks only the key range its pattern can
 range is split into masked tiles and one contiguous run of tiles the pattern fully allows (`_full_keys`,
 `_full_queries`), which loops without any mask code, so the compiler pipelines it like plain causal attention.
 Query-major grids start with the last (longest) query tiles of each head. Softmax uses exp2 with fp32 accumulation.
-- forward: out, lse and label_mass in one pass (label_mass is accumulated like the output, with a one-hot dot);
+- forward: out, lse and label_mass in one pass (label_mass is accumulated like the output, with a one-hot dot); with
+  head gates each head's query tiles are gathered from its routed rows, so per-token routing skips work in prefill too;
 - key_mass: a key-major pass that recomputes the probabilities with the final lse (it needs the final normaliser);
 - backward: FlashAttention-2 style, a key-major dk/dv kernel looping over the query heads of its key/value head (no
   atomics under GQA) and a query-major dq kernel; gate gradients come from delta = rowsum(dO * out) / gate.
@@ -184,12 +185,12 @@ def _fwd_tiles(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, LSE, PAD, DOC, GATE, LAB, LMASS,
+    Q, K, V, Out, LSE, PAD, DOC, GATE, LAB, LMASS, ROWS, COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
     Hq, Sq, Sk, kv_group, qk_scale, G, W, SINKS, n_unshifted,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, HAS_GATE: tl.constexpr,
-    HAS_LABELS: tl.constexpr, NUM_LABELS: tl.constexpr, LP: tl.constexpr, IEEE: tl.constexpr,
+    HAS_LABELS: tl.constexpr, NUM_LABELS: tl.constexpr, LP: tl.constexpr, IEEE: tl.constexpr, GATHER: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) query tiles of a head start first
     bh = tl.program_id(1)
@@ -198,12 +199,19 @@ def _fwd_kernel(
     kvh = (h // kv_group).to(tl.int64)
     q_offset = Sk - Sq
     shift = (h >= n_unshifted).to(tl.int32) * (G // 2)
-    offs_m = pid_m * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, DP)
-    row_in = offs_m < Sq
+    if GATHER:  # the tile is BM of this head's COUNT routed query rows (ROWS, ascending); the others do no work
+        slot = pid_m * BM + tl.arange(0, BM)
+        row_in = slot < tl.load(COUNT + bh)
+        offs_m = tl.load(ROWS + bh.to(tl.int64) * Sq + slot, mask=row_in, other=0)
+        P0 = q_offset + tl.min(tl.where(row_in, offs_m, Sq), 0)
+        P1 = q_offset + tl.max(tl.where(row_in, offs_m, 0), 0)
+    else:
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        row_in = offs_m < Sq
+        P0 = q_offset + pid_m * BM
+        P1 = tl.minimum(P0 + BM, Sk) - 1
     pos = q_offset + offs_m
-    P0 = q_offset + pid_m * BM
-    P1 = tl.minimum(P0 + BM, Sk) - 1
 
     q = tl.load(
         Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
@@ -610,6 +618,14 @@ def _empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch
     return torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
 
 
+def _routed_rows(head_gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows (B, Hq, Sq) int32: each head's query rows with a nonzero gate, ascending, then the others; count (B, Hq)
+    int32: how many there are). The forward's tiles then hold routed rows only."""
+    off = (head_gates == 0).transpose(1, 2).to(torch.int8)
+    rows = torch.argsort(off, dim=-1, stable=True).to(torch.int32).contiguous()
+    return rows, (1 - off).sum(-1, dtype=torch.int32).contiguous()
+
+
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -633,16 +649,24 @@ class _TritonAttention(torch.autograd.Function):
         label_mass = _empty((b, hq, sq, num_labels), q, torch.float32) if labels is not None else None
         qk_scale = opts["scale"] * LOG2E
         cfg = _blocks("fwd", sq, d, q.dtype, flags["KIND"] != 0, labels=labels is not None)
+        rows = count = dummy
+        gather = head_gates is not None and sq > cfg["BM"]
+        if gather:  # tiles of each head's routed rows: work in proportion to the routed fraction, however scattered
+            rows, count = _routed_rows(head_gates)
+            out.zero_()
+            lse.fill_(float("-inf"))
+            if label_mass is not None:
+                label_mass.zero_()
         grid = (triton.cdiv(sq, cfg["BM"]), b * hq)
         _fwd_kernel[grid](
             q, k, v, out, lse,
             pad if pad is not None else dummy, doc if doc is not None else dummy,
             head_gates if head_gates is not None else dummy, labels if labels is not None else dummy,
-            label_mass if label_mass is not None else lse,
+            label_mass if label_mass is not None else lse, rows, count,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             hq, sq, sk, hq // hkv, qk_scale,
             HAS_GATE=head_gates is not None, HAS_LABELS=labels is not None, NUM_LABELS=num_labels,
-            LP=max(16, triton.next_power_of_2(num_labels)), **flags, **cfg,
+            LP=max(16, triton.next_power_of_2(num_labels)), GATHER=gather, **flags, **cfg,
         )  # fmt: skip
         mass = None
         if opts["key_mass"]:

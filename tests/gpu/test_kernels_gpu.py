@@ -79,6 +79,19 @@ def test_padding_packing_gates():
     _compare(q, k, v, 2e-2, pattern=PATTERNS["sf"], key_padding_mask=pad, doc_ids=doc, head_gates=gates, key_mass=True)
 
 
+@pytest.mark.parametrize("pattern", ["dense", "sf"])
+def test_per_token_routed_gates(pattern):
+    """Half the heads per token, as an MoH router picks them: the forward's tiles gather each head's routed rows."""
+    q, k, v = _inputs(2, 8, 2, 1000, 1000, 128, torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    routed = torch.rand(2, 1000, 8, device="cuda", generator=gen).argsort(-1) < 4
+    gates = (torch.rand(2, 1000, 8, device="cuda", generator=gen) * routed).requires_grad_()
+    labels = torch.randint(0, 3, (2, 1000), device="cuda", generator=gen)
+    _compare(
+        q, k, v, 2e-2, pattern=PATTERNS[pattern], head_gates=gates, key_mass=True, key_labels=labels, num_labels=3
+    )
+
+
 @pytest.mark.parametrize("sq", [1, 7, 64])
 def test_decode(sq):
     q, k, v = _inputs(2, 8, 2, sq, 3000, 128, torch.bfloat16)
@@ -94,7 +107,8 @@ if __name__ == "__main__":  # for a machine without pytest: run every case, repo
     cases += [
         (test_dtypes_and_head_dims, a) for a in [(torch.float16, 64), (torch.float32, 80), (torch.bfloat16, 256)]
     ]
-    cases += [(test_padding_packing_gates, ())] + [(test_decode, (sq,)) for sq in (1, 7, 64)]
+    cases += [(test_padding_packing_gates, ())] + [(test_per_token_routed_gates, (p,)) for p in ("dense", "sf")]
+    cases += [(test_decode, (sq,)) for sq in (1, 7, 64)]
     failed = 0
     for fn, fn_args in cases:
         try:

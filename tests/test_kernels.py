@@ -188,10 +188,12 @@ def test_reference_noncausal_matches_naive():
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Every Triton output starts as NaN, so an element a kernel forgets to write fails the comparison."""
+    """Every Triton output starts as NaN (integers: their minimum), so an element a kernel forgets to write fails."""
 
     def empty(shape, like, dtype=None):
-        return torch.full(shape, float("nan"), device=like.device, dtype=dtype or like.dtype)
+        dtype = dtype or like.dtype
+        poison = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+        return torch.full(shape, poison, device=like.device, dtype=dtype)
 
     monkeypatch.setattr(tri, "_empty", empty)
 

@@ -572,6 +572,21 @@ def _bwd_delta_kernel(OUT, DO, DELTA, Sq, D: tl.constexpr, DP: tl.constexpr, BM:
     tl.store(DELTA + bh * Sq + offs_m, tl.sum(o * do, 1), mask=offs_m < Sq)
 
 
+@triton.jit
+def _routed_rows_kernel(GATE, ROWS, COUNT, Sq, Hq, BLOCK: tl.constexpr):
+    """Stream compaction of one (batch, head): the rows whose gate is nonzero, by a running prefix count."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    count = tl.full([], 0, tl.int32)
+    for m0 in range(0, Sq, BLOCK):
+        offs = m0 + tl.arange(0, BLOCK)
+        on = (tl.load(GATE + (b * Sq + offs) * Hq + h, mask=offs < Sq, other=0.0) != 0).to(tl.int32)
+        tl.store(ROWS + bh * Sq + count + tl.cumsum(on, 0) - 1, offs, mask=on != 0)
+        count += tl.sum(on, 0)
+    tl.store(COUNT + bh, count)
+
+
 def _pattern_args(pattern: AttentionPattern | None, hq: int, sk: int) -> dict:
     pattern = pattern or AttentionPattern.dense()
     return dict(
@@ -619,11 +634,13 @@ def _empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch
 
 
 def _routed_rows(head_gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows (B, Hq, Sq) int32: each head's query rows with a nonzero gate, ascending, then the others; count (B, Hq)
-    int32: how many there are). The forward's tiles then hold routed rows only."""
-    off = (head_gates == 0).transpose(1, 2).to(torch.int8)
-    rows = torch.argsort(off, dim=-1, stable=True).to(torch.int32).contiguous()
-    return rows, (1 - off).sum(-1, dtype=torch.int32).contiguous()
+    """(rows (B, Hq, Sq) int32: each head's query rows with a nonzero gate, ascending, in its first `count` slots;
+    count (B, Hq) int32). The forward's tiles then hold routed rows only. One kernel: a sort took 0.3 ms at 4k."""
+    b, sq, hq = head_gates.shape
+    rows = torch.empty((b, hq, sq), device=head_gates.device, dtype=torch.int32)  # slots past count are never read
+    count = _empty((b, hq), head_gates, torch.int32)
+    _routed_rows_kernel[(b * hq,)](head_gates, rows, count, sq, hq, BLOCK=16 if _interpreting() else 1024)
+    return rows, count
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:

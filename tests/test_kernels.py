@@ -5,6 +5,8 @@ packing, every pattern, gates with zeros, decode, statistics, all gradients; out
 """
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -337,3 +339,20 @@ def test_invalid_inputs_raise(change, match):
     q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
     with pytest.raises((ValueError, TypeError), match=match):
         attention(q, k, v, **args)
+
+
+@pytest.mark.parametrize("warp_specialize", [False, True])
+@interpreted
+def test_forward_variants_benchmark_builds_correct_kernels(tmp_path, warp_specialize):
+    """benchmarks/forward_variants.py rewrites this package's kernel source; its variants must still be attention."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import forward_variants
+    finally:
+        sys.path.pop(0)
+    module = forward_variants.load_module(f"fv_test_{warp_specialize}", forward_variants.tma_source(warp_specialize),
+                                          tmp_path)  # fmt: skip
+    for pattern in (None, PATTERNS["sf"]):
+        q, k, v, _ = make_case(b=1, hq=4, hkv=2, sq=45, sk=45)
+        out = module.tma_forward(q, k, v, pattern, 3)
+        check_close(out, attention(q, k, v, pattern=pattern, backend="reference")[0], 1e-5, "out")

@@ -32,13 +32,13 @@ differ. G below the kernel block size is correct (masks are elementwise), just l
 With causal=False the formulas are the same without the causal term. Positions are absolute in a packed row too:
 S^2 groups and sinks count from the row's start, not from each document's start.
 
-Output. With s_pj = scale * <q_p, k_j> (scale defaults to D**-0.5) and P_pj = softmax over the allowed j:
+Output. With s_pj = scale * <q_p, k_j> (scale > 0, default D**-0.5) and P_pj = softmax over the allowed j:
     out[b, h, i] = gate[b, i, h] * sum_j P_pj v_j                     (gate = 1 without head_gates)
     lse[b, h, i] = log sum_{allowed j} exp(s_pj)                     (natural log, fp32)
 A row with no allowed key (a padding query, a gated-off token, a fully masked row) gives out = 0 and lse = -inf,
 no NaN, and contributes nothing to the statistics or to the gradients. A gate of exactly 0 switches that
-(token, head) off: no work is done (whole tiles of zero gates are skipped), and its gate gradient is 0; other gates
-get d out / d gate.
+(token, head) off: the forward's query tiles hold only each head's rows with nonzero gates (no work for the others),
+and its gate gradient is 0; other gates get d out / d gate.
 
 Statistics (no S x S buffer, not differentiable, fp32):
     key_mass[b, h, j]      = sum_i P_ij                              (per-key mass summed over queries: H2O)

@@ -4,6 +4,7 @@ KV-cache generation, errors, the `--moh` switch and the recipe end to end."""
 import gc
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from ctxaware.adapters import HeadAdapter, load_adapter
 from ctxaware.attention import ATTN_IMPLEMENTATION, attention_modules, get_attention_options
 from ctxaware.eval import hooks
+from ctxaware.kernels.moh_router import router_gates
 from ctxaware.methods.moh import (
     MoHAdapter,
     MoHRouter,
@@ -413,3 +415,23 @@ def test_speed_benchmark_smoke_times_token_and_chunk_routing(tmp_path):
                 assert row[f"model_{routing}_{active}_{what}"] > 0
     table = (tmp_path / "moh.md").read_text()
     assert "1B model forward, chunk-routed (128)" in table and "1B model decode step, token-routed" in table
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("shared, top_k, lr_ratio", [([], 2, 1.0), ([3], 1, 0.1), ([0, 5, 6], 3, 0.01)])
+def test_fused_router_kernel_gives_the_routers_gates(shared, top_k, lr_ratio):
+    """Inference on CUDA takes the one-launch kernel; it must give the PyTorch router's gates (no shared head, one,
+    several; a hidden size that is not a multiple of the kernel's block; weights stored divided by lr_ratio)."""
+    router = MoHRouter(200, 8, 4, shared, top_k=top_k, variant="learned", init_std=1.0, lr_ratio=lr_ratio)
+    with torch.no_grad():
+        for param in router.parameters():
+            param.normal_(0, 0.2 / lr_ratio)  # effective weights of std 0.2: decisive, varied routing
+    x = torch.randn(2, 5, 200)
+    q = torch.randn(2, 5, 32)
+    expected = router.token_gates(x, q)  # on CPU: the PyTorch router
+    fused = router_gates(x, router.routed.weight, router.shared.weight if router.shared is not None else None,
+                         router.mix.weight if router.mix is not None else None, router.columns,
+                         lr_ratio=lr_ratio, top_k=top_k, dtype=q.dtype)  # fmt: skip
+    assert torch.equal(fused != 0, expected != 0)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
+    assert (expected != 0).sum(-1).eq(len(shared) + top_k).all()

@@ -114,6 +114,8 @@ class MoHRouter(nn.Module):
         self.register_buffer("routed_index", torch.tensor(routed, dtype=torch.long), persistent=False)
         # gates are built as cat([shared, routed]); this puts each head back in its own column
         self.register_buffer("order", torch.argsort(torch.tensor(shared + routed)), persistent=False)
+        # the same, for the fused inference kernel: the head each column of cat([shared, routed]) belongs to
+        self.register_buffer("columns", torch.tensor(shared + routed, dtype=torch.int32), persistent=False)
         self.routed = self.shared = self.mix = None
         if variant == "learned":
             self.routed = nn.Linear(hidden_size, self.num_routed, bias=False)
@@ -161,6 +163,13 @@ class MoHRouter(nn.Module):
             mask = self._top_k_mask(scores.norm(dim=-1))
             gates = torch.cat([mask.new_ones(*mask.shape[:-1], self.num_shared), mask], dim=-1)[..., self.order]
             return gates.to(q.dtype)
+        if x.is_cuda and not torch.is_grad_enabled():  # inference: one launch, not dozens (decode is launch-bound)
+            from ctxaware.kernels.moh_router import router_gates
+
+            return router_gates(
+                x, self.routed.weight, *(m.weight if m is not None else None for m in (self.shared, self.mix)),
+                self.columns, lr_ratio=self.lr_ratio, top_k=self.top_k, dtype=q.dtype,
+            )  # fmt: skip
         maps = [m for m in (self.routed, self.shared, self.mix) if m is not None]
         weight = torch.cat([m.weight for m in maps]) if len(maps) > 1 else maps[0].weight
         logits = F.linear(x.float(), weight.float()) * self.lr_ratio

@@ -8,7 +8,8 @@ Query-major grids start with the last (longest) query tiles of each head. Softma
   head gates each head's query tiles are gathered from its routed rows, so per-token routing skips work in prefill too;
 - key_mass: a key-major pass that recomputes the probabilities with the final lse (it needs the final normaliser);
 - backward: FlashAttention-2 style, a key-major dk/dv kernel looping over the query heads of its key/value head (no
-  atomics under GQA) and a query-major dq kernel; gate gradients come from delta = rowsum(dO * out) / gate.
+  atomics under GQA) and a query-major dq kernel (gathering routed rows like the forward); dO is scaled by the gates
+  once before them, and gate gradients come from delta = rowsum(dO * out) / gate.
 """
 
 from __future__ import annotations
@@ -137,6 +138,24 @@ def _full_queries(n0, n1, m_lo, m_hi, Sk, q_offset, shift, G, W, SINKS, BM: tl.c
 
 
 @triton.jit
+def _query_tile(ROWS, COUNT, bh, pid_m, Sq, q_offset, Sk, BM: tl.constexpr, GATHER: tl.constexpr):
+    """(row indices, in-range mask, first and last position) of query tile pid_m. GATHER: the tile is BM of this
+    head's COUNT routed rows (ROWS, ascending), so rows with a zero gate take no tile space; tiles past them are empty."""
+    if GATHER:
+        slot = pid_m * BM + tl.arange(0, BM)
+        row_in = slot < tl.load(COUNT + bh)
+        offs_m = tl.load(ROWS + bh.to(tl.int64) * Sq + slot, mask=row_in, other=0)
+        P0 = q_offset + tl.min(tl.where(row_in, offs_m, Sq), 0)
+        P1 = q_offset + tl.max(tl.where(row_in, offs_m, 0), 0)
+    else:
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        row_in = offs_m < Sq
+        P0 = q_offset + pid_m * BM
+        P1 = tl.minimum(P0 + BM, Sk) - 1
+    return offs_m, row_in, P0, P1
+
+
+@triton.jit
 def _fwd_tiles(
     acc, lab_acc, m_i, l_i, q, k_base, v_base, PAD, DOC, LAB, b, pos, row_ok, q_doc, start, stop,
     skn, svn, Sk, shift, G, W, SINKS, qk_scale,
@@ -200,17 +219,7 @@ def _fwd_kernel(
     q_offset = Sk - Sq
     shift = (h >= n_unshifted).to(tl.int32) * (G // 2)
     offs_d = tl.arange(0, DP)
-    if GATHER:  # the tile is BM of this head's COUNT routed query rows (ROWS, ascending); the others do no work
-        slot = pid_m * BM + tl.arange(0, BM)
-        row_in = slot < tl.load(COUNT + bh)
-        offs_m = tl.load(ROWS + bh.to(tl.int64) * Sq + slot, mask=row_in, other=0)
-        P0 = q_offset + tl.min(tl.where(row_in, offs_m, Sq), 0)
-        P1 = q_offset + tl.max(tl.where(row_in, offs_m, 0), 0)
-    else:
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        row_in = offs_m < Sq
-        P0 = q_offset + pid_m * BM
-        P1 = tl.minimum(P0 + BM, Sk) - 1
+    offs_m, row_in, P0, P1 = _query_tile(ROWS, COUNT, bh, pid_m, Sq, q_offset, Sk, BM, GATHER)
     pos = q_offset + offs_m
 
     q = tl.load(
@@ -369,10 +378,10 @@ def _key_mass_kernel(
 
 @triton.jit
 def _dkdv_tiles(
-    dk, dv, k, v, Q, DO, LSE, DELTA, DOC, GATE, b, h, bh, offs_n, col_ok, k_doc, start, stop,
-    sqb, sqh, sqm, sdob, sdoh, sdom, Hq, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
+    dk, dv, k, v, Q, DO, LSE, DELTA, DOC, b, h, bh, offs_n, col_ok, k_doc, start, stop,
+    sqb, sqh, sqm, sdob, sdoh, sdom, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, KIND: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_DOC: tl.constexpr, HAS_GATE: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
+    HAS_DOC: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     """Accumulates dk, dv of one key tile over query tiles [start, stop) of query head h."""
     offs_d = tl.arange(0, DP)
@@ -385,9 +394,6 @@ def _dkdv_tiles(
         row_mask = row_in[:, None] & (offs_d[None, :] < D)
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=row_mask, other=0.0)
         do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=row_mask, other=0.0)
-        if HAS_GATE:
-            gate = tl.load(GATE + b * Sq * Hq + offs_m * Hq + h, mask=row_in, other=0.0).to(tl.float32)
-            do = (do.to(tl.float32) * gate[:, None]).to(do.dtype)
         delta = tl.load(DELTA + bh * Sq + offs_m, mask=row_in, other=0.0)
         pT = tl.math.exp2(_dot(k, tl.trans(q), None, IEEE) * qk_scale - lse2[None, :])
         if MASKED:
@@ -405,11 +411,11 @@ def _dkdv_tiles(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, PAD, DOC, GATE, DK, DV,
+    Q, K, V, DO, LSE, DELTA, PAD, DOC, DK, DV,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
     Hq, Hkv, Sq, Sk, kv_group, qk_scale, scale, G, W, SINKS, n_unshifted,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, HAS_GATE: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     bkv = tl.program_id(1)
@@ -443,19 +449,19 @@ def _bwd_dkdv_kernel(
         if HAS_PAD | HAS_DOC:
             f_hi = f_lo
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, Q, DO, LSE, DELTA, DOC, GATE, b, h, bh, offs_n, col_ok, k_doc, m_lo, f_lo,
-            sqb, sqh, sqm, sdob, sdoh, sdom, Hq, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
-            D, DP, BM, KIND, CAUSAL, HAS_DOC, HAS_GATE, IEEE, True,
+            dk, dv, k, v, Q, DO, LSE, DELTA, DOC, b, h, bh, offs_n, col_ok, k_doc, m_lo, f_lo,
+            sqb, sqh, sqm, sdob, sdoh, sdom, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
+            D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, True,
         )  # fmt: skip
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, Q, DO, LSE, DELTA, DOC, GATE, b, h, bh, offs_n, col_ok, k_doc, f_lo, f_hi,
-            sqb, sqh, sqm, sdob, sdoh, sdom, Hq, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
-            D, DP, BM, KIND, CAUSAL, HAS_DOC, HAS_GATE, IEEE, False,
+            dk, dv, k, v, Q, DO, LSE, DELTA, DOC, b, h, bh, offs_n, col_ok, k_doc, f_lo, f_hi,
+            sqb, sqh, sqm, sdob, sdoh, sdom, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
+            D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, False,
         )  # fmt: skip
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, Q, DO, LSE, DELTA, DOC, GATE, b, h, bh, offs_n, col_ok, k_doc, f_hi, m_hi,
-            sqb, sqh, sqm, sdob, sdoh, sdom, Hq, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
-            D, DP, BM, KIND, CAUSAL, HAS_DOC, HAS_GATE, IEEE, True,
+            dk, dv, k, v, Q, DO, LSE, DELTA, DOC, b, h, bh, offs_n, col_ok, k_doc, f_hi, m_hi,
+            sqb, sqh, sqm, sdob, sdoh, sdom, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
+            D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, True,
         )  # fmt: skip
     out_off = bkv.to(tl.int64) * Sk * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -494,11 +500,11 @@ def _dq_tiles(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, PAD, DOC, GATE, DQ,
+    Q, K, V, DO, LSE, DELTA, PAD, DOC, ROWS, COUNT, DQ,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
     Hq, Sq, Sk, kv_group, qk_scale, scale, G, W, SINKS, n_unshifted,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, HAS_GATE: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr, GATHER: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) query tiles of a head start first
     bh = tl.program_id(1)
@@ -507,18 +513,12 @@ def _bwd_dq_kernel(
     kvh = (h // kv_group).to(tl.int64)
     q_offset = Sk - Sq
     shift = (h >= n_unshifted).to(tl.int32) * (G // 2)
-    offs_m = pid_m * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, DP)
-    row_in = offs_m < Sq
+    offs_m, row_in, P0, P1 = _query_tile(ROWS, COUNT, bh, pid_m, Sq, q_offset, Sk, BM, GATHER)
     pos = q_offset + offs_m
-    P0 = q_offset + pid_m * BM
-    P1 = tl.minimum(P0 + BM, Sk) - 1
     row_mask = row_in[:, None] & (offs_d[None, :] < D)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=row_mask, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=row_mask, other=0.0)
-    if HAS_GATE:
-        gate = tl.load(GATE + b * Sq * Hq + offs_m * Hq + h, mask=row_in, other=0.0).to(tl.float32)
-        do = (do.to(tl.float32) * gate[:, None]).to(do.dtype)
     lse = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=row_in, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=row_in, other=0.0)
@@ -712,28 +712,34 @@ class _TritonAttention(torch.autograd.Function):
             out, dout, delta, sq, D=d, DP=max(16, triton.next_power_of_2(d)), BM=bm
         )
         dgates = None
+        dummy = q.new_empty(1, dtype=torch.int32)
+        rows = count = dummy
         if head_gates is not None:
             g = head_gates.transpose(1, 2).float()
             dgates = torch.where(g != 0, delta / torch.where(g != 0, g, 1.0), 0.0).transpose(1, 2)
             dgates = dgates.to(head_gates.dtype)
-        dummy = q.new_empty(1, dtype=torch.int32)
+            # the gradient of the ungated attention output, once (not per tile in the kernels' loops)
+            dout = (dout.float() * g[..., None]).to(dout.dtype)
         common = (
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
         )  # fmt: skip
         extra = (pad if pad is not None else dummy, doc if doc is not None else dummy)
-        gates = head_gates if head_gates is not None else dummy
         dk = _empty((b, hkv, sk, d), k)
         dv = _empty((b, hkv, sk, d), v)
         cfg = _blocks("dkdv", sq, d, q.dtype, flags["KIND"] != 0)
         _bwd_dkdv_kernel[(triton.cdiv(sk, cfg["BN"]), b * hkv)](
-            q, k, v, dout, lse, delta, *extra, gates, dk, dv, *common,
-            hq, hkv, sq, sk, hq // hkv, qk_scale, scale, HAS_GATE=head_gates is not None, **flags, **cfg,
+            q, k, v, dout, lse, delta, *extra, dk, dv, *common,
+            hq, hkv, sq, sk, hq // hkv, qk_scale, scale, **flags, **cfg,
         )  # fmt: skip
         dq = _empty((b, hq, sq, d), q)
         cfg = _blocks("dq", sq, d, q.dtype, flags["KIND"] != 0)
+        gather = head_gates is not None and sq > cfg["BM"]
+        if gather:  # as in the forward: tiles of routed rows; the others' dq is 0
+            rows, count = _routed_rows(head_gates)
+            dq.zero_()
         _bwd_dq_kernel[(triton.cdiv(sq, cfg["BM"]), b * hq)](
-            q, k, v, dout, lse, delta, *extra, gates, dq, *common,
-            hq, sq, sk, hq // hkv, qk_scale, scale, HAS_GATE=head_gates is not None, **flags, **cfg,
+            q, k, v, dout, lse, delta, *extra, rows, count, dq, *common,
+            hq, sq, sk, hq // hkv, qk_scale, scale, GATHER=gather, **flags, **cfg,
         )  # fmt: skip
         return dq, dk, dv, dgates, None
 

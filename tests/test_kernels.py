@@ -343,16 +343,22 @@ def test_invalid_inputs_raise(change, match):
 
 @pytest.mark.parametrize("warp_specialize", [False, True])
 @interpreted
-def test_forward_variants_benchmark_builds_correct_kernels(tmp_path, warp_specialize):
-    """benchmarks/forward_variants.py rewrites this package's kernel source; its variants must still be attention."""
+def test_attention_variants_benchmark_builds_correct_kernels(tmp_path, warp_specialize):
+    """benchmarks/attention_variants.py rewrites this package's kernel source; its variants must still be attention."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     try:
-        import forward_variants
+        import attention_variants
     finally:
         sys.path.pop(0)
-    module = forward_variants.load_module(f"fv_test_{warp_specialize}", forward_variants.tma_source(warp_specialize),
-                                          tmp_path)  # fmt: skip
+    module = attention_variants.load_module(f"av_test_{warp_specialize}",
+                                            attention_variants.tma_source(warp_specialize), tmp_path)  # fmt: skip
     for pattern in (None, PATTERNS["sf"]):
         q, k, v, _ = make_case(b=1, hq=4, hkv=2, sq=45, sk=45)
-        out = module.tma_forward(q, k, v, pattern, 3)
-        check_close(out, attention(q, k, v, pattern=pattern, backend="reference")[0], 1e-5, "out")
+        dout = torch.randn_like(q)
+        out, lse = module.tma_forward(q, k, v, pattern, 3)
+        grads = module.tma_backward(q, k, v, out, lse, dout, pattern)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = attention(*leaves, pattern=pattern, backend="reference")[0]
+        check_close(out, ref, 1e-5, "out")
+        for name, a, b in zip(["dq", "dk", "dv"], grads, torch.autograd.grad(ref, leaves, dout)):
+            check_close(a, b, 1e-4, name)

@@ -123,8 +123,8 @@ def tma_backward(q, k, v, out, lse, dout, pattern):
     qd = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, cfg["BM"], dp])
     dod = TensorDescriptor(dout, list(dout.shape), list(dout.stride()), [1, 1, cfg["BM"], dp])
     _bwd_dkdv_kernel[(triton.cdiv(sk, cfg["BN"]), b * hkv)](
-        qd, k, v, dod, lse, delta, dummy, dummy, dk, dv, *common,
-        hq, hkv, sq, sk, hq // hkv, scale * LOG2E, scale, **flags, **cfg,
+        qd, k, v, dod, lse, delta, dummy, dummy, dummy, dummy, dk, dv, *common,
+        hq, hkv, sq, sk, hq // hkv, scale * LOG2E, scale, GATHER=False, **flags, **cfg,
     )
     dq = torch.empty_like(q)
     cfg = _blocks("dq", sq, d, q.dtype, pat["KIND"] != 0)

@@ -138,12 +138,12 @@ def _full_queries(n0, n1, m_lo, m_hi, Sk, q_offset, shift, G, W, SINKS, BM: tl.c
 
 
 @triton.jit
-def _query_tile(ROWS, COUNT, bh, pid_m, Sq, q_offset, Sk, BM: tl.constexpr, GATHER: tl.constexpr):
+def _query_tile(ROWS, RANK, bh, pid_m, Sq, q_offset, Sk, BM: tl.constexpr, GATHER: tl.constexpr):
     """(row indices, in-range mask, first and last position) of query tile pid_m. GATHER: the tile is BM of this
-    head's COUNT routed rows (ROWS, ascending), so rows with a zero gate take no tile space; tiles past them are empty."""
+    head's routed rows (ROWS, ascending; RANK[Sq] of them), so rows with a zero gate take no tile space."""
     if GATHER:
         slot = pid_m * BM + tl.arange(0, BM)
-        row_in = slot < tl.load(COUNT + bh)
+        row_in = slot < tl.load(RANK + bh.to(tl.int64) * (Sq + 1) + Sq)
         offs_m = tl.load(ROWS + bh.to(tl.int64) * Sq + slot, mask=row_in, other=0)
         P0 = q_offset + tl.min(tl.where(row_in, offs_m, Sq), 0)
         P1 = q_offset + tl.max(tl.where(row_in, offs_m, 0), 0)
@@ -204,7 +204,7 @@ def _fwd_tiles(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, LSE, PAD, DOC, GATE, LAB, LMASS, ROWS, COUNT,
+    Q, K, V, Out, LSE, PAD, DOC, GATE, LAB, LMASS, ROWS, RANK,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
     Hq, Sq, Sk, kv_group, qk_scale, G, W, SINKS, n_unshifted,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
@@ -219,7 +219,7 @@ def _fwd_kernel(
     q_offset = Sk - Sq
     shift = (h >= n_unshifted).to(tl.int32) * (G // 2)
     offs_d = tl.arange(0, DP)
-    offs_m, row_in, P0, P1 = _query_tile(ROWS, COUNT, bh, pid_m, Sq, q_offset, Sk, BM, GATHER)
+    offs_m, row_in, P0, P1 = _query_tile(ROWS, RANK, bh, pid_m, Sq, q_offset, Sk, BM, GATHER)
     pos = q_offset + offs_m
 
     q = tl.load(
@@ -378,16 +378,22 @@ def _key_mass_kernel(
 
 @triton.jit
 def _dkdv_tiles(
-    dk, dv, k, v, Q, DO, LSE, DELTA, DOC, b, h, bh, offs_n, col_ok, k_doc, start, stop,
+    dk, dv, k, v, Q, DO, LSE, DELTA, DOC, ROWS, b, h, bh, offs_n, col_ok, k_doc, start, stop,
     sqb, sqh, sqm, sdob, sdoh, sdom, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, KIND: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_DOC: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
+    HAS_DOC: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, GATHER: tl.constexpr,
 ):  # fmt: skip
-    """Accumulates dk, dv of one key tile over query tiles [start, stop) of query head h."""
+    """Accumulates dk, dv of one key tile over query tiles [start, stop) of query head h (GATHER: slots of its
+    routed rows, each loop's last tile cut at stop)."""
     offs_d = tl.arange(0, DP)
     for m0 in range(start, stop, BM):
-        offs_m = m0 + tl.arange(0, BM)
-        row_in = offs_m < Sq
+        if GATHER:
+            slot = m0 + tl.arange(0, BM)
+            row_in = slot < stop
+            offs_m = tl.load(ROWS + bh * Sq + slot, mask=row_in, other=0)
+        else:
+            offs_m = m0 + tl.arange(0, BM)
+            row_in = offs_m < Sq
         pos = q_offset + offs_m
         lse = tl.load(LSE + bh * Sq + offs_m, mask=row_in, other=float("-inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -411,11 +417,11 @@ def _dkdv_tiles(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, PAD, DOC, DK, DV,
+    Q, K, V, DO, LSE, DELTA, PAD, DOC, ROWS, RANK, DK, DV,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
     Hq, Hkv, Sq, Sk, kv_group, qk_scale, scale, G, W, SINKS, n_unshifted,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr, GATHER: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     bkv = tl.program_id(1)
@@ -448,20 +454,26 @@ def _bwd_dkdv_kernel(
         f_lo, f_hi = _full_queries(n0, n0 + BN - 1, m_lo, m_hi, Sk, q_offset, shift, G, W, SINKS, BM, KIND, CAUSAL)
         if HAS_PAD | HAS_DOC:
             f_hi = f_lo
+        if GATHER:  # the same bounds as slots among this head's routed rows (rank is monotone)
+            rank = RANK + bh * (Sq + 1)
+            m_lo = tl.load(rank + tl.minimum(tl.maximum(m_lo, 0), Sq))
+            f_lo = tl.load(rank + tl.minimum(tl.maximum(f_lo, 0), Sq))
+            f_hi = tl.load(rank + tl.minimum(tl.maximum(f_hi, 0), Sq))
+            m_hi = tl.load(rank + tl.minimum(tl.maximum(m_hi, 0), Sq))
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, Q, DO, LSE, DELTA, DOC, b, h, bh, offs_n, col_ok, k_doc, m_lo, f_lo,
+            dk, dv, k, v, Q, DO, LSE, DELTA, DOC, ROWS, b, h, bh, offs_n, col_ok, k_doc, m_lo, f_lo,
             sqb, sqh, sqm, sdob, sdoh, sdom, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
-            D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, True,
+            D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, True, GATHER,
         )  # fmt: skip
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, Q, DO, LSE, DELTA, DOC, b, h, bh, offs_n, col_ok, k_doc, f_lo, f_hi,
+            dk, dv, k, v, Q, DO, LSE, DELTA, DOC, ROWS, b, h, bh, offs_n, col_ok, k_doc, f_lo, f_hi,
             sqb, sqh, sqm, sdob, sdoh, sdom, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
-            D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, False,
+            D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, False, GATHER,
         )  # fmt: skip
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, Q, DO, LSE, DELTA, DOC, b, h, bh, offs_n, col_ok, k_doc, f_hi, m_hi,
+            dk, dv, k, v, Q, DO, LSE, DELTA, DOC, ROWS, b, h, bh, offs_n, col_ok, k_doc, f_hi, m_hi,
             sqb, sqh, sqm, sdob, sdoh, sdom, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
-            D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, True,
+            D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, True, GATHER,
         )  # fmt: skip
     out_off = bkv.to(tl.int64) * Sk * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -500,7 +512,7 @@ def _dq_tiles(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, PAD, DOC, ROWS, COUNT, DQ,
+    Q, K, V, DO, LSE, DELTA, PAD, DOC, ROWS, RANK, DQ,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
     Hq, Sq, Sk, kv_group, qk_scale, scale, G, W, SINKS, n_unshifted,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
@@ -514,7 +526,7 @@ def _bwd_dq_kernel(
     q_offset = Sk - Sq
     shift = (h >= n_unshifted).to(tl.int32) * (G // 2)
     offs_d = tl.arange(0, DP)
-    offs_m, row_in, P0, P1 = _query_tile(ROWS, COUNT, bh, pid_m, Sq, q_offset, Sk, BM, GATHER)
+    offs_m, row_in, P0, P1 = _query_tile(ROWS, RANK, bh, pid_m, Sq, q_offset, Sk, BM, GATHER)
     pos = q_offset + offs_m
     row_mask = row_in[:, None] & (offs_d[None, :] < D)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=row_mask, other=0.0)
@@ -573,8 +585,9 @@ def _bwd_delta_kernel(OUT, DO, DELTA, Sq, D: tl.constexpr, DP: tl.constexpr, BM:
 
 
 @triton.jit
-def _routed_rows_kernel(GATE, ROWS, COUNT, Sq, Hq, BLOCK: tl.constexpr):
-    """Stream compaction of one (batch, head): the rows whose gate is nonzero, by a running prefix count."""
+def _routed_rows_kernel(GATE, ROWS, RANK, Sq, Hq, BLOCK: tl.constexpr):
+    """Stream compaction of one (batch, head) by a running prefix count: ROWS gets the rows whose gate is nonzero,
+    RANK[i] how many of them come before row i (RANK[Sq]: all of them)."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // Hq
     h = bh % Hq
@@ -582,9 +595,11 @@ def _routed_rows_kernel(GATE, ROWS, COUNT, Sq, Hq, BLOCK: tl.constexpr):
     for m0 in range(0, Sq, BLOCK):
         offs = m0 + tl.arange(0, BLOCK)
         on = (tl.load(GATE + (b * Sq + offs) * Hq + h, mask=offs < Sq, other=0.0) != 0).to(tl.int32)
-        tl.store(ROWS + bh * Sq + count + tl.cumsum(on, 0) - 1, offs, mask=on != 0)
+        before = count + tl.cumsum(on, 0) - on
+        tl.store(ROWS + bh * Sq + before, offs, mask=on != 0)
+        tl.store(RANK + bh * (Sq + 1) + offs, before, mask=offs < Sq)
         count += tl.sum(on, 0)
-    tl.store(COUNT + bh, count)
+    tl.store(RANK + bh * (Sq + 1) + Sq, count)
 
 
 def _pattern_args(pattern: AttentionPattern | None, hq: int, sk: int) -> dict:
@@ -634,13 +649,15 @@ def _empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch
 
 
 def _routed_rows(head_gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows (B, Hq, Sq) int32: each head's query rows with a nonzero gate, ascending, in its first `count` slots;
-    count (B, Hq) int32). The forward's tiles then hold routed rows only. One kernel: a sort took 0.3 ms at 4k."""
+    """(rows (B, Hq, Sq) int32: each head's query rows with a nonzero gate, ascending, in its first count slots;
+    rank (B, Hq, Sq + 1) int32: the slot of row i, i.e. how many routed rows precede it; rank[..., Sq] = count).
+    Query tiles then hold routed rows only. One kernel: with a stable argsort instead, gated attention at 4k tokens
+    ran slower than dense on the H200 (RESULTS.md)."""
     b, sq, hq = head_gates.shape
     rows = torch.empty((b, hq, sq), device=head_gates.device, dtype=torch.int32)  # slots past count are never read
-    count = _empty((b, hq), head_gates, torch.int32)
-    _routed_rows_kernel[(b * hq,)](head_gates, rows, count, sq, hq, BLOCK=16 if _interpreting() else 1024)
-    return rows, count
+    rank = _empty((b, hq, sq + 1), head_gates, torch.int32)
+    _routed_rows_kernel[(b * hq,)](head_gates, rows, rank, sq, hq, BLOCK=16 if _interpreting() else 1024)
+    return rows, rank
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -666,10 +683,10 @@ class _TritonAttention(torch.autograd.Function):
         label_mass = _empty((b, hq, sq, num_labels), q, torch.float32) if labels is not None else None
         qk_scale = opts["scale"] * LOG2E
         cfg = _blocks("fwd", sq, d, q.dtype, flags["KIND"] != 0, labels=labels is not None)
-        rows = count = dummy
+        rows = rank = dummy
         gather = head_gates is not None and sq > cfg["BM"]
         if gather:  # tiles of each head's routed rows: work in proportion to the routed fraction, however scattered
-            rows, count = _routed_rows(head_gates)
+            rows, rank = _routed_rows(head_gates)
             out.zero_()
             lse.fill_(float("-inf"))
             if label_mass is not None:
@@ -679,7 +696,7 @@ class _TritonAttention(torch.autograd.Function):
             q, k, v, out, lse,
             pad if pad is not None else dummy, doc if doc is not None else dummy,
             head_gates if head_gates is not None else dummy, labels if labels is not None else dummy,
-            label_mass if label_mass is not None else lse, rows, count,
+            label_mass if label_mass is not None else lse, rows, rank,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             hq, sq, sk, hq // hkv, qk_scale,
             HAS_GATE=head_gates is not None, HAS_LABELS=labels is not None, NUM_LABELS=num_labels,
@@ -713,8 +730,10 @@ class _TritonAttention(torch.autograd.Function):
         )
         dgates = None
         dummy = q.new_empty(1, dtype=torch.int32)
-        rows = count = dummy
-        if head_gates is not None:
+        rows = rank = dummy
+        gather = head_gates is not None  # as in the forward: query tiles of routed rows; the others' dq is 0
+        if gather:
+            rows, rank = _routed_rows(head_gates)
             g = head_gates.transpose(1, 2).float()
             dgates = torch.where(g != 0, delta / torch.where(g != 0, g, 1.0), 0.0).transpose(1, 2)
             dgates = dgates.to(head_gates.dtype)
@@ -728,17 +747,15 @@ class _TritonAttention(torch.autograd.Function):
         dv = _empty((b, hkv, sk, d), v)
         cfg = _blocks("dkdv", sq, d, q.dtype, flags["KIND"] != 0)
         _bwd_dkdv_kernel[(triton.cdiv(sk, cfg["BN"]), b * hkv)](
-            q, k, v, dout, lse, delta, *extra, dk, dv, *common,
-            hq, hkv, sq, sk, hq // hkv, qk_scale, scale, **flags, **cfg,
+            q, k, v, dout, lse, delta, *extra, rows, rank, dk, dv, *common,
+            hq, hkv, sq, sk, hq // hkv, qk_scale, scale, GATHER=gather, **flags, **cfg,
         )  # fmt: skip
         dq = _empty((b, hq, sq, d), q)
-        cfg = _blocks("dq", sq, d, q.dtype, flags["KIND"] != 0)
-        gather = head_gates is not None and sq > cfg["BM"]
-        if gather:  # as in the forward: tiles of routed rows; the others' dq is 0
-            rows, count = _routed_rows(head_gates)
+        if gather:
             dq.zero_()
+        cfg = _blocks("dq", sq, d, q.dtype, flags["KIND"] != 0)
         _bwd_dq_kernel[(triton.cdiv(sq, cfg["BM"]), b * hq)](
-            q, k, v, dout, lse, delta, *extra, rows, count, dq, *common,
+            q, k, v, dout, lse, delta, *extra, rows, rank, dq, *common,
             hq, sq, sk, hq // hkv, qk_scale, scale, GATHER=gather, **flags, **cfg,
         )  # fmt: skip
         return dq, dk, dv, dgates, None

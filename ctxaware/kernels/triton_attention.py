@@ -8,8 +8,8 @@ Query-major grids start with the last (longest) query tiles of each head. Softma
   head gates each head's query tiles are gathered from its routed rows, so per-token routing skips work in prefill too;
 - key_mass: a key-major pass that recomputes the probabilities with the final lse (it needs the final normaliser);
 - backward: FlashAttention-2 style, a key-major dk/dv kernel looping over the query heads of its key/value head (no
-  atomics under GQA) and a query-major dq kernel (gathering routed rows like the forward); dO is scaled by the gates
-  once before them, and gate gradients come from delta = rowsum(dO * out) / gate.
+  atomics under GQA) and a query-major dq kernel, both walking only routed rows when there are head gates (as the
+  forward); dO is scaled by the gates once before them, and gate gradients come from delta = rowsum(dO * out) / gate.
 """
 
 from __future__ import annotations

@@ -246,6 +246,22 @@ def test_triton_patterns(poisoned, pattern):
         check_close(a, b, 1e-4, name)
 
 
+@pytest.mark.parametrize("causal, pattern", [(False, "window"), (True, "sf_ratio")])
+@interpreted
+def test_triton_routed_gates_with_an_unrouted_head_and_an_all_routed_row(poisoned, causal, pattern):
+    """Gathered rows at their edges: a head no token routes to, a batch row routing every head, keys past queries."""
+    q, k, v, kw = make_case(b=2, hq=4, hkv=2, sq=33, sk=40, gates="routed", pad="right")
+    kw["head_gates"][:, :, 2] = 0
+    kw["head_gates"][0] = torch.rand(33, 4) + 0.1
+    res = run_both(q, k, v, kw, causal=causal, pattern=PATTERNS[pattern])
+    (o1, s1, g1), (o2, s2, g2) = res["reference"], res["triton"]
+    check_close(o2, o1, 1e-5, "out")
+    check_close(s2.lse, s1.lse, 1e-5, "lse")
+    check_close(s2.key_mass, s1.key_mass, 1e-5, "key_mass")
+    for name, a, b in zip(["dq", "dk", "dv", "dgates"], g2, g1):
+        check_close(a, b, 1e-4, name)
+
+
 @interpreted
 def test_triton_noncausal(poisoned):
     q, k, v, kw = make_case(b=1, hq=2, hkv=1, sq=33, sk=33, d=32, pad="right")

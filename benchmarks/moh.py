@@ -10,6 +10,7 @@ Measured, B=1, causal, bf16, ms (median of `triton.testing.do_bench`):
 - attention (32/8 heads, D=64): ours dense (no gates), SDPA flash and cuDNN, and ours with gates at each active
   fraction routed per token (what the router gives: top-k of random logits) and per 128-token chunk (every query of a
   kernel tile makes the same choice: the most the tile skipping can give); forward and forward + backward.
+- the routed-row index alone (the compaction kernel every gated call runs first), for the per-token gates.
 - decode attention: one query against an S-token KV cache, batch 8, per-token gates (each tile is one query, so
   every zero gate is skipped work).
 - whole model: forward of the 1B model on S tokens with `attn_implementation="ctxaware"`, dense vs MoH (learned
@@ -115,6 +116,11 @@ def measure_attention(row, s, active_fractions, hq, hkv, d, device, dtype, backe
             gates = make(1, s, hq, shared, top_k, device, dtype).requires_grad_(True)
             row[f"attn_{routing}_{active}_fwd"] = bench(ours(gates), device)
             row[f"attn_{routing}_{active}_fwdbwd"] = bench(fwd_bwd(ours(gates), (q, k, v, gates)), device)
+            if device.type == "cuda" and routing == "token":  # the gathered rows' index, part of every gated call
+                from ctxaware.kernels.triton_attention import _routed_rows
+
+                plain = gates.detach()
+                row[f"attn_rows_{active}"] = bench(lambda g=plain: _routed_rows(g), device)
     # decode: batch 8, one query per row against the cache
     with torch.no_grad():
         qd = torch.randn(8, hq, 1, d, device=device, dtype=dtype)
@@ -220,6 +226,7 @@ def write(args, rows, device, seconds):
              ("attention fwd+bwd, token-routed", "attn_dense_fwdbwd", "attn_token_{}_fwdbwd"),
              ("attention fwd, chunk-routed (128)", "attn_dense_fwd", "attn_chunk_{}_fwd"),
              ("attention fwd+bwd, chunk-routed (128)", "attn_dense_fwdbwd", "attn_chunk_{}_fwdbwd"),
+             ("routed-row index alone (in every gated call)", "attn_dense_fwd", "attn_rows_{}"),
              ("decode attention (B=8, 1 query)", "decode_dense", "decode_token_{}"),
              ("1B model forward, token-routed", "model_dense_fwd", "model_token_{}_fwd"),
              ("1B model decode step, token-routed", "model_dense_decode", "model_token_{}_decode"),
@@ -239,8 +246,8 @@ def write(args, rows, device, seconds):
                  [f"1B model with SDPA {r['model_sdpa_fwd']:.2f}"] if "model_sdpa_fwd" in r else [])  # fmt: skip
         if peers:
             lines.append(f"| {r['S']} | peers (fwd) | " + ", ".join(peers) + " |" + " |" * len(args.active))
-    lines += ["", "Target (issue 9): attention at 50% active <= 0.65x dense. Token routing skips a kernel tile only "
-              "where all its queries leave a head out; chunk routing shows what the tile skipping gives when they do."]  # fmt: skip
+    lines += ["", "Target (issue 9): attention at 50% active <= 0.65x dense. With gates the kernel's query tiles hold "
+              "each head's routed rows only (token routing); chunk routing zeroes whole tiles without that."]  # fmt: skip
     for name, text in (("moh.json", json.dumps({"meta": meta, "rows": rows}, indent=1)), ("moh.md", "\n".join(lines))):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text + "\n")

@@ -21,18 +21,12 @@ from pathlib import Path
 
 import torch
 import triton
-from bench_common import git_commit
+from bench_common import bench, git_commit
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ctxaware.kernels import AttentionPattern, attention  # noqa: E402
-
-
-def bench(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
 
 
 def fwd_bwd(fn, inputs, grad):

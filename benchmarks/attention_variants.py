@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
+from bench_common import bench
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -147,12 +147,6 @@ def load_module(name: str, source: str, folder: Path):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def bench(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
 
 
 def fwd_bwd(module, q, k, v, dout, pattern):

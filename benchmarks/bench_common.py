@@ -4,6 +4,9 @@ import os
 import subprocess
 from pathlib import Path
 
+import torch
+import triton
+
 
 def git_commit() -> str:
     """The benchmarked commit: CTXAWARE_GIT_COMMIT where the tree travelled without its repository (a `git archive`
@@ -17,3 +20,10 @@ def git_commit() -> str:
     except OSError:  # no git on the machine
         return ""
     return result.stdout.strip()
+
+
+def bench(fn) -> float:
+    """Median ms of `triton.testing.do_bench` on the GPU, after one call outside the timing (compilation)."""
+    fn()
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))

@@ -215,6 +215,20 @@ def run_both(q, k, v, kw, **extra):
     return results
 
 
+def check_results_match(res, kw):
+    """Triton against the reference in `run_both`'s results: out, lse, key_mass, label_mass (when labelled) and the
+    gradients of q, k, v and the gates (when gated)."""
+    (o1, s1, g1), (o2, s2, g2) = res["reference"], res["triton"]
+    check_close(o2, o1, 1e-5, "out")
+    check_close(s2.lse, s1.lse, 1e-5, "lse")
+    check_close(s2.key_mass, s1.key_mass, 1e-5, "key_mass")
+    if "key_labels" in kw:
+        check_close(s2.label_mass, s1.label_mass, 1e-5, "label_mass")
+    assert len(g2) == len(g1) == 3 + ("head_gates" in kw)
+    for name, a, b in zip(["dq", "dk", "dv", "dgates"], g2, g1):
+        check_close(a, b, 1e-4, name)
+
+
 @pytest.mark.parametrize(
     "case, pattern", [(case, ["sf", "dense", "s2_ragged"][i % 3]) for i, case in enumerate(CASES)]
 )
@@ -222,14 +236,7 @@ def run_both(q, k, v, kw, **extra):
 def test_triton_matches_reference(poisoned, case, pattern):
     q, k, v, kw = make_case(**CASES[case])
     res = run_both(q, k, v, kw, pattern=PATTERNS[pattern])
-    (o1, s1, g1), (o2, s2, g2) = res["reference"], res["triton"]
-    check_close(o2, o1, 1e-5, "out")
-    check_close(s2.lse, s1.lse, 1e-5, "lse")
-    check_close(s2.key_mass, s1.key_mass, 1e-5, "key_mass")
-    if "key_labels" in kw:
-        check_close(s2.label_mass, s1.label_mass, 1e-5, "label_mass")
-    for name, a, b in zip(["dq", "dk", "dv", "dgates"], g2, g1):
-        check_close(a, b, 1e-4, name)
+    check_results_match(res, kw)
 
 
 @pytest.mark.parametrize("pattern", ["s2", "s2_ragged", "sf_ratio", "window"])
@@ -237,13 +244,7 @@ def test_triton_matches_reference(poisoned, case, pattern):
 def test_triton_patterns(poisoned, pattern):
     q, k, v, kw = make_case(b=1, hq=4, hkv=2, sq=70, sk=70, d=16, pad="left", labels=True)
     res = run_both(q, k, v, kw, pattern=PATTERNS[pattern])
-    (o1, s1, g1), (o2, s2, g2) = res["reference"], res["triton"]
-    check_close(o2, o1, 1e-5, "out")
-    check_close(s2.lse, s1.lse, 1e-5, "lse")
-    check_close(s2.key_mass, s1.key_mass, 1e-5, "key_mass")
-    check_close(s2.label_mass, s1.label_mass, 1e-5, "label_mass")
-    for name, a, b in zip(["dq", "dk", "dv"], g2, g1):
-        check_close(a, b, 1e-4, name)
+    check_results_match(res, kw)
 
 
 @pytest.mark.parametrize("causal, pattern", [(False, "window"), (True, "sf_ratio")])
@@ -254,12 +255,7 @@ def test_triton_routed_gates_with_an_unrouted_head_and_an_all_routed_row(poisone
     kw["head_gates"][:, :, 2] = 0
     kw["head_gates"][0] = torch.rand(33, 4) + 0.1
     res = run_both(q, k, v, kw, causal=causal, pattern=PATTERNS[pattern])
-    (o1, s1, g1), (o2, s2, g2) = res["reference"], res["triton"]
-    check_close(o2, o1, 1e-5, "out")
-    check_close(s2.lse, s1.lse, 1e-5, "lse")
-    check_close(s2.key_mass, s1.key_mass, 1e-5, "key_mass")
-    for name, a, b in zip(["dq", "dk", "dv", "dgates"], g2, g1):
-        check_close(a, b, 1e-4, name)
+    check_results_match(res, kw)
 
 
 @interpreted

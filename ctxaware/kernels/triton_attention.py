@@ -710,7 +710,8 @@ class _TritonAttention(torch.autograd.Function):
                 q, k, lse, pad if pad is not None else dummy, doc if doc is not None else dummy, mass,
                 *_strides(q), *_strides(k), hq, sq, sk, hq // hkv, qk_scale, **flags, **cfg,
             )  # fmt: skip
-        ctx.save_for_backward(q, k, v, out, lse, head_gates, pad, doc)
+        routed = (rows, rank) if gather else (None, None)  # the backward walks the same rows
+        ctx.save_for_backward(q, k, v, out, lse, head_gates, pad, doc, *routed)
         ctx.opts = dict(flags=flags, qk_scale=qk_scale, scale=opts["scale"])
         outs = [out, lse] + [t for t in (mass, label_mass) if t is not None]
         ctx.mark_non_differentiable(*outs[1:])
@@ -718,7 +719,7 @@ class _TritonAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *_):
-        q, k, v, out, lse, head_gates, pad, doc = ctx.saved_tensors
+        q, k, v, out, lse, head_gates, pad, doc, rows, rank = ctx.saved_tensors
         flags, qk_scale, scale = ctx.opts["flags"], ctx.opts["qk_scale"], ctx.opts["scale"]
         b, hq, sq, d = q.shape
         hkv, sk = k.shape[1], k.shape[2]
@@ -730,10 +731,12 @@ class _TritonAttention(torch.autograd.Function):
         )
         dgates = None
         dummy = q.new_empty(1, dtype=torch.int32)
-        rows = rank = dummy
         gather = head_gates is not None  # as in the forward: query tiles of routed rows; the others' dq is 0
-        if gather:
+        if not gather:
+            rows = rank = dummy
+        elif rows is None:  # the forward had one query tile and did not gather
             rows, rank = _routed_rows(head_gates)
+        if gather:
             g = head_gates.transpose(1, 2).float()
             dgates = torch.where(g != 0, delta / torch.where(g != 0, g, 1.0), 0.0).transpose(1, 2)
             dgates = dgates.to(head_gates.dtype)

@@ -97,11 +97,11 @@ def tma_forward(q, k, v, pattern, num_stages):
     cfg = dict(_blocks("fwd", sq, d, q.dtype, pat["KIND"] != 0), num_stages=num_stages)
     kd = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, cfg["BN"], dp])
     vd = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, cfg["BN"], dp])
-    _fwd_kernel[(triton.cdiv(sq, cfg["BM"]), b * hq)](
+    _fwd_kernel[(b * hq * triton.cdiv(sq, cfg["BM"]),)](
         q, kd, vd, out, lse, dummy, dummy, dummy, dummy, lse, dummy, dummy,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), hq, sq, sk, hq // hkv, d ** -0.5 * LOG2E,
         D=d, DP=dp, CAUSAL=True, HAS_PAD=False, HAS_DOC=False, IEEE=False, HAS_GATE=False, HAS_LABELS=False,
-        NUM_LABELS=1, LP=16, GATHER=False, **pat, **cfg,
+        NUM_LABELS=1, LP=16, GATHER=False, HEAD_GROUP=_head_group(b * hq, hq // hkv, k), **pat, **cfg,
     )
     return out, lse
 
@@ -122,17 +122,19 @@ def tma_backward(q, k, v, out, lse, dout, pattern):
     cfg = _blocks("dkdv", sq, d, q.dtype, pat["KIND"] != 0)
     qd = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, cfg["BM"], dp])
     dod = TensorDescriptor(dout, list(dout.shape), list(dout.stride()), [1, 1, cfg["BM"], dp])
-    _bwd_dkdv_kernel[(triton.cdiv(sk, cfg["BN"]), b * hkv)](
+    _bwd_dkdv_kernel[(b * hkv * triton.cdiv(sk, cfg["BN"]),)](
         qd, k, v, dod, lse, delta, dummy, dummy, dummy, dummy, dk, dv, *common,
-        hq, hkv, sq, sk, hq // hkv, scale * LOG2E, scale, GATHER=False, **flags, **cfg,
+        hq, hkv, sq, sk, hq // hkv, scale * LOG2E, scale, GATHER=False, HEAD_GROUP=_head_group(b * hkv, 1, k),
+        **flags, **cfg,
     )
     dq = torch.empty_like(q)
     cfg = _blocks("dq", sq, d, q.dtype, pat["KIND"] != 0)
     kd = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, cfg["BN"], dp])
     vd = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, cfg["BN"], dp])
-    _bwd_dq_kernel[(triton.cdiv(sq, cfg["BM"]), b * hq)](
+    _bwd_dq_kernel[(b * hq * triton.cdiv(sq, cfg["BM"]),)](
         q, kd, vd, dout, lse, delta, dummy, dummy, dummy, dummy, dq, *common,
-        hq, sq, sk, hq // hkv, scale * LOG2E, scale, GATHER=False, **flags, **cfg,
+        hq, sq, sk, hq // hkv, scale * LOG2E, scale, GATHER=False, HEAD_GROUP=_head_group(b * hq, hq // hkv, k),
+        **flags, **cfg,
     )
     return dq, dk, dv
 """

@@ -258,6 +258,18 @@ def test_triton_routed_gates_with_an_unrouted_head_and_an_all_routed_row(poisone
     check_results_match(res, kw)
 
 
+@pytest.mark.parametrize("gates", [False, "routed"])
+@interpreted
+def test_triton_heads_launched_in_groups(poisoned, monkeypatch, gates):
+    """Heads launched in groups smaller than all (a tiny K/V budget per group), the last group smaller and across
+    the batch boundary: 2 x 6 query heads in groups of 8, 2 x 3 kv heads (dk/dv) in groups of 4."""
+    q, k, v, kw = make_case(b=2, hq=6, hkv=3, sq=45, sk=45, gates=gates)
+    monkeypatch.setattr(tri, "_GROUP_KV_BYTES", 4 * 2 * k[0, 0].numel() * k.element_size())
+    assert (tri._head_group(12, 2, k), tri._head_group(6, 1, k)) == (8, 4)
+    res = run_both(q, k, v, kw, pattern=PATTERNS["sf"])
+    check_results_match(res, kw)
+
+
 @interpreted
 def test_triton_noncausal(poisoned):
     q, k, v, kw = make_case(b=1, hq=2, hkv=1, sq=33, sk=33, d=32, pad="right")

@@ -3,7 +3,8 @@
 Block-sparse iteration: each query tile walks only the key range its pattern can reach (plus the sink blocks). That
 range is split into masked tiles and one contiguous run of tiles the pattern fully allows (`_full_keys`,
 `_full_queries`), which loops without any mask code, so the compiler pipelines it like plain causal attention.
-Query-major grids start with the last (longest) query tiles of each head. Softmax uses exp2 with fp32 accumulation.
+Grids are 1-D and start the longest tiles of a group of heads first (`_launch_order`). Softmax uses exp2 with fp32
+accumulation.
 - forward: out, lse and label_mass in one pass (label_mass is accumulated like the output, with a one-hot dot); with
   head gates each head's query tiles are gathered from its routed rows, so per-token routing skips work in prefill too;
 - key_mass: a key-major pass that recomputes the probabilities with the final lse (it needs the final normaliser);
@@ -138,16 +139,37 @@ def _full_queries(n0, n1, m_lo, m_hi, Sk, q_offset, shift, G, W, SINKS, BM: tl.c
 
 
 @triton.jit
-def _query_tile(ROWS, RANK, bh, pid_m, Sq, q_offset, Sk, BM: tl.constexpr, GATHER: tl.constexpr):
-    """(row indices, in-range mask, first and last position) of query tile pid_m. GATHER: the tile is BM of this
-    head's routed rows (ROWS, ascending; RANK[Sq] of them), so rows with a zero gate take no tile space."""
+def _launch_order(n_tiles, HEAD_GROUP):
+    """(head, t) of this program in a 1-D grid of n_tiles tiles per (batch, head): t = 0 is a head's longest tile.
+
+    Heads vary fastest within groups of HEAD_GROUP heads, so the longest tiles of a group start before any shorter
+    one (the end of a launch does not wait for one head's long tile, which decides short launches), while only one
+    group's K and V are read at a time (they stay in L2, which decides long ones); see `_head_group`."""
+    pid = tl.program_id(0)
+    group = pid // (HEAD_GROUP * n_tiles)
+    heads = tl.minimum(HEAD_GROUP, tl.num_programs(0) // n_tiles - group * HEAD_GROUP)
+    inner = pid - group * HEAD_GROUP * n_tiles
+    return group * HEAD_GROUP + inner % heads, inner // heads
+
+
+@triton.jit
+def _query_tile(ROWS, RANK, bh, t, Sq, q_offset, Sk, BM: tl.constexpr, GATHER: tl.constexpr):
+    """(row indices, in-range mask, first and last routed position) of the query tile with launch rank t (0: the
+    head's last, longest one). GATHER: the tile is BM slots of this head's row permutation ROWS, routed rows first
+    (RANK[Sq] of them), so rows with a zero gate take no space in the tiles that do work; the tiles past them, which
+    run last, only store those rows' empty results."""
     if GATHER:
+        count = tl.load(RANK + bh.to(tl.int64) * (Sq + 1) + Sq)
+        routed_tiles = tl.cdiv(count, BM)
+        pid_m = tl.where(t < routed_tiles, routed_tiles - 1 - t, t)
         slot = pid_m * BM + tl.arange(0, BM)
-        row_in = slot < tl.load(RANK + bh.to(tl.int64) * (Sq + 1) + Sq)
+        row_in = slot < Sq
+        routed = slot < count
         offs_m = tl.load(ROWS + bh.to(tl.int64) * Sq + slot, mask=row_in, other=0)
-        P0 = q_offset + tl.min(tl.where(row_in, offs_m, Sq), 0)
-        P1 = q_offset + tl.max(tl.where(row_in, offs_m, 0), 0)
+        P0 = q_offset + tl.min(tl.where(routed, offs_m, Sq), 0)
+        P1 = q_offset + tl.max(tl.where(routed, offs_m, 0), 0)
     else:
+        pid_m = tl.cdiv(Sq, BM) - 1 - t
         offs_m = pid_m * BM + tl.arange(0, BM)
         row_in = offs_m < Sq
         P0 = q_offset + pid_m * BM
@@ -206,20 +228,19 @@ def _fwd_tiles(
 def _fwd_kernel(
     Q, K, V, Out, LSE, PAD, DOC, GATE, LAB, LMASS, ROWS, RANK,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-    Hq, Sq, Sk, kv_group, qk_scale, G, W, SINKS, n_unshifted,
+    Hq, Sq, Sk, kv_group, qk_scale, G, W, SINKS, n_unshifted, HEAD_GROUP,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, HAS_GATE: tl.constexpr,
     HAS_LABELS: tl.constexpr, NUM_LABELS: tl.constexpr, LP: tl.constexpr, IEEE: tl.constexpr, GATHER: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) query tiles of a head start first
-    bh = tl.program_id(1)
+    bh, t = _launch_order(tl.cdiv(Sq, BM), HEAD_GROUP)
     b = (bh // Hq).to(tl.int64)
     h = bh % Hq
     kvh = (h // kv_group).to(tl.int64)
     q_offset = Sk - Sq
     shift = (h >= n_unshifted).to(tl.int32) * (G // 2)
     offs_d = tl.arange(0, DP)
-    offs_m, row_in, P0, P1 = _query_tile(ROWS, RANK, bh, pid_m, Sq, q_offset, Sk, BM, GATHER)
+    offs_m, row_in, P0, P1 = _query_tile(ROWS, RANK, bh, t, Sq, q_offset, Sk, BM, GATHER)
     pos = q_offset + offs_m
 
     q = tl.load(
@@ -327,12 +348,11 @@ def _key_mass_tiles(
 def _key_mass_kernel(
     Q, K, LSE, PAD, DOC, MASS,
     sqb, sqh, sqm, skb, skh, skn,
-    Hq, Sq, Sk, kv_group, qk_scale, G, W, SINKS, n_unshifted,
+    Hq, Sq, Sk, kv_group, qk_scale, G, W, SINKS, n_unshifted, HEAD_GROUP,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh, pid_n = _launch_order(tl.cdiv(Sk, BN), HEAD_GROUP)  # causal: the first key tiles are the longest
     b = (bh // Hq).to(tl.int64)
     h = bh % Hq
     kvh = (h // kv_group).to(tl.int64)
@@ -419,12 +439,11 @@ def _dkdv_tiles(
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, PAD, DOC, ROWS, RANK, DK, DV,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
-    Hq, Hkv, Sq, Sk, kv_group, qk_scale, scale, G, W, SINKS, n_unshifted,
+    Hq, Hkv, Sq, Sk, kv_group, qk_scale, scale, G, W, SINKS, n_unshifted, HEAD_GROUP,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr, GATHER: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    bkv = tl.program_id(1)
+    bkv, pid_n = _launch_order(tl.cdiv(Sk, BN), HEAD_GROUP)  # causal: the first key tiles are the longest
     b = (bkv // Hkv).to(tl.int64)
     kvh = (bkv % Hkv).to(tl.int64)
     q_offset = Sk - Sq
@@ -514,19 +533,18 @@ def _dq_tiles(
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, PAD, DOC, ROWS, RANK, DQ,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
-    Hq, Sq, Sk, kv_group, qk_scale, scale, G, W, SINKS, n_unshifted,
+    Hq, Sq, Sk, kv_group, qk_scale, scale, G, W, SINKS, n_unshifted, HEAD_GROUP,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr, GATHER: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) query tiles of a head start first
-    bh = tl.program_id(1)
+    bh, t = _launch_order(tl.cdiv(Sq, BM), HEAD_GROUP)
     b = (bh // Hq).to(tl.int64)
     h = bh % Hq
     kvh = (h // kv_group).to(tl.int64)
     q_offset = Sk - Sq
     shift = (h >= n_unshifted).to(tl.int32) * (G // 2)
     offs_d = tl.arange(0, DP)
-    offs_m, row_in, P0, P1 = _query_tile(ROWS, RANK, bh, pid_m, Sq, q_offset, Sk, BM, GATHER)
+    offs_m, row_in, P0, P1 = _query_tile(ROWS, RANK, bh, t, Sq, q_offset, Sk, BM, GATHER)
     pos = q_offset + offs_m
     row_mask = row_in[:, None] & (offs_d[None, :] < D)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=row_mask, other=0.0)
@@ -586,8 +604,9 @@ def _bwd_delta_kernel(OUT, DO, DELTA, Sq, D: tl.constexpr, DP: tl.constexpr, BM:
 
 @triton.jit
 def _routed_rows_kernel(GATE, ROWS, RANK, Sq, Hq, BLOCK: tl.constexpr):
-    """Stream compaction of one (batch, head) by a running prefix count: ROWS gets the rows whose gate is nonzero,
-    RANK[i] how many of them come before row i (RANK[Sq]: all of them)."""
+    """Stream compaction of one (batch, head) by a running prefix count: ROWS gets the rows whose gate is nonzero in
+    its first slots, ascending, and the others from its last slot down; RANK[i] is how many routed rows come before
+    row i (RANK[Sq]: all of them)."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // Hq
     h = bh % Hq
@@ -596,7 +615,8 @@ def _routed_rows_kernel(GATE, ROWS, RANK, Sq, Hq, BLOCK: tl.constexpr):
         offs = m0 + tl.arange(0, BLOCK)
         on = (tl.load(GATE + (b * Sq + offs) * Hq + h, mask=offs < Sq, other=0.0) != 0).to(tl.int32)
         before = count + tl.cumsum(on, 0) - on
-        tl.store(ROWS + bh * Sq + before, offs, mask=on != 0)
+        slot = tl.where(on != 0, before, Sq - 1 - (offs - before))
+        tl.store(ROWS + bh * Sq + slot, offs, mask=offs < Sq)
         tl.store(RANK + bh * (Sq + 1) + offs, before, mask=offs < Sq)
         count += tl.sum(on, 0)
     tl.store(RANK + bh * (Sq + 1) + Sq, count)
@@ -643,18 +663,31 @@ def _blocks(kernel: str, sq: int, d: int, dtype: torch.dtype, sparse: bool, labe
     return dict(BM=min(bm, small_m), BN=bn, num_warps=8 if kernel == "mass" else warps, num_stages=2)
 
 
+# K and V bytes one launch group of heads reads (`_launch_order`): about two thirds of the H200's 50 MiB L2. All heads
+# in one group ran the dense forward 5-10% faster at 4k tokens and 5-8% slower at 16k-32k with 32 heads of 128
+# (K/V of 256-512 MiB); timed with this budget in RESULTS.md.
+_GROUP_KV_BYTES = 32 * 2**20
+
+
+def _head_group(n_heads: int, heads_per_kv: int, k: torch.Tensor) -> int:
+    """Heads per launch group: the query heads of as many kv heads as keep their K and V within _GROUP_KV_BYTES."""
+    kv_bytes = 2 * k.shape[2] * k.shape[3] * k.element_size()
+    return min(n_heads, max(1, _GROUP_KV_BYTES // kv_bytes) * heads_per_kv)
+
+
 def _empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Every kernel output is allocated here (tests poison it with NaN to catch elements a kernel leaves unwritten)."""
     return torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
 
 
 def _routed_rows(head_gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows (B, Hq, Sq) int32: each head's query rows with a nonzero gate, ascending, in its first count slots;
-    rank (B, Hq, Sq + 1) int32: the slot of row i, i.e. how many routed rows precede it; rank[..., Sq] = count).
-    Query tiles then hold routed rows only. One kernel: with a stable argsort instead, gated attention at 4k tokens
-    ran slower than dense on the H200 (RESULTS.md)."""
+    """(rows (B, Hq, Sq) int32: a permutation of each head's query rows, those with a nonzero gate ascending in its
+    first count slots, the others after them; rank (B, Hq, Sq + 1) int32: the slot of routed row i, i.e. how many
+    routed rows precede it; rank[..., Sq] = count). Query tiles then hold routed rows only, and the tiles past them
+    write the other rows' empty results (nothing is pre-filled). One kernel: with a stable argsort instead, gated
+    attention at 4k tokens ran slower than dense on the H200 (RESULTS.md)."""
     b, sq, hq = head_gates.shape
-    rows = torch.empty((b, hq, sq), device=head_gates.device, dtype=torch.int32)  # slots past count are never read
+    rows = _empty((b, hq, sq), head_gates, torch.int32)
     rank = _empty((b, hq, sq + 1), head_gates, torch.int32)
     _routed_rows_kernel[(b * hq,)](head_gates, rows, rank, sq, hq, BLOCK=16 if _interpreting() else 1024)
     return rows, rank
@@ -687,12 +720,8 @@ class _TritonAttention(torch.autograd.Function):
         gather = head_gates is not None and sq > cfg["BM"]
         if gather:  # tiles of each head's routed rows: work in proportion to the routed fraction, however scattered
             rows, rank = _routed_rows(head_gates)
-            out.zero_()
-            lse.fill_(float("-inf"))
-            if label_mass is not None:
-                label_mass.zero_()
-        grid = (triton.cdiv(sq, cfg["BM"]), b * hq)
-        _fwd_kernel[grid](
+        query_heads = dict(HEAD_GROUP=_head_group(b * hq, hq // hkv, k))
+        _fwd_kernel[(b * hq * triton.cdiv(sq, cfg["BM"]),)](
             q, k, v, out, lse,
             pad if pad is not None else dummy, doc if doc is not None else dummy,
             head_gates if head_gates is not None else dummy, labels if labels is not None else dummy,
@@ -700,15 +729,15 @@ class _TritonAttention(torch.autograd.Function):
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             hq, sq, sk, hq // hkv, qk_scale,
             HAS_GATE=head_gates is not None, HAS_LABELS=labels is not None, NUM_LABELS=num_labels,
-            LP=max(16, triton.next_power_of_2(num_labels)), GATHER=gather, **flags, **cfg,
+            LP=max(16, triton.next_power_of_2(num_labels)), GATHER=gather, **query_heads, **flags, **cfg,
         )  # fmt: skip
         mass = None
         if opts["key_mass"]:
             mass = _empty((b, hq, sk), q, torch.float32)
             cfg = _blocks("mass", sq, d, q.dtype, flags["KIND"] != 0)
-            _key_mass_kernel[(triton.cdiv(sk, cfg["BN"]), b * hq)](
+            _key_mass_kernel[(b * hq * triton.cdiv(sk, cfg["BN"]),)](
                 q, k, lse, pad if pad is not None else dummy, doc if doc is not None else dummy, mass,
-                *_strides(q), *_strides(k), hq, sq, sk, hq // hkv, qk_scale, **flags, **cfg,
+                *_strides(q), *_strides(k), hq, sq, sk, hq // hkv, qk_scale, **query_heads, **flags, **cfg,
             )  # fmt: skip
         routed = (rows, rank) if gather else (None, None)  # the backward walks the same rows
         ctx.save_for_backward(q, k, v, out, lse, head_gates, pad, doc, *routed)
@@ -749,17 +778,17 @@ class _TritonAttention(torch.autograd.Function):
         dk = _empty((b, hkv, sk, d), k)
         dv = _empty((b, hkv, sk, d), v)
         cfg = _blocks("dkdv", sq, d, q.dtype, flags["KIND"] != 0)
-        _bwd_dkdv_kernel[(triton.cdiv(sk, cfg["BN"]), b * hkv)](
+        _bwd_dkdv_kernel[(b * hkv * triton.cdiv(sk, cfg["BN"]),)](
             q, k, v, dout, lse, delta, *extra, rows, rank, dk, dv, *common,
-            hq, hkv, sq, sk, hq // hkv, qk_scale, scale, GATHER=gather, **flags, **cfg,
+            hq, hkv, sq, sk, hq // hkv, qk_scale, scale, GATHER=gather, HEAD_GROUP=_head_group(b * hkv, 1, k),
+            **flags, **cfg,
         )  # fmt: skip
         dq = _empty((b, hq, sq, d), q)
-        if gather:
-            dq.zero_()
         cfg = _blocks("dq", sq, d, q.dtype, flags["KIND"] != 0)
-        _bwd_dq_kernel[(triton.cdiv(sq, cfg["BM"]), b * hq)](
+        _bwd_dq_kernel[(b * hq * triton.cdiv(sq, cfg["BM"]),)](
             q, k, v, dout, lse, delta, *extra, rows, rank, dq, *common,
-            hq, sq, sk, hq // hkv, qk_scale, scale, GATHER=gather, **flags, **cfg,
+            hq, sq, sk, hq // hkv, qk_scale, scale, GATHER=gather, HEAD_GROUP=_head_group(b * hq, hq // hkv, k),
+            **flags, **cfg,
         )  # fmt: skip
         return dq, dk, dv, dgates, None
 

@@ -11,6 +11,8 @@ Measured, B=1, causal, bf16, ms (median of `triton.testing.do_bench`):
   fraction routed per token (what the router gives: top-k of random logits) and per 128-token chunk (every query of a
   kernel tile makes the same choice: the most the tile skipping can give); forward and forward + backward.
 - the routed-row index alone (the compaction kernel every gated call runs first), for the per-token gates.
+- the forward of each head's last query tile alone (its BM queries against all S keys): no launch of the causal
+  forward can take less, so it bounds what skipping work can save at short lengths.
 - decode attention: one query against an S-token KV cache, batch 8, per-token gates (each tile is one query, so
   every zero gate is skipped work).
 - whole model: forward of the 1B model on S tokens with `attn_implementation="ctxaware"`, dense vs MoH (learned
@@ -121,6 +123,11 @@ def measure_attention(row, s, active_fractions, hq, hkv, d, device, dtype, backe
 
                 plain = gates.detach()
                 row[f"attn_rows_{active}"] = bench(lambda g=plain: _routed_rows(g), device)
+    if device.type == "cuda":  # every causal launch waits for its longest tiles: a head's last query tile, alone
+        from ctxaware.kernels.triton_attention import _blocks
+
+        q_last = q.detach()[:, :, -_blocks("fwd", s, d, dtype, False)["BM"] :]
+        row["attn_last_tile_fwd"] = bench(lambda: attention(q_last, k, v, backend=backend)[0], device)
     # decode: batch 8, one query per row against the cache
     with torch.no_grad():
         qd = torch.randn(8, hq, 1, d, device=device, dtype=dtype)
@@ -246,6 +253,9 @@ def write(args, rows, device, seconds):
                  [f"1B model with SDPA {r['model_sdpa_fwd']:.2f}"] if "model_sdpa_fwd" in r else [])  # fmt: skip
         if peers:
             lines.append(f"| {r['S']} | peers (fwd) | " + ", ".join(peers) + " |" + " |" * len(args.active))
+        if "attn_last_tile_fwd" in r:
+            lines.append(f"| {r['S']} | attention fwd of each head's last query tile alone (a launch's critical path) "
+                         f"| {r['attn_last_tile_fwd']:.3f} |" + " |" * len(args.active))  # fmt: skip
     lines += ["", "Target (issue 9): attention at 50% active <= 0.65x dense. With gates the kernel's query tiles hold "
               "each head's routed rows only (token routing); chunk routing zeroes whole tiles without that."]  # fmt: skip
     for name, text in (("moh.json", json.dumps({"meta": meta, "rows": rows}, indent=1)), ("moh.md", "\n".join(lines))):

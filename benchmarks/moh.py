@@ -7,7 +7,7 @@ Model: a Llama of about 1B parameters built from a config (Llama-3.2-1B's shapes
 8 key/value heads of 64, MLP 8192; random bf16 weights, nothing downloaded). Active fractions are (shared + top_k) /
 32 with 16 shared heads at 75% (16 + 8 of 16 routed, the paper's split) and 8 shared at 50% (8 + 8 of 24).
 Measured, B=1, causal, bf16, ms (median of `triton.testing.do_bench`):
-- attention (32/8 heads, D=64): ours dense (no gates), SDPA flash and cuDNN, and ours with gates at each active
+- attention (32/8 heads, D=64; GPU time from CUDA-graph replay, and the host time per call): ours dense (no gates), SDPA flash and cuDNN, and ours with gates at each active
   fraction routed per token (what the router gives: top-k of random logits) and per 128-token chunk (every query of a
   kernel tile makes the same choice: the most the tile skipping can give); forward and forward + backward.
 - the routed-row index alone (the compaction kernel every gated call runs first), for the per-token gates.
@@ -46,12 +46,16 @@ SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              head_dim=8, vocab_size=256, tie_word_embeddings=True)  # fmt: skip
 
 
-def bench(fn, device) -> float:
+def bench(fn, device, graph=False) -> float:
+    """Median ms. graph: GPU time of the calls replayed from a CUDA graph, without the Python and launch time, which
+    at 4k tokens is longer than the kernels' (`host_us`)."""
     fn()
     if device.type == "cuda":
         import triton
 
         torch.cuda.synchronize()
+        if graph:
+            return float(triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median"))
         return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
     times = []
     for _ in range(3):
@@ -59,6 +63,20 @@ def bench(fn, device) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return sorted(times)[1]
+
+
+def host_us(fn, calls=50) -> float:
+    """Microseconds of host time per call (Python, argument checks, launches), the GPU queue never full."""
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    seconds = time.perf_counter() - start
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return seconds / calls * 1e6
 
 
 def split(active: float, heads: int) -> tuple[int, int]:
@@ -97,8 +115,9 @@ def measure_attention(row, s, active_fractions, hq, hkv, d, device, dtype, backe
     def ours(gates=None):
         return lambda: attention(q, k, v, head_gates=gates, backend=backend)[0]
 
-    row["attn_dense_fwd"] = bench(ours(), device)
-    row["attn_dense_fwdbwd"] = bench(fwd_bwd(ours(), (q, k, v)), device)
+    row["attn_dense_fwd"] = bench(ours(), device, graph=True)
+    row["attn_dense_fwdbwd"] = bench(fwd_bwd(ours(), (q, k, v)), device, graph=True)
+    row["host_dense_fwd"] = host_us(ours())
     if device.type == "cuda":
         for name, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             try:
@@ -109,35 +128,36 @@ def measure_attention(row, s, active_fractions, hq, hkv, d, device, dtype, backe
                             q, k, v, is_causal=True, enable_gqa=True
                         )
 
-                row[f"attn_sdpa_{name}_fwd"] = bench(sdpa, device)
+                row[f"attn_sdpa_{name}_fwd"] = bench(sdpa, device, graph=True)
             except RuntimeError as error:
                 row[f"attn_sdpa_{name}_error"] = str(error)[:200]
     for active in active_fractions:
         shared, top_k = split(active, hq)
         for routing, make in (("token", token_gates), ("chunk", chunk_gates)):
             gates = make(1, s, hq, shared, top_k, device, dtype).requires_grad_(True)
-            row[f"attn_{routing}_{active}_fwd"] = bench(ours(gates), device)
-            row[f"attn_{routing}_{active}_fwdbwd"] = bench(fwd_bwd(ours(gates), (q, k, v, gates)), device)
+            row[f"attn_{routing}_{active}_fwd"] = bench(ours(gates), device, graph=True)
+            row[f"attn_{routing}_{active}_fwdbwd"] = bench(fwd_bwd(ours(gates), (q, k, v, gates)), device, graph=True)
+            row[f"host_{routing}_{active}_fwd"] = host_us(ours(gates))
             if device.type == "cuda" and routing == "token":  # the gathered rows' index, part of every gated call
                 from ctxaware.kernels.triton_attention import _routed_rows
 
                 plain = gates.detach()
-                row[f"attn_rows_{active}"] = bench(lambda g=plain: _routed_rows(g), device)
+                row[f"attn_rows_{active}"] = bench(lambda g=plain: _routed_rows(g), device, graph=True)
     if device.type == "cuda":  # every causal launch waits for its longest tiles: a head's last query tile, alone
         from ctxaware.kernels.triton_attention import _blocks
 
         q_last = q.detach()[:, :, -_blocks("fwd", s, d, dtype, False)["BM"] :]
-        row["attn_last_tile_fwd"] = bench(lambda: attention(q_last, k, v, backend=backend)[0], device)
+        row["attn_last_tile_fwd"] = bench(lambda: attention(q_last, k, v, backend=backend)[0], device, graph=True)
     # decode: batch 8, one query per row against the cache
     with torch.no_grad():
         qd = torch.randn(8, hq, 1, d, device=device, dtype=dtype)
         kd = torch.randn(8, hkv, s, d, device=device, dtype=dtype)
         vd = torch.randn_like(kd)
-        row["decode_dense"] = bench(lambda: attention(qd, kd, vd, backend=backend), device)
+        row["decode_dense"] = bench(lambda: attention(qd, kd, vd, backend=backend)[0], device, graph=True)
         for active in active_fractions:
             gates = token_gates(8, 1, hq, *split(active, hq), device, dtype)
             row[f"decode_token_{active}"] = bench(
-                lambda g=gates: attention(qd, kd, vd, head_gates=g, backend=backend), device
+                lambda g=gates: attention(qd, kd, vd, head_gates=g, backend=backend)[0], device, graph=True
             )
 
 
@@ -226,7 +246,9 @@ def write(args, rows, device, seconds):
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 1),
             "units": "ms, median; fwdbwd = forward + backward; ratios are x of dense (lower is faster)"}  # fmt: skip
     lines = [f"# MoH routing on {gpu}", "", f"Command: `{meta['command']}` (torch {meta['torch']}, CUDA "
-             f"{meta['cuda']}, git {git[:10]}). B=1 (decode: 8), causal, bf16, ms; ratio = x of dense.", "",
+             f"{meta['cuda']}, git {git[:10]}). B=1 (decode: 8), causal, bf16, ms; ratio = x of dense. Attention rows: GPU "
+             "time, the calls replayed from a CUDA graph (the host time per call is its own row); model rows: as "
+             "called from Python.", "",
              "| S | what | dense | " + " | ".join(f"{a:.0%} active" for a in args.active) + " |",
              "|---|---|---|" + "---|" * len(args.active)]  # fmt: skip
     kinds = [("attention fwd, token-routed", "attn_dense_fwd", "attn_token_{}_fwd"),
@@ -234,6 +256,7 @@ def write(args, rows, device, seconds):
              ("attention fwd, chunk-routed (128)", "attn_dense_fwd", "attn_chunk_{}_fwd"),
              ("attention fwd+bwd, chunk-routed (128)", "attn_dense_fwdbwd", "attn_chunk_{}_fwdbwd"),
              ("routed-row index alone (in every gated call)", "attn_dense_fwd", "attn_rows_{}"),
+             ("host time of an attention fwd call, token-routed (us, not ms)", "host_dense_fwd", "host_token_{}_fwd"),
              ("decode attention (B=8, 1 query)", "decode_dense", "decode_token_{}"),
              ("1B model forward, token-routed", "model_dense_fwd", "model_token_{}_fwd"),
              ("1B model decode step, token-routed", "model_dense_decode", "model_token_{}_decode"),

@@ -27,3 +27,12 @@ def bench(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+def bench_graph(fn) -> float:
+    """GPU time: median ms of the calls replayed from a CUDA graph (`triton.testing.do_bench_cudagraph`), without the
+    Python and launch time `bench` includes; an MoH-gated call at 4k tokens spends longer on the host than its kernels
+    take on the H200."""
+    fn()
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median"))

@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import git_commit
+from bench_common import bench as bench_gpu
+from bench_common import bench_graph, git_commit
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -49,14 +50,9 @@ SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
 def bench(fn, device, graph=False) -> float:
     """Median ms. graph: GPU time of the calls replayed from a CUDA graph, without the Python and launch time, which
     at 4k tokens is longer than the kernels' (`host_us`)."""
-    fn()
     if device.type == "cuda":
-        import triton
-
-        torch.cuda.synchronize()
-        if graph:
-            return float(triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median"))
-        return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+        return bench_graph(fn) if graph else bench_gpu(fn)
+    fn()
     times = []
     for _ in range(3):
         start = time.perf_counter()

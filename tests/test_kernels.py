@@ -271,6 +271,19 @@ def test_triton_heads_launched_in_groups(poisoned, monkeypatch, gates):
 
 
 @interpreted
+def test_triton_inference_without_autograd(poisoned):
+    """No input needs a gradient: the forward runs without an autograd node and gives the reference's results."""
+    q, k, v, kw = make_case(hq=4, hkv=2, sq=40, sk=40, gates="routed", labels=True)
+    with torch.no_grad():
+        res = {b: attention(q, k, v, key_mass=True, return_lse=True, backend=b, **kw) for b in ("reference", "triton")}
+    (o1, s1), (o2, s2) = res["reference"], res["triton"]
+    assert o2.grad_fn is None
+    check_close(o2, o1, 1e-5, "out")
+    for name in ("lse", "key_mass", "label_mass"):
+        check_close(getattr(s2, name), getattr(s1, name), 1e-5, name)
+
+
+@interpreted
 def test_triton_noncausal(poisoned):
     q, k, v, kw = make_case(b=1, hq=2, hkv=1, sq=33, sk=33, d=32, pad="right")
     res = run_both(q, k, v, kw, causal=False, pattern=PATTERNS["window"])

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ctxaware.kernels.triton_attention import _pow2
+
 
 @triton.jit
 def _softmax(x, valid):
@@ -98,7 +100,7 @@ def router_gates(
     _router_gates_kernel[(rows.shape[0],)](
         rows, routed_weight.contiguous(), dummy if shared_weight is None else shared_weight.contiguous(),
         dummy if mix_weight is None else mix_weight.contiguous(), heads, out, hidden, float(lr_ratio), top_k,
-        N_ROUTED=n_routed, N_SHARED=n_shared, RP=max(16, triton.next_power_of_2(n_routed)),
-        SP=max(16, triton.next_power_of_2(max(n_shared, 1))), BH=128,
+        N_ROUTED=n_routed, N_SHARED=n_shared, RP=_pow2(n_routed),
+        SP=_pow2(n_shared), BH=128,
     )  # fmt: skip
     return out.view(*x.shape[:-1], n_shared + n_routed)

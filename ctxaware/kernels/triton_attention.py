@@ -622,6 +622,16 @@ def _routed_rows_kernel(GATE, ROWS, RANK, Sq, Hq, BLOCK: tl.constexpr):
     tl.store(RANK + bh * (Sq + 1) + Sq, count)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n, at least 16 (the narrowest tl.dot operand). Plain Python: Triton's own helpers
+    are slower from host code, which runs once per layer and call."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
 def _pattern_args(pattern: AttentionPattern | None, hq: int, sk: int) -> dict:
     pattern = pattern or AttentionPattern.dense()
     return dict(
@@ -652,7 +662,7 @@ def _blocks(kernel: str, sq: int, d: int, dtype: torch.dtype, sparse: bool, labe
     """Tile sizes: swept ones for 16-bit head_dim <= 128, smaller ones where registers / shared memory run out."""
     if _interpreting():
         return dict(BM=16, BN=16)
-    small_m = max(16, triton.next_power_of_2(sq))
+    small_m = _pow2(sq)
     if d <= 128 and dtype != torch.float32:
         bm, bn, warps, *stages = (_TILES_D64 if d <= 64 else _TILES_D128)[kernel, sparse]
         if labels:  # the one-hot label tile needs shared memory that 128-wide key tiles at D=128 leave no room for
@@ -697,54 +707,57 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _forward(q, k, v, head_gates, opts):
+    """The forward's launches: ((out, lse, key_mass or None, label_mass or None), what the backward needs)."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    dp = _pow2(d)
+    pat = _pattern_args(opts["pattern"], hq, sk)
+    pad, doc, labels = opts["pad"], opts["doc"], opts["labels"]
+    num_labels = opts["num_labels"] or 1
+    ieee = q.dtype == torch.float32
+    dummy = q.new_empty(1, dtype=torch.int32)
+    flags = dict(D=d, DP=dp, CAUSAL=opts["causal"], HAS_PAD=pad is not None, HAS_DOC=doc is not None, IEEE=ieee, **pat)
+    out = _empty(q.shape, q)
+    lse = _empty((b, hq, sq), q, torch.float32)
+    label_mass = _empty((b, hq, sq, num_labels), q, torch.float32) if labels is not None else None
+    qk_scale = opts["scale"] * LOG2E
+    cfg = _blocks("fwd", sq, d, q.dtype, flags["KIND"] != 0, labels=labels is not None)
+    rows = rank = dummy
+    gather = head_gates is not None and sq > cfg["BM"]
+    if gather:  # tiles of each head's routed rows: work in proportion to the routed fraction, however scattered
+        rows, rank = _routed_rows(head_gates)
+    query_heads = dict(HEAD_GROUP=_head_group(b * hq, hq // hkv, k))
+    _fwd_kernel[(b * hq * _cdiv(sq, cfg["BM"]),)](
+        q, k, v, out, lse,
+        pad if pad is not None else dummy, doc if doc is not None else dummy,
+        head_gates if head_gates is not None else dummy, labels if labels is not None else dummy,
+        label_mass if label_mass is not None else lse, rows, rank,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        hq, sq, sk, hq // hkv, qk_scale,
+        HAS_GATE=head_gates is not None, HAS_LABELS=labels is not None, NUM_LABELS=num_labels,
+        LP=_pow2(num_labels), GATHER=gather, **query_heads, **flags, **cfg,
+    )  # fmt: skip
+    mass = None
+    if opts["key_mass"]:
+        mass = _empty((b, hq, sk), q, torch.float32)
+        cfg = _blocks("mass", sq, d, q.dtype, flags["KIND"] != 0)
+        _key_mass_kernel[(b * hq * _cdiv(sk, cfg["BN"]),)](
+            q, k, lse, pad if pad is not None else dummy, doc if doc is not None else dummy, mass,
+            *_strides(q), *_strides(k), hq, sq, sk, hq // hkv, qk_scale, **query_heads, **flags, **cfg,
+        )  # fmt: skip
+    routed = (rows, rank) if gather else (None, None)  # the backward walks the same rows
+    saved = (q, k, v, out, lse, head_gates, pad, doc, *routed)
+    return (out, lse, mass, label_mass), (saved, dict(flags=flags, qk_scale=qk_scale, scale=opts["scale"]))
+
+
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, head_gates, opts):
-        b, hq, sq, d = q.shape
-        hkv, sk = k.shape[1], k.shape[2]
-        dp = max(16, triton.next_power_of_2(d))
-        pat = _pattern_args(opts["pattern"], hq, sk)
-        pad, doc, labels = opts["pad"], opts["doc"], opts["labels"]
-        num_labels = opts["num_labels"] or 1
-        ieee = q.dtype == torch.float32
-        dummy = q.new_empty(1, dtype=torch.int32)
-        flags = dict(
-            D=d, DP=dp, CAUSAL=opts["causal"], HAS_PAD=pad is not None, HAS_DOC=doc is not None, IEEE=ieee, **pat
-        )
-        out = _empty(q.shape, q)
-        lse = _empty((b, hq, sq), q, torch.float32)
-        label_mass = _empty((b, hq, sq, num_labels), q, torch.float32) if labels is not None else None
-        qk_scale = opts["scale"] * LOG2E
-        cfg = _blocks("fwd", sq, d, q.dtype, flags["KIND"] != 0, labels=labels is not None)
-        rows = rank = dummy
-        gather = head_gates is not None and sq > cfg["BM"]
-        if gather:  # tiles of each head's routed rows: work in proportion to the routed fraction, however scattered
-            rows, rank = _routed_rows(head_gates)
-        query_heads = dict(HEAD_GROUP=_head_group(b * hq, hq // hkv, k))
-        _fwd_kernel[(b * hq * triton.cdiv(sq, cfg["BM"]),)](
-            q, k, v, out, lse,
-            pad if pad is not None else dummy, doc if doc is not None else dummy,
-            head_gates if head_gates is not None else dummy, labels if labels is not None else dummy,
-            label_mass if label_mass is not None else lse, rows, rank,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            hq, sq, sk, hq // hkv, qk_scale,
-            HAS_GATE=head_gates is not None, HAS_LABELS=labels is not None, NUM_LABELS=num_labels,
-            LP=max(16, triton.next_power_of_2(num_labels)), GATHER=gather, **query_heads, **flags, **cfg,
-        )  # fmt: skip
-        mass = None
-        if opts["key_mass"]:
-            mass = _empty((b, hq, sk), q, torch.float32)
-            cfg = _blocks("mass", sq, d, q.dtype, flags["KIND"] != 0)
-            _key_mass_kernel[(b * hq * triton.cdiv(sk, cfg["BN"]),)](
-                q, k, lse, pad if pad is not None else dummy, doc if doc is not None else dummy, mass,
-                *_strides(q), *_strides(k), hq, sq, sk, hq // hkv, qk_scale, **query_heads, **flags, **cfg,
-            )  # fmt: skip
-        routed = (rows, rank) if gather else (None, None)  # the backward walks the same rows
-        ctx.save_for_backward(q, k, v, out, lse, head_gates, pad, doc, *routed)
-        ctx.opts = dict(flags=flags, qk_scale=qk_scale, scale=opts["scale"])
-        outs = [out, lse] + [t for t in (mass, label_mass) if t is not None]
-        ctx.mark_non_differentiable(*outs[1:])
-        return out, lse, mass, label_mass
+        outs, (saved, ctx.opts) = _forward(q, k, v, head_gates, opts)
+        ctx.save_for_backward(*saved)
+        ctx.mark_non_differentiable(*[t for t in outs[1:] if t is not None])
+        return outs
 
     @staticmethod
     def backward(ctx, dout, *_):
@@ -755,9 +768,7 @@ class _TritonAttention(torch.autograd.Function):
         dout = dout.contiguous()
         delta = _empty((b, hq, sq), q, torch.float32)  # = rowsum(dO_att * O_att): gates cancel
         bm = 16 if _interpreting() else 64
-        _bwd_delta_kernel[(triton.cdiv(sq, bm), b * hq)](
-            out, dout, delta, sq, D=d, DP=max(16, triton.next_power_of_2(d)), BM=bm
-        )
+        _bwd_delta_kernel[(_cdiv(sq, bm), b * hq)](out, dout, delta, sq, D=d, DP=_pow2(d), BM=bm)
         dgates = None
         dummy = q.new_empty(1, dtype=torch.int32)
         gather = head_gates is not None  # as in the forward: query tiles of routed rows; the others' dq is 0
@@ -778,14 +789,14 @@ class _TritonAttention(torch.autograd.Function):
         dk = _empty((b, hkv, sk, d), k)
         dv = _empty((b, hkv, sk, d), v)
         cfg = _blocks("dkdv", sq, d, q.dtype, flags["KIND"] != 0)
-        _bwd_dkdv_kernel[(b * hkv * triton.cdiv(sk, cfg["BN"]),)](
+        _bwd_dkdv_kernel[(b * hkv * _cdiv(sk, cfg["BN"]),)](
             q, k, v, dout, lse, delta, *extra, rows, rank, dk, dv, *common,
             hq, hkv, sq, sk, hq // hkv, qk_scale, scale, GATHER=gather, HEAD_GROUP=_head_group(b * hkv, 1, k),
             **flags, **cfg,
         )  # fmt: skip
         dq = _empty((b, hq, sq, d), q)
         cfg = _blocks("dq", sq, d, q.dtype, flags["KIND"] != 0)
-        _bwd_dq_kernel[(b * hq * triton.cdiv(sq, cfg["BM"]),)](
+        _bwd_dq_kernel[(b * hq * _cdiv(sq, cfg["BM"]),)](
             q, k, v, dout, lse, delta, *extra, rows, rank, dq, *common,
             hq, sq, sk, hq // hkv, qk_scale, scale, GATHER=gather, HEAD_GROUP=_head_group(b * hq, hq // hkv, k),
             **flags, **cfg,
@@ -809,4 +820,6 @@ def triton_attention(
         key_mass=key_mass,
     )
     gates = head_gates.contiguous() if head_gates is not None else None
-    return _TritonAttention.apply(q, k, v, gates, opts)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, gates)):
+        return _TritonAttention.apply(q, k, v, gates, opts)
+    return _forward(q, k, v, gates, opts)[0]  # nothing to differentiate: no autograd node to build

@@ -4,7 +4,9 @@ Fresh random inputs, ragged lengths (not multiples of the 16-wide interpreter bl
 packing, every pattern, gates with zeros, decode, statistics, all gradients; outputs are poisoned with NaN first.
 """
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -376,6 +378,17 @@ def test_invalid_inputs_raise(change, match):
     q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
     with pytest.raises((ValueError, TypeError), match=match):
         attention(q, k, v, **args)
+
+
+def test_kernel_ab_benchmark_smoke(tmp_path):
+    """benchmarks/kernel_ab.py end to end on CPU: the package against itself as the baseline, and at a K/V budget
+    per launch group that splits the heads; every output equals the baseline's."""
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "benchmarks/kernel_ab.py", "--baseline", "ctxaware/kernels/triton_attention.py"]
+    subprocess.run([*command, "--out", str(tmp_path), "--smoke", "--group-kv-mib", "0.001"], check=True, cwd=root)
+    results = json.loads((tmp_path / "kernel_ab.json").read_text())["results"]
+    assert len(results) == 6 and (tmp_path / "kernel_ab.md").exists()
+    assert all(row["max_abs_diff"] == 0 and row["fwd"] > 0 and row["fwdbwd"] > 0 for row in results.values())
 
 
 @pytest.mark.parametrize("warp_specialize", [False, True])

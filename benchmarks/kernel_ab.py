@@ -1,0 +1,152 @@
+"""A/B of the kernel module against an earlier version of it, dense and MoH-gated, timed side by side in one run:
+
+    git show REV:ctxaware/kernels/triton_attention.py > /tmp/old_kernels.py
+    python benchmarks/kernel_ab.py --baseline /tmp/old_kernels.py --out DIR [--group-kv-mib 8 32 128]
+    python benchmarks/kernel_ab.py --baseline ctxaware/kernels/triton_attention.py --out DIR --smoke   # CPU check
+
+Both modules' `triton_attention` run on the same inputs: forward and forward + backward, dense and with 50% of the
+heads routed per token (8 shared + 8 of 24 routed, MoH's 50% split), at 32/8 heads of 64 (4k, 16k) and 32/32 heads
+of 128 (4k, 16k, 32k; forward + backward up to 16k). Times are GPU time: medians of CUDA-graph replay
+(`bench_common.bench_graph`), so the host's Python and launches, which differ between versions, are left out.
+`--group-kv-mib` also times the package at other K/V budgets per launch group of heads (`_GROUP_KV_BYTES`).
+Outputs are compared with the baseline's (max abs difference). Writes kernel_ab.json and kernel_ab.md to --out.
+--smoke: tiny shapes on CPU under TRITON_INTERPRET=1, wall-clock times; checks the script, times nothing real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+if "--smoke" in sys.argv:  # before triton is imported: the interpreter runs the kernels on CPU tensors
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+from bench_common import git_commit  # noqa: E402
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ctxaware.kernels.triton_attention as package  # noqa: E402
+
+
+SHAPES = [(32, 8, 64, 4096), (32, 8, 64, 16384), (32, 32, 128, 4096), (32, 32, 128, 16384), (32, 32, 128, 32768)]
+SMOKE_SHAPES = [(4, 2, 16, 24)]
+MAX_FWDBWD_S = 16384
+
+
+def load_module(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # Triton reads kernel source through the module
+    spec.loader.exec_module(module)
+    return module
+
+
+def timer(smoke: bool):
+    if not smoke:
+        from bench_common import bench_graph
+
+        return bench_graph
+
+    def wall_ms(fn):
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    return wall_ms
+
+
+def routed_gates(s: int, hq: int, device, dtype) -> torch.Tensor:
+    """A quarter of the heads shared, a third of the others on per token: half the heads active."""
+    shared = hq // 4
+    routed = torch.rand(1, s, hq - shared, device=device).argsort(-1) < (hq - shared) // 3
+    gates = torch.cat([torch.ones(1, s, shared, dtype=torch.bool, device=device), routed], -1)
+    return gates.to(dtype).contiguous()
+
+
+def call(module, q, k, v, gates):
+    return module.triton_attention(q, k, v, scale=q.shape[-1] ** -0.5, causal=True, pattern=None,
+                                   key_padding_mask=None, doc_ids=None, head_gates=gates, key_mass=False,
+                                   key_labels=None, num_labels=None)[0]  # fmt: skip
+
+
+def measure(variants: dict, shape: tuple, device, dtype, bench) -> dict:
+    hq, hkv, d, s = shape
+    torch.manual_seed(0)
+    q = torch.randn(1, hq, s, d, device=device, dtype=dtype)
+    k = torch.randn(1, hkv, s, d, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    dout = torch.randn_like(q)
+    results = {}
+    for case, gates in (("dense", None), ("routed50", routed_gates(s, hq, device, dtype))):
+        reference = None
+        for name, (module, budget) in variants.items():
+            if budget is not None:
+                module._GROUP_KV_BYTES = budget
+            row = {}
+            with torch.no_grad():
+                out = call(module, q, k, v, gates)
+                reference = out if reference is None else reference
+                row["max_abs_diff"] = (out.float() - reference.float()).abs().max().item()
+                row["fwd"] = bench(lambda m=module, g=gates: call(m, q, k, v, g))
+            if s <= MAX_FWDBWD_S:
+                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                row["fwdbwd"] = bench(lambda m=module, g=gates, x=leaves: torch.autograd.grad(call(m, *x, g), x, dout))
+            key = f"{hq}/{hkv}x{d} S={s} {case} {name}"
+            results[key] = row
+            print(key, json.dumps(row), flush=True)
+    return results
+
+
+def write(out: Path, results: dict, meta: dict) -> None:
+    lines = [f"# Kernel A/B on {meta['gpu']}", "", f"Command: `{meta['command']}` (torch {meta['torch']}, git "
+             f"{meta['git'][:10]}, baseline {meta['baseline']}). Causal, B=1; ms, GPU time (CUDA-graph replay).", "",
+             "| heads x D | S | case | version | fwd | fwd+bwd | max abs diff |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, row in results.items():
+        shape, s, case, name = key.split(" ")
+        fwdbwd = f"{row['fwdbwd']:.3f}" if "fwdbwd" in row else "-"
+        lines.append(
+            f"| {shape} | {s[2:]} | {case} | {name} | {row['fwd']:.3f} | {fwdbwd} | {row['max_abs_diff']:.3g} |"
+        )
+    for name, text in (("kernel_ab.json", json.dumps({"meta": meta, "results": results}, indent=1)),
+                       ("kernel_ab.md", "\n".join(lines) + "\n")):  # fmt: skip
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--baseline", required=True, help="an earlier ctxaware/kernels/triton_attention.py")
+    parser.add_argument("--out", required=True, help="folder for kernel_ab.json and kernel_ab.md")
+    parser.add_argument("--group-kv-mib", type=float, nargs="*", default=[],
+                        help="also time the package with these K/V budgets per launch group of heads")  # fmt: skip
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script end to end")
+    args = parser.parse_args()
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/kernel_ab.py times Triton kernels: run it on a GPU (or pass --smoke on CPU)")
+    device, dtype = (torch.device("cpu"), torch.float32) if args.smoke else (torch.device("cuda"), torch.bfloat16)
+    baseline = load_module(Path(args.baseline), "kernel_ab_baseline")
+    variants = {"baseline": (baseline, None), "package": (package, package._GROUP_KV_BYTES)}
+    for mib in args.group_kv_mib:
+        variants[f"package@{mib:g}MiB"] = (package, int(mib * 2**20))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"command": "python benchmarks/kernel_ab.py " + " ".join(sys.argv[1:]), "git": git_commit(),
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)", "torch": torch.__version__,
+            "baseline": Path(args.baseline).name, "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    results = {}
+    for shape in SMOKE_SHAPES if args.smoke else SHAPES:
+        results.update(measure(variants, shape, device, dtype, timer(args.smoke)))
+        write(out, results, meta)  # after every shape: a cut-short run keeps what it measured
+
+
+if __name__ == "__main__":
+    main()

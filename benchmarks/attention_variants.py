@@ -1,14 +1,13 @@
 """A/B of attention-kernel variants against the package's, imported side by side and timed in one run (one GPU):
 
-    python benchmarks/attention_variants.py --out DIR [--baseline OLD_triton_attention.py]
+    python benchmarks/attention_variants.py --out DIR
 
 Variants, all built from the installed `ctxaware.kernels.triton_attention` source, so they track the package:
 - `tma`: every K/V tile of the forward and the dq kernel, and every Q/dO tile of the dk/dv kernel, through TMA
   tensor descriptors (host `TensorDescriptor`, 4-D blocks [1, 1, rows, D]);
 - `tma_ws`: the same with `tl.range(..., warp_specialize=True)` on the forward's unmasked key loop;
-the forward at 2, 3 and 4 pipeline stages, forward + backward at the package's stages; plus `--baseline FILE`,
-another version of the kernel module (e.g. `git show REV:ctxaware/kernels/triton_attention.py > old.py`), to time a
-change against the code before it (forward only).
+the forward at 2, 3 and 4 pipeline stages, forward + backward at the package's stages. (To time the package against
+an earlier version of it: `benchmarks/kernel_ab.py`.)
 Causal, bf16, B=1, 32 query heads of 128 (32 or 8 kv heads), dense and SF (G = S/4, 4 sinks); SDPA cuDNN alongside.
 Outputs and gradients are compared with the package's (max abs difference). Writes attention_variants.json to --out.
 A variant that fails to compile (ptxas errors, shared memory) is reported and skipped.
@@ -17,14 +16,13 @@ A variant that fails to compile (ptxas errors, shared memory) is reported and sk
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import json
 import sys
 from pathlib import Path
 
 import torch
-from bench_common import bench
+from bench_common import bench, import_kernel_module, kernel_forward
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -144,24 +142,13 @@ def tma_backward(q, k, v, out, lse, dout, pattern):
 def load_module(name: str, source: str, folder: Path):
     path = folder / f"{name}.py"  # Triton reads kernel source from the file
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_kernel_module(path, name)
 
 
 def fwd_bwd(module, q, k, v, dout, pattern):
-    """The package (or a baseline module) through autograd: its own forward and backward."""
+    """The package through autograd: its own forward and backward."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    out = forward(module, *leaves, pattern)
-    return torch.autograd.grad(out, leaves, dout)
-
-
-def forward(module, q, k, v, pattern):
-    return module.triton_attention(q, k, v, scale=q.shape[-1] ** -0.5, causal=True, pattern=pattern,
-                                   key_padding_mask=None, doc_ids=None, head_gates=None, key_mass=False,
-                                   key_labels=None, num_labels=None)[0]  # fmt: skip
+    return torch.autograd.grad(kernel_forward(module, *leaves, pattern), leaves, dout)
 
 
 def max_diff(a, b) -> float:
@@ -183,7 +170,7 @@ def run_variants(variants: dict, prefix: str, extra: dict) -> dict:
     return results
 
 
-def measure(hkv: int, s: int, modules: dict, baseline) -> dict:
+def measure(hkv: int, s: int, modules: dict) -> dict:
     """Every variant at (kv heads, length), dense and SF, forward and forward + backward, beside SDPA cuDNN."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, h, s, 128, device="cuda", dtype=torch.bfloat16) for h in (32, hkv, hkv))
@@ -199,9 +186,7 @@ def measure(hkv: int, s: int, modules: dict, baseline) -> dict:
             torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True), leaves, dout))  # fmt: skip
     results = {}
     for name, pattern in (("dense", None), ("sf", AttentionPattern.sf(s // 4, sinks=4))):
-        fwd = {"package": lambda p=pattern: forward(package, q, k, v, p)}
-        if baseline is not None:
-            fwd["baseline"] = lambda p=pattern: forward(baseline, q, k, v, p)
+        fwd = {"package": lambda p=pattern: kernel_forward(package, q, k, v, p)}
         both = {"package": lambda p=pattern: fwd_bwd(package, q, k, v, dout, p)}
         for kind, module in modules.items():
             for stages in (2, 3, 4):
@@ -217,7 +202,6 @@ def measure(hkv: int, s: int, modules: dict, baseline) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--baseline", help="another version of ctxaware/kernels/triton_attention.py to time")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -225,10 +209,9 @@ def main() -> None:
         "tma": load_module("av_tma", tma_source(False), out),
         "tma_ws": load_module("av_tma_ws", tma_source(True), out),
     }
-    baseline = load_module("av_baseline", Path(args.baseline).read_text(), out) if args.baseline else None
     results = {}
     for hkv, s in ((32, 4096), (32, 16384), (8, 16384)):
-        results.update(measure(hkv, s, modules, baseline))
+        results.update(measure(hkv, s, modules))
     (out / "attention_variants.json").write_text(json.dumps(results, indent=1))
 
 

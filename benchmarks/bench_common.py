@@ -1,7 +1,9 @@
-"""What every speed benchmark records about the tree it timed."""
+"""What the GPU speed benchmarks share: the commit they timed, the timers, and calling a kernel module version."""
 
+import importlib.util
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -36,3 +38,20 @@ def bench_graph(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return float(triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median"))
+
+
+def import_kernel_module(path: Path, name: str):
+    """A version of `ctxaware/kernels/triton_attention.py` (another commit's, or one a benchmark rewrote) imported
+    as module `name`, beside the installed one; registered in sys.modules, where Triton looks up kernel source."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def kernel_forward(module, q, k, v, pattern=None, head_gates=None):
+    """Causal attention output through a kernel module's `triton_attention` (default scale, no statistics)."""
+    return module.triton_attention(q, k, v, scale=q.shape[-1] ** -0.5, causal=True, pattern=pattern,
+                                   key_padding_mask=None, doc_ids=None, head_gates=head_gates, key_mass=False,
+                                   key_labels=None, num_labels=None)[0]  # fmt: skip

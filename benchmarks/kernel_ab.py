@@ -16,7 +16,6 @@ Outputs are compared with the baseline's (max abs difference). Writes kernel_ab.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -28,7 +27,7 @@ if "--smoke" in sys.argv:  # before triton is imported: the interpreter runs the
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from bench_common import git_commit  # noqa: E402
+from bench_common import git_commit, import_kernel_module, kernel_forward  # noqa: E402
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,14 +37,6 @@ import ctxaware.kernels.triton_attention as package  # noqa: E402
 SHAPES = [(32, 8, 64, 4096), (32, 8, 64, 16384), (32, 32, 128, 4096), (32, 32, 128, 16384), (32, 32, 128, 32768)]
 SMOKE_SHAPES = [(4, 2, 16, 24)]
 MAX_FWDBWD_S = 16384
-
-
-def load_module(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # Triton reads kernel source through the module
-    spec.loader.exec_module(module)
-    return module
 
 
 def timer(smoke: bool):
@@ -71,12 +62,6 @@ def routed_gates(s: int, hq: int, device, dtype) -> torch.Tensor:
     return gates.to(dtype).contiguous()
 
 
-def call(module, q, k, v, gates):
-    return module.triton_attention(q, k, v, scale=q.shape[-1] ** -0.5, causal=True, pattern=None,
-                                   key_padding_mask=None, doc_ids=None, head_gates=gates, key_mass=False,
-                                   key_labels=None, num_labels=None)[0]  # fmt: skip
-
-
 def measure(variants: dict, shape: tuple, device, dtype, bench) -> dict:
     hq, hkv, d, s = shape
     torch.manual_seed(0)
@@ -92,13 +77,17 @@ def measure(variants: dict, shape: tuple, device, dtype, bench) -> dict:
                 module._GROUP_KV_BYTES = budget
             row = {}
             with torch.no_grad():
-                out = call(module, q, k, v, gates)
+                out = kernel_forward(module, q, k, v, head_gates=gates)
                 reference = out if reference is None else reference
                 row["max_abs_diff"] = (out.float() - reference.float()).abs().max().item()
-                row["fwd"] = bench(lambda m=module, g=gates: call(m, q, k, v, g))
+                row["fwd"] = bench(lambda m=module, g=gates: kernel_forward(m, q, k, v, head_gates=g))
             if s <= MAX_FWDBWD_S:
                 leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-                row["fwdbwd"] = bench(lambda m=module, g=gates, x=leaves: torch.autograd.grad(call(m, *x, g), x, dout))
+                row["fwdbwd"] = bench(
+                    lambda m=module, g=gates, x=leaves: torch.autograd.grad(
+                        kernel_forward(m, *x, head_gates=g), x, dout
+                    )
+                )
             key = f"{hq}/{hkv}x{d} S={s} {case} {name}"
             results[key] = row
             print(key, json.dumps(row), flush=True)
@@ -133,7 +122,7 @@ def main() -> None:
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernel_ab.py times Triton kernels: run it on a GPU (or pass --smoke on CPU)")
     device, dtype = (torch.device("cpu"), torch.float32) if args.smoke else (torch.device("cuda"), torch.bfloat16)
-    baseline = load_module(Path(args.baseline), "kernel_ab_baseline")
+    baseline = import_kernel_module(Path(args.baseline), "kernel_ab_baseline")
     variants = {"baseline": (baseline, None), "package": (package, package._GROUP_KV_BYTES)}
     for mib in args.group_kv_mib:
         variants[f"package@{mib:g}MiB"] = (package, int(mib * 2**20))

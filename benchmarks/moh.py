@@ -6,10 +6,11 @@
 Model: a Llama of about 1B parameters built from a config (Llama-3.2-1B's shapes: 16 layers, hidden 2048, 32 query /
 8 key/value heads of 64, MLP 8192; random bf16 weights, nothing downloaded). Active fractions are (shared + top_k) /
 32 with 16 shared heads at 75% (16 + 8 of 16 routed, the paper's split) and 8 shared at 50% (8 + 8 of 24).
-Measured, B=1, causal, bf16, ms (median of `triton.testing.do_bench`):
-- attention (32/8 heads, D=64; GPU time from CUDA-graph replay, and the host time per call): ours dense (no gates), SDPA flash and cuDNN, and ours with gates at each active
-  fraction routed per token (what the router gives: top-k of random logits) and per 128-token chunk (every query of a
-  kernel tile makes the same choice: the most the tile skipping can give); forward and forward + backward.
+Measured, B=1, causal, bf16, ms (medians):
+- attention (32/8 heads, D=64; GPU time from CUDA-graph replay, and the host time per call): ours dense (no gates),
+  SDPA flash and cuDNN, and ours with gates at each active fraction routed per token (what the router gives: top-k
+  of random logits) and per 128-token chunk (every query of a kernel tile makes the same choice: the most the tile
+  skipping can give); forward and forward + backward.
 - the routed-row index alone (the compaction kernel every gated call runs first), for the per-token gates.
 - the forward of each head's last query tile alone (its BM queries against all S keys): no launch of the causal
   forward can take less, so it bounds what skipping work can save at short lengths.

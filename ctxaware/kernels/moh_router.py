@@ -100,7 +100,6 @@ def router_gates(
     _router_gates_kernel[(rows.shape[0],)](
         rows, routed_weight.contiguous(), dummy if shared_weight is None else shared_weight.contiguous(),
         dummy if mix_weight is None else mix_weight.contiguous(), heads, out, hidden, float(lr_ratio), top_k,
-        N_ROUTED=n_routed, N_SHARED=n_shared, RP=_pow2(n_routed),
-        SP=_pow2(n_shared), BH=128,
+        N_ROUTED=n_routed, N_SHARED=n_shared, RP=_pow2(n_routed), SP=_pow2(n_shared), BH=128,
     )  # fmt: skip
     return out.view(*x.shape[:-1], n_shared + n_routed)

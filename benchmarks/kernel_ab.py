@@ -1,14 +1,15 @@
 """A/B of the kernel module against an earlier version of it, dense and MoH-gated, timed side by side in one run:
 
     git show REV:ctxaware/kernels/triton_attention.py > /tmp/old_kernels.py
-    python benchmarks/kernel_ab.py --baseline /tmp/old_kernels.py --out DIR [--group-kv-mib 8 32 128]
+    python benchmarks/kernel_ab.py --baseline /tmp/old_kernels.py --out DIR [--variant _GROUP_KV_BYTES=8388608 ...]
     python benchmarks/kernel_ab.py --baseline ctxaware/kernels/triton_attention.py --out DIR --smoke   # CPU check
 
 Both modules' `triton_attention` run on the same inputs: forward and forward + backward, dense and with 50% of the
 heads routed per token (8 shared + 8 of 24 routed, MoH's 50% split), at 32/8 heads of 64 (4k, 16k) and 32/32 heads
 of 128 (4k, 16k, 32k; forward + backward up to 16k). Times are GPU time: medians of CUDA-graph replay
 (`bench_common.bench_graph`), so the host's Python and launches, which differ between versions, are left out.
-`--group-kv-mib` also times the package at other K/V budgets per launch group of heads (`_GROUP_KV_BYTES`).
+`--variant NAME=VALUE[,NAME=VALUE]` also times a copy of the package with tuning constants changed (Python literals),
+e.g. `_GROUP_KV_BYTES=8388608` (K/V bytes per launch group of heads).
 Outputs are compared with the baseline's (max abs difference). Writes kernel_ab.json and kernel_ab.md to --out.
 --smoke: tiny shapes on CPU under TRITON_INTERPRET=1, wall-clock times; checks the script, times nothing real.
 """
@@ -16,6 +17,7 @@ Outputs are compared with the baseline's (max abs difference). Writes kernel_ab.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -72,9 +74,7 @@ def measure(variants: dict, shape: tuple, device, dtype, bench) -> dict:
     results = {}
     for case, gates in (("dense", None), ("routed50", routed_gates(s, hq, device, dtype))):
         reference = None
-        for name, (module, budget) in variants.items():
-            if budget is not None:
-                module._GROUP_KV_BYTES = budget
+        for name, module in variants.items():
             row = {}
             with torch.no_grad():
                 out = kernel_forward(module, q, k, v, head_gates=gates)
@@ -92,6 +92,20 @@ def measure(variants: dict, shape: tuple, device, dtype, bench) -> dict:
             results[key] = row
             print(key, json.dumps(row), flush=True)
     return results
+
+
+def package_variant(spec: str, index: int):
+    """A copy of the package's kernel module with the constants of `spec` ("NAME=VALUE,NAME=VALUE") changed."""
+    module = import_kernel_module(Path(package.__file__), f"kernel_ab_variant{index}")
+    for assignment in spec.split(","):
+        name, _, value = assignment.partition("=")
+        if not hasattr(module, name):
+            raise SystemExit(f"--variant {spec}: the kernel module has no {name!r}; name one of its constants")
+        try:
+            setattr(module, name, ast.literal_eval(value))
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"--variant {spec}: {value!r} is not a Python literal (e.g. 0.5, 8388608)") from None
+    return module
 
 
 def write(out: Path, results: dict, meta: dict) -> None:
@@ -115,17 +129,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", required=True, help="an earlier ctxaware/kernels/triton_attention.py")
     parser.add_argument("--out", required=True, help="folder for kernel_ab.json and kernel_ab.md")
-    parser.add_argument("--group-kv-mib", type=float, nargs="*", default=[],
-                        help="also time the package with these K/V budgets per launch group of heads")  # fmt: skip
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+                        help="also time a copy of the package with these module constants changed")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script end to end")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernel_ab.py times Triton kernels: run it on a GPU (or pass --smoke on CPU)")
     device, dtype = (torch.device("cpu"), torch.float32) if args.smoke else (torch.device("cuda"), torch.bfloat16)
     baseline = import_kernel_module(Path(args.baseline), "kernel_ab_baseline")
-    variants = {"baseline": (baseline, None), "package": (package, package._GROUP_KV_BYTES)}
-    for mib in args.group_kv_mib:
-        variants[f"package@{mib:g}MiB"] = (package, int(mib * 2**20))
+    variants = {"baseline": baseline, "package": package}
+    for index, spec in enumerate(args.variant):
+        variants[f"package@{spec}"] = package_variant(spec, index)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python benchmarks/kernel_ab.py " + " ".join(sys.argv[1:]), "git": git_commit(),

@@ -381,11 +381,13 @@ def test_invalid_inputs_raise(change, match):
 
 
 def test_kernel_ab_benchmark_smoke(tmp_path):
-    """benchmarks/kernel_ab.py end to end on CPU: the package against itself as the baseline, and at a K/V budget
-    per launch group that splits the heads; every output equals the baseline's."""
+    """benchmarks/kernel_ab.py end to end on CPU: the package against itself as the baseline, and a copy of it
+    (`--variant`) whose K/V budget per launch group splits the heads; every output equals the baseline's."""
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "benchmarks/kernel_ab.py", "--baseline", "ctxaware/kernels/triton_attention.py"]
-    subprocess.run([*command, "--out", str(tmp_path), "--smoke", "--group-kv-mib", "0.001"], check=True, cwd=root)
+    subprocess.run(
+        [*command, "--out", str(tmp_path), "--smoke", "--variant", "_GROUP_KV_BYTES=1024"], check=True, cwd=root
+    )
     results = json.loads((tmp_path / "kernel_ab.json").read_text())["results"]
     assert len(results) == 6 and (tmp_path / "kernel_ab.md").exists()
     assert all(row["max_abs_diff"] == 0 and row["fwd"] > 0 and row["fwdbwd"] > 0 for row in results.values())

@@ -393,6 +393,18 @@ def test_kernel_ab_benchmark_smoke(tmp_path):
     assert all(row["max_abs_diff"] == 0 and row["fwd"] > 0 and row["fwdbwd"] > 0 for row in results.values())
 
 
+@pytest.mark.parametrize(
+    "variant, message", [("_NO_SUCH=1", "has no '_NO_SUCH'"), ("_GROUP_KV_BYTES=2**20", "literal")]
+)
+def test_kernel_ab_rejects_a_bad_variant(tmp_path, variant, message):
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "benchmarks/kernel_ab.py", "--baseline", "ctxaware/kernels/triton_attention.py"]
+    result = subprocess.run(
+        [*command, "--out", str(tmp_path), "--smoke", "--variant", variant], cwd=root, capture_output=True, text=True
+    )
+    assert result.returncode != 0 and message in result.stderr
+
+
 @pytest.mark.parametrize("warp_specialize", [False, True])
 @interpreted
 def test_attention_variants_benchmark_builds_correct_kernels(tmp_path, warp_specialize):

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_common import bench, import_kernel_module, kernel_forward
+from bench_common import bench, edit_source, kernel_forward, kernel_forward_backward, load_kernel_source
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -66,10 +66,7 @@ def tma_source(warp_specialize: bool) -> str:
             "        do = DO.load([b.to(tl.int32), h.to(tl.int32), m0, 0]).reshape(BM, DP)",
         ),
     ]
-    for old, new in edits:
-        if old not in src:
-            raise RuntimeError(f"the kernel source changed; update this edit: {old[:60]!r}")
-        src = src.replace(old, new)
+    src = edit_source(src, edits)
     if warp_specialize:
         loop = "    for n0 in range(start, stop, BN):\n        offs_n = n0 + tl.arange(0, BN)\n        col_in = offs_n < Sk\n        k = tl.trans"
         if loop not in src:
@@ -139,18 +136,6 @@ def tma_backward(q, k, v, out, lse, dout, pattern):
     )
 
 
-def load_module(name: str, source: str, folder: Path):
-    path = folder / f"{name}.py"  # Triton reads kernel source from the file
-    path.write_text(source)
-    return import_kernel_module(path, name)
-
-
-def fwd_bwd(module, q, k, v, dout, pattern):
-    """The package through autograd: its own forward and backward."""
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    return torch.autograd.grad(kernel_forward(module, *leaves, pattern), leaves, dout)
-
-
 def max_diff(a, b) -> float:
     pairs = zip(a, b) if isinstance(a, tuple) else [(a, b)]
     return max((x.float() - y.float()).abs().max().item() for x, y in pairs)
@@ -187,7 +172,7 @@ def measure(hkv: int, s: int, modules: dict) -> dict:
     results = {}
     for name, pattern in (("dense", None), ("sf", AttentionPattern.sf(s // 4, sinks=4))):
         fwd = {"package": lambda p=pattern: kernel_forward(package, q, k, v, p)}
-        both = {"package": lambda p=pattern: fwd_bwd(package, q, k, v, dout, p)}
+        both = {"package": lambda p=pattern: kernel_forward_backward(package, q, k, v, dout, p)}
         for kind, module in modules.items():
             for stages in (2, 3, 4):
                 fwd[f"{kind} stages={stages}"] = lambda m=module, p=pattern, st=stages: m.tma_forward(q, k, v, p, st)[
@@ -206,8 +191,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     modules = {
-        "tma": load_module("av_tma", tma_source(False), out),
-        "tma_ws": load_module("av_tma_ws", tma_source(True), out),
+        "tma": load_kernel_source("av_tma", tma_source(False), out),
+        "tma_ws": load_kernel_source("av_tma_ws", tma_source(True), out),
     }
     results = {}
     for hkv, s in ((32, 4096), (32, 16384), (8, 16384)):

@@ -50,8 +50,31 @@ def import_kernel_module(path: Path, name: str):
     return module
 
 
+def edit_source(source: str, edits: list[tuple[str, str]]) -> str:
+    """`source` with each (old, new) replaced; an `old` that is not there (the kernels changed) is an error."""
+    for old, new in edits:
+        if old not in source:
+            raise RuntimeError(f"the kernel source changed; update this edit: {old[:60]!r}")
+        source = source.replace(old, new)
+    return source
+
+
+def load_kernel_source(name: str, source: str, folder: Path):
+    """Kernel-module source (a rewritten copy of the package's) imported as module `name`; written to `folder` first,
+    because Triton reads kernel source from the file."""
+    path = folder / f"{name}.py"
+    path.write_text(source)
+    return import_kernel_module(path, name)
+
+
 def kernel_forward(module, q, k, v, pattern=None, head_gates=None):
     """Causal attention output through a kernel module's `triton_attention` (default scale, no statistics)."""
     return module.triton_attention(q, k, v, scale=q.shape[-1] ** -0.5, causal=True, pattern=pattern,
                                    key_padding_mask=None, doc_ids=None, head_gates=head_gates, key_mass=False,
                                    key_labels=None, num_labels=None)[0]  # fmt: skip
+
+
+def kernel_forward_backward(module, q, k, v, dout, pattern=None):
+    """dq, dk, dv of causal attention through a kernel module's forward and backward (autograd)."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    return torch.autograd.grad(kernel_forward(module, *leaves, pattern), leaves, dout)

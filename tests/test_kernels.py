@@ -393,6 +393,19 @@ def test_kernel_ab_benchmark_smoke(tmp_path):
     assert all(row["max_abs_diff"] == 0 and row["fwd"] > 0 and row["fwdbwd"] > 0 for row in results.values())
 
 
+def test_attention_breakdown_benchmark_smoke(tmp_path):
+    """benchmarks/attention_breakdown.py end to end on CPU: every source edit still applies to the package's kernels,
+    every variant compiles and runs, and the table has a row per pattern and variant."""
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "benchmarks/attention_breakdown.py", "--out", str(tmp_path), "--smoke"]
+    subprocess.run(command, check=True, cwd=root)
+    rows = json.loads((tmp_path / "attention_breakdown.json").read_text())["rows"]
+    variants = ["package", "no_exp", "no_pv", "qk_only", "bwd_no_exp"]
+    assert list(rows) == [f"{p} {v}" for p in ("dense", "sf") for v in variants]
+    assert all(row.get("fwd_ms", 1) > 0 and row.get("fwdbwd_ms", 1) > 0 for row in rows.values())
+    assert all(("fwdbwd_ms" in row) == key.endswith(("package", "bwd_no_exp")) for key, row in rows.items())
+
+
 @pytest.mark.parametrize(
     "variant, message", [("_NO_SUCH=1", "has no '_NO_SUCH'"), ("_GROUP_KV_BYTES=2**20", "literal")]
 )
@@ -414,8 +427,8 @@ def test_attention_variants_benchmark_builds_correct_kernels(tmp_path, warp_spec
         import attention_variants
     finally:
         sys.path.pop(0)
-    module = attention_variants.load_module(f"av_test_{warp_specialize}",
-                                            attention_variants.tma_source(warp_specialize), tmp_path)  # fmt: skip
+    module = attention_variants.load_kernel_source(f"av_test_{warp_specialize}",
+                                                   attention_variants.tma_source(warp_specialize), tmp_path)  # fmt: skip
     for pattern in (None, PATTERNS["sf"]):
         q, k, v, _ = make_case(b=1, hq=4, hkv=2, sq=45, sk=45)
         dout = torch.randn_like(q)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 import triton
-from bench_common import bench, bench_graph, git_commit
+from bench_common import bench, bench_graph, git_commit, write_results
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -288,12 +287,8 @@ def write(args, rows, seconds):
     errors = [(r["Hq"], r["Hkv"], r["S"], k, v) for r in rows for k, v in r.items() if k.endswith("_error")]
     if errors:
         lines += ["", "## Errors", ""] + [f"- {hq}/{hkv} S={s} {k}: {v}" for hq, hkv, s, k, v in errors]
-    tmp = out / ".attention.json.tmp"
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    os.replace(tmp, out / "attention.json")
-    tmp = out / ".attention.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out / "attention.md")
+    write_results(out, {"attention.json": json.dumps({"meta": meta, "rows": rows}, indent=1),
+                        "attention.md": "\n".join(lines)})  # fmt: skip
 
 
 if __name__ == "__main__":

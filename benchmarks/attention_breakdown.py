@@ -29,7 +29,16 @@ if "--smoke" in sys.argv:  # before triton is imported: the interpreter runs the
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from bench_common import edit_source, git_commit, kernel_forward, kernel_forward_backward, load_kernel_source  # noqa: E402
+from bench_common import (  # noqa: E402
+    bench,
+    edit_source,
+    git_commit,
+    kernel_forward,
+    kernel_forward_backward,
+    load_kernel_source,
+    wall_ms,
+    write_results,
+)
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,21 +55,6 @@ BWD_EXP = [
      "p = _dot(q, tl.trans(k), None, IEEE) * qk_scale - lse2[:, None]"),
 ]  # fmt: skip
 VARIANTS = {"no_exp": [FWD_EXP], "no_pv": [FWD_PV], "qk_only": [FWD_EXP, FWD_PV], "bwd_no_exp": BWD_EXP}
-
-
-def timer(smoke: bool):
-    if not smoke:
-        from bench_common import bench
-
-        return bench
-
-    def wall_ms(fn):
-        fn()
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-
-    return wall_ms
 
 
 def causal_tflops(h: int, s: int, d: int, matmuls: int, ms: float, density: float = 1.0) -> float:
@@ -117,11 +111,8 @@ def write(out: Path, rows: dict, meta: dict) -> None:
             continue
         cells = [format(row[c], f) if c in row else "-" for c, f in COLUMNS]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    for name, text in (("attention_breakdown.json", json.dumps({"meta": meta, "rows": rows}, indent=1)),
-                       ("attention_breakdown.md", "\n".join(lines) + "\n")):  # fmt: skip
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    write_results(out, {"attention_breakdown.json": json.dumps({"meta": meta, "rows": rows}, indent=1),
+                        "attention_breakdown.md": "\n".join(lines)})  # fmt: skip
 
 
 def main() -> None:
@@ -142,8 +133,9 @@ def main() -> None:
         modules[name] = load_kernel_source(f"breakdown_{name}", edit_source(source, edits), out)
     meta = {"command": "python benchmarks/attention_breakdown.py " + " ".join(sys.argv[1:]), "git": git_commit(),
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)", "torch": torch.__version__,
-            "shape": f"{h} heads of {d}, S={s}", "dtype": str(dtype).replace("torch.", ""), "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
-    rows = measure(modules, h, s, d, device, dtype, timer(args.smoke))
+            "shape": f"{h} heads of {d}, S={s}", "dtype": str(dtype).replace("torch.", ""),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    rows = measure(modules, h, s, d, device, dtype, wall_ms if args.smoke else bench)
     write(out, rows, meta)
 
 

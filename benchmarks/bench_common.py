@@ -4,6 +4,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -38,6 +39,23 @@ def bench_graph(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return float(triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median"))
+
+
+def write_results(out: Path, files: dict[str, str]) -> None:
+    """Writes each {file name: text} under `out` through a temporary file, so a run cut short (device time limits)
+    never leaves a half-written table behind."""
+    for name, text in files.items():
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text if text.endswith("\n") else text + "\n")
+        os.replace(tmp, out / name)
+
+
+def wall_ms(fn) -> float:
+    """Wall-clock ms of one call after a first one: the CPU smoke runs' timer, which checks scripts, not speed."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
 
 
 def import_kernel_module(path: Path, name: str):

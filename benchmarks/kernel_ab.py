@@ -29,7 +29,7 @@ if "--smoke" in sys.argv:  # before triton is imported: the interpreter runs the
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from bench_common import git_commit, import_kernel_module, kernel_forward  # noqa: E402
+from bench_common import bench_graph, git_commit, import_kernel_module, kernel_forward, wall_ms, write_results  # noqa: E402
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,21 +39,6 @@ import ctxaware.kernels.triton_attention as package  # noqa: E402
 SHAPES = [(32, 8, 64, 4096), (32, 8, 64, 16384), (32, 32, 128, 4096), (32, 32, 128, 16384), (32, 32, 128, 32768)]
 SMOKE_SHAPES = [(4, 2, 16, 24)]
 MAX_FWDBWD_S = 16384
-
-
-def timer(smoke: bool):
-    if not smoke:
-        from bench_common import bench_graph
-
-        return bench_graph
-
-    def wall_ms(fn):
-        fn()
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-
-    return wall_ms
 
 
 def routed_gates(s: int, hq: int, device, dtype) -> torch.Tensor:
@@ -118,11 +103,8 @@ def write(out: Path, results: dict, meta: dict) -> None:
         lines.append(
             f"| {shape} | {s[2:]} | {case} | {name} | {row['fwd']:.3f} | {fwdbwd} | {row['max_abs_diff']:.3g} |"
         )
-    for name, text in (("kernel_ab.json", json.dumps({"meta": meta, "results": results}, indent=1)),
-                       ("kernel_ab.md", "\n".join(lines) + "\n")):  # fmt: skip
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    write_results(out, {"kernel_ab.json": json.dumps({"meta": meta, "results": results}, indent=1),
+                        "kernel_ab.md": "\n".join(lines)})  # fmt: skip
 
 
 def main() -> None:
@@ -147,7 +129,7 @@ def main() -> None:
             "baseline": Path(args.baseline).name, "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
     results = {}
     for shape in SMOKE_SHAPES if args.smoke else SHAPES:
-        results.update(measure(variants, shape, device, dtype, timer(args.smoke)))
+        results.update(measure(variants, shape, device, dtype, wall_ms if args.smoke else bench_graph))
         write(out, results, meta)  # after every shape: a cut-short run keeps what it measured
 
 

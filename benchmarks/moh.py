@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import torch
 from bench_common import bench as bench_gpu
-from bench_common import bench_graph, git_commit
+from bench_common import bench_graph, git_commit, write_results
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -278,10 +277,7 @@ def write(args, rows, device, seconds):
                          f"| {r['attn_last_tile_fwd']:.3f} |" + " |" * len(args.active))  # fmt: skip
     lines += ["", "Target (issue 9): attention at 50% active <= 0.65x dense. With gates the kernel's query tiles hold "
               "each head's routed rows only (token routing); chunk routing zeroes whole tiles without that."]  # fmt: skip
-    for name, text in (("moh.json", json.dumps({"meta": meta, "rows": rows}, indent=1)), ("moh.md", "\n".join(lines))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text + "\n")
-        os.replace(tmp, out / name)
+    write_results(out, {"moh.json": json.dumps({"meta": meta, "rows": rows}, indent=1), "moh.md": "\n".join(lines)})
 
 
 if __name__ == "__main__":

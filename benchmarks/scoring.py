@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-from bench_common import git_commit
+from bench_common import git_commit, write_results
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 
@@ -193,11 +192,8 @@ def write(args, device, dtype, rows, seconds):
         )
     errors = [f"- B={r['B']} S={r['S']} {k}: {v}" for r in rows for k, v in r.items() if k.endswith("_error")]
     lines += ["", "## Errors", "", *errors] if errors else []
-    for name, text in (("scoring.json", json.dumps({"meta": meta, "rows": rows}, indent=1)),
-                       ("scoring.md", "\n".join(lines) + "\n")):  # fmt: skip
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    write_results(out, {"scoring.json": json.dumps({"meta": meta, "rows": rows}, indent=1),
+                        "scoring.md": "\n".join(lines)})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,7 +22,14 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_common import bench, edit_source, kernel_forward, kernel_forward_backward, load_kernel_source
+from bench_common import (
+    bench,
+    edit_source,
+    kernel_forward,
+    kernel_forward_backward,
+    load_kernel_source,
+    write_results,
+)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -84,7 +91,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 def tma_forward(q, k, v, pattern, num_stages):
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    dp = max(16, triton.next_power_of_2(d))
+    dp = _pow2(d)
     pat = _pattern_args(pattern, hq, sk)
     dummy = q.new_empty(1, dtype=torch.int32)
     out = torch.empty_like(q)
@@ -92,7 +99,7 @@ def tma_forward(q, k, v, pattern, num_stages):
     cfg = dict(_blocks("fwd", sq, d, q.dtype, pat["KIND"] != 0), num_stages=num_stages)
     kd = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, cfg["BN"], dp])
     vd = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, cfg["BN"], dp])
-    _fwd_kernel[(b * hq * triton.cdiv(sq, cfg["BM"]),)](
+    _fwd_kernel[(b * hq * _cdiv(sq, cfg["BM"]),)](
         q, kd, vd, out, lse, dummy, dummy, dummy, dummy, lse, dummy, dummy,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), hq, sq, sk, hq // hkv, d ** -0.5 * LOG2E,
         D=d, DP=dp, CAUSAL=True, HAS_PAD=False, HAS_DOC=False, IEEE=False, HAS_GATE=False, HAS_LABELS=False,
@@ -104,20 +111,20 @@ def tma_forward(q, k, v, pattern, num_stages):
 def tma_backward(q, k, v, out, lse, dout, pattern):
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    dp = max(16, triton.next_power_of_2(d))
+    dp = _pow2(d)
     pat = _pattern_args(pattern, hq, sk)
     flags = dict(D=d, DP=dp, CAUSAL=True, HAS_PAD=False, HAS_DOC=False, IEEE=q.dtype == torch.float32, **pat)
     scale = d ** -0.5
     dummy = q.new_empty(1, dtype=torch.int32)
     delta = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
     bm = 16 if _interpreting() else 64
-    _bwd_delta_kernel[(triton.cdiv(sq, bm), b * hq)](out, dout, delta, sq, D=d, DP=dp, BM=bm)
+    _bwd_delta_kernel[(_cdiv(sq, bm), b * hq)](out, dout, delta, sq, D=d, DP=dp, BM=bm)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     cfg = _blocks("dkdv", sq, d, q.dtype, pat["KIND"] != 0)
     qd = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, cfg["BM"], dp])
     dod = TensorDescriptor(dout, list(dout.shape), list(dout.stride()), [1, 1, cfg["BM"], dp])
-    _bwd_dkdv_kernel[(b * hkv * triton.cdiv(sk, cfg["BN"]),)](
+    _bwd_dkdv_kernel[(b * hkv * _cdiv(sk, cfg["BN"]),)](
         qd, k, v, dod, lse, delta, dummy, dummy, dummy, dummy, dk, dv, *common,
         hq, hkv, sq, sk, hq // hkv, scale * LOG2E, scale, GATHER=False, HEAD_GROUP=_head_group(b * hkv, 1, k),
         **flags, **cfg,
@@ -126,7 +133,7 @@ def tma_backward(q, k, v, out, lse, dout, pattern):
     cfg = _blocks("dq", sq, d, q.dtype, pat["KIND"] != 0)
     kd = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, cfg["BN"], dp])
     vd = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, cfg["BN"], dp])
-    _bwd_dq_kernel[(b * hq * triton.cdiv(sq, cfg["BM"]),)](
+    _bwd_dq_kernel[(b * hq * _cdiv(sq, cfg["BM"]),)](
         q, kd, vd, dout, lse, delta, dummy, dummy, dummy, dummy, dq, *common,
         hq, sq, sk, hq // hkv, scale * LOG2E, scale, GATHER=False, HEAD_GROUP=_head_group(b * hq, hq // hkv, k),
         **flags, **cfg,
@@ -197,7 +204,7 @@ def main() -> None:
     results = {}
     for hkv, s in ((32, 4096), (32, 16384), (8, 16384)):
         results.update(measure(hkv, s, modules))
-    (out / "attention_variants.json").write_text(json.dumps(results, indent=1))
+    write_results(out, {"attention_variants.json": json.dumps(results, indent=1)})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,11 @@ from ctxaware import __version__
 
 
 # Subcommand name -> module exposing `register(subparsers)`.
-SUBCOMMAND_MODULES: dict[str, str] = {"eval": "ctxaware.eval.cli", "score": "ctxaware.scoring"}
+SUBCOMMAND_MODULES: dict[str, str] = {
+    "eval": "ctxaware.eval.cli",
+    "score": "ctxaware.scoring",
+    "fetch": "ctxaware.model_fetch",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

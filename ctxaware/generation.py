@@ -10,14 +10,21 @@ import torch
 from tqdm.auto import tqdm
 
 
+# A tokenizer_config.json key: false where plain text must not start with BOS (see `encode_prompt`).
+PLAIN_TEXT_BOS_KEY = "add_bos_to_plain_text"
+
+
 def encode_prompt(tokenizer, text: str, *, add_bos: bool = True) -> list[int]:
-    """Token ids of `text`, with the BOS token prepended when the tokenizer has one and did not add it itself.
+    """Token ids of `text`, with the BOS token prepended when the tokenizer has one and did not add it itself, unless
+    its config sets `PLAIN_TEXT_BOS_KEY` false (models converted from GGUF files that say so: SmolLM2's BOS is its
+    chat turn marker, which plain text never starts with).
 
     Chat-templated text already carries its BOS, so callers pass `add_bos=False` for it.
     """
     ids = tokenizer(text, add_special_tokens=add_bos)["input_ids"]
     bos = tokenizer.bos_token_id
-    if add_bos and bos is not None and (not ids or ids[0] != bos):
+    declared = getattr(tokenizer, "init_kwargs", {}).get(PLAIN_TEXT_BOS_KEY, True)
+    if add_bos and bos is not None and declared and (not ids or ids[0] != bos):
         ids = [bos, *ids]
     return ids
 

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             world_seed=args.world_seed, world_context_rate=args.world_context_rate,
             world_knowledge_form=args.world_knowledge_form,
         )  # fmt: skip
-        from ctxaware.eval.model import load_model
+        from ctxaware.models import load_model
 
         model, tokenizer = load_model(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device)
         turns, heads = score_records(
@@ -140,25 +140,16 @@ def load_chat_records(
     dataset: str, *, split: str = "train", limit: int | None = None, messages_column: str | None = None,
     world_seed: int = 0, world_context_rate: float = 0.5, world_knowledge_form: str = "bare",
 ) -> list[dict]:  # fmt: skip
-    """Records with a `messages` list: the synthetic world's chat data, a local JSON(L) file, or a Hub data set."""
+    """Records with a `messages` list: the synthetic world's chat data, a local file or folder, or a Hub data set."""
     if dataset == WORLD_DATASET:
         from ctxaware.world import build_world, chat_sft
 
         return chat_sft(build_world(world_seed), split, n=limit or 2000, context_rate=world_context_rate,
                         knowledge_form=world_knowledge_form)  # fmt: skip
-    path = Path(dataset)
-    if path.suffix in (".jsonl", ".json"):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: pass a chat data set file, `world`, or a Hub name")
-        text = path.read_text()
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else None
-        rows = rows if rows is not None else json.loads(text)
-    else:
-        from datasets import load_dataset
+    from ctxaware.data_files import load_rows
 
-        rows = load_dataset(dataset, split=split)
-    rows = [dict(row) for row in (rows if limit is None else rows.select(range(min(limit, len(rows))))
-                                  if hasattr(rows, "select") else rows[:limit])]  # fmt: skip
+    rows = load_rows(dataset, split=split)
+    rows = [dict(row) for row in (rows if limit is None else rows.select(range(min(limit, len(rows)))))]
     column = messages_column or next((c for c in ("messages", "conversations") if rows and c in rows[0]), None)
     if not rows:
         raise ValueError(f"{dataset} has no records")

@@ -47,13 +47,17 @@ def register(subparsers) -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--chat_template", choices=["on", "off"], help="force the chat template on or off")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", default="test", help="split of the synthetic world's data")
+    parser.add_argument(
+        "--split", default="test", help="split of the world's data, gsm8k and `books` (train/validation/test)"
+    )
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--max_new_tokens", type=int, help="override each task's generation length")
     parser.add_argument("--lengths", type=_int_list, help="context lengths for niah, passkey, long_ppl (e.g. 256,512)")
     parser.add_argument("--depths", type=_float_list, help="needle depths in [0, 1] for niah (e.g. 0,0.5,1)")
-    parser.add_argument("--haystack_file", help="text file for niah haystacks and long_ppl")
+    parser.add_argument(
+        "--haystack_file", help="text for niah, passkey and long_ppl: a UTF-8 file or `books` (its --split portion)"
+    )
     parser.add_argument(
         "--indicator", help="text (e.g. an indicator token) appended to niah / counterfactual questions"
     )
@@ -92,6 +96,7 @@ def _validate(args):
     """Everything that can be checked before the model loads, so bad input fails in a second, not a minute."""
     from pathlib import Path
 
+    from ctxaware import texts
     from ctxaware.eval.hooks import SWITCHES, parse_switch
     from ctxaware.eval.registry import EvalOptions, get_task, task_names
     from ctxaware.eval.runner import check_dataset
@@ -108,7 +113,12 @@ def _validate(args):
     for name in names:
         get_task(name)
     check_dataset(names, args.dataset)
-    for flag in ("haystack_file", "baseline_samples", "attention_baseline"):
+    if args.haystack_file and not texts.is_text_source(args.haystack_file):
+        raise FileNotFoundError(
+            f"--haystack_file {args.haystack_file} is neither an existing file nor a named source "
+            f"({', '.join(texts.TEXT_SOURCES)})."
+        )
+    for flag in ("baseline_samples", "attention_baseline"):
         value = getattr(args, flag)
         if value and not Path(value).is_file():
             raise FileNotFoundError(f"--{flag} {value} does not exist: pass the path of an existing file.")
@@ -138,9 +148,10 @@ def _validate(args):
 
 def _evaluate(args, options, tasks, switches) -> int:
     from ctxaware.eval.hooks import apply_generation_hooks
-    from ctxaware.eval.model import EvalModel, load_model
+    from ctxaware.eval.model import EvalModel
     from ctxaware.eval.output import format_table
     from ctxaware.eval.runner import evaluate, write_outputs
+    from ctxaware.models import load_model
 
     if args.num_threads:
         import torch

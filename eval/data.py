@@ -57,29 +57,44 @@ def pg19_row(row: dict) -> dict:
     return {"text": row["text"]}
 
 
+def gsm8k_row(row: dict) -> dict:
+    from ctxaware.eval.gsm8k import gsm8k_row as row_of
+
+    return row_of(row)
+
+
 REAL_DATASETS: dict[str, dict[str, tuple[tuple, str, object]]] = {
     "extractive_qa": {"squad": (("rajpurkar/squad",), "validation", squad_row)},
+    "gsm8k": {"openai/gsm8k": (("openai/gsm8k", "main"), "test", gsm8k_row)},
     "summarization": {"tldr": (("trl-lib/tldr",), "test", tldr_row)},
     "long_ppl": {"pg19": (("emozilla/pg19-test",), "test", pg19_row)},
 }
 
 
 def real_records(task: str, name: str, limit: int | None, dataset=None) -> list[dict]:
-    """Records of the real data set `name` for `task`; `dataset` (a loaded `datasets.Dataset`) skips the download."""
-    known = REAL_DATASETS.get(task, {})
-    if name not in known:
-        options = ", ".join(known) or "none (this task uses the synthetic world only)"
-        raise ValueError(f"Task {task} has no data set {name!r}; known: {options}.")
-    args, split, mapping = known[name]
-    if dataset is None:
-        from datasets import load_dataset
+    """Records of the real data set `name` for `task` (a known name, or a local file with that data set's columns);
+    `dataset` (a loaded `datasets.Dataset`) skips the loading."""
+    from ctxaware.data_files import is_local_file, load_rows
 
-        dataset = load_dataset(*args, split=split)
+    known = REAL_DATASETS.get(task, {})
+    local = is_local_file(name)
+    if not known or (name not in known and not local):
+        options = ", ".join(known) + ", or a local file with their columns" if known else "none"
+        raise ValueError(f"Task {task} has no data set {name!r}; known: {options}.")
+    args, split, mapping = known[name] if name in known else next(iter(known.values()))
+    if dataset is None:
+        dataset = (
+            load_rows(name) if local else load_rows(args[0], config=args[1] if len(args) > 1 else None, split=split)
+        )
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
-    try:
-        return [mapping(row) for row in dataset]
-    except KeyError as error:
-        raise KeyError(
-            f"Data set {name} for {task} lacks the column {error}; it must have the columns of {args[0]}."
-        ) from error
+    rows = []
+    for index, row in enumerate(dataset):
+        try:
+            rows.append(mapping(row))
+        except (KeyError, TypeError) as error:
+            raise KeyError(
+                f"Data set {name} for {task}: row {index} lacks the column {error}; it must have the columns of "
+                f"{args[0]}."
+            ) from error
+    return rows

@@ -4,7 +4,8 @@ Full evaluation (the default): each sample is one window of exactly L tokens cut
 forward pass, so the ppl at L averages over all positions 1..L-1 (not just the far ones). Sliding evaluation
 (`--ppl_stride S`): each sample is a stretch of 2 x max(lengths) tokens scored with windows of L tokens moved by S,
 every token scored once from the window that gives it the most context. `--limit` is the number of samples per
-length. Text: the world's context documents by default, `--haystack_file` for a text file, `--dataset pg19`.
+length. Text: the world's context documents by default, `--haystack_file` for a text file or a named source (`books`:
+held-out public-domain books, the `--split` portion), `--dataset pg19`.
 
 Under a KV cache (`--kv_cache h2o:B`; `full` keeps the one-pass scoring, which is what a full cache computes): each
 window streams through a fresh cache as in generation, a prefill up to the cache's budget then one token per step,
@@ -15,8 +16,9 @@ fraction is of the window's length). Adds `kv_bytes_len{L}` (K/V bytes held at t
 
 import math
 
+from ctxaware import texts
 from ctxaware.eval import data
-from ctxaware.eval.registry import EvalOptions, Task, TaskResult, read_text_file, register_task
+from ctxaware.eval.registry import EvalOptions, Task, TaskResult, register_task
 
 
 DEFAULT_LENGTHS = [128, 256, 512]
@@ -48,7 +50,7 @@ class LongPerplexity(Task):
 
     def _text(self, options: EvalOptions) -> str:
         if options.haystack_file:
-            return read_text_file(options.haystack_file, "Text file")
+            return texts.read_text(options.haystack_file, split=options.split)
         if options.dataset:
             return "\n\n".join(r["text"] for r in data.real_records(self.name, options.dataset, 4))
         records = data.world_records("context_qa", options.seed, options.split)

@@ -1,13 +1,11 @@
-"""The model under evaluation: loading (embedded name, path or Hub id, plus an adapter), prompt formatting, and the
-batched generate / score calls the tasks use.
+"""The model under evaluation: prompt formatting and the batched generate / score calls the tasks use (loading is
+`ctxaware.models.load_model`).
 
 Tasks talk to an `EvalModel`, never to `model.generate` directly, so a test can swap in a stub whose answers are
 known and check a metric exactly.
 """
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from ctxaware import generation
 from ctxaware.eval.hooks import GenerationSetup
@@ -94,104 +92,3 @@ class EvalModel:
             held, full = generation.kv_cache_bytes(cache)
             results += [StreamedNLL(nll, tokens, held / len(rows), full / len(rows)) for nll in nlls]
         return results
-
-
-def load_model(name_or_path: str, *, adapter: str | None = None, dtype: str = "auto", device: str | None = None):
-    """Loads a causal LM and its tokenizer by embedded name, local path or Hub id, then applies `adapter`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ctxaware.models import resolve_model_path
-
-    path = resolve_model_path(name_or_path)
-    if _looks_like_path(name_or_path) and not Path(path).exists():
-        raise FileNotFoundError(
-            f"Model path {name_or_path} does not exist: pass a model folder, a Hub id, or the embedded "
-            "`ctxaware-tiny`."
-        )
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        overrides = adapter_config_overrides(adapter) if adapter else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **overrides)
-    except OSError as error:
-        raise FileNotFoundError(
-            f"Could not load model {name_or_path!r}: {error}\nPass a local model folder, a Hub id available offline, "
-            "or the embedded `ctxaware-tiny`."
-        ) from error
-    if adapter and _read_adapter_config(adapter, "tokenizer_config.json") is not None:
-        # An adapter that ships its tokenizer (e.g. conditional SFT's indicator token) is evaluated with it, on a
-        # base whose embeddings are resized to hold the added rows the adapter carries.
-        tokenizer = AutoTokenizer.from_pretrained(adapter)
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tokenizer))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if adapter:
-        model = load_adapter(model, adapter, base_name=name_or_path)
-    return model.to(device).eval(), tokenizer
-
-
-def adapter_config_overrides(adapter: str) -> dict:
-    """Base-config changes an adapter was trained with (a SinkLoRA adapter's extended context and RoPE scaling)."""
-    from ctxaware.methods import sinklora
-
-    metadata = _read_adapter_config(adapter, sinklora.METADATA_NAME)
-    return sinklora.base_config_overrides(metadata) if metadata else {}
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix != ""
-
-
-def _read_adapter_config(adapter: str, filename: str) -> dict | None:
-    local = Path(adapter) / filename
-    if local.is_file():
-        return json.loads(local.read_text())
-    if Path(adapter).exists():
-        return None
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return json.loads(Path(hf_hub_download(adapter, filename)).read_text())
-    except Exception:
-        return None
-
-
-def load_adapter(model, adapter: str, *, base_name: str):
-    """The one dispatch point for adapters, on `adapter_config.json`: PEFT adapters (`peft_type`) through
-    `PeftModel`, the project's own format (`"format": "ctxaware"`, LoFiT and other head methods) through
-    `ctxaware.adapters.load_adapter`."""
-    if _looks_like_path(adapter) and not Path(adapter).exists():
-        raise FileNotFoundError(f"Adapter {adapter} does not exist: pass an adapter folder or a Hub id.")
-    config = _read_adapter_config(adapter, "adapter_config.json")
-    if config is None:
-        raise FileNotFoundError(f"{adapter} holds no adapter_config.json: pass a PEFT or ctxaware adapter folder.")
-    if "peft_type" in config:
-        return _load_peft_adapter(model, adapter, config, base_name)
-    if config.get("format") == "ctxaware":
-        from ctxaware.adapters import load_adapter as load_ctxaware_adapter
-
-        return load_ctxaware_adapter(model, adapter)
-    raise ValueError(
-        f"{adapter}'s adapter_config.json is neither a PEFT adapter's (peft_type) nor a ctxaware adapter's "
-        '("format": "ctxaware").'
-    )
-
-
-def _load_peft_adapter(model, adapter: str, peft_config: dict, base_name: str):
-    from peft import PeftModel
-
-    recorded = peft_config.get("base_model_name_or_path")
-    mismatch = (
-        f"Adapter {adapter} was trained on base model {recorded!r}, and its weights do not fit {base_name!r}: "
-        f"pass `--model {recorded}` (or the model it was trained on)."
-    )
-    try:
-        model = PeftModel.from_pretrained(model, adapter)
-    except (RuntimeError, ValueError) as error:
-        if any(hint in str(error) for hint in ("size mismatch", "shape", "not found in the base model")):
-            raise ValueError(f"{mismatch}\n{error}") from error
-        raise
-    return model

@@ -1,8 +1,10 @@
 """Passkey retrieval: a number hidden in filler text of a given length, asked for at the end; accuracy per length.
-`--limit` is the number of samples per length; each sample hides the key at a seeded random depth."""
+`--limit` is the number of samples per length; each sample hides the key at a seeded random depth. The filler is the
+world's true statements, or `--haystack_file` (a text file or a named source such as `books`, its `--split`)."""
 
 import random
 
+from ctxaware import texts
 from ctxaware.eval import data
 from ctxaware.eval.metrics import add_mean
 from ctxaware.eval.registry import EvalOptions, Task, TaskResult, register_task
@@ -22,16 +24,22 @@ class Passkey(Task):
             **super().config(options),
             "lengths": options.lengths or DEFAULT_LENGTHS,
             "samples_per_length": options.limit or DEFAULT_PER_LENGTH,
+            "haystack_file": options.haystack_file,
         }
 
     def load(self, lm, options: EvalOptions) -> list[dict]:
         passkey_example = data.world_function("passkey_example")
         rng = random.Random(options.seed)
+        haystack = texts.read_text(options.haystack_file, split=options.split) if options.haystack_file else None
         records = []
         for length in options.lengths or DEFAULT_LENGTHS:
             for _ in range(options.limit or DEFAULT_PER_LENGTH):
                 depth, seed = rng.random(), rng.randrange(2**31)
-                record = dict(passkey_example(lm.tokenizer, length, depth, seed, world=data.world(options.seed)))
+                record = dict(
+                    passkey_example(
+                        lm.tokenizer, length, depth, seed, haystack_text=haystack, world=data.world(options.seed)
+                    )
+                )
                 records.append({**record, "length": length, "depth": depth})
         return records
 

@@ -2,7 +2,6 @@
 
 import importlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 
@@ -16,6 +15,7 @@ TASK_MODULES = (
     "arithmetic",
     "summarization",
     "attention_allocation",
+    "gsm8k",
 )
 
 _TASKS: dict[str, type["Task"]] = {}
@@ -33,7 +33,7 @@ class EvalOptions:
     max_new_tokens: int | None = None
     lengths: list[int] | None = None  # niah, passkey, long_ppl
     depths: list[float] | None = None  # niah
-    haystack_file: str | None = None  # niah
+    haystack_file: str | None = None  # niah, passkey, long_ppl: a text file or a named source (`books`)
     indicator: str | None = None  # niah, counterfactual_qa: text appended to the question
     ppl_stride: int | None = None  # long_ppl: None scores each length as one full window
     dataset: str | None = None  # a real data set by name, for tasks that support one
@@ -108,10 +108,3 @@ def get_task(name: str) -> Task:
             f"Unknown task {name!r}. Known tasks: {', '.join(sorted(_TASKS))} (see `ctxaware eval --list`)."
         )
     return _TASKS[name]()
-
-
-def read_text_file(path: str | Path, what: str) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist: pass the path of a UTF-8 text file.")
-    return path.read_text(encoding="utf-8")

@@ -11,9 +11,20 @@ from ctxaware.eval.registry import EvalOptions, get_task
 
 
 def check_dataset(task_names: list[str], dataset: str | None) -> None:
+    from ctxaware.data_files import is_local_file
+
+    if dataset and is_local_file(dataset) and any(data.REAL_DATASETS.get(t) for t in task_names):
+        return
     if dataset and not any(dataset in data.REAL_DATASETS.get(t, {}) for t in task_names):
         known = {t: list(d) for t, d in data.REAL_DATASETS.items()}
         raise ValueError(f"No selected task knows data set {dataset!r}. Data sets by task: {known}.")
+
+
+def _task_takes_dataset(task: str, dataset: str) -> bool:
+    from ctxaware.data_files import is_local_file
+
+    known = data.REAL_DATASETS.get(task, {})
+    return dataset in known or bool(known and is_local_file(dataset))
 
 
 def evaluate(lm, task_names: list[str], options: EvalOptions, *, config: dict) -> tuple[dict, dict]:
@@ -50,7 +61,7 @@ def evaluate(lm, task_names: list[str], options: EvalOptions, *, config: dict) -
     loaded = {}
     for name, task in tasks.items():
         task_options = dataclasses.replace(options, limit=options.limit or task.default_limit)
-        if options.dataset and options.dataset not in data.REAL_DATASETS.get(name, {}):
+        if options.dataset and not _task_takes_dataset(name, options.dataset):
             task_options = dataclasses.replace(task_options, dataset=None)
         try:
             records = task.load(lm, task_options)

@@ -99,15 +99,13 @@ def reward_scores(reward_model: str, records, summaries, batch_size: int) -> lis
     """Scalar reward of each (post, summary): the chat template of the reward model's tokenizer when it has one
     (user = post, assistant = summary, as TRL's RewardTrainer formats conversations), else `post + TL;DR: summary`."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    from ctxaware.models import resolve_model_path
+    from ctxaware.models import load_tokenizer, resolve_model_path
 
     path = resolve_model_path(reward_model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     texts = []
     for record, summary in zip(records, summaries):

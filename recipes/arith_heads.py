@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoModelForCausalLM, set_seed
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from ctxaware.adapters import count_trainable
@@ -60,7 +60,7 @@ from ctxaware.methods.arith_heads import (
     load_component_selection,
 )
 from ctxaware.methods.patching import build_batches, keep_answered, patch_all
-from ctxaware.models import resolve_model_path
+from ctxaware.models import load_tokenizer, resolve_model_path
 from ctxaware.training import Bf16WhereAvailable
 from ctxaware.world import QA_PROMPT, build_world, closed_book_qa
 from ctxaware.world.probe import matches
@@ -308,9 +308,7 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
     state = PartialState()
     output_dir = Path(training_args.output_dir)
     path = resolve_model_path(args.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=args.model_revision)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(path, revision=args.model_revision)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, revision=args.model_revision, dtype=dtype).to(state.device)
     model.requires_grad_(False)

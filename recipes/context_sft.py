@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoModelForCausalLM, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 from ctxaware.methods.context import (
@@ -36,7 +36,7 @@ from ctxaware.methods.context import (
     add_indicator_token,
     insert_indicator,
 )
-from ctxaware.models import resolve_model_path
+from ctxaware.models import load_tokenizer, resolve_model_path
 from ctxaware.scoring import load_chat_records, score_records, select_turns
 from ctxaware.training import Bf16WhereAvailable
 
@@ -152,11 +152,9 @@ Evaluate: `ctxaware eval --model MERGED_OR_FULL_MODEL --tasks counterfactual_qa,
 def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
     set_seed(config.seed)  # before any weights are created (the indicator row, LoRA), so runs repeat
     path = resolve_model_path(model_args.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
+    tokenizer = load_tokenizer(path, revision=model_args.model_revision)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     model = AutoModelForCausalLM.from_pretrained(path, revision=model_args.model_revision, dtype=dtype)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     records = load_chat_records(
         config.dataset, split=config.dataset_split, limit=config.dataset_limit, messages_column=config.messages_column,
         world_seed=config.world_seed, world_context_rate=config.world_context_rate,

@@ -28,11 +28,12 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from datasets import Dataset, load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, set_seed
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, TrlParser
 
 from ctxaware.adapters import count_trainable
+from ctxaware.data_files import load_rows
 from ctxaware.heads import (
     HeadLayout,
     all_heads,
@@ -43,7 +44,7 @@ from ctxaware.heads import (
     top_heads,
 )
 from ctxaware.methods.lofit import LoFiTAdapter
-from ctxaware.models import resolve_model_path
+from ctxaware.models import load_tokenizer, resolve_model_path
 from ctxaware.training import Bf16WhereAvailable
 from ctxaware.world import CONTEXT_QA_PROMPT, arithmetic, build_world, closed_book_qa, context_qa, preference_pairs
 from ctxaware.world.probe import matches
@@ -70,7 +71,9 @@ class LoFiTArguments:
     method: str = field(default="lofit", metadata={"help": f"One of {', '.join(METHODS)}."})
     objective: str = field(default="sft", metadata={"help": "sft (completion-only loss) or dpo."})
     task: str = field(default="world/truthful_qa", metadata={"help": f"One of {', '.join(TASKS)}."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub id or local file for the non-world tasks."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub id, or local file or folder, for the non-world tasks."}
+    )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split (slices allowed: 'train[:90%]')."})
     dataset_test_split: str = field(default="test", metadata={"help": "Held-out split scored before and after."})
@@ -152,10 +155,7 @@ def load_records(args: LoFiTArguments, split: str, tokenizer) -> list[dict]:
         return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in preference_pairs(world, split)]
     if not args.dataset_name:
         raise ValueError(f"task {args.task} needs `dataset_name` (a Hub id or a local JSON file).")
-    if Path(args.dataset_name).is_file():  # one JSON file: split it with slices, e.g. "train[:90%]"
-        rows = load_dataset("json", data_files=args.dataset_name, split=split)
-    else:
-        rows = load_dataset(args.dataset_name, args.dataset_config, split=split)
+    rows = load_rows(args.dataset_name, config=args.dataset_config, split=split)  # one file: slices, "train[:90%]"
     return [record for row in rows for record in FORMATTERS[args.task](row)]
 
 
@@ -279,9 +279,7 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig) -> dict:
     state = PartialState()
     output_dir = Path(training_args.output_dir)
     path = resolve_model_path(args.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=args.model_revision)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(path, revision=args.model_revision)
     train_records = with_bos(load_records(args, args.dataset_train_split, tokenizer), tokenizer)
     random.Random(training_args.seed).shuffle(train_records)
     train_records = train_records[: args.max_train_samples]

@@ -32,13 +32,14 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from datasets import Dataset, load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, set_seed
 from trl import SFTConfig, SFTTrainer, TrlParser
 
+from ctxaware.data_files import load_rows
 from ctxaware.heads import heads_by_layer
 from ctxaware.methods.moh import ROUTER_INITS, SHARED_HEADS, VARIANTS, MoHAdapter, check_moh_shape, logit_change
-from ctxaware.models import resolve_model_path
+from ctxaware.models import load_tokenizer, resolve_model_path
 from ctxaware.training import Bf16WhereAvailable, atomic_directory, pack_token_stream
 from ctxaware.world import build_world, pretraining_corpus
 
@@ -73,7 +74,7 @@ class MoHArguments:
     train_base: bool = field(
         default=True, metadata={"help": "Continue-tune the model's weights (false: router only)."}
     )
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub id or local file of text documents; unset: "
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub id, local file or folder, or `books` (text documents); unset: "
                                      "the synthetic world's pretraining corpus."})  # fmt: skip
     dataset_config: str | None = None
     dataset_split: str = "train"
@@ -125,10 +126,7 @@ def documents(args: MoHArguments, split: str, n_docs: int, text_field: str = "te
         for doc in pretraining_corpus(build_world(args.world_seed), n_docs, seed=shard, max_tokens=args.seq_len):
             yield doc["text"]
         return
-    if Path(args.dataset_name).is_file():
-        rows = load_dataset("json", data_files=args.dataset_name, split=split, streaming=args.dataset_streaming)
-    else:
-        rows = load_dataset(args.dataset_name, args.dataset_config, split=split, streaming=args.dataset_streaming)
+    rows = load_rows(args.dataset_name, config=args.dataset_config, split=split, streaming=args.dataset_streaming)
     for row in rows:
         if text_field not in row:
             raise ValueError(
@@ -230,9 +228,7 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
     state = PartialState()
     output_dir = Path(training_args.output_dir)
     path = resolve_model_path(args.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=args.model_revision)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(path, revision=args.model_revision)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, revision=args.model_revision, dtype=dtype)
     if not args.dense_control:  # a bad split fails before the data is built

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments, set_seed
+from transformers import AutoModelForSequenceClassification, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import (
     DPOConfig,
@@ -53,6 +53,8 @@ from trl import (
 )
 
 import ctxaware.attention  # noqa: F401  (registers attn_implementation="ctxaware")
+from ctxaware import models
+from ctxaware.data_files import is_local, is_local_file, load_rows
 from ctxaware.methods import rlhf
 from ctxaware.models import resolve_model_path
 from ctxaware.training import (
@@ -84,10 +86,16 @@ class RLHFConfig(Bf16WhereAvailable, RLOOConfig):
     overwrite_stages: bool = field(default=False, metadata={"help": "Redo stages whose output already exists."})
     # TRL's default, under transformers' current name (setting the deprecated `gradient_checkpointing` warns).
     activation_checkpointing: bool = True
-    dataset_name: str = field(default=WORLD, metadata={"help": "Posts + references: world or trl-lib/tldr."})
+    dataset_name: str = field(
+        default=WORLD,
+        metadata={"help": "Posts + references: world, trl-lib/tldr, or a local file/folder of its shape."},
+    )
     preference_dataset_name: str = field(
         default=WORLD,
-        metadata={"help": "Comparisons: world, trl-lib/tldr-preference or openai/summarize_from_feedback."},
+        metadata={
+            "help": "Comparisons: world, trl-lib/tldr-preference, openai/summarize_from_feedback, or a local "
+            "file/folder of either shape."
+        },
     )
     world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world (`build_world`)."})
     label_noise: float = field(default=0.1, metadata={"help": "World comparisons: probability a label is flipped."})
@@ -150,13 +158,25 @@ class RLHFConfig(Bf16WhereAvailable, RLOOConfig):
     def __post_init__(self):
         if self.stage not in (*STAGES, "all"):
             raise ValueError(f"--stage {self.stage!r} is unknown; choose one of {', '.join(STAGES)} or all.")
-        if self.dataset_name not in SFT_DATASETS:
-            raise ValueError(f"--dataset_name {self.dataset_name!r}: choose one of {', '.join(SFT_DATASETS)}.")
-        if self.preference_dataset_name not in PREFERENCE_DATASETS:
+        if self.dataset_name not in SFT_DATASETS and not is_local(self.dataset_name):
+            raise ValueError(
+                f"--dataset_name {self.dataset_name!r}: choose one of {', '.join(SFT_DATASETS)}, or a local file or "
+                "folder with trl-lib/tldr's prompt/completion columns."
+            )
+        if self.preference_dataset_name not in PREFERENCE_DATASETS and not is_local(self.preference_dataset_name):
             raise ValueError(
                 f"--preference_dataset_name {self.preference_dataset_name!r}: choose one of "
-                f"{', '.join(PREFERENCE_DATASETS)}, or load your own pairs with `rlhf.preference_records`."
+                f"{', '.join(PREFERENCE_DATASETS)}, or a local file or folder with either one's columns."
             )
+        for flag, name in (
+            ("dataset_name", self.dataset_name),
+            ("preference_dataset_name", self.preference_dataset_name),
+        ):
+            if is_local_file(name):
+                raise ValueError(
+                    f"--{flag} {name} is a single file, but the recipe trains on its train split and evaluates on its "
+                    "test split: pass a folder holding train.jsonl and test.jsonl (or .json / .parquet)."
+                )
         if self.comparison_samples and (self.preference_dataset_name != WORLD or self.dataset_name != WORLD):
             raise ValueError(
                 "--comparison_samples needs the world's posts and comparisons (their ground truth labels the samples); "
@@ -186,9 +206,7 @@ def summary_records(cfg: RLHFConfig, split: str) -> list[dict]:
             references = mediocre_references(world, split, cfg.mediocre_reference_rate, cfg.mediocre_reference_seed)
             records = [{**record, "reference": reference} for record, reference in zip(records, references)]
     else:
-        from datasets import load_dataset
-
-        rows = load_dataset(cfg.dataset_name, split=split)
+        rows = load_rows(cfg.dataset_name, split=split)
         records = [{"post": rlhf.post_from_prompt(r["prompt"]), "reference": r["completion"]} for r in rows]
     return records[: cfg.train_limit] if cfg.train_limit and split == "train" else records
 
@@ -206,14 +224,15 @@ def preference_pairs(cfg: RLHFConfig, split: str = "train", noise: float | None 
         pairs = rlhf.preference_records(rows, f"world/{split}")
         if split == "train" and cfg.comparison_samples:  # the samples are of the limited posts already
             return pairs[: cfg.train_limit] + policy_pairs(cfg)
+    elif name == "openai/summarize_from_feedback":
+        hub_split = "validation" if split == "test" else split
+        pairs = rlhf.summarize_from_feedback_rows(load_rows(name, config="comparisons", split=hub_split))
     else:
-        from datasets import load_dataset
-
-        if name == "openai/summarize_from_feedback":
-            hub_split = "validation" if split == "test" else split
-            pairs = rlhf.summarize_from_feedback_rows(load_dataset(name, "comparisons", split=hub_split))
+        rows = load_rows(name, split=split)
+        if "summaries" in rows.column_names:  # a local copy of summarize_from_feedback's comparisons
+            pairs = rlhf.summarize_from_feedback_rows(rows)
         else:
-            pairs = rlhf.preference_records(list(load_dataset(name, split=split)), name)
+            pairs = rlhf.preference_records(list(rows), name)
     return pairs[: cfg.train_limit] if cfg.train_limit and split == "train" else pairs
 
 
@@ -260,9 +279,7 @@ def resume_checkpoint(cfg: RLHFConfig, args, run_config: dict) -> str | None:
 
 
 def load_tokenizer(path: str):
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = models.load_tokenizer(resolve_model_path(path))
     return tokenizer
 
 
@@ -504,9 +521,10 @@ def run_dpo(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
 def run_eval(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
     """Each trained policy on the shared summarisation harness, then the metrics it does not compute."""
     from ctxaware.eval import runner
-    from ctxaware.eval.model import EvalModel, load_model
+    from ctxaware.eval.model import EvalModel
     from ctxaware.eval.registry import EvalOptions, get_task
     from ctxaware.eval.summarization import win_rates
+    from ctxaware.models import load_model
     from ctxaware.world import preference_score
 
     out = Path(cfg.output_dir)

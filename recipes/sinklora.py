@@ -19,12 +19,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, set_seed
+from transformers import set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 import ctxaware.attention
+from ctxaware.data_files import load_rows
 from ctxaware.methods import sinklora
-from ctxaware.models import EMBEDDED_MODEL_NAME, resolve_model_path
+from ctxaware.models import EMBEDDED_MODEL_NAME, load_tokenizer, resolve_model_path
 from ctxaware.training import (
     Bf16WhereAvailable,
     RunConfigCallback,
@@ -60,7 +61,10 @@ class SinkLoRAConfig(Bf16WhereAvailable, SFTConfig):
     )
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Hub data set or local .json/.jsonl/.parquet/.txt; default: the world's long documents."},
+        metadata={
+            "help": "Hub data set, local .json/.jsonl/.parquet/.txt file or folder, or `books`; default: the world's "
+            "long documents."
+        },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub data set configuration name."})
     dataset_split: str = field(default="train", metadata={"help": "Split of dataset_name."})
@@ -140,16 +144,10 @@ def validate(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig, original_len
 
 
 def load_text_dataset(args: SinkLoRAConfig):
-    """The data set named by `dataset_name` (Hub id or local file); raises if it lacks the text column."""
-    from datasets import load_dataset
-
+    """The data set named by `dataset_name` (Hub id, local file or folder, `books`); raises if it lacks the text
+    column."""
     name = args.dataset_name
-    suffix = Path(name).suffix.lower()
-    if Path(name).is_file() and suffix in (".json", ".jsonl", ".parquet", ".txt", ".csv"):
-        kind = {".jsonl": "json", ".txt": "text"}.get(suffix, suffix[1:])
-        dataset = load_dataset(kind, data_files=name, split="train", streaming=args.dataset_streaming)
-    else:
-        dataset = load_dataset(name, args.dataset_config, split=args.dataset_split, streaming=args.dataset_streaming)
+    dataset = load_rows(name, config=args.dataset_config, split=args.dataset_split, streaming=args.dataset_streaming)
     columns = dataset.column_names or list(next(iter(dataset)).keys())
     if args.dataset_text_field not in columns:
         raise ValueError(
@@ -234,9 +232,7 @@ def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
     run_config = {**{k: v for k, v in args.to_dict().items()}, **asdict(model_args)}
     resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, run_config, RESUME_MAY_DIFFER)
 
-    tokenizer = AutoTokenizer.from_pretrained(base_path, revision=model_args.model_revision)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(base_path, revision=model_args.model_revision)
     rows = packed_rows(args, tokenizer, target)
     overrides = {"max_position_embeddings": max(target, original_length)}
     if rope is not None:

@@ -128,7 +128,7 @@ def test_from_pretrained_hub_id_goes_through_snapshot_download(tmp_path, monkeyp
 
 
 def test_eval_dispatch_loads_the_format(tmp_path):
-    from ctxaware.eval.model import load_adapter as eval_load_adapter
+    from ctxaware.models import load_adapter as eval_load_adapter
 
     model = tiny_model("llama").eval()
     ids = torch.randint(3, 300, (1, 6))

@@ -194,7 +194,7 @@ def test_peft_adapter_with_an_added_token_loads_with_its_tokenizer(model_dir, tm
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
-    from ctxaware.eval.model import load_model
+    from ctxaware.models import load_model
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|context|>"]})

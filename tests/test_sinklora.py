@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import ctxaware.attention
-from ctxaware.eval.model import load_model
 from ctxaware.methods import sinklora
+from ctxaware.models import load_model
 from ctxaware.training import pack_token_stream, push_folder_to_hub, resolve_resume_checkpoint, write_model_card
 from tests.launch import accelerate_launch
 from tests.test_configs import load_recipe

@@ -8,6 +8,7 @@ Schemas: `passkey_example` -> {"text", "answer"} (the text ends right before the
 `needle_example` -> {"context", "question", "answer"} (format with `tasks.CONTEXT_QA_PROMPT`).
 """
 
+import itertools
 import random
 import re
 from collections.abc import Callable, Iterator
@@ -35,13 +36,26 @@ def _fill(sentences: Iterator[str], budget: int, count: Callable[[list[str]], li
     """Sentences whose sizes sum to at least `budget` (measured in batches, since tokenizing one by one is slow)."""
     chosen, total = [], 0
     while total < budget:
-        batch = [next(sentences) for _ in range(64)]
+        batch = list(itertools.islice(sentences, 64))
+        if not batch:
+            raise ValueError(
+                f"the haystack text holds about {total} tokens, fewer than the {budget} needed: pass a longer text or "
+                "ask for fewer tokens."
+            )
         for sentence, size in zip(batch, count([" " + s for s in batch])):
             if total >= budget:
                 break
             chosen.append(sentence)
             total += size
     return chosen
+
+
+def _haystack_sentences(haystack_text: str | None, world: World | None, rng: random.Random) -> Iterator[str]:
+    """`haystack_text`'s sentences from its start (whitespace runs folded to one space), or the world's filler."""
+    if haystack_text is None:
+        return filler_sentences(world or build_world(0), rng)
+    parts = re.split(r"(?<=[.!?])\s+", haystack_text.strip())
+    return (" ".join(part.split()) for part in parts if part.strip())
 
 
 def _insert(haystack: list[str], needle: str, depth: float, sizes: list[int]) -> list[str]:
@@ -76,10 +90,12 @@ def _exact_haystack(tokenizer, sentences: list[str], budget: int) -> tuple[list[
     return sentences, sizes
 
 
-def passkey_example(tokenizer, n_tokens: int, depth: float, seed: int, world: World | None = None) -> dict:
+def passkey_example(
+    tokenizer, n_tokens: int, depth: float, seed: int, haystack_text: str | None = None, world: World | None = None
+) -> dict:
     """A text of `n_tokens` tokens (without BOS) hiding a 5-digit pass key at relative `depth`, ending right before the
-    key is to be repeated. The haystack is true statements from `world` (default: the world of seed 0)."""
-    world = world or build_world(0)
+    key is to be repeated. The haystack is `haystack_text` (its sentences from the start) or true statements from
+    `world` (default: the world of seed 0)."""
     rng = random.Random(f"passkey/{seed}")
     key = str(rng.randrange(10000, 100000))
     needle = PASSKEY_NEEDLE.format(key=key)
@@ -87,7 +103,7 @@ def passkey_example(tokenizer, n_tokens: int, depth: float, seed: int, world: Wo
     overhead = sum(count([PASSKEY_INTRO, " " + needle, PASSKEY_QUESTION]))
     if n_tokens < overhead + 8:
         raise ValueError(f"n_tokens={n_tokens} is too short for a pass key prompt: use at least {overhead + 8}.")
-    sentences = _fill(filler_sentences(world, rng), n_tokens - overhead, count)
+    sentences = _fill(_haystack_sentences(haystack_text, world, rng), n_tokens - overhead, count)
     sentences, sizes = _exact_haystack(tokenizer, sentences, n_tokens - overhead)
     body = " ".join(_insert(sentences, needle, depth, sizes))
     return {"text": PASSKEY_INTRO + body + PASSKEY_QUESTION, "answer": key}
@@ -105,23 +121,7 @@ def needle_example(
     needle = NEEDLE.format(name=name, word=word)
     count = _token_counter(tokenizer)
     budget = n_tokens - count([" " + needle])[0]
-    if haystack_text is not None:
-        sentences = [s for s in re.split(r"(?<=[.!?])\s+", haystack_text.strip()) if s]
-        sizes = count([" " + s for s in sentences])
-        if sum(sizes) < budget:
-            raise ValueError(
-                f"haystack_text holds about {sum(sizes)} tokens but n_tokens={n_tokens} needs {budget} besides the "
-                "needle: pass a longer text or ask for fewer tokens."
-            )
-        kept, total = [], 0
-        for sentence, size in zip(sentences, sizes):
-            if total >= budget:
-                break
-            kept.append(sentence)
-            total += size
-        sentences = kept
-    else:
-        sentences = _fill(filler_sentences(world or build_world(0), rng), budget, count)
+    sentences = _fill(_haystack_sentences(haystack_text, world, rng), budget, count)
     sentences, sizes = _exact_haystack(tokenizer, sentences, budget)
     context = " ".join(_insert(sentences, needle, depth, sizes))
     return {"context": context, "question": NEEDLE_QUESTION.format(name=name), "answer": word}

@@ -41,11 +41,13 @@ def load_rows(name: str, *, config: str | None = None, split: str = "train", str
             raise ValueError(f"{name}: unsupported file type; use one of {', '.join(LOCAL_BUILDERS)}.")
         if path.stat().st_size == 0:
             raise ValueError(f"Data file {name} is empty.")
-        local_split = split if split.startswith("train[") else "train"
-        try:
-            return load_dataset(
-                LOCAL_BUILDERS[path.suffix], data_files=str(path), split=local_split, streaming=streaming
+        if split != "train" and not split.startswith("train["):
+            raise ValueError(
+                f"{name} is a single file, which holds one split, and split {split!r} was asked for: pass a folder "
+                "with one file per split (train.jsonl, test.jsonl, ...) or a slice such as train[90%:]."
             )
+        try:
+            return load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split=split, streaming=streaming)
         except Exception as error:  # datasets raises many types for unreadable files; name the file
             raise ValueError(f"Could not read {name} as {LOCAL_BUILDERS[path.suffix]}: {error}") from error
     return load_dataset(name, config, split=split, streaming=streaming)

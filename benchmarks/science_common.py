@@ -16,6 +16,21 @@ from pathlib import Path
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
+# Scores are fractions k/n, and differences of them: float rounding must not fail a target the exact numbers meet
+# (0.26 - 0.25 is 0.010000000000000009), so thresholds are compared with this much slack.
+ROUNDING = 1e-9
+
+
+def at_least(value: float | None, threshold: float) -> bool:
+    """`value >= threshold` up to float rounding; False for a missing value (None)."""
+    return value is not None and value >= threshold - ROUNDING
+
+
+def at_most(value: float | None, threshold: float) -> bool:
+    """`value <= threshold` up to float rounding; False for a missing value (None)."""
+    return value is not None and value <= threshold + ROUNDING
+
+
 def science_parser(name: str, doc: str) -> argparse.ArgumentParser:
     """The options every check has: `--out` (default runs/<name>_science) and `--smoke`. No abbreviations, so a
     check can pass options it does not know on to the recipes."""

@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from ctxaware.io import atomic_file
+
 
 METRICS = ("attention", "loglik_gain")
+OUTPUT_FILES = ("scores.jsonl", "summary.json", "heads.json", "histogram.png")
 WORLD_DATASET = "world"
 
 
@@ -447,13 +447,12 @@ def _histogram(path: Path, records, turns, threshold: float, select_by: str) -> 
 
 
 def write_outputs(output: str | Path, records, turns, summary: dict, heads: dict, threshold: float, select_by: str):
-    """Writes the four files into a temporary folder next to `output`, then moves each into place (no half-written
-    file is ever visible under `output`)."""
+    """Writes the four files into `output` (other files there are left alone), each through a temporary file; none
+    is renamed into place before all are written, so a failure leaves the previous outputs as they were."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        with open(staging / "scores.jsonl", "w") as handle:
+    with ExitStack() as stack:
+        tmp = {name: stack.enter_context(atomic_file(output / name)) for name in OUTPUT_FILES}
+        with open(tmp["scores.jsonl"], "w") as handle:
             for record, record_turns in zip(records, turns):
                 row = {
                     **record,
@@ -462,12 +461,7 @@ def write_outputs(output: str | Path, records, turns, summary: dict, heads: dict
                     "context_dependent": any(t.get("chosen", False) for t in record_turns),
                 }
                 handle.write(json.dumps(row) + "\n")
-        (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        (staging / "heads.json").write_text(json.dumps(heads) + "\n")
-        _histogram(staging / "histogram.png", records, turns, threshold, select_by)
-        output.mkdir(exist_ok=True)
-        for name in ("scores.jsonl", "summary.json", "heads.json", "histogram.png"):
-            os.replace(staging / name, output / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        tmp["summary.json"].write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        tmp["heads.json"].write_text(json.dumps(heads) + "\n")
+        _histogram(tmp["histogram.png"], records, turns, threshold, select_by)
     return output

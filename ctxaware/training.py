@@ -1,13 +1,10 @@
 """Training helpers shared by the recipes: packing text to a length, loading a causal LM (optionally 4-bit), checks
-before resuming from a checkpoint, atomic output folders, model cards and pushing a folder to the Hub."""
+before resuming from a checkpoint, model cards and pushing a folder to the Hub."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -135,25 +132,6 @@ def resolve_resume_checkpoint(resume: str | bool | None, output_dir: str, config
             "checkpoint's settings, or start a fresh run in another --output_dir"
         )
     return str(folder)
-
-
-@contextmanager
-def atomic_directory(final: str | Path) -> Iterator[Path]:
-    """Yields a temporary sibling folder that replaces `final` only if the block completes."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-tmp-"))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.with_name(f".{final.name}-old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_model_card(

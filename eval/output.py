@@ -1,4 +1,4 @@
-"""Results in lm-evaluation-harness's shape, their schema check, the stdout table, and atomic file writes.
+"""Results in lm-evaluation-harness's shape, their schema check, the stdout table, and the JSON / JSONL writers.
 
 Layout under `--output_path DIR`: `DIR/<model>/results_<time>.json`, `samples_<task>_<time>.jsonl` and
 `<task>_<plot>_<time>.png` side by side. Metric keys are `"<metric>,<filter>"` with the filter `none`; standard
@@ -7,11 +7,10 @@ errors are `"<metric>_stderr,none"` (the string "N/A" where undefined, as lm-eva
 
 import json
 import math
-import os
 import subprocess
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
+
+from ctxaware.io import atomic_file, write_text
 
 
 FILTER = "none"
@@ -116,31 +115,15 @@ def validate_results(results: dict) -> None:
         raise ValueError("Results do not match the schema:\n  " + "\n  ".join(problems))
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Calls `write(tmp)` on a temporary file in `path`'s folder, then renames it to `path`: no half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_json(path: Path, obj) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    def write(tmp: Path):
-        with tmp.open("w") as f:
-            for row in rows:
-                f.write(json.dumps(row, default=str) + "\n")
-
-    return atomic_write(path, write)
+    with atomic_file(path) as tmp, tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=str) + "\n")
+    return path
 
 
 def format_table(results: dict) -> str:

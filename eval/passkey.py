@@ -1,11 +1,14 @@
 """Passkey retrieval: a number hidden in filler text of a given length, asked for at the end; accuracy per length.
-`--limit` is the number of samples per length; each sample hides the key at a seeded random depth. The filler is the
-world's true statements, or `--haystack_file` (a text file or a named source such as `books`, its `--split`)."""
+`--limit` is the number of samples per length; each sample hides the key at a seeded random depth. A sample is right
+when the first number of the greedy output is the key: a prefix of it, or a longer number starting with it, is wrong.
+The filler is the world's true statements, or `--haystack_file` (a text file or a named source such as `books`, its
+`--split`)."""
 
 import random
 
 from ctxaware import texts
 from ctxaware.eval import data
+from ctxaware.eval.arithmetic import parse_number
 from ctxaware.eval.metrics import add_mean
 from ctxaware.eval.registry import EvalOptions, Task, TaskResult, register_task
 
@@ -14,10 +17,16 @@ DEFAULT_LENGTHS = [128, 256, 512]
 DEFAULT_PER_LENGTH = 5
 
 
+def passkey_score(key: str, output: str) -> float:
+    """1.0 when the first number in `output` is exactly `key`."""
+    return float(parse_number(output) == key)
+
+
 @register_task
 class Passkey(Task):
     name = "passkey"
-    description = "Passkey retrieval accuracy across context lengths (greedy output contains the key)."
+    version = 2  # 1 counted any output containing the key, a longer number included
+    description = "Passkey retrieval accuracy across context lengths (the first number of the greedy output)."
 
     def config(self, options: EvalOptions) -> dict:
         return {
@@ -46,7 +55,7 @@ class Passkey(Task):
     def evaluate(self, lm, records: list[dict], options: EvalOptions) -> TaskResult:
         prompts = [lm.encode(r["text"], chat=False) for r in records]
         outputs = lm.generate(prompts, max_new_tokens=options.max_new_tokens or 12, desc="passkey")
-        scores = [float(str(r["answer"]) in o) for r, o in zip(records, outputs)]
+        scores = [passkey_score(str(r["answer"]), o) for r, o in zip(records, outputs)]
         metrics, stderrs = {}, {}
         add_mean(metrics, stderrs, "acc", scores)
         for length in options.lengths or DEFAULT_LENGTHS:

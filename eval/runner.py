@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ctxaware.eval import data, output
 from ctxaware.eval.registry import EvalOptions, get_task
+from ctxaware.io import atomic_file
 
 
 def check_dataset(task_names: list[str], dataset: str | None) -> None:
@@ -100,7 +101,9 @@ def write_outputs(results: dict, outcomes: dict, output_path: str | Path) -> dic
         results["samples_files"][task] = path.name
         written[f"samples/{task}"] = path
         for plot_name, writer in outcome.plots.items():
-            path = output.atomic_write(folder / f"{task}_{plot_name}_{stamp}.png", writer)
+            path = folder / f"{task}_{plot_name}_{stamp}.png"
+            with atomic_file(path) as tmp:
+                writer(tmp)
             results["plots"].setdefault(task, {})[plot_name] = path.name
             written[f"plot/{task}/{plot_name}"] = path
     written["results"] = output.write_json(folder / f"results_{stamp}.json", results)

@@ -49,6 +49,7 @@ from ctxaware.eval.registry import EvalOptions
 from ctxaware.eval.runner import evaluate
 from ctxaware.generation import encode_prompt
 from ctxaware.heads import HeadLayout, random_heads, resolve_head_count, save_head_selection, top_heads
+from ctxaware.io import write_text
 from ctxaware.methods.arith_heads import (
     KV_POLICIES,
     OPS,
@@ -376,9 +377,7 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
         else:
             model.save_pretrained(output_dir / "model")
             tokenizer.save_pretrained(output_dir / "model")
-        tmp = output_dir / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        tmp.rename(output_dir / "results.json")
+        write_text(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
         if training_args.push_to_hub:
             repo_id = training_args.hub_model_id or output_dir.name
             if adapter is not None:

@@ -38,9 +38,10 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 
 from ctxaware.data_files import load_rows
 from ctxaware.heads import heads_by_layer
+from ctxaware.io import atomic_directory
 from ctxaware.methods.moh import ROUTER_INITS, SHARED_HEADS, VARIANTS, MoHAdapter, check_moh_shape, logit_change
 from ctxaware.models import load_tokenizer, resolve_model_path
-from ctxaware.training import Bf16WhereAvailable, atomic_directory, pack_token_stream
+from ctxaware.training import Bf16WhereAvailable, pack_token_stream
 from ctxaware.world import build_world, pretraining_corpus
 
 

@@ -55,12 +55,12 @@ from trl import (
 import ctxaware.attention  # noqa: F401  (registers attn_implementation="ctxaware")
 from ctxaware import models
 from ctxaware.data_files import is_local, is_local_file, load_rows
+from ctxaware.io import atomic_directory
 from ctxaware.methods import rlhf
 from ctxaware.models import resolve_model_path
 from ctxaware.training import (
     Bf16WhereAvailable,
     RunConfigCallback,
-    atomic_directory,
     check_4bit,
     load_causal_lm,
     push_folder_to_hub,

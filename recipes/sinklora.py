@@ -24,12 +24,12 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 import ctxaware.attention
 from ctxaware.data_files import load_rows
+from ctxaware.io import atomic_directory
 from ctxaware.methods import sinklora
 from ctxaware.models import EMBEDDED_MODEL_NAME, load_tokenizer, resolve_model_path
 from ctxaware.training import (
     Bf16WhereAvailable,
     RunConfigCallback,
-    atomic_directory,
     check_4bit,
     load_causal_lm,
     pack_token_stream,

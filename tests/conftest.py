@@ -1,4 +1,5 @@
 import os
+import zlib
 
 import pytest
 
@@ -20,6 +21,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def stable_seed(request) -> int:
+    """Seeds torch's global generator from the test's id: each test and case draws its own random inputs, the same
+    ones on every run and machine, so a failure reproduces by rerunning it. crc32, because `hash()` of a string
+    changes from one process to the next."""
+    import torch
+
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    return seed
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,9 @@ from ctxaware.kernels import AttentionPattern
 from tests.tiny_models import FAMILIES, tiny_model
 
 
+pytestmark = pytest.mark.usefixtures("stable_seed")  # every random input reproduces (tests/conftest.py)
+
+
 def model_pair(family, gqa=True, **overrides):
     return (
         tiny_model(family, gqa=gqa, attn_implementation="sdpa", **overrides),

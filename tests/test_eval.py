@@ -158,6 +158,58 @@ def test_passkey_by_length(fake_world, tiny_tokenizer):
     assert (result.metrics["acc"], result.metrics["acc_len128"], result.metrics["acc_len256"]) == (0.5, 1.0, 0.0)
 
 
+@pytest.mark.parametrize(
+    "reply, correct",
+    [
+        ("{key}", True),
+        (" {key}. Remember it.", True),
+        ("{key}\nThe pass key is 11111", True),
+        ("{head}", False),  # a 2-digit prefix
+        ("{key_but_last}", False),
+        ("{key}7", False),  # a longer number that starts with the key
+        (" 1{key}", False),
+        ("The year 1999. The pass key is {key}", False),  # the first number answers
+        ("", False),
+    ],
+)
+def test_passkey_counts_only_the_exact_key(fake_world, tiny_tokenizer, reply, correct):
+    def answer(text):
+        key = text.split("The pass key is ")[1][:5]
+        return reply.format(key=key, head=key[:2], key_but_last=key[:-1])
+
+    records, result = run_task("passkey", StubLM(tiny_tokenizer, answer), lengths=[128], limit=4)
+    assert result.metrics["acc"] == float(correct)
+    assert all(len(r["answer"]) == 5 for r in records)
+
+
+WORLD_TASKS = {  # task: the world generator its records come from
+    "counterfactual_qa": "context_qa",
+    "extractive_qa": "context_qa",
+    "attention_allocation": "context_qa",
+    "arithmetic": "arithmetic",
+    "summarization": "summarization",
+}
+
+
+def test_world_tasks_evaluate_test_split_entities_by_default(tiny_tokenizer):
+    """`ctxaware eval` without --split scores the world's test split: records about held-out entities (and held-out
+    arithmetic), never the training split that pretraining saw."""
+    from ctxaware.cli import build_parser
+    from ctxaware.eval import cli, data
+    from tests.world_splits import entity_splits, wrong_split_subjects
+
+    args = build_parser().parse_args(["eval", "--tasks", ",".join(WORLD_TASKS), "--limit", "40"])
+    options, tasks, _ = cli._validate(args)
+    assert options.split == EvalOptions().split == "test"
+    splits = entity_splits(data.world(options.seed))
+    lm = StubLM(tiny_tokenizer, str)
+    for task in tasks:
+        records = get_task(task).load(lm, options)
+        assert len(records) == 40, task
+        wrong = [why for record in records if (why := wrong_split_subjects(WORLD_TASKS[task], record, "test", splits))]
+        assert not wrong, f"{task}: {wrong[:3]}"
+
+
 def test_summarization_rouge_preference_win_rate(fake_world, tiny_tokenizer, tmp_path):
     baseline = tmp_path / "baseline.jsonl"
     baseline.write_text("".join(json.dumps({"doc_id": i, "summary": "nothing"}) + "\n" for i in range(2)))
@@ -325,16 +377,6 @@ def test_results_schema():
     assert "has 'x_stderr,none' without 'x,none'" in message
     table = output.format_table(valid_results())
     assert "|arithmetic|" in table.replace(" ", "") and "0.5000" in table
-
-
-def test_atomic_write_leaves_nothing_on_failure(tmp_path):
-    def fail(path):
-        path.write_text("half")
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError):
-        output.atomic_write(tmp_path / "out.json", fail)
-    assert list(tmp_path.iterdir()) == []
 
 
 # --- generation hooks --------------------------------------------------------------------------------------------

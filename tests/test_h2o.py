@@ -14,7 +14,7 @@ from ctxaware.eval.hooks import apply_generation_hooks
 from ctxaware.eval.model import EvalModel
 from ctxaware.eval.registry import EvalOptions, get_task
 from ctxaware.kernels import AttentionPattern
-from ctxaware.methods.h2o import H2OCache, parse_budget
+from ctxaware.methods.h2o import H2OCache, H2OLayer, parse_budget
 from tests.tiny_models import tiny_model
 
 
@@ -91,6 +91,62 @@ def test_evicts_the_lowest_mass_keys_of_a_materialised_reference(model):
         expected = torch.cat([expected, torch.arange(30 - recent, 30).expand(2, kv_heads, -1)], dim=-1)
         assert torch.equal(layer.positions, expected)
         torch.testing.assert_close(layer.scores, mass.gather(-1, expected), rtol=1e-4, atol=1e-5)
+
+
+def test_scores_accumulate_over_prefill_and_every_decode_step(model):
+    """With nothing evicted, a key's score is its attention mass summed over every query that saw it: the prefill's
+    and each decode step's, as one materialised causal forward over the whole text gives them."""
+    texts = _texts(rows=2, length=31, seed=5)
+    cache = H2OCache(model, budget=1000)
+    generation.streaming_token_nll(model, texts, cache, prefill=10)  # 10 tokens, then 20 decode steps
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        try:
+            attentions = model(input_ids=torch.tensor(texts)[:, :30], output_attentions=True).attentions
+        finally:
+            model.set_attn_implementation(ctxaware.attention.ATTN_IMPLEMENTATION)
+    kv_heads = model.config.num_key_value_heads
+    for layer, probs in zip(cache.layers, attentions, strict=True):
+        mass = probs.sum(-2)
+        mass = mass.view(mass.shape[0], kv_heads, -1, mass.shape[-1]).sum(2)
+        assert torch.equal(layer.positions[0, 0], torch.arange(30))
+        torch.testing.assert_close(layer.scores, mass, rtol=1e-4, atol=1e-5)
+
+
+def _layer(budget, sinks, recent, padding=(0,), stored=12, kv_heads=1):
+    """An H2O layer holding `stored` keys whose values are their positions; rows start after `padding` pads."""
+    layer = H2OLayer(budget, sinks, recent / budget)
+    keys = torch.arange(stored, dtype=torch.float32).expand(len(padding), kv_heads, stored)[..., None].clone()
+    layer.update(keys, keys.clone())
+    real = torch.arange(stored)[None] >= torch.tensor(padding)[:, None]
+    return layer, real
+
+
+def test_sinks_are_kept_even_when_they_carry_no_mass():
+    """The first `sinks` real tokens survive eviction whatever their score (H2O's attention-sink protection); row 1
+    is left-padded, so its sinks are positions 3 and 4, and its pads go first."""
+    layer, real = _layer(budget=6, sinks=2, recent=2, padding=(0, 3))
+    mass = torch.arange(12.0).expand(2, 2, 12)  # two query heads share the key/value head; early keys weigh least
+    layer.observe(mass, real)
+    assert layer.positions[:, 0].tolist() == [[0, 1, 8, 9, 10, 11], [3, 4, 8, 9, 10, 11]]
+    assert layer.keys[:, 0, :, 0].tolist() == layer.positions[:, 0].float().tolist()  # keys follow their scores
+    assert layer.scores[:, 0].tolist() == [[0, 2, 16, 18, 20, 22], [6, 8, 16, 18, 20, 22]]
+    no_sinks, real = _layer(budget=6, sinks=0, recent=2, padding=(0, 3))
+    no_sinks.observe(mass, real)
+    assert no_sinks.positions[:, 0].tolist() == [[6, 7, 8, 9, 10, 11]] * 2
+
+
+def test_eviction_ranks_the_mass_summed_over_calls():
+    """A heavy hitter of the first call that gets little mass in the second outranks a key that is heavy only now."""
+    layer, real = _layer(budget=5, sinks=1, recent=1, stored=6)
+    layer.observe(torch.tensor([[[0.0, 5, 4, 1, 3, 0]]]), real)
+    assert layer.positions[0, 0].tolist() == [0, 1, 2, 4, 5]  # position 3 evicted
+    new_key = torch.full((1, 1, 1, 1), 6.0)
+    layer.update(new_key, new_key.clone())
+    layer.observe(torch.tensor([[[0.0, 0, 0, 3, 2, 0]]]), torch.ones(1, 6, dtype=torch.bool))
+    # summed: 1 -> 5, 2 -> 4, 4 -> 6, 5 -> 2; the latest call alone would keep 5 and drop 1 or 2
+    assert layer.positions[0, 0].tolist() == [0, 1, 2, 4, 6]
+    assert layer.scores[0, 0].tolist() == [0, 5, 4, 6, 0]
 
 
 def test_needs_the_ctxaware_kernels():

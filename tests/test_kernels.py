@@ -1,7 +1,8 @@
 """The attention kernel family: reference vs a float64 naive softmax, Triton (TRITON_INTERPRET=1) vs reference.
 
-Fresh random inputs, ragged lengths (not multiples of the 16-wide interpreter blocks), GQA, left/right padding,
-packing, every pattern, gates with zeros, decode, statistics, all gradients; outputs are poisoned with NaN first.
+Random inputs drawn per test and case (seeded from the test's id, so a failure reproduces), ragged lengths (not
+multiples of the 16-wide interpreter blocks), GQA, left/right padding, packing, every pattern, gates with zeros,
+decode, statistics, all gradients; outputs are poisoned with NaN first.
 """
 
 import json
@@ -15,6 +16,9 @@ import torch
 
 from ctxaware.kernels import AttentionPattern, attention
 from ctxaware.kernels import triton_attention as tri
+
+
+pytestmark = pytest.mark.usefixtures("stable_seed")  # every random input reproduces (tests/conftest.py)
 
 
 # tests/conftest.py turns the interpreter on where there is no GPU; on the GPU machine tests/gpu covers Triton.

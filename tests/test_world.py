@@ -29,6 +29,7 @@ from ctxaware.world import (
 )
 from ctxaware.world.longctx import PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION
 from ctxaware.world.preference import WORD, candidate_summaries
+from tests.world_splits import entity_splits, wrong_split_subjects
 
 
 # sha256 of the first 50 facts and the first 30 corpus documents of the world of seed 0. It changes only when the
@@ -69,23 +70,48 @@ def test_world_is_consistent(world):
     assert {f.split for f in world.facts} == set(SPLITS)
 
 
-def _keys(split: str, world) -> dict[str, set]:
-    return {
-        "closed_book_qa": {r["question"] for r in closed_book_qa(world, split)},
-        "context_qa": {r["context"] + r["question"] for r in context_qa(world, split, n=100)},
-        "arithmetic": {r["prompt"] for r in arithmetic(world, split, n_per_cell=20)},
-        "summarization": {r["post"] for r in summarization(world, split)},
-        "chat_sft": {r["messages"][0]["content"] for r in chat_sft(world, split, n=200)},
-        "preference_pairs": {p["prompt"] for p in preference_pairs(world, split)},
-    }
+SPLIT_GENERATORS = {
+    "closed_book_qa": closed_book_qa,
+    "context_qa": lambda world, split: context_qa(world, split, n=300),
+    "arithmetic": lambda world, split: arithmetic(world, split, n_per_cell=20),
+    "summarization": summarization,
+    "chat_sft": lambda world, split: chat_sft(world, split, n=300),
+    "chat_sft_passage": lambda world, split: chat_sft(world, split, n=300, knowledge_form="passage"),
+    "preference_pairs": preference_pairs,
+}
 
 
-def test_splits_never_overlap(world):
-    keys = {split: _keys(split, world) for split in SPLITS}
-    for task in keys["train"]:
-        for a, b in [("train", "validation"), ("train", "test"), ("validation", "test")]:
-            assert keys[a][task] and keys[b][task], task
-            assert not keys[a][task] & keys[b][task], f"{task}: {a} and {b} share records"
+@pytest.mark.parametrize("generator", SPLIT_GENERATORS)
+def test_each_split_s_records_are_about_that_split_s_entities_only(world, generator):
+    """Every entity belongs to one split, so this also makes the splits' subjects disjoint: no validation or test
+    record asks about an entity whose questions, passages, posts or chats the training split (and pretraining) has."""
+    splits = entity_splits(world)
+    kind = generator.removesuffix("_passage")
+    for split in SPLITS:
+        records = SPLIT_GENERATORS[generator](world, split)
+        assert records, (generator, split)
+        wrong = {
+            i: why for i, record in enumerate(records) if (why := wrong_split_subjects(kind, record, split, splits))
+        }
+        assert not wrong, (
+            f"{generator}/{split}: {len(wrong)} of {len(records)} records, e.g. {next(iter(wrong.items()))}"
+        )
+
+
+def test_split_check_sees_a_training_entity_in_a_test_record(world):
+    """The check above is not vacuous: it names a training subject, and a record where it finds no subject."""
+    splits = entity_splits(world)
+    train_person, test_person = world.entities_in("person", "train")[0], world.entities_in("person", "test")[0]
+    record = summarization(world, "test")[0]
+    poster = record["post"].split(" here.")[0].removeprefix("Hi all, ")
+    assert splits[poster] == "test"
+    leaked = {**record, "post": record["post"].replace(poster, train_person)}
+    assert wrong_split_subjects("summarization", leaked, "test", splits) == [f"{train_person} is train"]
+    question = {"question": f"Where does {test_person} live?"}
+    assert wrong_split_subjects("context_qa", question, "test", splits) == []
+    assert wrong_split_subjects("context_qa", {"question": "Where does nobody live?"}, "test", splits) == [
+        "no world entity found"
+    ]
 
 
 def test_pretraining_corpus_holds_no_held_out_record(world):

@@ -36,6 +36,7 @@ from torch import nn
 from ctxaware.attention import attention_modules
 from ctxaware.generation import encode_prompt
 from ctxaware.heads import Head, HeadLayout, plot_head_scores, register_pre_o_proj_hooks
+from ctxaware.io import write_text
 
 
 DIRECTIONS = ("corrupted_into_clean", "clean_into_corrupted")
@@ -296,9 +297,7 @@ class PatchingResult:
         paths = {"json": folder / f"{self.name}.json", "png": folder / f"{self.name}.png"}
         text = json.dumps(self.to_dict(), indent=2)
         text = re.sub(r"\[\s+([^\[\]{}\"]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
-        tmp = paths["json"].with_suffix(".json.tmp")
-        tmp.write_text(text + "\n")
-        tmp.rename(paths["json"])
+        write_text(paths["json"], text + "\n")
         title = f"{self.kind} patching, {self.direction.replace('_', ' ')} (normalised LD effect)"
         plot_head_scores(paths["png"], self.head_effects, selected, title=title)
         return paths

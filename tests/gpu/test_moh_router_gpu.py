@@ -7,6 +7,7 @@ from ctxaware.methods.moh import MoHRouter
 
 
 pytestmark = [
+    pytest.mark.usefixtures("stable_seed"),  # every random input reproduces (tests/conftest.py)
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]

@@ -1,0 +1,231 @@
+"""The scientific checks' pass/fail logic (`benchmarks/*_science.py`) on fixed inputs: each target met, missed, and at
+its edges (exact thresholds, missing values, a baseline that did not improve)."""
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(script: str):
+    """A benchmark script as a module; the scripts import `science_common` from their own folder."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(script)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def passes(targets: dict, key: str = "pass") -> dict[str, bool]:
+    return {name: target[key] for name, target in targets.items()}
+
+
+def test_thresholds_ignore_float_rounding_but_not_missing_values():
+    common = load("science_common")
+    assert 0.26 - 0.25 > 0.01 and common.at_most(0.26 - 0.25, 0.01)  # exactly one point is within one point
+    assert not common.at_most(0.0101, 0.01) and not common.at_least(0.6999, 0.7)
+    assert common.at_least(0.7, 0.7) and not common.at_least(None, 0.7) and not common.at_most(None, 0.7)
+
+
+# --- arithmetic heads ----------------------------------------------------------------------------------------------
+
+
+def arith_inputs(gains=None, heads_drops=None, fraction=3 / 64, share=0.6):
+    arith = load("arith_science")
+    gains = {"heads": 0.30, "random_heads": 0.10, "lora": 0.20, "full": 0.40} | (gains or {})
+    drops = dict.fromkeys(arith.NON_ARITH, 0.0) | (heads_drops or {})
+    results = {
+        method: {"change": {"arith_in_distribution": gain} | {m: -drops[m] if method == "heads" else -0.05
+                                                              for m in arith.NON_ARITH}}
+        for method, gain in gains.items()
+    }  # fmt: skip
+    attribution = {"under_5pct": {"heads": 3, "fraction": fraction, "share": share},
+                   "heads_for_80pct": {"fraction": 0.2}}  # fmt: skip
+    return arith.targets(results, attribution)
+
+
+def test_arith_targets():
+    assert all(passes(arith_inputs()).values())
+    assert passes(arith_inputs(fraction=0.05))["fewer_than_5pct_of_heads_explain_most"] is False  # fewer than 5%
+    assert passes(arith_inputs(share=0.5))["fewer_than_5pct_of_heads_explain_most"] is False  # more than half
+    assert passes(arith_inputs(gains={"lora": 0.30}))["heads_gain_at_least_lora"] is True  # a tie is "as much"
+    assert passes(arith_inputs(gains={"lora": 0.31}))["heads_gain_at_least_lora"] is False
+    assert passes(arith_inputs(gains={"random_heads": 0.30}))["heads_beat_random_heads"] is False
+    drop = "heads_non_arith_drop_at_most_1pt"
+    assert passes(arith_inputs(heads_drops={"closed_book_recall": 0.26 - 0.25}))[drop] is True  # one point exactly
+    assert passes(arith_inputs(heads_drops={"extractive_qa/contains": 0.02}))[drop] is False
+    assert passes(arith_inputs(heads_drops={"extractive_qa/contains": -0.2}))[drop] is True  # a gain is no drop
+    target = arith_inputs()[drop]
+    assert target["drops"] == dict.fromkeys(load("arith_science").NON_ARITH, 0.0)
+    assert target["lora_drops"] == dict.fromkeys(load("arith_science").NON_ARITH, 0.05)
+
+
+# --- context awareness ---------------------------------------------------------------------------------------------
+
+
+def context_targets(base=0.8, vanilla=0.5, indicator=0.75, arithmetic=(0.40, 0.40), aurocs=(0.9, 0.85)):
+    context = load("context_science")
+    results = {
+        "counterfactual": {
+            "base_chat": {"context_rate": base},
+            "vanilla_chat": {"context_rate": vanilla},
+            "conditional_indicator_chat": {"context_rate": indicator},
+        },
+        "general": {"arithmetic_plain": {"conditional": arithmetic[0], "vanilla": arithmetic[1]}},
+        "scores": {"auroc_attention_vs_kind": aurocs[0], "auroc_loglik_gain_vs_kind": aurocs[1]},
+    }
+    return context.targets(results)
+
+
+def test_context_targets():
+    targets = context_targets()
+    assert all(passes(targets).values())
+    assert targets["vanilla_drop_in_context_rate_chat"]["value"] == pytest.approx(0.3)
+    assert targets["recovery_with_indicator"]["value"] == pytest.approx(0.25 / 0.3)
+    assert passes(context_targets(indicator=0.7))["recovery_with_indicator"] is False  # 0.2 / 0.3 < 0.7
+    # no drop to recover: both targets missed, however well the indicator does
+    no_drop = passes(context_targets(base=0.5, vanilla=0.5, indicator=0.9))
+    assert not no_drop["vanilla_drop_in_context_rate_chat"] and not no_drop["recovery_with_indicator"]
+    worse = context_targets(base=0.4, vanilla=0.5, indicator=0.3)  # a negative drop must not make a ratio
+    assert worse["recovery_with_indicator"]["value"] is None and not worse["recovery_with_indicator"]["pass"]
+    missing = passes(context_targets(indicator=None))
+    assert missing["vanilla_drop_in_context_rate_chat"] and not missing["recovery_with_indicator"]
+    gap = "arithmetic_conditional_minus_vanilla"
+    assert passes(context_targets(arithmetic=(0.26, 0.25)))[gap] is True  # one point, either way
+    assert passes(context_targets(arithmetic=(0.25, 0.26)))[gap] is True
+    assert passes(context_targets(arithmetic=(0.27, 0.25)))[gap] is False
+    assert context_targets(arithmetic=(0.25, 0.27))[gap]["value"] == pytest.approx(-0.02)  # reported with its sign
+    aurocs = passes(context_targets(aurocs=(0.8, 0.79)))
+    assert aurocs["auroc_attention_vs_kind"] and not aurocs["auroc_loglik_gain_vs_kind"]
+    assert passes(context_targets(aurocs=(None, 0.9)))["auroc_attention_vs_kind"] is False
+
+
+# --- LoFiT ---------------------------------------------------------------------------------------------------------
+
+
+def lofit_targets(lofit_gain=0.3, lora_gain=0.3, random_gains=(0.1, 0.2), lofit_params=1000, lora_params=20000,
+                  heads=3, total_heads=64):  # fmt: skip
+    results = {
+        "lofit": {"gain": lofit_gain, "trained_parameters": lofit_params, "heads": heads, "total_heads": total_heads},
+        "lora": {"gain": lora_gain, "trained_parameters": lora_params},
+    }
+    results |= {f"random_heads_{i}": {"gain": gain} for i, gain in enumerate(random_gains)}
+    return load("lofit_science").evaluate_targets(results)
+
+
+def test_lofit_targets():
+    assert all(passes(lofit_targets(), "passed").values())  # 90%+ of LoRA's gain, 20x fewer parameters, 3/64 heads
+    assert passes(lofit_targets(lofit_gain=0.26), "passed")["gain_share_of_lora"] is False
+    assert passes(lofit_targets(lofit_gain=0.27), "passed")["gain_share_of_lora"] is True  # 0.9 exactly
+    lora_failed = lofit_targets(lora_gain=0.0)  # no gain to share: missed, not a division by zero
+    assert lora_failed["gain_share_of_lora"]["value"] is None and not lora_failed["gain_share_of_lora"]["passed"]
+    assert passes(lofit_targets(lora_params=19999), "passed")["lora_to_lofit_parameters"] is False
+    assert passes(lofit_targets(heads=4), "passed")["head_share"] is False  # 4/64 > 5%
+    best_random = lofit_targets(random_gains=(0.1, 0.3))["lofit_minus_best_random_gain"]
+    assert best_random["value"] == 0.0 and not best_random["passed"]  # the best draw, not the mean, must be beaten
+    assert best_random["random_gains"] == [0.1, 0.3]
+
+
+# --- MoH -----------------------------------------------------------------------------------------------------------
+
+
+def test_moh_task_scores_and_drop_targets():
+    moh = load("moh_science")
+    metrics = {task: {metric: 0.5, "other": 1.0} for task, metric in moh.TASK_METRICS.items()}
+    metrics["passkey"]["acc"] = 0.9
+    scores = moh.task_scores(metrics)
+    assert scores["passkey"] == pytest.approx(90.0) and scores["arithmetic"] == pytest.approx(50.0)
+    assert scores["mean"] == pytest.approx((3 * 50 + 90) / 4)  # the headline metrics only, unweighted
+
+    def by_seed(*means):  # {seed: {run: {"mean": points}}} from (dense, moh75, moh50) per seed
+        return {
+            seed: dict(zip(("dense", "moh75", "moh50"), ({"mean": m} for m in row))) for seed, row in enumerate(means)
+        }
+
+    # moh75: drops 0.5 and 1.5 average to 1.0 (allowed 1); moh50: drops 2 and 5 average to 3.5 (allowed 3)
+    targets = moh.drop_targets(by_seed((60, 59.5, 58), (61, 59.5, 56)), moh.RUNS)
+    assert set(targets) == {"moh75", "moh50"}
+    assert targets["moh75"]["drops_per_seed"] == [0.5, 1.5] and targets["moh75"]["met"] is True
+    assert targets["moh50"]["drop_points"] == pytest.approx(3.5) and targets["moh50"]["met"] is False
+    assert moh.drop_targets(by_seed((60, 70, 70)), moh.RUNS)["moh50"]["met"]  # a gain meets it
+    without_dense = {name: run for name, run in moh.RUNS.items() if name != "dense"}
+    assert moh.drop_targets(by_seed((60, 59, 58)), without_dense) == {}
+
+
+# --- RLHF ----------------------------------------------------------------------------------------------------------
+
+
+def rlhf_targets(accuracy=0.75, win_rate=0.7, rl_words=11.0, sft_words=10.0):
+    summary = {
+        "reward_model": {"pairwise_accuracy": accuracy},
+        "rl": {"win_rate_vs_sft": win_rate, "mean_words": rl_words},
+        "sft": {"mean_words": sft_words},
+    }
+    return load("rlhf_science").targets(summary)
+
+
+def test_rlhf_targets():
+    assert all(passes(rlhf_targets()).values())
+    assert passes(rlhf_targets(accuracy=0.7, win_rate=78 / 120)) == dict.fromkeys(rlhf_targets(), True)  # at 0.65
+    assert passes(rlhf_targets(accuracy=0.69))["reward_accuracy"] is False
+    assert passes(rlhf_targets(win_rate=0.64))["rl_win_rate_vs_sft"] is False
+    length = "rl_length_vs_sft"
+    assert passes(rlhf_targets(rl_words=12.0))[length] is True  # 20% longer exactly
+    assert passes(rlhf_targets(rl_words=8.0))[length] is True  # 20% shorter exactly
+    assert passes(rlhf_targets(rl_words=7.9))[length] is False  # RL cut its summaries short
+    assert passes(rlhf_targets(rl_words=12.1))[length] is False
+    empty = rlhf_targets(sft_words=0.0)[length]
+    assert empty["value"] is None and empty["pass"] is False
+
+
+# --- SinkLoRA ------------------------------------------------------------------------------------------------------
+
+
+def test_sinklora_gap_closure_and_targets():
+    sinklora = load("sinklora_science")
+
+    def ppl(base, full, s2, sf, length=2048):
+        return {
+            name: {f"ppl_len{length}": value}
+            for name, value in zip(("base", "full", "s2", "sf"), (base, full, s2, sf))
+        }
+
+    closure = sinklora.gap_closure(ppl(100.0, 20.0, 40.0, 36.0), 2048)  # full gains 80; s2 60, sf 64
+    assert closure == {"s2": pytest.approx(0.75), "sf": pytest.approx(0.8)}
+    h2o = {"full": {"within_budget": True}, "h2o:0.5": {"within_budget": True}}
+    assert sinklora.targets(closure, h2o) == {
+        "sf_closes_at_least_80pct_of_full_gap": True,
+        "h2o_caches_hold_at_most_their_budget": True,
+    }
+    assert not sinklora.targets({"sf": 0.79}, h2o)["sf_closes_at_least_80pct_of_full_gap"]
+    assert not sinklora.targets(closure, h2o | {"h2o:0.2": {"within_budget": False}})[
+        "h2o_caches_hold_at_most_their_budget"
+    ]
+    # full attention made perplexity worse: no gap to close, so no closure ratio (it would reward doing even worse)
+    worse = sinklora.gap_closure(ppl(100.0, 110.0, 130.0, 140.0), 2048)
+    assert worse == {"s2": None, "sf": None}
+    assert not sinklora.targets(worse, h2o)["sf_closes_at_least_80pct_of_full_gap"]
+
+
+def test_sinklora_h2o_budget_check():
+    sinklora = load("sinklora_science")
+    length, entry = 512, 1000  # bytes per cached token
+
+    def results(held_05, held_02):
+        def run(held):
+            return {"passkey": {"acc": 1.0}, "long_ppl": {"ppl_len512": 9.0, "kv_bytes_len512": held,
+                                                         "kv_full_bytes_len512": 511 * entry}}  # fmt: skip
+
+        full = {"passkey": {"acc": 1.0}, "long_ppl": {"ppl_len512": 9.0}}  # one pass: no cache bytes reported
+        return {"kv_full": full, "kv_h2o_0.5": run(held_05), "kv_h2o_0.2": run(held_02)}
+
+    table = sinklora.h2o_table(results(256 * entry, 103 * entry), length)  # ceil(0.5 x 512), ceil(0.2 x 512)
+    assert all(row["within_budget"] for row in table.values())
+    assert table["full"]["kv_bytes"] == table["full"]["kv_full_bytes"] == 511 * entry
+    assert table["h2o:0.5"]["memory_saved"] == pytest.approx(1 - 256 / 511)
+    over = sinklora.h2o_table(results(256 * entry, 104 * entry), length)
+    assert over["h2o:0.2"]["within_budget"] is False and over["h2o:0.5"]["within_budget"] is True

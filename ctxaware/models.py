@@ -45,12 +45,44 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(model_fetch.converted_gguf_dir(path))
     if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{name_or_path} exists but holds no config.json: pass a model folder or a Hub id.")
+    named = ", ".join([EMBEDDED_MODEL_NAME, *model_fetch.NAMED_MODELS])
     if looks_like_path(name_or_path) and not path.exists():
         raise FileNotFoundError(
             f"Model path {name_or_path} does not exist: pass a model folder, a .gguf file, a Hub id, or a named "
-            f"model ({', '.join([EMBEDDED_MODEL_NAME, *model_fetch.NAMED_MODELS])})."
+            f"model ({named})."
+        )
+    if not path.exists():
+        check_hub_reachable(
+            name_or_path, "config.json", f"pass a local model folder, a .gguf file or a named model ({named})"
         )
     return name_or_path
+
+
+def check_hub_reachable(repo_id: str, filename: str, fix: str) -> None:
+    """Fails in seconds where a Hub id cannot be fetched (offline mode, or no route to the Hub) and no cached copy
+    exists, instead of after transformers' retries and with a message about something else."""
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, filename), str):
+            return
+    except ValueError as error:  # not a valid repo id at all
+        raise FileNotFoundError(f"{repo_id!r} is neither a local path nor a valid Hub id: {fix}.") from error
+    if huggingface_hub.is_offline_mode():
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local path and HF_HUB_OFFLINE is set, with no cached copy: {fix}."
+        )
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as error:
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local path and the Hugging Face Hub ({host}) cannot be reached ({error}): {fix}."
+        ) from error
 
 
 def looks_like_path(name: str) -> bool:
@@ -85,6 +117,8 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM
 
+    if adapter:
+        check_adapter_source(adapter)
     path = resolve_model_path(name_or_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # "auto" keeps the checkpoint's dtype on a GPU; on a CPU, half precision is slow (no fast bf16 matmul on most
@@ -140,8 +174,7 @@ def load_adapter(model, adapter: str, *, base_name: str):
     """The one dispatch point for adapters, on `adapter_config.json`: PEFT adapters (`peft_type`) through
     `PeftModel`, the project's own format (`"format": "ctxaware"`, LoFiT and other head methods) through
     `ctxaware.adapters.load_adapter`."""
-    if looks_like_path(adapter) and not Path(adapter).exists():
-        raise FileNotFoundError(f"Adapter {adapter} does not exist: pass an adapter folder or a Hub id.")
+    check_adapter_source(adapter)
     config = read_adapter_file(adapter, "adapter_config.json")
     if config is None:
         raise FileNotFoundError(f"{adapter} holds no adapter_config.json: pass a PEFT or ctxaware adapter folder.")
@@ -155,6 +188,14 @@ def load_adapter(model, adapter: str, *, base_name: str):
         f"{adapter}'s adapter_config.json is neither a PEFT adapter's (peft_type) nor a ctxaware adapter's "
         '("format": "ctxaware").'
     )
+
+
+def check_adapter_source(adapter: str) -> None:
+    """An adapter folder that exists, or a Hub id that can be fetched: checked before any model loads."""
+    if looks_like_path(adapter) and not Path(adapter).exists():
+        raise FileNotFoundError(f"Adapter {adapter} does not exist: pass an adapter folder or a Hub id.")
+    if not Path(adapter).exists():
+        check_hub_reachable(adapter, "adapter_config.json", "pass a local adapter folder")
 
 
 def _load_peft_adapter(model, adapter: str, peft_config: dict, base_name: str):

@@ -115,8 +115,8 @@ def _validate(args):
     check_dataset(names, args.dataset)
     if args.haystack_file and not texts.is_text_source(args.haystack_file):
         raise FileNotFoundError(
-            f"--haystack_file {args.haystack_file} is neither an existing file nor a named source "
-            f"({', '.join(texts.TEXT_SOURCES)})."
+            f"--haystack_file {args.haystack_file} does not exist and is not a named source "
+            f"({', '.join(texts.TEXT_SOURCES)}): pass an existing UTF-8 file or a source name."
         )
     for flag in ("baseline_samples", "attention_baseline"):
         value = getattr(args, flag)

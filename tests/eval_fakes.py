@@ -50,7 +50,7 @@ def needle_example(tokenizer, n_tokens, depth, seed, haystack_text=None, world=N
     }
 
 
-def passkey_example(tokenizer, n_tokens, depth, seed, world=None):
+def passkey_example(tokenizer, n_tokens, depth, seed, haystack_text=None, world=None):
     key = str(10000 + seed % 90000)
     return {"text": f"[len={n_tokens}] {FILLER} The pass key is {key}. {FILLER}\nWhat is the pass key? The pass key is",
             "answer": key}  # fmt: skip

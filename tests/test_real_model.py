@@ -219,3 +219,33 @@ def test_gsm8k_task_scores_exactly(tmp_path):
     result = task.evaluate(lm, task.load(lm, options), options)
     assert result.metrics == {"exact_match": pytest.approx(1 / 3), "exact_match_flexible": pytest.approx(2 / 3)}
     assert lm.prompts[0].count("Question:") == 6  # five shots, then the question
+
+
+# ------------------------------------------------------------------------------------------------- Hub ids offline
+def test_hub_ids_fail_fast_and_clearly_without_the_hub(monkeypatch, tmp_path):
+    import socket
+    import time
+
+    import huggingface_hub
+
+    from ctxaware.models import check_adapter_source
+
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: True)
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE is set, with no cached copy: pass a local model"):
+        load_model("some-org/some-model", device="cpu")
+    with pytest.raises(FileNotFoundError, match="pass a local adapter folder"):
+        load_model("ctxaware-tiny", adapter="some-org/some-adapter", device="cpu")
+    assert time.perf_counter() - start < 5
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    with pytest.raises(
+        FileNotFoundError, match=r"Hub \(huggingface.co\) cannot be reached \(Network is unreachable\)"
+    ):
+        resolve_model_path("some-org/some-model")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_adapter_source(str(tmp_path / "missing-adapter"))

@@ -54,8 +54,12 @@ def generate(
     cache_factory: Callable[[], object] | None = None,
     desc: str = "generate",
     progress: bool = True,
+    stop_strings: Sequence[str] | None = None,
 ) -> list[str]:
-    """Greedy continuations of token-id `prompts`, decoded without special tokens and cut at the first EOS."""
+    """Greedy continuations of token-id `prompts`, decoded without special tokens and cut at the first EOS.
+
+    `stop_strings` end a row's generation once its text contains one (a few-shot prompt's next `Question:`), which
+    only saves time: callers cut the text themselves, since the string may straddle tokens."""
     pad_id = _pad_id(tokenizer)
     device = model.device
     outputs: list[str] = [""] * len(prompts)
@@ -71,6 +75,8 @@ def generate(
         kwargs = dict(generate_kwargs or {})
         if cache_factory is not None:
             kwargs["cache"] = cache_factory()
+        if stop_strings:
+            kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
         generated = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),

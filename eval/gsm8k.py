@@ -111,7 +111,8 @@ class GSM8K(Task):
         else:
             prefix = fewshot_prefix()
             prompts = [lm.encode(f"{prefix}Question: {r['question']}\nAnswer:", chat=False) for r in records]
-        outputs = lm.generate(prompts, max_new_tokens=options.max_new_tokens or 256, desc="gsm8k")
+        stop = None if chat else ["Question:"]
+        outputs = lm.generate(prompts, max_new_tokens=options.max_new_tokens or 256, desc="gsm8k", stop_strings=stop)
         responses = [o if chat else cut_response(o) for o in outputs]
         strict = [float(strict_answer(o) == r["answer"]) for r, o in zip(records, responses)]
         flexible = [float(flexible_answer(o) == r["answer"]) for r, o in zip(records, responses)]

@@ -49,7 +49,9 @@ class EvalModel:
     def encode_continuation(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, desc: str = "generate") -> list[str]:
+    def generate(
+        self, prompts: list[list[int]], *, max_new_tokens: int, desc: str = "generate", stop_strings=None
+    ) -> list[str]:
         return generation.generate(
             self.model,
             self.tokenizer,
@@ -60,6 +62,7 @@ class EvalModel:
             cache_factory=self.setup.cache_factory,
             desc=desc,
             progress=self.progress,
+            stop_strings=stop_strings,
         )
 
     def loglikelihood(self, requests: list[tuple[list[int], list[int]]], *, desc: str = "score"):

@@ -89,7 +89,7 @@ class StubLM(EvalModel):
         self.answer, self.score = answer, score
         self.prompts: list[str] = []
 
-    def generate(self, prompts, *, max_new_tokens, desc=""):
+    def generate(self, prompts, *, max_new_tokens, desc="", stop_strings=None):
         texts = [self.tokenizer.decode(p) for p in prompts]
         self.prompts += texts
         return [self.answer(text) for text in texts]

@@ -249,3 +249,14 @@ def test_hub_ids_fail_fast_and_clearly_without_the_hub(monkeypatch, tmp_path):
         resolve_model_path("some-org/some-model")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         check_adapter_source(str(tmp_path / "missing-adapter"))
+
+
+def test_stop_strings_end_generation_early_without_changing_the_text():
+    from ctxaware.generation import generate
+
+    model, tokenizer = load_model("ctxaware-tiny", device="cpu")
+    prompts = [encode_prompt(tokenizer, "Question: What is 12 + 30? Answer:")]
+    full = generate(model, tokenizer, prompts, max_new_tokens=24, progress=False)[0]
+    stop = full.split()[2]  # a word from the middle of the greedy output
+    stopped = generate(model, tokenizer, prompts, max_new_tokens=24, progress=False, stop_strings=[stop])[0]
+    assert full.startswith(stopped) and stop in stopped and len(stopped) < len(full)

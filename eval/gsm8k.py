@@ -9,6 +9,7 @@ Data: the shipped split (`--split test`, the full test set, or `validation`, 500
 `--dataset openai/gsm8k` (the Hub's test split) or `--dataset FILE` (a local file with `question` / `answer`).
 """
 
+import json
 import re
 
 from ctxaware.data import DATA_DIR
@@ -62,8 +63,6 @@ def gsm8k_row(row: dict) -> dict:
 
 
 def _shipped(split: str) -> list[dict]:
-    import json
-
     if split not in SHIPPED_SPLITS:
         raise ValueError(
             f"gsm8k ships the {' and '.join(SHIPPED_SPLITS)} splits, not {split!r}: pass --split test or validation, "
@@ -79,8 +78,6 @@ def fewshot_prefix(count: int = NUM_FEWSHOT) -> str:
 
 
 def _shipped_fewshot() -> list[dict]:
-    import json
-
     lines = (GSM8K_DIR / "fewshot.jsonl").read_text(encoding="utf-8").splitlines()
     return [gsm8k_row(json.loads(line)) for line in lines if line.strip()]
 

@@ -54,8 +54,8 @@ from tqdm.auto import tqdm
 
 from ctxaware.adapters import ATTACHED_ATTR, HeadAdapter
 from ctxaware.attention import ATTN_IMPLEMENTATION, attention_modules, get_attention_options
-from ctxaware.eval.hooks import GenerationSetup, register_generation_hook
 from ctxaware.heads import Head, HeadLayout, heads_by_layer
+from ctxaware.switches import GenerationSetup, register_generation_hook
 
 
 VARIANTS = ("learned", "query_norm")

@@ -2,7 +2,7 @@
 
     python benchmarks/moh_importance.py --out benchmarks/results --rows 16 32 64 128
 
-Measures `ctxaware.methods.moh.head_ablation_kl` once on the largest row count of ctxaware-tiny's MoH training rows
+Measures `ctxaware.methods.moh.calibration.head_ablation_kl` once on the largest row count of ctxaware-tiny's MoH training rows
 (the recipe's data, `--seq_len` tokens each, the rows the recipe calibrates on) and, for each prefix of `--rows`
 rows and each statistic over tokens (the mean, as the recipe ranks, and high quantiles), the `--num_shared` heads of
 each layer with the largest value. A statistic whose choice changes with the row count picks shared heads by
@@ -20,7 +20,7 @@ import torch
 from science_common import RECIPES, output_folder
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ctxaware.methods.moh import head_ablation_kl
+from ctxaware.methods.moh.calibration import head_ablation_kl
 from ctxaware.models import resolve_model_path
 
 

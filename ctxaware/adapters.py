@@ -48,7 +48,7 @@ ATTACHED_ATTR = "ctxaware_adapter"
 # load of such a folder.
 ADAPTER_MODULES: dict[str, str] = {
     "lofit": "ctxaware.methods.lofit",
-    "moh": "ctxaware.methods.moh",
+    "moh": "ctxaware.methods.moh.adapter",
     "head_deltas": "ctxaware.methods.arith_heads",
 }
 ADAPTER_METHODS: dict[str, type[HeadAdapter]] = {}  # filled by subclassing

@@ -60,7 +60,7 @@ SWITCHES: dict[str, Switch] = {
         "moh",
         "Mixture-of-head routing: `off`, or `on[:ARGS]` for models converted by the MoH recipe.",
         "off",
-        "ctxaware.methods.moh",
+        "ctxaware.methods.moh.switch",
     ),
 }
 

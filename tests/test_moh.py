@@ -15,14 +15,9 @@ from transformers import AutoModelForCausalLM
 from ctxaware.adapters import HeadAdapter, load_adapter
 from ctxaware.attention import ATTN_IMPLEMENTATION, attention_modules, get_attention_options
 from ctxaware.kernels.moh_router import router_gates
-from ctxaware.methods.moh import (
-    MoHAdapter,
-    MoHRouter,
-    find_moh_adapter,
-    fit_router_weights,
-    head_ablation_kl,
-    logit_change,
-)
+from ctxaware.methods.moh.adapter import MoHAdapter, find_moh_adapter, logit_change
+from ctxaware.methods.moh.calibration import fit_router_weights, head_ablation_kl
+from ctxaware.methods.moh.router import MoHRouter
 from ctxaware.switches import apply_generation_hooks
 from tests.launch import accelerate_launch
 from tests.tiny_models import tiny_model

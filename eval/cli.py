@@ -162,7 +162,11 @@ def _evaluate(args, options, tasks, switches) -> int:
     except (FileNotFoundError, ValueError, NotImplementedError) as error:
         print(f"ctxaware eval: error: {error}", file=sys.stderr)
         return 2
-    setup = apply_generation_hooks(model, switches)
+    try:
+        setup = apply_generation_hooks(model, switches)
+    except (FileNotFoundError, ValueError) as error:  # a switch's arguments, checked against the loaded model
+        print(f"ctxaware eval: error: {error}", file=sys.stderr)
+        return 2
     try:
         lm = EvalModel(model, tokenizer, batch_size=options.batch_size, setup=setup, progress=options.progress)
         config = {

@@ -8,13 +8,14 @@ An adapter is a folder, like a PEFT adapter's:
 - `adapter_model.safetensors`: the weights (the adapter module's state dict).
 - `README.md`: a model card with Hub metadata (library_name, base_model, tags) and an eval results table when given.
 
-A method subclasses `HeadAdapter` with a `method` name, lists its module in `ADAPTER_MODULES` and gets `save_pretrained`, `from_pretrained` (a local folder
-or a Hub repo id), `push_to_hub` and base-model checks. Its per-layer modules live in `self.layers` (keyed by layer
-index) and, once attached, also under each attention module, so the trained parameters are the model's parameters
-(Trainer's optimizer, DDP and FSDP see them with their layer). The default `attach` feeds each layer's module the
-pre-o_proj tensor (see `ctxaware.heads`); methods acting elsewhere override `attach`. `merge` returns a plain
-transformers model where the method's edit is exact in weight space. Imports go one way: method modules import this
-one; this one imports a method's module by name, when a folder of that method is loaded.
+A method subclasses `HeadAdapter` with a `method` name, lists its module in `ADAPTER_MODULES` and gets
+`save_pretrained`, `from_pretrained` (a local folder or a Hub repo id), `push_to_hub` and base-model checks. Its
+per-layer modules live in `self.layers` (keyed by layer index) and, once attached, also under each attention module, so
+the trained parameters are the model's parameters (Trainer's optimizer, DDP and FSDP see them with their layer). The
+default `attach` feeds each layer's module the pre-o_proj tensor (see `ctxaware.heads`); methods acting elsewhere
+override `attach`. `merge` returns a plain transformers model where the method's edit is exact in weight space. Imports
+go one way: method modules import this one; this one imports a method's module by name, when a folder of that method is
+loaded.
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ def measure_attention(row, s, active_fractions, hq, hkv, d, device, dtype, backe
 def measure_model(row, s, active_fractions, config_kwargs, device, dtype):
     from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
-    from ctxaware.methods.moh import MoHAdapter
+    from ctxaware.methods.moh.adapter import MoHAdapter
 
     config = LlamaConfig(**config_kwargs, max_position_embeddings=max(s + 16, 2048))
     torch.manual_seed(0)

@@ -2,13 +2,13 @@
 
     python benchmarks/moh_importance.py --out benchmarks/results --rows 16 32 64 128
 
-Measures `ctxaware.methods.moh.head_ablation_kl` once on the largest row count of ctxaware-tiny's MoH training rows
-(the recipe's data, `--seq_len` tokens each, the rows the recipe calibrates on) and, for each prefix of `--rows`
-rows and each statistic over tokens (the mean, as the recipe ranks, and high quantiles), the `--num_shared` heads of
-each layer with the largest value. A statistic whose choice changes with the row count picks shared heads by
-sampling noise (issue 9: the check's score followed those changes through the pass key). Writes
-`moh_importance.json` and `moh_importance.md` to --out. CPU: 26 min at 128 rows of 512 tokens on 2 cores (before
-ablated forwards started at their layer, which cut the recipe's conversion from about 9 to 7.5 min).
+Measures `ctxaware.methods.moh.calibration.head_ablation_kl` once on the largest row count of ctxaware-tiny's MoH
+training rows (the recipe's data, `--seq_len` tokens each, the rows the recipe calibrates on) and, for each prefix of
+`--rows` rows and each statistic over tokens (the mean, as the recipe ranks, and high quantiles), the `--num_shared`
+heads of each layer with the largest value. A statistic whose choice changes with the row count picks shared heads by
+sampling noise (issue 9: the check's score followed those changes through the pass key). Writes `moh_importance.json`
+and `moh_importance.md` to --out. CPU: 26 min at 128 rows of 512 tokens on 2 cores (before ablated forwards started at
+their layer, which cut the recipe's conversion from about 9 to 7.5 min).
 """
 
 import argparse
@@ -20,7 +20,7 @@ import torch
 from science_common import RECIPES, output_folder
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ctxaware.methods.moh import head_ablation_kl
+from ctxaware.methods.moh.calibration import head_ablation_kl
 from ctxaware.models import resolve_model_path
 
 

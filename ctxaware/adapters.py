@@ -8,16 +8,19 @@ An adapter is a folder, like a PEFT adapter's:
 - `adapter_model.safetensors`: the weights (the adapter module's state dict).
 - `README.md`: a model card with Hub metadata (library_name, base_model, tags) and an eval results table when given.
 
-A method subclasses `HeadAdapter` with a `method` name and gets `save_pretrained`, `from_pretrained` (a local folder
-or a Hub repo id), `push_to_hub` and base-model checks. Its per-layer modules live in `self.layers` (keyed by layer
-index) and, once attached, also under each attention module, so the trained parameters are the model's parameters
-(Trainer's optimizer, DDP and FSDP see them with their layer). The default `attach` feeds each layer's module the
-pre-o_proj tensor (see `ctxaware.heads`); methods acting elsewhere override `attach`. `merge` returns a plain
-transformers model where the method's edit is exact in weight space.
+A method subclasses `HeadAdapter` with a `method` name, lists its module in `ADAPTER_MODULES` and gets
+`save_pretrained`, `from_pretrained` (a local folder or a Hub repo id), `push_to_hub` and base-model checks. Its
+per-layer modules live in `self.layers` (keyed by layer index) and, once attached, also under each attention module, so
+the trained parameters are the model's parameters (Trainer's optimizer, DDP and FSDP see them with their layer). The
+default `attach` feeds each layer's module the pre-o_proj tensor (see `ctxaware.heads`); methods acting elsewhere
+override `attach`. `merge` returns a plain transformers model where the method's edit is exact in weight space. Imports
+go one way: method modules import this one; this one imports a method's module by name, when a folder of that method is
+loaded.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import tempfile
@@ -42,7 +45,14 @@ ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME)
 FORMAT = "ctxaware"
 ATTACHED_ATTR = "ctxaware_adapter"
 
-ADAPTER_METHODS: dict[str, type[HeadAdapter]] = {}
+# Method name (`adapter_config.json`'s "method") -> the module defining its `HeadAdapter` subclass, imported on first
+# load of such a folder.
+ADAPTER_MODULES: dict[str, str] = {
+    "lofit": "ctxaware.methods.lofit",
+    "moh": "ctxaware.methods.moh.adapter",
+    "head_deltas": "ctxaware.methods.arith_heads",
+}
+ADAPTER_METHODS: dict[str, type[HeadAdapter]] = {}  # filled by subclassing
 
 
 class HeadAdapter(nn.Module):
@@ -214,10 +224,7 @@ class HeadAdapter(nn.Module):
         """Loads an adapter folder or Hub repo; with `model`, checks it fits and attaches it (trainable off)."""
         folder = _resolve_folder(path_or_repo_id, revision=revision, token=token)
         config = read_adapter_config(folder)
-        method_cls = ADAPTER_METHODS.get(config["method"])
-        if method_cls is None:
-            _import_methods()
-            method_cls = ADAPTER_METHODS.get(config["method"])
+        method_cls = adapter_class(config["method"])
         if method_cls is None:
             raise ValueError(f"{path_or_repo_id} is a {config['method']!r} adapter, a method this ctxaware lacks.")
         if cls is not HeadAdapter and not issubclass(method_cls, cls):
@@ -303,11 +310,11 @@ def _resolve_folder(path_or_repo_id: str | Path, *, revision: str | None, token:
     return Path(snapshot_download(text, revision=revision, token=token, allow_patterns=list(ADAPTER_FILES)))
 
 
-def _import_methods() -> None:
-    """Registers the project's adapter methods (their modules define the subclasses)."""
-    import ctxaware.methods.arith_heads  # noqa: F401
-    import ctxaware.methods.lofit  # noqa: F401
-    import ctxaware.methods.moh  # noqa: F401
+def adapter_class(method: str) -> type[HeadAdapter] | None:
+    """The `HeadAdapter` subclass of `method`, importing its module from `ADAPTER_MODULES` if needed."""
+    if method not in ADAPTER_METHODS and method in ADAPTER_MODULES:
+        importlib.import_module(ADAPTER_MODULES[method])
+    return ADAPTER_METHODS.get(method)
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -77,6 +77,20 @@ def get_attention_options(module: nn.Module) -> AttentionOptions:
     return options
 
 
+def use_ctxaware_attention(model: nn.Module) -> tuple[nn.Module, str]:
+    """Switches `model` (a PEFT model's base) to these kernels; returns what `restore_attention` needs to undo it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    restore = (base, base.config._attn_implementation)
+    if restore[1] != ATTN_IMPLEMENTATION:
+        base.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return restore
+
+
+def restore_attention(restore: tuple[nn.Module, str]) -> None:
+    if restore[1] != ATTN_IMPLEMENTATION:
+        restore[0].set_attn_implementation(restore[1])
+
+
 def ctxaware_attention_forward(
     module: nn.Module,
     query: torch.Tensor,

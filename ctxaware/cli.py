@@ -15,7 +15,7 @@ from ctxaware import __version__
 # Subcommand name -> module exposing `register(subparsers)`.
 SUBCOMMAND_MODULES: dict[str, str] = {
     "eval": "ctxaware.eval.cli",
-    "score": "ctxaware.scoring",
+    "score": "ctxaware.score_cli",
     "fetch": "ctxaware.model_fetch",
 }
 

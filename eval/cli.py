@@ -26,8 +26,8 @@ def _float_list(text: str) -> list[float]:
 
 
 def register(subparsers) -> None:
-    from ctxaware.eval.hooks import SWITCHES
     from ctxaware.models import EMBEDDED_MODEL_NAME
+    from ctxaware.switches import SWITCHES
 
     parser = subparsers.add_parser(
         "eval",
@@ -97,9 +97,9 @@ def _validate(args):
     from pathlib import Path
 
     from ctxaware import texts
-    from ctxaware.eval.hooks import SWITCHES, parse_switch
     from ctxaware.eval.registry import EvalOptions, get_task, task_names
     from ctxaware.eval.runner import check_dataset
+    from ctxaware.switches import SWITCHES, parse_switch
 
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit must be a positive integer, got {args.limit}; omit it to evaluate every record.")
@@ -147,11 +147,11 @@ def _validate(args):
 
 
 def _evaluate(args, options, tasks, switches) -> int:
-    from ctxaware.eval.hooks import apply_generation_hooks
     from ctxaware.eval.model import EvalModel
     from ctxaware.eval.output import format_table
     from ctxaware.eval.runner import evaluate, write_outputs
     from ctxaware.models import load_model
+    from ctxaware.switches import apply_generation_hooks
 
     if args.num_threads:
         import torch
@@ -162,7 +162,11 @@ def _evaluate(args, options, tasks, switches) -> int:
     except (FileNotFoundError, ValueError, NotImplementedError) as error:
         print(f"ctxaware eval: error: {error}", file=sys.stderr)
         return 2
-    setup = apply_generation_hooks(model, switches)
+    try:
+        setup = apply_generation_hooks(model, switches)
+    except (FileNotFoundError, ValueError) as error:  # a switch's arguments, checked against the loaded model
+        print(f"ctxaware eval: error: {error}", file=sys.stderr)
+        return 2
     try:
         lm = EvalModel(model, tokenizer, batch_size=options.batch_size, setup=setup, progress=options.progress)
         config = {

@@ -8,7 +8,7 @@ known and check a metric exactly.
 from dataclasses import dataclass
 
 from ctxaware import generation
-from ctxaware.eval.hooks import GenerationSetup
+from ctxaware.switches import GenerationSetup
 
 
 @dataclass

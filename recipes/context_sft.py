@@ -36,8 +36,8 @@ from ctxaware.methods.context import (
     add_indicator_token,
     insert_indicator,
 )
+from ctxaware.methods.context_scoring import load_chat_records, score_records, select_turns
 from ctxaware.models import load_tokenizer, resolve_model_path
-from ctxaware.scoring import load_chat_records, score_records, select_turns
 from ctxaware.training import Bf16WhereAvailable
 
 

@@ -12,7 +12,7 @@ the model with that head gated off, per token): the most important heads of each
 learned router is fitted to pick, per token, the routed heads whose absence costs most there, so the converted model
 starts close to the dense one (`shared_heads first` and `router_init random`: the first heads by index and a random
 router). The router then learns at `router_lr_ratio` x the learning rate.
-The router (`ctxaware.methods.moh`) is attached to the model, the training loss is the LM loss plus
+The router (`ctxaware.methods.moh.adapter`) is attached to the model, the training loss is the LM loss plus
 `balance_coef` * the Switch-style load-balance loss, and the kernel skips the (token, head) pairs the router leaves
 out. `train_base` continue-tunes the model's weights with the router (the paper's setting); false trains the router
 only. Logged each `logging_steps`: `moh/balance_loss`, `moh/active_fraction`, `moh/load_max` and `moh/load_min` (a
@@ -39,7 +39,8 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from ctxaware.data_files import load_rows
 from ctxaware.heads import heads_by_layer
 from ctxaware.io import atomic_directory
-from ctxaware.methods.moh import ROUTER_INITS, SHARED_HEADS, VARIANTS, MoHAdapter, check_moh_shape, logit_change
+from ctxaware.methods.moh.adapter import ROUTER_INITS, SHARED_HEADS, MoHAdapter, logit_change
+from ctxaware.methods.moh.router import VARIANTS, check_moh_shape
 from ctxaware.models import load_tokenizer, resolve_model_path
 from ctxaware.training import Bf16WhereAvailable, pack_token_stream
 from ctxaware.world import build_world, pretraining_corpus

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from ctxaware.eval.hooks import apply_generation_hooks
 from ctxaware.methods.context import (
     add_indicator_token,
     enable_steering,
@@ -15,6 +14,7 @@ from ctxaware.methods.context import (
     parse_steer_args,
     user_markers,
 )
+from ctxaware.switches import apply_generation_hooks
 from ctxaware.world import build_world, chat_sft
 from ctxaware.world.tasks import CONTEXT_INSTRUCTION
 from tests.tiny_models import build_tiny_tokenizer, tiny_model

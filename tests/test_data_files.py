@@ -66,7 +66,7 @@ def test_lofit_reads_a_local_file(tmp_path):
 
 
 def test_context_sft_reads_local_chats(tmp_path):
-    from ctxaware.scoring import load_chat_records
+    from ctxaware.methods.context_scoring import load_chat_records
 
     chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     path = _jsonl(tmp_path / "chats.jsonl", [{"messages": chat, "kind": "plain"}] * 3)

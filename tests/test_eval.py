@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ctxaware import generation
-from ctxaware.eval import hooks, metrics, output
+from ctxaware import generation, switches
+from ctxaware.eval import metrics, output
 from ctxaware.eval.registry import EvalOptions, get_task
 from tests.eval_fakes import CONTEXT_QA, SUMMARIZATION, StubLM, by_question, install_fake_world
 from tests.tiny_models import tiny_model
@@ -384,26 +384,26 @@ def test_results_schema():
 
 def test_generation_hooks_registry(monkeypatch):
     with pytest.raises(ValueError, match="no kind 'snapkv' is registered. Available now: full, h2o"):
-        hooks.apply_generation_hooks(None, {"kv_cache": "snapkv:0.2"})
+        switches.apply_generation_hooks(None, {"kv_cache": "snapkv:0.2"})
     with pytest.raises(ValueError, match="no kind 'sideways' is registered.*ctxaware.methods.moh"):
-        hooks.apply_generation_hooks(None, {"moh": "sideways"})
+        switches.apply_generation_hooks(None, {"moh": "sideways"})
     with pytest.raises(ValueError, match="Unknown generation switch"):
-        hooks.parse_switch("beam", "x")
+        switches.parse_switch("beam", "x")
     undone = []
-    monkeypatch.setitem(hooks._HOOKS, "steer", dict(hooks._HOOKS["steer"]))
+    monkeypatch.setitem(switches._HOOKS, "steer", dict(switches._HOOKS["steer"]))
 
-    @hooks.register_generation_hook("steer", "test")
+    @switches.register_generation_hook("steer", "test")
     def steer(model, args, setup):
         setup.generate_kwargs["steer_scale"] = float(args)
         setup.stack.callback(undone.append, args)
 
-    setup = hooks.apply_generation_hooks(None, {"kv_cache": None, "steer": "test:0.5", "moh": "off"})
+    setup = switches.apply_generation_hooks(None, {"kv_cache": None, "steer": "test:0.5", "moh": "off"})
     assert setup.generate_kwargs == {"steer_scale": 0.5}
     assert setup.applied == {"kv_cache": "full", "steer": "test:0.5", "moh": "off"}
     setup.close()
     assert undone == ["0.5"]
     with pytest.raises(ValueError, match="takes no arguments"):
-        hooks.apply_generation_hooks(None, {"kv_cache": "full:3"})
+        switches.apply_generation_hooks(None, {"kv_cache": "full:3"})
 
 
 def test_h2o_kv_cache_switch(tiny_tokenizer):
@@ -412,17 +412,17 @@ def test_h2o_kv_cache_switch(tiny_tokenizer):
     model = tiny_model("llama").eval()
     prompts = [generation.encode_prompt(tiny_tokenizer, t) for t in ["The river Alna flows past", "Question: What"]]
     full = EvalModel(model, tiny_tokenizer, progress=False).generate(prompts, max_new_tokens=5)
-    setup = hooks.apply_generation_hooks(model, {"kv_cache": "h2o:1.0"})
+    setup = switches.apply_generation_hooks(model, {"kv_cache": "h2o:1.0"})
     assert model.config._attn_implementation == "ctxaware"
     kept_everything = EvalModel(model, tiny_tokenizer, setup=setup, progress=False).generate(prompts, max_new_tokens=5)
     setup.close()
     assert model.config._attn_implementation == "sdpa"
     assert kept_everything == full  # a budget of the whole prompt evicts nothing
-    setup = hooks.apply_generation_hooks(model, {"kv_cache": "h2o:4"})
+    setup = switches.apply_generation_hooks(model, {"kv_cache": "h2o:4"})
     assert len(EvalModel(model, tiny_tokenizer, setup=setup, progress=False).generate(prompts, max_new_tokens=5)) == 2
     setup.close()
     with pytest.raises(ValueError, match="needs a budget"):
-        hooks.apply_generation_hooks(model, {"kv_cache": "h2o"})
+        switches.apply_generation_hooks(model, {"kv_cache": "h2o"})
     assert model.config._attn_implementation == "sdpa"
 
 

@@ -158,6 +158,22 @@ def test_haystack_file_too_short(model_dir, tmp_path, capsys):
     assert "fewer than the longest requested context (256): pass a longer file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "switch, message",
+    [
+        (["--kv_cache", "h2o"], "--kv_cache h2o needs a budget"),
+        (["--kv_cache", "full:3"], "takes no arguments"),
+        (["--moh", "on:topk=1"], "unknown ['topk']"),
+        (["--moh", "on"], "--moh on needs a MoH router"),
+    ],
+)
+def test_switch_arguments_rejected_after_loading(model_dir, switch, message, capsys):
+    """Switch arguments checked against the loaded model: a one-line error and exit code 2, no traceback."""
+    assert eval_cli("--model", str(model_dir), "--tasks", "passkey", "--lengths", "32", *switch, *FAST) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("ctxaware eval: error: ") and message in last
+
+
 def test_adapter_for_another_base_model(lora_dirs, capsys):
     adapter, wide = lora_dirs
     assert eval_cli("--model", str(wide), "--adapter", str(adapter), "--tasks", "arithmetic", *FAST) == 2

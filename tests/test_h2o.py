@@ -10,11 +10,11 @@ from transformers import DynamicCache
 import ctxaware.attention
 from ctxaware import generation
 from ctxaware.attention import set_attention_options
-from ctxaware.eval.hooks import apply_generation_hooks
 from ctxaware.eval.model import EvalModel
 from ctxaware.eval.registry import EvalOptions, get_task
 from ctxaware.kernels import AttentionPattern
 from ctxaware.methods.h2o import H2OCache, H2OLayer, parse_budget
+from ctxaware.switches import apply_generation_hooks
 from tests.tiny_models import tiny_model
 
 

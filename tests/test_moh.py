@@ -14,16 +14,11 @@ from transformers import AutoModelForCausalLM
 
 from ctxaware.adapters import HeadAdapter, load_adapter
 from ctxaware.attention import ATTN_IMPLEMENTATION, attention_modules, get_attention_options
-from ctxaware.eval import hooks
 from ctxaware.kernels.moh_router import router_gates
-from ctxaware.methods.moh import (
-    MoHAdapter,
-    MoHRouter,
-    find_moh_adapter,
-    fit_router_weights,
-    head_ablation_kl,
-    logit_change,
-)
+from ctxaware.methods.moh.adapter import MoHAdapter, find_moh_adapter, logit_change
+from ctxaware.methods.moh.calibration import fit_router_weights, head_ablation_kl
+from ctxaware.methods.moh.router import MoHRouter
+from ctxaware.switches import apply_generation_hooks
 from tests.launch import accelerate_launch
 from tests.tiny_models import tiny_model
 
@@ -337,20 +332,20 @@ def test_bad_splits_fail_with_the_fix():
 def test_moh_generation_switch():
     model = tiny_model("llama", num_heads=HEADS, head_dim=4).eval()
     with pytest.raises(ValueError, match="--moh on needs a MoH router.*--adapter"):
-        hooks.apply_generation_hooks(model, {"moh": "on"})
-    setup = hooks.apply_generation_hooks(model, {"moh": "on:query_norm,shared=4,top_k=2"})
+        apply_generation_hooks(model, {"moh": "on"})
+    setup = apply_generation_hooks(model, {"moh": "on:query_norm,shared=4,top_k=2"})
     model(torch.randint(3, 300, (1, 5)))
     assert ((layer_gates(model)[..., 4:] != 0).sum(-1) == 2).all()
     setup.close()
     assert find_moh_adapter(model) is None and model.config._attn_implementation == "sdpa"
 
     model, adapter = moh_model(num_shared=2, top_k=3)
-    setup = hooks.apply_generation_hooks(model, {"moh": "on:top_k=1"})
+    setup = apply_generation_hooks(model, {"moh": "on:top_k=1"})
     assert adapter.top_k == 1 and setup.applied == {"moh": "on:top_k=1"}
     setup.close()
     assert adapter.top_k == 3
     with pytest.raises(ValueError, match="unknown.*'topk'"):
-        hooks.apply_generation_hooks(model, {"moh": "on:topk=1"})
+        apply_generation_hooks(model, {"moh": "on:topk=1"})
 
 
 def test_recipe_end_to_end(tmp_path):

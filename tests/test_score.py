@@ -8,7 +8,7 @@ import torch
 
 from ctxaware.cli import main
 from ctxaware.methods.context import encode_conversation
-from ctxaware.scoring import auroc, heads_report, score_records, select_turns, spearman
+from ctxaware.methods.context_scoring import auroc, heads_report, score_records, select_turns, spearman
 from tests.tiny_models import build_tiny_tokenizer, tiny_model
 
 

@@ -1,4 +1,4 @@
-"""The learned MoH router's inference gates in one Triton kernel (`ctxaware.methods.moh.MoHRouter.token_gates`).
+"""The learned MoH router's inference gates in one Triton kernel (`ctxaware.methods.moh.router`'s `token_gates`).
 
 In a decode step the router's PyTorch form launches dozens of small ops per layer (a matmul, softmaxes, top-k,
 scatter, mixing, reordering) around one token, so the step is bound by launches, not by arithmetic. This kernel does

@@ -31,7 +31,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from ctxaware.eval.hooks import GenerationSetup, register_generation_hook
+from ctxaware.switches import GenerationSetup, register_generation_hook
 
 
 SPANS = ("user", "context")

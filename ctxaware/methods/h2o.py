@@ -14,6 +14,8 @@ Padding (left, as in batched generation) is evicted before any real token and th
 order with padding first, so the rightmost `kept + new` columns of generate's 2D attention mask still describe the
 cache exactly; that is how the ctxaware attention reads padding, and why this cache needs
 `attn_implementation="ctxaware"` (it raises otherwise).
+
+`ctxaware eval --kv_cache h2o:BUDGET` uses it through the `kv_cache` switch registered at the end of this module.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ctxaware.attention import ATTN_IMPLEMENTATION, attention_modules, get_attention_options
+from ctxaware.switches import GenerationSetup, register_generation_hook
 
 
 _HOOKS_ATTR = "_ctxaware_h2o_hooks"
@@ -257,3 +260,18 @@ def disable_h2o(model: nn.Module) -> None:
         handle.remove()
     if hasattr(base, _HOOKS_ATTR):
         delattr(base, _HOOKS_ATTR)
+
+
+# --- `ctxaware eval --kv_cache h2o:BUDGET` -------------------------------------------------------------------------
+@register_generation_hook("kv_cache", "h2o")
+def _h2o_cache(model, args: str, setup: GenerationSetup) -> None:
+    """A fresh `H2OCache` per generate call; attention switches to the ctxaware kernels, which give the key mass."""
+    if not args:
+        raise ValueError("--kv_cache h2o needs a budget: `h2o:0.2` (fraction of the prompt) or `h2o:512` (tokens).")
+    budget = parse_budget(args)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    setup.stack.callback(base.set_attn_implementation, base.config._attn_implementation)
+    base.set_attn_implementation(ATTN_IMPLEMENTATION)
+    setup.stack.callback(disable_h2o, model)
+    H2OCache(model, budget)  # validates the model (full-attention layers only) now rather than at the first batch
+    setup.cache_factory = lambda length=None: H2OCache(model, budget, reference_length=length)

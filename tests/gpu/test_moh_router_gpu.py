@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ctxaware.methods.moh import MoHRouter
+from ctxaware.methods.moh.router import MoHRouter
 
 
 pytestmark = [

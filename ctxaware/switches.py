@@ -1,10 +1,14 @@
-"""Generation-time switches (`--kv_cache`, `--steer`, `--moh`): a registry that method modules fill in.
+"""Generation-time switches (`--kv_cache`, `--steer`, `--moh`): a registry that the method modules fill in.
 
 Each switch takes a value `KIND[:ARGS]` (e.g. `--kv_cache h2o:0.2`). A kind is a function
-`apply(model, args: str, setup: GenerationSetup) -> None` registered with `@register_generation_hook(switch, kind)`;
-it may patch the model (registering the undo on `setup.stack`), add keyword arguments for `model.generate`, or give
-a factory for a fresh KV cache per batch. Switches whose kinds live in a method module name that module as a provider:
-it is imported on demand, so registering there needs no change here.
+`apply(model, args: str, setup: GenerationSetup) -> None` that a method module registers with
+`@register_generation_hook(switch, kind)`; it may patch the model (registering the undo on `setup.stack`), add keyword
+arguments for `model.generate`, or give a factory for a fresh KV cache per batch.
+
+`SWITCHES` declares each switch (flag, default, help) and names the method module that registers its kinds. The
+declaration lives here, not in the method, so a command line can offer the flags without importing torch; the module
+is imported, by name, the first time a value of that switch is parsed. Consumers (`ctxaware eval`) only read this
+module: the kinds arrive with the methods.
 """
 
 import importlib
@@ -33,7 +37,7 @@ class Switch:
     name: str
     help: str
     default: str
-    providers: tuple[str, ...]  # modules that register kinds for this switch when imported
+    module: str  # the method module that registers this switch's kinds when imported
 
 
 SWITCHES: dict[str, Switch] = {
@@ -43,20 +47,20 @@ SWITCHES: dict[str, Switch] = {
         "runs attention on the ctxaware kernels). long_ppl then streams each text through the cache token by token "
         "(the fraction is of the text's length); log-likelihood scoring always sees the full context.",
         "full",
-        ("ctxaware.methods.h2o",),
+        "ctxaware.methods.h2o",
     ),
     "steer": Switch(
         "steer",
         "Attention steering: `none`, or `KIND:ARGS` as registered by the context method "
         "(scale attention outside the user-context span at chosen heads).",
         "none",
-        ("ctxaware.methods.context",),
+        "ctxaware.methods.context",
     ),
     "moh": Switch(
         "moh",
         "Mixture-of-head routing: `off`, or `on[:ARGS]` for models converted by the MoH recipe.",
         "off",
-        ("ctxaware.methods.moh",),
+        "ctxaware.methods.moh.switch",
     ),
 }
 
@@ -85,12 +89,8 @@ for _switch in SWITCHES.values():
 
 
 def known_kinds(switch: str) -> list[str]:
-    for provider in SWITCHES[switch].providers:
-        try:
-            importlib.import_module(provider)
-        except ModuleNotFoundError as error:
-            if error.name != provider:  # the provider exists but is broken: say so
-                raise
+    """The kinds of `switch`, after importing the method module that registers them."""
+    importlib.import_module(SWITCHES[switch].module)
     return sorted(_HOOKS[switch])
 
 
@@ -100,11 +100,9 @@ def parse_switch(switch: str, value: str) -> tuple[str, str]:
     kind, _, args = value.partition(":")
     kinds = known_kinds(switch) if kind not in _HOOKS[switch] else sorted(_HOOKS[switch])
     if kind not in _HOOKS[switch]:
-        providers = ", ".join(SWITCHES[switch].providers)
         raise ValueError(
             f"--{switch} {value}: no kind {kind!r} is registered. Available now: {', '.join(kinds)}. Kinds are "
-            f"registered with `@register_generation_hook({switch!r}, KIND)` in {providers}; if that module is not "
-            "written yet, this switch cannot be used."
+            f"registered with `@register_generation_hook({switch!r}, KIND)` in {SWITCHES[switch].module}."
         )
     return kind, args
 
@@ -122,20 +120,3 @@ def apply_generation_hooks(model, values: dict[str, str | None]) -> GenerationSe
         setup.close()
         raise
     return setup
-
-
-@register_generation_hook("kv_cache", "h2o")
-def _h2o_cache(model, args: str, setup: GenerationSetup) -> None:
-    """A fresh `H2OCache` per generate call; attention switches to the ctxaware kernels, which give the key mass."""
-    import ctxaware.attention
-    from ctxaware.methods.h2o import H2OCache, disable_h2o, parse_budget
-
-    if not args:
-        raise ValueError("--kv_cache h2o needs a budget: `h2o:0.2` (fraction of the prompt) or `h2o:512` (tokens).")
-    budget = parse_budget(args)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    setup.stack.callback(base.set_attn_implementation, base.config._attn_implementation)
-    base.set_attn_implementation(ctxaware.attention.ATTN_IMPLEMENTATION)
-    setup.stack.callback(disable_h2o, model)
-    H2OCache(model, budget)  # validates the model (full-attention layers only) now rather than at the first batch
-    setup.cache_factory = lambda length=None: H2OCache(model, budget, reference_length=length)

@@ -75,6 +75,8 @@ TRAINING_LOG = "training_log.json"
 WORLD = "world"
 SFT_DATASETS = (WORLD, "trl-lib/tldr")
 PREFERENCE_DATASETS = (WORLD, "trl-lib/tldr-preference", "openai/summarize_from_feedback")
+# Hub preference sets without a test split: their validation split is held out instead.
+HELD_OUT_SPLIT = {"trl-lib/tldr-preference": "validation", "openai/summarize_from_feedback": "validation"}
 
 
 @dataclass
@@ -225,10 +227,10 @@ def preference_pairs(cfg: RLHFConfig, split: str = "train", noise: float | None 
         if split == "train" and cfg.comparison_samples:  # the samples are of the limited posts already
             return pairs[: cfg.train_limit] + policy_pairs(cfg)
     elif name == "openai/summarize_from_feedback":
-        hub_split = "validation" if split == "test" else split
+        hub_split = HELD_OUT_SPLIT[name] if split == "test" else split
         pairs = rlhf.summarize_from_feedback_rows(load_rows(name, config="comparisons", split=hub_split))
     else:
-        rows = load_rows(name, split=split)
+        rows = load_rows(name, split=HELD_OUT_SPLIT.get(name, split) if split == "test" else split)
         if "summaries" in rows.column_names:  # a local copy of summarize_from_feedback's comparisons
             pairs = rlhf.summarize_from_feedback_rows(rows)
         else:

@@ -95,6 +95,26 @@ def test_rlhf_reads_local_folders_of_both_preference_shapes(tmp_path):
     assert rlhf.preference_pairs(cfg, "train") == [{"post": "Post.", "chosen": "good", "rejected": "bad"}]
     cfg.preference_dataset_name = str(feedback)
     (pair,) = rlhf.preference_pairs(cfg, "test")
-    assert (pair["chosen"], pair["rejected"]) == ("two", "one") and "My post." in pair["post"]
+    assert (pair["chosen"], pair["rejected"]) == ("two", "one")
+    assert pair["post"] == "SUBREDDIT: r/r\n\nTITLE: T\n\nPOST: My post."  # trl-lib/tldr's layout
     with pytest.raises(ValueError, match="single file"):
         rlhf.RLHFConfig(output_dir=str(tmp_path / "o2"), dataset_name=str(posts / "train.jsonl"), use_cpu=True)
+
+
+def test_rlhf_holds_out_tldr_preference_validation_split(monkeypatch, tmp_path):
+    """trl-lib/tldr-preference has train and validation splits only: the held-out pairs come from validation."""
+    rlhf = load_recipe("rlhf_summarize")
+    asked = []
+
+    def fake_rows(name, *, config=None, split="train", streaming=False):
+        from datasets import Dataset
+
+        asked.append(split)
+        return Dataset.from_list([{"prompt": "Post.\nTL;DR:", "chosen": "good", "rejected": "bad"}])
+
+    monkeypatch.setattr(rlhf, "load_rows", fake_rows)
+    cfg = rlhf.RLHFConfig(output_dir=str(tmp_path / "out"), preference_dataset_name="trl-lib/tldr-preference",
+                          use_cpu=True, report_to="none")  # fmt: skip
+    rlhf.preference_pairs(cfg, "test")
+    rlhf.preference_pairs(cfg, "train")
+    assert asked == ["validation", "train"]

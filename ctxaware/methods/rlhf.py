@@ -117,7 +117,8 @@ def summarize_from_feedback_rows(rows) -> list[dict]:
         info, texts = row["info"], [s["text"].strip() for s in row["summaries"]]
         if not info.get("post"):  # the set's CNN/DM rows carry an article id, not a post
             continue
-        post = f"SUBREDDIT: r/{info.get('subreddit')}\nTITLE: {info.get('title')}\nPOST: {info['post']}"
+        # trl-lib/tldr's layout (blank lines between the fields), which SFT and RL prompts are built from
+        post = f"SUBREDDIT: r/{info.get('subreddit')}\n\nTITLE: {info.get('title')}\n\nPOST: {info['post']}"
         pairs.append({"post": post, "chosen": texts[row["choice"]], "rejected": texts[1 - row["choice"]]})
     return pairs
 

@@ -16,6 +16,7 @@ TASK_MODULES = (
     "summarization",
     "attention_allocation",
     "gsm8k",
+    "knowledge_conflict",
 )
 
 _TASKS: dict[str, type["Task"]] = {}

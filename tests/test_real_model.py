@@ -260,3 +260,47 @@ def test_stop_strings_end_generation_early_without_changing_the_text():
     stop = full.split()[2]  # a word from the middle of the greedy output
     stopped = generate(model, tokenizer, prompts, max_new_tokens=24, progress=False, stop_strings=[stop])[0]
     assert full.startswith(stopped) and stop in stopped and len(stopped) < len(full)
+
+
+def test_knowledge_conflict_counts_only_known_facts():
+    from ctxaware.eval.knowledge_conflict import load_facts
+    from ctxaware.eval.registry import EvalOptions, get_task
+    from tests.eval_fakes import StubLM
+
+    facts = load_facts("validation")[:4]
+    replies = {  # subject -> (closed-book reply, reply with the passage)
+        facts[0]["subject"]: (facts[0]["answer"], facts[0]["counterfactual_answer"]),
+        facts[1]["subject"]: (facts[1]["answer"], facts[1]["answer"]),
+        facts[2]["subject"]: (facts[2]["answer"], "The capital is " + facts[2]["counterfactual_answer"] + "."),
+        facts[3]["subject"]: ("I do not know.", facts[3]["counterfactual_answer"]),
+    }
+
+    def answer(prompt: str) -> str:
+        subject = next(s for s in replies if f"capital of {s}?" in prompt)
+        return replies[subject][1 if "Its capital city is" in prompt else 0]
+
+    def score(context: str, continuation: str) -> float:  # prefers the passage's city for every fact
+        return 0.0 if any(continuation.strip() == f["counterfactual_answer"] for f in facts) else -1.0
+
+    task = get_task("knowledge_conflict")
+    lm = StubLM(byte_level_tokenizer(), answer, score)
+    options = EvalOptions(split="validation", limit=4, chat_template="off", progress=False)
+    result = task.evaluate(lm, task.load(lm, options), options)
+    assert result.metrics == {
+        "known_rate_plain": pytest.approx(0.75),
+        "context_rate_plain": pytest.approx(2 / 3),
+        "memory_rate_plain": pytest.approx(1 / 3),
+        "prefers_context_plain": pytest.approx(1.0),
+    }
+    assert sum(s["known"] for s in result.samples) == 3
+
+
+def test_known_facts_splits_are_disjoint_and_answers_unambiguous():
+    from ctxaware.eval.knowledge_conflict import load_facts
+
+    validation, test = load_facts("validation"), load_facts("test")
+    assert len(validation) == len(test) == 48
+    assert not {f["subject"] for f in validation} & {f["subject"] for f in test}
+    for fact in validation + test:
+        assert fact["counterfactual_answer"] != fact["answer"] and fact["counterfactual_answer"] in fact["passage"]
+        assert fact["answer"] not in fact["passage"] and fact["answer"].lower() not in fact["subject"].lower()

@@ -1,0 +1,75 @@
+"""Knowledge conflict on facts a real model knows: capitals it names closed-book, then the same question after a
+passage that states another city. Does the answer follow the passage or the memory, with and without the chat
+template?
+
+Per template, the closed-book answer decides which facts count as known (the reply contains the true capital); the
+conflict rates are over the known facts only, since a model cannot override a fact it does not hold. Metrics per
+template (`plain`, `chat`): `known_rate`, then over known facts `context_rate` / `memory_rate` (the reply with the
+passage contains the passage's / the true capital) and `prefers_context` (log p(passage's city) > log p(true city)).
+Data: `ctxaware/data/known_facts/capitals.jsonl` (`--split validation` or `test`).
+"""
+
+import json
+
+from ctxaware.data import DATA_DIR
+from ctxaware.eval.metrics import add_mean, contains_answer, first_line
+from ctxaware.eval.prompts import qa_prompt, template_variants, variant_name, with_indicator
+from ctxaware.eval.registry import EvalOptions, Task, TaskResult, register_task
+
+
+FACTS_FILE = DATA_DIR / "known_facts" / "capitals.jsonl"
+SPLITS = ("validation", "test")
+
+
+def load_facts(split: str) -> list[dict]:
+    if split not in SPLITS:
+        raise ValueError(f"knowledge_conflict has the splits {', '.join(SPLITS)}, not {split!r}: pass --split test.")
+    rows = [json.loads(line) for line in FACTS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for row in rows if row["split"] == split]
+
+
+@register_task
+class KnowledgeConflict(Task):
+    name = "knowledge_conflict"
+    description = "Passages contradicting facts the model knows (capitals): follows the passage or its memory?"
+    higher_is_better = {"memory_rate_plain": False, "memory_rate_chat": False}
+
+    def config(self, options: EvalOptions) -> dict:
+        return {**super().config(options), "split": options.split, "data": str(FACTS_FILE.name)}
+
+    def load(self, lm, options: EvalOptions) -> list[dict]:
+        return load_facts(options.split)[: options.limit]
+
+    def evaluate(self, lm, records: list[dict], options: EvalOptions) -> TaskResult:
+        metrics, stderrs, samples = {}, {}, []
+        new_tokens = options.max_new_tokens or 16
+        for chat in template_variants(options, lm, default="both"):
+            variant = variant_name(chat)
+            closed = [qa_prompt(lm, None, r["question"], chat=chat) for r in records]
+            closed_out = [first_line(o) for o in lm.generate(closed, max_new_tokens=new_tokens, desc=f"kc/{variant}")]
+            known = [i for i, (r, o) in enumerate(zip(records, closed_out)) if contains_answer(o, r["answer"])]
+            add_mean(metrics, stderrs, f"known_rate_{variant}", [float(i in known) for i in range(len(records))])
+            question = [with_indicator(records[i]["question"], options.indicator) for i in known]
+            prompts = [qa_prompt(lm, records[i]["passage"], q, chat=chat) for i, q in zip(known, question)]
+            outputs = [first_line(o) for o in lm.generate(prompts, max_new_tokens=new_tokens, desc=f"kc/{variant}")]
+            follows_context = [contains_answer(o, records[i]["counterfactual_answer"]) for i, o in zip(known, outputs)]
+            follows_memory = [contains_answer(o, records[i]["answer"]) for i, o in zip(known, outputs)]
+            sep = "" if chat else " "  # the answer continues "Answer:" (plain) or starts the assistant turn (chat)
+            requests = []
+            for i, prompt in zip(known, prompts):
+                requests.append((prompt, lm.encode_continuation(sep + records[i]["counterfactual_answer"])))
+                requests.append((prompt, lm.encode_continuation(sep + records[i]["answer"])))
+            logliks = lm.loglikelihood(requests, desc=f"kc/{variant}") if requests else []
+            prefers = [float(logliks[2 * n][0] > logliks[2 * n + 1][0]) for n in range(len(known))]
+            if known:
+                add_mean(metrics, stderrs, f"context_rate_{variant}", follows_context)
+                add_mean(metrics, stderrs, f"memory_rate_{variant}", follows_memory)
+                add_mean(metrics, stderrs, f"prefers_context_{variant}", prefers)
+            with_passage = dict(zip(known, zip(outputs, follows_context, follows_memory, prefers)))
+            for i, (r, closed_answer) in enumerate(zip(records, closed_out)):
+                reply, fc, fm, pc = with_passage.get(i, (None, None, None, None))
+                samples.append({"doc_id": i, "template": variant, "question": r["question"], "answer": r["answer"],
+                                "counterfactual_answer": r["counterfactual_answer"], "closed_book": closed_answer,
+                                "known": i in with_passage, "response": reply, "follows_context": fc,
+                                "follows_memory": fm, "prefers_context": pc})  # fmt: skip
+        return TaskResult(metrics, samples, stderrs)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import ClassVar
@@ -31,6 +30,7 @@ from torch import nn
 import ctxaware
 from ctxaware.attention import attention_modules
 from ctxaware.heads import Head, HeadLayout, check_heads, register_pre_o_proj_hooks
+from ctxaware.outputs import atomic_directory
 
 
 logger = logging.getLogger(__name__)
@@ -195,21 +195,11 @@ class HeadAdapter(nn.Module):
     ) -> Path:
         """Writes the folder to a temporary sibling, then renames it into place (an existing folder is replaced)."""
         target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-        try:
+        with atomic_directory(target) as tmp:
             state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
             save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
             (tmp / CONFIG_NAME).write_text(json.dumps(self.adapter_config(), indent=2) + "\n")
             (tmp / MODEL_CARD_NAME).write_text(self.model_card(eval_results, list(tags)))
-            old = target.with_name(f".{target.name}-old")
-            if target.exists():
-                target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return target
 
     @classmethod

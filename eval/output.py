@@ -1,17 +1,17 @@
 """Results in lm-evaluation-harness's shape, their schema check, the stdout table, and atomic file writes.
 
-Layout under `--output_path DIR`: `DIR/<model>/results_<time>.json`, `samples_<task>_<time>.jsonl` and
+Layout under `--output_path DIR`: `DIR/<model>/results_<time>.json` (time to the microsecond, and never a name
+already taken, so runs sharing a folder keep every result), `samples_<task>_<time>.jsonl` and
 `<task>_<plot>_<time>.png` side by side. Metric keys are `"<metric>,<filter>"` with the filter `none`; standard
 errors are `"<metric>_stderr,none"` (the string "N/A" where undefined, as lm-evaluation-harness writes).
 """
 
 import json
 import math
-import os
 import subprocess
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
+
+from ctxaware.outputs import atomic_write, write_json  # noqa: F401 (the harness writes through these)
 
 
 FILTER = "none"
@@ -114,24 +114,6 @@ def validate_results(results: dict) -> None:
             problems.append(f"n-samples[{task!r}] must hold integer 'original' and 'effective'")
     if problems:
         raise ValueError("Results do not match the schema:\n  " + "\n  ".join(problems))
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Calls `write(tmp)` on a temporary file in `path`'s folder, then renames it to `path`: no half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json(path: Path, obj) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

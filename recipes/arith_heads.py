@@ -61,7 +61,8 @@ from ctxaware.methods.arith_heads import (
 )
 from ctxaware.methods.patching import build_batches, keep_answered, patch_all
 from ctxaware.models import resolve_model_path
-from ctxaware.training import Bf16WhereAvailable
+from ctxaware.outputs import claim_output_dir, write_json
+from ctxaware.training import RecipeTrainingArguments, RequireTrainingSteps, usage_errors
 from ctxaware.world import QA_PROMPT, build_world, closed_book_qa
 from ctxaware.world.probe import matches
 
@@ -144,7 +145,7 @@ class ArithHeadsArguments:
 
 
 @dataclass
-class ArithHeadsTrainingConfig(Bf16WhereAvailable, SFTConfig):
+class ArithHeadsTrainingConfig(RecipeTrainingArguments, SFTConfig):
     learning_rate: float = 3e-4
     num_train_epochs: float = 3.0
     per_device_train_batch_size: int = 32
@@ -307,6 +308,8 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
     set_seed(training_args.seed)
     state = PartialState()
     output_dir = Path(training_args.output_dir)
+    claim_output_dir(output_dir, {**asdict(args), **training_args.to_dict()},
+                     overwrite=training_args.overwrite_output_dir, resume=training_args.resume_from_checkpoint)  # fmt: skip
     path = resolve_model_path(args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=args.model_revision)
     if tokenizer.pad_token is None:
@@ -354,7 +357,8 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
                                 selection_score=args.selection_score,
                                 mlp_selection_score=args.mlp_selection_score)  # fmt: skip
     results["trained_parameters"] = count_trainable(model)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[RequireTrainingSteps()])  # fmt: skip
     results["train_metrics"] = trainer.train().metrics
     clock.lap("train")
     # The logged loss curve: the first check that training had something to learn (see `training_examples`).
@@ -378,9 +382,7 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
         else:
             model.save_pretrained(output_dir / "model")
             tokenizer.save_pretrained(output_dir / "model")
-        tmp = output_dir / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        tmp.rename(output_dir / "results.json")
+        write_json(output_dir / "results.json", results)
         if training_args.push_to_hub:
             repo_id = training_args.hub_model_id or output_dir.name
             if adapter is not None:
@@ -392,4 +394,5 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
 
 
 if __name__ == "__main__":
-    main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())
+    with usage_errors("arith_heads"):
+        main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())

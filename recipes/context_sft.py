@@ -22,7 +22,7 @@ to context-dependent questions (`ctxaware eval --indicator "<|context|>"`). Step
 """
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,12 +37,13 @@ from ctxaware.methods.context import (
     insert_indicator,
 )
 from ctxaware.models import resolve_model_path
+from ctxaware.outputs import claim_output_dir
 from ctxaware.scoring import load_chat_records, score_records, select_turns
-from ctxaware.training import Bf16WhereAvailable
+from ctxaware.training import RecipeTrainingArguments, RequireTrainingSteps, usage_errors
 
 
 @dataclass
-class ContextSFTConfig(Bf16WhereAvailable, SFTConfig):
+class ContextSFTConfig(RecipeTrainingArguments, SFTConfig):
     mode: str = field(default="conditional", metadata={"help": "`vanilla` SFT, or `conditional` (indicator token)."})
     dataset: str = field(default="world", metadata={"help": "`world`, a .jsonl/.json file, or a Hub data set."})
     dataset_split: str = field(default="train", metadata={"help": "Split of the data set (UltraChat: train_sft)."})
@@ -63,7 +64,9 @@ class ContextSFTConfig(Bf16WhereAvailable, SFTConfig):
     score_layer: int | None = field(default=None, metadata={"help": "Scoring here: layer (default: all layers)."})
     select_by: str = field(default="attention", metadata={"help": "Scoring here: `attention` or `loglik_gain`."})
     threshold: float | None = field(default=None, metadata={"help": "Scoring here: mark turns >= this."})
-    percentile: float | None = field(default=50.0, metadata={"help": "Scoring here: mark the top P% (no threshold)."})
+    percentile: float | None = field(
+        default=50.0, metadata={"help": "Scoring here: mark the top P percent (no threshold)."}
+    )
     indicator: str = field(default=DEFAULT_INDICATOR, metadata={"help": "The indicator: a new special token."})
     indicator_init: str = field(
         default=DEFAULT_INDICATOR_INIT, metadata={"help": "Phrase whose mean embedding initialises the indicator."}
@@ -151,6 +154,9 @@ Evaluate: `ctxaware eval --model MERGED_OR_FULL_MODEL --tasks counterfactual_qa,
 
 def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
     set_seed(config.seed)  # before any weights are created (the indicator row, LoRA), so runs repeat
+    run_config = {**config.to_dict(), **asdict(model_args)}
+    claim_output_dir(config.output_dir, run_config, overwrite=config.overwrite_output_dir,
+                     resume=config.resume_from_checkpoint)  # fmt: skip
     path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
@@ -175,7 +181,12 @@ def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
             peft_config.trainable_token_indices = [token_id]  # the input embedding row; the model never predicts it
     dataset = Dataset.from_list([{"messages": r["messages"]} for r in records])
     trainer = SFTTrainer(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[RequireTrainingSteps()],
     )
     expose_lm_head_bias(trainer.model)
     trainer.train()
@@ -199,4 +210,5 @@ def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())
+    with usage_errors("context_sft"):
+        main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())

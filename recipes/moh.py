@@ -39,7 +39,8 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from ctxaware.heads import heads_by_layer
 from ctxaware.methods.moh import ROUTER_INITS, SHARED_HEADS, VARIANTS, MoHAdapter, check_moh_shape, logit_change
 from ctxaware.models import resolve_model_path
-from ctxaware.training import Bf16WhereAvailable, atomic_directory, pack_token_stream
+from ctxaware.outputs import atomic_directory, claim_output_dir
+from ctxaware.training import RecipeTrainingArguments, RequireTrainingSteps, pack_token_stream, usage_errors
 from ctxaware.world import build_world, pretraining_corpus
 
 
@@ -102,7 +103,7 @@ class MoHArguments:
 
 
 @dataclass
-class MoHTrainingConfig(Bf16WhereAvailable, SFTConfig):
+class MoHTrainingConfig(RecipeTrainingArguments, SFTConfig):
     learning_rate: float = 3e-4
     max_steps: int = 200
     per_device_train_batch_size: int = 8
@@ -229,6 +230,8 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
     set_seed(training_args.seed)
     state = PartialState()
     output_dir = Path(training_args.output_dir)
+    claim_output_dir(output_dir, {**asdict(args), **training_args.to_dict()},
+                     overwrite=training_args.overwrite_output_dir, resume=training_args.resume_from_checkpoint)  # fmt: skip
     path = resolve_model_path(args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=args.model_revision)
     if tokenizer.pad_token is None:
@@ -279,7 +282,8 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
 
     model.train()
     dataset = Dataset.from_dict({"input_ids": train_rows})
-    common = dict(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer)
+    common = dict(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
+                  callbacks=[RequireTrainingSteps()])  # fmt: skip
     if adapter is None:
         trainer = SFTTrainer(**common)
     else:
@@ -321,4 +325,5 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())
+    with usage_errors("moh"):
+        main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())

@@ -14,7 +14,6 @@ tokenizer to a temporary folder renamed into `output_dir`; optionally probe the 
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 from trl import TrlParser
 
+from ctxaware.outputs import atomic_directory
 from ctxaware.tokenizer import train_tokenizer
 from ctxaware.world import build_world, pretraining_corpus
 from ctxaware.world.probe import probe_phenomena
@@ -202,18 +202,14 @@ def train(cfg: PretrainConfig, model, rows: torch.Tensor, pad_id: int, accelerat
 
 def save(model, tokenizer, output_dir: Path) -> None:
     """Writes bf16 safetensors and the tokenizer to a temporary sibling folder, then swaps it into place."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}-"))
-    model.to(torch.bfloat16).save_pretrained(tmp)
-    GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    ).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    old = output_dir.with_name(f".{output_dir.name}-old")
-    if output_dir.exists():
-        output_dir.rename(old)
-    tmp.rename(output_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(output_dir) as tmp:
+        model.to(torch.bfloat16).save_pretrained(tmp)
+        GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def main(cfg: PretrainConfig) -> None:

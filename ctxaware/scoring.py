@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ctxaware.datafiles import read_records, require_column
+
 
 METRICS = ("attention", "loglik_gain")
 WORLD_DATASET = "world"
@@ -150,9 +152,7 @@ def load_chat_records(
     if path.suffix in (".jsonl", ".json"):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: pass a chat data set file, `world`, or a Hub name")
-        text = path.read_text()
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else None
-        rows = rows if rows is not None else json.loads(text)
+        rows = read_records(path, "chat data set")
     else:
         from datasets import load_dataset
 
@@ -166,6 +166,7 @@ def load_chat_records(
         raise ValueError(
             f"{dataset} has no conversation column (columns: {sorted(rows[0])}): pass --messages_column NAME"
         )
+    require_column(rows, column, dataset, "give every row a conversation, or drop the rows without one")
     for row in rows:
         conversation = row.pop(column)
         is_sharegpt = conversation and "from" in conversation[0]

@@ -15,8 +15,9 @@ fraction is of the window's length). Adds `kv_bytes_len{L}` (K/V bytes held at t
 
 import math
 
+from ctxaware.datafiles import read_text
 from ctxaware.eval import data
-from ctxaware.eval.registry import EvalOptions, Task, TaskResult, read_text_file, register_task
+from ctxaware.eval.registry import EvalOptions, Task, TaskResult, register_task
 
 
 DEFAULT_LENGTHS = [128, 256, 512]
@@ -48,7 +49,7 @@ class LongPerplexity(Task):
 
     def _text(self, options: EvalOptions) -> str:
         if options.haystack_file:
-            return read_text_file(options.haystack_file, "Text file")
+            return read_text(options.haystack_file, "Text file")
         if options.dataset:
             return "\n\n".join(r["text"] for r in data.real_records(self.name, options.dataset, 4))
         records = data.world_records("context_qa", options.seed, options.split)

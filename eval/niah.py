@@ -3,10 +3,11 @@ and depths, with and without the chat template. `--limit` is the number of sampl
 
 import numpy as np
 
+from ctxaware.datafiles import read_text
 from ctxaware.eval import data
 from ctxaware.eval.metrics import add_mean, contains_answer
 from ctxaware.eval.prompts import qa_prompt, template_variants, variant_name, with_indicator
-from ctxaware.eval.registry import EvalOptions, Task, TaskResult, read_text_file, register_task
+from ctxaware.eval.registry import EvalOptions, Task, TaskResult, register_task
 
 
 DEFAULT_LENGTHS = [128, 256, 512]
@@ -40,7 +41,7 @@ class NeedleInAHaystack(Task):
             raise ValueError(f"Depths are fractions of the context in [0, 1]; got {depths}.")
         haystack = None
         if options.haystack_file:
-            haystack = read_text_file(options.haystack_file, "Haystack file")
+            haystack = read_text(options.haystack_file, "Haystack file")
             available = len(lm.tokenizer(haystack, add_special_tokens=False)["input_ids"])
             if available < max(lengths):
                 raise ValueError(

@@ -2,7 +2,6 @@
 
 import importlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 
@@ -108,10 +107,3 @@ def get_task(name: str) -> Task:
             f"Unknown task {name!r}. Known tasks: {', '.join(sorted(_TASKS))} (see `ctxaware eval --list`)."
         )
     return _TASKS[name]()
-
-
-def read_text_file(path: str | Path, what: str) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist: pass the path of a UTF-8 text file.")
-    return path.read_text(encoding="utf-8")

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 import ctxaware.attention
+from ctxaware.datafiles import read_records, read_text, require_column
 from ctxaware.methods import sinklora
 from ctxaware.models import EMBEDDED_MODEL_NAME, resolve_model_path
 from ctxaware.outputs import atomic_directory, claim_output_dir
@@ -148,9 +149,15 @@ def load_text_dataset(args: SinkLoRAConfig):
 
     name = args.dataset_name
     suffix = Path(name).suffix.lower()
-    if Path(name).is_file() and suffix in (".json", ".jsonl", ".parquet", ".txt", ".csv"):
-        kind = {".jsonl": "json", ".txt": "text"}.get(suffix, suffix[1:])
-        dataset = load_dataset(kind, data_files=name, split="train", streaming=args.dataset_streaming)
+    fix = "pass --dataset_text_field with the column that holds the text, or give every row that column"
+    if suffix == ".txt" and Path(name).is_file():  # one document a line, as datasets' text loader reads it
+        return [{args.dataset_text_field: line} for line in read_text(name, "data set").splitlines() if line.strip()]
+    if suffix in (".json", ".jsonl") and Path(name).is_file():
+        rows = read_records(name, "data set")
+        require_column(rows, args.dataset_text_field, name, fix)
+        return rows
+    if Path(name).is_file() and suffix in (".parquet", ".csv"):
+        dataset = load_dataset(suffix[1:], data_files=name, split="train", streaming=args.dataset_streaming)
     else:
         dataset = load_dataset(name, args.dataset_config, split=args.dataset_split, streaming=args.dataset_streaming)
     columns = dataset.column_names or list(next(iter(dataset)).keys())

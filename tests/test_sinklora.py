@@ -101,7 +101,9 @@ def test_dataset_without_text_column(tmp_path):
     data = tmp_path / "docs.jsonl"
     data.write_text('{"content": "a long text"}\n')
     args, _ = _parse(recipe, ["--dataset_name", str(data), "--output_dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="no column 'text' \\(columns: content\\).*--dataset_text_field"):
+    with pytest.raises(
+        ValueError, match="row 1: no value in column 'text' \\(columns: content\\).*--dataset_text_field"
+    ):
         recipe.load_text_dataset(args)
 
 

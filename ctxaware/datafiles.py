@@ -1,0 +1,64 @@
+"""Reading the user's own data files (.txt, .json, .jsonl) with errors that name the file, the row and the fix."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def read_text(path: str | Path, what: str = "text file") -> str:
+    """The file's text; raises if it is missing, not UTF-8 (naming the line) or empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist: pass the path of a UTF-8 text file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"{what} {path} is not UTF-8 text (byte {error.start}, line {line}): convert it, e.g. "
+            f"`iconv -f latin1 -t utf-8 {path.name}`"
+        ) from None
+    if not text.strip():
+        raise ValueError(f"{what} {path} is empty: pass a file that holds text")
+    return text
+
+
+def read_records(path: str | Path, what: str = "data file") -> list[dict]:
+    """The rows of a .jsonl file (one JSON object a line) or a .json file (a list of objects); raises naming the row
+    that is not an object, or the file if it is empty."""
+    path = Path(path)
+    text = read_text(path, what)
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as error:
+                    raise ValueError(
+                        f"{what} {path}, line {number}: not valid JSON ({error}); fix that line"
+                    ) from None
+        numbered = list(enumerate(rows, 1))
+    else:
+        try:
+            rows = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"{what} {path} is not valid JSON ({error})") from None
+        rows = rows if isinstance(rows, list) else [rows]
+        numbered = list(enumerate(rows, 1))
+    for number, row in numbered:
+        if not isinstance(row, dict):
+            raise ValueError(f"{what} {path}, row {number}: expected a JSON object, got {type(row).__name__}")
+    return rows
+
+
+def require_column(rows: Iterable[dict], column: str, source: str, fix: str) -> None:
+    """Raises naming the first row (1-based) that lacks `column` or holds null there."""
+    for number, row in enumerate(rows, 1):
+        if row.get(column) is None:
+            raise ValueError(
+                f"{source}, row {number}: no value in column {column!r} (columns: {', '.join(sorted(row))}); {fix}"
+            )

@@ -29,6 +29,7 @@ from torch import nn
 
 import ctxaware
 from ctxaware.attention import attention_modules
+from ctxaware.datafiles import check_safetensors
 from ctxaware.heads import Head, HeadLayout, check_heads, register_pre_o_proj_hooks
 from ctxaware.outputs import atomic_directory
 
@@ -230,6 +231,7 @@ class HeadAdapter(nn.Module):
             training=config.get("training"),
             **config.get("hyperparameters", {}),
         )
+        check_safetensors(folder / WEIGHTS_NAME)
         state = load_file(folder / WEIGHTS_NAME)
         expected = {name: list(t.shape) for name, t in adapter.state_dict().items()}
         found = {name: list(t.shape) for name, t in state.items()}

@@ -62,3 +62,27 @@ def require_column(rows: Iterable[dict], column: str, source: str, fix: str) -> 
             raise ValueError(
                 f"{source}, row {number}: no value in column {column!r} (columns: {', '.join(sorted(row))}); {fix}"
             )
+
+
+def check_safetensors(folder: str | Path) -> None:
+    """Raises naming the first `*.safetensors` file in `folder` (or that file) that is truncated or corrupt: its size
+    must be what its header describes. Costs one small read per file, so it runs before a load that would fail with
+    an error that names no file."""
+    folder = Path(folder)
+    files = [folder] if folder.suffix == ".safetensors" else sorted(folder.glob("*.safetensors"))
+    for path in files:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            try:
+                header = json.loads(handle.read(length)) if 0 < length <= size - 8 else None
+                ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+                expected = 8 + length + max(ends, default=0)
+            except (TypeError, ValueError, KeyError, AttributeError, IndexError):
+                expected = None
+        if expected != size:
+            described = f", its header describes {expected}" if expected is not None else ", its header is unreadable"
+            raise ValueError(
+                f"{path} is truncated or corrupt ({size} bytes{described}): save it again, or download it again"
+            )

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from ctxaware.data import DATA_DIR
+from ctxaware.datafiles import check_safetensors
 
 
 EMBEDDED_MODEL_NAME = "ctxaware-tiny"
@@ -20,4 +21,6 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(EMBEDDED_MODEL_DIR)
     if Path(name_or_path).exists() and not (Path(name_or_path) / "config.json").is_file():
         raise FileNotFoundError(f"{name_or_path} exists but holds no config.json: pass a model folder or a Hub id.")
+    if Path(name_or_path).is_dir():
+        check_safetensors(name_or_path)
     return name_or_path

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from ctxaware.cli import main
-from ctxaware.datafiles import read_records, read_text, require_column
+from ctxaware.datafiles import check_safetensors, read_records, read_text, require_column
 from ctxaware.eval.cli import warn_beyond_context
 from ctxaware.scoring import load_chat_records
 from tests.tiny_models import tiny_model
@@ -89,3 +89,16 @@ def test_lengths_beyond_the_context_are_announced(capsys):
     assert "--lengths up to 100000 exceed the model's context of 512 tokens" in capsys.readouterr().err
     warn_beyond_context(model, [512])
     assert capsys.readouterr().err == ""
+
+
+def test_a_truncated_safetensors_file_is_named(tmp_path, tiny_tokenizer, capsys):
+    tiny_model("llama").save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert main(["eval", "--model", str(tmp_path), "--tasks", "arithmetic", "--limit", "1", "--no_progress"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and f"{weights} is truncated or corrupt" in errors[0]
+    weights.write_bytes(b"\x00" * 4)
+    with pytest.raises(ValueError, match="header is unreadable"):
+        check_safetensors(tmp_path)

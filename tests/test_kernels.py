@@ -439,3 +439,25 @@ def test_attention_variants_benchmark_builds_correct_kernels(tmp_path, warp_spec
         check_close(out, ref, 1e-5, "out")
         for name, a, b in zip(["dq", "dk", "dv"], grads, torch.autograd.grad(ref, leaves, dout)):
             check_close(a, b, 1e-4, name)
+
+
+@interpreted
+@pytest.mark.parametrize("sq, sk", [(0, 0), (0, 5)])
+def test_empty_sequences_on_every_backend(sq, sk):
+    q, k, v = (torch.randn(1, 2, s, 16, requires_grad=True) for s in (sq, sk, sk))
+    for backend in ("reference", "sdpa", "triton"):
+        out, _ = attention(q, k, v, backend=backend)
+        assert out.shape == (1, 2, sq, 16)
+        out.sum().backward()
+    _, stats = attention(q, k, v, backend="triton", key_mass=True, return_lse=True)
+    assert stats.lse.shape == (1, 2, sq) and stats.key_mass.shape == (1, 2, sk)
+
+
+@interpreted
+@pytest.mark.parametrize("pad", [None, "left"])
+def test_a_nan_key_reaches_only_the_rows_that_see_it_on_every_backend(pad):
+    q, k, v, kw = make_case(b=1, hq=2, hkv=1, sq=12, sk=12, pad=pad)
+    k[0, 0, 7] = float("nan")
+    rows = {b: attention(q, k, v, backend=b, **kw)[0].isnan().any(-1) for b in ("reference", "sdpa", "triton")}
+    assert not rows["reference"][..., :7].any() and rows["reference"][..., 7:].all()
+    assert torch.equal(rows["sdpa"], rows["reference"]) and torch.equal(rows["triton"], rows["reference"])

@@ -97,6 +97,8 @@ def attention(
     statistics = key_mass or key_labels is not None or return_lse
     if backend == "auto":
         backend = "triton" if q.is_cuda else ("reference" if statistics else "sdpa")
+    if backend == "triton" and k.shape[2] == 0:  # no key, no query: nothing to launch; the reference gives the shapes
+        backend = "reference"
     kwargs = dict(
         scale=scale,
         causal=causal,

@@ -76,6 +76,11 @@ def masked_sdpa_attention(
     """The CPU run-time path when no statistics are asked for: the same boolean mask as `reference_attention`, fed
     to PyTorch's fused SDPA instead of a materialised softmax (several times faster, far less autograd memory)."""
     _, hq, sq, _ = q.shape
+    if not torch.isfinite(k).all():
+        # Fused SDPA scores masked keys too, so a NaN / inf key would reach rows that cannot see it; the reference
+        # masks the scores first, as the Triton kernel does: only rows that see the key are affected.
+        options = dict(causal=causal, pattern=pattern, key_padding_mask=key_padding_mask, doc_ids=doc_ids)
+        return reference_attention(q, k, v, scale=scale, head_gates=head_gates, **options)[0]
     mask = pattern_mask(
         pattern, hq, sq, k.shape[2], causal=causal, key_padding_mask=key_padding_mask, doc_ids=doc_ids, device=q.device
     )
@@ -87,7 +92,7 @@ def masked_sdpa_attention(
     out = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != hq
     )
-    out = out * live
+    out = torch.where(live, out, 0)  # not a product: a NaN in a row that was let see every key must not survive
     if head_gates is not None:
         out = out * head_gates.transpose(1, 2)[..., None].to(out.dtype)
     return out

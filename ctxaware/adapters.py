@@ -97,10 +97,16 @@ class HeadAdapter(nn.Module):
                 f"layers {', '.join(taken)} already carry a ctxaware adapter: detach it (`adapter.detach()`) or merge "
                 "it first"
             )
-        for key, layer_module in self.layers.items():
-            modules[int(key)].add_module(ATTACHED_ATTR, layer_module)
-            self._attached_to.append(modules[int(key)])
-        self._handles = register_pre_o_proj_hooks(model, lambda layer, x: self.layers[str(layer)](x), self._layer_ids)
+        try:  # all or nothing: a failure midway leaves the model as it was
+            for key, layer_module in self.layers.items():
+                modules[int(key)].add_module(ATTACHED_ATTR, layer_module)
+                self._attached_to.append(modules[int(key)])
+            self._handles = register_pre_o_proj_hooks(
+                model, lambda layer, x: self.layers[str(layer)](x), self._layer_ids
+            )
+        except BaseException:
+            self.detach()
+            raise
         return model
 
     def detach(self) -> None:

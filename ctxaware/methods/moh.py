@@ -345,8 +345,9 @@ class MoHAdapter(HeadAdapter):
             router.top_k = top_k
         self.top_k = top_k
 
-    # --- attaching: a q_proj hook per layer writes the gates into the kernel's options --------------------------
+    # --- attaching: a hook on each layer's query projection writes the gates into the kernel's options ----------
     def attach(self, model: nn.Module) -> nn.Module:
+        """All or nothing: everything is checked before the model is touched, and a failure midway undoes it all."""
         self.check_compatible(model)
         if self._handles:
             raise RuntimeError("this MoH adapter is already attached: call `detach()` first")
@@ -356,14 +357,19 @@ class MoHAdapter(HeadAdapter):
                 f"layers {', '.join(taken)} already carry a ctxaware adapter: detach it (`adapter.detach()`) or merge "
                 "it first"
             )
-        self._restore = _use_ctxaware_attention(model)  # a tuple: not registered as a submodule
-        for module, router in zip(modules, self.routers):
-            router.__dict__["adapter"] = self  # a plain attribute, not a submodule: `find_moh_adapter` reads it
-            module.add_module(ATTACHED_ATTR, router)
-            self._attached_to.append(module)
-            self._handles.append(module.q_proj.register_forward_hook(_gate_hook(module, router)))
-            if router.chunk:
-                self._handles.append(module.register_forward_pre_hook(_offset_hook(router), with_kwargs=True))
+        projections = [query_projection(module, self.layout) for module in modules]
+        try:
+            self._restore = _use_ctxaware_attention(model)  # a tuple: not registered as a submodule
+            for module, router, (linear, width) in zip(modules, self.routers, projections):
+                router.__dict__["adapter"] = self  # a plain attribute, not a submodule: `find_moh_adapter` reads it
+                module.add_module(ATTACHED_ATTR, router)
+                self._attached_to.append(module)
+                self._handles.append(linear.register_forward_hook(_gate_hook(module, router, width)))
+                if router.chunk:
+                    self._handles.append(module.register_forward_pre_hook(_offset_hook(router), with_kwargs=True))
+        except BaseException:
+            self.detach()
+            raise
         return model
 
     def detach(self) -> None:
@@ -418,11 +424,26 @@ def _restore_attention(restore: tuple[nn.Module, str]) -> None:
         restore[0].set_attn_implementation(restore[1])
 
 
-def _gate_hook(module: nn.Module, router: MoHRouter):
+def query_projection(module: nn.Module, layout: HeadLayout) -> tuple[nn.Linear, int]:
+    """The linear layer whose output holds the attention module's queries, and their width (its first outputs): the
+    router reads its input and output. A separate `q_proj`, or Phi-3's fused `qkv_proj` ([q | k | v]); other fused
+    layouts (GPT-NeoX interleaves q, k, v per head) are refused before anything is attached."""
+    width = layout.num_heads * layout.head_dim
+    linear = getattr(module, "q_proj", None) or getattr(module, "qkv_proj", None)
+    if not isinstance(linear, nn.Linear) or linear.out_features < width:
+        raise ValueError(
+            f"MoH routes on the query projection, and {type(module).__name__} has none it can read (a `q_proj`, or a "
+            "fused `qkv_proj` with the queries first): use a family with separate projections (Llama, Qwen, "
+            "Mistral, Gemma, ...) or Phi-3"
+        )
+    return linear, width
+
+
+def _gate_hook(module: nn.Module, router: MoHRouter, width: int):
     options = get_attention_options(module)
 
-    def hook(q_proj, args, output):
-        options.head_gates = router(args[0], output) if router.enabled else None
+    def hook(projection, args, output):
+        options.head_gates = router(args[0], output[..., :width]) if router.enabled else None
 
     return hook
 
@@ -534,13 +555,14 @@ def head_ablation_kl(model: nn.Module, batches: list[torch.Tensor]) -> Iterator[
         raise ValueError("head importance is measured on the dense model: detach its MoH adapter first.")
     restore, was_training = _use_ctxaware_attention(model), model.training
     model.eval()
-    num_heads, modules = HeadLayout.from_model(model).num_heads, attention_modules(model)
+    layout, modules = HeadLayout.from_model(model), attention_modules(model)
+    num_heads = layout.num_heads
     layers, checked = _decoder_layers(model, modules), False
     progress = tqdm(total=len(modules) * len(batches), desc="MoH: head importance (layers x batches)", leave=False)
     try:
         for index, module in enumerate(modules):
             hook = _AblationHook(module, num_heads)
-            handle = module.q_proj.register_forward_hook(hook)
+            handle = query_projection(module, layout)[0].register_forward_hook(hook)
             try:
                 token_kl = []
                 for input_ids in batches:

@@ -108,8 +108,6 @@ def ctxaware_attention_forward(
             f"attention dropout {dropout} is not supported by the ctxaware kernels: set the model config's "
             "attention_dropout to 0"
         )
-    if softcap is not None:
-        raise ValueError("attention logit soft-capping is not supported by the ctxaware kernels: use 'sdpa'")
     if kwargs.get("s_aux") is not None:
         raise ValueError("learned attention sinks (s_aux) are not supported by the ctxaware kernels: use 'eager'")
     options = get_attention_options(module)
@@ -146,6 +144,7 @@ def ctxaware_attention_forward(
         key_mass=options.key_mass,
         key_labels=options.key_labels,
         num_labels=options.num_labels,
+        softcap=softcap,
         backend=options.backend,
     )
     if options.on_stats is not None:

@@ -1,5 +1,5 @@
 """The model families ctxaware attention runs: random tiny configs of each, logits checked against eager attention
-(with left padding), the attention modules and their output projections found by role, and MoH attached where the
+(with left padding; Gemma 2's logit soft-capping included), the attention modules and their output projections found by role, and MoH attached where the
 query projection can be read (refused, leaving the model untouched, where it cannot)."""
 
 import pytest
@@ -24,6 +24,7 @@ FAMILIES = {
     "mistral_window": ("mistral", {"sliding_window": 8}, "o_proj"),
     "gemma": ("gemma", {"head_dim": 8}, "o_proj"),
     "gemma2_no_softcap": ("gemma2", {"head_dim": 8, "attn_logit_softcapping": None, "sliding_window": 8}, "o_proj"),
+    "gemma2_softcap": ("gemma2", {"head_dim": 8, "attn_logit_softcapping": 0.5}, "o_proj"),  # a cap that bites
     "gemma3": ("gemma3_text", {"head_dim": 8, "sliding_window": 8}, "o_proj"),
     "phi3": ("phi3", {}, "o_proj"),
     "olmo2": ("olmo2", {}, "o_proj"),

@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, TrlParser
 
 from ctxaware.adapters import count_trainable
+from ctxaware.datafiles import read_records
 from ctxaware.heads import (
     HeadLayout,
     all_heads,
@@ -154,6 +155,7 @@ def load_records(args: LoFiTArguments, split: str, tokenizer) -> list[dict]:
     if not args.dataset_name:
         raise ValueError(f"task {args.task} needs `dataset_name` (a Hub id or a local JSON file).")
     if Path(args.dataset_name).is_file():  # one JSON file: split it with slices, e.g. "train[:90%]"
+        read_records(args.dataset_name, "data set")  # an empty, non-UTF-8 or broken file: named with its line
         rows = load_dataset("json", data_files=args.dataset_name, split=split)
     else:
         rows = load_dataset(args.dataset_name, args.dataset_config, split=split)

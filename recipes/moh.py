@@ -87,6 +87,8 @@ class MoHArguments:
     num_eval_rows: int = field(default=64, metadata={"help": "Held-out packed rows for the LM loss (0: none)."})
 
     def __post_init__(self):
+        if self.num_train_rows < 1:
+            raise ValueError(f"num_train_rows={self.num_train_rows} trains on nothing: pass a positive row count.")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant={self.variant!r}: choose one of {', '.join(VARIANTS)}.")
         if self.variant == "query_norm" and not self.train_base and not self.dense_control:

@@ -102,3 +102,18 @@ def test_a_truncated_safetensors_file_is_named(tmp_path, tiny_tokenizer, capsys)
     weights.write_bytes(b"\x00" * 4)
     with pytest.raises(ValueError, match="header is unreadable"):
         check_safetensors(tmp_path)
+
+
+def test_lofit_names_a_broken_local_data_file(tmp_path):
+    from trl import TrlParser
+
+    from tests.test_configs import load_recipe
+
+    recipe = load_recipe("lofit")
+    data = tmp_path / "clutrr.jsonl"
+    data.write_bytes(b'{"story": "a"}\n{"story": "caf\xe9"}\n')
+    args, _ = TrlParser(recipe.CONFIG_CLASSES).parse_args_and_config(
+        args=["--task", "clutrr", "--dataset_name", str(data), "--output_dir", str(tmp_path / "out")]
+    )
+    with pytest.raises(ValueError, match=r"clutrr.jsonl is not UTF-8 text \(byte 29, line 2\)"):
+        recipe.load_records(args, "train", tokenizer=None)

@@ -174,3 +174,8 @@ def test_hub_token_never_reaches_disk(tmp_path, monkeypatch):
     assert os.environ["HF_TOKEN"] == "hf_secret123"  # where huggingface_hub finds it for the push
     assert "hf_secret123" not in repr(vars(args))  # the Trainer pickles the config into training_args.bin
     assert "hf_secret123" not in json.dumps(args.to_dict(), default=str)
+
+
+def test_moh_num_train_rows_zero_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="num_train_rows=0 trains on nothing"):
+        _parse("moh", "--num_train_rows", "0", tmp_path=tmp_path)

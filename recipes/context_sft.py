@@ -37,9 +37,15 @@ from ctxaware.methods.context import (
     insert_indicator,
 )
 from ctxaware.models import resolve_model_path
-from ctxaware.outputs import claim_output_dir
+from ctxaware.outputs import BOOKKEEPING_KEYS, claim_output_dir
 from ctxaware.scoring import load_chat_records, score_records, select_turns
-from ctxaware.training import RecipeTrainingArguments, RequireTrainingSteps, usage_errors
+from ctxaware.training import (
+    RecipeTrainingArguments,
+    RequireTrainingSteps,
+    RunConfigCallback,
+    resolve_resume_checkpoint,
+    usage_errors,
+)
 
 
 @dataclass
@@ -186,10 +192,12 @@ def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[RequireTrainingSteps()],
+        callbacks=[RunConfigCallback(run_config), RequireTrainingSteps()],
     )
     expose_lm_head_bias(trainer.model)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(
+        config.resume_from_checkpoint, config.output_dir, run_config, BOOKKEEPING_KEYS
+    ))  # fmt: skip
     trainer.save_model(config.output_dir)
     if config.push_to_hub:
         trainer.push_to_hub(dataset_name=config.dataset)  # writes TRL's card; ours replaces it below

@@ -39,8 +39,15 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from ctxaware.heads import heads_by_layer
 from ctxaware.methods.moh import ROUTER_INITS, SHARED_HEADS, VARIANTS, MoHAdapter, check_moh_shape, logit_change
 from ctxaware.models import resolve_model_path
-from ctxaware.outputs import atomic_directory, claim_output_dir
-from ctxaware.training import RecipeTrainingArguments, RequireTrainingSteps, pack_token_stream, usage_errors
+from ctxaware.outputs import BOOKKEEPING_KEYS, atomic_directory, claim_output_dir
+from ctxaware.training import (
+    RecipeTrainingArguments,
+    RequireTrainingSteps,
+    RunConfigCallback,
+    pack_token_stream,
+    resolve_resume_checkpoint,
+    usage_errors,
+)
 from ctxaware.world import build_world, pretraining_corpus
 
 
@@ -232,7 +239,8 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
     set_seed(training_args.seed)
     state = PartialState()
     output_dir = Path(training_args.output_dir)
-    claim_output_dir(output_dir, {**asdict(args), **training_args.to_dict()},
+    run_config = {**asdict(args), **training_args.to_dict()}
+    claim_output_dir(output_dir, run_config,
                      overwrite=training_args.overwrite_output_dir, resume=training_args.resume_from_checkpoint)  # fmt: skip
     path = resolve_model_path(args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=args.model_revision)
@@ -285,7 +293,7 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
     model.train()
     dataset = Dataset.from_dict({"input_ids": train_rows})
     common = dict(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-                  callbacks=[RequireTrainingSteps()])  # fmt: skip
+                  callbacks=[RunConfigCallback(run_config), RequireTrainingSteps()])  # fmt: skip
     if adapter is None:
         trainer = SFTTrainer(**common)
     else:
@@ -294,7 +302,8 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
             output_dir.mkdir(parents=True, exist_ok=True)
             load_log.unlink(missing_ok=True)
         trainer = MoHTrainer(**common, adapter=adapter, balance_coef=args.balance_coef, load_log=load_log)
-    train_output = trainer.train()
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir, run_config, BOOKKEEPING_KEYS)
+    train_output = trainer.train(resume_from_checkpoint=resume)
     results["train_loss"] = train_output.training_loss
     results["eval_loss"] = lm_loss(model, eval_rows)
     if adapter is not None and (load := trainer.mean_load()) is not None:

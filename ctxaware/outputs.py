@@ -162,11 +162,13 @@ def claim_output_dir(
     overwrite: bool = False,
     resume: bool | str | None = False,
     may_differ: Iterable[str] = (),
+    resumable: bool = True,
 ) -> Path:
     """Makes `folder` this run's: locks it, removes leftovers of killed runs, and refuses to mix this run's outputs
     with another run's. A folder holding files but no run configuration, or another run's configuration (keys in
     `may_differ` aside), is refused unless `overwrite` (which deletes its checkpoints); so are checkpoints of an
-    earlier run unless this run resumes. Then `run_config.json` records this run. Only the main process acts."""
+    earlier run unless this run resumes (`resumable`: the recipe can). Then `run_config.json` records this run. Only the
+    main process acts."""
     folder = Path(folder)
     if not is_main_process():
         return folder
@@ -191,10 +193,11 @@ def claim_output_dir(
                 f"--output_dir {folder} holds a run with other settings ({'; '.join(differences[:6])}): pass "
                 "--overwrite_output_dir true to replace it, or choose another --output_dir"
             )
-        if resume in (None, False, "", "false", "False") and checkpoints(folder):
+        if (not resumable or resume in (None, False, "", "false", "False")) and checkpoints(folder):
+            advice = "--resume_from_checkpoint true to continue it, or " if resumable else ""
             raise ValueError(
                 f"--output_dir {folder} holds checkpoints of an earlier run with these settings: pass "
-                "--resume_from_checkpoint true to continue it, or --overwrite_output_dir true to start over"
+                f"{advice}--overwrite_output_dir true to start over"
             )
     write_json(config_path, json.loads(json.dumps(run_config, sort_keys=True, default=str)))
     return folder

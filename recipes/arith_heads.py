@@ -309,7 +309,7 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
     state = PartialState()
     output_dir = Path(training_args.output_dir)
     claim_output_dir(output_dir, {**asdict(args), **training_args.to_dict()},
-                     overwrite=training_args.overwrite_output_dir, resume=training_args.resume_from_checkpoint)  # fmt: skip
+                     overwrite=training_args.overwrite_output_dir, resumable=False)  # fmt: skip
     path = resolve_model_path(args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=args.model_revision)
     if tokenizer.pad_token is None:

@@ -67,6 +67,9 @@ def test_same_settings_with_checkpoints_need_resume_or_overwrite(tmp_path):
     with pytest.raises(ValueError, match="--resume_from_checkpoint true to continue"):
         outputs.claim_output_dir(tmp_path, {"lr": 1, "logging_steps": 5})
     outputs.claim_output_dir(tmp_path, {"lr": 1, "logging_steps": 5}, resume="true")
+    outputs.unlock_output_dir(tmp_path)
+    with pytest.raises(ValueError, match="pass --overwrite_output_dir true to start over"):  # a recipe without resume
+        outputs.claim_output_dir(tmp_path, {"lr": 1}, resume="true", resumable=False)
 
 
 def test_a_folder_of_unknown_files_is_refused(tmp_path):

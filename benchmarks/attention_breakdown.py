@@ -46,13 +46,11 @@ import ctxaware.kernels.triton_attention as package  # noqa: E402
 from ctxaware.kernels import AttentionPattern  # noqa: E402
 
 
-FWD_EXP = ("p = tl.math.exp2(qk * qk_scale - m_safe[:, None])", "p = qk * qk_scale - m_safe[:, None]")
+FWD_EXP = ("p = tl.math.exp2(qk * row_scale - m_safe[:, None])", "p = qk * row_scale - m_safe[:, None]")
 FWD_PV = ("acc = _dot(p, v, acc * alpha[:, None], IEEE)", "acc = acc * alpha[:, None]")
 BWD_EXP = [
-    ("pT = tl.math.exp2(_dot(k, tl.trans(q), None, IEEE) * qk_scale - lse2[None, :])",
-     "pT = _dot(k, tl.trans(q), None, IEEE) * qk_scale - lse2[None, :]"),
-    ("p = tl.math.exp2(_dot(q, tl.trans(k), None, IEEE) * qk_scale - lse2[:, None])",
-     "p = _dot(q, tl.trans(k), None, IEEE) * qk_scale - lse2[:, None]"),
+    ("pT = tl.math.exp2(sT - lse2[None, :])", "pT = sT - lse2[None, :]"),
+    ("p = tl.math.exp2(s2 - lse2[:, None])", "p = s2 - lse2[:, None]"),
 ]  # fmt: skip
 VARIANTS = {"no_exp": [FWD_EXP], "no_pv": [FWD_PV], "qk_only": [FWD_EXP, FWD_PV], "bwd_no_exp": BWD_EXP}
 

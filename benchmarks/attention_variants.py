@@ -101,8 +101,8 @@ def tma_forward(q, k, v, pattern, num_stages):
     vd = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, cfg["BN"], dp])
     _fwd_kernel[(b * hq * _cdiv(sq, cfg["BM"]),)](
         q, kd, vd, out, lse, dummy, dummy, dummy, dummy, lse, dummy, dummy,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), hq, sq, sk, hq // hkv, d ** -0.5 * LOG2E,
-        D=d, DP=dp, CAUSAL=True, HAS_PAD=False, HAS_DOC=False, IEEE=False, HAS_GATE=False, HAS_LABELS=False,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), hq, sq, sk, hq // hkv, d ** -0.5 * LOG2E, 1.0,
+        D=d, DP=dp, CAUSAL=True, HAS_PAD=False, HAS_DOC=False, IEEE=False, SOFTCAP=False, HAS_GATE=False, HAS_LABELS=False,
         NUM_LABELS=1, LP=16, GATHER=False, HEAD_GROUP=_head_group(b * hq, hq // hkv, k), **pat, **cfg,
     )
     return out, lse
@@ -113,7 +113,7 @@ def tma_backward(q, k, v, out, lse, dout, pattern):
     hkv, sk = k.shape[1], k.shape[2]
     dp = _pow2(d)
     pat = _pattern_args(pattern, hq, sk)
-    flags = dict(D=d, DP=dp, CAUSAL=True, HAS_PAD=False, HAS_DOC=False, IEEE=q.dtype == torch.float32, **pat)
+    flags = dict(D=d, DP=dp, CAUSAL=True, HAS_PAD=False, HAS_DOC=False, IEEE=q.dtype == torch.float32, SOFTCAP=False, **pat)
     scale = d ** -0.5
     dummy = q.new_empty(1, dtype=torch.int32)
     delta = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
@@ -126,7 +126,7 @@ def tma_backward(q, k, v, out, lse, dout, pattern):
     dod = TensorDescriptor(dout, list(dout.shape), list(dout.stride()), [1, 1, cfg["BM"], dp])
     _bwd_dkdv_kernel[(b * hkv * _cdiv(sk, cfg["BN"]),)](
         qd, k, v, dod, lse, delta, dummy, dummy, dummy, dummy, dk, dv, *common,
-        hq, hkv, sq, sk, hq // hkv, scale * LOG2E, scale, GATHER=False, HEAD_GROUP=_head_group(b * hkv, 1, k),
+        hq, hkv, sq, sk, hq // hkv, scale * LOG2E, scale, 1.0, GATHER=False, HEAD_GROUP=_head_group(b * hkv, 1, k),
         **flags, **cfg,
     )
     dq = torch.empty_like(q)
@@ -135,7 +135,7 @@ def tma_backward(q, k, v, out, lse, dout, pattern):
     vd = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, cfg["BN"], dp])
     _bwd_dq_kernel[(b * hq * _cdiv(sq, cfg["BM"]),)](
         q, kd, vd, dout, lse, delta, dummy, dummy, dummy, dummy, dq, *common,
-        hq, sq, sk, hq // hkv, scale * LOG2E, scale, GATHER=False, HEAD_GROUP=_head_group(b * hq, hq // hkv, k),
+        hq, sq, sk, hq // hkv, scale * LOG2E, scale, 1.0, GATHER=False, HEAD_GROUP=_head_group(b * hq, hq // hkv, k),
         **flags, **cfg,
     )
     return dq, dk, dv

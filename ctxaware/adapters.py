@@ -32,6 +32,7 @@ from torch import nn
 
 import ctxaware
 from ctxaware.attention import attention_modules
+from ctxaware.datafiles import check_safetensors
 from ctxaware.heads import Head, HeadLayout, check_heads, register_pre_o_proj_hooks
 from ctxaware.io import atomic_directory
 
@@ -106,10 +107,16 @@ class HeadAdapter(nn.Module):
                 f"layers {', '.join(taken)} already carry a ctxaware adapter: detach it (`adapter.detach()`) or merge "
                 "it first"
             )
-        for key, layer_module in self.layers.items():
-            modules[int(key)].add_module(ATTACHED_ATTR, layer_module)
-            self._attached_to.append(modules[int(key)])
-        self._handles = register_pre_o_proj_hooks(model, lambda layer, x: self.layers[str(layer)](x), self._layer_ids)
+        try:  # all or nothing: a failure midway leaves the model as it was
+            for key, layer_module in self.layers.items():
+                modules[int(key)].add_module(ATTACHED_ATTR, layer_module)
+                self._attached_to.append(modules[int(key)])
+            self._handles = register_pre_o_proj_hooks(
+                model, lambda layer, x: self.layers[str(layer)](x), self._layer_ids
+            )
+        except BaseException:
+            self.detach()
+            raise
         return model
 
     def detach(self) -> None:
@@ -237,6 +244,7 @@ class HeadAdapter(nn.Module):
             training=config.get("training"),
             **config.get("hyperparameters", {}),
         )
+        check_safetensors(folder / WEIGHTS_NAME)
         state = load_file(folder / WEIGHTS_NAME)
         expected = {name: list(t.shape) for name, t in adapter.state_dict().items()}
         found = {name: list(t.shape) for name, t in state.items()}

@@ -39,13 +39,25 @@ class AttentionOptions:
     backend: str = "auto"
 
 
+def output_projection(module: nn.Module) -> nn.Linear | None:
+    """The attention module's output projection, found by its role rather than its name (`o_proj` in Llama and most
+    families, `dense` in GPT-NeoX, `out_proj` elsewhere): the last linear layer the module registers, since every
+    family builds its input projections (q, k, v, or a fused qkv) before the one that maps the heads back."""
+    linears = [child for child in module.children() if isinstance(child, nn.Linear)]
+    return getattr(module, "o_proj", None) or (linears[-1] if len(linears) >= 2 else None)
+
+
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The model's self-attention modules, in layer order (the modules transformers calls the interface from)."""
-    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
+    modules = [
+        m
+        for m in model.modules()
+        if hasattr(m, "layer_idx") and "Attention" in type(m).__name__ and output_projection(m) is not None
+    ]
     if not modules:
         raise ValueError(
-            f"found no attention modules (with `layer_idx` and `o_proj`) in {type(model).__name__}: ctxaware "
-            "supports decoder families whose attention goes through transformers' AttentionInterface"
+            f"found no attention modules (with `layer_idx`, input and output projections) in {type(model).__name__}: "
+            "ctxaware supports decoder families whose attention goes through transformers' AttentionInterface"
         )
     return sorted(modules, key=lambda m: m.layer_idx)
 
@@ -110,8 +122,6 @@ def ctxaware_attention_forward(
             f"attention dropout {dropout} is not supported by the ctxaware kernels: set the model config's "
             "attention_dropout to 0"
         )
-    if softcap is not None:
-        raise ValueError("attention logit soft-capping is not supported by the ctxaware kernels: use 'sdpa'")
     if kwargs.get("s_aux") is not None:
         raise ValueError("learned attention sinks (s_aux) are not supported by the ctxaware kernels: use 'eager'")
     options = get_attention_options(module)
@@ -148,6 +158,7 @@ def ctxaware_attention_forward(
         key_mass=options.key_mass,
         key_labels=options.key_labels,
         num_labels=options.num_labels,
+        softcap=softcap,
         backend=options.backend,
     )
     if options.on_stats is not None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ctxaware.attention import attention_modules
+from ctxaware.attention import attention_modules, output_projection
 
 
 Head = tuple[int, int]  # (layer, query head)
@@ -160,15 +160,15 @@ def register_pre_o_proj_hooks(
     it returns. Remove the hooks with `handle.remove()`."""
     modules = attention_modules(model)
     selected = range(len(modules)) if layers is None else layers
+    if bad := [layer for layer in selected if not 0 <= layer < len(modules)]:
+        raise IndexError(f"layer {bad[0]} out of range: the model has {len(modules)} attention layers")
     handles = []
     for layer in selected:
-        if not 0 <= layer < len(modules):
-            raise IndexError(f"layer {layer} out of range: the model has {len(modules)} attention layers")
 
         def pre_hook(module, args, layer=layer):
             return (hook(layer, args[0]), *args[1:])
 
-        handles.append(modules[layer].o_proj.register_forward_pre_hook(pre_hook))
+        handles.append(output_projection(modules[layer]).register_forward_pre_hook(pre_hook))
     return handles
 
 

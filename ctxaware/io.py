@@ -11,6 +11,7 @@ when the block raises. Temporary names end in `.tmp`, so patterns such as `resul
 that infer a format from the extension need it given explicitly (matplotlib's `format="png"`).
 """
 
+import json
 import os
 import secrets
 import shutil
@@ -44,6 +45,11 @@ def write_text(path: str | Path, text: str) -> Path:
     with atomic_file(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """`obj` as indented JSON (anything JSON cannot hold as its `str`), through a temporary file; returns `path`."""
+    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 @contextmanager

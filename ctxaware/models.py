@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from ctxaware.data import DATA_DIR
+from ctxaware.datafiles import check_safetensors
 
 
 EMBEDDED_MODEL_NAME = "ctxaware-tiny"
@@ -55,6 +56,8 @@ def resolve_model_path(name_or_path: str) -> str:
         check_hub_reachable(
             name_or_path, "config.json", f"pass a local model folder, a .gguf file or a named model ({named})"
         )
+    if path.is_dir():
+        check_safetensors(name_or_path)
     return name_or_path
 
 
@@ -191,10 +194,13 @@ def load_adapter(model, adapter: str, *, base_name: str):
 
 
 def check_adapter_source(adapter: str) -> None:
-    """An adapter folder that exists, or a Hub id that can be fetched: checked before any model loads."""
+    """An adapter folder that exists with whole weight files, or a Hub id that can be fetched: checked before any
+    model loads."""
     if looks_like_path(adapter) and not Path(adapter).exists():
         raise FileNotFoundError(f"Adapter {adapter} does not exist: pass an adapter folder or a Hub id.")
-    if not Path(adapter).exists():
+    if Path(adapter).is_dir():
+        check_safetensors(adapter)
+    elif not Path(adapter).exists():
         check_hub_reachable(adapter, "adapter_config.json", "pass a local adapter folder")
 
 

@@ -60,18 +60,16 @@ def book_documents(split: str) -> tuple[str, ...]:
 
 def read_text(name_or_path: str | Path, *, split: str = "test", what: str = "Text file") -> str:
     """A named source's `split` (its books joined by blank lines), or the contents of a UTF-8 text file."""
+    from ctxaware.datafiles import read_text as read_text_file
+
     if str(name_or_path) in TEXT_SOURCES:
         return "\n\n".join(book_documents(split))
-    path = Path(name_or_path)
-    if not path.is_file():
+    if not Path(name_or_path).is_file():
         raise FileNotFoundError(
-            f"{what} {path} does not exist: pass the path of a UTF-8 text file or a named source "
+            f"{what} {name_or_path} does not exist: pass the path of a UTF-8 text file or a named source "
             f"({', '.join(TEXT_SOURCES)})."
         )
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{what} {path} is not UTF-8 text ({error}): convert it to UTF-8.") from error
+    return read_text_file(name_or_path, what)
 
 
 def is_text_source(name_or_path: str | Path) -> bool:

@@ -3,25 +3,69 @@ before resuming from a checkpoint, model cards and pushing a folder to the Hub."
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
+from ctxaware.io import write_json
+from ctxaware.outputs import (
+    RUN_CONFIG_NAME,
+    config_differences,
+    is_complete_checkpoint,
+    latest_complete_checkpoint,
+    saved_run_config,
+)
 
-class Bf16WhereAvailable:
-    """Mixin placed before a TRL config class: `bf16` left unset turns on only where the GPU has it, so one YAML
-    serves GPU and CPU runs (TRL's own default for an unset `bf16`, True, fails on a CPU)."""
+
+@dataclass
+class RecipeTrainingArguments:
+    """Mixin placed before a TRL config class. `bf16` left unset turns on only where the GPU has it, so one YAML serves
+    GPU and CPU runs (TRL's own default for an unset `bf16`, True, fails on a CPU); a training length that would train
+    nothing, or not what was asked, is refused; the Hub token moves into the environment (`HF_TOKEN`, where
+    huggingface_hub reads it), so that no config file or checkpoint written to disk holds it."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace what another run left in output_dir (its checkpoints are deleted)."},
+    )
 
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(
+                f"--max_steps {self.max_steps} trains nothing, or not that many steps: pass a positive step count, or "
+                "-1 to train for --num_train_epochs"
+            )
+        if self.max_steps == -1 and not self.num_train_epochs > 0:
+            raise ValueError(f"--num_train_epochs {self.num_train_epochs} trains nothing: pass a positive value")
+        if self.hub_token:
+            os.environ["HF_TOKEN"] = self.hub_token
+            self.hub_token = None
         super().__post_init__()
 
 
-RUN_CONFIG_NAME = "run_config.json"
+class RequireTrainingSteps(TrainerCallback):
+    """Stops a run whose data loader yields no batch (fewer rows than a batch with `dataloader_drop_last`), before an
+    untrained model can be saved as if trained."""
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        if train_dataloader is not None and len(train_dataloader) == 0:
+            raise ValueError(
+                f"the training data gives no batch of {args.per_device_train_batch_size} rows per device (drop_last="
+                f"{args.dataloader_drop_last}): use more rows, a smaller --per_device_train_batch_size, or "
+                "--dataloader_drop_last false"
+            )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            raise ValueError("training ran 0 steps: check --max_steps, --num_train_epochs and the data size")
 
 
 def pack_token_stream(
@@ -96,40 +140,41 @@ class RunConfigCallback(TrainerCallback):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                (folder / RUN_CONFIG_NAME).write_text(json.dumps(self.config, indent=2, sort_keys=True, default=str))
+                write_json(folder / RUN_CONFIG_NAME, self.config)
 
 
 def resolve_resume_checkpoint(resume: str | bool | None, output_dir: str, config: dict, ignore: Iterable[str] = ()):
-    """The checkpoint folder to resume from (`True`/"true" = the latest in `output_dir`), or None; raises if it was
-    written by a run whose configuration differs in a key outside `ignore`."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The checkpoint folder to resume from (`True`/"true" = the newest complete one in `output_dir`: a save that was
+    interrupted is skipped), or None; raises if it was written by a run whose configuration differs in a key outside
+    `ignore`."""
     if resume in (None, False, "", "false", "False"):
         return None
     if resume in (True, "true", "True"):
-        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        last = latest_complete_checkpoint(output_dir)
         if last is None:
             raise FileNotFoundError(
-                f"--resume_from_checkpoint asks for the latest checkpoint in {output_dir}, which holds none: pass "
-                "a checkpoint folder, or drop the flag to start fresh"
+                f"--resume_from_checkpoint asks for the latest checkpoint in {output_dir}, which holds no complete "
+                "one: pass a checkpoint folder, or drop the flag to start fresh"
             )
         resume = last
     folder = Path(resume)
-    saved_file = folder / RUN_CONFIG_NAME
-    if not saved_file.is_file():
+    if not is_complete_checkpoint(folder):
+        raise FileNotFoundError(
+            f"{folder} is not a complete checkpoint (no readable trainer_state.json): pass a checkpoint-N folder "
+            "whose save finished, or --resume_from_checkpoint true for the newest complete one"
+        )
+    saved = saved_run_config(folder)
+    if saved is None:
         raise FileNotFoundError(
             f"{folder} is not a checkpoint of this recipe (no {RUN_CONFIG_NAME}): pass a checkpoint-N folder "
             "written by the same recipe"
         )
-    saved = json.loads(saved_file.read_text())
-    current = json.loads(json.dumps(config, sort_keys=True, default=str))
-    ignored = set(ignore)
-    differing = sorted(k for k in saved.keys() | current.keys() if k not in ignored and saved.get(k) != current.get(k))
+    differing = config_differences(saved, config, ignore)
     if differing:
-        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in differing[:8])
         raise ValueError(
-            f"cannot resume from {folder}: it was trained with a different configuration ({details}). Resume with the "
-            "checkpoint's settings, or start a fresh run in another --output_dir"
+            f"cannot resume from {folder}: it was trained with a different configuration "
+            f"({'; '.join(differing[:8])}). Resume with the checkpoint's settings, or start a fresh run in another "
+            "--output_dir"
         )
     return str(folder)
 
@@ -168,3 +213,17 @@ def push_folder_to_hub(folder: str | Path, repo_id: str, *, private: bool | None
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     return api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload with ctxaware")
+
+
+@contextmanager
+def usage_errors(prog: str) -> Iterator[None]:
+    """Bad input (raised as ValueError or FileNotFoundError with a message naming the fix) ends a recipe with that one
+    line on stderr and exit code 2, as argparse does, instead of a traceback."""
+    import yaml
+
+    try:
+        yield
+    except (ValueError, FileNotFoundError, yaml.YAMLError) as error:
+        kind = "the --config file is not valid YAML: " if isinstance(error, yaml.YAMLError) else ""
+        print(f"{prog}: error: {kind}{' '.join(str(error).split())}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -107,6 +107,11 @@ def _validate(args):
         raise ValueError(f"--num_threads must be a positive integer, got {args.num_threads}.")
     if args.batch_size <= 0:
         raise ValueError(f"--batch_size must be a positive integer, got {args.batch_size}.")
+    if args.lengths is not None and (not args.lengths or min(args.lengths) < 2):
+        raise ValueError(
+            f"--lengths {','.join(map(str, args.lengths))}: every context length must be at least 2 tokens (a text "
+            "of one token has nothing to score); e.g. --lengths 256,512"
+        )
     names = task_names() if args.tasks == DEFAULT_TASKS else [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
         raise ValueError(f"--tasks is empty; choose from {', '.join(task_names())}.")
@@ -146,6 +151,18 @@ def _validate(args):
     return options, names, switches
 
 
+def warn_beyond_context(model, lengths: list[int] | None) -> None:
+    """Lengths past the model's trained context measure extrapolation and can be slow: say so before the work."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if lengths and context and max(lengths) > context:
+        print(
+            f"ctxaware eval: warning: --lengths up to {max(lengths)} exceed the model's context of {context} tokens "
+            "(max_position_embeddings): those lengths measure extrapolation beyond the trained positions, and take "
+            "time and memory quadratic in the length",
+            file=sys.stderr,
+        )
+
+
 def _evaluate(args, options, tasks, switches) -> int:
     from ctxaware.eval.model import EvalModel
     from ctxaware.eval.output import format_table
@@ -163,10 +180,11 @@ def _evaluate(args, options, tasks, switches) -> int:
         print(f"ctxaware eval: error: {error}", file=sys.stderr)
         return 2
     try:
-        setup = apply_generation_hooks(model, switches)
-    except (FileNotFoundError, ValueError) as error:  # a switch's arguments, checked against the loaded model
+        setup = apply_generation_hooks(model, switches)  # checks each switch against the model before any work
+    except (ValueError, FileNotFoundError) as error:
         print(f"ctxaware eval: error: {error}", file=sys.stderr)
         return 2
+    warn_beyond_context(model, options.lengths)
     try:
         lm = EvalModel(model, tokenizer, batch_size=options.batch_size, setup=setup, progress=options.progress)
         config = {

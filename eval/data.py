@@ -74,7 +74,7 @@ REAL_DATASETS: dict[str, dict[str, tuple[tuple, str, object]]] = {
 def real_records(task: str, name: str, limit: int | None, dataset=None) -> list[dict]:
     """Records of the real data set `name` for `task` (a known name, or a local file with that data set's columns);
     `dataset` (a loaded `datasets.Dataset`) skips the loading."""
-    from ctxaware.data_files import is_local_file, load_rows
+    from ctxaware.datafiles import is_local_file, load_rows
 
     known = REAL_DATASETS.get(task, {})
     local = is_local_file(name)

@@ -1,6 +1,7 @@
 """Results in lm-evaluation-harness's shape, their schema check, the stdout table, and the JSON / JSONL writers.
 
-Layout under `--output_path DIR`: `DIR/<model>/results_<time>.json`, `samples_<task>_<time>.jsonl` and
+Layout under `--output_path DIR`: `DIR/<model>/results_<time>.json` (time to the microsecond, and never a name
+already taken, so runs sharing a folder keep every result), `samples_<task>_<time>.jsonl` and
 `<task>_<plot>_<time>.png` side by side. Metric keys are `"<metric>,<filter>"` with the filter `none`; standard
 errors are `"<metric>_stderr,none"` (the string "N/A" where undefined, as lm-evaluation-harness writes).
 """
@@ -10,7 +11,7 @@ import math
 import subprocess
 from pathlib import Path
 
-from ctxaware.io import atomic_file, write_text
+from ctxaware.io import atomic_file, write_json  # noqa: F401 (the harness writes JSON through this)
 
 
 FILTER = "none"
@@ -113,10 +114,6 @@ def validate_results(results: dict) -> None:
             problems.append(f"n-samples[{task!r}] must hold integer 'original' and 'effective'")
     if problems:
         raise ValueError("Results do not match the schema:\n  " + "\n  ".join(problems))
-
-
-def write_json(path: Path, obj) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

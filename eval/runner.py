@@ -12,7 +12,7 @@ from ctxaware.io import atomic_file
 
 
 def check_dataset(task_names: list[str], dataset: str | None) -> None:
-    from ctxaware.data_files import is_local_file
+    from ctxaware.datafiles import is_local_file
 
     if dataset and is_local_file(dataset) and any(data.REAL_DATASETS.get(t) for t in task_names):
         return
@@ -22,7 +22,7 @@ def check_dataset(task_names: list[str], dataset: str | None) -> None:
 
 
 def _task_takes_dataset(task: str, dataset: str) -> bool:
-    from ctxaware.data_files import is_local_file
+    from ctxaware.datafiles import is_local_file
 
     known = data.REAL_DATASETS.get(task, {})
     return dataset in known or bool(known and is_local_file(dataset))
@@ -89,11 +89,28 @@ def evaluate(lm, task_names: list[str], options: EvalOptions, *, config: dict) -
     return results, outcomes
 
 
+def unique_stamp(folder: Path) -> str:
+    """The write time to the microsecond, as lm-evaluation-harness names its files, made unique in `folder` by
+    claiming its results file name (runs in the same folder and microsecond get `-1`, `-2`, ...)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = datetime.now().strftime("%Y-%m-%dT%H-%M-%S.%f")
+    for n in range(10_000):
+        stamp = base if n == 0 else f"{base}-{n}"
+        if (folder / f"results_{stamp}.json").exists():
+            continue
+        try:
+            (folder / f".results_{stamp}.claim").open("x").close()  # exclusive create: no other run gets this name
+        except FileExistsError:
+            continue
+        return stamp
+    raise FileExistsError(f"{folder} holds 10,000 results files written in the same microsecond")
+
+
 def write_outputs(results: dict, outcomes: dict, output_path: str | Path) -> dict[str, Path]:
     """Writes results JSON, one samples JSONL per task and the plots; returns what was written, by name."""
     model = re.sub(r"[^A-Za-z0-9_.-]+", "__", str(results["config"]["model"])).strip("_") or "model"
     folder = Path(output_path) / model
-    stamp = datetime.fromtimestamp(results["date"]).strftime("%Y-%m-%dT%H-%M-%S")
+    stamp = unique_stamp(folder)
     written = {}
     results = {**results, "samples_files": {}, "plots": {}}
     for task, outcome in outcomes.items():
@@ -107,4 +124,5 @@ def write_outputs(results: dict, outcomes: dict, output_path: str | Path) -> dic
             results["plots"].setdefault(task, {})[plot_name] = path.name
             written[f"plot/{task}/{plot_name}"] = path
     written["results"] = output.write_json(folder / f"results_{stamp}.json", results)
+    (folder / f".results_{stamp}.claim").unlink(missing_ok=True)
     return written

@@ -49,7 +49,7 @@ from ctxaware.eval.registry import EvalOptions
 from ctxaware.eval.runner import evaluate
 from ctxaware.generation import encode_prompt
 from ctxaware.heads import HeadLayout, random_heads, resolve_head_count, save_head_selection, top_heads
-from ctxaware.io import write_text
+from ctxaware.io import write_json
 from ctxaware.methods.arith_heads import (
     KV_POLICIES,
     OPS,
@@ -62,7 +62,8 @@ from ctxaware.methods.arith_heads import (
 )
 from ctxaware.methods.patching import build_batches, keep_answered, patch_all
 from ctxaware.models import load_tokenizer, resolve_model_path
-from ctxaware.training import Bf16WhereAvailable
+from ctxaware.outputs import claim_output_dir
+from ctxaware.training import RecipeTrainingArguments, RequireTrainingSteps, usage_errors
 from ctxaware.world import QA_PROMPT, build_world, closed_book_qa
 from ctxaware.world.probe import matches
 
@@ -145,7 +146,7 @@ class ArithHeadsArguments:
 
 
 @dataclass
-class ArithHeadsTrainingConfig(Bf16WhereAvailable, SFTConfig):
+class ArithHeadsTrainingConfig(RecipeTrainingArguments, SFTConfig):
     learning_rate: float = 3e-4
     num_train_epochs: float = 3.0
     per_device_train_batch_size: int = 32
@@ -308,6 +309,8 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
     set_seed(training_args.seed)
     state = PartialState()
     output_dir = Path(training_args.output_dir)
+    claim_output_dir(output_dir, {**asdict(args), **training_args.to_dict()},
+                     overwrite=training_args.overwrite_output_dir, resumable=False)  # fmt: skip
     path = resolve_model_path(args.model_name_or_path)
     tokenizer = load_tokenizer(path, revision=args.model_revision)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
@@ -353,7 +356,8 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
                                 selection_score=args.selection_score,
                                 mlp_selection_score=args.mlp_selection_score)  # fmt: skip
     results["trained_parameters"] = count_trainable(model)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[RequireTrainingSteps()])  # fmt: skip
     results["train_metrics"] = trainer.train().metrics
     clock.lap("train")
     # The logged loss curve: the first check that training had something to learn (see `training_examples`).
@@ -377,7 +381,7 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
         else:
             model.save_pretrained(output_dir / "model")
             tokenizer.save_pretrained(output_dir / "model")
-        write_text(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        write_json(output_dir / "results.json", results)
         if training_args.push_to_hub:
             repo_id = training_args.hub_model_id or output_dir.name
             if adapter is not None:
@@ -389,4 +393,5 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
 
 
 if __name__ == "__main__":
-    main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())
+    with usage_errors("arith_heads"):
+        main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())

@@ -22,7 +22,7 @@ to context-dependent questions (`ctxaware eval --indicator "<|context|>"`). Step
 """
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,11 +38,18 @@ from ctxaware.methods.context import (
 )
 from ctxaware.methods.context_scoring import load_chat_records, score_records, select_turns
 from ctxaware.models import load_tokenizer, resolve_model_path
-from ctxaware.training import Bf16WhereAvailable
+from ctxaware.outputs import BOOKKEEPING_KEYS, claim_output_dir
+from ctxaware.training import (
+    RecipeTrainingArguments,
+    RequireTrainingSteps,
+    RunConfigCallback,
+    resolve_resume_checkpoint,
+    usage_errors,
+)
 
 
 @dataclass
-class ContextSFTConfig(Bf16WhereAvailable, SFTConfig):
+class ContextSFTConfig(RecipeTrainingArguments, SFTConfig):
     mode: str = field(default="conditional", metadata={"help": "`vanilla` SFT, or `conditional` (indicator token)."})
     dataset: str = field(default="world", metadata={"help": "`world`, a .jsonl/.json file, or a Hub data set."})
     dataset_split: str = field(default="train", metadata={"help": "Split of the data set (UltraChat: train_sft)."})
@@ -63,7 +70,9 @@ class ContextSFTConfig(Bf16WhereAvailable, SFTConfig):
     score_layer: int | None = field(default=None, metadata={"help": "Scoring here: layer (default: all layers)."})
     select_by: str = field(default="attention", metadata={"help": "Scoring here: `attention` or `loglik_gain`."})
     threshold: float | None = field(default=None, metadata={"help": "Scoring here: mark turns >= this."})
-    percentile: float | None = field(default=50.0, metadata={"help": "Scoring here: mark the top P% (no threshold)."})
+    percentile: float | None = field(
+        default=50.0, metadata={"help": "Scoring here: mark the top P percent (no threshold)."}
+    )
     indicator: str = field(default=DEFAULT_INDICATOR, metadata={"help": "The indicator: a new special token."})
     indicator_init: str = field(
         default=DEFAULT_INDICATOR_INIT, metadata={"help": "Phrase whose mean embedding initialises the indicator."}
@@ -151,6 +160,9 @@ Evaluate: `ctxaware eval --model MERGED_OR_FULL_MODEL --tasks counterfactual_qa,
 
 def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
     set_seed(config.seed)  # before any weights are created (the indicator row, LoRA), so runs repeat
+    run_config = {**config.to_dict(), **asdict(model_args)}
+    claim_output_dir(config.output_dir, run_config, overwrite=config.overwrite_output_dir,
+                     resume=config.resume_from_checkpoint)  # fmt: skip
     path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(path, revision=model_args.model_revision)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
@@ -173,10 +185,17 @@ def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
             peft_config.trainable_token_indices = [token_id]  # the input embedding row; the model never predicts it
     dataset = Dataset.from_list([{"messages": r["messages"]} for r in records])
     trainer = SFTTrainer(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[RunConfigCallback(run_config), RequireTrainingSteps()],
     )
     expose_lm_head_bias(trainer.model)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(
+        config.resume_from_checkpoint, config.output_dir, run_config, BOOKKEEPING_KEYS
+    ))  # fmt: skip
     trainer.save_model(config.output_dir)
     if config.push_to_hub:
         trainer.push_to_hub(dataset_name=config.dataset)  # writes TRL's card; ours replaces it below
@@ -197,4 +216,5 @@ def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())
+    with usage_errors("context_sft"):
+        main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())

@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, set_seed
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, TrlParser
 
 from ctxaware.adapters import count_trainable
-from ctxaware.data_files import load_rows
+from ctxaware.datafiles import load_rows
 from ctxaware.heads import (
     HeadLayout,
     all_heads,
@@ -45,7 +45,8 @@ from ctxaware.heads import (
 )
 from ctxaware.methods.lofit import LoFiTAdapter
 from ctxaware.models import load_tokenizer, resolve_model_path
-from ctxaware.training import Bf16WhereAvailable
+from ctxaware.outputs import claim_output_dir
+from ctxaware.training import RecipeTrainingArguments, RequireTrainingSteps, usage_errors
 from ctxaware.world import CONTEXT_QA_PROMPT, arithmetic, build_world, closed_book_qa, context_qa, preference_pairs
 from ctxaware.world.probe import matches
 
@@ -75,7 +76,7 @@ class LoFiTArguments:
         default=None, metadata={"help": "Hub id, or local file or folder, for the non-world tasks."}
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split (slices allowed: 'train[:90%]')."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split (slices allowed: 'train[:90%%]')."})
     dataset_test_split: str = field(default="test", metadata={"help": "Held-out split scored before and after."})
     world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world (world/* tasks)."})
     counterfactual_rate: float = field(default=1.0, metadata={"help": "world/context_qa, world/truthful_qa: share of "
@@ -117,7 +118,7 @@ class LoFiTArguments:
 
 
 @dataclass
-class LoFiTTrainingConfig(Bf16WhereAvailable, SFTConfig):
+class LoFiTTrainingConfig(RecipeTrainingArguments, SFTConfig):
     """Stage 2's (and LoRA's) training settings; DPO runs get the same values in a DPOConfig."""
 
     learning_rate: float = 1e-2
@@ -256,7 +257,8 @@ def make_trainer(objective: str, model, config, dataset: Dataset, tokenizer, ref
     if l1_adapter is not None:
         trainer_cls = type("L1" + trainer_cls.__name__, (trainer_cls,), {"compute_loss": _l1_loss(l1_adapter, l1)})
     kwargs = {"ref_model": ref_model} if objective == "dpo" else {}
-    return trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, **kwargs)
+    return trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                       callbacks=[RequireTrainingSteps()], **kwargs)  # fmt: skip
 
 
 def _l1_loss(adapter: LoFiTAdapter, l1: float):
@@ -278,6 +280,8 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig) -> dict:
     set_seed(training_args.seed)
     state = PartialState()
     output_dir = Path(training_args.output_dir)
+    claim_output_dir(output_dir, {**asdict(args), **training_args.to_dict()},
+                     overwrite=training_args.overwrite_output_dir, resumable=False)  # fmt: skip
     path = resolve_model_path(args.model_name_or_path)
     tokenizer = load_tokenizer(path, revision=args.model_revision)
     train_records = with_bos(load_records(args, args.dataset_train_split, tokenizer), tokenizer)
@@ -384,4 +388,5 @@ def select_heads(args, training_args, model, layout, dataset, tokenizer, ref_mod
 
 
 if __name__ == "__main__":
-    main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())
+    with usage_errors("lofit"):
+        main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())

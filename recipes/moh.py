@@ -36,13 +36,21 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, set_seed
 from trl import SFTConfig, SFTTrainer, TrlParser
 
-from ctxaware.data_files import load_rows
+from ctxaware.datafiles import load_rows
 from ctxaware.heads import heads_by_layer
 from ctxaware.io import atomic_directory
 from ctxaware.methods.moh.adapter import ROUTER_INITS, SHARED_HEADS, MoHAdapter, logit_change
 from ctxaware.methods.moh.router import VARIANTS, check_moh_shape
 from ctxaware.models import load_tokenizer, resolve_model_path
-from ctxaware.training import Bf16WhereAvailable, pack_token_stream
+from ctxaware.outputs import BOOKKEEPING_KEYS, claim_output_dir
+from ctxaware.training import (
+    RecipeTrainingArguments,
+    RequireTrainingSteps,
+    RunConfigCallback,
+    pack_token_stream,
+    resolve_resume_checkpoint,
+    usage_errors,
+)
 from ctxaware.world import build_world, pretraining_corpus
 
 
@@ -89,6 +97,8 @@ class MoHArguments:
     num_eval_rows: int = field(default=64, metadata={"help": "Held-out packed rows for the LM loss (0: none)."})
 
     def __post_init__(self):
+        if self.num_train_rows < 1:
+            raise ValueError(f"num_train_rows={self.num_train_rows} trains on nothing: pass a positive row count.")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant={self.variant!r}: choose one of {', '.join(VARIANTS)}.")
         if self.variant == "query_norm" and not self.train_base and not self.dense_control:
@@ -105,7 +115,7 @@ class MoHArguments:
 
 
 @dataclass
-class MoHTrainingConfig(Bf16WhereAvailable, SFTConfig):
+class MoHTrainingConfig(RecipeTrainingArguments, SFTConfig):
     learning_rate: float = 3e-4
     max_steps: int = 200
     per_device_train_batch_size: int = 8
@@ -229,6 +239,9 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
     set_seed(training_args.seed)
     state = PartialState()
     output_dir = Path(training_args.output_dir)
+    run_config = {**asdict(args), **training_args.to_dict()}
+    claim_output_dir(output_dir, run_config,
+                     overwrite=training_args.overwrite_output_dir, resume=training_args.resume_from_checkpoint)  # fmt: skip
     path = resolve_model_path(args.model_name_or_path)
     tokenizer = load_tokenizer(path, revision=args.model_revision)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
@@ -277,7 +290,8 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
 
     model.train()
     dataset = Dataset.from_dict({"input_ids": train_rows})
-    common = dict(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer)
+    common = dict(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
+                  callbacks=[RunConfigCallback(run_config), RequireTrainingSteps()])  # fmt: skip
     if adapter is None:
         trainer = SFTTrainer(**common)
     else:
@@ -286,7 +300,8 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
             output_dir.mkdir(parents=True, exist_ok=True)
             load_log.unlink(missing_ok=True)
         trainer = MoHTrainer(**common, adapter=adapter, balance_coef=args.balance_coef, load_log=load_log)
-    train_output = trainer.train()
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir, run_config, BOOKKEEPING_KEYS)
+    train_output = trainer.train(resume_from_checkpoint=resume)
     results["train_loss"] = train_output.training_loss
     results["eval_loss"] = lm_loss(model, eval_rows)
     if adapter is not None and (load := trainer.mean_load()) is not None:
@@ -319,4 +334,5 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())
+    with usage_errors("moh"):
+        main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())

@@ -37,7 +37,6 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from trl import (
     DPOConfig,
     DPOTrainer,
@@ -54,17 +53,20 @@ from trl import (
 
 import ctxaware.attention  # noqa: F401  (registers attn_implementation="ctxaware")
 from ctxaware import models
-from ctxaware.data_files import is_local, is_local_file, load_rows
+from ctxaware.datafiles import is_local, is_local_file, load_rows
 from ctxaware.io import atomic_directory
 from ctxaware.methods import rlhf
 from ctxaware.models import resolve_model_path
+from ctxaware.outputs import claim_output_dir, latest_complete_checkpoint
 from ctxaware.training import (
-    Bf16WhereAvailable,
+    RecipeTrainingArguments,
+    RequireTrainingSteps,
     RunConfigCallback,
     check_4bit,
     load_causal_lm,
     push_folder_to_hub,
     resolve_resume_checkpoint,
+    usage_errors,
     write_model_card,
 )
 
@@ -80,7 +82,7 @@ HELD_OUT_SPLIT = {"trl-lib/tldr-preference": "validation", "openai/summarize_fro
 
 
 @dataclass
-class RLHFConfig(Bf16WhereAvailable, RLOOConfig):
+class RLHFConfig(RecipeTrainingArguments, RLOOConfig):
     """RLOOConfig (the RL stage's settings; the shared Trainer settings apply to every stage) plus the other stages."""
 
     output_dir: str = field(default="runs/rlhf_summarize", metadata={"help": "One folder per stage goes in here."})
@@ -273,9 +275,7 @@ def stage_args(cfg: RLHFConfig, config_class, stage: str, **overrides):
 def resume_checkpoint(cfg: RLHFConfig, args, run_config: dict) -> str | None:
     """The checkpoint to continue from with `--resume_from_checkpoint` (true: the stage's latest, if any)."""
     resume = cfg.resume_from_checkpoint
-    if resume in (True, "true", "True") and not (
-        Path(args.output_dir).is_dir() and get_last_checkpoint(args.output_dir)
-    ):
+    if resume in (True, "true", "True") and latest_complete_checkpoint(args.output_dir) is None:
         return None
     return resolve_resume_checkpoint(resume, args.output_dir, run_config, ignore=("stage", "overwrite_stages"))
 
@@ -376,7 +376,7 @@ def run_sft(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
         train_dataset=train,
         processing_class=tokenizer,
         peft_config=peft_config(model_args),
-        callbacks=[RunConfigCallback(run_config)],
+        callbacks=[RunConfigCallback(run_config), RequireTrainingSteps()],
     )
     trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args, run_config))
     return finish_stage(cfg, model_args, "sft", trainer, tokenizer, resolve_model_path(model_args.model_name_or_path))
@@ -439,7 +439,7 @@ def run_reward(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         peft_config=peft_config(model_args, lora_task_type="SEQ_CLS", lora_modules_to_save=["score"]),
-        callbacks=[RunConfigCallback(run_config)],
+        callbacks=[RunConfigCallback(run_config), RequireTrainingSteps()],
     )
     trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args, run_config))
     return finish_stage(cfg, model_args, "reward", trainer, tokenizer, sft_path)
@@ -483,7 +483,7 @@ def run_rl(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
         train_dataset=Dataset.from_list(rlhf.rl_rows(records, tokenizer)),
         processing_class=tokenizer,
         peft_config=peft_config(model_args),
-        callbacks=[RunConfigCallback(run_config)],
+        callbacks=[RunConfigCallback(run_config), RequireTrainingSteps()],
     )
     trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args, run_config))
     tokenizer.padding_side = "right"
@@ -513,7 +513,7 @@ def run_dpo(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
         train_dataset=Dataset.from_list(rlhf.dpo_rows(preference_pairs(cfg, "train"), tokenizer)),
         processing_class=tokenizer,
         peft_config=peft_config(model_args),
-        callbacks=[RunConfigCallback(run_config)],
+        callbacks=[RunConfigCallback(run_config), RequireTrainingSteps()],
     )
     trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args, run_config))
     return finish_stage(cfg, model_args, "dpo", trainer, tokenizer, sft_path)
@@ -640,6 +640,9 @@ DONE_FILES = {"compare": COMPARISONS_FILE}  # the file a finished stage leaves (
 def main(cfg: RLHFConfig, model_args: ModelConfig) -> None:
     set_seed(cfg.seed)  # seeds python, numpy and torch before the reward head and LoRA weights are created
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
+    # One run's stages share the folder: a stage may be run alone, and `all` skips or resumes stages on its own.
+    claim_output_dir(cfg.output_dir, {**cfg.to_dict(), **dataclasses.asdict(model_args)},
+                     overwrite=cfg.overwrite_output_dir, resume=True, may_differ=("stage", "overwrite_stages"))  # fmt: skip
     for stage in stages:
         final = Path(cfg.output_dir) / stage
         if stage != "eval" and (final / DONE_FILES.get(stage, "config.json")).is_file() and not cfg.overwrite_stages:
@@ -649,4 +652,5 @@ def main(cfg: RLHFConfig, model_args: ModelConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())
+    with usage_errors("rlhf_summarize"):
+        main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())

@@ -14,7 +14,6 @@ context, pattern), `eval_results.json` and a model card; `--push_to_hub` uploads
 """
 
 import json
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,24 +22,27 @@ from transformers import set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 import ctxaware.attention
-from ctxaware.data_files import load_rows
+from ctxaware.datafiles import load_rows, read_records, read_text, require_column
 from ctxaware.io import atomic_directory
 from ctxaware.methods import sinklora
 from ctxaware.models import EMBEDDED_MODEL_NAME, load_tokenizer, resolve_model_path
+from ctxaware.outputs import claim_output_dir
 from ctxaware.training import (
-    Bf16WhereAvailable,
+    RecipeTrainingArguments,
+    RequireTrainingSteps,
     RunConfigCallback,
     check_4bit,
     load_causal_lm,
     pack_token_stream,
     push_folder_to_hub,
     resolve_resume_checkpoint,
+    usage_errors,
     write_model_card,
 )
 
 
 @dataclass
-class SinkLoRAConfig(Bf16WhereAvailable, SFTConfig):
+class SinkLoRAConfig(RecipeTrainingArguments, SFTConfig):
     """SFTConfig with SinkLoRA's fields; `max_length` is the target context (default: 4x the model's)."""
 
     output_dir: str = field(
@@ -115,7 +117,7 @@ class SinkLoRAModelConfig(ModelConfig):
 CONFIG_CLASSES = (SinkLoRAConfig, SinkLoRAModelConfig)
 # Keys a resume may change: where things go, how often they are logged or saved, how long training runs.
 RESUME_MAY_DIFFER = {
-    "output_dir", "resume_from_checkpoint", "logging_dir", "logging_steps", "save_steps", "save_total_limit",
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_dir", "logging_steps", "save_steps", "save_total_limit",
     "save_strategy", "max_steps", "num_train_epochs", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo",
     "report_to", "run_name", "eval_limit", "eval_text_file", "eval_batch_size", "eval_ppl_lengths", "eval_passkey_lengths",
     "dataloader_num_workers", "disable_tqdm",
@@ -130,6 +132,8 @@ def validate(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig, original_len
             "kernels; use --attn_implementation ctxaware and pick the pattern with --attention sf|s2|full"
         )
     check_4bit(model_args.load_in_4bit)
+    if args.num_train_rows < 1:
+        raise ValueError(f"--num_train_rows {args.num_train_rows} trains on nothing: pass a positive row count")
     target = args.max_length or 4 * original_length
     sinklora.training_pattern(args.attention, args.group_size_ratio, args.sinks)
     sinklora.check_group_size(target, args.group_size_ratio, args.attention)
@@ -147,6 +151,14 @@ def load_text_dataset(args: SinkLoRAConfig):
     """The data set named by `dataset_name` (Hub id, local file or folder, `books`); raises if it lacks the text
     column."""
     name = args.dataset_name
+    suffix = Path(name).suffix.lower()
+    fix = "pass --dataset_text_field with the column that holds the text, or give every row that column"
+    if suffix == ".txt" and Path(name).is_file():  # one document a line, as datasets' text loader reads it
+        return [{args.dataset_text_field: line} for line in read_text(name, "data set").splitlines() if line.strip()]
+    if suffix in (".json", ".jsonl") and Path(name).is_file():
+        rows = read_records(name, "data set")
+        require_column(rows, args.dataset_text_field, name, fix)
+        return rows
     dataset = load_rows(name, config=args.dataset_config, split=args.dataset_split, streaming=args.dataset_streaming)
     columns = dataset.column_names or list(next(iter(dataset)).keys())
     if args.dataset_text_field not in columns:
@@ -230,6 +242,8 @@ def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
     rope = sinklora.rope_parameters(base_config, args.rope_scaling, target, args.rope_factor)
     push, args.push_to_hub = args.push_to_hub, False  # pushed once at the end, with the eval results in the card
     run_config = {**{k: v for k, v in args.to_dict().items()}, **asdict(model_args)}
+    claim_output_dir(args.output_dir, run_config, overwrite=args.overwrite_output_dir,
+                     resume=args.resume_from_checkpoint, may_differ=RESUME_MAY_DIFFER)  # fmt: skip
     resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, run_config, RESUME_MAY_DIFFER)
 
     tokenizer = load_tokenizer(base_path, revision=model_args.model_revision)
@@ -272,7 +286,7 @@ def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
         args=args,
         train_dataset=Dataset.from_dict({"input_ids": rows}),
         processing_class=tokenizer,
-        callbacks=[RunConfigCallback(run_config)],
+        callbacks=[RunConfigCallback(run_config), RequireTrainingSteps()],
     )
     trainer.train(resume_from_checkpoint=resume)
 
@@ -329,8 +343,5 @@ def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
 
 
 if __name__ == "__main__":
-    try:
+    with usage_errors("sinklora"):
         main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())
-    except (ValueError, FileNotFoundError) as error:
-        print(f"sinklora: error: {error}", file=sys.stderr)
-        sys.exit(2)

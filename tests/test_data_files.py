@@ -1,12 +1,12 @@
 """Every recipe's data set option takes a local file or folder (and `books` where it wants text), through
-`ctxaware.data_files.load_rows`, with clear errors for files that cannot serve."""
+`ctxaware.datafiles.load_rows`, with clear errors for files that cannot serve."""
 
 import json
 from types import SimpleNamespace
 
 import pytest
 
-from ctxaware.data_files import load_rows
+from ctxaware.datafiles import load_rows
 from tests.test_configs import load_recipe
 
 

@@ -443,3 +443,62 @@ def test_attention_variants_benchmark_builds_correct_kernels(tmp_path, warp_spec
         check_close(out, ref, 1e-5, "out")
         for name, a, b in zip(["dq", "dk", "dv"], grads, torch.autograd.grad(ref, leaves, dout)):
             check_close(a, b, 1e-4, name)
+
+
+@interpreted
+@pytest.mark.parametrize("sq, sk", [(0, 0), (0, 5)])
+def test_empty_sequences_on_every_backend(sq, sk):
+    q, k, v = (torch.randn(1, 2, s, 16, requires_grad=True) for s in (sq, sk, sk))
+    for backend in ("reference", "sdpa", "triton"):
+        out, _ = attention(q, k, v, backend=backend)
+        assert out.shape == (1, 2, sq, 16)
+        out.sum().backward()
+    _, stats = attention(q, k, v, backend="triton", key_mass=True, return_lse=True)
+    assert stats.lse.shape == (1, 2, sq) and stats.key_mass.shape == (1, 2, sk)
+
+
+@interpreted
+@pytest.mark.parametrize("pad", [None, "left"])
+def test_a_nan_key_reaches_only_the_rows_that_see_it_on_every_backend(pad):
+    q, k, v, kw = make_case(b=1, hq=2, hkv=1, sq=12, sk=12, pad=pad)
+    k[0, 0, 7] = float("nan")
+    rows = {b: attention(q, k, v, backend=b, **kw)[0].isnan().any(-1) for b in ("reference", "sdpa", "triton")}
+    assert not rows["reference"][..., :7].any() and rows["reference"][..., 7:].all()
+    assert torch.equal(rows["sdpa"], rows["reference"]) and torch.equal(rows["triton"], rows["reference"])
+
+
+def test_reference_soft_capping_matches_the_formula():
+    q, k, v, _ = make_case(b=1, hq=2, hkv=2, sq=9, sk=9, d=16, seed=3)
+    cap, scale = 1.5, 16**-0.5
+    scores = cap * torch.tanh((q.double() @ k.double().transpose(-1, -2)) * scale / cap)
+    scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    expected = scores.softmax(-1) @ v.double()
+    out, stats = attention(q.double(), k.double(), v.double(), softcap=cap, return_lse=True, backend="reference")
+    check_close(out, expected, 1e-12, "out")
+    check_close(stats.lse, scores.logsumexp(-1), 1e-6, "lse")  # statistics are float32
+    sdpa, _ = attention(q, k, v, softcap=cap, backend="sdpa")
+    check_close(sdpa, expected, 1e-5, "sdpa out")
+    with pytest.raises(ValueError, match="softcap must be positive"):
+        attention(q, k, v, softcap=0.0)
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "case, pattern",
+    [("everything", "sf"), ("labels", "dense"), ("decode_5", "s2_ragged"), ("routed_gates_ragged", "sf")],
+)
+def test_triton_soft_capping_matches_reference(poisoned, case, pattern):
+    q, k, v, kw = make_case(**CASES[case])
+    res = run_both(q * 3, k, v, kw, pattern=PATTERNS[pattern], softcap=1.0)  # scores well past the cap
+    check_results_match(res, kw)
+    capped, uncapped = res["triton"][0], attention(q * 3, k, v, pattern=PATTERNS[pattern], **kw)[0]
+    assert (capped - uncapped).abs().max() > 1e-2  # the cap changed the result
+
+
+@interpreted
+def test_triton_soft_capped_decode_rows_equal_prefill_rows():
+    q, k, v, kw = make_case(b=1, hq=4, hkv=2, sq=40, sk=40, labels=True)
+    full, fs = attention(q, k, v, softcap=0.7, return_lse=True, key_mass=True, backend="triton", **kw)
+    last, ls = attention(q[:, :, -1:], k, v, softcap=0.7, return_lse=True, backend="triton", **kw)
+    check_close(last, full[:, :, -1:], 1e-6, "decode out")
+    check_close(ls.label_mass, fs.label_mass[:, :, -1:], 1e-6, "decode label_mass")

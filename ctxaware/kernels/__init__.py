@@ -32,7 +32,9 @@ differ. G below the kernel block size is correct (masks are elementwise), just l
 With causal=False the formulas are the same without the causal term. Positions are absolute in a packed row too:
 S^2 groups and sinks count from the row's start, not from each document's start.
 
-Output. With s_pj = scale * <q_p, k_j> (scale > 0, default D**-0.5) and P_pj = softmax over the allowed j:
+Output. With s_pj = scale * <q_p, k_j> (scale > 0, default D**-0.5), soft-capped to c * tanh(s_pj / c) when
+`softcap` = c > 0 is given (Gemma 2's attn_logit_softcapping; FlashAttention's and FlexAttention's score_mod), and
+P_pj = softmax over the allowed j:
     out[b, h, i] = gate[b, i, h] * sum_j P_pj v_j                     (gate = 1 without head_gates)
     lse[b, h, i] = log sum_{allowed j} exp(s_pj)                     (natural log, fp32)
 A row with no allowed key (a padding query, a gated-off token, a fully masked row) gives out = 0 and lse = -inf,

@@ -82,6 +82,7 @@ def attention(
     key_labels: torch.Tensor | None = None,
     num_labels: int | None = None,
     return_lse: bool = False,
+    softcap: float | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Attention over (B, H, S, D) tensors with patterns, padding, packing, head gates and statistics.
@@ -94,9 +95,13 @@ def attention(
         scale = q.shape[-1] ** -0.5
     if not scale > 0:  # the Triton forward scales the row maximum instead of every score, which needs scale > 0
         raise ValueError(f"scale must be positive, got {scale}; the default is head_dim ** -0.5")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive (scores become softcap * tanh(score / softcap)), got {softcap}")
     statistics = key_mass or key_labels is not None or return_lse
     if backend == "auto":
         backend = "triton" if q.is_cuda else ("reference" if statistics else "sdpa")
+    if backend == "triton" and k.shape[2] == 0:  # no key, no query: nothing to launch; the reference gives the shapes
+        backend = "reference"
     kwargs = dict(
         scale=scale,
         causal=causal,
@@ -107,6 +112,7 @@ def attention(
         key_mass=key_mass,
         key_labels=key_labels,
         num_labels=num_labels,
+        softcap=softcap,
     )
     if backend == "sdpa":
         if statistics:

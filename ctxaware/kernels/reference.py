@@ -25,6 +25,7 @@ def reference_attention(
     key_mass: bool = False,
     key_labels: torch.Tensor | None = None,
     num_labels: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Returns (out, lse, key_mass or None, label_mass or None); inputs are assumed validated by `attention`."""
     _, hq, sq, _ = q.shape
@@ -44,6 +45,8 @@ def reference_attention(
         gate = torch.where(gates == 0, torch.zeros_like(gates), gates)
         mask = mask & (gates != 0)
     scores = (qc @ kc.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~mask, float("-inf"))
     row_live = mask.any(-1, keepdim=True)
     lse_live = torch.logsumexp(scores.masked_fill(~row_live, 0.0), dim=-1, keepdim=True)
@@ -72,10 +75,16 @@ def masked_sdpa_attention(
     key_padding_mask: torch.Tensor | None = None,
     doc_ids: torch.Tensor | None = None,
     head_gates: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The CPU run-time path when no statistics are asked for: the same boolean mask as `reference_attention`, fed
     to PyTorch's fused SDPA instead of a materialised softmax (several times faster, far less autograd memory)."""
     _, hq, sq, _ = q.shape
+    if softcap is not None or not torch.isfinite(k).all():
+        # SDPA has no soft-capping; and it scores masked keys too, so a NaN / inf key would reach rows that cannot see
+        # it, where the reference masks the scores first, as the Triton kernel does: only rows that see the key.
+        options = dict(causal=causal, pattern=pattern, key_padding_mask=key_padding_mask, doc_ids=doc_ids)
+        return reference_attention(q, k, v, scale=scale, head_gates=head_gates, softcap=softcap, **options)[0]
     mask = pattern_mask(
         pattern, hq, sq, k.shape[2], causal=causal, key_padding_mask=key_padding_mask, doc_ids=doc_ids, device=q.device
     )
@@ -87,7 +96,7 @@ def masked_sdpa_attention(
     out = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != hq
     )
-    out = out * live
+    out = torch.where(live, out, 0)  # not a product: a NaN in a row that was let see every key must not survive
     if head_gates is not None:
         out = out * head_gates.transpose(1, 2)[..., None].to(out.dtype)
     return out

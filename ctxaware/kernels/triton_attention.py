@@ -92,6 +92,24 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _scores2(qk, qk_scale, cap2, SOFTCAP: tl.constexpr):
+    """Scores in the exp2 domain, qk * scale * log2(e); with SOFTCAP, soft-capped as cap * tanh(score / cap) (Gemma 2's
+    attn_logit_softcapping), cap2 = cap * log2(e). tanh(x) = 2 sigmoid(2x) - 1."""
+    if SOFTCAP:
+        return cap2 * (2.0 * tl.sigmoid(2.0 * qk * (qk_scale / cap2)) - 1.0)
+    return qk * qk_scale
+
+
+@triton.jit
+def _softcap_grad(ds, s2, cap2, SOFTCAP: tl.constexpr):
+    """d score / d (scale * qk) = 1 - tanh^2 under soft-capping (s2 = cap2 * tanh), 1 without."""
+    if SOFTCAP:
+        t = s2 / cap2
+        return ds * (1.0 - t * t)
+    return ds
+
+
+@triton.jit
 def _full_keys(P0, P1, lo_block, hi, Sk, shift, G, W, BN: tl.constexpr, KIND: tl.constexpr, CAUSAL: tl.constexpr):
     """[f_lo, f_hi): the BN-aligned key tiles inside [lo_block, hi) that every query of positions [P0, P1] may reach.
 
@@ -180,9 +198,10 @@ def _query_tile(ROWS, RANK, bh, t, Sq, q_offset, Sk, BM: tl.constexpr, GATHER: t
 @triton.jit
 def _fwd_tiles(
     acc, lab_acc, m_i, l_i, q, k_base, v_base, PAD, DOC, LAB, b, pos, row_ok, q_doc, start, stop,
-    skn, svn, Sk, shift, G, W, SINKS, qk_scale,
+    skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2,
     D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, HAS_LABELS: tl.constexpr, LP: tl.constexpr, IEEE: tl.constexpr,
+    HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, HAS_LABELS: tl.constexpr, LP: tl.constexpr,
+    IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
     MASKED: tl.constexpr,
 ):  # fmt: skip
     """Online-softmax update over key tiles [start, stop); MASKED=False tiles are known to be fully allowed."""
@@ -193,6 +212,10 @@ def _fwd_tiles(
         k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None], mask=col_in[None, :] & (offs_d[:, None] < D),
                     other=0.0)  # fmt: skip
         qk = _dot(q, k, None, IEEE)  # unscaled: the scale goes into the row maximum and one FMA below
+        row_scale = qk_scale
+        if SOFTCAP:  # the cap is not linear: every score is scaled and capped first
+            qk = _scores2(qk, qk_scale, cap2, SOFTCAP)
+            row_scale = 1.0
         if HAS_PAD:
             k_real = tl.load(PAD + b * Sk + offs_n, mask=col_in, other=0) != 0
         if MASKED:
@@ -206,11 +229,11 @@ def _fwd_tiles(
             qk = tl.where(mask, qk, float("-inf"))
         elif HAS_PAD:
             qk = tl.where(k_real[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * row_scale)
         m_safe = m_new
         if MASKED or HAS_PAD:  # a row may have seen no allowed key yet
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
+        p = tl.math.exp2(qk * row_scale - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=col_in[:, None] & (offs_d[None, :] < D),
@@ -228,10 +251,11 @@ def _fwd_tiles(
 def _fwd_kernel(
     Q, K, V, Out, LSE, PAD, DOC, GATE, LAB, LMASS, ROWS, RANK,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-    Hq, Sq, Sk, kv_group, qk_scale, G, W, SINKS, n_unshifted, HEAD_GROUP,
+    Hq, Sq, Sk, kv_group, qk_scale, cap2, G, W, SINKS, n_unshifted, HEAD_GROUP,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, HAS_GATE: tl.constexpr,
-    HAS_LABELS: tl.constexpr, NUM_LABELS: tl.constexpr, LP: tl.constexpr, IEEE: tl.constexpr, GATHER: tl.constexpr,
+    HAS_LABELS: tl.constexpr, NUM_LABELS: tl.constexpr, LP: tl.constexpr,
+    IEEE: tl.constexpr, SOFTCAP: tl.constexpr, GATHER: tl.constexpr,
 ):  # fmt: skip
     bh, t = _launch_order(tl.cdiv(Sq, BM), HEAD_GROUP)
     b = (bh // Hq).to(tl.int64)
@@ -281,19 +305,19 @@ def _fwd_kernel(
     # sink tiles left of the group, masked tiles before the fully allowed ones, those unmasked, masked ones after
     acc, lab_acc, m_i, l_i = _fwd_tiles(
         acc, lab_acc, m_i, l_i, q, k_base, v_base, PAD, DOC, LAB, b, pos, row_ok, q_doc, 0, sink_hi,
-        skn, svn, Sk, shift, G, W, SINKS, qk_scale, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, HAS_LABELS, LP, IEEE, True,
+        skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, HAS_LABELS, LP, IEEE, SOFTCAP, True,
     )  # fmt: skip
     acc, lab_acc, m_i, l_i = _fwd_tiles(
         acc, lab_acc, m_i, l_i, q, k_base, v_base, PAD, DOC, LAB, b, pos, row_ok, q_doc, lo_block, f_lo,
-        skn, svn, Sk, shift, G, W, SINKS, qk_scale, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, HAS_LABELS, LP, IEEE, True,
+        skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, HAS_LABELS, LP, IEEE, SOFTCAP, True,
     )  # fmt: skip
     acc, lab_acc, m_i, l_i = _fwd_tiles(
         acc, lab_acc, m_i, l_i, q, k_base, v_base, PAD, DOC, LAB, b, pos, row_ok, q_doc, f_lo, f_hi,
-        skn, svn, Sk, shift, G, W, SINKS, qk_scale, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, HAS_LABELS, LP, IEEE, False,
+        skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, HAS_LABELS, LP, IEEE, SOFTCAP, False,
     )  # fmt: skip
     acc, lab_acc, m_i, l_i = _fwd_tiles(
         acc, lab_acc, m_i, l_i, q, k_base, v_base, PAD, DOC, LAB, b, pos, row_ok, q_doc, f_hi, hi,
-        skn, svn, Sk, shift, G, W, SINKS, qk_scale, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, HAS_LABELS, LP, IEEE, True,
+        skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, HAS_LABELS, LP, IEEE, SOFTCAP, True,
     )  # fmt: skip
 
     live = (l_i > 0) & gated_on
@@ -318,9 +342,9 @@ def _fwd_kernel(
 @triton.jit
 def _key_mass_tiles(
     mass, k, Q, LSE, DOC, b, h, bh, offs_n, col_ok, k_doc, start, stop,
-    sqb, sqh, sqm, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
+    sqb, sqh, sqm, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale, cap2,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, KIND: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_DOC: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
+    HAS_DOC: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     """Adds the probabilities of query tiles [start, stop) to `mass` (BM, BN), recomputed from the final lse; the
     caller sums it over queries once (a sum over the query axis per tile costs a cross-warp reduction each time)."""
@@ -333,7 +357,7 @@ def _key_mass_tiles(
                     mask=row_in[:, None] & (offs_d[None, :] < D), other=0.0)  # fmt: skip
         lse = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=row_in, other=float("-inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # dead rows give p = 0
-        p = tl.math.exp2(_dot(q, k, None, IEEE) * qk_scale - lse2[:, None])
+        p = tl.math.exp2(_scores2(_dot(q, k, None, IEEE), qk_scale, cap2, SOFTCAP) - lse2[:, None])
         if MASKED:
             mask = _pattern_mask(pos[:, None], offs_n[None, :], shift, G, W, SINKS, KIND, CAUSAL) & col_ok[None, :]
             if HAS_DOC:
@@ -348,9 +372,9 @@ def _key_mass_tiles(
 def _key_mass_kernel(
     Q, K, LSE, PAD, DOC, MASS,
     sqb, sqh, sqm, skb, skh, skn,
-    Hq, Sq, Sk, kv_group, qk_scale, G, W, SINKS, n_unshifted, HEAD_GROUP,
+    Hq, Sq, Sk, kv_group, qk_scale, cap2, G, W, SINKS, n_unshifted, HEAD_GROUP,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     bh, pid_n = _launch_order(tl.cdiv(Sk, BN), HEAD_GROUP)  # causal: the first key tiles are the longest
     b = (bh // Hq).to(tl.int64)
@@ -383,15 +407,15 @@ def _key_mass_kernel(
     mass = tl.zeros([BM, BN], tl.float32)
     mass = _key_mass_tiles(
         mass, k, Q, LSE, DOC, b, h, bh, offs_n, col_ok, k_doc, m_lo, f_lo, sqb, sqh, sqm, Sq, Sk, q_offset, shift, G,
-        W, SINKS, qk_scale, D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, True,
+        W, SINKS, qk_scale, cap2, D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, SOFTCAP, True,
     )  # fmt: skip
     mass = _key_mass_tiles(
         mass, k, Q, LSE, DOC, b, h, bh, offs_n, col_ok, k_doc, f_lo, f_hi, sqb, sqh, sqm, Sq, Sk, q_offset, shift, G,
-        W, SINKS, qk_scale, D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, False,
+        W, SINKS, qk_scale, cap2, D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, SOFTCAP, False,
     )  # fmt: skip
     mass = _key_mass_tiles(
         mass, k, Q, LSE, DOC, b, h, bh, offs_n, col_ok, k_doc, f_hi, m_hi, sqb, sqh, sqm, Sq, Sk, q_offset, shift, G,
-        W, SINKS, qk_scale, D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, True,
+        W, SINKS, qk_scale, cap2, D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, SOFTCAP, True,
     )  # fmt: skip
     tl.store(MASS + bh.to(tl.int64) * Sk + offs_n, tl.sum(mass, 0), mask=col_in)
 
@@ -399,9 +423,9 @@ def _key_mass_kernel(
 @triton.jit
 def _dkdv_tiles(
     dk, dv, k, v, Q, DO, LSE, DELTA, DOC, ROWS, b, h, bh, offs_n, col_ok, k_doc, start, stop,
-    sqb, sqh, sqm, sdob, sdoh, sdom, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
+    sqb, sqh, sqm, sdob, sdoh, sdom, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale, cap2,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, KIND: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_DOC: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, GATHER: tl.constexpr,
+    HAS_DOC: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr, GATHER: tl.constexpr,
 ):  # fmt: skip
     """Accumulates dk, dv of one key tile over query tiles [start, stop) of query head h (GATHER: slots of its
     routed rows, each loop's last tile cut at stop)."""
@@ -421,7 +445,8 @@ def _dkdv_tiles(
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=row_mask, other=0.0)
         do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=row_mask, other=0.0)
         delta = tl.load(DELTA + bh * Sq + offs_m, mask=row_in, other=0.0)
-        pT = tl.math.exp2(_dot(k, tl.trans(q), None, IEEE) * qk_scale - lse2[None, :])
+        sT = _scores2(_dot(k, tl.trans(q), None, IEEE), qk_scale, cap2, SOFTCAP)
+        pT = tl.math.exp2(sT - lse2[None, :])
         if MASKED:
             maskT = _pattern_mask(pos[None, :], offs_n[:, None], shift, G, W, SINKS, KIND, CAUSAL) & col_ok[:, None]
             if HAS_DOC:
@@ -430,7 +455,7 @@ def _dkdv_tiles(
             pT = tl.where(maskT, pT, 0.0)
         dv = _dot(pT, do, dv, IEEE)
         dpT = _dot(v, tl.trans(do), None, IEEE)
-        dsT = pT * (dpT - delta[None, :])
+        dsT = _softcap_grad(pT * (dpT - delta[None, :]), sT, cap2, SOFTCAP)
         dk = _dot(dsT, q, dk, IEEE)
     return dk, dv
 
@@ -439,9 +464,10 @@ def _dkdv_tiles(
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, PAD, DOC, ROWS, RANK, DK, DV,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
-    Hq, Hkv, Sq, Sk, kv_group, qk_scale, scale, G, W, SINKS, n_unshifted, HEAD_GROUP,
+    Hq, Hkv, Sq, Sk, kv_group, qk_scale, scale, cap2, G, W, SINKS, n_unshifted, HEAD_GROUP,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr, GATHER: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr,
+    IEEE: tl.constexpr, SOFTCAP: tl.constexpr, GATHER: tl.constexpr,
 ):  # fmt: skip
     bkv, pid_n = _launch_order(tl.cdiv(Sk, BN), HEAD_GROUP)  # causal: the first key tiles are the longest
     b = (bkv // Hkv).to(tl.int64)
@@ -481,18 +507,18 @@ def _bwd_dkdv_kernel(
             m_hi = tl.load(rank + tl.minimum(tl.maximum(m_hi, 0), Sq))
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, Q, DO, LSE, DELTA, DOC, ROWS, b, h, bh, offs_n, col_ok, k_doc, m_lo, f_lo,
-            sqb, sqh, sqm, sdob, sdoh, sdom, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
-            D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, True, GATHER,
+            sqb, sqh, sqm, sdob, sdoh, sdom, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale, cap2,
+            D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, SOFTCAP, True, GATHER,
         )  # fmt: skip
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, Q, DO, LSE, DELTA, DOC, ROWS, b, h, bh, offs_n, col_ok, k_doc, f_lo, f_hi,
-            sqb, sqh, sqm, sdob, sdoh, sdom, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
-            D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, False, GATHER,
+            sqb, sqh, sqm, sdob, sdoh, sdom, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale, cap2,
+            D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, SOFTCAP, False, GATHER,
         )  # fmt: skip
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, Q, DO, LSE, DELTA, DOC, ROWS, b, h, bh, offs_n, col_ok, k_doc, f_hi, m_hi,
-            sqb, sqh, sqm, sdob, sdoh, sdom, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale,
-            D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, True, GATHER,
+            sqb, sqh, sqm, sdob, sdoh, sdom, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale, cap2,
+            D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, SOFTCAP, True, GATHER,
         )  # fmt: skip
     out_off = bkv.to(tl.int64) * Sk * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -502,9 +528,9 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _dq_tiles(
     dq, q, do, lse2, delta, k_base, v_base, PAD, DOC, b, pos, q_doc, start, stop,
-    skn, svn, Sk, shift, G, W, SINKS, qk_scale,
+    skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2,
     D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
+    HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     """Accumulates dq of one query tile over key tiles [start, stop)."""
     offs_d = tl.arange(0, DP)
@@ -514,7 +540,8 @@ def _dq_tiles(
         kv_mask = col_in[:, None] & (offs_d[None, :] < D)
         k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-        p = tl.math.exp2(_dot(q, tl.trans(k), None, IEEE) * qk_scale - lse2[:, None])
+        s2 = _scores2(_dot(q, tl.trans(k), None, IEEE), qk_scale, cap2, SOFTCAP)
+        p = tl.math.exp2(s2 - lse2[:, None])
         if MASKED:
             mask = _pattern_mask(pos[:, None], offs_n[None, :], shift, G, W, SINKS, KIND, CAUSAL) & col_in[None, :]
             if HAS_PAD:
@@ -524,7 +551,7 @@ def _dq_tiles(
                 mask = mask & (q_doc[:, None] == k_doc[None, :])
             p = tl.where(mask, p, 0.0)
         dp = _dot(do, tl.trans(v), None, IEEE)
-        ds = p * (dp - delta[:, None])
+        ds = _softcap_grad(p * (dp - delta[:, None]), s2, cap2, SOFTCAP)
         dq = _dot(ds, k, dq, IEEE)
     return dq
 
@@ -533,9 +560,10 @@ def _dq_tiles(
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, PAD, DOC, ROWS, RANK, DQ,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
-    Hq, Sq, Sk, kv_group, qk_scale, scale, G, W, SINKS, n_unshifted, HEAD_GROUP,
+    Hq, Sq, Sk, kv_group, qk_scale, scale, cap2, G, W, SINKS, n_unshifted, HEAD_GROUP,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr, GATHER: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr,
+    IEEE: tl.constexpr, SOFTCAP: tl.constexpr, GATHER: tl.constexpr,
 ):  # fmt: skip
     bh, t = _launch_order(tl.cdiv(Sq, BM), HEAD_GROUP)
     b = (bh // Hq).to(tl.int64)
@@ -568,19 +596,19 @@ def _bwd_dq_kernel(
     v_base = V + b * svb + kvh * svh
     dq = _dq_tiles(
         dq, q, do, lse2, delta, k_base, v_base, PAD, DOC, b, pos, q_doc, 0, sink_hi,
-        skn, svn, Sk, shift, G, W, SINKS, qk_scale, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, IEEE, True,
+        skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, IEEE, SOFTCAP, True,
     )  # fmt: skip
     dq = _dq_tiles(
         dq, q, do, lse2, delta, k_base, v_base, PAD, DOC, b, pos, q_doc, lo_block, f_lo,
-        skn, svn, Sk, shift, G, W, SINKS, qk_scale, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, IEEE, True,
+        skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, IEEE, SOFTCAP, True,
     )  # fmt: skip
     dq = _dq_tiles(
         dq, q, do, lse2, delta, k_base, v_base, PAD, DOC, b, pos, q_doc, f_lo, f_hi,
-        skn, svn, Sk, shift, G, W, SINKS, qk_scale, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, IEEE, False,
+        skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, IEEE, SOFTCAP, False,
     )  # fmt: skip
     dq = _dq_tiles(
         dq, q, do, lse2, delta, k_base, v_base, PAD, DOC, b, pos, q_doc, f_hi, hi,
-        skn, svn, Sk, shift, G, W, SINKS, qk_scale, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, IEEE, True,
+        skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, IEEE, SOFTCAP, True,
     )  # fmt: skip
     tl.store(
         DQ + bh.to(tl.int64) * Sq * D + offs_m[:, None] * D + offs_d[None, :],
@@ -717,7 +745,10 @@ def _forward(q, k, v, head_gates, opts):
     num_labels = opts["num_labels"] or 1
     ieee = q.dtype == torch.float32
     dummy = q.new_empty(1, dtype=torch.int32)
+    softcap = opts["softcap"]
     flags = dict(D=d, DP=dp, CAUSAL=opts["causal"], HAS_PAD=pad is not None, HAS_DOC=doc is not None, IEEE=ieee, **pat)
+    flags["SOFTCAP"] = softcap is not None
+    cap2 = softcap * LOG2E if softcap is not None else 1.0
     out = _empty(q.shape, q)
     lse = _empty((b, hq, sq), q, torch.float32)
     label_mass = _empty((b, hq, sq, num_labels), q, torch.float32) if labels is not None else None
@@ -734,7 +765,7 @@ def _forward(q, k, v, head_gates, opts):
         head_gates if head_gates is not None else dummy, labels if labels is not None else dummy,
         label_mass if label_mass is not None else lse, rows, rank,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        hq, sq, sk, hq // hkv, qk_scale,
+        hq, sq, sk, hq // hkv, qk_scale, cap2,
         HAS_GATE=head_gates is not None, HAS_LABELS=labels is not None, NUM_LABELS=num_labels,
         LP=_pow2(num_labels), GATHER=gather, **query_heads, **flags, **cfg,
     )  # fmt: skip
@@ -744,11 +775,11 @@ def _forward(q, k, v, head_gates, opts):
         cfg = _blocks("mass", sq, d, q.dtype, flags["KIND"] != 0)
         _key_mass_kernel[(b * hq * _cdiv(sk, cfg["BN"]),)](
             q, k, lse, pad if pad is not None else dummy, doc if doc is not None else dummy, mass,
-            *_strides(q), *_strides(k), hq, sq, sk, hq // hkv, qk_scale, **query_heads, **flags, **cfg,
+            *_strides(q), *_strides(k), hq, sq, sk, hq // hkv, qk_scale, cap2, **query_heads, **flags, **cfg,
         )  # fmt: skip
     routed = (rows, rank) if gather else (None, None)  # the backward walks the same rows
     saved = (q, k, v, out, lse, head_gates, pad, doc, *routed)
-    return (out, lse, mass, label_mass), (saved, dict(flags=flags, qk_scale=qk_scale, scale=opts["scale"]))
+    return (out, lse, mass, label_mass), (saved, dict(flags=flags, qk_scale=qk_scale, scale=opts["scale"], cap2=cap2))
 
 
 class _TritonAttention(torch.autograd.Function):
@@ -762,7 +793,7 @@ class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, *_):
         q, k, v, out, lse, head_gates, pad, doc, rows, rank = ctx.saved_tensors
-        flags, qk_scale, scale = ctx.opts["flags"], ctx.opts["qk_scale"], ctx.opts["scale"]
+        flags, qk_scale, scale, cap2 = (ctx.opts[key] for key in ("flags", "qk_scale", "scale", "cap2"))
         b, hq, sq, d = q.shape
         hkv, sk = k.shape[1], k.shape[2]
         dout = dout.contiguous()
@@ -791,21 +822,34 @@ class _TritonAttention(torch.autograd.Function):
         cfg = _blocks("dkdv", sq, d, q.dtype, flags["KIND"] != 0)
         _bwd_dkdv_kernel[(b * hkv * _cdiv(sk, cfg["BN"]),)](
             q, k, v, dout, lse, delta, *extra, rows, rank, dk, dv, *common,
-            hq, hkv, sq, sk, hq // hkv, qk_scale, scale, GATHER=gather, HEAD_GROUP=_head_group(b * hkv, 1, k),
+            hq, hkv, sq, sk, hq // hkv, qk_scale, scale, cap2, GATHER=gather, HEAD_GROUP=_head_group(b * hkv, 1, k),
             **flags, **cfg,
         )  # fmt: skip
         dq = _empty((b, hq, sq, d), q)
         cfg = _blocks("dq", sq, d, q.dtype, flags["KIND"] != 0)
         _bwd_dq_kernel[(b * hq * _cdiv(sq, cfg["BM"]),)](
             q, k, v, dout, lse, delta, *extra, rows, rank, dq, *common,
-            hq, sq, sk, hq // hkv, qk_scale, scale, GATHER=gather, HEAD_GROUP=_head_group(b * hq, hq // hkv, k),
+            hq, sq, sk, hq // hkv, qk_scale, scale, cap2, GATHER=gather, HEAD_GROUP=_head_group(b * hq, hq // hkv, k),
             **flags, **cfg,
         )  # fmt: skip
         return dq, dk, dv, dgates, None
 
 
 def triton_attention(
-    q, k, v, *, scale, causal, pattern, key_padding_mask, doc_ids, head_gates, key_mass, key_labels, num_labels
+    q,
+    k,
+    v,
+    *,
+    scale,
+    causal,
+    pattern,
+    key_padding_mask,
+    doc_ids,
+    head_gates,
+    key_mass,
+    key_labels,
+    num_labels,
+    softcap=None,
 ):
     """Triton path of `attention`; returns (out, lse, key_mass or None, label_mass or None)."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -818,6 +862,7 @@ def triton_attention(
         labels=key_labels.to(torch.int32).contiguous() if key_labels is not None else None,
         num_labels=num_labels,
         key_mass=key_mass,
+        softcap=float(softcap) if softcap is not None else None,
     )
     gates = head_gates.contiguous() if head_gates is not None else None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, gates)):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctxaware.adapters import HeadAdapter
-from ctxaware.attention import attention_modules
+from ctxaware.attention import attention_modules, output_projection
 from ctxaware.heads import Head, HeadLayout, heads_by_layer, load_head_selection
 from ctxaware.methods.patching import mlp_modules
 from ctxaware.world import build_world
@@ -350,7 +350,7 @@ class HeadDeltaAdapter(HeadAdapter):
                 if getattr(layer, name) is not None:
                     yield getattr(attn, f"{name}_proj"), getattr(layer, name), scale, index, "rows"
             if layer.o is not None:
-                yield attn.o_proj, layer.o, 1.0, layer.q_index, "cols"
+                yield output_projection(attn), layer.o, 1.0, layer.q_index, "cols"
             linears = _mlp_linears(mlps[int(key)]) if len(layer.mlp) else {}
             for name, delta in layer.mlp.items():
                 yield linears[name], delta, 1.0, None, "full"
@@ -363,11 +363,15 @@ class HeadDeltaAdapter(HeadAdapter):
         modules = attention_modules(model)
         if taken := [key for key in self.layers if hasattr(modules[int(key)], "ctxaware_adapter")]:
             raise RuntimeError(f"layers {', '.join(taken)} already carry a ctxaware adapter: detach or merge it first")
-        for key, layer in self.layers.items():
-            modules[int(key)].add_module("ctxaware_adapter", layer)
-            self._attached_to.append(modules[int(key)])
-        for linear, delta, scale, index, kind in self._slices(model):
-            self._handles.append(linear.register_forward_hook(_delta_hook(delta, scale, index, kind)))
+        try:  # all or nothing: a failure midway leaves the model as it was
+            for key, layer in self.layers.items():
+                modules[int(key)].add_module("ctxaware_adapter", layer)
+                self._attached_to.append(modules[int(key)])
+            for linear, delta, scale, index, kind in self._slices(model):
+                self._handles.append(linear.register_forward_hook(_delta_hook(delta, scale, index, kind)))
+        except BaseException:
+            self.detach()
+            raise
         return model
 
     @torch.no_grad()

@@ -321,11 +321,17 @@ def enable_steering(model, tokenizer, *, scale: float, heads: dict[int, list[int
     masks = {}
     for layer, chosen in heads.items():
         if not 0 <= layer < len(modules):
-            raise IndexError(f"steering layer {layer} out of range: the model has {len(modules)} layers")
+            raise ValueError(
+                f"--steer: layer {layer} is out of range: the model has {len(modules)} layers; use layers "
+                f"0-{len(modules) - 1}"
+            )
         mask = torch.zeros(num_heads, dtype=torch.bool)
         for head in range(num_heads) if chosen is None else chosen:
             if not 0 <= head < num_heads:
-                raise IndexError(f"steering head {head} out of range: layer {layer} has {num_heads} query heads")
+                raise ValueError(
+                    f"--steer: head {layer}.{head} is out of range: each layer has {num_heads} query heads; use "
+                    f"heads LAYER.0-LAYER.{num_heads - 1}"
+                )
             mask[head] = True
         masks[layer] = mask
     start, end = user_markers(tokenizer)

@@ -22,6 +22,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from ctxaware.datafiles import require_column
+
 
 METRICS = ("attention", "loglik_gain")
 WORLD_DATASET = "world"
@@ -51,7 +53,7 @@ def load_chat_records(
 
         return chat_sft(build_world(world_seed), split, n=limit or 2000, context_rate=world_context_rate,
                         knowledge_form=world_knowledge_form)  # fmt: skip
-    from ctxaware.data_files import load_rows
+    from ctxaware.datafiles import load_rows
 
     rows = load_rows(dataset, split=split)
     rows = [dict(row) for row in (rows if limit is None else rows.select(range(min(limit, len(rows)))))]
@@ -62,6 +64,7 @@ def load_chat_records(
         raise ValueError(
             f"{dataset} has no conversation column (columns: {sorted(rows[0])}): pass --messages_column NAME"
         )
+    require_column(rows, column, dataset, "give every row a conversation, or drop the rows without one")
     for row in rows:
         conversation = row.pop(column)
         is_sharegpt = conversation and "from" in conversation[0]

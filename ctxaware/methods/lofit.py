@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ctxaware.adapters import HeadAdapter
-from ctxaware.attention import attention_modules
+from ctxaware.attention import attention_modules, output_projection
 from ctxaware.heads import Head, HeadLayout, heads_by_layer, split_heads
 
 
@@ -97,7 +97,7 @@ class LoFiTAdapter(HeadAdapter):
         model = with_o_proj_bias(model)
         modules = attention_modules(model)
         for key, layer in self.layers.items():
-            o_proj = modules[int(key)].o_proj
+            o_proj = output_projection(modules[int(key)])
             weight = o_proj.weight.float()
             if layer.offset is not None:
                 offsets = layer.full(layer.offset.detach().float().to(weight.device), 0.0).flatten()
@@ -117,7 +117,7 @@ def with_o_proj_bias(model: nn.Module) -> nn.Module:
     """`model` with a bias on every o_proj (zeros where it had none), expressed in its config so that `save_pretrained`
     and `AutoModelForCausalLM.from_pretrained` round-trip it."""
     modules = attention_modules(model)
-    if all(m.o_proj.bias is not None for m in modules):
+    if all(output_projection(m).bias is not None for m in modules):
         return model
     config = model.config
     if hasattr(config, "attention_bias"):
@@ -131,7 +131,7 @@ def with_o_proj_bias(model: nn.Module) -> nn.Module:
         ]
         for name in missing:
             _add_zero_bias(model.get_submodule(name))
-        if all(m.o_proj.bias is not None for m in modules):
+        if all(output_projection(m).bias is not None for m in modules):
             return model
     if config.model_type in BIASLESS_FAMILIES:
         return _as_llama_with_bias(model)

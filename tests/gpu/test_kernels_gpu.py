@@ -118,3 +118,18 @@ if __name__ == "__main__":  # for a machine without pytest: run every case, repo
             failed += 1
             print("FAIL", fn.__name__, fn_args, traceback.format_exc(), flush=True)
     print(f"{len(cases) - failed} passed, {failed} failed")
+
+
+@pytest.mark.parametrize("pattern", ["dense", "sf", "window"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_soft_capping(pattern, dtype):
+    """Gemma 2's logit soft-capping (cap * tanh(score / cap)) with a cap that bites: forward, backward, statistics."""
+    q, k, v = _inputs(2, 8, 2, 1000, 1000, 128, dtype)
+    labels = torch.randint(0, 3, (2, 1000), device="cuda")
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    with torch.no_grad():
+        q.mul_(4)  # scores well past the cap
+    _compare(q, k, v, tol, pattern=PATTERNS[pattern], softcap=2.0, key_mass=True, key_labels=labels, num_labels=3)
+    decode, _ = attention(q[:, :, -1:], k, v, pattern=PATTERNS[pattern], softcap=2.0)
+    full, _ = attention(q, k, v, pattern=PATTERNS[pattern], softcap=2.0)
+    torch.testing.assert_close(decode.float(), full[:, :, -1:].float(), atol=tol, rtol=tol)

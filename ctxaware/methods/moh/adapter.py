@@ -1,8 +1,8 @@
 """The MoH adapter: a router per layer (`ctxaware.methods.moh.router`) saved, loaded and attached like every
 ctxaware adapter, and built from a dense model by `MoHAdapter.for_model`.
 
-The gates go to the kernel through `AttentionOptions.head_gates`, set by a forward hook on each layer's q_proj (whose
-input is the attention input and output the queries), so nothing passes through forward keyword arguments and it
+The gates go to the kernel through `AttentionOptions.head_gates`, set by a forward hook on each layer's query
+projection (whose input is the attention input and output the queries), so nothing passes through forward keyword arguments and it
 works under Trainer, gradient checkpointing and PEFT. Attaching switches the model to `attn_implementation="ctxaware"`
 (detaching restores it). Zero gates skip whole kernel tiles only where every query of a tile skips the head: per-token
 routing skips work in decode (one query per tile); in prefill and training it is the same maths as masking.
@@ -20,7 +20,7 @@ from ctxaware.adapters import ATTACHED_ATTR, HeadAdapter
 from ctxaware.attention import attention_modules, get_attention_options, restore_attention, use_ctxaware_attention
 from ctxaware.heads import Head, HeadLayout, heads_by_layer
 from ctxaware.methods.moh.calibration import fit_router_weights, head_ablation_kl
-from ctxaware.methods.moh.router import VARIANTS, MoHRouter, check_moh_shape
+from ctxaware.methods.moh.router import VARIANTS, MoHRouter, check_moh_shape, query_projection
 
 
 SHARED_HEADS = ("first", "importance")
@@ -159,8 +159,9 @@ class MoHAdapter(HeadAdapter):
             router.top_k = top_k
         self.top_k = top_k
 
-    # --- attaching: a q_proj hook per layer writes the gates into the kernel's options --------------------------
+    # --- attaching: a hook on each layer's query projection writes the gates into the kernel's options ----------
     def attach(self, model: nn.Module) -> nn.Module:
+        """All or nothing: everything is checked before the model is touched, and a failure midway undoes it all."""
         self.check_compatible(model)
         if self._handles:
             raise RuntimeError("this MoH adapter is already attached: call `detach()` first")
@@ -170,14 +171,19 @@ class MoHAdapter(HeadAdapter):
                 f"layers {', '.join(taken)} already carry a ctxaware adapter: detach it (`adapter.detach()`) or merge "
                 "it first"
             )
-        self._restore = use_ctxaware_attention(model)  # a tuple: not registered as a submodule
-        for module, router in zip(modules, self.routers):
-            router.__dict__["adapter"] = self  # a plain attribute, not a submodule: `find_moh_adapter` reads it
-            module.add_module(ATTACHED_ATTR, router)
-            self._attached_to.append(module)
-            self._handles.append(module.q_proj.register_forward_hook(_gate_hook(module, router)))
-            if router.chunk:
-                self._handles.append(module.register_forward_pre_hook(_offset_hook(router), with_kwargs=True))
+        projections = [query_projection(module, self.layout) for module in modules]
+        try:
+            self._restore = use_ctxaware_attention(model)  # a tuple: not registered as a submodule
+            for module, router, (linear, width) in zip(modules, self.routers, projections):
+                router.__dict__["adapter"] = self  # a plain attribute, not a submodule: `find_moh_adapter` reads it
+                module.add_module(ATTACHED_ATTR, router)
+                self._attached_to.append(module)
+                self._handles.append(linear.register_forward_hook(_gate_hook(module, router, width)))
+                if router.chunk:
+                    self._handles.append(module.register_forward_pre_hook(_offset_hook(router), with_kwargs=True))
+        except BaseException:
+            self.detach()
+            raise
         return model
 
     def detach(self) -> None:
@@ -218,11 +224,11 @@ class MoHAdapter(HeadAdapter):
         return load
 
 
-def _gate_hook(module: nn.Module, router: MoHRouter):
+def _gate_hook(module: nn.Module, router: MoHRouter, width: int):
     options = get_attention_options(module)
 
-    def hook(q_proj, args, output):
-        options.head_gates = router(args[0], output) if router.enabled else None
+    def hook(projection, args, output):
+        options.head_gates = router(args[0], output[..., :width]) if router.enabled else None
 
     return hook
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ctxaware.adapters import ATTACHED_ATTR
 from ctxaware.attention import attention_modules, get_attention_options, restore_attention, use_ctxaware_attention
 from ctxaware.heads import HeadLayout
-from ctxaware.methods.moh.router import MoHRouter
+from ctxaware.methods.moh.router import MoHRouter, query_projection
 
 
 class _AblationHook:
@@ -106,13 +106,14 @@ def head_ablation_kl(model: nn.Module, batches: list[torch.Tensor]) -> Iterator[
         raise ValueError("head importance is measured on the dense model: detach its MoH adapter first.")
     restore, was_training = use_ctxaware_attention(model), model.training
     model.eval()
-    num_heads, modules = HeadLayout.from_model(model).num_heads, attention_modules(model)
+    layout, modules = HeadLayout.from_model(model), attention_modules(model)
+    num_heads = layout.num_heads
     layers, checked = _decoder_layers(model, modules), False
     progress = tqdm(total=len(modules) * len(batches), desc="MoH: head importance (layers x batches)", leave=False)
     try:
         for index, module in enumerate(modules):
             hook = _AblationHook(module, num_heads)
-            handle = module.q_proj.register_forward_hook(hook)
+            handle = query_projection(module, layout)[0].register_forward_hook(hook)
             try:
                 token_kl = []
                 for input_ids in batches:

@@ -185,3 +185,18 @@ class MoHRouter(nn.Module):
         if self.stats is None or "prob" not in self.stats:
             return None
         return self.num_routed / self.top_k * (self.stats["load"].detach() * self.stats["prob"]).sum()
+
+
+def query_projection(module: nn.Module, layout) -> tuple[nn.Linear, int]:
+    """The linear layer whose output holds the attention module's queries, and their width (its first outputs): the
+    router reads its input and output. A separate `q_proj`, or Phi-3's fused `qkv_proj` ([q | k | v]); other fused
+    layouts (GPT-NeoX interleaves q, k, v per head) are refused before anything is attached."""
+    width = layout.num_heads * layout.head_dim
+    linear = getattr(module, "q_proj", None) or getattr(module, "qkv_proj", None)
+    if not isinstance(linear, nn.Linear) or linear.out_features < width:
+        raise ValueError(
+            f"MoH routes on the query projection, and {type(module).__name__} has none it can read (a `q_proj`, or a "
+            "fused `qkv_proj` with the queries first): use a family with separate projections (Llama, Qwen, "
+            "Mistral, Gemma, ...) or Phi-3"
+        )
+    return linear, width

@@ -2,10 +2,12 @@
 passage that states another city. Does the answer follow the passage or the memory, with and without the chat
 template?
 
-Per template, the closed-book answer decides which facts count as known (the reply contains the true capital); the
-conflict rates are over the known facts only, since a model cannot override a fact it does not hold. Metrics per
-template (`plain`, `chat`): `known_rate`, then over known facts `context_rate` / `memory_rate` (the reply with the
-passage contains the passage's / the true capital) and `prefers_context` (log p(passage's city) > log p(true city)).
+Which facts the model knows is probed once, by plain sentence completion (`The capital of France is` -> ` Paris`;
+an instruction-tuned model may answer the QA format's bare `Answer:` with an end of turn): a fact is known when the
+completion contains the true capital. The conflict rates are over the known facts only, since a model cannot
+override a fact it does not hold. Metrics: `known_rate`, then per template (`plain`, `chat`) over known facts
+`context_rate` / `memory_rate` (the reply with the passage contains the passage's / the true capital) and
+`prefers_context` (log p(passage's city) > log p(true city)).
 Data: `ctxaware/data/known_facts/capitals.jsonl` (`--split validation` or `test`).
 """
 
@@ -43,12 +45,12 @@ class KnowledgeConflict(Task):
     def evaluate(self, lm, records: list[dict], options: EvalOptions) -> TaskResult:
         metrics, stderrs, samples = {}, {}, []
         new_tokens = options.max_new_tokens or 16
+        probes = [lm.encode(f"The capital of {r['subject']} is", chat=False) for r in records]
+        closed_out = [first_line(o) for o in lm.generate(probes, max_new_tokens=new_tokens, desc="kc/closed-book")]
+        known = [i for i, (r, o) in enumerate(zip(records, closed_out)) if contains_answer(o, r["answer"])]
+        add_mean(metrics, stderrs, "known_rate", [float(i in known) for i in range(len(records))])
         for chat in template_variants(options, lm, default="both"):
             variant = variant_name(chat)
-            closed = [qa_prompt(lm, None, r["question"], chat=chat) for r in records]
-            closed_out = [first_line(o) for o in lm.generate(closed, max_new_tokens=new_tokens, desc=f"kc/{variant}")]
-            known = [i for i, (r, o) in enumerate(zip(records, closed_out)) if contains_answer(o, r["answer"])]
-            add_mean(metrics, stderrs, f"known_rate_{variant}", [float(i in known) for i in range(len(records))])
             question = [with_indicator(records[i]["question"], options.indicator) for i in known]
             prompts = [qa_prompt(lm, records[i]["passage"], q, chat=chat) for i, q in zip(known, question)]
             outputs = [first_line(o) for o in lm.generate(prompts, max_new_tokens=new_tokens, desc=f"kc/{variant}")]

@@ -276,8 +276,9 @@ def test_knowledge_conflict_counts_only_known_facts():
     }
 
     def answer(prompt: str) -> str:
-        subject = next(s for s in replies if f"capital of {s}?" in prompt)
-        return replies[subject][1 if "Its capital city is" in prompt else 0]
+        if prompt.endswith(" is"):  # the closed-book probe, "The capital of X is"
+            return replies[next(s for s in replies if prompt.endswith(f"capital of {s} is"))][0]
+        return replies[next(s for s in replies if f"capital of {s}?" in prompt)][1]
 
     def score(context: str, continuation: str) -> float:  # prefers the passage's city for every fact
         return 0.0 if any(continuation.strip() == f["counterfactual_answer"] for f in facts) else -1.0
@@ -287,7 +288,7 @@ def test_knowledge_conflict_counts_only_known_facts():
     options = EvalOptions(split="validation", limit=4, chat_template="off", progress=False)
     result = task.evaluate(lm, task.load(lm, options), options)
     assert result.metrics == {
-        "known_rate_plain": pytest.approx(0.75),
+        "known_rate": pytest.approx(0.75),
         "context_rate_plain": pytest.approx(2 / 3),
         "memory_rate_plain": pytest.approx(1 / 3),
         "prefers_context_plain": pytest.approx(1.0),

@@ -125,8 +125,10 @@ def load_rows(name: str, *, config: str | None = None, split: str = "train", str
             raise FileNotFoundError(f"Data file {name} does not exist: pass an existing file or a Hub data set id.")
         if path.suffix not in LOCAL_BUILDERS:
             raise ValueError(f"{name}: unsupported file type; use one of {', '.join(LOCAL_BUILDERS)}.")
-        if path.stat().st_size == 0:
-            raise ValueError(f"Data file {name} is empty.")
+        if path.suffix in (".json", ".jsonl"):
+            read_records(path, "data file")  # an empty, non-UTF-8 or broken file: named with its line
+        elif path.suffix == ".txt":
+            read_text(path, "data file")
         if split != "train" and not split.startswith("train["):
             raise ValueError(
                 f"{name} is a single file, which holds one split, and split {split!r} was asked for: pass a folder "

@@ -45,8 +45,8 @@ def test_sinklora_and_moh_read_local_text(tmp_path):
     sinklora = load_recipe("sinklora")
     args = SimpleNamespace(dataset_name=str(path), dataset_config=None, dataset_split="train", dataset_streaming=False,
                            dataset_text_field="body")  # fmt: skip
-    assert sinklora.load_text_dataset(args)["body"] == ["first document", "second document"]
-    with pytest.raises(ValueError, match="no column 'text'"):
+    assert [row["body"] for row in sinklora.load_text_dataset(args)] == ["first document", "second document"]
+    with pytest.raises(ValueError, match="no value in column 'text'"):
         sinklora.load_text_dataset(SimpleNamespace(**{**vars(args), "dataset_text_field": "text"}))
     moh = load_recipe("moh")
     moh_args = SimpleNamespace(dataset_name=str(path), dataset_config=None, dataset_streaming=False)

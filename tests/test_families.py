@@ -89,7 +89,7 @@ def test_moh_refuses_an_unreadable_query_projection_before_touching_the_model():
 
 
 def test_a_failed_attach_leaves_the_model_as_it_was(monkeypatch):
-    import ctxaware.methods.moh as moh
+    import ctxaware.methods.moh.adapter as moh
 
     model = build("llama_attention_bias", "eager")
     adapter = MoHAdapter.for_model(model, num_shared_heads=2, top_k=1)

@@ -67,6 +67,10 @@ class SinkLoRAConfig(Bf16WhereAvailable, SFTConfig):
     dataset_streaming: bool = field(default=False, metadata={"help": "Stream dataset_name (large corpora)."})
     num_train_rows: int = field(default=8, metadata={"help": "Packed rows of max_length tokens to train on."})
     world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world (default data)."})
+    train_mix: list[str] = field(
+        default_factory=lambda: ["passkey:1", "needle:1", "key_value:0.5"],
+        metadata={"help": "Default data: the world's document kinds as kind:weight (passkey, needle, reading, ...)."},
+    )
     eval_ppl_lengths: list[int] | None = field(
         default=None, metadata={"help": "long_ppl lengths (default: original, 2x and 4x context, up to max_length)."}
     )
@@ -76,8 +80,15 @@ class SinkLoRAConfig(Bf16WhereAvailable, SFTConfig):
     eval_text_file: str | None = field(
         default=None, metadata={"help": "Text file for the long_ppl evaluation (default: the world's passages)."}
     )
-    eval_limit: int = field(default=2, metadata={"help": "Samples per length for each evaluation task (0: skip)."})
+    eval_limit: int = field(default=2, metadata={"help": "Perplexity windows per length (0: skip the evaluation)."})
+    eval_passkey_limit: int | None = field(
+        default=None, metadata={"help": "Passkey samples per length (default: eval_limit)."}
+    )
     eval_batch_size: int = field(default=2, metadata={"help": "Batch size of the final evaluation."})
+    eval_baselines: bool = field(
+        default=True,
+        metadata={"help": "Also evaluate the original model and the RoPE-scaled untrained one (single process)."},
+    )
     learning_rate: float = 2e-4
     lr_scheduler_type: str = "constant_with_warmup"
     warmup_steps: float = 2
@@ -113,7 +124,7 @@ CONFIG_CLASSES = (SinkLoRAConfig, SinkLoRAModelConfig)
 RESUME_MAY_DIFFER = {
     "output_dir", "resume_from_checkpoint", "logging_dir", "logging_steps", "save_steps", "save_total_limit",
     "save_strategy", "max_steps", "num_train_epochs", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo",
-    "report_to", "run_name", "eval_limit", "eval_text_file", "eval_batch_size", "eval_ppl_lengths", "eval_passkey_lengths",
+    "report_to", "run_name", "eval_limit", "eval_passkey_limit", "eval_baselines", "eval_text_file", "eval_batch_size", "eval_ppl_lengths", "eval_passkey_lengths",
     "dataloader_num_workers", "disable_tqdm",
 }  # fmt: skip
 
@@ -136,6 +147,8 @@ def validate(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig, original_len
         )
     if args.rope_scaling not in sinklora.ROPE_CHOICES:
         raise ValueError(f"--rope_scaling {args.rope_scaling!r}: use one of {', '.join(sinklora.ROPE_CHOICES)}")
+    if not args.dataset_name:
+        parse_mix(args.train_mix)
     return target
 
 
@@ -159,6 +172,25 @@ def load_text_dataset(args: SinkLoRAConfig):
     return dataset
 
 
+def parse_mix(entries: list[str]) -> dict[str, float]:
+    """`["passkey:2", "reading:1"]` -> {"passkey": 2.0, "reading": 1.0}, the weights of `pretraining_corpus`."""
+    from ctxaware.world.corpus import DEFAULT_MIX
+
+    mix = {}
+    for entry in entries:
+        kind, _, weight = entry.partition(":")
+        kind = kind.strip()
+        if kind not in DEFAULT_MIX or not weight.replace(".", "", 1).isdigit():
+            raise ValueError(
+                f"--train_mix entry {entry!r}: use kind:weight with a weight >= 0 and a kind among "
+                f"{', '.join(DEFAULT_MIX)} (e.g. --train_mix passkey:2 reading:1)"
+            )
+        mix[kind] = float(weight)
+    if not sum(mix.values()) > 0:
+        raise ValueError(f"--train_mix {' '.join(entries)!r} gives no document a positive weight")
+    return mix
+
+
 def packed_rows(args: SinkLoRAConfig, tokenizer, length: int) -> list[list[int]]:
     """`num_train_rows` rows of exactly `length` tokens: documents as BOS text EOS, concatenated and cut."""
     if args.dataset_name:
@@ -166,7 +198,7 @@ def packed_rows(args: SinkLoRAConfig, tokenizer, length: int) -> list[list[int]]
     else:
         from ctxaware.world import build_world, pretraining_corpus
 
-        mix = {"passkey": 1.0, "needle": 1.0, "key_value": 0.5}
+        mix = parse_mix(args.train_mix)
         corpus = pretraining_corpus(build_world(args.world_seed), 10**9, seed=args.seed, mix=mix, max_tokens=length)
         texts = (doc["text"] for doc in corpus)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -203,7 +235,7 @@ def evaluate(
     with torch.no_grad(), sinklora.full_attention(model):
         for task, lengths in (("passkey", passkey_lengths), ("long_ppl", ppl_lengths)):
             options = EvalOptions(
-                limit=args.eval_limit,
+                limit=(args.eval_passkey_limit or args.eval_limit) if task == "passkey" else args.eval_limit,
                 batch_size=args.eval_batch_size,
                 lengths=lengths,
                 haystack_file=args.eval_text_file,
@@ -219,6 +251,26 @@ def evaluate(
     return summary, full
 
 
+def before_after_table(results: dict[str, dict], labels: dict[str, str]) -> list[str]:
+    """Markdown rows: perplexity at each evaluated length and passkey accuracy, one row per model."""
+    ppl_keys = sorted(
+        {k for r in results.values() for k in r.get("long_ppl", {}) if k.startswith("ppl_len")},
+        key=lambda k: int(k.removeprefix("ppl_len")),
+    )
+    passkey_keys = sorted(
+        {k for r in results.values() for k in r.get("passkey", {}) if k.startswith("acc_len")},
+        key=lambda k: int(k.removeprefix("acc_len")),
+    )
+    header = [k.replace("ppl_len", "ppl@") for k in ppl_keys]
+    header += [k.replace("acc_len", "passkey@") for k in passkey_keys]
+    rows = ["| model | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+    for name, result in results.items():
+        values = [f"{result['long_ppl'][k]:.2f}" if k in result.get("long_ppl", {}) else "-" for k in ppl_keys]
+        values += [f"{result['passkey'][k]:.2f}" if k in result.get("passkey", {}) else "-" for k in passkey_keys]
+        rows.append(f"| {labels.get(name, name)} | " + " | ".join(values) + " |")
+    return rows
+
+
 def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
     from transformers import AutoConfig
 
@@ -230,6 +282,7 @@ def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
     target = validate(args, model_args, original_length)
     args.max_length = target
     rope = sinklora.rope_parameters(base_config, args.rope_scaling, target, args.rope_factor)
+    rope_label = f"{args.rope_scaling} RoPE x{rope['factor']:g}" if rope else "no RoPE scaling"
     push, args.push_to_hub = args.push_to_hub, False  # pushed once at the end, with the eval results in the card
     run_config = {**{k: v for k, v in args.to_dict().items()}, **asdict(model_args)}
     resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, run_config, RESUME_MAY_DIFFER)
@@ -241,15 +294,32 @@ def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
     overrides = {"max_position_embeddings": max(target, original_length)}
     if rope is not None:
         overrides["rope_parameters"] = rope
-    model = load_causal_lm(
-        base_path,
-        dtype=model_args.dtype,
-        attn_implementation=model_args.attn_implementation,
-        load_in_4bit=model_args.load_in_4bit,
-        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
-        revision=model_args.model_revision,
-        **overrides,
-    )
+
+    def load(**config_overrides):
+        return load_causal_lm(
+            base_path,
+            dtype=model_args.dtype,
+            attn_implementation=model_args.attn_implementation,
+            load_in_4bit=model_args.load_in_4bit,
+            bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+            revision=model_args.model_revision,
+            **config_overrides,
+        )
+
+    from accelerate import PartialState
+
+    # Before: the original model and the scaled one before any step, on the same held-out text as the trained model.
+    before = {}
+    baselines = args.eval_limit > 0 and args.eval_baselines and not resume
+    if baselines and PartialState().num_processes > 1:
+        print("sinklora: the before-training evaluation runs in single-process runs only; skipped")
+    elif baselines:
+        original = load()
+        before["original"], _ = evaluate(original, tokenizer, args, original_length, target, base_name)
+        del original
+    model = load(**overrides)
+    if "original" in before:
+        before["scaled"], _ = evaluate(model, tokenizer, args, original_length, target, base_name)
     model.config.use_cache = False
     if model_args.load_in_4bit:
         from peft import prepare_model_for_kbit_training
@@ -302,7 +372,7 @@ def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
                 eval_results=summary,
             )
             (folder / "eval_results.json").write_text(
-                json.dumps({"summary": summary, "harness": harness_results}, indent=2, default=str)
+                json.dumps({"summary": summary, "before": before, "harness": harness_results}, indent=2, default=str)
             )
             write_model_card(
                 folder,
@@ -324,7 +394,14 @@ def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
                 ),
             )
         print(f"adapter, model card and eval results: {final}")
-        print(json.dumps({"train_steps": trainer.state.global_step, "eval": summary}, indent=2))
+        print(json.dumps({"train_steps": trainer.state.global_step, "eval": summary, "before": before}, indent=2))
+        if summary:
+            labels = {
+                "original": f"original {base_name} (context {original_length})",
+                "scaled": f"{rope_label}, untrained",
+                "trained": f"{rope_label} + {args.attention.upper()} LoRA, {trainer.state.global_step} steps",
+            }
+            print("\n".join(before_after_table({**before, "trained": summary}, labels)))
         if push:
             repo_id = args.hub_model_id or Path(args.output_dir).name
             push_folder_to_hub(final, repo_id, private=args.hub_private_repo, token=args.hub_token)

@@ -51,8 +51,9 @@ def main() -> None:
         "command": f"OMP_NUM_THREADS={args.threads} accelerate launch recipes/sinklora.py "
         + " ".join(args.recipe_args),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        .stdout.strip(),
+        "git": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
         "cost": {**time_v(log), "wall_s_measured": round(wall, 1), "load_average_before": load_before},
         "train_runtime_s": _number(r"'train_runtime': '?([\d.]+)", log),
         "before": results.get("before", {}),

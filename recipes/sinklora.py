@@ -348,13 +348,19 @@ def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
         processing_class=tokenizer,
         callbacks=[RunConfigCallback(run_config)],
     )
-    trainer.train(resume_from_checkpoint=resume)
+    with sinklora.record_attention(model) as attention_ran:
+        trainer.train(resume_from_checkpoint=resume)
+    expected = sinklora.expected_pattern(args.attention, args.group_size_ratio, args.sinks, target)
+    attention_ran["expected"] = expected
+    sinklora.check_attention_ran(attention_ran, expected)
 
     summary, harness_results = {}, {}
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
         if args.eval_limit > 0:
-            summary, harness_results = evaluate(model, tokenizer, args, original_length, target, base_name)
+            with sinklora.record_attention(model) as eval_attention_ran:
+                summary, harness_results = evaluate(model, tokenizer, args, original_length, target, base_name)
+            attention_ran["evaluation"] = eval_attention_ran
         final = Path(args.output_dir) / "adapter"
         with atomic_directory(final) as folder:
             model.save_pretrained(folder)
@@ -369,6 +375,7 @@ def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
                 group_size_ratio=args.group_size_ratio,
                 sinks=args.sinks,
                 train_steps=trainer.state.global_step,
+                attention_ran=attention_ran,
                 eval_results=summary,
             )
             (folder / "eval_results.json").write_text(
@@ -394,7 +401,8 @@ def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
                 ),
             )
         print(f"adapter, model card and eval results: {final}")
-        print(json.dumps({"train_steps": trainer.state.global_step, "eval": summary, "before": before}, indent=2))
+        run_summary = {"train_steps": trainer.state.global_step, "attention_ran": attention_ran}
+        print(json.dumps({**run_summary, "eval": summary, "before": before}, indent=2))
         if summary:
             labels = {
                 "original": f"original {base_name} (context {original_length})",

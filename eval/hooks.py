@@ -39,8 +39,10 @@ class Switch:
 SWITCHES: dict[str, Switch] = {
     "kv_cache": Switch(
         "kv_cache",
-        "KV-cache policy during generation: `full`, or `h2o:BUDGET` (fraction of the prompt kept, or a token count; "
-        "runs attention on the ctxaware kernels). long_ppl then streams each text through the cache token by token "
+        "KV-cache policy during generation: `full`, `h2o:BUDGET` (heavy hitters + recent + sinks; a fraction of the "
+        "prompt kept, or a token count) or `window:BUDGET` (sinks + recent window, StreamingLLM: H2O's baseline at "
+        "the same budget); both run attention on the ctxaware kernels. long_ppl then streams each text through the "
+        "cache token by token "
         "(the fraction is of the text's length); log-likelihood scoring always sees the full context.",
         "full",
         ("ctxaware.methods.h2o",),
@@ -127,15 +129,31 @@ def apply_generation_hooks(model, values: dict[str, str | None]) -> GenerationSe
 @register_generation_hook("kv_cache", "h2o")
 def _h2o_cache(model, args: str, setup: GenerationSetup) -> None:
     """A fresh `H2OCache` per generate call; attention switches to the ctxaware kernels, which give the key mass."""
+    from ctxaware.methods.h2o import H2OCache
+
+    _evicting_cache(model, "h2o", args, setup, H2OCache)
+
+
+@register_generation_hook("kv_cache", "window")
+def _window_cache(model, args: str, setup: GenerationSetup) -> None:
+    """A fresh `WindowCache` (sinks + recent window, StreamingLLM) per generate call, with H2O's budget semantics."""
+    from ctxaware.methods.h2o import WindowCache
+
+    _evicting_cache(model, "window", args, setup, WindowCache)
+
+
+def _evicting_cache(model, kind: str, args: str, setup: GenerationSetup, cache_class) -> None:
     import ctxaware.attention
-    from ctxaware.methods.h2o import H2OCache, disable_h2o, parse_budget
+    from ctxaware.methods.h2o import disable_h2o, parse_budget
 
     if not args:
-        raise ValueError("--kv_cache h2o needs a budget: `h2o:0.2` (fraction of the prompt) or `h2o:512` (tokens).")
+        raise ValueError(
+            f"--kv_cache {kind} needs a budget: `{kind}:0.2` (fraction of the prompt) or `{kind}:512` (tokens)."
+        )
     budget = parse_budget(args)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     setup.stack.callback(base.set_attn_implementation, base.config._attn_implementation)
     base.set_attn_implementation(ctxaware.attention.ATTN_IMPLEMENTATION)
     setup.stack.callback(disable_h2o, model)
-    H2OCache(model, budget)  # validates the model (full-attention layers only) now rather than at the first batch
-    setup.cache_factory = lambda length=None: H2OCache(model, budget, reference_length=length)
+    cache_class(model, budget)  # validates the model (full-attention layers only) now rather than at the first batch
+    setup.cache_factory = lambda length=None: cache_class(model, budget, reference_length=length)

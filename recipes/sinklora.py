@@ -75,7 +75,11 @@ class SinkLoRAConfig(Bf16WhereAvailable, SFTConfig):
         default=None, metadata={"help": "long_ppl lengths (default: original, 2x and 4x context, up to max_length)."}
     )
     eval_passkey_lengths: list[int] | None = field(
-        default=None, metadata={"help": "passkey lengths (default: max_length)."}
+        default=None, metadata={"help": "passkey (and niah) lengths (default: max_length)."}
+    )
+    eval_niah: bool = field(
+        default=False,
+        metadata={"help": "Also needle-in-a-haystack (plain prompt, 5 depths, eval_passkey_limit per depth)."},
     )
     eval_text_file: str | None = field(
         default=None, metadata={"help": "Text file for the long_ppl evaluation (default: the world's passages)."}
@@ -124,7 +128,7 @@ CONFIG_CLASSES = (SinkLoRAConfig, SinkLoRAModelConfig)
 RESUME_MAY_DIFFER = {
     "output_dir", "resume_from_checkpoint", "logging_dir", "logging_steps", "save_steps", "save_total_limit",
     "save_strategy", "max_steps", "num_train_epochs", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo",
-    "report_to", "run_name", "eval_limit", "eval_passkey_limit", "eval_baselines", "eval_text_file", "eval_batch_size", "eval_ppl_lengths", "eval_passkey_lengths",
+    "report_to", "run_name", "eval_limit", "eval_passkey_limit", "eval_baselines", "eval_niah", "eval_text_file", "eval_batch_size", "eval_ppl_lengths", "eval_passkey_lengths",
     "dataloader_num_workers", "disable_tqdm",
 }  # fmt: skip
 
@@ -232,13 +236,17 @@ def evaluate(
     config = {"model": name, "adapter": None, "device": str(model.device), "dtype": str(model.dtype)}
     config["generation_hooks"] = {}
     model.eval()
+    tasks = [("passkey", passkey_lengths), ("long_ppl", ppl_lengths)]
+    if args.eval_niah:
+        tasks.insert(1, ("niah", passkey_lengths))
     with torch.no_grad(), sinklora.full_attention(model):
-        for task, lengths in (("passkey", passkey_lengths), ("long_ppl", ppl_lengths)):
+        for task, lengths in tasks:
             options = EvalOptions(
-                limit=(args.eval_passkey_limit or args.eval_limit) if task == "passkey" else args.eval_limit,
+                limit=args.eval_limit if task == "long_ppl" else args.eval_passkey_limit or args.eval_limit,
                 batch_size=args.eval_batch_size,
                 lengths=lengths,
-                haystack_file=args.eval_text_file,
+                haystack_file=args.eval_text_file if task == "long_ppl" else None,  # retrieval: the world's facts
+                chat_template="off" if task == "niah" else None,
                 progress=False,
             )
             results, _ = run_tasks(lm, [task], options, config=config)
@@ -252,21 +260,16 @@ def evaluate(
 
 
 def before_after_table(results: dict[str, dict], labels: dict[str, str]) -> list[str]:
-    """Markdown rows: perplexity at each evaluated length and passkey accuracy, one row per model."""
-    ppl_keys = sorted(
-        {k for r in results.values() for k in r.get("long_ppl", {}) if k.startswith("ppl_len")},
-        key=lambda k: int(k.removeprefix("ppl_len")),
-    )
-    passkey_keys = sorted(
-        {k for r in results.values() for k in r.get("passkey", {}) if k.startswith("acc_len")},
-        key=lambda k: int(k.removeprefix("acc_len")),
-    )
-    header = [k.replace("ppl_len", "ppl@") for k in ppl_keys]
-    header += [k.replace("acc_len", "passkey@") for k in passkey_keys]
-    rows = ["| model | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+    """Markdown rows: perplexity at each evaluated length, passkey (and niah) accuracy, one row per model."""
+    columns = []  # (task, metric, header)
+    for task, prefix, name in (("long_ppl", "ppl_len", "ppl"), ("passkey", "acc_len", "passkey"),
+                               ("niah", "acc_plain_len", "niah")):  # fmt: skip
+        metrics = {k for r in results.values() for k in r.get(task, {}) if k.startswith(prefix)}
+        for metric in sorted(metrics, key=lambda k: int(k.removeprefix(prefix))):
+            columns.append((task, metric, f"{name}@{metric.removeprefix(prefix)}"))
+    rows = ["| model | " + " | ".join(c[2] for c in columns) + " |", "|---|" + "---|" * len(columns)]
     for name, result in results.items():
-        values = [f"{result['long_ppl'][k]:.2f}" if k in result.get("long_ppl", {}) else "-" for k in ppl_keys]
-        values += [f"{result['passkey'][k]:.2f}" if k in result.get("passkey", {}) else "-" for k in passkey_keys]
+        values = [f"{result[t][m]:.2f}" if m in result.get(t, {}) else "-" for t, m, _ in columns]
         rows.append(f"| {labels.get(name, name)} | " + " | ".join(values) + " |")
     return rows
 

@@ -119,6 +119,15 @@ def test_bad_input_is_refused_before_loading(tiny_base, tmp_path, flags, message
         recipe.validate(args, model_args, original_length=64)
 
 
+def test_default_yaml_is_the_plain_command():
+    """`accelerate launch recipes/sinklora.py` (the README's main job) and `--config .../default.yaml` are one run."""
+    recipe = load_recipe("sinklora")
+    plain = _parse(recipe, [])
+    configured = _parse(recipe, ["--config", "recipes/configs/sinklora/default.yaml"])
+    assert plain[0].to_dict() == configured[0].to_dict()
+    assert vars(plain[1]) == vars(configured[1])
+
+
 def test_dataset_without_text_column(tmp_path):
     recipe = load_recipe("sinklora")
     data = tmp_path / "docs.jsonl"

@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("recipe_args", nargs="*", help="flags for recipes/sinklora.py, after --")
     args = parser.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     with tempfile.TemporaryDirectory() as scratch:
         output_dir = Path(scratch) / "run"
         recipe = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu"]
@@ -51,9 +52,7 @@ def main() -> None:
         "command": f"OMP_NUM_THREADS={args.threads} accelerate launch recipes/sinklora.py "
         + " ".join(args.recipe_args),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "git": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip(),
+        "git": commit.stdout.strip(),  # the tree the run started from
         "cost": {**time_v(log), "wall_s_measured": round(wall, 1), "load_average_before": load_before},
         "train_runtime_s": _number(r"'train_runtime': '?([\d.]+)", log),
         "before": results.get("before", {}),

@@ -26,6 +26,8 @@ def test_recipe_end_to_end_and_adapter_restores_embeddings_and_norms(tiny_base, 
         "2",
         "--eval_limit",
         "1",
+        "--eval_passkey_limit",
+        "1",
         "--activation_checkpointing",
         "true",
         "--learning_rate",
@@ -42,7 +44,7 @@ def test_recipe_end_to_end_and_adapter_restores_embeddings_and_norms(tiny_base, 
     assert set(ran["backends"]) == {"sdpa"} and ran["layers_called"] == ran["layers"] == 2
     assert set(ran["evaluation"]["patterns"]) == {"dense"}
     assert '"attention_ran"' in result.stdout
-    assert metadata["rope_parameters"]["rope_type"] == "linear" and metadata["rope_parameters"]["factor"] == 4.0
+    assert metadata["rope_parameters"]["rope_type"] == "yarn" and metadata["rope_parameters"]["factor"] == 4.0
     results = json.loads((adapter / "eval_results.json").read_text())
     summary = results["summary"]
     # Before and after on the same text: the original model, the RoPE-scaled one untrained, the trained one.
@@ -53,8 +55,8 @@ def test_recipe_end_to_end_and_adapter_restores_embeddings_and_norms(tiny_base, 
     assert table[0] == "| model | ppl@64 | ppl@128 | ppl@256 | passkey@256 |"
     assert [row.split(" | ")[0] for row in table[1:]] == [
         f"| original {tiny_base} (context 64)",
-        "| linear RoPE x4, untrained",
-        "| linear RoPE x4 + SF LoRA, 2 steps",
+        "| yarn RoPE x4, untrained",
+        "| yarn RoPE x4 + SF LoRA, 2 steps",
     ]
     assert set(summary["long_ppl"]) == {"ppl_len64", "ppl_len128", "ppl_len256"}
     assert "acc_len256" in summary["passkey"]

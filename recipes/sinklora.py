@@ -304,8 +304,10 @@ def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
     if rope is not None:
         overrides["rope_parameters"] = rope
 
-    def load(**config_overrides):
-        return load_causal_lm(
+    from accelerate import PartialState
+
+    def load(on_device: bool = False, **config_overrides):
+        loaded = load_causal_lm(
             base_path,
             dtype=model_args.dtype,
             attn_implementation=model_args.attn_implementation,
@@ -314,20 +316,21 @@ def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
             revision=model_args.model_revision,
             **config_overrides,
         )
-
-    from accelerate import PartialState
+        # The before-training evaluation runs on the device the Trainer will use, as the final one does.
+        return loaded.to(PartialState().device) if on_device and not model_args.load_in_4bit else loaded
 
     # Before: the original model and the scaled one before any step, on the same held-out text as the trained model.
     before = {}
     baselines = args.eval_limit > 0 and args.eval_baselines and not resume
     if baselines and PartialState().num_processes > 1:
         print("sinklora: the before-training evaluation runs in single-process runs only; skipped")
-    elif baselines:
-        original = load()
+        baselines = False
+    if baselines:
+        original = load(on_device=True)
         before["original"], _ = evaluate(original, tokenizer, args, original_length, target, base_name)
         del original
-    model = load(**overrides)
-    if "original" in before:
+    model = load(on_device=baselines, **overrides)
+    if baselines:
         before["scaled"], _ = evaluate(model, tokenizer, args, original_length, target, base_name)
     model.config.use_cache = False
     if model_args.load_in_4bit:

@@ -1,16 +1,18 @@
-"""SinkLoRA's scientific check on the embedded tiny model (issue 6), in one command on one GPU:
+"""SinkLoRA's scientific check, in one command on one GPU (the embedded tiny model by default, any model by name):
 
     python benchmarks/sinklora_science.py --out runs/sinklora_science
+    python benchmarks/sinklora_science.py --model PATH_OR_NAME --text heldout.txt --train_text train.txt --out DIR
 
-1. the base model (no training, no RoPE scaling) through `ctxaware eval`: perplexity at L, 2L, 4L, passkey at 4L;
-2. `recipes/sinklora.py` with `--attention full`, `s2` and `sf`: the same steps, data and seed, evaluated with full
-   attention by the recipe (the same harness tasks, same records);
-Perplexity is measured on held-out long documents of the world (another seed than the training rows).
-3. H2O inside the base context: passkey at L and perplexity at L (the held-out documents streamed through the cache
-   token by token, so evictions happen as in generation) with the full cache and with budgets of 50% and 20% of L,
-   and the K/V bytes each cache holds at the end against the full cache's.
-Writes `sinklora_science.json` and `sinklora_science.md` (with the gap-closure ratio: how much of full attention's
-perplexity gain at 4L each sparse pattern recovers) to --out. `--smoke` runs the same pipeline at toy sizes on CPU.
+For each RoPE method (`--rope`, linear and YaRN by default) `recipes/sinklora.py` trains `full`, `s2` and `sf`
+attention with the same rows, steps and seed, and evaluates with full attention: perplexity at L, 2L, 4L (L: the
+model's context) on held-out text (`--text`, default: the world's long documents drawn with another seed than the
+training rows), passkey and needle-in-a-haystack at 4L. The first variant of each RoPE method also evaluates the
+original model and the RoPE-scaled model before any step (the untrained references). The training text is the
+world's documents in `--train_mix` proportions (pass keys weighted up: retrieval at 4L is what the mix teaches), or
+`--train_text`. Then H2O and its own baseline inside the original context: passkey and streamed perplexity at L with
+the full cache, H2O (`h2o:B`) and sinks + recent window (`window:B`) at 50% and 20%, with the K/V bytes each holds.
+Writes `sinklora_science.json` and `.md` to --out: each variant's perplexity relative to full attention's and the
+targets, met or missed. `--smoke` (or `--tiny`) runs the same pipeline at toy sizes on CPU.
 """
 
 import json
@@ -18,120 +20,186 @@ import math
 import subprocess
 import sys
 
-from science_common import RECIPES, at_least, command_line, harness_metrics, output_folder, run, science_parser
+from science_common import (
+    command_line,
+    eval_command,
+    harness_metrics,
+    launch_recipe,
+    output_folder,
+    run_parallel,
+    science_parser,
+)
 
 
-RECIPE = RECIPES / "sinklora.py"
+VARIANTS = ("full", "s2", "sf")
+KV_BUDGETS = ("full", "h2o:0.5", "h2o:0.2", "window:0.5", "window:0.2")
+RETRIEVAL_TARGET = 0.9  # passkey and NIAH accuracy at 4L after the SF recipe
+PPL_TOLERANCE = 1.03  # SF's perplexity at 4L within 3% of full attention's
 
 
 def main() -> None:
     parser = science_parser("sinklora", __doc__)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--tiny", dest="smoke", action="store_true", help="the same as --smoke")
+    parser.add_argument("--model", default="ctxaware-tiny", help="model name, folder or Hub id (the loaders' names)")
+    parser.add_argument("--text", help="held-out text file for perplexity (default: the world's held-out documents)")
+    parser.add_argument("--train_text", help="training text file (default: the world's documents in --train_mix)")
+    parser.add_argument("--train_mix", nargs="+", default=["passkey:2", "needle:1", "key_value:0.5", "reading:1"])
+    parser.add_argument("--rope", default="linear,yarn", help="comma-separated RoPE methods, each a row group")
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--learning_rate", type=float, default=2e-4)
-    parser.add_argument("--limit", type=int, default=20, help="samples per length for each evaluation")
+    parser.add_argument("--limit", type=int, default=20, help="passkey samples and NIAH samples per depth")
+    parser.add_argument("--ppl_windows", type=int, default=10, help="perplexity windows per length")
     args = parser.parse_args()
     out = output_folder(args.out)
     python = sys.executable
-    original = 512
-    steps, batch, limit = args.steps, args.batch_size, args.limit
-    if args.smoke:
-        original, steps, batch, limit = 64, 2, 1, 1
+    model, steps, batch, limit, windows = args.model, args.steps, args.batch_size, args.limit, args.ppl_windows
+    ropes = args.rope.split(",")
+    if args.smoke:  # a tiny random model with a 64-token context stands in for the real one
+        model, steps, batch, limit, windows = str(out / "smoke-base"), 2, 1, 1, 1
+        subprocess.run([python, "-c", SMOKE_MODEL.format(path=model)], check=True)
+    original = context_length(model)
     lengths = [original, 2 * original, 4 * original]
     target = lengths[-1]
-    model = "ctxaware-tiny"
-    extra_recipe = []
-    if args.smoke:  # a tiny random model with a 64-token context stands in for the shipped one
-        model = str(out / "smoke-base")
-        subprocess.run([python, "-c", SMOKE_MODEL.format(path=model)], check=True)
-        extra_recipe = ["--dtype", "float32"]
-    text_file = out / "heldout_long_documents.txt"
-    subprocess.run([python, "-c", HELDOUT_TEXT.format(path=str(text_file), max_tokens=target)], check=True, cwd=out)
-    eval_cli = [python, "-m", "ctxaware.cli", "eval", "--model", model, "--dtype", "float32", "--no_progress"]
-    eval_cli += ["--limit", str(limit), "--batch_size", "8"]
+    text_file = args.text
+    if text_file is None:
+        text_file = str(out / "heldout_long_documents.txt")
+        subprocess.run([python, "-c", HELDOUT_TEXT.format(path=text_file, max_tokens=target)], check=True, cwd=out)
+    settings = {"model": model, "original_length": original, "steps": steps, "batch_size": batch,
+                "learning_rate": args.learning_rate, "limit": limit, "ppl_windows": windows, "ropes": ropes,
+                "train": args.train_text or {"world_mix": args.train_mix}, "heldout_text": text_file}  # fmt: skip
 
-    run([*eval_cli, "--tasks", "long_ppl,passkey", "--lengths", ",".join(map(str, lengths)),
-         "--haystack_file", str(text_file), "--output_path", str(out / "base")], out / "base.log")  # fmt: skip
-    results = {"base": harness_metrics(out / "base")}
-    for attention in ("full", "s2", "sf"):
-        recipe = [
-            python, "-m", "accelerate.commands.launch", "--num_processes", "1", str(RECIPE),
-            "--model_name_or_path", model, "--attention", attention, "--output_dir", str(out / attention),
-            "--max_length", str(target), "--max_steps", str(steps), "--num_train_rows", str(steps * batch),
-            "--per_device_train_batch_size", str(batch), "--learning_rate", str(args.learning_rate),
-            "--warmup_steps", "20", "--save_steps", str(10**6), "--logging_steps", "25", "--seed", "0",
-            "--eval_limit", str(limit), "--eval_batch_size", "8", "--eval_text_file", str(text_file),
-            "--eval_ppl_lengths", *map(str, lengths), "--eval_passkey_lengths", str(target), *extra_recipe,
-        ]  # fmt: skip
-        run(recipe, out / f"{attention}.log")
-        results[attention] = json.loads((out / attention / "adapter" / "eval_results.json").read_text())["summary"]
+    results: dict = {}
+    for rope in ropes:  # one rope at a time; its three variants run side by side (a small model leaves the GPU idle)
+        jobs = []
+        for index, attention in enumerate(VARIANTS):
+            folder = out / f"{rope}_{attention}"
+            folder.mkdir(exist_ok=True)
+            recipe = [
+                "--model_name_or_path", model, "--attention", attention, "--rope_scaling", rope,
+                "--output_dir", str(folder), "--max_length", str(target), "--max_steps", str(steps),
+                "--num_train_rows", str(steps * batch), "--per_device_train_batch_size", str(batch),
+                "--learning_rate", str(args.learning_rate), "--warmup_steps", str(min(20, steps // 10)),
+                "--save_steps", str(10**6), "--logging_steps", "25", "--seed", "0",
+                "--eval_limit", str(windows), "--eval_passkey_limit", str(limit), "--eval_niah", "true",
+                "--eval_baselines", str(index == 0).lower(), "--eval_batch_size", "8",
+                "--eval_text_file", text_file, "--eval_ppl_lengths", *map(str, lengths),
+                "--eval_passkey_lengths", str(target), "--dtype", "float32",
+            ]  # fmt: skip
+            if args.train_text:
+                recipe += ["--dataset_name", args.train_text, "--dataset_text_field", "text"]
+            else:
+                recipe += ["--train_mix", *args.train_mix]
+            jobs.append((launch_recipe("sinklora", *recipe), folder / "recipe.log"))
+        run_parallel(jobs)
+        for attention in VARIANTS:
+            recorded = json.loads((out / f"{rope}_{attention}" / "adapter" / "eval_results.json").read_text())
+            results[f"{rope}_{attention}"] = recorded["summary"]
+            for name, summary in recorded.get("before", {}).items():
+                results["original" if name == "original" else f"{rope}_untrained"] = summary
+
+    eval_cli = [*eval_command("--model", model, "--dtype", "float32", "--no_progress", "--limit", str(limit)),
+                "--batch_size", "8", "--tasks", "passkey,long_ppl", "--lengths", str(original),
+                "--haystack_file", text_file]  # fmt: skip
+    jobs = []
     for budget in KV_BUDGETS:
-        name = f"kv_{budget.replace(':', '_')}"
-        run([*eval_cli, "--tasks", "passkey,long_ppl", "--lengths", str(original), "--haystack_file", str(text_file),
-             "--kv_cache", budget, "--output_path", str(out / name)], out / f"{name}.log")  # fmt: skip
-        results[name] = harness_metrics(out / name)
-    h2o = h2o_table(results, original)
+        name = kv_name(budget)
+        (out / name).mkdir(exist_ok=True)
+        jobs.append(([*eval_cli, "--kv_cache", budget, "--output_path", str(out / name)], out / name / "eval.log"))
+    run_parallel(jobs)
+    kv = kv_table({budget: harness_metrics(out / kv_name(budget)) for budget in KV_BUDGETS}, original)
 
-    ppl = {name: results[name]["long_ppl"] for name in ("base", "full", "s2", "sf")}
-    closure = gap_closure(ppl, target)
     summary = {
         "command": command_line(),
-        "settings": {"steps": steps, "batch_size": batch, "learning_rate": args.learning_rate, "limit": limit},
+        "settings": settings,
         "results": results,
-        "gap_closure_at_4L": closure,
-        "h2o_at_L": h2o,
-        "targets": targets(closure, h2o),
+        "ppl_relative_to_full": relative_to_full(results, ropes, lengths),
+        "kv_cache_at_L": kv,
+        "targets": targets(results, ropes, target, kv),
     }
     (out / "sinklora_science.json").write_text(json.dumps(summary, indent=2))
-    rows = [
-        f"| model | ppl@{lengths[0]} | ppl@{lengths[1]} | ppl@{lengths[2]} | passkey@{target} |",
-        "|---|---|---|---|---|",
-    ]
-    for name in ("base", "full", "s2", "sf"):
-        passkey = results[name]["passkey"].get(f"acc_len{target}", results[name]["passkey"].get("acc"))
-        rows.append(
-            f"| {name} | " + " | ".join(f"{ppl[name][f'ppl_len{n}']:.2f}" for n in lengths) + f" | {passkey:.2f} |"
-        )
-    rows += ["", f"Gap closure at {target} (share of full attention's perplexity gain): "
-             + ", ".join(f"{k} {v:.1%}" if v is not None else f"{k} n/a" for k, v in closure.items()), ""]  # fmt: skip
-    rows += h2o_rows(h2o, original)
-    rows += ["", "Targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in summary["targets"].items())]
+    rows = report(summary, ropes, lengths)
     (out / "sinklora_science.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
 
 
-KV_BUDGETS = ("full", "h2o:0.5", "h2o:0.2")
-CLOSURE_TARGET = 0.8
+def context_length(model: str) -> int:
+    """The model's own context (its config's `max_position_embeddings`): L, the length training extends 4x."""
+    from transformers import AutoConfig
+
+    from ctxaware.models import resolve_model_path
+
+    return AutoConfig.from_pretrained(resolve_model_path(model)).max_position_embeddings
 
 
-def gap_closure(ppl: dict, length: int) -> dict:
-    """Per sparse pattern (s2, sf), the share of full attention's perplexity gain over the base model at `length`
-    that it recovers; None where full attention gained nothing (a ratio to a loss would reward doing worse)."""
-    key = f"ppl_len{length}"
-    gain_full = ppl["base"][key] - ppl["full"][key]
-    return {name: (ppl["base"][key] - ppl[name][key]) / gain_full if gain_full > 0 else None for name in ("s2", "sf")}
+def kv_name(budget: str) -> str:
+    return f"kv_{budget.replace(':', '_')}"
 
 
-def targets(closure: dict, h2o: dict) -> dict:
-    """SF closes at least 80% of full attention's gap at 4L; every H2O cache holds at most its budget."""
-    return {
-        "sf_closes_at_least_80pct_of_full_gap": at_least(closure["sf"], CLOSURE_TARGET),
-        "h2o_caches_hold_at_most_their_budget": all(row["within_budget"] for row in h2o.values()),
-    }
-
-
-def h2o_table(results: dict, length: int) -> dict:
-    """Per KV cache: passkey, streamed perplexity and cache bytes at `length`; the full cache's bytes are those of a
-    cache holding every token the H2O runs fed (the full-cache perplexity is one pass, equal to streaming it)."""
-    full_bytes = results["kv_h2o_0.5"]["long_ppl"][f"kv_full_bytes_len{length}"]
+def relative_to_full(results: dict, ropes: list[str], lengths: list[int]) -> dict:
+    """{rope: {variant: {ppl_len{L}: ppl / full attention's ppl}}}, variants including the untrained reference."""
     table = {}
-    for budget in KV_BUDGETS:
-        metrics = results[f"kv_{budget.replace(':', '_')}"]
-        held = metrics["long_ppl"].get(f"kv_bytes_len{length}", full_bytes)
+    for rope in ropes:
+        full = results[f"{rope}_full"]["long_ppl"]
+        table[rope] = {
+            variant: {f"ppl_len{n}": results[name]["long_ppl"][f"ppl_len{n}"] / full[f"ppl_len{n}"] for n in lengths}
+            for variant in ("untrained", *VARIANTS)
+            if (name := f"{rope}_{variant}") in results
+        }
+    return table
+
+
+def retrieval(result: dict, target: int) -> tuple[float | None, float | None]:
+    """(passkey, niah) accuracy at `target` tokens; None where not evaluated."""
+    passkey = result.get("passkey", {}).get(f"acc_len{target}")
+    niah = result.get("niah", {}).get(f"acc_plain_len{target}")
+    return passkey, niah
+
+
+def targets(results: dict, ropes: list[str], target: int, kv: dict | None = None) -> dict[str, bool]:
+    """Each target, met (True) or missed (False), per RoPE method; a missing number misses its target."""
+    met = {}
+    key = f"ppl_len{target}"
+    for rope in ropes:
+        sf, full, s2 = (results.get(f"{rope}_{v}", {}) for v in ("sf", "full", "s2"))
+        untrained = results.get(f"{rope}_untrained", {})
+        sf_ppl, full_ppl = sf.get("long_ppl", {}).get(key), full.get("long_ppl", {}).get(key)
+        passkey, niah = retrieval(sf, target)
+        met[f"{rope}: sf passkey@{target} >= {RETRIEVAL_TARGET}"] = passkey is not None and passkey >= RETRIEVAL_TARGET
+        met[f"{rope}: sf niah@{target} >= {RETRIEVAL_TARGET}"] = niah is not None and niah >= RETRIEVAL_TARGET
+        met[f"{rope}: sf ppl@{target} within {PPL_TOLERANCE - 1:.0%} of full"] = (
+            sf_ppl is not None and full_ppl is not None and sf_ppl <= PPL_TOLERANCE * full_ppl
+        )
+        s2_ppl = s2.get("long_ppl", {}).get(key)
+        met[f"{rope}: s2 ppl@{target} no better than sf"] = (
+            s2_ppl is not None and sf_ppl is not None and s2_ppl >= sf_ppl
+        )
+        untrained_ppl = untrained.get("long_ppl", {}).get(key)
+        met[f"{rope}: sf ppl@{target} below the untrained scaled model's"] = (
+            untrained_ppl is not None and sf_ppl is not None and sf_ppl < untrained_ppl
+        )
+    if kv:
+        met["kv: every cache holds at most its budget"] = all(row["within_budget"] for row in kv.values())
+        if "h2o:0.2" in kv and "window:0.2" in kv:
+            full_ppl = kv["full"]["ppl"]
+            met["kv: h2o:0.2 raises ppl less than window:0.2"] = (
+                kv["h2o:0.2"]["ppl"] - full_ppl < kv["window:0.2"]["ppl"] - full_ppl
+            )
+    return met
+
+
+def kv_table(metrics: dict, length: int) -> dict:
+    """Per KV cache: passkey, streamed perplexity and cache bytes at `length`; the full cache's bytes are those of a
+    cache holding every token the evicting runs fed (the full-cache perplexity is one pass, equal to streaming it)."""
+    evicting = next(budget for budget in metrics if budget != "full")
+    full_bytes = metrics[evicting]["long_ppl"][f"kv_full_bytes_len{length}"]
+    table = {}
+    for budget, result in metrics.items():
+        held = result["long_ppl"].get(f"kv_bytes_len{length}", full_bytes)
         kept = math.ceil(float(budget.partition(":")[2] or 1) * length)  # entries the budget allows
         table[budget] = {
-            "passkey": metrics["passkey"]["acc"],
-            "ppl": metrics["long_ppl"][f"ppl_len{length}"],
+            "passkey": result["passkey"]["acc"],
+            "ppl": result["long_ppl"][f"ppl_len{length}"],
             "kv_bytes": held,
             "kv_full_bytes": full_bytes,
             "memory_saved": 1 - held / full_bytes,
@@ -141,12 +209,28 @@ def h2o_table(results: dict, length: int) -> dict:
     return table
 
 
-def h2o_rows(table: dict, length: int) -> list[str]:
-    rows = [f"| KV cache (base model, L = {length}) | passkey | ppl (streamed) | K/V bytes per sample | saved |",
-            "|---|---|---|---|---|"]  # fmt: skip
-    for budget, row in table.items():
+def report(summary: dict, ropes: list[str], lengths: list[int]) -> list[str]:
+    results, relative, target = summary["results"], summary["ppl_relative_to_full"], lengths[-1]
+    rows = [
+        f"| model | ppl@{lengths[0]} | ppl@{lengths[1]} | ppl@{target} | ppl@{target} / full | passkey@{target} | "
+        f"niah@{target} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    names = ["original"] + [f"{rope}_{v}" for rope in ropes for v in ("untrained", *VARIANTS)]
+    for name in (n for n in names if n in results):
+        rope, _, variant = name.partition("_")
+        ratio = relative.get(rope, {}).get(variant, {}).get(f"ppl_len{target}")
+        passkey, niah = retrieval(results[name], target)
+        cells = [f"{results[name]['long_ppl'][f'ppl_len{n}']:.2f}" for n in lengths]
+        cells += [f"{ratio:.3f}" if ratio is not None else "-"]
+        cells += [f"{value:.2f}" if value is not None else "-" for value in (passkey, niah)]
+        rows.append(f"| {name.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    rows += ["", f"| KV cache (base model, L = {lengths[0]}) | passkey | ppl (streamed) | K/V bytes per sample | saved |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for budget, row in summary["kv_cache_at_L"].items():
         rows.append(f"| {budget} | {row['passkey']:.2f} | {row['ppl']:.2f} | {row['kv_bytes']:,.0f} | "
                     f"{row['memory_saved']:.0%} |")  # fmt: skip
+    rows += ["", "Targets:"] + [f"- {name}: {'met' if ok else 'MISSED'}" for name, ok in summary["targets"].items()]
     return rows
 
 

@@ -11,6 +11,7 @@ statistics) lives on the attention module itself as an `AttentionOptions`, set b
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 
@@ -37,6 +38,8 @@ class AttentionOptions:
     num_labels: int | None = None
     on_stats: Callable[[nn.Module, AttentionStats], None] | None = None  # receives the statistics of each call
     backend: str = "auto"
+    # When set, counts every call by (pattern as the kernel applied it, backend that ran): honest run records.
+    call_log: Counter | None = None
 
 
 def output_projection(module: nn.Module) -> nn.Linear | None:
@@ -161,6 +164,9 @@ def ctxaware_attention_forward(
         softcap=softcap,
         backend=options.backend,
     )
+    if options.call_log is not None:
+        applied = stats.pattern.describe(k_len) if stats.pattern is not None else "dense"
+        options.call_log[(applied, stats.backend)] += 1
     if options.on_stats is not None:
         options.on_stats(module, stats)
     return out.transpose(1, 2).contiguous(), None

@@ -43,8 +43,10 @@ class Switch:
 SWITCHES: dict[str, Switch] = {
     "kv_cache": Switch(
         "kv_cache",
-        "KV-cache policy during generation: `full`, or `h2o:BUDGET` (fraction of the prompt kept, or a token count; "
-        "runs attention on the ctxaware kernels). long_ppl then streams each text through the cache token by token "
+        "KV-cache policy during generation: `full`, `h2o:BUDGET` (heavy hitters + recent + sinks; a fraction of the "
+        "prompt kept, or a token count) or `window:BUDGET` (sinks + recent window, StreamingLLM: H2O's baseline at "
+        "the same budget); both run attention on the ctxaware kernels. long_ppl then streams each text through the "
+        "cache token by token "
         "(the fraction is of the text's length); log-likelihood scoring always sees the full context.",
         "full",
         "ctxaware.methods.h2o",

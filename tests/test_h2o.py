@@ -3,17 +3,19 @@ evicting exactly the keys a materialised-attention reference ranks lowest; strea
 under `--kv_cache`) equal to one-pass scoring without eviction and to sink + window attention for a recent-only
 budget."""
 
+from collections import Counter
+
 import pytest
 import torch
 from transformers import DynamicCache
 
 import ctxaware.attention
 from ctxaware import generation
-from ctxaware.attention import set_attention_options
+from ctxaware.attention import attention_modules, get_attention_options, set_attention_options
 from ctxaware.eval.model import EvalModel
 from ctxaware.eval.registry import EvalOptions, get_task
 from ctxaware.kernels import AttentionPattern
-from ctxaware.methods.h2o import H2OCache, H2OLayer, parse_budget
+from ctxaware.methods.h2o import H2OCache, H2OLayer, WindowCache, parse_budget
 from ctxaware.switches import apply_generation_hooks
 from tests.tiny_models import tiny_model
 
@@ -149,6 +151,48 @@ def test_eviction_ranks_the_mass_summed_over_calls():
     assert layer.scores[0, 0].tolist() == [0, 5, 4, 6, 0]
 
 
+def test_window_cache_keeps_the_sinks_and_the_newest_tokens(model):
+    """Budget 6 with 2 sinks, prompts of 10 tokens (row 1 left-padded by 3), 3 new tokens (2 fed back): positions
+    count storage columns, padding included, as in H2O."""
+    ids, mask = _batch(lengths=(10, 7), seed=5)
+    cache = WindowCache(model, budget=6, sinks=2)
+    calls = [Counter() for _ in attention_modules(model)]
+    for module, log in zip(attention_modules(model), calls):
+        get_attention_options(module).call_log = log
+    try:
+        _generate(model, cache, ids, mask, new=3)
+    finally:
+        set_attention_options(model, call_log=None)
+    expected = torch.tensor([[0, 1, 8, 9, 10, 11], [3, 4, 8, 9, 10, 11]])  # sinks, then the 4 newest of 0..11
+    kv_heads = model.config.num_key_value_heads
+    for layer in cache.layers:
+        assert torch.equal(layer.positions, expected[:, None, :].expand(-1, kv_heads, -1))
+    # Bytes as H2O reports them: 2 rows x kv heads x 6 entries x head_dim x 4 bytes, keys and values, every layer.
+    config = model.config
+    assert cache.cache_bytes() == 2 * kv_heads * 6 * config.head_dim * 4 * 2 * config.num_hidden_layers
+    assert generation.kv_cache_bytes(cache) == (cache.cache_bytes(), cache.cache_bytes() * 12 // 6)
+    # No attention statistics were asked for: every call ran the fused SDPA path, none the reference.
+    assert all(set(log) == {("dense", "sdpa")} for log in calls)
+
+
+def test_window_budget_streams_like_sink_plus_window_attention_and_holds_h2os_bytes(model, tiny_tokenizer, tmp_path):
+    texts, budget, sinks = _texts(seed=6), 12, 3
+    streamed, _ = generation.streaming_token_nll(model, texts, WindowCache(model, budget=budget, sinks=sinks))
+    set_attention_options(model, pattern=AttentionPattern.sliding_window(budget - sinks + 1, sinks=sinks))
+    try:
+        windowed = _one_pass_nll(model, texts)
+    finally:
+        set_attention_options(model, pattern=None)
+    assert streamed == pytest.approx(windowed, rel=1e-5)
+    text = tmp_path / "long.txt"
+    text.write_text("The river Alna flows past the town of Bero. The passkey is 83512. Remember it. " * 40)
+    window, h2o = (_long_ppl(model, tiny_tokenizer, text, f"{kind}:0.25") for kind in ("window", "h2o"))
+    assert window.metrics["kv_bytes_len64"] == h2o.metrics["kv_bytes_len64"] == 16 * _entry_bytes(model)
+    assert window.metrics["kv_full_bytes_len64"] == 63 * _entry_bytes(model)
+    assert window.metrics["ppl_len64"] != pytest.approx(h2o.metrics["ppl_len64"], rel=1e-6)
+    assert window.extra["kv_cache"] == "window:0.25"
+
+
 def test_needs_the_ctxaware_kernels():
     sdpa = tiny_model("llama", attn_implementation="sdpa")
     with pytest.raises(ValueError, match="set_attn_implementation\\('ctxaware'\\)"):
@@ -164,6 +208,14 @@ def test_budget_parsing_and_eval_switch(model):
         assert isinstance(setup.cache_factory(), H2OCache)
     finally:
         setup.close()
+    setup = apply_generation_hooks(model, {"kv_cache": "window:16"})
+    try:
+        cache = setup.cache_factory()
+        assert type(cache) is WindowCache and cache.layers[0].budget == 16 and not cache.needs_key_mass
+    finally:
+        setup.close()
+    with pytest.raises(ValueError, match="window:0.2"):
+        apply_generation_hooks(model, {"kv_cache": "window"})
 
 
 # --- streaming perplexity (long_ppl under --kv_cache) ---------------------------------------------------------------

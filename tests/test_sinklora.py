@@ -2,12 +2,14 @@
 scaling, the training patterns, and the bad-input errors."""
 
 import json
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import ctxaware.attention
+from ctxaware.attention import attention_modules
 from ctxaware.methods import sinklora
 from ctxaware.models import load_model
 from ctxaware.training import pack_token_stream, push_folder_to_hub, resolve_resume_checkpoint, write_model_card
@@ -24,6 +26,8 @@ def test_recipe_end_to_end_and_adapter_restores_embeddings_and_norms(tiny_base, 
         "2",
         "--eval_limit",
         "1",
+        "--eval_passkey_limit",
+        "1",
         "--activation_checkpointing",
         "true",
         "--learning_rate",
@@ -34,8 +38,26 @@ def test_recipe_end_to_end_and_adapter_restores_embeddings_and_norms(tiny_base, 
     assert f"adapter, model card and eval results: {adapter}" in result.stdout
     metadata = json.loads((adapter / "sinklora.json").read_text())
     assert metadata["max_position_embeddings"] == 256 and metadata["attention"] == "sf"
-    assert metadata["rope_parameters"]["rope_type"] == "linear" and metadata["rope_parameters"]["factor"] == 4.0
-    summary = json.loads((adapter / "eval_results.json").read_text())["summary"]
+    # What ran, counted at the attention calls: SF at G = 256 / 4 in both layers while training, dense at evaluation.
+    ran = metadata["attention_ran"]
+    assert ran["expected"] == "sf(G=64, sinks=4)" and set(ran["patterns"]) == {"sf(G=64, sinks=4)"}
+    assert set(ran["backends"]) == {"sdpa"} and ran["layers_called"] == ran["layers"] == 2
+    assert set(ran["evaluation"]["patterns"]) == {"dense"}
+    assert '"attention_ran"' in result.stdout
+    assert metadata["rope_parameters"]["rope_type"] == "yarn" and metadata["rope_parameters"]["factor"] == 4.0
+    results = json.loads((adapter / "eval_results.json").read_text())
+    summary = results["summary"]
+    # Before and after on the same text: the original model, the RoPE-scaled one untrained, the trained one.
+    assert set(results["before"]) == {"original", "scaled"}
+    assert results["before"]["original"]["long_ppl"].keys() == summary["long_ppl"].keys()
+    assert results["before"]["original"] != results["before"]["scaled"]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert table[0] == "| model | ppl@64 | ppl@128 | ppl@256 | passkey@256 |"
+    assert [row.split(" | ")[0] for row in table[1:]] == [
+        f"| original {tiny_base} (context 64)",
+        "| yarn RoPE x4, untrained",
+        "| yarn RoPE x4 + SF LoRA, 2 steps",
+    ]
     assert set(summary["long_ppl"]) == {"ppl_len64", "ppl_len128", "ppl_len256"}
     assert "acc_len256" in summary["passkey"]
     assert "| long_ppl | ppl_len256 |" in (adapter / "README.md").read_text()
@@ -87,6 +109,9 @@ def _parse(recipe, args):
         (["--attention", "dense"], "not one of sf, s2, full"),
         (["--load_in_4bit", "true"], "need bitsandbytes on a CUDA GPU.*drop --load_in_4bit"),
         (["--attn_implementation", "sdpa"], "--attn_implementation ctxaware"),
+        (["--train_mix", "passkey:2", "novels:1"], "entry 'novels:1'.*kind among facts"),
+        (["--train_mix", "passkey:-1"], "weight >= 0"),
+        (["--train_mix", "passkey:0"], "no document a positive weight"),
     ],
 )
 def test_bad_input_is_refused_before_loading(tiny_base, tmp_path, flags, message):
@@ -94,6 +119,15 @@ def test_bad_input_is_refused_before_loading(tiny_base, tmp_path, flags, message
     args, model_args = _parse(recipe, ["--model_name_or_path", str(tiny_base), "--output_dir", str(tmp_path), *flags])
     with pytest.raises(ValueError, match=message):
         recipe.validate(args, model_args, original_length=64)
+
+
+def test_default_yaml_is_the_plain_command():
+    """`accelerate launch recipes/sinklora.py` (the README's main job) and `--config .../default.yaml` are one run."""
+    recipe = load_recipe("sinklora")
+    plain = _parse(recipe, [])
+    configured = _parse(recipe, ["--config", "recipes/configs/sinklora/default.yaml"])
+    assert plain[0].to_dict() == configured[0].to_dict()
+    assert vars(plain[1]) == vars(configured[1])
 
 
 def test_dataset_without_text_column(tmp_path):
@@ -141,6 +175,36 @@ def test_patterns_and_full_attention_switch():
     assert not torch.allclose(patterned, dense)
     modules_to_save = model.peft_config["default"].modules_to_save
     assert {"embed_tokens", "input_layernorm", "post_attention_layernorm", "norm"} <= set(modules_to_save)
+
+
+def test_the_record_reads_the_pattern_and_backend_that_ran_and_catches_a_dense_run_labelled_sf():
+    model = tiny_model("llama", attn_implementation=ctxaware.attention.ATTN_IMPLEMENTATION)
+    layers = model.config.num_hidden_layers
+    model = sinklora.prepare_model(model, sinklora.training_pattern("sf", 0.25, sinks=4), sinklora.lora_config(model))
+    ids = torch.randint(3, 300, (1, 64))
+    with sinklora.record_attention(model) as record:
+        model(input_ids=ids, labels=ids).loss.backward()
+    expected = sinklora.expected_pattern("sf", 0.25, 4, 64)
+    assert expected == "sf(G=16, sinks=4)"
+    # One call per layer, each with the SF pattern at G = 64 / 4 on the CPU's masked SDPA backend.
+    assert record == {
+        "patterns": {"sf(G=16, sinks=4)": layers},
+        "backends": {"sdpa": layers},
+        "calls": layers,
+        "layers": layers,
+        "layers_called": layers,
+    }
+    sinklora.check_attention_ran(record, expected)
+    assert all(ctxaware.attention.get_attention_options(m).call_log is None for m in attention_modules(model))
+
+    # The same model with the pattern switched off trains dense: the record says so and the check refuses it.
+    with sinklora.full_attention(model), sinklora.record_attention(model) as dense:
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert dense["patterns"] == {"dense": layers}
+    with pytest.raises(RuntimeError, match=r"configured for sf\(G=16, sinks=4\).*ran \{'dense': 2\}"):
+        sinklora.check_attention_ran(dense, expected)
+    with pytest.raises(RuntimeError, match="in 0 of 2 layers"):
+        sinklora.check_attention_ran(sinklora.attention_record([Counter(), Counter()]), "dense")
 
 
 def test_pack_token_stream():

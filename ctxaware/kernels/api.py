@@ -12,11 +12,14 @@ from ctxaware.kernels.reference import masked_sdpa_attention, reference_attentio
 
 @dataclass
 class AttentionStats:
-    """Statistics of one call; a field is None unless requested. None of them carries gradients."""
+    """Statistics of one call; a tensor field is None unless requested. None of them carries gradients.
+    `backend` and `pattern` say what ran: the backend after resolving "auto", and the pattern it was given."""
 
     lse: torch.Tensor | None = None  # (B, Hq, Sq) fp32, natural log; -inf on fully masked / gated-off rows
     key_mass: torch.Tensor | None = None  # (B, Hq, Sk) fp32: sum over queries of the probability on each key
     label_mass: torch.Tensor | None = None  # (B, Hq, Sq, num_labels) fp32: per query, probability on each label
+    backend: str | None = None  # "triton", "reference" or "sdpa"
+    pattern: AttentionPattern | None = None  # None: dense
 
 
 def _validate(q, k, v, pattern, key_padding_mask, doc_ids, head_gates, key_labels, num_labels, backend):
@@ -120,11 +123,13 @@ def attention(
         kwargs = {
             name: value for name, value in kwargs.items() if name not in ("key_mass", "key_labels", "num_labels")
         }
-        return masked_sdpa_attention(q, k, v, **kwargs), AttentionStats()
+        return masked_sdpa_attention(q, k, v, **kwargs), AttentionStats(backend=backend, pattern=pattern)
     if backend == "triton":
         from ctxaware.kernels.triton_attention import triton_attention
 
         out, lse, mass, label_mass = triton_attention(q, k, v, **kwargs)
     else:
         out, lse, mass, label_mass = reference_attention(q, k, v, **kwargs)
-    return out, AttentionStats(lse=lse if return_lse else None, key_mass=mass, label_mass=label_mass)
+    stats = AttentionStats(lse=lse if return_lse else None, key_mass=mass, label_mass=label_mass)
+    stats.backend, stats.pattern = backend, pattern
+    return out, stats

@@ -86,6 +86,16 @@ class AttentionPattern:
             return max(2, 2 * round(self.group_size_ratio * key_len / 2))
         return max(1, round(self.group_size_ratio * key_len))
 
+    def describe(self, key_len: int) -> str:
+        """The pattern as it applies to a call with `key_len` keys, e.g. `sf(G=512, sinks=4)` or `dense`."""
+        if self.kind in ("s2", "sf"):
+            shifted = "" if self.shifted_head_fraction == 0.5 else f", shifted={self.shifted_head_fraction:g}"
+            sinks = f", sinks={self.sinks}" if self.sinks else ""
+            return f"{self.kind}(G={self.resolve_group_size(key_len)}{sinks}{shifted})"
+        if self.kind == "window":
+            return f"window(W={self.window}, sinks={self.sinks})"
+        return "dense"
+
     def num_shifted_heads(self, num_q_heads: int) -> int:
         """Shifted heads are the LAST `floor(num_q_heads * shifted_head_fraction)` query heads."""
         if self.kind not in ("s2", "sf"):

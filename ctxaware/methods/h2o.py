@@ -1,7 +1,9 @@
-"""H2O KV-cache eviction (heavy hitters + recent window + sink tokens) as a `transformers` cache.
+"""H2O KV-cache eviction (heavy hitters + recent window + sink tokens) as a `transformers` cache, and its baseline
+at the same budget: sinks + recent window only (StreamingLLM), which keeps no attention statistics.
 
     cache = H2OCache(model, budget=0.2)            # keep 20% of the prompt's length; or budget=512 tokens
     model.generate(input_ids, attention_mask=mask, cache=cache, max_new_tokens=32)  # or past_key_values=
+    cache = WindowCache(model, budget=0.2)         # the first 4 real tokens and the newest rest of the budget
 
 The score of a cached key is its attention mass summed over every query that has seen it (prefill and each decode
 step) and over the query heads that share its key/value head; the kernel family returns that mass without
@@ -106,12 +108,16 @@ class H2OLayer(DynamicLayer):
     def num_recent(self) -> int:
         return min(round(self.budget * self.recent_ratio), max(self.budget - self.sinks, 0))
 
-    def observe(self, key_mass: torch.Tensor, real: torch.Tensor | None) -> None:
-        """Adds one attention call's per-key mass (B, Hq, kept) and evicts down to the budget."""
+    def observe(self, key_mass: torch.Tensor | None, real: torch.Tensor | None) -> None:
+        """Adds one attention call's per-key mass (B, Hq, kept; None for a window cache, which keeps no scores) and
+        evicts down to the budget."""
         batch, heads, stored = self.scores.shape
-        if key_mass.shape[-1] != stored:
-            raise RuntimeError(f"H2O: attention returned mass for {key_mass.shape[-1]} keys, the cache holds {stored}")
-        self.scores += key_mass.view(batch, heads, -1, stored).sum(2).to(self.scores.dtype)
+        if key_mass is not None:
+            if key_mass.shape[-1] != stored:
+                raise RuntimeError(
+                    f"H2O: attention returned mass for {key_mass.shape[-1]} keys, the cache holds {stored}"
+                )
+            self.scores += key_mass.view(batch, heads, -1, stored).sum(2).to(self.scores.dtype)
         if stored > self.budget:
             self._evict(real)
 
@@ -167,6 +173,8 @@ class H2OCache(Cache):
     `DynamicCache`.
     """
 
+    needs_key_mass = True  # the attention calls return per-key mass while this cache is in use
+
     def __init__(
         self,
         model: nn.Module,
@@ -207,16 +215,28 @@ class H2OCache(Cache):
 
     def _observe(self, module: nn.Module, stats) -> None:
         layer = self.layers[module.layer_idx]
-        if stats.key_mass is None or not layer.is_initialized:
+        if (self.needs_key_mass and stats.key_mass is None) or not layer.is_initialized:
             return
         stored = layer.keys.shape[-2]
         real = None if self._real is None else self._real[:, -stored:].to(layer.device)
         layer.observe(stats.key_mass, real)
 
 
+class WindowCache(H2OCache):
+    """StreamingLLM's cache, H2O's baseline at the same budget: after each layer's attention it keeps the first
+    `sinks` real tokens and the newest `budget - sinks` entries (H2O with `recent_ratio=1`, so the budget, padding,
+    positions and `cache_bytes` behave identically), and asks the kernels for no statistics. Positions keep counting
+    every token seen, as in H2O (StreamingLLM itself renumbers positions inside the cache)."""
+
+    needs_key_mass = False
+
+    def __init__(self, model: nn.Module, budget: float | int, *, sinks: int = 4, reference_length: int | None = None):
+        super().__init__(model, budget, sinks=sinks, recent_ratio=1.0, reference_length=reference_length)
+
+
 def enable_h2o(model: nn.Module) -> nn.Module:
-    """Installs (once) the forward hooks through which an `H2OCache` passed as `cache` gets each layer's
-    key mass. Outside such calls the attention options are left as they were. Returns the base (non-PEFT) model."""
+    """Installs (once) the forward hooks through which an `H2OCache` (or `WindowCache`) passed as `cache` sees each
+    layer's attention call (and key mass) to evict after it. Outside such calls the attention options are left as they were. Returns the base (non-PEFT) model."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base, _HOOKS_ATTR, None) is not None:
         return base
@@ -238,7 +258,7 @@ def enable_h2o(model: nn.Module) -> nn.Module:
         for module in modules:
             options = get_attention_options(module)
             saved.append((options.key_mass, options.on_stats))
-            options.key_mass, options.on_stats = True, cache._observe
+            options.key_mass, options.on_stats = cache.needs_key_mass, cache._observe
 
     def after(_module, _args, _kwargs, _output):
         while saved:
@@ -262,16 +282,28 @@ def disable_h2o(model: nn.Module) -> None:
         delattr(base, _HOOKS_ATTR)
 
 
-# --- `ctxaware eval --kv_cache h2o:BUDGET` -------------------------------------------------------------------------
+# --- `ctxaware eval --kv_cache h2o:BUDGET` / `window:BUDGET` ------------------------------------------------------
 @register_generation_hook("kv_cache", "h2o")
 def _h2o_cache(model, args: str, setup: GenerationSetup) -> None:
     """A fresh `H2OCache` per generate call; attention switches to the ctxaware kernels, which give the key mass."""
+    _evicting_cache(model, "h2o", args, setup, H2OCache)
+
+
+@register_generation_hook("kv_cache", "window")
+def _window_cache(model, args: str, setup: GenerationSetup) -> None:
+    """A fresh `WindowCache` (sinks + recent window, StreamingLLM) per generate call, with H2O's budget semantics."""
+    _evicting_cache(model, "window", args, setup, WindowCache)
+
+
+def _evicting_cache(model, kind: str, args: str, setup: GenerationSetup, cache_class) -> None:
     if not args:
-        raise ValueError("--kv_cache h2o needs a budget: `h2o:0.2` (fraction of the prompt) or `h2o:512` (tokens).")
+        raise ValueError(
+            f"--kv_cache {kind} needs a budget: `{kind}:0.2` (fraction of the prompt) or `{kind}:512` (tokens)."
+        )
     budget = parse_budget(args)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     setup.stack.callback(base.set_attn_implementation, base.config._attn_implementation)
     base.set_attn_implementation(ATTN_IMPLEMENTATION)
     setup.stack.callback(disable_h2o, model)
-    H2OCache(model, budget)  # validates the model (full-attention layers only) now rather than at the first batch
-    setup.cache_factory = lambda length=None: H2OCache(model, budget, reference_length=length)
+    cache_class(model, budget)  # validates the model (full-attention layers only) now rather than at the first batch
+    setup.cache_factory = lambda length=None: cache_class(model, budget, reference_length=length)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -154,6 +155,58 @@ def full_attention(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, pattern in zip(modules, saved):
             get_attention_options(module).pattern = pattern
+
+
+@contextmanager
+def record_attention(model: nn.Module) -> Iterator[dict]:
+    """Counts, inside the block, every attention call by the pattern the kernel applied and the backend that ran
+    (read at the call, not from any config); the yielded dict is filled with `attention_record`'s summary on exit."""
+    modules = attention_modules(model)
+    logs = [Counter() for _ in modules]
+    saved = [get_attention_options(m).call_log for m in modules]
+    record: dict = {}
+    try:
+        for module, log in zip(modules, logs):
+            get_attention_options(module).call_log = log
+        yield record
+    finally:
+        for module, log in zip(modules, saved):
+            get_attention_options(module).call_log = log
+        record.update(attention_record(logs))
+
+
+def attention_record(logs: list[Counter]) -> dict:
+    """{"patterns": {pattern: calls}, "backends": {backend: calls}, "calls", "layers", "layers_called"} over the
+    per-layer call logs, so a layer that never ran (or ran another pattern) shows."""
+    patterns, backends = Counter(), Counter()
+    for log in logs:
+        for (pattern, backend), calls in log.items():
+            patterns[pattern] += calls
+            backends[str(backend)] += calls
+    return {
+        "patterns": dict(patterns),
+        "backends": dict(backends),
+        "calls": sum(patterns.values()),
+        "layers": len(logs),
+        "layers_called": sum(1 for log in logs if log),
+    }
+
+
+def expected_pattern(attention: str, group_size_ratio: float, sinks: int, length: int) -> str:
+    """How the kernel describes the training pattern of `attention` at rows of `length` tokens."""
+    pattern = training_pattern(attention, group_size_ratio, sinks)
+    return "dense" if pattern is None else pattern.describe(length)
+
+
+def check_attention_ran(record: dict, expected: str) -> None:
+    """Raises unless every attention call of every layer ran `expected` (so a run that silently trained dense while
+    its configuration says "sf" cannot be saved as an SF adapter)."""
+    if record["patterns"].keys() != {expected} or record["layers_called"] != record["layers"]:
+        raise RuntimeError(
+            f"training was configured for {expected} attention, but the attention modules ran {record['patterns']} "
+            f"in {record['layers_called']} of {record['layers']} layers: the pattern was not applied as configured; "
+            "no adapter was saved"
+        )
 
 
 def write_metadata(folder: str | Path, **metadata) -> Path:

@@ -1,0 +1,83 @@
+"""benchmarks/sinklora_science.py: its perplexity ratios and its target pass/fail logic on fixed numbers."""
+
+import importlib
+import sys
+
+import pytest
+
+from tests.launch import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def science():
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        yield importlib.import_module("sinklora_science")
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+
+
+def _result(ppl512, ppl2048, passkey=None, niah=None):
+    result = {"long_ppl": {"ppl_len512": ppl512, "ppl_len1024": ppl512 + 1, "ppl_len2048": ppl2048}}
+    if passkey is not None:
+        result["passkey"] = {"acc": passkey, "acc_len2048": passkey}
+    if niah is not None:
+        result["niah"] = {"acc_plain": niah, "acc_plain_len2048": niah}
+    return result
+
+
+RESULTS = {
+    "original": _result(43.6, 134.3, passkey=0.0),
+    "yarn_untrained": _result(41.0, 45.6, passkey=1.0, niah=0.4),
+    "yarn_full": _result(4.0, 4.0, passkey=1.0, niah=0.95),
+    "yarn_s2": _result(4.0, 4.2, passkey=0.8, niah=0.9),
+    "yarn_sf": _result(4.0, 4.1, passkey=0.9, niah=0.9),  # exactly at the 0.9 bar and 2.5% above full: met
+    "linear_untrained": _result(211.7, 216.3, passkey=0.0),
+    "linear_full": _result(4.0, 4.0, passkey=0.5, niah=0.2),
+    "linear_s2": _result(4.0, 4.1, passkey=0.0, niah=0.0),  # better than sf: the paper's direction missed
+    "linear_sf": _result(4.0, 4.2, passkey=0.85, niah=None),  # 5% above full, below 0.9, niah not evaluated
+}
+KV = {
+    "full": {"ppl": 30.0, "within_budget": True},
+    "h2o:0.2": {"ppl": 31.0, "within_budget": True},
+    "window:0.2": {"ppl": 33.0, "within_budget": True},
+}
+
+
+def test_targets_on_fixed_numbers(science):
+    met = science.targets(RESULTS, ["yarn", "linear"], 2048, KV)
+    assert met == {
+        "yarn: sf passkey@2048 >= 0.9": True,
+        "yarn: sf niah@2048 >= 0.9": True,
+        "yarn: sf ppl@2048 within 3% of full": True,
+        "yarn: s2 ppl@2048 no better than sf": True,
+        "yarn: sf ppl@2048 below the untrained scaled model's": True,
+        "linear: sf passkey@2048 >= 0.9": False,
+        "linear: sf niah@2048 >= 0.9": False,
+        "linear: sf ppl@2048 within 3% of full": False,
+        "linear: s2 ppl@2048 no better than sf": False,
+        "linear: sf ppl@2048 below the untrained scaled model's": True,
+        "kv: every cache holds at most its budget": True,
+        "kv: h2o:0.2 raises ppl less than window:0.2": True,
+    }
+    worse = {**KV, "h2o:0.2": {"ppl": 34.0, "within_budget": False}}
+    met = science.targets(RESULTS, ["yarn"], 2048, worse)
+    assert not met["kv: h2o:0.2 raises ppl less than window:0.2"]
+    assert not met["kv: every cache holds at most its budget"]
+    # A variant that did not run misses every target that needs it.
+    assert not any(science.targets({"yarn_full": RESULTS["yarn_full"]}, ["yarn"], 2048).values())
+
+
+def test_ppl_relative_to_full_and_report(science):
+    relative = science.relative_to_full(RESULTS, ["yarn", "linear"], [512, 1024, 2048])
+    assert relative["yarn"]["sf"]["ppl_len2048"] == pytest.approx(4.1 / 4.0)
+    assert relative["yarn"]["untrained"]["ppl_len2048"] == pytest.approx(45.6 / 4.0)
+    assert relative["linear"]["full"] == {"ppl_len512": 1.0, "ppl_len1024": 1.0, "ppl_len2048": 1.0}
+    kv = {b: {**row, "passkey": 1.0, "kv_bytes": 10.0, "memory_saved": 0.5} for b, row in KV.items()}
+    summary = {"results": RESULTS, "ppl_relative_to_full": relative, "kv_cache_at_L": kv,
+               "targets": science.targets(RESULTS, ["yarn"], 2048, KV)}  # fmt: skip
+    rows = science.report(summary, ["yarn", "linear"], [512, 1024, 2048])
+    assert "| yarn sf | 4.00 | 5.00 | 4.10 | 1.025 | 0.90 | 0.90 |" in rows
+    assert "| linear sf | 4.00 | 5.00 | 4.20 | 1.050 | 0.85 | - |" in rows
+    assert "| original | 43.60 | 44.60 | 134.30 | - | 0.00 | - |" in rows
+    assert "- yarn: sf passkey@2048 >= 0.9: met" in rows

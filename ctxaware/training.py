@@ -123,11 +123,17 @@ def load_causal_lm(
 
 
 def check_4bit(load_in_4bit: bool) -> None:
-    if load_in_4bit and not torch.cuda.is_available():
+    if not load_in_4bit:
+        return
+    if not torch.cuda.is_available():
         raise ValueError(
             "4-bit base weights (--load_in_4bit) need bitsandbytes on a CUDA GPU, and no GPU is visible: drop "
             "--load_in_4bit to train in full precision on this machine"
         )
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("4-bit base weights (--load_in_4bit) need bitsandbytes: pip install 'ctxaware[4bit]'")
 
 
 class RunConfigCallback(TrainerCallback):

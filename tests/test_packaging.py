@@ -48,3 +48,11 @@ def test_non_editable_install_works_from_any_directory(tmp_path):
     assert "usage: ctxaware" in help_text
     (entry_points,) = target.glob("ctxaware-*.dist-info/entry_points.txt")
     assert "ctxaware = ctxaware.cli:main" in entry_points.read_text()  # the `ctxaware` console script
+
+
+def test_bitsandbytes_is_an_extra_not_a_core_dependency():
+    """Installed, bitsandbytes is imported by PEFT in every process (and on a CPU reaches for the Hub): only users who
+    ask for 4-bit weights get it."""
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert not any(dep.startswith("bitsandbytes") for dep in project["dependencies"])
+    assert any(dep.startswith("bitsandbytes") for dep in project["optional-dependencies"]["4bit"])

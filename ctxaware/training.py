@@ -89,6 +89,22 @@ def pack_token_stream(
     return rows
 
 
+def pack_texts(texts: Iterable[str], tokenizer, length: int, rows: int, *, what: str = "rows") -> list[list[int]]:
+    """`rows` rows of exactly `length` tokens: each text as BOS text EOS (BOS only where the model starts plain text
+    with it, as `generation.encode_prompt` decides: not SmolLM2, whose BOS is its chat turn marker), concatenated and
+    cut; raises if the texts fill fewer rows, naming `what` to lower."""
+    from ctxaware.generation import encode_prompt
+
+    documents = (encode_prompt(tokenizer, text) for text in texts)
+    packed = pack_token_stream(documents, length, max_rows=rows, separator=tokenizer.eos_token_id)
+    if len(packed) < rows:
+        raise ValueError(
+            f"the data holds {len(packed)} rows of {length} tokens, fewer than the {rows} asked: lower {what} or use "
+            "a larger data set"
+        )
+    return packed
+
+
 def load_causal_lm(
     name_or_path: str,
     *,

@@ -47,7 +47,7 @@ from ctxaware.training import (
     RecipeTrainingArguments,
     RequireTrainingSteps,
     RunConfigCallback,
-    pack_token_stream,
+    pack_texts,
     resolve_resume_checkpoint,
     usage_errors,
 )
@@ -149,22 +149,11 @@ def documents(args: MoHArguments, split: str, n_docs: int, text_field: str = "te
 
 
 def packed_rows(args: MoHArguments, tokenizer, split: str, num_rows: int, text_field: str) -> list[list[int]]:
-    """Documents as BOS ids EOS, concatenated and cut into rows of exactly `seq_len` tokens."""
+    """`num_rows` rows of exactly `seq_len` tokens of the split's documents (`training.pack_texts`)."""
     if num_rows <= 0:
         return []
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-
-    def tokenized():
-        for text in documents(args, split, num_rows * 8, text_field):
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            yield ids if bos is None or ids[:1] == [bos] else [bos, *ids]
-
-    rows = pack_token_stream(tokenized(), args.seq_len, max_rows=num_rows, separator=eos)
-    if len(rows) < num_rows:
-        raise ValueError(
-            f"the data gave {len(rows)} rows of {args.seq_len} tokens, {num_rows} asked: lower the count."
-        )
-    return rows
+    texts = documents(args, split, num_rows * 8, text_field)
+    return pack_texts(texts, tokenizer, args.seq_len, num_rows, what="the row count")
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ from ctxaware.training import (
     RunConfigCallback,
     check_4bit,
     load_causal_lm,
-    pack_token_stream,
+    pack_texts,
     push_folder_to_hub,
     resolve_resume_checkpoint,
     usage_errors,
@@ -212,7 +212,7 @@ def parse_mix(entries: list[str]) -> dict[str, float]:
 
 
 def packed_rows(args: SinkLoRAConfig, tokenizer, length: int) -> list[list[int]]:
-    """`num_train_rows` rows of exactly `length` tokens: documents as BOS text EOS, concatenated and cut."""
+    """`num_train_rows` rows of exactly `length` tokens of the training text (`training.pack_texts`)."""
     if args.dataset_name:
         texts = (row[args.dataset_text_field] for row in load_text_dataset(args))
     else:
@@ -221,19 +221,7 @@ def packed_rows(args: SinkLoRAConfig, tokenizer, length: int) -> list[list[int]]
         mix = parse_mix(args.train_mix)
         corpus = pretraining_corpus(build_world(args.world_seed), 10**9, seed=args.seed, mix=mix, max_tokens=length)
         texts = (doc["text"] for doc in corpus)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-
-    def documents():
-        for text in texts:
-            yield bos + tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    rows = pack_token_stream(documents(), length, max_rows=args.num_train_rows, separator=tokenizer.eos_token_id)
-    if len(rows) < args.num_train_rows:
-        raise ValueError(
-            f"the data holds {len(rows)} rows of {length} tokens, fewer than num_train_rows={args.num_train_rows}: "
-            "lower --num_train_rows or use a larger data set"
-        )
-    return rows
+    return pack_texts(texts, tokenizer, length, args.num_train_rows, what="--num_train_rows")
 
 
 def evaluate(

@@ -305,3 +305,22 @@ def test_known_facts_splits_are_disjoint_and_answers_unambiguous():
     for fact in validation + test:
         assert fact["counterfactual_answer"] != fact["answer"] and fact["counterfactual_answer"] in fact["passage"]
         assert fact["answer"] not in fact["passage"] and fact["answer"].lower() not in fact["subject"].lower()
+
+
+def test_packed_training_rows_start_documents_as_the_model_does(tiny_gguf):
+    """Training text packs as BOS text EOS where the model starts plain text with BOS (ctxaware-tiny), and as text EOS
+    where its BOS is a chat marker (a GGUF that declares no BOS, as SmolLM2's does)."""
+    from ctxaware.models import load_tokenizer
+    from ctxaware.training import pack_texts
+
+    texts = ["The river flows past the town. " * 3, "Question: What is 17 + 25? Answer: 42. " * 3]
+    _, _, path = tiny_gguf
+    gguf_tokenizer = load_tokenizer(resolve_model_path(str(path)))
+    (row,) = pack_texts(texts[:1], gguf_tokenizer, 8, 1)
+    assert row == gguf_tokenizer(texts[0])["input_ids"][:8] and gguf_tokenizer.bos_token_id not in row
+    tiny = load_tokenizer(resolve_model_path("ctxaware-tiny"))
+    rows = pack_texts(texts, tiny, 16, 2)
+    first = tiny(texts[0], add_special_tokens=False)["input_ids"]
+    assert rows[0] == [tiny.bos_token_id, *first][:16]
+    with pytest.raises(ValueError, match="fewer than the 99 asked: lower --num_train_rows"):
+        pack_texts(texts, tiny, 16, 99, what="--num_train_rows")

@@ -23,10 +23,24 @@ def encode_prompt(tokenizer, text: str, *, add_bos: bool = True) -> list[int]:
     """
     ids = tokenizer(text, add_special_tokens=add_bos)["input_ids"]
     bos = tokenizer.bos_token_id
-    declared = getattr(tokenizer, "init_kwargs", {}).get(PLAIN_TEXT_BOS_KEY, True)
-    if add_bos and bos is not None and declared and (not ids or ids[0] != bos):
+    if add_bos and starts_with_bos(tokenizer) and (not ids or ids[0] != bos):
         ids = [bos, *ids]
     return ids
+
+
+def starts_with_bos(tokenizer) -> bool:
+    """Whether the model expects plain text to start with its BOS token: it has one, and its config does not set
+    `PLAIN_TEXT_BOS_KEY` false."""
+    return tokenizer.bos_token_id is not None and getattr(tokenizer, "init_kwargs", {}).get(PLAIN_TEXT_BOS_KEY, True)
+
+
+def plain_text_bos(tokenizer) -> str:
+    """The BOS text to put before plain text that the tokenizer will encode with its special tokens: BOS where the
+    model expects it (`starts_with_bos`) and the tokenizer does not add it itself, else ""."""
+    if not starts_with_bos(tokenizer):
+        return ""
+    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+    return "" if ids and ids[0] == tokenizer.bos_token_id else tokenizer.bos_token
 
 
 def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

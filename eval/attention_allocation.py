@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctxaware import generation
 from ctxaware.eval import data
 from ctxaware.eval.prompts import qa_text, template_variants
 from ctxaware.eval.registry import EvalOptions, Task, TaskResult, register_task
@@ -87,7 +88,7 @@ def labelled_prompt(lm, context: str, question: str, *, chat: bool) -> tuple[lis
         prefix: list[int] = []
     else:
         text = user
-        prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        prefix = [tokenizer.bos_token_id] if generation.starts_with_bos(tokenizer) else []
     spans = {"context": _find(text, context, 0)}
     spans["question"] = _find(text, question, spans["context"][1])
     if chat:

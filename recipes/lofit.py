@@ -34,6 +34,7 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, TrlParser
 
 from ctxaware.adapters import count_trainable
 from ctxaware.datafiles import load_rows
+from ctxaware.generation import plain_text_bos
 from ctxaware.heads import (
     HeadLayout,
     all_heads,
@@ -197,9 +198,10 @@ FORMATTERS = {"truthfulqa": truthfulqa_pairs, "clutrr": clutrr_example, "mquake"
 
 
 def with_bos(records: list[dict], tokenizer) -> list[dict]:
-    """Prompts start with BOS, as in pretraining, when the tokenizer does not add it itself (nor a chat template)."""
-    bos = tokenizer.bos_token
-    if bos is None or tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+    """Prompts start with BOS, as in pretraining, where the model starts plain text with it
+    (`generation.plain_text_bos`)."""
+    bos = plain_text_bos(tokenizer)
+    if not bos:
         return records
     return [r if r["prompt"].startswith(bos) else {**r, "prompt": bos + r["prompt"]} for r in records]
 

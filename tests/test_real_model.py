@@ -324,3 +324,16 @@ def test_packed_training_rows_start_documents_as_the_model_does(tiny_gguf):
     assert rows[0] == [tiny.bos_token_id, *first][:16]
     with pytest.raises(ValueError, match="fewer than the 99 asked: lower --num_train_rows"):
         pack_texts(texts, tiny, 16, 99, what="--num_train_rows")
+
+
+def test_plain_text_bos_follows_the_model(tiny_gguf):
+    """One rule for every plain prompt (RLHF's summary prompts, LoFiT's, attention allocation's): BOS for
+    ctxaware-tiny, none for a GGUF model that declares none."""
+    from ctxaware.generation import plain_text_bos, starts_with_bos
+    from ctxaware.models import load_tokenizer
+
+    _, _, path = tiny_gguf
+    gguf_tokenizer = load_tokenizer(resolve_model_path(str(path)))
+    tiny = load_tokenizer(resolve_model_path("ctxaware-tiny"))
+    assert (starts_with_bos(tiny), plain_text_bos(tiny)) == (True, tiny.bos_token)
+    assert (starts_with_bos(gguf_tokenizer), plain_text_bos(gguf_tokenizer)) == (False, "")

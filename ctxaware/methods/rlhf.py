@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ctxaware.generation import plain_text_bos
 from ctxaware.world.preference import SUMMARY_PROMPT
 
 
@@ -28,17 +29,8 @@ PREFERENCE_COLUMNS = ("chosen", "rejected")
 
 
 # ---------------------------------------------------------------------------------------------------------- formats
-def prompt_prefix(tokenizer) -> str:
-    """The BOS text to put before a plain prompt when the tokenizer does not add it itself ("" without a BOS)."""
-    bos = tokenizer.bos_token
-    if bos is None:
-        return ""
-    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
-    return "" if ids and ids[0] == tokenizer.bos_token_id else bos
-
-
 def policy_prompt(tokenizer, post: str) -> str:
-    return prompt_prefix(tokenizer) + SUMMARY_PROMPT.format(post=post)
+    return plain_text_bos(tokenizer) + SUMMARY_PROMPT.format(post=post)
 
 
 def post_from_prompt(prompt: str, bos_token: str | None = None) -> str:

@@ -45,9 +45,17 @@ NON_ARITH = (
 def recipe_command(method: str, out: Path, sizes: dict, learning_rate: float, extra: list[str]) -> list[str]:
     rate = ["--lora_learning_rate" if method == "lora" else "--learning_rate", str(learning_rate)]
     return launch_recipe(
-        "arith_heads", "--config", str(CONFIG), "--method", method, "--output_dir", str(out / method),
-        *[item for key, value in sizes.items() for item in (f"--{key}", str(value))], *rate, *extra,
-    )  # fmt: skip
+        "arith_heads",
+        "--config",
+        str(CONFIG),
+        "--method",
+        method,
+        "--output_dir",
+        str(out / method),
+        *[item for key, value in sizes.items() for item in (f"--{key}", str(value))],
+        *rate,
+        *extra,
+    )
 
 
 def timed(label: str, commands: list[tuple[list[str], Path]]) -> float:
@@ -96,8 +104,14 @@ def targets(results: dict, attribution: dict) -> dict:
 
 def table(summary: dict) -> str:
     results, attribution = summary["results"], summary["attribution"]
-    metrics = ["arith_in_distribution", *HARD_CELLS, "arith_other_digits", "arith_other_templates", "arith_other_ops",
-               *NON_ARITH]  # fmt: skip
+    metrics = [
+        "arith_in_distribution",
+        *HARD_CELLS,
+        "arith_other_digits",
+        "arith_other_templates",
+        "arith_other_ops",
+        *NON_ARITH,
+    ]
     before = results["heads"]["before"]
     rows = [
         "| method | trained params | train loss first -> last | " + " | ".join(metrics) + " |",
@@ -129,8 +143,9 @@ def table(summary: dict) -> str:
         "|---|---|---|",
     ]
     for name, target in summary["targets"].items():
-        numbers = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in target.items()
-                            if k != "pass")  # fmt: skip
+        numbers = ", ".join(
+            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in target.items() if k != "pass"
+        )
         rows.append(f"| {name} | {'yes' if target['pass'] else 'NO'} | {numbers} |")
     return "\n".join(rows) + "\n"
 
@@ -148,10 +163,16 @@ def main() -> None:
     parser.add_argument("--eval_limit", type=int, default=300, help="records per harness task and closed-book facts")
     args, passthrough = parser.parse_known_args()  # other flags go to every recipe run (e.g. --kv_policy any)
     out = output_folder(args.out)
-    sizes = {"train_per_cell": args.train_per_cell, "num_train_epochs": args.epochs,
-             "attribution_pairs": args.attribution_pairs, "eval_per_cell": args.eval_per_cell,
-             "eval_limit": args.eval_limit, "logging_steps": 25, "seed": 0,
-             "bf16": "false"}  # fmt: skip
+    sizes = {
+        "train_per_cell": args.train_per_cell,
+        "num_train_epochs": args.epochs,
+        "attribution_pairs": args.attribution_pairs,
+        "eval_per_cell": args.eval_per_cell,
+        "eval_limit": args.eval_limit,
+        "logging_steps": 25,
+        "seed": 0,
+        "bf16": "false",
+    }
     # float32 weights: the recipe loads the model in bf16 where training runs in bf16, and full fine-tuning of bf16
     # weights drops updates below bf16's resolution (2e-4 * Adam's unit step vs weights ~0.05); the model is tiny.
     extra = list(passthrough)
@@ -164,8 +185,12 @@ def main() -> None:
             "logging_steps": 1,
         }
         extra += ["--max_steps", "3", "--eval_digits", "2", "3"]
-    rates = {"heads": args.learning_rate, "random_heads": args.learning_rate, "lora": args.learning_rate,
-             "full": args.full_learning_rate}  # fmt: skip
+    rates = {
+        "heads": args.learning_rate,
+        "random_heads": args.learning_rate,
+        "lora": args.learning_rate,
+        "full": args.full_learning_rate,
+    }
     commands = {method: recipe_command(method, out, sizes, rates[method], extra) for method in METHODS}
     commands["random_heads"] += ["--head_selection", str(out / "heads" / "head_selection.json")]
     chains = {

@@ -287,8 +287,9 @@ def write(args, rows, seconds):
     errors = [(r["Hq"], r["Hkv"], r["S"], k, v) for r in rows for k, v in r.items() if k.endswith("_error")]
     if errors:
         lines += ["", "## Errors", ""] + [f"- {hq}/{hkv} S={s} {k}: {v}" for hq, hkv, s, k, v in errors]
-    write_results(out, {"attention.json": json.dumps({"meta": meta, "rows": rows}, indent=1),
-                        "attention.md": "\n".join(lines)})  # fmt: skip
+    write_results(
+        out, {"attention.json": json.dumps({"meta": meta, "rows": rows}, indent=1), "attention.md": "\n".join(lines)}
+    )
 
 
 if __name__ == "__main__":

@@ -109,8 +109,12 @@ def main():
     args = parser.parse_args()
     hq, hkv = args.heads
     started = time.time()
-    jobs = [(kern, tiles, args.seq, hq, hkv, args.head_dim, pat) for pat in args.patterns for kern in args.kernels
-            for tiles in candidates(kern)]  # fmt: skip
+    jobs = [
+        (kern, tiles, args.seq, hq, hkv, args.head_dim, pat)
+        for pat in args.patterns
+        for kern in args.kernels
+        for tiles in candidates(kern)
+    ]
     ctx = torch.multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
         errors = list(pool.map(compile_one, jobs))
@@ -141,15 +145,24 @@ def main():
 
 def write(out: Path, args, rows, defaults, seconds):
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(command="python benchmarks/attention_tiles.py " + " ".join(sys.argv[1:]),
-                gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                seconds=round(seconds, 1))  # fmt: skip
+    meta = dict(
+        command="python benchmarks/attention_tiles.py " + " ".join(sys.argv[1:]),
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        seconds=round(seconds, 1),
+    )
     (out / "attention_tiles.json").write_text(json.dumps(dict(meta=meta, defaults=defaults, rows=rows), indent=1))
-    lines = [f"# Attention tile sweep on {meta['gpu']}", "", f"Command: `{meta['command']}` (S={args.seq}, "
-             f"heads {args.heads[0]}/{args.heads[1]}, bf16, D={args.head_dim}, causal; ms = median of do_bench of the forward "
-             "(fwd), the forward with key_mass (mass) or the whole backward (dkdv, dq)).", "",
-             "| kernel | pattern | default tiles | default ms | best tiles | best ms | best / default |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# Attention tile sweep on {meta['gpu']}",
+        "",
+        f"Command: `{meta['command']}` (S={args.seq}, "
+        f"heads {args.heads[0]}/{args.heads[1]}, bf16, D={args.head_dim}, causal; ms = median of do_bench of the forward "
+        "(fwd), the forward with key_mass (mass) or the whole backward (dkdv, dq)).",
+        "",
+        "| kernel | pattern | default tiles | default ms | best tiles | best ms | best / default |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for key, default in defaults.items():
         kern, pat = key.split("/")
         ok = [r for r in rows if r["kernel"] == kern and r["pattern"] == pat and "ms" in r]
@@ -157,8 +170,10 @@ def write(out: Path, args, rows, defaults, seconds):
             continue
         best = min(ok, key=lambda r: r["ms"])
         tiles = {k: best[k] for k in CANDIDATES[kern]}
-        lines.append(f"| {kern} | {pat} | {default['tiles']} | {default['ms']:.2f} | {tiles} | {best['ms']:.2f} | "
-                     f"{best['ms'] / default['ms']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {kern} | {pat} | {default['tiles']} | {default['ms']:.2f} | {tiles} | {best['ms']:.2f} | "
+            f"{best['ms'] / default['ms']:.2f} |"
+        )
     (out / "attention_tiles.md").write_text("\n".join(lines) + "\n")
 
 

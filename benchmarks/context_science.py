@@ -79,19 +79,43 @@ def sft_command(args, out: Path, mode: str) -> list[str]:
     scores = ["--scores_path", str(out / "scores")] if mode == "conditional" else []
     smoke = ["--max_steps", "2"] if args.smoke else []
     return launch_recipe(
-        "context_sft", "--config", str(CONFIG), "--mode", mode, "--model_name_or_path", MODEL,
-        "--dataset", "world", "--dataset_limit", str(args.records), *world_flags(args),
-        "--num_train_epochs", str(args.epochs), "--per_device_train_batch_size", str(args.batch_size),
-        "--learning_rate", str(args.learning_rate), "--seed", "0", "--logging_steps", "25", "--merge", "true",
-        "--output_dir", str(out / mode), *scores, *smoke,
-    )  # fmt: skip
+        "context_sft",
+        "--config",
+        str(CONFIG),
+        "--mode",
+        mode,
+        "--model_name_or_path",
+        MODEL,
+        "--dataset",
+        "world",
+        "--dataset_limit",
+        str(args.records),
+        *world_flags(args),
+        "--num_train_epochs",
+        str(args.epochs),
+        "--per_device_train_batch_size",
+        str(args.batch_size),
+        "--learning_rate",
+        str(args.learning_rate),
+        "--seed",
+        "0",
+        "--logging_steps",
+        "25",
+        "--merge",
+        "true",
+        "--output_dir",
+        str(out / mode),
+        *scores,
+        *smoke,
+    )
 
 
 def evaluation(args, out: Path, name: str, model: str, *flags: str) -> tuple[list[str], Path]:
     """(command, log) of one `ctxaware eval` whose results land in out/name."""
     batch = "8" if args.smoke else "64"
-    command = eval_command("--model", model, "--batch_size", batch, "--no_progress", "--output_path",
-                           str(out / name), *flags)  # fmt: skip
+    command = eval_command(
+        "--model", model, "--batch_size", batch, "--no_progress", "--output_path", str(out / name), *flags
+    )
     return command, out / f"{name}.log"
 
 
@@ -103,20 +127,24 @@ def model_evaluations(args, out: Path, name: str) -> dict[str, tuple[list[str], 
     baseline = [] if name == "base" else ["--attention_baseline", str(results_file(out / "base_chat"))]
     niah = ["--tasks", "niah", "--limit", str(args.niah_limit), *(["--lengths", "128"] if args.smoke else [])]
     runs = {
-        f"{name}_chat": evaluation(args, out, f"{name}_chat", model, "--tasks", CHAT_TASKS, "--chat_template", "on",
-                                   *limit, *baseline),
-        f"{name}_plain": evaluation(args, out, f"{name}_plain", model, "--tasks", PLAIN_TASKS, "--chat_template",
-                                    "off", *limit),
+        f"{name}_chat": evaluation(
+            args, out, f"{name}_chat", model, "--tasks", CHAT_TASKS, "--chat_template", "on", *limit, *baseline
+        ),
+        f"{name}_plain": evaluation(
+            args, out, f"{name}_plain", model, "--tasks", PLAIN_TASKS, "--chat_template", "off", *limit
+        ),
         f"{name}_niah": evaluation(args, out, f"{name}_niah", model, *niah),
-    }  # fmt: skip
+    }
     if name == "conditional":  # the indicator appended to the questions, with and without the template
         indicator = ["--indicator", INDICATOR]
         runs |= {
-            "conditional_indicator": evaluation(args, out, "conditional_indicator", model, "--tasks",
-                                                "counterfactual_qa", *limit, *indicator),
-            "conditional_indicator_niah": evaluation(args, out, "conditional_indicator_niah", model, *niah,
-                                                     *indicator),
-        }  # fmt: skip
+            "conditional_indicator": evaluation(
+                args, out, "conditional_indicator", model, "--tasks", "counterfactual_qa", *limit, *indicator
+            ),
+            "conditional_indicator_niah": evaluation(
+                args, out, "conditional_indicator_niah", model, *niah, *indicator
+            ),
+        }
     return runs
 
 
@@ -238,12 +266,15 @@ def fmt(value, spec: str = ".3f") -> str:
 
 
 COUNTERFACTUAL_ROWS = {
-    "base_chat": ("base", "chat", "-"), "base_plain": ("base", "plain", "-"),
-    "vanilla_chat": ("vanilla SFT", "chat", "-"), "vanilla_plain": ("vanilla SFT", "plain", "-"),
-    "conditional_chat": ("conditional SFT", "chat", "no"), "conditional_plain": ("conditional SFT", "plain", "no"),
+    "base_chat": ("base", "chat", "-"),
+    "base_plain": ("base", "plain", "-"),
+    "vanilla_chat": ("vanilla SFT", "chat", "-"),
+    "vanilla_plain": ("vanilla SFT", "plain", "-"),
+    "conditional_chat": ("conditional SFT", "chat", "no"),
+    "conditional_plain": ("conditional SFT", "plain", "no"),
     "conditional_indicator_chat": ("conditional SFT", "chat", "yes"),
     "conditional_indicator_plain": ("conditional SFT", "plain", "yes"),
-}  # fmt: skip
+}
 
 
 def write_report(out: Path, summary: dict) -> str:
@@ -264,15 +295,25 @@ def write_report(out: Path, summary: dict) -> str:
     ]
     for key, (model, template, indicator) in COUNTERFACTUAL_ROWS.items():
         c = r["counterfactual"][key]
-        rows.append(f"| {model} | {template} | {indicator} | {fmt(c['context_rate'])} | {fmt(c['memory_rate'])} | "
-                    f"{fmt(c['prefers_context'])} | {fmt(c['acc'])} |")  # fmt: skip
-    rows += ["", "| model | arithmetic (plain) | extractive QA (chat) | context mass (chat) | NIAH plain | NIAH chat |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+        rows.append(
+            f"| {model} | {template} | {indicator} | {fmt(c['context_rate'])} | {fmt(c['memory_rate'])} | "
+            f"{fmt(c['prefers_context'])} | {fmt(c['acc'])} |"
+        )
+    rows += [
+        "",
+        "| model | arithmetic (plain) | extractive QA (chat) | context mass (chat) | NIAH plain | NIAH chat |",
+        "|---|---|---|---|---|---|",
+    ]
     general = r["general"]
     for name in ("base", "vanilla", "conditional", "conditional_indicator"):
         niah = r["niah"][name]
-        cells = [general["arithmetic_plain"].get(name), general["extractive_qa_chat_contains"].get(name),
-                 r["attention_context_mass_chat"].get(name), niah["plain"], niah["chat"]]  # fmt: skip
+        cells = [
+            general["arithmetic_plain"].get(name),
+            general["extractive_qa_chat_contains"].get(name),
+            r["attention_context_mass_chat"].get(name),
+            niah["plain"],
+            niah["chat"],
+        ]
         rows.append(f"| {name.replace('_', ' + ')} | " + " | ".join(map(fmt, cells)) + " |")
     rows += ["", "| target | value | goal | pass |", "|---|---|---|---|"]
     rows += [f"| {k} | {fmt(v['value'])} | {v['target']} | {v['pass']} |" for k, v in summary["targets"].items()]
@@ -287,10 +328,28 @@ def main() -> None:
     out = output_folder(args.out)
     os.environ.setdefault("OMP_NUM_THREADS", "2")  # several processes share the CPU cores
     start = time.time()
-    score = [sys.executable, "-m", "ctxaware.cli", "score", "--model", MODEL, "--dataset", "world",
-             "--limit", str(args.records), *world_flags(args), "--select_by", args.select_by,
-             "--percentile", str(args.percentile), "--batch_size", "32", "--no_progress",
-             "--output", str(out / "scores")]  # fmt: skip
+    score = [
+        sys.executable,
+        "-m",
+        "ctxaware.cli",
+        "score",
+        "--model",
+        MODEL,
+        "--dataset",
+        "world",
+        "--limit",
+        str(args.records),
+        *world_flags(args),
+        "--select_by",
+        args.select_by,
+        "--percentile",
+        str(args.percentile),
+        "--batch_size",
+        "32",
+        "--no_progress",
+        "--output",
+        str(out / "scores"),
+    ]
     # Three phases of independent steps: the vanilla run, the scores and the base model's evaluations; then the
     # conditional run (it needs the scores) beside vanilla's evaluations; then the conditional model's.
     jobs = {"score": (score, out / "score.log"), "vanilla": (sft_command(args, out, "vanilla"), out / "vanilla.log")}

@@ -33,16 +33,22 @@ def main() -> None:
     parser.add_argument("--config", default="default.yaml", help="a config of recipes/configs/lofit/ (its task)")
     parser.add_argument("--train_samples", type=int, default=2000, help="training records (truthful_qa has 2,000)")
     parser.add_argument("--epochs", type=float, default=2.0, help="stage 2 (and LoRA, baselines) epochs")
-    parser.add_argument("--stage1_steps", type=int, default=800, help="LoFiT stage 1 (scales on all heads) steps: "
-                        "enough for the scales to fit the task, or their norms rank the wrong heads")  # fmt: skip
+    parser.add_argument(
+        "--stage1_steps",
+        type=int,
+        default=800,
+        help="LoFiT stage 1 (scales on all heads) steps: "
+        "enough for the scales to fit the task, or their norms rank the wrong heads",
+    )
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--offset_lr", type=float, default=0.1, help="offsets' learning rate (lofit, random_heads)")
     parser.add_argument("--all_heads_lr", type=float, default=0.1, help="64 heads' offsets add up: 1.0 diverges")
     parser.add_argument("--lora_lr", type=float, default=2e-3)
     parser.add_argument("--num_heads", type=float, default=0.05, help="K, a count or a fraction of the heads")
     parser.add_argument("--head_seeds", default="0,1,2", help="random_heads draws (training seed stays 0)")
-    parser.add_argument("--eval_limit", type=int, default=300, help="held-out records scored per run (truthful_qa: "
-                        "300, chat_qa: 390)")  # fmt: skip
+    parser.add_argument(
+        "--eval_limit", type=int, default=300, help="held-out records scored per run (truthful_qa: 300, chat_qa: 390)"
+    )
     args = parser.parse_args()
     if args.smoke:
         args.train_samples, args.stage1_steps, args.eval_limit, args.head_seeds = 16, 2, 8, "0,1"
@@ -76,10 +82,28 @@ def main() -> None:
 def planned_runs(args, out: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """({run name: recipe command} of lofit, all_heads and lora; of the random draws, which avoid lofit's heads): the
     same data, steps and training seed for every method."""
-    common = ["--config", str(CONFIGS / args.config), "--max_train_samples", str(args.train_samples), "--eval_limit",
-              str(args.eval_limit), "--num_heads", str(args.num_heads), "--per_device_train_batch_size",
-              str(args.batch_size), "--num_train_epochs", str(args.epochs), "--stage1_max_steps",
-              str(args.stage1_steps), "--seed", "0", "--disable_tqdm", "true", "--logging_steps", "50"]  # fmt: skip
+    common = [
+        "--config",
+        str(CONFIGS / args.config),
+        "--max_train_samples",
+        str(args.train_samples),
+        "--eval_limit",
+        str(args.eval_limit),
+        "--num_heads",
+        str(args.num_heads),
+        "--per_device_train_batch_size",
+        str(args.batch_size),
+        "--num_train_epochs",
+        str(args.epochs),
+        "--stage1_max_steps",
+        str(args.stage1_steps),
+        "--seed",
+        "0",
+        "--disable_tqdm",
+        "true",
+        "--logging_steps",
+        "50",
+    ]
     if args.smoke:  # two optimizer steps per stage
         common += ["--max_steps", "2"]
     offsets = ["--learning_rate", str(args.offset_lr)]
@@ -152,15 +176,20 @@ def markdown(results: dict, targets: dict, summary: dict) -> str:
         share = f"{r['gain'] / lora_gain:.2f}" if lora_gain > 0 else "n/a"
         heads = r["heads"] if r["heads"] is not None else "-"
         train = " + ".join(f"{t:.0f}" for t in r["train_runtime_s"])  # stage 1 + stage 2 for lofit
-        rows.append(f"| {name} | {heads} | {r['trained_parameters']:,} | {r['base_score']:.3f} | {r['score']:.3f} | "
-                    f"{r['gain']:+.3f} | {share} | {train} | {r['wall_s']:.0f} |")  # fmt: skip
+        rows.append(
+            f"| {name} | {heads} | {r['trained_parameters']:,} | {r['base_score']:.3f} | {r['score']:.3f} | "
+            f"{r['gain']:+.3f} | {share} | {train} | {r['wall_s']:.0f} |"
+        )
     rows += ["", "| target | value | threshold | met |", "|---|---|---|---|"]
     for name, t in targets.items():
         value = "n/a" if t["value"] is None else f"{t['value']:.3g}"
         rows.append(f"| {name} | {value} | {t['threshold']} | {'yes' if t['passed'] else 'no'} |")
-    rows += ["", f"LoFiT's heads (layer, head): {results['lofit'].get('selected_heads')}; stage-1 scores plot: "
-             f"`{summary['head_scores_plot']}`. Settings: {json.dumps(summary['settings'])}. "
-             f"Wall: {summary['wall_s']:.0f} s."]  # fmt: skip
+    rows += [
+        "",
+        f"LoFiT's heads (layer, head): {results['lofit'].get('selected_heads')}; stage-1 scores plot: "
+        f"`{summary['head_scores_plot']}`. Settings: {json.dumps(summary['settings'])}. "
+        f"Wall: {summary['wall_s']:.0f} s.",
+    ]
     return "\n".join(rows) + "\n"
 
 

@@ -41,10 +41,26 @@ from ctxaware.kernels import attention  # noqa: E402
 
 
 SPLITS = {0.75: 16, 0.5: 8}  # active fraction -> shared heads of 32 (top_k = active * 32 - shared)
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)  # fmt: skip
-SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-             head_dim=8, vocab_size=256, tie_word_embeddings=True)  # fmt: skip
+LLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    vocab_size=128256,
+    tie_word_embeddings=True,
+)
+SMOKE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=8,
+    vocab_size=256,
+    tie_word_embeddings=True,
+)
 
 
 def bench(fn, device, graph=False) -> float:
@@ -237,27 +253,41 @@ def write(args, rows, device, seconds):
     out.mkdir(parents=True, exist_ok=True)
     git = git_commit()
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"
-    meta = {"command": "python benchmarks/moh.py " + " ".join(args.argv), "gpu": gpu, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "python": platform.python_version(), "git": git,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 1),
-            "units": "ms, median; fwdbwd = forward + backward; ratios are x of dense (lower is faster)"}  # fmt: skip
-    lines = [f"# MoH routing on {gpu}", "", f"Command: `{meta['command']}` (torch {meta['torch']}, CUDA "
-             f"{meta['cuda']}, git {git[:10]}). B=1 (decode: 8), causal, bf16, ms; ratio = x of dense. Attention rows: GPU "
-             "time, the calls replayed from a CUDA graph (the host time per call is its own row); model rows: as "
-             "called from Python.", "",
-             "| S | what | dense | " + " | ".join(f"{a:.0%} active" for a in args.active) + " |",
-             "|---|---|---|" + "---|" * len(args.active)]  # fmt: skip
-    kinds = [("attention fwd, token-routed", "attn_dense_fwd", "attn_token_{}_fwd"),
-             ("attention fwd+bwd, token-routed", "attn_dense_fwdbwd", "attn_token_{}_fwdbwd"),
-             ("attention fwd, chunk-routed (128)", "attn_dense_fwd", "attn_chunk_{}_fwd"),
-             ("attention fwd+bwd, chunk-routed (128)", "attn_dense_fwdbwd", "attn_chunk_{}_fwdbwd"),
-             ("routed-row index alone (in every gated call)", "attn_dense_fwd", "attn_rows_{}"),
-             ("host time of an attention fwd call, token-routed (us, not ms)", "host_dense_fwd", "host_token_{}_fwd"),
-             ("decode attention (B=8, 1 query)", "decode_dense", "decode_token_{}"),
-             ("1B model forward, token-routed", "model_dense_fwd", "model_token_{}_fwd"),
-             ("1B model decode step, token-routed", "model_dense_decode", "model_token_{}_decode"),
-             ("1B model forward, chunk-routed (128)", "model_dense_fwd", "model_chunk_{}_fwd"),
-             ("1B model decode step, chunk-routed (128)", "model_dense_decode", "model_chunk_{}_decode")]  # fmt: skip
+    meta = {
+        "command": "python benchmarks/moh.py " + " ".join(args.argv),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git": git,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "seconds": round(seconds, 1),
+        "units": "ms, median; fwdbwd = forward + backward; ratios are x of dense (lower is faster)",
+    }
+    lines = [
+        f"# MoH routing on {gpu}",
+        "",
+        f"Command: `{meta['command']}` (torch {meta['torch']}, CUDA "
+        f"{meta['cuda']}, git {git[:10]}). B=1 (decode: 8), causal, bf16, ms; ratio = x of dense. Attention rows: GPU "
+        "time, the calls replayed from a CUDA graph (the host time per call is its own row); model rows: as "
+        "called from Python.",
+        "",
+        "| S | what | dense | " + " | ".join(f"{a:.0%} active" for a in args.active) + " |",
+        "|---|---|---|" + "---|" * len(args.active),
+    ]
+    kinds = [
+        ("attention fwd, token-routed", "attn_dense_fwd", "attn_token_{}_fwd"),
+        ("attention fwd+bwd, token-routed", "attn_dense_fwdbwd", "attn_token_{}_fwdbwd"),
+        ("attention fwd, chunk-routed (128)", "attn_dense_fwd", "attn_chunk_{}_fwd"),
+        ("attention fwd+bwd, chunk-routed (128)", "attn_dense_fwdbwd", "attn_chunk_{}_fwdbwd"),
+        ("routed-row index alone (in every gated call)", "attn_dense_fwd", "attn_rows_{}"),
+        ("host time of an attention fwd call, token-routed (us, not ms)", "host_dense_fwd", "host_token_{}_fwd"),
+        ("decode attention (B=8, 1 query)", "decode_dense", "decode_token_{}"),
+        ("1B model forward, token-routed", "model_dense_fwd", "model_token_{}_fwd"),
+        ("1B model decode step, token-routed", "model_dense_decode", "model_token_{}_decode"),
+        ("1B model forward, chunk-routed (128)", "model_dense_fwd", "model_chunk_{}_fwd"),
+        ("1B model decode step, chunk-routed (128)", "model_dense_decode", "model_chunk_{}_decode"),
+    ]
     for r in rows:
         for label, dense, routed in kinds:
             if dense not in r:
@@ -267,16 +297,23 @@ def write(args, rows, device, seconds):
                 value = r.get(routed.format(a))
                 cells.append("n/a" if value is None else f"{value:.2f} ({value / r[dense]:.2f}x)")
             lines.append(f"| {r['S']} | {label} | {r[dense]:.2f} | " + " | ".join(cells) + " |")
-        peers = [f"{k.removeprefix('attn_').removesuffix('_fwd')} {v:.2f}" for k, v in r.items()
-                 if k.startswith("attn_sdpa") and k.endswith("_fwd")] + (
-                 [f"1B model with SDPA {r['model_sdpa_fwd']:.2f}"] if "model_sdpa_fwd" in r else [])  # fmt: skip
+        peers = [
+            f"{k.removeprefix('attn_').removesuffix('_fwd')} {v:.2f}"
+            for k, v in r.items()
+            if k.startswith("attn_sdpa") and k.endswith("_fwd")
+        ] + ([f"1B model with SDPA {r['model_sdpa_fwd']:.2f}"] if "model_sdpa_fwd" in r else [])
         if peers:
             lines.append(f"| {r['S']} | peers (fwd) | " + ", ".join(peers) + " |" + " |" * len(args.active))
         if "attn_last_tile_fwd" in r:
-            lines.append(f"| {r['S']} | attention fwd of each head's last query tile alone (a launch's critical path) "
-                         f"| {r['attn_last_tile_fwd']:.3f} |" + " |" * len(args.active))  # fmt: skip
-    lines += ["", "Target (issue 9): attention at 50% active <= 0.65x dense. With gates the kernel's query tiles hold "
-              "each head's routed rows only (token routing); chunk routing zeroes whole tiles without that."]  # fmt: skip
+            lines.append(
+                f"| {r['S']} | attention fwd of each head's last query tile alone (a launch's critical path) "
+                f"| {r['attn_last_tile_fwd']:.3f} |" + " |" * len(args.active)
+            )
+    lines += [
+        "",
+        "Target (issue 9): attention at 50% active <= 0.65x dense. With gates the kernel's query tiles hold "
+        "each head's routed rows only (token routing); chunk routing zeroes whole tiles without that.",
+    ]
     write_results(out, {"moh.json": json.dumps({"meta": meta, "rows": rows}, indent=1), "moh.md": "\n".join(lines)})
 
 

@@ -70,9 +70,15 @@ def main() -> None:
         for name, by_rows in choices.items()
     }
     mean_kl = token_kl.mean(1)
-    summary = {"rows": args.rows, "seq_len": args.seq_len, "num_shared": args.num_shared, "seconds": seconds,
-               "shared_heads": choices, "layers_differing_from_all_rows": changed,
-               "mean_kl": mean_kl.tolist()}  # fmt: skip
+    summary = {
+        "rows": args.rows,
+        "seq_len": args.seq_len,
+        "num_shared": args.num_shared,
+        "seconds": seconds,
+        "shared_heads": choices,
+        "layers_differing_from_all_rows": changed,
+        "mean_kl": mean_kl.tolist(),
+    }
     (out / "moh_importance.json").write_text(json.dumps(summary, indent=1))
 
     lines = [
@@ -85,10 +91,17 @@ def main() -> None:
     for name, by_rows in choices.items():
         for n in args.rows:
             lines.append(f"| {name} | {n} | {by_rows[n]} | {changed[name][n]} |")
-    lines += ["", "Mean KL per head (all rows), x 1e3:", "", "| layer | " + " | ".join(map(str, range(mean_kl.shape[1])))
-              + " |", "|---" * (mean_kl.shape[1] + 1) + "|"]  # fmt: skip
-    lines += [f"| {layer} | " + " | ".join(f"{1e3 * v:.1f}" for v in values.tolist()) + " |"
-              for layer, values in enumerate(mean_kl)]  # fmt: skip
+    lines += [
+        "",
+        "Mean KL per head (all rows), x 1e3:",
+        "",
+        "| layer | " + " | ".join(map(str, range(mean_kl.shape[1]))) + " |",
+        "|---" * (mean_kl.shape[1] + 1) + "|",
+    ]
+    lines += [
+        f"| {layer} | " + " | ".join(f"{1e3 * v:.1f}" for v in values.tolist()) + " |"
+        for layer, values in enumerate(mean_kl)
+    ]
     (out / "moh_importance.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -57,8 +57,12 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--limit", type=int, default=400, help="records per task (per length for passkey)")
-    parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated: every run once per seed, all "
-                        "at once; the targets hold the drop averaged over seeds (the data stay the same)")  # fmt: skip
+    parser.add_argument(
+        "--seeds",
+        default="0,1,2",
+        help="training seeds, comma-separated: every run once per seed, all "
+        "at once; the targets hold the drop averaged over seeds (the data stay the same)",
+    )
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
     args, moh_args = parser.parse_known_args()
     if unknown := set(args.runs.split(",")) - set(RUNS):
@@ -75,26 +79,62 @@ def main() -> None:
 
     moh_flags = ["--calibration_rows", str(args.calibration_rows), *moh_args]  # last: passed-on flags override
     started = time.perf_counter()
-    run_parallel([
-        (launch_recipe("moh", "--config", str(RECIPES / "configs" / "moh" / "default.yaml"),
-                       *runs[name][0], "--max_steps", str(steps), "--per_device_train_batch_size", str(batch),
-                       "--num_train_rows", str(steps * batch), "--seq_len", str(seq_len), "--learning_rate",
-                       str(args.learning_rate), "--seed", str(seed), "--logging_steps", str(max(steps // 20, 1)),
-                       "--output_dir", str(folder),
-                       *(moh_flags if name != "dense" else [])),
-         folder.with_suffix(".log"))
-        for (seed, name), folder in folders.items()
-    ])  # fmt: skip
+    run_parallel(
+        [
+            (
+                launch_recipe(
+                    "moh",
+                    "--config",
+                    str(RECIPES / "configs" / "moh" / "default.yaml"),
+                    *runs[name][0],
+                    "--max_steps",
+                    str(steps),
+                    "--per_device_train_batch_size",
+                    str(batch),
+                    "--num_train_rows",
+                    str(steps * batch),
+                    "--seq_len",
+                    str(seq_len),
+                    "--learning_rate",
+                    str(args.learning_rate),
+                    "--seed",
+                    str(seed),
+                    "--logging_steps",
+                    str(max(steps // 20, 1)),
+                    "--output_dir",
+                    str(folder),
+                    *(moh_flags if name != "dense" else []),
+                ),
+                folder.with_suffix(".log"),
+            )
+            for (seed, name), folder in folders.items()
+        ]
+    )
     seconds = {"train": time.perf_counter() - started}
     evals = []
     for (_, name), folder in folders.items():
         model_args = ["--model", str(folder / "model")]
         if name != "dense":
             model_args += ["--adapter", str(folder / "adapter"), "--moh", "on"]
-        evals.append((eval_command(*model_args, "--tasks", ",".join(TASK_METRICS), "--chat_template", "off",
-                                   "--lengths", "256,512", "--limit", str(limit), "--no_progress",
-                                   "--output_path", str(folder.parent / f"eval_{name}")),
-                      folder.parent / f"eval_{name}.log"))  # fmt: skip
+        evals.append(
+            (
+                eval_command(
+                    *model_args,
+                    "--tasks",
+                    ",".join(TASK_METRICS),
+                    "--chat_template",
+                    "off",
+                    "--lengths",
+                    "256,512",
+                    "--limit",
+                    str(limit),
+                    "--no_progress",
+                    "--output_path",
+                    str(folder.parent / f"eval_{name}"),
+                ),
+                folder.parent / f"eval_{name}.log",
+            )
+        )
     run_parallel(evals)
     seconds["eval"] = time.perf_counter() - started - seconds["train"]
 
@@ -144,8 +184,12 @@ def drop_targets(scores: dict, runs: dict) -> dict:
         if allowed is not None:
             drops = [by_run["dense"]["mean"] - by_run[name]["mean"] for by_run in scores.values()]
             mean = statistics.fmean(drops)
-            targets[name] = {"drop_points": mean, "drops_per_seed": drops, "allowed_points": allowed,
-                             "met": at_most(mean, allowed)}  # fmt: skip
+            targets[name] = {
+                "drop_points": mean,
+                "drops_per_seed": drops,
+                "allowed_points": allowed,
+                "met": at_most(mean, allowed),
+            }
     return targets
 
 
@@ -175,8 +219,10 @@ def targets_table(targets: dict) -> str:
     for name, target in targets.items():
         drops = target["drops_per_seed"]
         spread = f"{statistics.stdev(drops):.1f}" if len(drops) > 1 else "-"
-        rows.append(f"| {name} | {' / '.join(f'{d:+.1f}' for d in drops)} | {target['drop_points']:+.1f} | {spread} "
-                    f"| {target['allowed_points']:.0f} | {'yes' if target['met'] else 'no'} |")  # fmt: skip
+        rows.append(
+            f"| {name} | {' / '.join(f'{d:+.1f}' for d in drops)} | {target['drop_points']:+.1f} | {spread} "
+            f"| {target['allowed_points']:.0f} | {'yes' if target['met'] else 'no'} |"
+        )
     return "\n".join(rows) + "\n"
 
 

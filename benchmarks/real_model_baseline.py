@@ -47,21 +47,43 @@ def plan(smoke: bool) -> list[dict]:
     world_tasks = ["counterfactual_qa", "extractive_qa", "arithmetic", "summarization", "attention_allocation"]
     runs = [
         {"name": "world", "tasks": world_tasks, "options": {"limit": few}},
-        {"name": "world_chat", "tasks": ["extractive_qa", "arithmetic", "summarization"],
-         "options": {"limit": few, "chat_template": "on"}},
+        {
+            "name": "world_chat",
+            "tasks": ["extractive_qa", "arithmetic", "summarization"],
+            "options": {"limit": few, "chat_template": "on"},
+        },
         {"name": "gsm8k_5shot", "tasks": ["gsm8k"], "options": {"limit": few or 250, "max_new_tokens": 256}},
-        {"name": "gsm8k_chat", "tasks": ["gsm8k"],
-         "options": {"limit": few or 250, "chat_template": "on", "max_new_tokens": 256}},
-        {"name": "books_passkey", "tasks": ["passkey"],
-         "options": {"haystack_file": "books", "lengths": lengths, "limit": 2 if smoke else 10}},
-        {"name": "books_niah", "tasks": ["niah"], "options": {"haystack_file": "books", "lengths": lengths, "limit": 2}},
-        {"name": "books_ppl", "tasks": ["long_ppl"],
-         "options": {"haystack_file": "books", "lengths": lengths, "limit": 2 if smoke else 4}},
-    ]  # fmt: skip
+        {
+            "name": "gsm8k_chat",
+            "tasks": ["gsm8k"],
+            "options": {"limit": few or 250, "chat_template": "on", "max_new_tokens": 256},
+        },
+        {
+            "name": "books_passkey",
+            "tasks": ["passkey"],
+            "options": {"haystack_file": "books", "lengths": lengths, "limit": 2 if smoke else 10},
+        },
+        {
+            "name": "books_niah",
+            "tasks": ["niah"],
+            "options": {"haystack_file": "books", "lengths": lengths, "limit": 2},
+        },
+        {
+            "name": "books_ppl",
+            "tasks": ["long_ppl"],
+            "options": {"haystack_file": "books", "lengths": lengths, "limit": 2 if smoke else 4},
+        },
+    ]
     for factor in (2, 4):
         scaled = [lengths[-1], lengths[-1] * factor]
-        runs.append({"name": f"books_rope_linear_x{factor}", "tasks": ["long_ppl"], "rope_factor": factor,
-                     "options": {"haystack_file": "books", "lengths": scaled, "limit": 2}})  # fmt: skip
+        runs.append(
+            {
+                "name": f"books_rope_linear_x{factor}",
+                "tasks": ["long_ppl"],
+                "rope_factor": factor,
+                "options": {"haystack_file": "books", "lengths": scaled, "limit": 2},
+            }
+        )
     return runs
 
 
@@ -98,8 +120,13 @@ def run_evaluations(args, out: Path, report: dict, save) -> None:
         options = EvalOptions(batch_size=batch, progress=not args.no_progress, split="test", **run["options"])
         lm = EvalModel(model, tokenizer, batch_size=batch, progress=options.progress)
         start = time.time()
-        config = {"model": args.model, "run": run["name"], "device": str(model.device), "dtype": str(model.dtype),
-                  "generation_hooks": {}}  # fmt: skip
+        config = {
+            "model": args.model,
+            "run": run["name"],
+            "device": str(model.device),
+            "dtype": str(model.dtype),
+            "generation_hooks": {},
+        }
         evaluated, outcomes = evaluate(lm, run["tasks"], options, config=config)
         written = write_outputs(evaluated, outcomes, out / "eval" / run["name"])
         results[run["name"]] = {
@@ -164,9 +191,15 @@ def kernel_checks(args, seq: int) -> dict:
 
 def render(report: dict) -> str:
     """The markdown table: every metric of every run, then the kernel checks."""
-    lines = [f"# Baseline: {report['model']}", "", f"Command: `{report['command']}`  ", f"Tree: {report['tree']}, "
-             f"device: {report['device']}, {report['date']}", "", "| run | task | metric | value | stderr |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# Baseline: {report['model']}",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Tree: {report['tree']}, device: {report['device']}, {report['date']}",
+        "",
+        "| run | task | metric | value | stderr |",
+        "|---|---|---|---|---|",
+    ]
     for name, run in report["runs"].items():
         for task, metrics in run["results"].items():
             for key, value in metrics.items():
@@ -179,8 +212,13 @@ def render(report: dict) -> str:
                 lines.append(f"| {name} | {task} | {metric} | {shown} | {stderr} |")
     checks = report.get("kernel_checks")
     if checks:
-        lines += ["", f"## Our kernel against SDPA at {checks['seq']} tokens (bf16)", "",
-                  "| | ctxaware | sdpa |", "|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"## Our kernel against SDPA at {checks['seq']} tokens (bf16)",
+            "",
+            "| | ctxaware | sdpa |",
+            "|---|---|---|",
+        ]
         fp32 = checks["logits_vs_fp32_sdpa"]
         for stat in ("max_abs", "mean_abs"):
             lines.append(f"| logits vs fp32 SDPA, {stat} | {fp32['ctxaware'][stat]:.4f} | {fp32['sdpa'][stat]:.4f} |")

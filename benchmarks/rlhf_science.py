@@ -38,8 +38,15 @@ from science_common import (
 
 CONFIG = RECIPES / "configs" / "rlhf_summarize" / "default.yaml"
 POLICIES = ("sft", "rl", "dpo")
-RL_LOG_KEYS = ("reward", "rewards/reward_model/mean", "rewards/eos_penalty/mean", "kl", "completions/mean_length",
-               "completions/clipped_ratio", "entropy")  # fmt: skip
+RL_LOG_KEYS = (
+    "reward",
+    "rewards/reward_model/mean",
+    "rewards/eos_penalty/mean",
+    "kl",
+    "completions/mean_length",
+    "completions/clipped_ratio",
+    "entropy",
+)
 TARGETS = {"reward_accuracy": 0.70, "win_rate": 0.65, "length_tolerance": 0.20}
 
 # The reward model underfit at 300 steps of 32 pairs on ~5,800 pairs (3 hand-made and 3 of SFT samples per post):
@@ -51,12 +58,32 @@ TARGETS = {"reward_accuracy": 0.70, "win_rate": 0.65, "length_tolerance": 0.20}
 # the RM under-rewarded coverage; the 10 + 10 mix is 0.50 (CPU SFT samples). GPU seconds of the last run
 # (reward 300 steps of 32 at 11 it/s): sft 55, compare 44, dpo 41 (beside reward -> rl), reward 54, rl 99 (120 steps),
 # eval 55, cross-check 20, total 327; the longer reward stage adds about a minute.
-GPU_SIZES = {"sft_max_steps": 60, "reward_max_steps": 800, "reward_batch_size": 64, "max_steps": 120,
-             "dpo_max_steps": 120, "per_device_train_batch_size": 32, "pairs_per_post": 3, "train_pairs_per_post": 10,
-             "eval_limit": 120, "eval_batch_size": 64, "normalization_limit": 256, "kl_samples_per_prompt": 4}  # fmt: skip
-SMOKE_SIZES = {"sft_max_steps": 2, "reward_max_steps": 2, "max_steps": 2, "dpo_max_steps": 2,
-               "per_device_train_batch_size": 8, "eval_limit": 8, "eval_batch_size": 8, "train_limit": 64,
-               "normalization_limit": 16, "kl_samples_per_prompt": 1}  # fmt: skip
+GPU_SIZES = {
+    "sft_max_steps": 60,
+    "reward_max_steps": 800,
+    "reward_batch_size": 64,
+    "max_steps": 120,
+    "dpo_max_steps": 120,
+    "per_device_train_batch_size": 32,
+    "pairs_per_post": 3,
+    "train_pairs_per_post": 10,
+    "eval_limit": 120,
+    "eval_batch_size": 64,
+    "normalization_limit": 256,
+    "kl_samples_per_prompt": 4,
+}
+SMOKE_SIZES = {
+    "sft_max_steps": 2,
+    "reward_max_steps": 2,
+    "max_steps": 2,
+    "dpo_max_steps": 2,
+    "per_device_train_batch_size": 8,
+    "eval_limit": 8,
+    "eval_batch_size": 8,
+    "train_limit": 64,
+    "normalization_limit": 16,
+    "kl_samples_per_prompt": 1,
+}
 
 
 def recipe_settings(args) -> dict:
@@ -86,8 +113,18 @@ def run_stages(run_dir: Path, settings: dict) -> dict[str, float]:
 
     def launch(stage: str) -> None:
         start = time.time()
-        command = launch_recipe("rlhf_summarize", "--config", str(CONFIG), "--output_dir", str(run_dir), *flags,
-                                "--stage", stage, "--overwrite_stages", "true")  # fmt: skip
+        command = launch_recipe(
+            "rlhf_summarize",
+            "--config",
+            str(CONFIG),
+            "--output_dir",
+            str(run_dir),
+            *flags,
+            "--stage",
+            stage,
+            "--overwrite_stages",
+            "true",
+        )
         run(command, run_dir.parent / f"{stage}.log")
         seconds[stage] = round(time.time() - start, 1)
 
@@ -116,8 +153,12 @@ def win_counts(rows: list[dict]) -> dict:
     among decided posts."""
     wins, ties = sum(r["win"] == 1.0 for r in rows), sum(r["win"] == 0.5 for r in rows)
     losses = len(rows) - wins - ties
-    return {"wins": wins, "ties": ties, "losses": losses,
-            "win_rate_without_ties": wins / (wins + losses) if wins + losses else None}  # fmt: skip
+    return {
+        "wins": wins,
+        "ties": ties,
+        "losses": losses,
+        "win_rate_without_ties": wins / (wins + losses) if wins + losses else None,
+    }
 
 
 def hacking_report(sft: list[dict], rl: list[dict], bias: float) -> dict:
@@ -180,12 +221,27 @@ def rl_training_trace(run_dir: Path) -> dict:
 
 def cross_check(run_dir: Path, out: Path, settings: dict) -> dict:
     """The RL policy through `ctxaware eval` against the recipe's SFT samples: the same win rate, independently."""
-    command = eval_command("--model", str(run_dir / "rl"), "--tasks", "summarization", "--dtype", "float32",
-                           "--limit", str(settings["eval_limit"]), "--batch_size", str(settings["eval_batch_size"]),
-                           "--max_new_tokens", str(settings["max_completion_length"]),
-                           "--reward_model", str(run_dir / "reward"),
-                           "--baseline_samples", str(samples_file(run_dir, "sft")),
-                           "--output_path", str(out / "harness_rl"), "--no_progress")  # fmt: skip
+    command = eval_command(
+        "--model",
+        str(run_dir / "rl"),
+        "--tasks",
+        "summarization",
+        "--dtype",
+        "float32",
+        "--limit",
+        str(settings["eval_limit"]),
+        "--batch_size",
+        str(settings["eval_batch_size"]),
+        "--max_new_tokens",
+        str(settings["max_completion_length"]),
+        "--reward_model",
+        str(run_dir / "reward"),
+        "--baseline_samples",
+        str(samples_file(run_dir, "sft")),
+        "--output_path",
+        str(out / "harness_rl"),
+        "--no_progress",
+    )
     start = time.time()
     run(command, out / "harness_rl.log")
     return {**harness_metrics(out / "harness_rl")["summarization"], "seconds": round(time.time() - start, 1)}
@@ -219,15 +275,20 @@ def targets(summary: dict) -> dict:
 
 def markdown(report: dict) -> str:
     summary, wins = report["summary"], report["wins_vs_sft"]
-    rows = ["| policy | ground truth | win vs SFT (ties 1/2) | W/T/L vs SFT | win vs reference | RM reward (norm.) | "
-            "KL to SFT | mean words | ROUGE-L |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = [
+        "| policy | ground truth | win vs SFT (ties 1/2) | W/T/L vs SFT | win vs reference | RM reward (norm.) | "
+        "KL to SFT | mean words | ROUGE-L |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name in POLICIES:
         m = summary[name]
         record = wins.get(name)
         wtl = f"{record['wins']}/{record['ties']}/{record['losses']}" if record else "-"
-        rows.append(f"| {name} | {m['preference']:.3f} | {_fmt(m.get('win_rate_vs_sft'))} | {wtl} | "
-                    f"{m['win_rate_vs_reference']:.3f} | {m['reward_normalized']:.3f} | {_fmt(m.get('kl_to_sft'))} | "
-                    f"{m['mean_words']:.1f} | {m['rouge_l']:.3f} |")  # fmt: skip
+        rows.append(
+            f"| {name} | {m['preference']:.3f} | {_fmt(m.get('win_rate_vs_sft'))} | {wtl} | "
+            f"{m['win_rate_vs_reference']:.3f} | {m['reward_normalized']:.3f} | {_fmt(m.get('kl_to_sft'))} | "
+            f"{m['mean_words']:.1f} | {m['rouge_l']:.3f} |"
+        )
     rm = summary["reward_model"]
     rows += [
         "",
@@ -242,30 +303,47 @@ def markdown(report: dict) -> str:
         "| target | value | pass |",
         "|---|---|---|",
     ]
-    rows += [f"| {name} {t['target']} | {_fmt(t['value'])} | {'yes' if t['pass'] else 'NO'} |"
-             for name, t in report["targets"].items()]  # fmt: skip
+    rows += [
+        f"| {name} {t['target']} | {_fmt(t['value'])} | {'yes' if t['pass'] else 'NO'} |"
+        for name, t in report["targets"].items()
+    ]
     trace = report["rl_training"]
     rows += ["", "| RL training (first -> last logged step) | value |", "|---|---|"]
     rows += [f"| {key} | {_fmt(v['first'])} -> {_fmt(v['last'])} |" for key, v in trace.items()]
     hacking = report["reward_hacking"]
-    rows += ["", f"Reward model vs ground truth: RL - SFT reward {hacking['reward_gain_rl_minus_sft']:+.3f}, ground "
-             f"truth {hacking['ground_truth_gain_rl_minus_sft']:+.3f}; the RM prefers RL where the truth prefers SFT on "
-             f"{hacking['rm_prefers_rl_but_truth_prefers_sft']} of {hacking['n_posts']} posts; correlation "
-             f"{_fmt(hacking['rm_vs_truth_correlation'])}; reward hacking flagged: {hacking['flagged']}."]  # fmt: skip
+    rows += [
+        "",
+        f"Reward model vs ground truth: RL - SFT reward {hacking['reward_gain_rl_minus_sft']:+.3f}, ground "
+        f"truth {hacking['ground_truth_gain_rl_minus_sft']:+.3f}; the RM prefers RL where the truth prefers SFT on "
+        f"{hacking['rm_prefers_rl_but_truth_prefers_sft']} of {hacking['n_posts']} posts; correlation "
+        f"{_fmt(hacking['rm_vs_truth_correlation'])}; reward hacking flagged: {hacking['flagged']}.",
+    ]
     if "example" in hacking:
         ex = hacking["example"]
-        rows += ["", "Largest disagreement:", f"- post: {ex['post']}", f"- SFT: {ex['sft']['summary']} (reward "
-                 f"{ex['sft']['reward']:.2f}, truth {ex['sft']['ground_truth']:.2f})", f"- RL: {ex['rl']['summary']} "
-                 f"(reward {ex['rl']['reward']:.2f}, truth {ex['rl']['ground_truth']:.2f})"]  # fmt: skip
+        rows += [
+            "",
+            "Largest disagreement:",
+            f"- post: {ex['post']}",
+            f"- SFT: {ex['sft']['summary']} (reward {ex['sft']['reward']:.2f}, truth {ex['sft']['ground_truth']:.2f})",
+            f"- RL: {ex['rl']['summary']} (reward {ex['rl']['reward']:.2f}, truth {ex['rl']['ground_truth']:.2f})",
+        ]
     made_up = report["made_up_details"]
-    rows += ["", "Summaries naming a detail their post lacks: " + ", ".join(
-        f"{name} {m['count']}/{m['n_posts']}" + (f" (e.g. {', '.join(m['example']['made_up'])}: "
-                                                   f"{m['example']['summary']})" if "example" in m else "")
-        for name, m in made_up.items())]  # fmt: skip
+    rows += [
+        "",
+        "Summaries naming a detail their post lacks: "
+        + ", ".join(
+            f"{name} {m['count']}/{m['n_posts']}"
+            + (f" (e.g. {', '.join(m['example']['made_up'])}: {m['example']['summary']})" if "example" in m else "")
+            for name, m in made_up.items()
+        ),
+    ]
     if report.get("harness_cross_check"):
         check = report["harness_cross_check"]
-        rows += ["", f"`ctxaware eval` on the RL policy: win rate {_fmt(check.get('win_rate'))}, ground truth "
-                 f"{_fmt(check.get('preference'))}, raw reward-model score {_fmt(check.get('reward'))}."]  # fmt: skip
+        rows += [
+            "",
+            f"`ctxaware eval` on the RL policy: win rate {_fmt(check.get('win_rate'))}, ground truth "
+            f"{_fmt(check.get('preference'))}, raw reward-model score {_fmt(check.get('reward'))}.",
+        ]
     rows += [
         "",
         "Seconds per stage (dpo ran beside reward -> rl): "

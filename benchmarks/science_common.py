@@ -83,8 +83,15 @@ def run_parallel(jobs: list[tuple[list[str], Path]]) -> None:
 
 def launch_recipe(recipe: str, *args: str) -> list[str]:
     """The command line of `accelerate launch recipes/<recipe>.py ARGS` on one process."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", str(RECIPES / f"{recipe}.py"),
-            *args]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        str(RECIPES / f"{recipe}.py"),
+        *args,
+    ]
 
 
 def eval_command(*args: str) -> list[str]:

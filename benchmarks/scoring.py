@@ -34,10 +34,25 @@ import ctxaware.attention  # noqa: E402, F401  (registers attn_implementation="c
 from ctxaware.attention import set_attention_options  # noqa: E402
 
 
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)  # fmt: skip
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=512, max_position_embeddings=1024)  # fmt: skip
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=1024,
+)
 
 
 def synchronize(device):
@@ -192,8 +207,9 @@ def write(args, device, dtype, rows, seconds):
         )
     errors = [f"- B={r['B']} S={r['S']} {k}: {v}" for r in rows for k, v in r.items() if k.endswith("_error")]
     lines += ["", "## Errors", "", *errors] if errors else []
-    write_results(out, {"scoring.json": json.dumps({"meta": meta, "rows": rows}, indent=1),
-                        "scoring.md": "\n".join(lines)})  # fmt: skip
+    write_results(
+        out, {"scoring.json": json.dumps({"meta": meta, "rows": rows}, indent=1), "scoring.md": "\n".join(lines)}
+    )
 
 
 if __name__ == "__main__":

@@ -65,9 +65,18 @@ def main() -> None:
     if text_file is None:
         text_file = str(out / "heldout_long_documents.txt")
         subprocess.run([python, "-c", HELDOUT_TEXT.format(path=text_file, max_tokens=target)], check=True, cwd=out)
-    settings = {"model": model, "original_length": original, "steps": steps, "batch_size": batch,
-                "learning_rate": args.learning_rate, "limit": limit, "ppl_windows": windows, "ropes": ropes,
-                "train": args.train_text or {"world_mix": args.train_mix}, "heldout_text": text_file}  # fmt: skip
+    settings = {
+        "model": model,
+        "original_length": original,
+        "steps": steps,
+        "batch_size": batch,
+        "learning_rate": args.learning_rate,
+        "limit": limit,
+        "ppl_windows": windows,
+        "ropes": ropes,
+        "train": args.train_text or {"world_mix": args.train_mix},
+        "heldout_text": text_file,
+    }
 
     results: dict = {}
     for rope in ropes:  # one rope at a time; its three variants run side by side (a small model leaves the GPU idle)
@@ -76,16 +85,51 @@ def main() -> None:
             folder = out / f"{rope}_{attention}"
             folder.mkdir(exist_ok=True)
             recipe = [
-                "--model_name_or_path", model, "--attention", attention, "--rope_scaling", rope,
-                "--output_dir", str(folder), "--max_length", str(target), "--max_steps", str(steps),
-                "--num_train_rows", str(steps * batch), "--per_device_train_batch_size", str(batch),
-                "--learning_rate", str(args.learning_rate), "--warmup_steps", str(min(20, steps // 10)),
-                "--save_steps", str(10**6), "--logging_steps", "25", "--seed", "0",
-                "--eval_limit", str(windows), "--eval_passkey_limit", str(limit), "--eval_niah", "true",
-                "--eval_baselines", str(index == 0).lower(), "--eval_batch_size", "8",
-                "--eval_text_file", text_file, "--eval_ppl_lengths", *map(str, lengths),
-                "--eval_passkey_lengths", str(target), "--dtype", "float32",
-            ]  # fmt: skip
+                "--model_name_or_path",
+                model,
+                "--attention",
+                attention,
+                "--rope_scaling",
+                rope,
+                "--output_dir",
+                str(folder),
+                "--max_length",
+                str(target),
+                "--max_steps",
+                str(steps),
+                "--num_train_rows",
+                str(steps * batch),
+                "--per_device_train_batch_size",
+                str(batch),
+                "--learning_rate",
+                str(args.learning_rate),
+                "--warmup_steps",
+                str(min(20, steps // 10)),
+                "--save_steps",
+                str(10**6),
+                "--logging_steps",
+                "25",
+                "--seed",
+                "0",
+                "--eval_limit",
+                str(windows),
+                "--eval_passkey_limit",
+                str(limit),
+                "--eval_niah",
+                "true",
+                "--eval_baselines",
+                str(index == 0).lower(),
+                "--eval_batch_size",
+                "8",
+                "--eval_text_file",
+                text_file,
+                "--eval_ppl_lengths",
+                *map(str, lengths),
+                "--eval_passkey_lengths",
+                str(target),
+                "--dtype",
+                "float32",
+            ]
             if args.train_text:
                 recipe += ["--dataset_name", args.train_text, "--dataset_text_field", "text"]
             else:
@@ -98,9 +142,17 @@ def main() -> None:
             for name, summary in recorded.get("before", {}).items():
                 results["original" if name == "original" else f"{rope}_untrained"] = summary
 
-    eval_cli = [*eval_command("--model", model, "--dtype", "float32", "--no_progress", "--limit", str(limit)),
-                "--batch_size", "8", "--tasks", "passkey,long_ppl", "--lengths", str(original),
-                "--haystack_file", text_file]  # fmt: skip
+    eval_cli = [
+        *eval_command("--model", model, "--dtype", "float32", "--no_progress", "--limit", str(limit)),
+        "--batch_size",
+        "8",
+        "--tasks",
+        "passkey,long_ppl",
+        "--lengths",
+        str(original),
+        "--haystack_file",
+        text_file,
+    ]
     jobs = []
     for budget in KV_BUDGETS:
         name = kv_name(budget)
@@ -225,11 +277,16 @@ def report(summary: dict, ropes: list[str], lengths: list[int]) -> list[str]:
         cells += [f"{ratio:.3f}" if ratio is not None else "-"]
         cells += [f"{value:.2f}" if value is not None else "-" for value in (passkey, niah)]
         rows.append(f"| {name.replace('_', ' ')} | " + " | ".join(cells) + " |")
-    rows += ["", f"| KV cache (base model, L = {lengths[0]}) | passkey | ppl (streamed) | K/V bytes per sample | saved |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    rows += [
+        "",
+        f"| KV cache (base model, L = {lengths[0]}) | passkey | ppl (streamed) | K/V bytes per sample | saved |",
+        "|---|---|---|---|---|",
+    ]
     for budget, row in summary["kv_cache_at_L"].items():
-        rows.append(f"| {budget} | {row['passkey']:.2f} | {row['ppl']:.2f} | {row['kv_bytes']:,.0f} | "
-                    f"{row['memory_saved']:.0%} |")  # fmt: skip
+        rows.append(
+            f"| {budget} | {row['passkey']:.2f} | {row['ppl']:.2f} | {row['kv_bytes']:,.0f} | "
+            f"{row['memory_saved']:.0%} |"
+        )
     rows += ["", "Targets:"] + [f"- {name}: {'met' if ok else 'MISSED'}" for name, ok in summary["targets"].items()]
     return rows
 

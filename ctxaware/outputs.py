@@ -24,10 +24,23 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # What ctxaware.io's atomic writes leave when killed (`.name.<hex>.tmp` / `.old`), and what earlier versions left.
 _STALE = re.compile(r"^\..+(\.tmp|\.old|-tmp-.+|-old)$")
 # Settings that never change what a run computes: a folder's earlier run may have had other values.
-BOOKKEEPING_KEYS = frozenset({
-    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_dir", "logging_steps", "report_to",
-    "run_name", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo", "disable_tqdm", "dataloader_num_workers",
-})  # fmt: skip
+BOOKKEEPING_KEYS = frozenset(
+    {
+        "output_dir",
+        "overwrite_output_dir",
+        "resume_from_checkpoint",
+        "logging_dir",
+        "logging_steps",
+        "report_to",
+        "run_name",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_token",
+        "hub_private_repo",
+        "disable_tqdm",
+        "dataloader_num_workers",
+    }
+)
 _HELD: dict[Path, int] = {}  # output folders this process has locked: folder -> open descriptor
 
 

@@ -55,13 +55,21 @@ def register(subparsers) -> None:
     parser.add_argument("--limit", type=int, help="score the first N records")
     parser.add_argument("--world_seed", type=int, default=0, help="seed of the synthetic world (for --dataset world)")
     parser.add_argument("--world_context_rate", type=float, default=0.5, help="--dataset world: context-chat share")
-    parser.add_argument("--world_knowledge_form", choices=["bare", "passage"], default="bare",
-                        help="--dataset world: knowledge chats ask the fact alone, or after a passage agreeing with it")  # fmt: skip
+    parser.add_argument(
+        "--world_knowledge_form",
+        choices=["bare", "passage"],
+        default="bare",
+        help="--dataset world: knowledge chats ask the fact alone, or after a passage agreeing with it",
+    )
     parser.add_argument(
         "--messages_column", help="column with the conversation (default: messages, or ShareGPT conversations)"
     )
-    parser.add_argument("--span", choices=["user", "context"], default="user",
-                        help="user: the whole user message (the paper); context: the record's `context` string")  # fmt: skip
+    parser.add_argument(
+        "--span",
+        choices=["user", "context"],
+        default="user",
+        help="user: the whole user message (the paper); context: the record's `context` string",
+    )
     parser.add_argument("--layer", default="all", help="layer index for the attention metric, or `all` (mean)")
     parser.add_argument("--select_by", choices=METRICS, default="attention", help="metric that chooses turns")
     parser.add_argument("--threshold", type=float, help="choose turns scoring >= this (the paper: attention 0.6)")
@@ -87,17 +95,27 @@ def run(args: argparse.Namespace) -> int:
             if getattr(args, name) is not None and getattr(args, name) <= 0:
                 raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
         records = load_chat_records(
-            args.dataset, split=args.split, limit=args.limit, messages_column=args.messages_column,
-            world_seed=args.world_seed, world_context_rate=args.world_context_rate,
+            args.dataset,
+            split=args.split,
+            limit=args.limit,
+            messages_column=args.messages_column,
+            world_seed=args.world_seed,
+            world_context_rate=args.world_context_rate,
             world_knowledge_form=args.world_knowledge_form,
-        )  # fmt: skip
+        )
         from ctxaware.models import load_model
 
         model, tokenizer = load_model(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device)
         turns, heads = score_records(
-            model, tokenizer, records, layer=layer, span=args.span, batch_size=args.batch_size,
-            max_length=args.max_length, progress=not args.no_progress,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            records,
+            layer=layer,
+            span=args.span,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            progress=not args.no_progress,
+        )
         threshold = select_turns(turns, args.select_by, threshold=args.threshold, percentile=percentile)
         summary = summarize(records, turns, select_by=args.select_by, threshold=threshold)
         summary["config"] = {k: v for k, v in vars(args).items() if k != "func"}
@@ -131,8 +149,12 @@ def _histogram(path: Path, records, turns, threshold: float, select_by: str) -> 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.5))
     for ax, metric in zip(axes, METRICS):
         for kind in kinds:
-            values = [t[metric] for r, rt in zip(records, turns) for t in rt
-                      if t[metric] is not None and (kind is None or str(r.get("kind")) == kind)]  # fmt: skip
+            values = [
+                t[metric]
+                for r, rt in zip(records, turns)
+                for t in rt
+                if t[metric] is not None and (kind is None or str(r.get("kind")) == kind)
+            ]
             ax.hist(values, bins=30, alpha=0.6, label=kind or "turns")
         if metric == select_by:
             ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3g}")

@@ -33,8 +33,14 @@ def book_body(text: str) -> str:
     """The text between Project Gutenberg's `*** START OF` and `*** END OF` lines (the whole text if it has none)."""
     lines = text.splitlines()
     start = next((i + 1 for i, line in enumerate(lines) if line.startswith("*** START OF")), 0)
-    end = next((i for i, line in enumerate(lines) if line.startswith(("*** END OF", "End of Project Gutenberg",
-                "End of the Project Gutenberg"))), len(lines))  # fmt: skip
+    end = next(
+        (
+            i
+            for i, line in enumerate(lines)
+            if line.startswith(("*** END OF", "End of Project Gutenberg", "End of the Project Gutenberg"))
+        ),
+        len(lines),
+    )
     return "\n".join(lines[start:end]).strip() + "\n"
 
 

@@ -63,9 +63,16 @@ class Arithmetic(Task):
         for digits, values in sorted(by_digits.items()):
             add_mean(metrics, stderrs, f"acc_digits{digits}", values)
         samples = [
-            {"doc_id": i, "op": r["op"], "digits": r["digits"], "prompt": r["prompt"], "target": str(r["answer"]),
-             "response": o, "acc": s}
+            {
+                "doc_id": i,
+                "op": r["op"],
+                "digits": r["digits"],
+                "prompt": r["prompt"],
+                "target": str(r["answer"]),
+                "response": o,
+                "acc": s,
+            }
             for i, (r, o, s) in enumerate(zip(records, outputs, scores))
-        ]  # fmt: skip
+        ]
         table = {op: {str(d): sum(v) / len(v) for d, v in sorted(cells.items())} for op, cells in grid.items()}
         return TaskResult(metrics, samples, stderrs, extra={"acc_by_op_digits": table})

@@ -65,9 +65,13 @@ class AttentionAllocation(Task):
                 per_record = per_record.cpu().double().numpy()
                 total = per_record if total is None else total + per_record
                 samples.append(
-                    {"doc_id": i, "prompt_tokens": len(ids), "context_tokens": labels.count(LABELS.index("context")),
-                     **{f"{name}_mass": float(per_record[..., k].mean()) for k, name in enumerate(LABELS)}}
-                )  # fmt: skip
+                    {
+                        "doc_id": i,
+                        "prompt_tokens": len(ids),
+                        "context_tokens": labels.count(LABELS.index("context")),
+                        **{f"{name}_mass": float(per_record[..., k].mean()) for k, name in enumerate(LABELS)},
+                    }
+                )
         mean = total / len(records)
         metrics = {f"{name}_mass": float(mean[..., k].mean()) for k, name in enumerate(LABELS)}
         matrix = {name: mean[..., k].round(6).tolist() for k, name in enumerate(LABELS)}
@@ -164,8 +168,13 @@ def _plot_writer(context_mass: np.ndarray, baseline_path: str | None):
         fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 0.35 * context_mass.shape[0] + 2))
         for ax, (title, matrix, diff) in zip(np.atleast_1d(axes), panels):
             limit = float(np.abs(matrix).max()) or 1.0
-            image = ax.imshow(matrix, cmap="RdBu" if diff else "viridis", aspect="auto",
-                              vmin=-limit if diff else 0, vmax=limit if diff else 1)  # fmt: skip
+            image = ax.imshow(
+                matrix,
+                cmap="RdBu" if diff else "viridis",
+                aspect="auto",
+                vmin=-limit if diff else 0,
+                vmax=limit if diff else 1,
+            )
             ax.set_xlabel("head")
             ax.set_ylabel("layer")
             ax.set_title(f"context mass: {title}")

@@ -117,8 +117,14 @@ class GSM8K(Task):
         add_mean(metrics, stderrs, "exact_match", strict)
         add_mean(metrics, stderrs, "exact_match_flexible", flexible)
         samples = [
-            {"doc_id": i, "question": r["question"], "target": r["answer"], "response": o, "exact_match": s,
-             "exact_match_flexible": f}
+            {
+                "doc_id": i,
+                "question": r["question"],
+                "target": r["answer"],
+                "response": o,
+                "exact_match": s,
+                "exact_match_flexible": f,
+            }
             for i, (r, o, s, f) in enumerate(zip(records, responses, strict, flexible))
-        ]  # fmt: skip
+        ]
         return TaskResult(metrics, samples, stderrs, extra={"chat_template": chat})

@@ -70,8 +70,19 @@ class KnowledgeConflict(Task):
             with_passage = dict(zip(known, zip(outputs, follows_context, follows_memory, prefers)))
             for i, (r, closed_answer) in enumerate(zip(records, closed_out)):
                 reply, fc, fm, pc = with_passage.get(i, (None, None, None, None))
-                samples.append({"doc_id": i, "template": variant, "question": r["question"], "answer": r["answer"],
-                                "counterfactual_answer": r["counterfactual_answer"], "closed_book": closed_answer,
-                                "known": i in with_passage, "response": reply, "follows_context": fc,
-                                "follows_memory": fm, "prefers_context": pc})  # fmt: skip
+                samples.append(
+                    {
+                        "doc_id": i,
+                        "template": variant,
+                        "question": r["question"],
+                        "answer": r["answer"],
+                        "counterfactual_answer": r["counterfactual_answer"],
+                        "closed_book": closed_answer,
+                        "known": i in with_passage,
+                        "response": reply,
+                        "follows_context": fc,
+                        "follows_memory": fm,
+                        "prefers_context": pc,
+                    }
+                )
         return TaskResult(metrics, samples, stderrs)

@@ -101,8 +101,16 @@ class LongPerplexity(Task):
             indices = [i for i, r in enumerate(records) if r["length"] == length]
             scored = lm.streaming_nll([records[i]["input_ids"] for i in indices], desc=f"long_ppl {length}")
             for i, s in zip(indices, scored, strict=True):
-                samples.append({"doc_id": i, "length": length, "tokens_scored": s.tokens, "ppl": math.exp(s.nll / s.tokens),
-                                "kv_bytes": s.kv_bytes, "kv_full_bytes": s.kv_full_bytes})  # fmt: skip
+                samples.append(
+                    {
+                        "doc_id": i,
+                        "length": length,
+                        "tokens_scored": s.tokens,
+                        "ppl": math.exp(s.nll / s.tokens),
+                        "kv_bytes": s.kv_bytes,
+                        "kv_full_bytes": s.kv_full_bytes,
+                    }
+                )
             metrics[f"ppl_len{length}"] = math.exp(sum(s.nll for s in scored) / sum(s.tokens for s in scored))
             metrics[f"kv_bytes_len{length}"] = sum(s.kv_bytes for s in scored) / len(scored)
             metrics[f"kv_full_bytes_len{length}"] = sum(s.kv_full_bytes for s in scored) / len(scored)

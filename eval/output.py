@@ -135,16 +135,18 @@ def format_table(results: dict) -> str:
             metric, _, filt = key.partition(",")
             arrow = "↑" if results["higher_is_better"][task].get(metric, True) else "↓"
             stderr = row.get(key.replace(",", "_stderr,", 1))
-            rows.append([
-                task if first else "",
-                str(results["versions"][task]),
-                filt,
-                metric,
-                arrow,
-                "nan" if value is None else f"{value:.4f}",
-                "±" if stderr is not None else "",
-                "" if stderr is None else (stderr if isinstance(stderr, str) else f"{stderr:.4f}"),
-            ])  # fmt: skip
+            rows.append(
+                [
+                    task if first else "",
+                    str(results["versions"][task]),
+                    filt,
+                    metric,
+                    arrow,
+                    "nan" if value is None else f"{value:.4f}",
+                    "±" if stderr is not None else "",
+                    "" if stderr is None else (stderr if isinstance(stderr, str) else f"{stderr:.4f}"),
+                ]
+            )
             first = False
     widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i]) for i in range(len(header))]
     lines = ["|" + "|".join(f"{h:<{w}}" for h, w in zip(header, widths)) + "|"]

@@ -69,8 +69,12 @@ from ctxaware.world.probe import matches
 
 
 METHODS = ("heads", "random_heads", "lora", "full")
-PATCHING_RUNS = ("activation:corrupted_into_clean", "activation:clean_into_corrupted", "path:corrupted_into_clean",
-                 "path:clean_into_corrupted")  # fmt: skip
+PATCHING_RUNS = (
+    "activation:corrupted_into_clean",
+    "activation:clean_into_corrupted",
+    "path:corrupted_into_clean",
+    "path:clean_into_corrupted",
+)
 SELECTION_SIGNS = ("positive", "absolute")
 
 
@@ -93,27 +97,51 @@ class ArithHeadsArguments:
     attribution_split: str = field(default="validation", metadata={"help": "World split the pairs come from."})
     corruption: str = field(default="operand", metadata={"help": "operand, operator or any."})
     keep_correct: bool = field(default=True, metadata={"help": "Patch only pairs the model gets right (LD signs)."})
-    drop_mismatched: bool = field(default=False, metadata={"help": "Skip pairs whose prompts tokenise to "
-                                  "different lengths instead of failing."})  # fmt: skip
-    patching_runs: list[str] = field(default_factory=lambda: list(PATCHING_RUNS[:3]),
-                                     metadata={"help": f"KIND:DIRECTION runs, from {PATCHING_RUNS}."})  # fmt: skip
+    drop_mismatched: bool = field(
+        default=False, metadata={"help": "Skip pairs whose prompts tokenise to different lengths instead of failing."}
+    )
+    patching_runs: list[str] = field(
+        default_factory=lambda: list(PATCHING_RUNS[:3]),
+        metadata={"help": f"KIND:DIRECTION runs, from {PATCHING_RUNS}."},
+    )
     patching_positions: str = field(default="all", metadata={"help": "Patch at all positions or the last."})
-    selection_score: str = field(default="activation:corrupted_into_clean", metadata={"help": "The patching run "
-                                 "whose |effect| ranks heads (activation: total effect, heads that move "
-                                 "operands; path: direct effect, heads that write the answer)."})  # fmt: skip
-    mlp_selection_score: str = field(default="path:corrupted_into_clean", metadata={"help": "The run ranking MLPs "
-                                     "(direct effect: MLPs that write the answer; MLP 0 acts on every token's "
-                                     "embedding, so its total effect is ~1 and says nothing)."})  # fmt: skip
-    selection_sign: str = field(default="positive", metadata={"help": "Rank by the signed effect (positive: the "
-                                "components that carry the answer) or by |effect| (absolute: also those that push "
-                                "against it)."})  # fmt: skip
+    selection_score: str = field(
+        default="activation:corrupted_into_clean",
+        metadata={
+            "help": "The patching run "
+            "whose |effect| ranks heads (activation: total effect, heads that move "
+            "operands; path: direct effect, heads that write the answer)."
+        },
+    )
+    mlp_selection_score: str = field(
+        default="path:corrupted_into_clean",
+        metadata={
+            "help": "The run ranking MLPs "
+            "(direct effect: MLPs that write the answer; MLP 0 acts on every token's "
+            "embedding, so its total effect is ~1 and says nothing)."
+        },
+    )
+    selection_sign: str = field(
+        default="positive",
+        metadata={
+            "help": "Rank by the signed effect (positive: the "
+            "components that carry the answer) or by |effect| (absolute: also those that push "
+            "against it)."
+        },
+    )
     num_heads: float = field(default=0.05, metadata={"help": "Heads tuned: a count (>= 1), a fraction, or 0."})
     num_mlps: int = field(default=1, metadata={"help": "MLPs tuned (top by effect, see selection_sign)."})
-    head_selection: str | None = field(default=None, metadata={"help": "A head_selection.json to reuse (skips "
-                                       "patching)."})  # fmt: skip
+    head_selection: str | None = field(
+        default=None, metadata={"help": "A head_selection.json to reuse (skips patching)."}
+    )
     kv_policy: str = field(default="full_group", metadata={"help": f"Shared GQA k/v rows: {', '.join(KV_POLICIES)}."})
-    kv_lr_ratio: float = field(default=1.0, metadata={"help": "Trained k/v rows learn at this fraction of the learning "
-                               "rate (under kv_policy any they also change the group's unselected heads)."})  # fmt: skip
+    kv_lr_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "Trained k/v rows learn at this fraction of the learning "
+            "rate (under kv_policy any they also change the group's unselected heads)."
+        },
+    )
     delta_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
     # baselines
     lora_r: int = 8
@@ -123,8 +151,10 @@ class ArithHeadsArguments:
     # evaluation
     eval_per_cell: int = field(default=20, metadata={"help": "Test problems per (template, op, digits); 0: none."})
     eval_digits: list[int] = field(default_factory=lambda: [1, 2, 3])
-    eval_tasks: list[str] = field(default_factory=lambda: ["extractive_qa", "counterfactual_qa"],
-                                  metadata={"help": "Harness tasks (ctxaware eval), before and after."})  # fmt: skip
+    eval_tasks: list[str] = field(
+        default_factory=lambda: ["extractive_qa", "counterfactual_qa"],
+        metadata={"help": "Harness tasks (ctxaware eval), before and after."},
+    )
     eval_limit: int = field(default=100, metadata={"help": "Records per harness task and closed-book facts."})
     merge: bool = field(default=False, metadata={"help": "Also save the merged plain model (heads methods)."})
 
@@ -134,8 +164,10 @@ class ArithHeadsArguments:
         if self.kv_policy not in KV_POLICIES:
             raise ValueError(f"kv_policy={self.kv_policy!r}: choose one of {', '.join(KV_POLICIES)}.")
         if self.kv_policy == "none" and self.kv_lr_ratio != 1.0:
-            raise ValueError(f"kv_lr_ratio={self.kv_lr_ratio} does nothing with kv_policy='none' (no k/v rows train): "
-                             "set kv_policy to 'any' or 'full_group', or drop kv_lr_ratio.")  # fmt: skip
+            raise ValueError(
+                f"kv_lr_ratio={self.kv_lr_ratio} does nothing with kv_policy='none' (no k/v rows train): "
+                "set kv_policy to 'any' or 'full_group', or drop kv_lr_ratio."
+            )
         if self.selection_sign not in SELECTION_SIGNS:
             raise ValueError(f"selection_sign={self.selection_sign!r}: choose one of {', '.join(SELECTION_SIGNS)}.")
         if unknown := set(self.patching_runs) - set(PATCHING_RUNS):
@@ -163,9 +195,15 @@ CONFIG_CLASSES = (ArithHeadsArguments, ArithHeadsTrainingConfig)
 # --- selection ----------------------------------------------------------------------------------------------------
 def attribute(args: ArithHeadsArguments, model, tokenizer, output_dir: Path | None) -> dict:
     """Runs the patching analyses; returns {run name: PatchingResult}; writes them to `output_dir`/attribution."""
-    pairs = arithmetic_pairs(args.world_seed, args.attribution_split, args.attribution_pairs, ops=args.train_ops,
-                             digits=args.train_digits, templates=args.train_templates,
-                             corruption=args.corruption)  # fmt: skip
+    pairs = arithmetic_pairs(
+        args.world_seed,
+        args.attribution_split,
+        args.attribution_pairs,
+        ops=args.train_ops,
+        digits=args.train_digits,
+        templates=args.train_templates,
+        corruption=args.corruption,
+    )
     batches = build_batches(pairs, tokenizer, drop_mismatched=args.drop_mismatched)
     if args.keep_correct:
         batches = keep_answered(model, batches)
@@ -214,10 +252,15 @@ def select(args, layout: HeadLayout, model, tokenizer, seed: int, output_dir: Pa
     heads, mlps = top_components(head_score, mlp_score, k, args.num_mlps, args.selection_sign)
     check_selection(layout, heads, mlps)
     summary = {
-        name: {"clean_logit_diff": r.clean_logit_diff, "corrupted_logit_diff": r.corrupted_logit_diff,
-               "num_pairs": r.num_pairs, "concentration": r.concentration(), "top": r.ranked()[:10]}
+        name: {
+            "clean_logit_diff": r.clean_logit_diff,
+            "corrupted_logit_diff": r.corrupted_logit_diff,
+            "num_pairs": r.num_pairs,
+            "concentration": r.concentration(),
+            "top": r.ranked()[:10],
+        }
         for name, r in runs.items()
-    }  # fmt: skip
+    }
     if is_main:
         for result in runs.values():
             result.save(output_dir / "attribution", heads)
@@ -226,8 +269,11 @@ def select(args, layout: HeadLayout, model, tokenizer, seed: int, output_dir: Pa
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
 def category(record: dict, args: ArithHeadsArguments) -> str:
-    same = (record["template"] in args.train_templates, record["op"] in args.train_ops,
-            record["digits"] in args.train_digits)  # fmt: skip
+    same = (
+        record["template"] in args.train_templates,
+        record["op"] in args.train_ops,
+        record["digits"] in args.train_digits,
+    )
     if all(same):
         return "in_distribution"
     if not same[1]:
@@ -244,8 +290,14 @@ def evaluate_model(args: ArithHeadsArguments, model, tokenizer) -> dict:
     lm = EvalModel(model, tokenizer, batch_size=64, progress=False)
     metrics = {}
     if args.eval_per_cell:
-        records = arithmetic_records(args.world_seed, "test", ops=OPS, digits=args.eval_digits, templates=TEMPLATES,
-                                     n_per_cell=args.eval_per_cell)  # fmt: skip
+        records = arithmetic_records(
+            args.world_seed,
+            "test",
+            ops=OPS,
+            digits=args.eval_digits,
+            templates=TEMPLATES,
+            n_per_cell=args.eval_per_cell,
+        )
         outputs = lm.generate([lm.encode(r["prompt"], chat=False) for r in records], max_new_tokens=8)
         hits, groups = {}, {}
         for record, output in zip(records, outputs):
@@ -293,8 +345,14 @@ def training_examples(args: ArithHeadsArguments, tokenizer) -> list[dict]:
     the completion only. The completion ends the way the world's arithmetic text does (the next line follows), not
     with EOS: SFTTrainer appends EOS to a prompt/completion record, and for problems the model already solves that
     EOS (~19 nats on ctxaware-tiny, the answer ~0) is the whole loss, so training learned to stop, not to compute."""
-    records = arithmetic_records(args.world_seed, args.train_split, ops=args.train_ops, digits=args.train_digits,
-                                 templates=args.train_templates, n_per_cell=args.train_per_cell)  # fmt: skip
+    records = arithmetic_records(
+        args.world_seed,
+        args.train_split,
+        ops=args.train_ops,
+        digits=args.train_digits,
+        templates=args.train_templates,
+        n_per_cell=args.train_per_cell,
+    )
     examples = []
     for record in records:
         prompt_ids = encode_prompt(tokenizer, record["prompt"])
@@ -309,8 +367,12 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
     set_seed(training_args.seed)
     state = PartialState()
     output_dir = Path(training_args.output_dir)
-    claim_output_dir(output_dir, {**asdict(args), **training_args.to_dict()},
-                     overwrite=training_args.overwrite_output_dir, resumable=False)  # fmt: skip
+    claim_output_dir(
+        output_dir,
+        {**asdict(args), **training_args.to_dict()},
+        overwrite=training_args.overwrite_output_dir,
+        resumable=False,
+    )
     path = resolve_model_path(args.model_name_or_path)
     tokenizer = load_tokenizer(path, revision=args.model_revision)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
@@ -330,34 +392,53 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
     if args.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_target_modules,
-                          lora_dropout=0.0, task_type="CAUSAL_LM")  # fmt: skip
+        lora = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            target_modules=args.lora_target_modules,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(model, lora)
         values = {f.name: getattr(training_args, f.name) for f in fields(SFTConfig) if f.init}
         config = SFTConfig(**{**values, "learning_rate": args.lora_learning_rate})
     elif args.method == "full":
         model.requires_grad_(True)
     else:
-        heads, mlps, attribution = select(args, layout, model, tokenizer, training_args.seed, output_dir,
-                                          state.is_main_process)  # fmt: skip
+        heads, mlps, attribution = select(
+            args, layout, model, tokenizer, training_args.seed, output_dir, state.is_main_process
+        )
         clock.lap("selection")
         results |= {"heads": [list(h) for h in heads], "mlp_layers": mlps, "attribution": attribution}
         training = {k: v for k, v in asdict(args).items() if k.startswith(("train_", "method", "kv_", "num_"))}
         training |= {"learning_rate": training_args.learning_rate, "num_train_epochs": training_args.num_train_epochs}
-        adapter = HeadDeltaAdapter.for_model(model, heads, mlps, kv_policy=args.kv_policy,
-                                             kv_lr_ratio=args.kv_lr_ratio, targets=args.delta_targets,
-                                             base_model=args.model_name_or_path,
-                                             base_model_revision=args.model_revision,
-                                             training=training)  # fmt: skip
+        adapter = HeadDeltaAdapter.for_model(
+            model,
+            heads,
+            mlps,
+            kv_policy=args.kv_policy,
+            kv_lr_ratio=args.kv_lr_ratio,
+            targets=args.delta_targets,
+            base_model=args.model_name_or_path,
+            base_model_revision=args.model_revision,
+            training=training,
+        )
         adapter.to(state.device).attach(model)
         if state.is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
-            save_head_selection(output_dir / "head_selection.json", heads, layout, mlp_layers=mlps, method=args.method,
-                                selection_score=args.selection_score,
-                                mlp_selection_score=args.mlp_selection_score)  # fmt: skip
+            save_head_selection(
+                output_dir / "head_selection.json",
+                heads,
+                layout,
+                mlp_layers=mlps,
+                method=args.method,
+                selection_score=args.selection_score,
+                mlp_selection_score=args.mlp_selection_score,
+            )
     results["trained_parameters"] = count_trainable(model)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[RequireTrainingSteps()])  # fmt: skip
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[RequireTrainingSteps()]
+    )
     results["train_metrics"] = trainer.train().metrics
     clock.lap("train")
     # The logged loss curve: the first check that training had something to learn (see `training_examples`).

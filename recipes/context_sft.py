@@ -108,9 +108,15 @@ def chosen_user_turns(config: ContextSFTConfig, model, tokenizer, records: list[
             )
         return [[t["user_index"] for t in s["context_scores"] if t.get("chosen")] for s in scored[: len(records)]]
     turns, _ = score_records(
-        model, tokenizer, records, layer=config.score_layer, span=config.score_span,
-        batch_size=config.per_device_train_batch_size, max_length=config.max_length, progress=False,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        records,
+        layer=config.score_layer,
+        span=config.score_span,
+        batch_size=config.per_device_train_batch_size,
+        max_length=config.max_length,
+        progress=False,
+    )
     select_turns(turns, config.select_by, threshold=config.threshold, percentile=config.percentile)
     return [[t["user_index"] for t in record if t.get("chosen")] for record in turns]
 
@@ -161,17 +167,22 @@ Evaluate: `ctxaware eval --model MERGED_OR_FULL_MODEL --tasks counterfactual_qa,
 def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
     set_seed(config.seed)  # before any weights are created (the indicator row, LoRA), so runs repeat
     run_config = {**config.to_dict(), **asdict(model_args)}
-    claim_output_dir(config.output_dir, run_config, overwrite=config.overwrite_output_dir,
-                     resume=config.resume_from_checkpoint)  # fmt: skip
+    claim_output_dir(
+        config.output_dir, run_config, overwrite=config.overwrite_output_dir, resume=config.resume_from_checkpoint
+    )
     path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(path, revision=model_args.model_revision)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     model = AutoModelForCausalLM.from_pretrained(path, revision=model_args.model_revision, dtype=dtype)
     records = load_chat_records(
-        config.dataset, split=config.dataset_split, limit=config.dataset_limit, messages_column=config.messages_column,
-        world_seed=config.world_seed, world_context_rate=config.world_context_rate,
+        config.dataset,
+        split=config.dataset_split,
+        limit=config.dataset_limit,
+        messages_column=config.messages_column,
+        world_seed=config.world_seed,
+        world_context_rate=config.world_context_rate,
         world_knowledge_form=config.world_knowledge_form,
-    )  # fmt: skip
+    )
     stats = {"records": len(records), "turns": sum(m["role"] == "assistant" for r in records for m in r["messages"])}
     peft_config = get_peft_config(model_args)
     if config.mode == "conditional":
@@ -193,16 +204,23 @@ def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
         callbacks=[RunConfigCallback(run_config), RequireTrainingSteps()],
     )
     expose_lm_head_bias(trainer.model)
-    trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(
-        config.resume_from_checkpoint, config.output_dir, run_config, BOOKKEEPING_KEYS
-    ))  # fmt: skip
+    trainer.train(
+        resume_from_checkpoint=resolve_resume_checkpoint(
+            config.resume_from_checkpoint, config.output_dir, run_config, BOOKKEEPING_KEYS
+        )
+    )
     trainer.save_model(config.output_dir)
     if config.push_to_hub:
         trainer.push_to_hub(dataset_name=config.dataset)  # writes TRL's card; ours replaces it below
     if trainer.accelerator.is_main_process:
         output = Path(config.output_dir)
-        summary = {"mode": config.mode, "indicator": config.indicator if config.mode == "conditional" else None,
-                   "indicator_init": config.indicator_init, "base_model": model_args.model_name_or_path, **stats}  # fmt: skip
+        summary = {
+            "mode": config.mode,
+            "indicator": config.indicator if config.mode == "conditional" else None,
+            "indicator_init": config.indicator_init,
+            "base_model": model_args.model_name_or_path,
+            **stats,
+        }
         (output / "context_sft.json").write_text(json.dumps(summary, indent=2) + "\n")
         (output / "README.md").write_text(model_card(config, model_args, stats))
         if config.merge:

@@ -80,25 +80,44 @@ class LoFiTArguments:
     dataset_train_split: str = field(default="train", metadata={"help": "Split (slices allowed: 'train[:90%%]')."})
     dataset_test_split: str = field(default="test", metadata={"help": "Held-out split scored before and after."})
     world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world (world/* tasks)."})
-    counterfactual_rate: float = field(default=1.0, metadata={"help": "world/context_qa, world/truthful_qa: share of "
-                                       "passages that contradict the memorised fact (context_qa answers with the "
-                                       "passage, truthful_qa with the fact)."})  # fmt: skip
+    counterfactual_rate: float = field(
+        default=1.0,
+        metadata={
+            "help": "world/context_qa, world/truthful_qa: share of "
+            "passages that contradict the memorised fact (context_qa answers with the "
+            "passage, truthful_qa with the fact)."
+        },
+    )
     max_train_samples: int | None = None
     eval_limit: int = field(default=200, metadata={"help": "Held-out records scored before and after (0: none)."})
     num_heads: float = field(default=0.05, metadata={"help": "K: a head count (>= 1) or a fraction of all heads."})
-    head_seed: int | None = field(default=None, metadata={"help": "random_heads: seed of the draw (default: `seed`), "
-                                  "so several draws can share one training seed."})  # fmt: skip
-    exclude_heads: str | None = field(default=None, metadata={"help": "random_heads: a head_selection.json (a lofit "
-                                      "run's) whose heads the draw avoids, so the control never repeats the "
-                                      "selection it is compared with."})  # fmt: skip
+    head_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "random_heads: seed of the draw (default: `seed`), so several draws can share one training seed."
+        },
+    )
+    exclude_heads: str | None = field(
+        default=None,
+        metadata={
+            "help": "random_heads: a head_selection.json (a lofit "
+            "run's) whose heads the draw avoids, so the control never repeats the "
+            "selection it is compared with."
+        },
+    )
     l1_lambda: float = field(default=1e-3, metadata={"help": "Stage-1 L1 penalty on the scales."})
     scale_init_std: float = field(default=1e-3, metadata={"help": "Stage-1 scales start at N(0, std)."})
     stage1_learning_rate: float = 5e-3
     stage1_epochs: float = 1.0
     stage1_max_steps: int = field(default=-1, metadata={"help": "Caps stage 1 (-1: by epochs)."})
     lora_r: int = 8
-    lora_learning_rate: float = field(default=2e-3, metadata={"help": "method lora's learning rate (the offsets' "
-                                      "`learning_rate` is orders of magnitude too large for LoRA weights)."})  # fmt: skip
+    lora_learning_rate: float = field(
+        default=2e-3,
+        metadata={
+            "help": "method lora's learning rate (the offsets' "
+            "`learning_rate` is orders of magnitude too large for LoRA weights)."
+        },
+    )
     lora_alpha: int = 16
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     merge: bool = field(default=False, metadata={"help": "Also save the merged plain model (LoFiT methods)."})
@@ -145,11 +164,18 @@ def load_records(args: LoFiTArguments, split: str, tokenizer) -> list[dict]:
     if args.task.startswith("world/"):
         world = build_world(args.world_seed)
         if args.task == "world/chat_qa":  # the chat corpus answers these with a full sentence: the format is the task
-            return [{"prompt": chat_prompt(tokenizer, r["question"]), "completion": " " + r["answer"]}
-                    for r in closed_book_qa(world, split)]  # fmt: skip
+            return [
+                {"prompt": chat_prompt(tokenizer, r["question"]), "completion": " " + r["answer"]}
+                for r in closed_book_qa(world, split)
+            ]
         if args.task in ("world/context_qa", "world/truthful_qa"):
-            records = context_qa(world, split, n=2000 if split == "train" else 300,
-                                 counterfactual_rate=args.counterfactual_rate, novel_rate=0.0)  # fmt: skip
+            records = context_qa(
+                world,
+                split,
+                n=2000 if split == "train" else 300,
+                counterfactual_rate=args.counterfactual_rate,
+                novel_rate=0.0,
+            )
             answer = "memory_answer" if args.task == "world/truthful_qa" else "answer"
             return [{"prompt": CONTEXT_QA_PROMPT.format(**r), "completion": " " + r[answer]} for r in records]
         if args.task == "world/arithmetic":
@@ -223,8 +249,14 @@ def score(model, tokenizer, records: list[dict], objective: str, batch_size: int
             width = max(map(len, encoded))
             ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=model.device)
             max_new = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + 2
-            out = model.generate(input_ids=ids, attention_mask=(ids != pad).long(), max_new_tokens=max_new,
-                                 do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=(ids != pad).long(),
+                max_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )
             texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
             correct += sum(matches(text, answer) for text, answer in zip(texts, answers))
         return correct / len(records)
@@ -259,8 +291,14 @@ def make_trainer(objective: str, model, config, dataset: Dataset, tokenizer, ref
     if l1_adapter is not None:
         trainer_cls = type("L1" + trainer_cls.__name__, (trainer_cls,), {"compute_loss": _l1_loss(l1_adapter, l1)})
     kwargs = {"ref_model": ref_model} if objective == "dpo" else {}
-    return trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                       callbacks=[RequireTrainingSteps()], **kwargs)  # fmt: skip
+    return trainer_cls(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[RequireTrainingSteps()],
+        **kwargs,
+    )
 
 
 def _l1_loss(adapter: LoFiTAdapter, l1: float):
@@ -282,8 +320,12 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig) -> dict:
     set_seed(training_args.seed)
     state = PartialState()
     output_dir = Path(training_args.output_dir)
-    claim_output_dir(output_dir, {**asdict(args), **training_args.to_dict()},
-                     overwrite=training_args.overwrite_output_dir, resumable=False)  # fmt: skip
+    claim_output_dir(
+        output_dir,
+        {**asdict(args), **training_args.to_dict()},
+        overwrite=training_args.overwrite_output_dir,
+        resumable=False,
+    )
     path = resolve_model_path(args.model_name_or_path)
     tokenizer = load_tokenizer(path, revision=args.model_revision)
     train_records = with_bos(load_records(args, args.dataset_train_split, tokenizer), tokenizer)
@@ -307,8 +349,13 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig) -> dict:
     if args.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_target_modules,
-                          lora_dropout=0.0, task_type="CAUSAL_LM")  # fmt: skip
+        lora = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            target_modules=args.lora_target_modules,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(model, lora)
         results["trained_parameters"] = count_trainable(model)
         config = trl_config(training_args, args.objective, learning_rate=args.lora_learning_rate)
@@ -327,8 +374,14 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig) -> dict:
             scores = None
         training = {k: v for k, v in asdict(args).items() if k not in ("merge", "eval_limit")}
         training |= {"learning_rate": training_args.learning_rate, "num_train_epochs": training_args.num_train_epochs}
-        adapter = LoFiTAdapter(layout, heads, offsets=True, base_model=args.model_name_or_path,
-                               base_model_revision=args.model_revision, training=training)  # fmt: skip
+        adapter = LoFiTAdapter(
+            layout,
+            heads,
+            offsets=True,
+            base_model=args.model_name_or_path,
+            base_model_revision=args.model_revision,
+            training=training,
+        )
         adapter.to(next(model.parameters()).device).attach(model)
         results["trained_parameters"] = count_trainable(model)
         stage2 = trl_config(training_args, args.objective, output_dir=str(output_dir / "stage2"))
@@ -336,8 +389,14 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig) -> dict:
         trainer.train()
         if state.is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
-            save_head_selection(output_dir / "head_selection.json", heads, layout, method=args.method, task=args.task,
-                                scores=scores.tolist() if scores is not None else None)  # fmt: skip
+            save_head_selection(
+                output_dir / "head_selection.json",
+                heads,
+                layout,
+                method=args.method,
+                task=args.task,
+                scores=scores.tolist() if scores is not None else None,
+            )
             if scores is not None:
                 plot_head_scores(output_dir / "head_scores.png", scores, heads, title=f"stage-1 ||A|| ({args.task})")
 
@@ -380,9 +439,14 @@ def select_heads(args, training_args, model, layout, dataset, tokenizer, ref_mod
     """Stage 1: scales on every head with an L1 penalty; returns the top-K heads and the (layers, heads) norms."""
     stage1 = LoFiTAdapter(layout, all_heads(layout), scales=True, offsets=False, init_std=args.scale_init_std)
     stage1.to(next(model.parameters()).device).attach(model)
-    config = trl_config(training_args, args.objective, learning_rate=args.stage1_learning_rate,
-                        num_train_epochs=args.stage1_epochs, max_steps=args.stage1_max_steps,
-                        output_dir=str(Path(training_args.output_dir) / "stage1"))  # fmt: skip
+    config = trl_config(
+        training_args,
+        args.objective,
+        learning_rate=args.stage1_learning_rate,
+        num_train_epochs=args.stage1_epochs,
+        max_steps=args.stage1_max_steps,
+        output_dir=str(Path(training_args.output_dir) / "stage1"),
+    )
     make_trainer(args.objective, model, config, dataset, tokenizer, ref_model, stage1, args.l1_lambda).train()
     stage1.detach()
     scores = stage1.scale_norms()

@@ -58,38 +58,79 @@ from ctxaware.world import build_world, pretraining_corpus
 class MoHArguments:
     model_name_or_path: str = field(default="ctxaware-tiny", metadata={"help": "Embedded name, path or Hub id."})
     model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
-    dense_control: bool = field(default=False, metadata={"help": "Continue-tune the dense model (no router) on the "
-                                "same data and steps: the control MoH is compared with."})  # fmt: skip
+    dense_control: bool = field(
+        default=False,
+        metadata={
+            "help": "Continue-tune the dense model (no router) on the "
+            "same data and steps: the control MoH is compared with."
+        },
+    )
     num_shared_heads: int = field(default=4, metadata={"help": "Query heads per layer that are always active."})
-    num_routed_heads: int | None = field(default=None, metadata={"help": "Routed heads per layer (unset: the rest; "
-                                         "shared + routed must equal the head count)."})  # fmt: skip
+    num_routed_heads: int | None = field(
+        default=None,
+        metadata={"help": "Routed heads per layer (unset: the rest; shared + routed must equal the head count)."},
+    )
     top_k: int = field(default=2, metadata={"help": "Routed heads active per token."})
     variant: str = field(default="learned", metadata={"help": f"One of {', '.join(VARIANTS)}."})
     router_init_std: float = field(default=1e-2, metadata={"help": "Routed logits start at about this std."})
-    shared_heads: str = field(default="importance", metadata={"help": "Which heads are shared: 'importance' (those "
-                              "whose absence costs the dense model most on the calibration rows) or 'first' (by "
-                              "index)."})  # fmt: skip
-    router_init: str = field(default="importance", metadata={"help": "Learned router at step 0: 'importance' (fitted "
-                             "to pick, per token, the routed heads whose absence costs most there) or 'random'."})  # fmt: skip
-    calibration_rows: int = field(default=64, metadata={"help": "Training rows head importance is measured on (one "
-                                  "dense and one forward per head and layer each); which heads are shared hinges on "
-                                  "it (on the tiny model 16 rows of 512 tokens cost 3.7 points at 75% active, 64 rows 0.1)."})  # fmt: skip
-    router_lr_ratio: float = field(default=0.01, metadata={"help": "The router learns at this fraction of the "
-                                   "learning rate (Adam-type optimizers): the fitted router is not reshuffled by noisy "
-                                   "updates (on the tiny model 0.1 lost the pass key in some seeds, 0.01 kept it)."})  # fmt: skip
-    routing_chunk: int = field(default=0, metadata={"help": "0: route every token. C > 0: every token of a C-token "
-                               "chunk takes the gates of the chunk's first token, so prefill and training skip whole "
-                               "kernel tiles too (128 fits the tiles); not yet checked against the targets."})  # fmt: skip
+    shared_heads: str = field(
+        default="importance",
+        metadata={
+            "help": "Which heads are shared: 'importance' (those "
+            "whose absence costs the dense model most on the calibration rows) or 'first' (by "
+            "index)."
+        },
+    )
+    router_init: str = field(
+        default="importance",
+        metadata={
+            "help": "Learned router at step 0: 'importance' (fitted "
+            "to pick, per token, the routed heads whose absence costs most there) or 'random'."
+        },
+    )
+    calibration_rows: int = field(
+        default=64,
+        metadata={
+            "help": "Training rows head importance is measured on (one "
+            "dense and one forward per head and layer each); which heads are shared hinges on "
+            "it (on the tiny model 16 rows of 512 tokens cost 3.7 points at 75% active, 64 rows 0.1)."
+        },
+    )
+    router_lr_ratio: float = field(
+        default=0.01,
+        metadata={
+            "help": "The router learns at this fraction of the "
+            "learning rate (Adam-type optimizers): the fitted router is not reshuffled by noisy "
+            "updates (on the tiny model 0.1 lost the pass key in some seeds, 0.01 kept it)."
+        },
+    )
+    routing_chunk: int = field(
+        default=0,
+        metadata={
+            "help": "0: route every token. C > 0: every token of a C-token "
+            "chunk takes the gates of the chunk's first token, so prefill and training skip whole "
+            "kernel tiles too (128 fits the tiles); not yet checked against the targets."
+        },
+    )
     balance_coef: float = field(default=0.01, metadata={"help": "Weight of the load-balance loss."})
     train_base: bool = field(
         default=True, metadata={"help": "Continue-tune the model's weights (false: router only)."}
     )
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub id, local file or folder, or `books` (text documents); unset: "
-                                     "the synthetic world's pretraining corpus."})  # fmt: skip
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id, local file or folder, or `books` (text documents); unset: "
+            "the synthetic world's pretraining corpus."
+        },
+    )
     dataset_config: str | None = None
     dataset_split: str = "train"
-    dataset_eval_split: str | None = field(default=None, metadata={"help": "Held-out split of the named data set "
-                                           "(unset: no held-out loss); the world corpus has its own."})  # fmt: skip
+    dataset_eval_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out split of the named data set (unset: no held-out loss); the world corpus has its own."
+        },
+    )
     dataset_streaming: bool = field(default=False, metadata={"help": "Stream the Hub data set (large corpora)."})
     world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world (default data)."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per packed training row."})
@@ -229,8 +270,12 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
     state = PartialState()
     output_dir = Path(training_args.output_dir)
     run_config = {**asdict(args), **training_args.to_dict()}
-    claim_output_dir(output_dir, run_config,
-                     overwrite=training_args.overwrite_output_dir, resume=training_args.resume_from_checkpoint)  # fmt: skip
+    claim_output_dir(
+        output_dir,
+        run_config,
+        overwrite=training_args.overwrite_output_dir,
+        resume=training_args.resume_from_checkpoint,
+    )
     path = resolve_model_path(args.model_name_or_path)
     tokenizer = load_tokenizer(path, revision=args.model_revision)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
@@ -242,8 +287,13 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
     eval_split = "validation" if args.dataset_name is None else args.dataset_eval_split
     eval_rows = packed_rows(args, tokenizer, eval_split, args.num_eval_rows, text_field) if eval_split else []
     model.to(state.device)
-    results: dict = {"base_model": args.model_name_or_path, "dense_control": args.dense_control,
-                     "max_steps": training_args.max_steps, "train_rows": len(train_rows), "seq_len": args.seq_len}  # fmt: skip
+    results: dict = {
+        "base_model": args.model_name_or_path,
+        "dense_control": args.dense_control,
+        "max_steps": training_args.max_steps,
+        "train_rows": len(train_rows),
+        "seq_len": args.seq_len,
+    }
     results["dense_eval_loss"] = lm_loss(model, eval_rows)
 
     adapter = None
@@ -254,12 +304,21 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
         calibration = [torch.tensor(rows[i : i + batch], device=model.device) for i in range(0, len(rows), batch)]
         started = time.perf_counter()
         adapter = MoHAdapter.for_model(
-            model, num_shared_heads=args.num_shared_heads, num_routed_heads=args.num_routed_heads, top_k=args.top_k,
-            variant=args.variant, router_init_std=args.router_init_std, shared_heads=args.shared_heads,
-            router_init=args.router_init, calibration=calibration, router_lr_ratio=args.router_lr_ratio,
+            model,
+            num_shared_heads=args.num_shared_heads,
+            num_routed_heads=args.num_routed_heads,
+            top_k=args.top_k,
+            variant=args.variant,
+            router_init_std=args.router_init_std,
+            shared_heads=args.shared_heads,
+            router_init=args.router_init,
+            calibration=calibration,
+            router_lr_ratio=args.router_lr_ratio,
             routing_chunk=args.routing_chunk,
-            base_model=args.model_name_or_path, base_model_revision=args.model_revision, training=training,
-        )  # fmt: skip
+            base_model=args.model_name_or_path,
+            base_model_revision=args.model_revision,
+            training=training,
+        )
         results["conversion_seconds"] = time.perf_counter() - started
         shared = heads_by_layer(adapter.heads)
         results["shared_heads"] = [shared.get(layer, []) for layer in range(adapter.layout.num_layers)]
@@ -279,8 +338,13 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
 
     model.train()
     dataset = Dataset.from_dict({"input_ids": train_rows})
-    common = dict(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-                  callbacks=[RunConfigCallback(run_config), RequireTrainingSteps()])  # fmt: skip
+    common = dict(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[RunConfigCallback(run_config), RequireTrainingSteps()],
+    )
     if adapter is None:
         trainer = SFTTrainer(**common)
     else:

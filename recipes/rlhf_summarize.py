@@ -394,11 +394,15 @@ def run_compare(cfg: RLHFConfig, model_args: ModelConfig) -> Path | str:
         sft_path = cfg.sft_model_path or str(Path(cfg.output_dir) / "sft")
         records = summary_records(cfg, "train")
         summaries = rlhf.sample_summaries(
-            load_policy(sft_path, model_args).to(state.device).eval(), load_tokenizer(sft_path),
-            [r["post"] for r in records], samples_per_post=cfg.comparison_samples,
-            max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, batch_size=cfg.eval_batch_size,
+            load_policy(sft_path, model_args).to(state.device).eval(),
+            load_tokenizer(sft_path),
+            [r["post"] for r in records],
+            samples_per_post=cfg.comparison_samples,
+            max_new_tokens=cfg.max_completion_length,
+            temperature=cfg.temperature,
+            batch_size=cfg.eval_batch_size,
             seed=cfg.seed,
-        )  # fmt: skip
+        )
         world = build_world(cfg.world_seed)
         pairs = policy_comparisons(world, "train", summaries, cfg.label_noise, cfg.seed, pairs_per_post(cfg, "train"))
         with atomic_directory(final) as tmp:
@@ -572,9 +576,15 @@ def run_eval(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
             else:
                 prompts = [rlhf.policy_prompt(tokenizer, r["post"]) for r in records[: max(1, len(records) // 4)]]
                 metrics["kl_to_sft"] = rlhf.sequence_kl(
-                    model, sft_model, tokenizer, prompts, max_new_tokens=cfg.max_completion_length,
-                    temperature=cfg.temperature, samples_per_prompt=cfg.kl_samples_per_prompt, seed=cfg.seed,
-                )  # fmt: skip
+                    model,
+                    sft_model,
+                    tokenizer,
+                    prompts,
+                    max_new_tokens=cfg.max_completion_length,
+                    temperature=cfg.temperature,
+                    samples_per_prompt=cfg.kl_samples_per_prompt,
+                    seed=cfg.seed,
+                )
             summary[name] = metrics
         summary["reward_model"] = reward_accuracy(cfg, reward_path, bias)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -607,10 +617,12 @@ def reward_accuracy(cfg: RLHFConfig, reward_path: str, bias: float) -> dict:
         records = {r["post"]: r for r in summarization(build_world(cfg.world_seed), "test")}
         kinds = [pair_difference(records[p["post"]], p) for p in pairs]
         result["accuracy_by_difference"] = {
-            kind: {"accuracy": sum(ok for ok, k in zip(correct, kinds) if k == kind) / kinds.count(kind),
-                   "n_pairs": kinds.count(kind)}
+            kind: {
+                "accuracy": sum(ok for ok, k in zip(correct, kinds) if k == kind) / kinds.count(kind),
+                "n_pairs": kinds.count(kind),
+            }
             for kind in sorted(set(kinds))
-        }  # fmt: skip
+        }
     return result
 
 
@@ -641,8 +653,13 @@ def main(cfg: RLHFConfig, model_args: ModelConfig) -> None:
     set_seed(cfg.seed)  # seeds python, numpy and torch before the reward head and LoRA weights are created
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     # One run's stages share the folder: a stage may be run alone, and `all` skips or resumes stages on its own.
-    claim_output_dir(cfg.output_dir, {**cfg.to_dict(), **dataclasses.asdict(model_args)},
-                     overwrite=cfg.overwrite_output_dir, resume=True, may_differ=("stage", "overwrite_stages"))  # fmt: skip
+    claim_output_dir(
+        cfg.output_dir,
+        {**cfg.to_dict(), **dataclasses.asdict(model_args)},
+        overwrite=cfg.overwrite_output_dir,
+        resume=True,
+        may_differ=("stage", "overwrite_stages"),
+    )
     for stage in stages:
         final = Path(cfg.output_dir) / stage
         if stage != "eval" and (final / DONE_FILES.get(stage, "config.json")).is_file() and not cfg.overwrite_stages:

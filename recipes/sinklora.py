@@ -138,11 +138,33 @@ class SinkLoRAModelConfig(ModelConfig):
 CONFIG_CLASSES = (SinkLoRAConfig, SinkLoRAModelConfig)
 # Keys a resume may change: where things go, how often they are logged or saved, how long training runs.
 RESUME_MAY_DIFFER = {
-    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_dir", "logging_steps", "save_steps", "save_total_limit",
-    "save_strategy", "max_steps", "num_train_epochs", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo",
-    "report_to", "run_name", "eval_limit", "eval_passkey_limit", "eval_baselines", "eval_niah", "eval_text_file", "eval_batch_size", "eval_ppl_lengths", "eval_passkey_lengths",
-    "dataloader_num_workers", "disable_tqdm",
-}  # fmt: skip
+    "output_dir",
+    "overwrite_output_dir",
+    "resume_from_checkpoint",
+    "logging_dir",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "save_strategy",
+    "max_steps",
+    "num_train_epochs",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_token",
+    "hub_private_repo",
+    "report_to",
+    "run_name",
+    "eval_limit",
+    "eval_passkey_limit",
+    "eval_baselines",
+    "eval_niah",
+    "eval_text_file",
+    "eval_batch_size",
+    "eval_ppl_lengths",
+    "eval_passkey_lengths",
+    "dataloader_num_workers",
+    "disable_tqdm",
+}
 
 
 def validate(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig, original_length: int) -> int:
@@ -266,8 +288,11 @@ def evaluate(
 def before_after_table(results: dict[str, dict], labels: dict[str, str]) -> list[str]:
     """Markdown rows: perplexity at each evaluated length, passkey (and niah) accuracy, one row per model."""
     columns = []  # (task, metric, header)
-    for task, prefix, name in (("long_ppl", "ppl_len", "ppl"), ("passkey", "acc_len", "passkey"),
-                               ("niah", "acc_plain_len", "niah")):  # fmt: skip
+    for task, prefix, name in (
+        ("long_ppl", "ppl_len", "ppl"),
+        ("passkey", "acc_len", "passkey"),
+        ("niah", "acc_plain_len", "niah"),
+    ):
         metrics = {k for r in results.values() for k in r.get(task, {}) if k.startswith(prefix)}
         for metric in sorted(metrics, key=lambda k: int(k.removeprefix(prefix))):
             columns.append((task, metric, f"{name}@{metric.removeprefix(prefix)}"))
@@ -292,8 +317,13 @@ def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
     rope_label = f"{args.rope_scaling} RoPE x{rope['factor']:g}" if rope else "no RoPE scaling"
     push, args.push_to_hub = args.push_to_hub, False  # pushed once at the end, with the eval results in the card
     run_config = {**{k: v for k, v in args.to_dict().items()}, **asdict(model_args)}
-    claim_output_dir(args.output_dir, run_config, overwrite=args.overwrite_output_dir,
-                     resume=args.resume_from_checkpoint, may_differ=RESUME_MAY_DIFFER)  # fmt: skip
+    claim_output_dir(
+        args.output_dir,
+        run_config,
+        overwrite=args.overwrite_output_dir,
+        resume=args.resume_from_checkpoint,
+        may_differ=RESUME_MAY_DIFFER,
+    )
     resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, run_config, RESUME_MAY_DIFFER)
 
     tokenizer = load_tokenizer(base_path, revision=model_args.model_revision)

@@ -8,15 +8,35 @@ from ctxaware.eval.model import EvalModel
 
 
 CONTEXT_QA = [
-    {"context": "Alna lives in Bero.", "question": "Where does Alna live?", "answer": "Bero",
-     "memory_answer": "Tarn", "counterfactual": True},
-    {"context": "Corin lives in Dask.", "question": "Where does Corin live?", "answer": "Dask",
-     "memory_answer": "Dask", "counterfactual": False},
-    {"context": "Emet works at Fiol.", "question": "Where does Emet work?", "answer": "Fiol",
-     "memory_answer": "Gant", "counterfactual": True},
-    {"context": "Hira works at Ivel.", "question": "Where does Hira work?", "answer": "Ivel",
-     "memory_answer": None, "counterfactual": False},
-]  # fmt: skip
+    {
+        "context": "Alna lives in Bero.",
+        "question": "Where does Alna live?",
+        "answer": "Bero",
+        "memory_answer": "Tarn",
+        "counterfactual": True,
+    },
+    {
+        "context": "Corin lives in Dask.",
+        "question": "Where does Corin live?",
+        "answer": "Dask",
+        "memory_answer": "Dask",
+        "counterfactual": False,
+    },
+    {
+        "context": "Emet works at Fiol.",
+        "question": "Where does Emet work?",
+        "answer": "Fiol",
+        "memory_answer": "Gant",
+        "counterfactual": True,
+    },
+    {
+        "context": "Hira works at Ivel.",
+        "question": "Where does Hira work?",
+        "answer": "Ivel",
+        "memory_answer": None,
+        "counterfactual": False,
+    },
+]
 
 ARITHMETIC = [
     {"prompt": "3 + 4 =", "answer": "7", "op": "+", "digits": 1},
@@ -28,11 +48,17 @@ ARITHMETIC = [
 ]
 
 SUMMARIZATION = [
-    {"post": "Hi all, Alna here. I moved to Bero. The bus was late.", "key_facts": ["Alna moved to Bero"],
-     "reference": "Alna moved to Bero."},
-    {"post": "Hi all, Corin here. I adopted a cat named Mip. Tea helps.", "key_facts": ["Corin adopted a cat named Mip"],
-     "reference": "Corin adopted a cat named Mip."},
-]  # fmt: skip
+    {
+        "post": "Hi all, Alna here. I moved to Bero. The bus was late.",
+        "key_facts": ["Alna moved to Bero"],
+        "reference": "Alna moved to Bero.",
+    },
+    {
+        "post": "Hi all, Corin here. I adopted a cat named Mip. Tea helps.",
+        "key_facts": ["Corin adopted a cat named Mip"],
+        "reference": "Corin adopted a cat named Mip.",
+    },
+]
 
 FILLER = "The grass is green. The sky is blue. "
 
@@ -52,8 +78,10 @@ def needle_example(tokenizer, n_tokens, depth, seed, haystack_text=None, world=N
 
 def passkey_example(tokenizer, n_tokens, depth, seed, haystack_text=None, world=None):
     key = str(10000 + seed % 90000)
-    return {"text": f"[len={n_tokens}] {FILLER} The pass key is {key}. {FILLER}\nWhat is the pass key? The pass key is",
-            "answer": key}  # fmt: skip
+    return {
+        "text": f"[len={n_tokens}] {FILLER} The pass key is {key}. {FILLER}\nWhat is the pass key? The pass key is",
+        "answer": key,
+    }
 
 
 def preference_score(record, summary):

@@ -34,8 +34,9 @@ PROMPT = re.compile(r"^(\d+) ([-+*]) (\d+) =$")
 @pytest.mark.parametrize("corruption", ["operand", "operator", "any"])
 def test_pairs_change_one_part_keep_digit_counts_and_change_the_first_answer_digit(corruption):
     pairs = arithmetic_pairs(0, "validation", 60, ops=("+", "-", "*"), digits=(1, 2), corruption=corruption)
-    assert len(pairs) == 60 and pairs == arithmetic_pairs(0, "validation", 60, ops=("+", "-", "*"), digits=(1, 2),
-                                                          corruption=corruption)  # fmt: skip
+    assert len(pairs) == 60 and pairs == arithmetic_pairs(
+        0, "validation", 60, ops=("+", "-", "*"), digits=(1, 2), corruption=corruption
+    )
     for pair in pairs:
         (a, op, b), (a2, op2, b2) = (PROMPT.match(pair[key]).groups() for key in ("clean", "corrupted"))
         assert (len(a), len(b)) == (len(a2), len(b2)) == (pair["digits"],) * 2
@@ -51,8 +52,9 @@ def test_pairs_change_one_part_keep_digit_counts_and_change_the_first_answer_dig
 
 
 def test_records_cover_templates_and_stay_in_their_split():
-    records = arithmetic_records(0, "test", ops=("*", "+"), digits=(2,), templates=("plain", "question", "word"),
-                                 n_per_cell=5)  # fmt: skip
+    records = arithmetic_records(
+        0, "test", ops=("*", "+"), digits=(2,), templates=("plain", "question", "word"), n_per_cell=5
+    )
     assert len(records) == 3 * 2 * 5
     assert {r["template"] for r in records} == {"plain", "question", "word"}
     word = next(r for r in records if r["template"] == "word" and r["op"] == "*")
@@ -67,8 +69,9 @@ def test_records_cover_templates_and_stay_in_their_split():
 
 def test_generator_pairs_tokenise_to_equal_lengths_with_the_shipped_tokenizer():
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("ctxaware-tiny"))
-    pairs = arithmetic_pairs(0, "validation", 40, ops=("+", "*"), digits=(1, 2, 3), templates=("plain", "word"),
-                             corruption="any")  # fmt: skip
+    pairs = arithmetic_pairs(
+        0, "validation", 40, ops=("+", "*"), digits=(1, 2, 3), templates=("plain", "word"), corruption="any"
+    )
     batches = build_batches(pairs, tokenizer, batch_size=8)
     assert sum(len(b.clean_ids) for b in batches) == 40
     for batch in batches:
@@ -137,10 +140,14 @@ def test_training_changes_only_the_deltas_and_merge_only_the_selected_slices():
             changed[name] = diff
     attn0, attn1 = "model.layers.0.self_attn", "model.layers.1.self_attn"
     assert set(changed) == {
-        f"{attn0}.q_proj.weight", f"{attn0}.k_proj.weight", f"{attn0}.v_proj.weight", f"{attn0}.o_proj.weight",
-        f"{attn1}.q_proj.weight", f"{attn1}.o_proj.weight",
+        f"{attn0}.q_proj.weight",
+        f"{attn0}.k_proj.weight",
+        f"{attn0}.v_proj.weight",
+        f"{attn0}.o_proj.weight",
+        f"{attn1}.q_proj.weight",
+        f"{attn1}.o_proj.weight",
         *(f"model.layers.1.mlp.{name}.weight" for name in ("gate_proj", "up_proj", "down_proj")),
-    }  # fmt: skip
+    }
     rows = lambda diff: diff.amax(dim=1).unflatten(0, (-1, d)).amax(dim=1) > 0  # noqa: E731
     cols = lambda diff: diff.amax(dim=0).unflatten(0, (-1, d)).amax(dim=1) > 0  # noqa: E731
     assert rows(changed[f"{attn0}.q_proj.weight"]).tolist() == [True, True, False, False]
@@ -151,8 +158,9 @@ def test_training_changes_only_the_deltas_and_merge_only_the_selected_slices():
     # layer 1's k/v rows stay: head 2 shares them with the selected head 3 and is not selected (kv_policy full_group)
 
 
-@pytest.mark.parametrize("family,gqa", [("llama", True), ("qwen2", False), ("qwen3", True), ("mistral", True),
-                                        ("gemma", False)])  # fmt: skip
+@pytest.mark.parametrize(
+    "family,gqa", [("llama", True), ("qwen2", False), ("qwen3", True), ("mistral", True), ("gemma", False)]
+)
 def test_merge_is_exact_and_reloads_with_automodel(tmp_path, family, gqa):
     model = tiny_model(family, gqa=gqa, **({"sliding_window": None} if family == "mistral" else {})).eval()
     ids = torch.randint(3, 300, (2, 11))
@@ -173,8 +181,9 @@ def test_merge_is_exact_and_reloads_with_automodel(tmp_path, family, gqa):
 def test_kv_lr_ratio_slows_adam_on_shared_rows_and_merges_and_reloads_exactly(tmp_path):
     ids = torch.randint(3, 300, (2, 9))
     models = {ratio: tiny_model("llama", gqa=True).eval() for ratio in (1.0, 0.1)}
-    adapters = {ratio: HeadDeltaAdapter.for_model(models[ratio], HEADS, kv_policy="any", kv_lr_ratio=ratio)
-                for ratio in models}  # fmt: skip
+    adapters = {
+        ratio: HeadDeltaAdapter.for_model(models[ratio], HEADS, kv_policy="any", kv_lr_ratio=ratio) for ratio in models
+    }
     effective = randomize(HeadDeltaAdapter.for_model(models[1.0], HEADS, kv_policy="any")).state_dict()
     with torch.no_grad():
         for ratio, adapter in adapters.items():  # the same deltas in effect: k/v stored divided by the ratio
@@ -189,8 +198,10 @@ def test_kv_lr_ratio_slows_adam_on_shared_rows_and_merges_and_reloads_exactly(tm
         optimizer = torch.optim.Adam(adapter.parameters(), lr=1e-3)
         models[ratio](ids, labels=ids).loss.backward()
         optimizer.step()
-        moved[ratio] = {name: ((p - before[name]) * (ratio if name.endswith((".k", ".v")) else 1.0)).abs().max().item()
-                        for name, p in adapter.named_parameters()}  # fmt: skip
+        moved[ratio] = {
+            name: ((p - before[name]) * (ratio if name.endswith((".k", ".v")) else 1.0)).abs().max().item()
+            for name, p in adapter.named_parameters()
+        }
     for name, step in moved[1.0].items():
         expected = 0.1 * step if name.endswith((".k", ".v")) else step
         assert moved[0.1][name] == pytest.approx(expected, rel=1e-2), name
@@ -210,8 +221,11 @@ def test_kv_lr_ratio_slows_adam_on_shared_rows_and_merges_and_reloads_exactly(tm
 def test_adapter_round_trip(tmp_path):
     model = tiny_model("qwen3", gqa=True).eval()
     ids = torch.randint(3, 300, (2, 9))
-    adapter = randomize(HeadDeltaAdapter.for_model(model, HEADS, mlp_layers=[1], kv_policy="none", targets=["q", "o"],
-                                                   base_model="tiny-qwen3"))  # fmt: skip
+    adapter = randomize(
+        HeadDeltaAdapter.for_model(
+            model, HEADS, mlp_layers=[1], kv_policy="none", targets=["q", "o"], base_model="tiny-qwen3"
+        )
+    )
     adapter.attach(model)
     adapted = model(ids).logits
     adapter.detach()
@@ -314,10 +328,12 @@ def test_training_examples_end_like_the_world_text_without_eos_and_reach_the_sel
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.requires_grad_(False)
-    args = recipe.ArithHeadsArguments(train_templates=["plain", "word"], train_ops=["+", "*"], train_digits=[1, 3],
-                                      train_per_cell=3)  # fmt: skip
-    records = arithmetic_records(0, "train", ops=args.train_ops, digits=args.train_digits,
-                                 templates=args.train_templates, n_per_cell=3)  # fmt: skip
+    args = recipe.ArithHeadsArguments(
+        train_templates=["plain", "word"], train_ops=["+", "*"], train_digits=[1, 3], train_per_cell=3
+    )
+    records = arithmetic_records(
+        0, "train", ops=args.train_ops, digits=args.train_digits, templates=args.train_templates, n_per_cell=3
+    )
     config = SFTConfig(output_dir="unused", report_to="none", bf16=False, use_cpu=True, max_length=256)
     dataset = Dataset.from_list(recipe.training_examples(args, tokenizer))
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
@@ -338,16 +354,40 @@ def test_training_examples_end_like_the_world_text_without_eos_and_reach_the_sel
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
 
 
-SMALL = ["--attribution_pairs", "12", "--eval_per_cell", "1", "--eval_digits", "3", "--eval_limit", "4",
-         "--eval_tasks", "extractive_qa", "--train_per_cell", "16", "--max_steps", "2"]  # fmt: skip
+SMALL = [
+    "--attribution_pairs",
+    "12",
+    "--eval_per_cell",
+    "1",
+    "--eval_digits",
+    "3",
+    "--eval_limit",
+    "4",
+    "--eval_tasks",
+    "extractive_qa",
+    "--train_per_cell",
+    "16",
+    "--max_steps",
+    "2",
+]
 DEFAULT_CONFIG = yaml.safe_load((Path(__file__).parents[1] / "recipes/configs/arith_heads/default.yaml").read_text())
 
 
 def test_recipe_end_to_end_heads(tmp_path):
     output = tmp_path / "heads"
     # One MLP too (the default trains heads only), so the MLP slices' training, saving and merging stay covered.
-    accelerate_launch("recipes/arith_heads.py", "--config", "recipes/configs/arith_heads/default.yaml",
-                      "--output_dir", str(output), "--merge", "true", "--num_mlps", "1", *SMALL)  # fmt: skip
+    accelerate_launch(
+        "recipes/arith_heads.py",
+        "--config",
+        "recipes/configs/arith_heads/default.yaml",
+        "--output_dir",
+        str(output),
+        "--merge",
+        "true",
+        "--num_mlps",
+        "1",
+        *SMALL,
+    )
     results = json.loads((output / "results.json").read_text())
     assert results["method"] == "heads" and len(results["mlp_layers"]) == 1
     assert len(results["heads"]) == DEFAULT_CONFIG["num_heads"]
@@ -364,8 +404,9 @@ def test_recipe_end_to_end_heads(tmp_path):
     selection = json.loads((output / "head_selection.json").read_text())
     assert selection["heads"] == results["heads"] and selection["mlp_layers"] == results["mlp_layers"]
     # The config's selection_score ranks the heads: the selected ones are that run's heads with the largest effects.
-    ranked = json.loads((output / "attribution" / f"{DEFAULT_CONFIG['selection_score'].replace(':', '_')}.json")
-                        .read_text())["ranked"]  # fmt: skip
+    ranked = json.loads(
+        (output / "attribution" / f"{DEFAULT_CONFIG['selection_score'].replace(':', '_')}.json").read_text()
+    )["ranked"]
     by_effect = sorted((r for r in ranked if r["component"] == "head"), key=lambda r: -r["effect"])
     top = [[r["layer"], r["head"]] for r in by_effect][: len(results["heads"])]
     assert sorted(top) == sorted(results["heads"])
@@ -381,9 +422,16 @@ def test_recipe_end_to_end_heads(tmp_path):
 
     # The selection reused by the random-heads baseline's budget and a second heads run: no patching needed.
     again = tmp_path / "reuse"
-    accelerate_launch("recipes/arith_heads.py", "--config", "recipes/configs/arith_heads/default.yaml",
-                      "--output_dir", str(again), "--head_selection", str(output / "head_selection.json"),
-                      *SMALL)  # fmt: skip
+    accelerate_launch(
+        "recipes/arith_heads.py",
+        "--config",
+        "recipes/configs/arith_heads/default.yaml",
+        "--output_dir",
+        str(again),
+        "--head_selection",
+        str(output / "head_selection.json"),
+        *SMALL,
+    )
     reused = json.loads((again / "results.json").read_text())
     assert reused["heads"] == results["heads"] and not (again / "attribution").exists()
 
@@ -392,12 +440,23 @@ def test_recipe_end_to_end_heads(tmp_path):
 @pytest.mark.parametrize("method", ["random_heads", "lora", "full"])
 def test_recipe_baselines_end_to_end(tmp_path, method):
     output = tmp_path / method
-    accelerate_launch("recipes/arith_heads.py", "--config", "recipes/configs/arith_heads/default.yaml",
-                      "--output_dir", str(output), "--method", method, *SMALL)  # fmt: skip
+    accelerate_launch(
+        "recipes/arith_heads.py",
+        "--config",
+        "recipes/configs/arith_heads/default.yaml",
+        "--output_dir",
+        str(output),
+        "--method",
+        method,
+        *SMALL,
+    )
     results = json.loads((output / "results.json").read_text())
     assert results["method"] == method and results["trained_parameters"] > 0
-    saved = {"random_heads": "adapter/adapter_config.json", "lora": "adapter/adapter_config.json",
-             "full": "model/config.json"}[method]  # fmt: skip
+    saved = {
+        "random_heads": "adapter/adapter_config.json",
+        "lora": "adapter/adapter_config.json",
+        "full": "model/config.json",
+    }[method]
     assert (output / saved).is_file()
     if method == "random_heads":
         assert len(results["heads"]) == DEFAULT_CONFIG["num_heads"] and not (output / "attribution").exists()

@@ -23,8 +23,14 @@ def test_broken_yaml_config_is_one_line_and_exit_code_2(tmp_path):
     config = tmp_path / "broken.yaml"
     config.write_text("learning_rate: [1e-3\nmax_steps: 2\n")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "recipes/lofit.py", "--config", str(config)], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "recipes/lofit.py", "--config", str(config)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(errors) == 1 and errors[0].startswith("lofit: error: the --config file is not valid YAML")

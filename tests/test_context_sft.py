@@ -23,9 +23,18 @@ def base(tmp_path_factory):
 def test_conditional_sft_trains_and_saves_the_indicator_with_the_adapter(base, tmp_path):
     out = tmp_path / "run"
     accelerate_launch(
-        "recipes/context_sft.py", "--config", "recipes/configs/context_sft/default.yaml",
-        "--model_name_or_path", str(base), "--dataset_limit", "24", "--max_steps", "2", "--output_dir", str(out),
-    )  # fmt: skip
+        "recipes/context_sft.py",
+        "--config",
+        "recipes/configs/context_sft/default.yaml",
+        "--model_name_or_path",
+        str(base),
+        "--dataset_limit",
+        "24",
+        "--max_steps",
+        "2",
+        "--output_dir",
+        str(out),
+    )
     summary = json.loads((out / "context_sft.json").read_text())
     assert summary["mode"] == "conditional" and summary["records"] == 24
     assert 0 < summary["turns_marked"] < 24  # percentile 25 of the scored turns

@@ -43,8 +43,13 @@ def test_load_rows_folder_splits_and_errors(tmp_path):
 def test_sinklora_and_moh_read_local_text(tmp_path):
     path = _jsonl(tmp_path / "docs.jsonl", [{"body": "first document"}, {"body": "second document"}])
     sinklora = load_recipe("sinklora")
-    args = SimpleNamespace(dataset_name=str(path), dataset_config=None, dataset_split="train", dataset_streaming=False,
-                           dataset_text_field="body")  # fmt: skip
+    args = SimpleNamespace(
+        dataset_name=str(path),
+        dataset_config=None,
+        dataset_split="train",
+        dataset_streaming=False,
+        dataset_text_field="body",
+    )
     assert [row["body"] for row in sinklora.load_text_dataset(args)] == ["first document", "second document"]
     with pytest.raises(ValueError, match="no value in column 'text'"):
         sinklora.load_text_dataset(SimpleNamespace(**{**vars(args), "dataset_text_field": "text"}))
@@ -61,8 +66,10 @@ def test_lofit_reads_a_local_file(tmp_path):
     lofit = load_recipe("lofit")
     args = SimpleNamespace(task="clutrr", dataset_name=str(path), dataset_config=None)
     (record,) = lofit.load_records(args, "train", tokenizer=None)
-    assert record == {"prompt": "[Ann] is [Bo]'s mother.\nQuestion: How is Ann related to Bo?\nAnswer:",
-                      "completion": " mother"}  # fmt: skip
+    assert record == {
+        "prompt": "[Ann] is [Bo]'s mother.\nQuestion: How is Ann related to Bo?\nAnswer:",
+        "completion": " mother",
+    }
 
 
 def test_context_sft_reads_local_chats(tmp_path):
@@ -83,14 +90,25 @@ def test_rlhf_reads_local_folders_of_both_preference_shapes(tmp_path):
     for split in ("train", "test"):
         _jsonl(tldr_pairs / f"{split}.jsonl", [{"prompt": "Post.\nTL;DR:", "chosen": " good", "rejected": " bad"}])
     feedback = tmp_path / "feedback"
-    row = {"info": {"post": "My post.", "title": "T", "subreddit": "r"}, "summaries": [{"text": " one"}, {"text": "two"}],
-           "choice": 1}  # fmt: skip
-    cnn_row = {"info": {"post": None, "article": "x", "title": None}, "summaries": [{"text": "a"}, {"text": "b"}],
-               "choice": 0}  # fmt: skip
+    row = {
+        "info": {"post": "My post.", "title": "T", "subreddit": "r"},
+        "summaries": [{"text": " one"}, {"text": "two"}],
+        "choice": 1,
+    }
+    cnn_row = {
+        "info": {"post": None, "article": "x", "title": None},
+        "summaries": [{"text": "a"}, {"text": "b"}],
+        "choice": 0,
+    }
     for split in ("train", "test"):
         _jsonl(feedback / f"{split}.jsonl", [row, cnn_row])  # CNN/DM rows (no post) are not Reddit comparisons
-    cfg = rlhf.RLHFConfig(output_dir=str(tmp_path / "out"), dataset_name=str(posts), preference_dataset_name=str(tldr_pairs),
-                          use_cpu=True, report_to="none")  # fmt: skip
+    cfg = rlhf.RLHFConfig(
+        output_dir=str(tmp_path / "out"),
+        dataset_name=str(posts),
+        preference_dataset_name=str(tldr_pairs),
+        use_cpu=True,
+        report_to="none",
+    )
     assert rlhf.summary_records(cfg, "test") == [{"post": "A test post.", "reference": " short"}]
     assert rlhf.preference_pairs(cfg, "train") == [{"post": "Post.", "chosen": "good", "rejected": "bad"}]
     cfg.preference_dataset_name = str(feedback)
@@ -113,8 +131,12 @@ def test_rlhf_holds_out_tldr_preference_validation_split(monkeypatch, tmp_path):
         return Dataset.from_list([{"prompt": "Post.\nTL;DR:", "chosen": "good", "rejected": "bad"}])
 
     monkeypatch.setattr(rlhf, "load_rows", fake_rows)
-    cfg = rlhf.RLHFConfig(output_dir=str(tmp_path / "out"), preference_dataset_name="trl-lib/tldr-preference",
-                          use_cpu=True, report_to="none")  # fmt: skip
+    cfg = rlhf.RLHFConfig(
+        output_dir=str(tmp_path / "out"),
+        preference_dataset_name="trl-lib/tldr-preference",
+        use_cpu=True,
+        report_to="none",
+    )
     rlhf.preference_pairs(cfg, "test")
     rlhf.preference_pairs(cfg, "train")
     assert asked == ["validation", "train"]

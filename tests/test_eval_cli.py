@@ -58,8 +58,23 @@ def test_every_task_end_to_end(model_dir, tmp_path, capsys, monkeypatch):
     install_fake_world(monkeypatch)
     out, haystack = tmp_path / "runs", tmp_path / "haystack.txt"
     haystack.write_text("The grass is green. The river is wide and slow. " * 40)
-    code = eval_cli("--model", str(model_dir), "--tasks", "default", "--limit", "2", "--lengths", "32,64",
-                    "--depths", "0,1", "--haystack_file", str(haystack), "--output_path", str(out), *FAST)  # fmt: skip
+    code = eval_cli(
+        "--model",
+        str(model_dir),
+        "--tasks",
+        "default",
+        "--limit",
+        "2",
+        "--lengths",
+        "32,64",
+        "--depths",
+        "0,1",
+        "--haystack_file",
+        str(haystack),
+        "--output_path",
+        str(out),
+        *FAST,
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     stdout = captured.out
@@ -87,8 +102,19 @@ def test_every_task_end_to_end(model_dir, tmp_path, capsys, monkeypatch):
 
     # A second model's attention allocation plotted against this run's.
     results_file = next(folder.glob("results_*.json"))
-    code = eval_cli("--model", str(model_dir), "--tasks", "attention_allocation", "--limit", "1",
-                    "--attention_baseline", str(results_file), "--output_path", str(tmp_path / "cmp"), *FAST)  # fmt: skip
+    code = eval_cli(
+        "--model",
+        str(model_dir),
+        "--tasks",
+        "attention_allocation",
+        "--limit",
+        "1",
+        "--attention_baseline",
+        str(results_file),
+        "--output_path",
+        str(tmp_path / "cmp"),
+        *FAST,
+    )
     assert code == 0
     compared, cmp_folder = read_results(tmp_path / "cmp")
     assert (cmp_folder / compared["plots"]["attention_allocation"]["heatmap"]).stat().st_size > 0
@@ -98,8 +124,19 @@ def test_default_world_and_peft_adapter(model_dir, lora_dirs, tmp_path, capsys):
     """The real synthetic world feeds the tasks, and a PEFT adapter loads onto its base."""
     adapter, _ = lora_dirs
     out = tmp_path / "runs"
-    code = eval_cli("--model", str(model_dir), "--adapter", str(adapter), "--tasks", "arithmetic,counterfactual_qa",
-                    "--limit", "3", "--output_path", str(out), *FAST)  # fmt: skip
+    code = eval_cli(
+        "--model",
+        str(model_dir),
+        "--adapter",
+        str(adapter),
+        "--tasks",
+        "arithmetic,counterfactual_qa",
+        "--limit",
+        "3",
+        "--output_path",
+        str(out),
+        *FAST,
+    )
     assert code == 0, capsys.readouterr().err
     results, _ = read_results(out)
     assert results["config"]["adapter"] == str(adapter)
@@ -113,8 +150,9 @@ def test_ctxaware_adapter_dispatch(model_dir, tmp_path, capsys):
 
     model = tiny_model("llama")
     LoFiTAdapter(HeadLayout.from_model(model), [(0, 1)], base_model=str(model_dir)).save_pretrained(tmp_path / "lofit")
-    code = eval_cli("--model", str(model_dir), "--adapter", str(tmp_path / "lofit"), "--tasks", "arithmetic",
-                    "--limit", "2", *FAST)  # fmt: skip
+    code = eval_cli(
+        "--model", str(model_dir), "--adapter", str(tmp_path / "lofit"), "--tasks", "arithmetic", "--limit", "2", *FAST
+    )
     assert code == 0, capsys.readouterr().err
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "adapter_config.json").write_text("{}")
@@ -152,8 +190,9 @@ def test_errors_before_loading(args, message, capsys):
 def test_haystack_file_too_short(model_dir, tmp_path, capsys):
     haystack = tmp_path / "hay.txt"
     haystack.write_text("A short story. It ends here.")
-    code = eval_cli("--model", str(model_dir), "--tasks", "niah", "--lengths", "256", "--haystack_file", str(haystack),
-                    *FAST)  # fmt: skip
+    code = eval_cli(
+        "--model", str(model_dir), "--tasks", "niah", "--lengths", "256", "--haystack_file", str(haystack), *FAST
+    )
     assert code == 2
     assert "fewer than the longest requested context (256): pass a longer file" in capsys.readouterr().err
 
@@ -192,8 +231,21 @@ def test_help_does_not_import_torch():
 def test_every_task_on_the_embedded_model_with_its_world(tmp_path, capsys):
     """The default suite on the shipped `ctxaware-tiny` (the default --model) and the real world data, with --limit."""
     out = tmp_path / "runs"
-    code = eval_cli("--tasks", "default", "--limit", "1", "--lengths", "128", "--depths", "0.5",
-                    "--output_path", str(out), "--no_progress", "--batch_size", "4")  # fmt: skip
+    code = eval_cli(
+        "--tasks",
+        "default",
+        "--limit",
+        "1",
+        "--lengths",
+        "128",
+        "--depths",
+        "0.5",
+        "--output_path",
+        str(out),
+        "--no_progress",
+        "--batch_size",
+        "4",
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     results, _ = read_results(out)

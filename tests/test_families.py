@@ -12,10 +12,18 @@ from ctxaware.methods.moh.adapter import MoHAdapter
 
 
 COMMON = dict(
-    vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=2,
     tie_word_embeddings=False,
-)  # fmt: skip
+)
 # family -> (model_type, config overrides, name of the output projection)
 FAMILIES = {
     "llama_attention_bias": ("llama", {"attention_bias": True}, "o_proj"),

@@ -42,9 +42,15 @@ def _batch(lengths=(40, 33), seed=0):
 
 def _generate(model, cache, ids, mask, new=6):
     return model.generate(
-        input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=new, do_sample=False, pad_token_id=PAD,
-        output_scores=True, return_dict_in_generate=True,
-    )  # fmt: skip
+        input_ids=ids,
+        attention_mask=mask,
+        cache=cache,
+        max_new_tokens=new,
+        do_sample=False,
+        pad_token_id=PAD,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
 
 
 def test_budget_above_length_equals_the_full_cache(model):

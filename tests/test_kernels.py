@@ -431,8 +431,9 @@ def test_attention_variants_benchmark_builds_correct_kernels(tmp_path, warp_spec
         import attention_variants
     finally:
         sys.path.pop(0)
-    module = attention_variants.load_kernel_source(f"av_test_{warp_specialize}",
-                                                   attention_variants.tma_source(warp_specialize), tmp_path)  # fmt: skip
+    module = attention_variants.load_kernel_source(
+        f"av_test_{warp_specialize}", attention_variants.tma_source(warp_specialize), tmp_path
+    )
     for pattern in (None, PATTERNS["sf"]):
         q, k, v, _ = make_case(b=1, hq=4, hkv=2, sq=45, sk=45)
         dout = torch.randn_like(q)

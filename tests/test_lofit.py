@@ -27,9 +27,14 @@ def random_adapter(model, heads, *, scales=True, offsets=True) -> LoFiTAdapter:
 
 @pytest.mark.parametrize(
     "family,gqa,merged_type",
-    [("llama", True, "llama"), ("qwen2", False, "llama"), ("qwen3", True, "qwen3"), ("mistral", True, "llama"),
-     ("gemma", False, "gemma")],
-)  # fmt: skip
+    [
+        ("llama", True, "llama"),
+        ("qwen2", False, "llama"),
+        ("qwen3", True, "qwen3"),
+        ("mistral", True, "llama"),
+        ("gemma", False, "gemma"),
+    ],
+)
 def test_merge_is_exact_and_reloads_with_automodel(tmp_path, family, gqa, merged_type):
     overrides = {"sliding_window": None} if family == "mistral" else {}
     model = tiny_model(family, gqa=gqa, **overrides).eval()
@@ -178,10 +183,26 @@ def tiny_model_dir(tmp_path_factory):
 def test_recipe_end_to_end(tmp_path, tiny_model_dir):
     output = tmp_path / "run"
     accelerate_launch(
-        "recipes/lofit.py", "--config", "recipes/configs/lofit/default.yaml",
-        "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(output), "--max_train_samples", "16",
-        "--eval_limit", "4", "--stage1_max_steps", "2", "--max_steps", "2", "--num_heads", "2", "--merge", "true",
-    )  # fmt: skip
+        "recipes/lofit.py",
+        "--config",
+        "recipes/configs/lofit/default.yaml",
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(output),
+        "--max_train_samples",
+        "16",
+        "--eval_limit",
+        "4",
+        "--stage1_max_steps",
+        "2",
+        "--max_steps",
+        "2",
+        "--num_heads",
+        "2",
+        "--merge",
+        "true",
+    )
     results = json.loads((output / "results.json").read_text())
     assert results["method"] == "lofit" and results["heads"] == 2
     assert results["trained_parameters"] == 2 * 8
@@ -204,10 +225,24 @@ def test_recipe_end_to_end(tmp_path, tiny_model_dir):
 def test_recipe_dpo_objective_trains_only_the_selected_offsets(tmp_path, tiny_model_dir):
     output = tmp_path / "dpo"
     accelerate_launch(
-        "recipes/lofit.py", "--config", "recipes/configs/lofit/dpo_default.yaml",
-        "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(output), "--max_train_samples", "16",
-        "--eval_limit", "4", "--stage1_max_steps", "2", "--max_steps", "2", "--num_heads", "3",
-    )  # fmt: skip
+        "recipes/lofit.py",
+        "--config",
+        "recipes/configs/lofit/dpo_default.yaml",
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(output),
+        "--max_train_samples",
+        "16",
+        "--eval_limit",
+        "4",
+        "--stage1_max_steps",
+        "2",
+        "--max_steps",
+        "2",
+        "--num_heads",
+        "3",
+    )
     results = json.loads((output / "results.json").read_text())
     assert results["method"] == "lofit" and results["heads"] == 3 and results["trained_parameters"] == 3 * 8
     selection = json.loads((output / "head_selection.json").read_text())
@@ -220,19 +255,49 @@ def test_recipe_dpo_objective_trains_only_the_selected_offsets(tmp_path, tiny_mo
 
 
 def test_random_heads_draw_with_head_seed_and_lora_uses_its_own_learning_rate(tmp_path, tiny_model_dir):
-    common = ["--config", "recipes/configs/lofit/default.yaml", "--model_name_or_path", str(tiny_model_dir),
-              "--max_train_samples", "8", "--eval_limit", "0", "--max_steps", "1", "--num_heads", "2"]  # fmt: skip
+    common = [
+        "--config",
+        "recipes/configs/lofit/default.yaml",
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--max_train_samples",
+        "8",
+        "--eval_limit",
+        "0",
+        "--max_steps",
+        "1",
+        "--num_heads",
+        "2",
+    ]
     for name, seed in (("a", "5"), ("b", "6")):
-        accelerate_launch("recipes/lofit.py", *common, "--method", "random_heads", "--head_seed", seed,
-                          "--output_dir", str(tmp_path / name))  # fmt: skip
+        accelerate_launch(
+            "recipes/lofit.py",
+            *common,
+            "--method",
+            "random_heads",
+            "--head_seed",
+            seed,
+            "--output_dir",
+            str(tmp_path / name),
+        )
     layout = HeadLayout.from_model(tiny_model("llama", gqa=True))
     for name, seed in (("a", 5), ("b", 6)):
         selection = json.loads((tmp_path / name / "head_selection.json").read_text())
         assert selection["heads"] == [list(h) for h in random_heads(layout, 2, seed)]
         assert json.loads((tmp_path / name / "results.json").read_text())["trained_parameters"] == 2 * 8
 
-    accelerate_launch("recipes/lofit.py", *common, "--method", "random_heads", "--head_seed", "5", "--exclude_heads",
-                      str(tmp_path / "a" / "head_selection.json"), "--output_dir", str(tmp_path / "c"))  # fmt: skip
+    accelerate_launch(
+        "recipes/lofit.py",
+        *common,
+        "--method",
+        "random_heads",
+        "--head_seed",
+        "5",
+        "--exclude_heads",
+        str(tmp_path / "a" / "head_selection.json"),
+        "--output_dir",
+        str(tmp_path / "c"),
+    )
     avoided = json.loads((tmp_path / "c" / "head_selection.json").read_text())["heads"]
     assert len(avoided) == 2 and not set(map(tuple, avoided)) & set(random_heads(layout, 2, 5))
 
@@ -251,8 +316,9 @@ def test_random_heads_exclusion_rejects_bad_selections(tmp_path):
     layout = HeadLayout("llama", 2, 4, 2, 8, 32)
     save_head_selection(tmp_path / "other.json", [(0, 1)], HeadLayout("llama", 3, 4, 2, 8, 32))
     with pytest.raises(ValueError, match="another model shape"):
-        recipe.draw_random_heads(recipe.LoFiTArguments(method="random_heads", exclude_heads=str(tmp_path / "other.json")),
-                                 layout, seed=0)  # fmt: skip
+        recipe.draw_random_heads(
+            recipe.LoFiTArguments(method="random_heads", exclude_heads=str(tmp_path / "other.json")), layout, seed=0
+        )
     save_head_selection(tmp_path / "six.json", all_heads(layout)[:6], layout)
     args = recipe.LoFiTArguments(method="random_heads", num_heads=3, exclude_heads=str(tmp_path / "six.json"))
     with pytest.raises(ValueError, match="only 2 remain"):

@@ -258,8 +258,14 @@ def test_importance_conversion_starts_closer_to_dense():
     calibration = [torch.randint(3, 300, (4, 32)) for _ in range(2)]
     change = {}
     for shared_heads, router_init in [("first", "random"), ("importance", "random"), ("importance", "importance")]:
-        adapter = MoHAdapter.for_model(model, num_shared_heads=2, top_k=2, shared_heads=shared_heads,
-                                       router_init=router_init, calibration=calibration)  # fmt: skip
+        adapter = MoHAdapter.for_model(
+            model,
+            num_shared_heads=2,
+            top_k=2,
+            shared_heads=shared_heads,
+            router_init=router_init,
+            calibration=calibration,
+        )
         adapter.attach(model)
         change[shared_heads, router_init] = logit_change(model, adapter, torch.cat(calibration))["mean_kl"]
         if shared_heads == "importance":
@@ -278,8 +284,10 @@ def test_importance_conversion_starts_closer_to_dense():
 def test_router_lr_ratio_slows_adam_on_the_same_gates():
     torch.manual_seed(0)
     x, q = torch.randn(2, 6, 16), torch.randn(2, 6, 8 * 2)
-    routers = {ratio: MoHRouter(16, 8, 2, [0, 1], top_k=3, variant="learned", init_std=1.0, lr_ratio=ratio).train()
-               for ratio in (1.0, 0.1)}  # fmt: skip
+    routers = {
+        ratio: MoHRouter(16, 8, 2, [0, 1], top_k=3, variant="learned", init_std=1.0, lr_ratio=ratio).train()
+        for ratio in (1.0, 0.1)
+    }
     for name in ("routed", "shared", "mix"):
         effective = torch.randn_like(routers[1.0].weight(name))
         for router in routers.values():
@@ -349,11 +357,31 @@ def test_moh_generation_switch():
 
 
 def test_recipe_end_to_end(tmp_path):
-    common = ["--max_steps", "3", "--num_train_rows", "12", "--num_eval_rows", "4", "--seq_len", "64",
-              "--per_device_train_batch_size", "4", "--logging_steps", "1"]  # fmt: skip
+    common = [
+        "--max_steps",
+        "3",
+        "--num_train_rows",
+        "12",
+        "--num_eval_rows",
+        "4",
+        "--seq_len",
+        "64",
+        "--per_device_train_batch_size",
+        "4",
+        "--logging_steps",
+        "1",
+    ]
     out = tmp_path / "moh"
-    accelerate_launch("recipes/moh.py", "--config", "recipes/configs/moh/default.yaml", *common,
-                      "--num_shared_heads", "2", "--output_dir", str(out))  # fmt: skip
+    accelerate_launch(
+        "recipes/moh.py",
+        "--config",
+        "recipes/configs/moh/default.yaml",
+        *common,
+        "--num_shared_heads",
+        "2",
+        "--output_dir",
+        str(out),
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["active_fraction"] == 0.5
     assert results["step0_eval_loss"] > results["dense_eval_loss"]  # heads left out at step 0
@@ -373,8 +401,16 @@ def test_recipe_end_to_end(tmp_path):
     assert all(router.mix.weight.abs().sum() > 0 for router in adapter.routers)  # zero-initialised, then trained
 
     dense = tmp_path / "dense"
-    accelerate_launch("recipes/moh.py", "--config", "recipes/configs/moh/default.yaml", *common,
-                      "--dense_control", "true", "--output_dir", str(dense))  # fmt: skip
+    accelerate_launch(
+        "recipes/moh.py",
+        "--config",
+        "recipes/configs/moh/default.yaml",
+        *common,
+        "--dense_control",
+        "true",
+        "--output_dir",
+        str(dense),
+    )
     control = json.loads((dense / "results.json").read_text())
     assert control["dense_control"] and "active_fraction" not in control and control["eval_loss"] is not None
     assert (dense / "model" / "config.json").is_file() and not (dense / "adapter").exists()
@@ -424,9 +460,16 @@ def test_fused_router_kernel_gives_the_routers_gates(shared, top_k, lr_ratio):
     x = torch.randn(2, 5, 200)
     q = torch.randn(2, 5, 32)
     expected = router.token_gates(x, q)  # on CPU: the PyTorch router
-    fused = router_gates(x, router.routed.weight, router.shared.weight if router.shared is not None else None,
-                         router.mix.weight if router.mix is not None else None, router.columns,
-                         lr_ratio=lr_ratio, top_k=top_k, dtype=q.dtype)  # fmt: skip
+    fused = router_gates(
+        x,
+        router.routed.weight,
+        router.shared.weight if router.shared is not None else None,
+        router.mix.weight if router.mix is not None else None,
+        router.columns,
+        lr_ratio=lr_ratio,
+        top_k=top_k,
+        dtype=q.dtype,
+    )
     assert torch.equal(fused != 0, expected != 0)
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
     assert (expected != 0).sum(-1).eq(len(shared) + top_k).all()

@@ -36,10 +36,15 @@ def _checkpoint(folder, step, *, complete=True, config=None):
 
 def test_a_second_process_is_refused_naming_the_holder(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from ctxaware.outputs import lock_output_dir; "
-         f"lock_output_dir({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from ctxaware.outputs import lock_output_dir; "
+            f"lock_output_dir({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(ValueError, match=rf"in use by a running job \(pid {holder.pid} on .*another --output_dir"):
@@ -138,11 +143,14 @@ def _parse(recipe_name, *flags, tmp_path):
     return TrlParser(recipe.CONFIG_CLASSES).parse_args_and_config(args=["--output_dir", str(tmp_path), *flags])
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--max_steps", "-3"], "--max_steps -3 trains nothing, or not that many steps"),
-    (["--max_steps", "0"], "--max_steps 0"),
-    (["--max_steps", "-1", "--num_train_epochs", "0"], "--num_train_epochs 0.0 trains nothing"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max_steps", "-3"], "--max_steps -3 trains nothing, or not that many steps"),
+        (["--max_steps", "0"], "--max_steps 0"),
+        (["--max_steps", "-1", "--num_train_epochs", "0"], "--num_train_epochs 0.0 trains nothing"),
+    ],
+)
 def test_training_lengths_that_train_nothing_are_refused(tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
         _parse("sinklora", *flags, tmp_path=tmp_path)

@@ -27,10 +27,22 @@ def test_every_package_folder_is_listed_in_pyproject():
 def test_non_editable_install_works_from_any_directory(tmp_path):
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
-         str(REPO_ROOT)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(REPO_ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     top_level = {p.name for p in target.iterdir()}
     assert "ctxaware" in top_level
     assert not {"eval", "data", "tests", "recipes", "benchmarks"} & top_level, top_level

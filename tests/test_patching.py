@@ -117,8 +117,9 @@ def test_results_are_saved_ranked_with_a_heat_map(tmp_path):
     paths = result.save(tmp_path / "attribution", selected=[(1, 2)])
     payload = json.loads(paths["json"].read_text())
     assert payload["num_pairs"] == 2 and len(payload["ranked"]) == 2 * 4 + 2
-    assert [abs(e["effect"]) for e in payload["ranked"]] == sorted((abs(e["effect"]) for e in payload["ranked"]),
-                                                                   reverse=True)  # fmt: skip
+    assert [abs(e["effect"]) for e in payload["ranked"]] == sorted(
+        (abs(e["effect"]) for e in payload["ranked"]), reverse=True
+    )
     assert "logit" in payload["metric"] and payload["concentration"]["heads_for_80pct"]["heads"] == 1
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
 

@@ -88,12 +88,17 @@ def test_recipe_smoke_run_writes_a_loadable_model(tmp_path):
     output = tmp_path / "model"
     accelerate_launch(
         REPO_ROOT / "recipes" / "pretrain_tiny.py",
-        "--config", "recipes/configs/pretrain_tiny/smoke.yaml",
-        "--output_dir", str(output),
-        "--max_steps", "2",
-        "--probe_limit", "4",
-        "--probe_passkey_lengths", "128",
-    )  # fmt: skip
+        "--config",
+        "recipes/configs/pretrain_tiny/smoke.yaml",
+        "--output_dir",
+        str(output),
+        "--max_steps",
+        "2",
+        "--probe_limit",
+        "4",
+        "--probe_passkey_lengths",
+        "128",
+    )
     model = AutoModelForCausalLM.from_pretrained(output)
     assert model.config.max_position_embeddings == 256
     assert next(model.parameters()).dtype == torch.bfloat16

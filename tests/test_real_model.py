@@ -82,9 +82,13 @@ def _named(monkeypatch, gguf_path: Path, **changes) -> model_fetch.PackagedModel
     from ctxaware.gguf_conversion import file_sha256
 
     spec = model_fetch.PackagedModel(
-        package="tiny-pkg", version="1.0", member="tiny_pkg/tiny.gguf", size=len(data), sha256=file_sha256(gguf_path),
+        package="tiny-pkg",
+        version="1.0",
+        member="tiny_pkg/tiny.gguf",
+        size=len(data),
+        sha256=file_sha256(gguf_path),
         description="a tiny test model",
-    )  # fmt: skip
+    )
     spec = model_fetch.PackagedModel(**{**spec.__dict__, **changes})
     monkeypatch.setitem(model_fetch.NAMED_MODELS, "tiny-named", spec)
     return spec

@@ -37,9 +37,12 @@ def tiny_policy_dir(tmp_path_factory, world_tokenizer):
     folder = tmp_path_factory.mktemp("tiny-policy")
     tok = world_tokenizer
     model = tiny_model(
-        "llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        "llama",
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
+    )
     # Point the EOS logit along the mean final hidden state, so samples end at varied lengths (a random model would
     # run out of tokens every time, every completion would get the same EOS penalty, and RL would have no signal).
     posts = tok([r["post"] for r in summarization(build_world(0), "train")[:8]], return_tensors="pt", padding=True)
@@ -252,13 +255,44 @@ def test_stage_configs_inherit_the_recipe_settings(tmp_path):
 
 def small_run_args(model_dir, output_dir, *extra):
     return [
-        "--config", str(DEFAULT_CONFIG), "--model_name_or_path", str(model_dir), "--output_dir", str(output_dir),
-        "--train_limit", "16", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_steps", "2",
-        "--sft_max_steps", "2", "--reward_max_steps", "2", "--max_steps", "2", "--dpo_max_steps", "2",
-        "--num_generations", "2", "--max_completion_length", "40", "--normalization_limit", "8",
-        "--eval_limit", "4", "--eval_batch_size", "4", "--kl_samples_per_prompt", "1", "--comparison_samples", "2",
+        "--config",
+        str(DEFAULT_CONFIG),
+        "--model_name_or_path",
+        str(model_dir),
+        "--output_dir",
+        str(output_dir),
+        "--train_limit",
+        "16",
+        "--per_device_train_batch_size",
+        "4",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "2",
+        "--sft_max_steps",
+        "2",
+        "--reward_max_steps",
+        "2",
+        "--max_steps",
+        "2",
+        "--dpo_max_steps",
+        "2",
+        "--num_generations",
+        "2",
+        "--max_completion_length",
+        "40",
+        "--normalization_limit",
+        "8",
+        "--eval_limit",
+        "4",
+        "--eval_batch_size",
+        "4",
+        "--kl_samples_per_prompt",
+        "1",
+        "--comparison_samples",
+        "2",
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def test_push_to_hub_uploads_each_stage(tiny_policy_dir, tmp_path, monkeypatch):

@@ -39,12 +39,16 @@ def arith_inputs(gains=None, heads_drops=None, fraction=3 / 64, share=0.6):
     gains = {"heads": 0.30, "random_heads": 0.10, "lora": 0.20, "full": 0.40} | (gains or {})
     drops = dict.fromkeys(arith.NON_ARITH, 0.0) | (heads_drops or {})
     results = {
-        method: {"change": {"arith_in_distribution": gain} | {m: -drops[m] if method == "heads" else -0.05
-                                                              for m in arith.NON_ARITH}}
+        method: {
+            "change": {"arith_in_distribution": gain}
+            | {m: -drops[m] if method == "heads" else -0.05 for m in arith.NON_ARITH}
+        }
         for method, gain in gains.items()
-    }  # fmt: skip
-    attribution = {"under_5pct": {"heads": 3, "fraction": fraction, "share": share},
-                   "heads_for_80pct": {"fraction": 0.2}}  # fmt: skip
+    }
+    attribution = {
+        "under_5pct": {"heads": 3, "fraction": fraction, "share": share},
+        "heads_for_80pct": {"fraction": 0.2},
+    }
     return arith.targets(results, attribution)
 
 
@@ -107,8 +111,15 @@ def test_context_targets():
 # --- LoFiT ---------------------------------------------------------------------------------------------------------
 
 
-def lofit_targets(lofit_gain=0.3, lora_gain=0.3, random_gains=(0.1, 0.2), lofit_params=1000, lora_params=20000,
-                  heads=3, total_heads=64):  # fmt: skip
+def lofit_targets(
+    lofit_gain=0.3,
+    lora_gain=0.3,
+    random_gains=(0.1, 0.2),
+    lofit_params=1000,
+    lora_params=20000,
+    heads=3,
+    total_heads=64,
+):
     results = {
         "lofit": {"gain": lofit_gain, "trained_parameters": lofit_params, "heads": heads, "total_heads": total_heads},
         "lora": {"gain": lora_gain, "trained_parameters": lora_params},
@@ -191,8 +202,10 @@ def test_sinklora_h2o_budget_check():
 
     def results(held_05, held_02):
         def run(held):
-            return {"passkey": {"acc": 1.0}, "long_ppl": {"ppl_len512": 9.0, "kv_bytes_len512": held,
-                                                         "kv_full_bytes_len512": 511 * entry}}  # fmt: skip
+            return {
+                "passkey": {"acc": 1.0},
+                "long_ppl": {"ppl_len512": 9.0, "kv_bytes_len512": held, "kv_full_bytes_len512": 511 * entry},
+            }
 
         full = {"passkey": {"acc": 1.0}, "long_ppl": {"ppl_len512": 9.0}}  # one pass: no cache bytes reported
         return {"full": full, "h2o:0.5": run(held_05), "h2o:0.2": run(held_02)}

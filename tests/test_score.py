@@ -152,8 +152,24 @@ def saved_model(tmp_path_factory, tokenizer):
 def test_score_command_writes_scores_summary_heads_and_histogram(saved_model, tmp_path, capsys):
     model, data = saved_model
     out = tmp_path / "scores"
-    code = main(["score", "--model", str(model), "--dataset", str(data), "--output", str(out), "--percentile", "50",
-                 "--select_by", "loglik_gain", "--no_progress", "--batch_size", "2"])  # fmt: skip
+    code = main(
+        [
+            "score",
+            "--model",
+            str(model),
+            "--dataset",
+            str(data),
+            "--output",
+            str(out),
+            "--percentile",
+            "50",
+            "--select_by",
+            "loglik_gain",
+            "--no_progress",
+            "--batch_size",
+            "2",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert [len(r["context_scores"]) for r in rows] == [2, 1, 1]

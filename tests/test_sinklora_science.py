@@ -74,8 +74,12 @@ def test_ppl_relative_to_full_and_report(science):
     assert relative["yarn"]["untrained"]["ppl_len2048"] == pytest.approx(45.6 / 4.0)
     assert relative["linear"]["full"] == {"ppl_len512": 1.0, "ppl_len1024": 1.0, "ppl_len2048": 1.0}
     kv = {b: {**row, "passkey": 1.0, "kv_bytes": 10.0, "memory_saved": 0.5} for b, row in KV.items()}
-    summary = {"results": RESULTS, "ppl_relative_to_full": relative, "kv_cache_at_L": kv,
-               "targets": science.targets(RESULTS, ["yarn"], 2048, KV)}  # fmt: skip
+    summary = {
+        "results": RESULTS,
+        "ppl_relative_to_full": relative,
+        "kv_cache_at_L": kv,
+        "targets": science.targets(RESULTS, ["yarn"], 2048, KV),
+    }
     rows = science.report(summary, ["yarn", "linear"], [512, 1024, 2048])
     assert "| yarn sf | 4.00 | 5.00 | 4.10 | 1.025 | 0.90 | 0.90 |" in rows
     assert "| linear sf | 4.00 | 5.00 | 4.20 | 1.050 | 0.85 | - |" in rows

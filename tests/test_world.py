@@ -194,8 +194,9 @@ def test_preference_ranks_reference_above_worse_summaries(world):
 
 def test_policy_comparisons_label_a_policy_s_own_summaries(world):
     records = summarization(world, "train")[:3]
-    summaries = [[r["reference"], r["reference"].replace(r["key_facts"][0].split()[-1], "Vorn"), "Nothing."]
-                 for r in records]  # fmt: skip
+    summaries = [
+        [r["reference"], r["reference"].replace(r["key_facts"][0].split()[-1], "Vorn"), "Nothing."] for r in records
+    ]
     pairs = policy_comparisons(world, "train", summaries, noise=0.0, pairs_per_post=3)
     assert [p["post_id"] for p in pairs] == ["train-00000"] * 3 + ["train-00001"] * 3 + ["train-00002"] * 3
     for pair in pairs:

@@ -122,9 +122,14 @@ def arithmetic_records(
                     seen.add((a, b))
                     prompt = render(template, a, op, b, rng.choice(names), rng.choice(WORD_ITEMS))
                     records.append(
-                        {"prompt": prompt, "answer": str(compute(a, op, b)), "op": op, "digits": d,
-                         "template": template}
-                    )  # fmt: skip
+                        {
+                            "prompt": prompt,
+                            "answer": str(compute(a, op, b)),
+                            "op": op,
+                            "digits": d,
+                            "template": template,
+                        }
+                    )
     return records
 
 
@@ -345,8 +350,10 @@ class HeadDeltaAdapter(HeadAdapter):
         for key, layer in self.layers.items():
             attn = attention[int(key)]
             for name, index, scale in (
-                ("q", layer.q_index, 1.0), ("k", layer.kv_index, self.kv_lr_ratio), ("v", layer.kv_index, self.kv_lr_ratio)
-            ):  # fmt: skip
+                ("q", layer.q_index, 1.0),
+                ("k", layer.kv_index, self.kv_lr_ratio),
+                ("v", layer.kv_index, self.kv_lr_ratio),
+            ):
                 if getattr(layer, name) is not None:
                     yield getattr(attn, f"{name}_proj"), getattr(layer, name), scale, index, "rows"
             if layer.o is not None:

@@ -312,8 +312,10 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
 def enable_steering(model, tokenizer, *, scale: float, heads: dict[int, list[int] | None] | None = None):
     """Steers `model` (layer -> query heads, None = all heads; `heads=None` = every layer); returns an undo callable."""
     if not 0 < scale <= 1:
-        raise ValueError(f"the steering scale must be in (0, 1] (attention outside the user's context is scaled by "
-                         f"it; the paper uses 0.9-0.95), got {scale}")  # fmt: skip
+        raise ValueError(
+            f"the steering scale must be in (0, 1] (attention outside the user's context is scaled by "
+            f"it; the paper uses 0.9-0.95), got {scale}"
+        )
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     modules = _attention_modules(base)
     num_heads = base.config.num_attention_heads

@@ -44,15 +44,26 @@ def _sharegpt_to_messages(conversation: list[dict]) -> list[dict]:
 
 
 def load_chat_records(
-    dataset: str, *, split: str = "train", limit: int | None = None, messages_column: str | None = None,
-    world_seed: int = 0, world_context_rate: float = 0.5, world_knowledge_form: str = "bare",
-) -> list[dict]:  # fmt: skip
+    dataset: str,
+    *,
+    split: str = "train",
+    limit: int | None = None,
+    messages_column: str | None = None,
+    world_seed: int = 0,
+    world_context_rate: float = 0.5,
+    world_knowledge_form: str = "bare",
+) -> list[dict]:
     """Records with a `messages` list: the synthetic world's chat data, a local file or folder, or a Hub data set."""
     if dataset == WORLD_DATASET:
         from ctxaware.world import build_world, chat_sft
 
-        return chat_sft(build_world(world_seed), split, n=limit or 2000, context_rate=world_context_rate,
-                        knowledge_form=world_knowledge_form)  # fmt: skip
+        return chat_sft(
+            build_world(world_seed),
+            split,
+            n=limit or 2000,
+            context_rate=world_context_rate,
+            knowledge_form=world_knowledge_form,
+        )
     from ctxaware.datafiles import load_rows
 
     rows = load_rows(dataset, split=split)
@@ -129,9 +140,16 @@ def _response_logprobs(logits, input_ids, row: int, start: int, end: int):
 
 
 def score_records(
-    model, tokenizer, records: list[dict], *, layer: int | None = None, span: str = "user", batch_size: int = 8,
-    max_length: int | None = None, progress: bool = True,
-) -> tuple[list[list[dict]], dict[tuple[int, int], np.ndarray]]:  # fmt: skip
+    model,
+    tokenizer,
+    records: list[dict],
+    *,
+    layer: int | None = None,
+    span: str = "user",
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> tuple[list[list[dict]], dict[tuple[int, int], np.ndarray]]:
     """Scores every turn of every record. Returns, per record, a list of turn dicts (`user_index`,
     `assistant_index`, `attention`, `loglik_gain`, `span_tokens`, `response_tokens`; metrics None for a turn cut by
     `max_length`), and per (record, turn) the (layers, heads) mean context mass used to rank heads."""
@@ -150,11 +168,19 @@ def score_records(
             raise ValueError(f"record {i}: {error}") from error
     limit = max_length or max(len(e.input_ids) for e in encoded)
     turns = [
-        [{"user_index": t.user_index, "assistant_index": t.assistant_index, "span_tokens": t.span_tokens,
-          "response_tokens": t.response[1] - t.response[0], "attention": None, "loglik_gain": None}
-         for t in e.turns]
+        [
+            {
+                "user_index": t.user_index,
+                "assistant_index": t.assistant_index,
+                "span_tokens": t.span_tokens,
+                "response_tokens": t.response[1] - t.response[0],
+                "attention": None,
+                "loglik_gain": None,
+            }
+            for t in e.turns
+        ]
         for e in encoded
-    ]  # fmt: skip
+    ]
     kept = [[t.response[1] <= limit for t in e.turns] for e in encoded]
     full_logprob: dict[tuple[int, int], torch.Tensor] = {}
     heads: dict[tuple[int, int], np.ndarray] = {}
@@ -204,8 +230,9 @@ def score_records(
                 if turn.span_tokens == 0:
                     turns[i][t]["loglik_gain"] = 0.0  # nothing to remove
                     continue
-                messages = ablate_span(records[i]["messages"], turn.user_index, span=span,
-                                       context=records[i].get("context"))  # fmt: skip
+                messages = ablate_span(
+                    records[i]["messages"], turn.user_index, span=span, context=records[i].get("context")
+                )
                 other = encode_conversation(tokenizer, messages, span="user")
                 response = next(o.response for o in other.turns if o.assistant_index == turn.assistant_index)
                 ablated.append((i, t, other.input_ids[: response[1]], response))
@@ -229,8 +256,9 @@ def _scored(turns: list[list[dict]], metric: str) -> list[float]:
     return [t[metric] for record in turns for t in record if t[metric] is not None]
 
 
-def select_turns(turns: list[list[dict]], metric: str, *, threshold: float | None = None,
-                 percentile: float | None = None) -> float:  # fmt: skip
+def select_turns(
+    turns: list[list[dict]], metric: str, *, threshold: float | None = None, percentile: float | None = None
+) -> float:
     """Marks `chosen` on every turn (score >= threshold; the top `percentile`% when no threshold); returns the
     threshold used."""
     if metric not in METRICS:

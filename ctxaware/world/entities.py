@@ -18,17 +18,53 @@ SPLIT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
 KINDS = ("person", "city", "company", "country")
 
 PROFESSIONS = [
-    "baker", "farmer", "doctor", "painter", "sailor", "teacher", "miner", "weaver", "singer", "potter",
-    "builder", "tailor", "hunter", "judge", "poet",
-]  # fmt: skip
+    "baker",
+    "farmer",
+    "doctor",
+    "painter",
+    "sailor",
+    "teacher",
+    "miner",
+    "weaver",
+    "singer",
+    "potter",
+    "builder",
+    "tailor",
+    "hunter",
+    "judge",
+    "poet",
+]
 PRODUCTS = [
-    "boats", "lamps", "shoes", "bread", "rope", "glass", "clocks", "paper", "salt", "tea", "bells", "carpets",
-    "bricks", "soap", "kites",
-]  # fmt: skip
+    "boats",
+    "lamps",
+    "shoes",
+    "bread",
+    "rope",
+    "glass",
+    "clocks",
+    "paper",
+    "salt",
+    "tea",
+    "bells",
+    "carpets",
+    "bricks",
+    "soap",
+    "kites",
+]
 SPECIALTIES = [
-    "bridges", "cheese", "towers", "music", "gardens", "fish", "markets", "horses", "wine", "statues", "honey",
+    "bridges",
+    "cheese",
+    "towers",
+    "music",
+    "gardens",
+    "fish",
+    "markets",
+    "horses",
+    "wine",
+    "statues",
+    "honey",
     "festivals",
-]  # fmt: skip
+]
 YEARS = [str(year) for year in range(1940, 2010)]
 
 

@@ -194,8 +194,9 @@ def preference_pairs(world: World, split: str, noise: float = 0.1, seed: int = 0
     (the labeller's errors)."""
     rng = random.Random(f"{world.seed}/preference_pairs/{split}/{seed}")
     records = summarization(world, split)
-    return _labelled_pairs(rng, split, records, lambda i: candidate_summaries(rng, world, records[i]), noise,
-                           pairs_per_post)  # fmt: skip
+    return _labelled_pairs(
+        rng, split, records, lambda i: candidate_summaries(rng, world, records[i]), noise, pairs_per_post
+    )
 
 
 def policy_comparisons(

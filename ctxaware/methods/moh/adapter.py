@@ -64,9 +64,16 @@ class MoHAdapter(HeadAdapter):
         shared = heads_by_layer(self.heads)
         for layer in range(layout.num_layers):
             self.layers[str(layer)] = MoHRouter(
-                layout.hidden_size, layout.num_heads, layout.head_dim, shared.get(layer, []),
-                top_k=top_k, variant=variant, init_std=router_init_std, lr_ratio=router_lr_ratio, chunk=routing_chunk,
-            )  # fmt: skip
+                layout.hidden_size,
+                layout.num_heads,
+                layout.head_dim,
+                shared.get(layer, []),
+                top_k=top_k,
+                variant=variant,
+                init_std=router_init_std,
+                lr_ratio=router_lr_ratio,
+                chunk=routing_chunk,
+            )
         self._restore: tuple[nn.Module, str] | None = None
         self.calibration: dict | None = None  # what `for_model` measured on the dense model, if it measured
 

@@ -141,9 +141,14 @@ class MoHRouter(nn.Module):
             from ctxaware.kernels.moh_router import router_gates
 
             return router_gates(
-                x, self.routed.weight, *(m.weight if m is not None else None for m in (self.shared, self.mix)),
-                self.columns, lr_ratio=self.lr_ratio, top_k=self.top_k, dtype=q.dtype,
-            )  # fmt: skip
+                x,
+                self.routed.weight,
+                *(m.weight if m is not None else None for m in (self.shared, self.mix)),
+                self.columns,
+                lr_ratio=self.lr_ratio,
+                top_k=self.top_k,
+                dtype=q.dtype,
+            )
         maps = [m for m in (self.routed, self.shared, self.mix) if m is not None]
         weight = torch.cat([m.weight for m in maps]) if len(maps) > 1 else maps[0].weight
         logits = F.linear(x.float(), weight.float()) * self.lr_ratio

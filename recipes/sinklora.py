@@ -28,7 +28,7 @@ from transformers import set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 import ctxaware.attention
-from ctxaware.datafiles import load_rows, read_records, read_text, require_column
+from ctxaware.datafiles import load_rows, require_column
 from ctxaware.io import atomic_directory
 from ctxaware.methods import sinklora
 from ctxaware.models import EMBEDDED_MODEL_NAME, load_tokenizer, resolve_model_path
@@ -193,24 +193,14 @@ def validate(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig, original_len
 
 
 def load_text_dataset(args: SinkLoRAConfig):
-    """The data set named by `dataset_name` (Hub id, local file or folder, `books`); raises if it lacks the text
-    column."""
+    """The data set named by `dataset_name` (Hub id, local file or folder, `books`; a .txt file is one document a
+    line, column `text`); raises naming the first row without the text column (checked up front unless streaming)."""
     name = args.dataset_name
-    suffix = Path(name).suffix.lower()
-    fix = "pass --dataset_text_field with the column that holds the text, or give every row that column"
-    if suffix == ".txt" and Path(name).is_file():  # one document a line, as datasets' text loader reads it
-        return [{args.dataset_text_field: line} for line in read_text(name, "data set").splitlines() if line.strip()]
-    if suffix in (".json", ".jsonl") and Path(name).is_file():
-        rows = read_records(name, "data set")
-        require_column(rows, args.dataset_text_field, name, fix)
-        return rows
     dataset = load_rows(name, config=args.dataset_config, split=args.dataset_split, streaming=args.dataset_streaming)
-    columns = dataset.column_names or list(next(iter(dataset)).keys())
-    if args.dataset_text_field not in columns:
-        raise ValueError(
-            f"data set {name} has no column {args.dataset_text_field!r} (columns: {', '.join(columns)}): pass "
-            "--dataset_text_field with the column that holds the text"
-        )
+    fix = "pass --dataset_text_field with the column that holds the text, or give every row that column"
+    require_column(
+        dataset if not args.dataset_streaming else [next(iter(dataset))], args.dataset_text_field, name, fix
+    )
     return dataset
 
 

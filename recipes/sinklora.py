@@ -94,7 +94,10 @@ class SinkLoRAConfig(RecipeTrainingArguments, SFTConfig):
         metadata={"help": "Also needle-in-a-haystack (plain prompt, 5 depths, eval_passkey_limit per depth)."},
     )
     eval_text_file: str | None = field(
-        default=None, metadata={"help": "Text file for the long_ppl evaluation (default: the world's passages)."}
+        default=None,
+        metadata={
+            "help": "Text file or `books` (its test book) for the long_ppl evaluation; default: world passages."
+        },
     )
     eval_limit: int = field(default=2, metadata={"help": "Perplexity windows per length (0: skip the evaluation)."})
     eval_passkey_limit: int | None = field(

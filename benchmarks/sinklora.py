@@ -1,12 +1,16 @@
 """SinkLoRA benchmarks on one GPU: a LoRA training step at long context, and H2O generation, peers in the same run.
 
     python benchmarks/sinklora.py --out benchmarks/results [--seq 16384] [--steps 5] [--quick]
+    python benchmarks/sinklora.py --shape smollm2 --seq 32768 --liger --skip_generation --out DIR
 
-Training: a ~1B Llama built from a config (TinyLlama-1.1B shape: 22 layers, hidden 2048, 32 query / 4 kv heads,
-random bf16 weights), LoRA r=8 on q/k/v/o plus trainable embeddings and norms, gradient checkpointing, AdamW, one row
-of `--seq` tokens. Peers: SF on the ctxaware kernels (attn_implementation="ctxaware"), LongLoRA's S^2 as published
-(half the heads rolled by G/2, groups folded into the batch, causal SDPA flash) and dense SDPA. Reports the median
-step's tokens/s and the peak memory, with the SF / LongLoRA ratio (issue 6's target: >= 1.5x).
+Training: a Llama built from a config with random bf16 weights (`--shape 1b`: TinyLlama-1.1B's, 22 layers, hidden
+2048, 32 query / 4 kv heads; `smollm2`: SmolLM2-135M's, 30 layers, hidden 576, 9 query / 3 kv heads of 64, a 49,152
+vocabulary), LoRA r=8 on q/k/v/o plus trainable embeddings and norms, gradient checkpointing, AdamW, one row of
+`--seq` tokens. Peers: SF on the ctxaware kernels (attn_implementation="ctxaware"), LongLoRA's S^2 as published
+(half the heads rolled by G/2, groups folded into the batch, causal SDPA flash), dense SDPA, and the step without
+attention (the floor). `--liger` adds each peer again with liger-kernel's fused linear cross-entropy (the logits are
+never materialised), RMSNorm, SwiGLU and RoPE. Reports the median step's tokens/s and the peak memory, with the
+ratios to LongLoRA's and full attention's steps.
 
 Generation: the same model, an `--gen_prompt`-token prompt, `--gen_new` greedy tokens: full cache (SDPA and the
 ctxaware kernels) against H2O at budgets 0.5 and 0.2; decode tokens/s and KV-cache bytes.
@@ -34,6 +38,8 @@ from ctxaware.methods.h2o import H2OCache  # noqa: E402
 
 LONGLORA = "longlora_s2"
 FLOOR = "no_attention_floor"
+LIGER = "+liger"  # peer-name suffix: the same step with liger-kernel's fused loss and layers
+TRAIN_PEERS = ("sf_ctxaware", "s2_longlora_sdpa", "full_sdpa", FLOOR)
 GROUP_SIZE_RATIO = 0.25
 
 
@@ -68,28 +74,51 @@ def attention_floor(module, query, key, value, attention_mask, scaling=None, dro
     return (value + 0.0 * (query + key)).transpose(1, 2).contiguous(), None
 
 
-def build_model(attn_implementation: str, layers: int):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
+SHAPES = {
+    "1b": dict(
         vocab_size=32000,
         hidden_size=2048,
         intermediate_size=5632,
-        num_hidden_layers=layers,
+        num_hidden_layers=22,
         num_attention_heads=32,
         num_key_value_heads=4,
-        max_position_embeddings=32768,
         rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 8.0},
-    )
+    ),
+    "smollm2": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "linear", "rope_theta": 100000.0, "factor": 4.0},
+    ),
+}
+
+
+def build_model(attn_implementation: str, layers: int | None, shape: str = "1b", liger: bool = False):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**{**SHAPES[shape], "max_position_embeddings": 32768})
+    if layers:
+        config.num_hidden_layers = layers
     torch.manual_seed(0)
     with torch.device("cuda"):  # random init of 1B weights on the CPU takes tens of seconds per peer; here, a second
-        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.bfloat16)
+    if liger:  # RoPE's patch is module-wide: the liger peers run after every unfused one
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(model=model)
+    return model
 
 
-def train_step_peer(name: str, seq: int, steps: int, layers: int) -> dict:
-    implementation = {"sf_ctxaware": "ctxaware", "s2_longlora_sdpa": LONGLORA, "full_sdpa": "sdpa", FLOOR: FLOOR}[name]
-    model = build_model(implementation, layers)
-    pattern = sinklora.training_pattern("sf", GROUP_SIZE_RATIO) if name == "sf_ctxaware" else None
+def train_step_peer(name: str, seq: int, steps: int, layers: int | None, shape: str = "1b") -> dict:
+    base, liger = name.removesuffix(LIGER), name.endswith(LIGER)
+    implementation = {"sf_ctxaware": "ctxaware", "s2_longlora_sdpa": LONGLORA, "full_sdpa": "sdpa", FLOOR: FLOOR}[base]
+    model = build_model(implementation, layers, shape, liger)
+    pattern = sinklora.training_pattern("sf", GROUP_SIZE_RATIO) if base == "sf_ctxaware" else None
     if implementation == "ctxaware":
         sinklora.set_training_pattern(model, pattern)
     from peft import get_peft_model
@@ -98,7 +127,7 @@ def train_step_peer(name: str, seq: int, steps: int, layers: int) -> dict:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    ids = torch.randint(0, 32000, (1, seq), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (1, seq), device="cuda")
     times = []
     torch.cuda.reset_peak_memory_stats()
     for step in range(steps + 2):
@@ -118,10 +147,10 @@ def train_step_peer(name: str, seq: int, steps: int, layers: int) -> dict:
     return result
 
 
-def generation_peer(name: str, prompt: int, new: int, layers: int) -> dict:
+def generation_peer(name: str, prompt: int, new: int, layers: int | None, shape: str = "1b") -> dict:
     from transformers import DynamicCache
 
-    model = build_model("sdpa" if name == "full_sdpa" else "ctxaware", layers).eval()
+    model = build_model("sdpa" if name == "full_sdpa" else "ctxaware", layers, shape).eval()
     ids = torch.randint(0, 32000, (1, prompt), device="cuda")
     budget = {"h2o_0.5": 0.5, "h2o_0.2": 0.2}.get(name)
 
@@ -155,7 +184,10 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--seq", type=int, default=16384)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the shape's)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--liger", action="store_true", help="also time each peer with liger-kernel's fused layers")
+    parser.add_argument("--skip_generation", action="store_true")
     parser.add_argument("--gen_prompt", type=int, default=8192)
     parser.add_argument("--gen_new", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="4k tokens, 4 layers, 2 steps: a smoke run")
@@ -172,12 +204,12 @@ def main() -> None:
         AttentionMaskInterface.register(name, sdpa_mask)
 
     train, generation = {}, {}
-    for name in ("sf_ctxaware", "s2_longlora_sdpa", "full_sdpa", FLOOR):
-        train[name] = train_step_peer(name, args.seq, args.steps, args.layers)
+    for name in TRAIN_PEERS + tuple(name + LIGER for name in TRAIN_PEERS if args.liger):
+        train[name] = train_step_peer(name, args.seq, args.steps, args.layers, args.shape)
         print(name, train[name], flush=True)
         write(Path(args.out), args, train, generation)
-    for name in ("full_sdpa", "full_ctxaware", "h2o_0.5", "h2o_0.2"):
-        generation[name] = generation_peer(name, args.gen_prompt, args.gen_new, args.layers)
+    for name in () if args.skip_generation else ("full_sdpa", "full_ctxaware", "h2o_0.5", "h2o_0.2"):
+        generation[name] = generation_peer(name, args.gen_prompt, args.gen_new, args.layers, args.shape)
         torch.cuda.empty_cache()
         print(name, generation[name], flush=True)
         write(Path(args.out), args, train, generation)
@@ -208,17 +240,28 @@ def write(out: Path, args, train: dict, generation: dict) -> None:
         "",
         f"`{record['command']}`",
         "",
-        f"Training step, {args.layers}-layer ~1B Llama, {args.seq} tokens, LoRA + embeddings/norms, checkpointing:",
+        f"Training step, the {args.shape} shape ({args.layers or 'all'} layers), {args.seq} tokens, LoRA + "
+        "embeddings/norms, checkpointing:",
         "",
-        "| peer | tokens/s | step s | peak GiB | vs LongLoRA |",
-        "|---|---|---|---|---|",
+        "| peer | tokens/s | step s | peak GiB | vs LongLoRA | vs full SDPA |",
+        "|---|---|---|---|---|---|",
     ]
     base = train.get("s2_longlora_sdpa", {}).get("tokens_per_s")
+    full = train.get("full_sdpa", {}).get("tokens_per_s")
     for name, r in train.items():
-        ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "n/a"
-        lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | {r['peak_gib']:.1f} | {ratio} |")
+        ratios = [f"{r['tokens_per_s'] / peer:.2f}x" if peer else "n/a" for peer in (base, full)]
+        lines.append(
+            f"| {name} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | {r['peak_gib']:.1f} | "
+            + " | ".join(ratios)
+            + " |"
+        )
     if base and "sf_ctxaware" in train:
         record["train_ratio_sf_over_longlora"] = train["sf_ctxaware"]["tokens_per_s"] / base
+    if base and full and f"sf_ctxaware{LIGER}" in train:
+        sf_liger = train[f"sf_ctxaware{LIGER}"]
+        record["train_ratio_sf_liger_over_longlora"] = sf_liger["tokens_per_s"] / base
+        record["train_ratio_sf_liger_over_full"] = sf_liger["tokens_per_s"] / full
+        record["peak_ratio_sf_liger_over_sf"] = sf_liger["peak_gib"] / train["sf_ctxaware"]["peak_gib"]
     if base and FLOOR in train:
         record["train_ratio_bound_over_longlora"] = train[FLOOR]["tokens_per_s"] / base
         lines += [

@@ -42,7 +42,15 @@ def main() -> None:
     parser.add_argument("--tiny", dest="smoke", action="store_true", help="the same as --smoke")
     parser.add_argument("--model", default="ctxaware-tiny", help="model name, folder or Hub id (the loaders' names)")
     parser.add_argument("--text", help="held-out text file for perplexity (default: the world's held-out documents)")
-    parser.add_argument("--train_text", help="training text file (default: the world's documents in --train_mix)")
+    parser.add_argument(
+        "--train_text", help="training text: a file or `books` (its train portion; default: the world's documents)"
+    )
+    parser.add_argument(
+        "--train_text_share",
+        type=float,
+        default=1.0,
+        help="share of --train_text documents in the training rows; the rest are the world's --train_mix documents",
+    )
     parser.add_argument("--train_mix", nargs="+", default=["passkey:2", "needle:1", "key_value:0.5", "reading:1"])
     parser.add_argument("--rope", default="linear,yarn", help="comma-separated RoPE methods, each a row group")
     parser.add_argument("--steps", type=int, default=300)
@@ -50,11 +58,21 @@ def main() -> None:
     parser.add_argument("--learning_rate", type=float, default=2e-4)
     parser.add_argument("--limit", type=int, default=20, help="passkey samples and NIAH samples per depth")
     parser.add_argument("--ppl_windows", type=int, default=10, help="perplexity windows per length")
+    parser.add_argument("--dtype", default="float32", help="training and evaluation dtype (bfloat16 for real models)")
+    parser.add_argument(
+        "--kv_limit",
+        type=int,
+        help="passkey samples and ppl windows for the KV caches (default: --limit"
+        " and --ppl_windows); each streams L tokens one decode step at a time",
+    )
+    parser.add_argument("--skip_kv", action="store_true", help="skip the KV-cache comparison")
+    parser.add_argument("--skip_training", action="store_true", help="only the KV-cache comparison")
+    parser.add_argument("--eval_batch_size", type=int, default=8, help="1 for a real vocabulary at 32k")
     args = parser.parse_args()
     out = output_folder(args.out)
     python = sys.executable
     model, steps, batch, limit, windows = args.model, args.steps, args.batch_size, args.limit, args.ppl_windows
-    ropes = args.rope.split(",")
+    ropes = [] if args.skip_training else args.rope.split(",")
     if args.smoke:  # a tiny random model with a 64-token context stands in for the real one
         model, steps, batch, limit, windows = str(out / "smoke-base"), 2, 1, 1, 1
         subprocess.run([python, "-c", SMOKE_MODEL.format(path=model)], check=True)
@@ -74,16 +92,37 @@ def main() -> None:
         "limit": limit,
         "ppl_windows": windows,
         "ropes": ropes,
-        "train": args.train_text or {"world_mix": args.train_mix},
+        "train": {"text": args.train_text, "text_share": args.train_text_share, "world_mix": args.train_mix},
+        "dtype": args.dtype,
         "heldout_text": text_file,
     }
 
+    train_file = None
+    if args.train_text:
+        train_file = str(out / "train_documents.jsonl")
+        subprocess.run(
+            [
+                python,
+                "-c",
+                TRAIN_TEXT.format(
+                    path=train_file,
+                    source=args.train_text,
+                    share=args.train_text_share,
+                    mix=args.train_mix,
+                    max_tokens=target,
+                    rows=steps * batch,
+                ),
+            ],
+            check=True,
+        )
+
     results: dict = {}
-    for rope in ropes:  # one rope at a time; its three variants run side by side (a small model leaves the GPU idle)
+    for rope in (
+        [] if args.skip_training else ropes
+    ):  # one rope at a time; its three variants run side by side (a small model leaves the GPU idle)
         jobs = []
         for index, attention in enumerate(VARIANTS):
-            folder = out / f"{rope}_{attention}"
-            folder.mkdir(exist_ok=True)
+            folder = out / f"{rope}_{attention}"  # the recipe claims it: nothing of ours goes inside
             recipe = [
                 "--model_name_or_path",
                 model,
@@ -120,7 +159,7 @@ def main() -> None:
                 "--eval_baselines",
                 str(index == 0).lower(),
                 "--eval_batch_size",
-                "8",
+                str(args.eval_batch_size),
                 "--eval_text_file",
                 text_file,
                 "--eval_ppl_lengths",
@@ -128,13 +167,13 @@ def main() -> None:
                 "--eval_passkey_lengths",
                 str(target),
                 "--dtype",
-                "float32",
+                args.dtype,
             ]
-            if args.train_text:
-                recipe += ["--dataset_name", args.train_text, "--dataset_text_field", "text"]
+            if train_file:
+                recipe += ["--dataset_name", train_file, "--dataset_text_field", "text"]
             else:
                 recipe += ["--train_mix", *args.train_mix]
-            jobs.append((launch_recipe("sinklora", *recipe), folder / "recipe.log"))
+            jobs.append((launch_recipe("sinklora", *recipe), folder.with_suffix(".log")))
         run_parallel(jobs)
         for attention in VARIANTS:
             recorded = json.loads((out / f"{rope}_{attention}" / "adapter" / "eval_results.json").read_text())
@@ -142,10 +181,27 @@ def main() -> None:
             for name, summary in recorded.get("before", {}).items():
                 results["original" if name == "original" else f"{rope}_untrained"] = summary
 
+    summary = {
+        "command": command_line(),
+        "settings": settings,
+        "results": results,
+        "ppl_relative_to_full": relative_to_full(results, ropes, lengths),
+    }
+    if not args.skip_kv:
+        summary["kv_cache_at_L"] = kv_comparison(out, model, args, original, text_file, args.kv_limit or limit)
+    summary["targets"] = targets(results, ropes, target, summary.get("kv_cache_at_L"))
+    (out / "sinklora_science.json").write_text(json.dumps(summary, indent=2))
+    rows = report(summary, ropes, lengths)
+    (out / "sinklora_science.md").write_text("\n".join(rows) + "\n")
+    print("\n".join(rows))
+
+
+def kv_comparison(out, model: str, args, original: int, text_file: str, limit: int) -> dict:
+    """Passkey and streamed perplexity at L for the full cache, H2O and the sinks + window cache (`KV_BUDGETS`)."""
     eval_cli = [
-        *eval_command("--model", model, "--dtype", "float32", "--no_progress", "--limit", str(limit)),
+        *eval_command("--model", model, "--dtype", args.dtype, "--no_progress", "--limit", str(limit)),
         "--batch_size",
-        "8",
+        str(args.eval_batch_size),
         "--tasks",
         "passkey,long_ppl",
         "--lengths",
@@ -159,20 +215,7 @@ def main() -> None:
         (out / name).mkdir(exist_ok=True)
         jobs.append(([*eval_cli, "--kv_cache", budget, "--output_path", str(out / name)], out / name / "eval.log"))
     run_parallel(jobs)
-    kv = kv_table({budget: harness_metrics(out / kv_name(budget)) for budget in KV_BUDGETS}, original)
-
-    summary = {
-        "command": command_line(),
-        "settings": settings,
-        "results": results,
-        "ppl_relative_to_full": relative_to_full(results, ropes, lengths),
-        "kv_cache_at_L": kv,
-        "targets": targets(results, ropes, target, kv),
-    }
-    (out / "sinklora_science.json").write_text(json.dumps(summary, indent=2))
-    rows = report(summary, ropes, lengths)
-    (out / "sinklora_science.md").write_text("\n".join(rows) + "\n")
-    print("\n".join(rows))
+    return kv_table({budget: harness_metrics(out / kv_name(budget)) for budget in KV_BUDGETS}, original)
 
 
 def context_length(model: str) -> int:
@@ -277,12 +320,16 @@ def report(summary: dict, ropes: list[str], lengths: list[int]) -> list[str]:
         cells += [f"{ratio:.3f}" if ratio is not None else "-"]
         cells += [f"{value:.2f}" if value is not None else "-" for value in (passkey, niah)]
         rows.append(f"| {name.replace('_', ' ')} | " + " | ".join(cells) + " |")
-    rows += [
-        "",
-        f"| KV cache (base model, L = {lengths[0]}) | passkey | ppl (streamed) | K/V bytes per sample | saved |",
-        "|---|---|---|---|---|",
-    ]
-    for budget, row in summary["kv_cache_at_L"].items():
+    rows += (
+        []
+        if "kv_cache_at_L" not in summary
+        else [
+            "",
+            f"| KV cache (base model, L = {lengths[0]}) | passkey | ppl (streamed) | K/V bytes per sample | saved |",
+            "|---|---|---|---|---|",
+        ]
+    )
+    for budget, row in summary.get("kv_cache_at_L", {}).items():
         rows.append(
             f"| {budget} | {row['passkey']:.2f} | {row['ppl']:.2f} | {row['kv_bytes']:,.0f} | "
             f"{row['memory_saved']:.0%} |"
@@ -298,6 +345,26 @@ from ctxaware.world import build_world, pretraining_corpus
 mix = {{"passkey": 1.0, "needle": 1.0, "key_value": 0.5}}
 docs = pretraining_corpus(build_world(0), 200, seed=9999, mix=mix, max_tokens={max_tokens})
 open({path!r}, "w").write("\\n\\n".join(doc["text"] for doc in docs))
+"""
+
+# Training documents: --train_text's (`books`: its train portion, cut into documents of about a row each) and the
+# world's --train_mix documents, interleaved so a `share` of them are the text's; seed 0, as the recipe's rows.
+TRAIN_TEXT = """
+import itertools, json, random
+from ctxaware.texts import read_text
+from ctxaware.world import build_world, pretraining_corpus
+text = read_text({source!r}, split="train", what="--train_text")
+piece = 4 * {max_tokens}  # characters: about one row of tokens
+texts = [text[i : i + piece] for i in range(0, len(text), piece)]
+share, rows = {share!r}, {rows!r}
+mix = {{kind: float(w) for kind, _, w in (e.partition(":") for e in {mix!r})}}
+corpus = pretraining_corpus(build_world(0), 10**9, seed=0, mix=mix, max_tokens={max_tokens}) if share < 1 else []
+world = [d["text"] for d in itertools.islice(corpus, 4 * rows)]
+rng, docs = random.Random(0), []
+for _ in range(4 * rows):
+    docs.append(texts[len(docs) % len(texts)] if not world or rng.random() < share else world[len(docs) % len(world)])
+with open({path!r}, "w") as handle:
+    handle.writelines(json.dumps({{"text": d}}) + "\\n" for d in docs)
 """
 
 SMOKE_MODEL = """

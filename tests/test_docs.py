@@ -5,9 +5,11 @@ tracker or session numbers."""
 import re
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "RESULTS.md"
-DOCUMENTS = [ROOT / "README.md", RESULTS, *sorted((ROOT / "docs").rglob("*.md"))]
+DOCUMENTS = [ROOT / "README.md", RESULTS, ROOT / "data" / "DATASHEET.md", ROOT / "eval" / "README.md"]
+DOCUMENTS += sorted((ROOT / "docs").rglob("*.md"))
 
 
 def test_every_result_json_is_listed_in_results_md():

@@ -45,27 +45,18 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from ctxaware.adapters import count_trainable
 from ctxaware.eval.arithmetic import parse_number
 from ctxaware.eval.model import EvalModel
-from ctxaware.eval.registry import EvalOptions
-from ctxaware.eval.runner import evaluate
+from ctxaware.eval.runner import evaluate_in_process
 from ctxaware.generation import encode_prompt
 from ctxaware.heads import HeadLayout, random_heads, resolve_head_count, save_head_selection, top_heads
 from ctxaware.io import write_json
-from ctxaware.methods.arith_heads import (
-    KV_POLICIES,
-    OPS,
-    TEMPLATES,
-    HeadDeltaAdapter,
-    arithmetic_pairs,
-    arithmetic_records,
-    check_selection,
-    load_component_selection,
-)
+from ctxaware.methods.arith_heads import KV_POLICIES, HeadDeltaAdapter, check_selection, load_component_selection
 from ctxaware.methods.patching import build_batches, keep_answered, patch_all
 from ctxaware.models import load_tokenizer, resolve_model_path
 from ctxaware.outputs import claim_output_dir
 from ctxaware.training import RecipeTrainingArguments, RequireTrainingSteps, usage_errors
 from ctxaware.world import QA_PROMPT, build_world, closed_book_qa
 from ctxaware.world.probe import matches
+from ctxaware.world.tasks import ARITHMETIC_OPS, ARITHMETIC_TEMPLATES, arithmetic_pairs, arithmetic_records
 
 
 METHODS = ("heads", "random_heads", "lora", "full")
@@ -85,10 +76,12 @@ class ArithHeadsArguments:
     method: str = field(default="heads", metadata={"help": f"One of {', '.join(METHODS)}."})
     world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world."})
     # training data
-    train_ops: list[str] = field(default_factory=lambda: ["*"], metadata={"help": f"Operations from {OPS}."})
+    train_ops: list[str] = field(
+        default_factory=lambda: ["*"], metadata={"help": f"Operations from {ARITHMETIC_OPS}."}
+    )
     train_digits: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Operand digit counts."})
     train_templates: list[str] = field(
-        default_factory=lambda: ["plain"], metadata={"help": f"From {list(TEMPLATES)}."}
+        default_factory=lambda: ["plain"], metadata={"help": f"From {list(ARITHMETIC_TEMPLATES)}."}
     )
     train_per_cell: int = field(default=400, metadata={"help": "Training problems per (template, op, digits)."})
     train_split: str = field(default="train", metadata={"help": "World split of the training problems."})
@@ -293,9 +286,9 @@ def evaluate_model(args: ArithHeadsArguments, model, tokenizer) -> dict:
         records = arithmetic_records(
             args.world_seed,
             "test",
-            ops=OPS,
+            ops=ARITHMETIC_OPS,
             digits=args.eval_digits,
-            templates=TEMPLATES,
+            templates=ARITHMETIC_TEMPLATES,
             n_per_cell=args.eval_per_cell,
         )
         outputs = lm.generate([lm.encode(r["prompt"], chat=False) for r in records], max_new_tokens=8)
@@ -307,13 +300,15 @@ def evaluate_model(args: ArithHeadsArguments, model, tokenizer) -> dict:
         metrics |= {name: sum(v) / len(v) for name, v in sorted(groups.items())}
         metrics |= {name: sum(v) / len(v) for name, v in sorted(hits.items())}
     if args.eval_tasks:
-        options = EvalOptions(limit=args.eval_limit, chat_template="off", progress=False, batch_size=64)
-        results, _ = evaluate(
-            lm,
+        results = evaluate_in_process(
+            model,
+            tokenizer,
             list(args.eval_tasks),
-            options,
-            config={"model": args.model_name_or_path, "generation_hooks": lm.setup.applied},
-        )
+            config={"model": args.model_name_or_path},
+            batch_size=64,
+            limit=args.eval_limit,
+            chat_template="off",
+        ).results
         for task, values in results["results"].items():
             metrics |= {
                 f"{task}/{name.split(',')[0]}": value

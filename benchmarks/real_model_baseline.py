@@ -33,9 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_common import git_commit, write_results  # noqa: E402
 
-from ctxaware.eval.model import EvalModel  # noqa: E402
-from ctxaware.eval.registry import EvalOptions  # noqa: E402
-from ctxaware.eval.runner import evaluate, write_outputs  # noqa: E402
+from ctxaware.eval.runner import evaluate_in_process  # noqa: E402
 from ctxaware.methods.sinklora import rope_parameters  # noqa: E402
 from ctxaware.models import load_model  # noqa: E402
 
@@ -117,18 +115,19 @@ def run_evaluations(args, out: Path, report: dict, save) -> None:
         model, tokenizer = loaded[factor]
         long = any(t in run["tasks"] for t in ("passkey", "niah", "long_ppl"))
         batch = min(8, args.batch_size) if long else args.batch_size
-        options = EvalOptions(batch_size=batch, progress=not args.no_progress, split="test", **run["options"])
-        lm = EvalModel(model, tokenizer, batch_size=batch, progress=options.progress)
         start = time.time()
-        config = {
-            "model": args.model,
-            "run": run["name"],
-            "device": str(model.device),
-            "dtype": str(model.dtype),
-            "generation_hooks": {},
-        }
-        evaluated, outcomes = evaluate(lm, run["tasks"], options, config=config)
-        written = write_outputs(evaluated, outcomes, out / "eval" / run["name"])
+        config = {"model": args.model, "run": run["name"], "device": str(model.device), "dtype": str(model.dtype)}
+        evaluated, _, written, options = evaluate_in_process(
+            model,
+            tokenizer,
+            run["tasks"],
+            config=config,
+            batch_size=batch,
+            progress=not args.no_progress,
+            output_path=out / "eval" / run["name"],
+            split="test",
+            **run["options"],
+        )
         results[run["name"]] = {
             "tasks": run["tasks"],
             "options": {k: v for k, v in dataclasses.asdict(options).items() if v is not None},

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -235,6 +235,22 @@ def push_folder_to_hub(folder: str | Path, repo_id: str, *, private: bool | None
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     return api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload with ctxaware")
+
+
+def check_model_options(model_args, used: Iterable[str]) -> None:
+    """A recipe that takes TRL's `ModelConfig` but reads only the options in `used` refuses any other one set away
+    from its default: a flag it would silently ignore."""
+    defaults = type(model_args)()
+    ignored = [
+        f"--{f.name}"
+        for f in fields(model_args)
+        if f.name not in used and getattr(model_args, f.name) != getattr(defaults, f.name)
+    ]
+    if ignored:
+        raise ValueError(
+            f"{', '.join(ignored)}: this recipe does not use {'that option' if len(ignored) == 1 else 'those options'}"
+            f" (of TRL's model options it reads {', '.join('--' + name for name in sorted(used))})"
+        )
 
 
 @contextmanager

@@ -5,6 +5,7 @@ import re
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 from ctxaware.eval import data, output
 from ctxaware.eval.registry import EvalOptions, get_task
@@ -126,3 +127,35 @@ def write_outputs(results: dict, outcomes: dict, output_path: str | Path) -> dic
     written["results"] = output.write_json(folder / f"results_{stamp}.json", results)
     (folder / f".results_{stamp}.claim").unlink(missing_ok=True)
     return written
+
+
+class InProcessRun(NamedTuple):
+    results: dict  # in lm-evaluation-harness's shape
+    outcomes: dict  # {task: TaskResult}
+    written: dict[str, Path]  # what `write_outputs` wrote, by name; empty without an output path
+    options: EvalOptions  # the options the tasks ran with
+
+
+def evaluate_in_process(
+    model,
+    tokenizer,
+    task_names: list[str],
+    *,
+    config: dict,
+    batch_size: int,
+    progress: bool = False,
+    output_path: str | Path | None = None,
+    **options,
+) -> InProcessRun:
+    """The harness on a model already in memory, as a recipe or benchmark runs it: `task_names` with
+    `EvalOptions(batch_size=..., progress=..., **options)`, `config` recorded in the results (with the generation
+    hooks, none here), and the outputs written under `output_path` when one is given."""
+    from ctxaware.eval.model import EvalModel
+
+    eval_options = EvalOptions(batch_size=batch_size, progress=progress, **options)
+    lm = EvalModel(model, tokenizer, batch_size=batch_size, progress=progress)
+    results, outcomes = evaluate(
+        lm, list(task_names), eval_options, config={**config, "generation_hooks": lm.setup.applied}
+    )
+    written = write_outputs(results, outcomes, output_path) if output_path is not None else {}
+    return InProcessRun(results, outcomes, written, eval_options)

@@ -40,32 +40,23 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, set_seed
-from trl import SFTConfig, SFTTrainer, TrlParser
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 from ctxaware.adapters import count_trainable
 from ctxaware.eval.arithmetic import parse_number
 from ctxaware.eval.model import EvalModel
-from ctxaware.eval.registry import EvalOptions
-from ctxaware.eval.runner import evaluate
+from ctxaware.eval.runner import evaluate_in_process
 from ctxaware.generation import encode_prompt
 from ctxaware.heads import HeadLayout, random_heads, resolve_head_count, save_head_selection, top_heads
 from ctxaware.io import write_json
-from ctxaware.methods.arith_heads import (
-    KV_POLICIES,
-    OPS,
-    TEMPLATES,
-    HeadDeltaAdapter,
-    arithmetic_pairs,
-    arithmetic_records,
-    check_selection,
-    load_component_selection,
-)
+from ctxaware.methods.arith_heads import KV_POLICIES, HeadDeltaAdapter, check_selection, load_component_selection
 from ctxaware.methods.patching import build_batches, keep_answered, patch_all
 from ctxaware.models import load_tokenizer, resolve_model_path
 from ctxaware.outputs import claim_output_dir
-from ctxaware.training import RecipeTrainingArguments, RequireTrainingSteps, usage_errors
+from ctxaware.training import RecipeTrainingArguments, RequireTrainingSteps, check_model_options, usage_errors
 from ctxaware.world import QA_PROMPT, build_world, closed_book_qa
 from ctxaware.world.probe import matches
+from ctxaware.world.tasks import ARITHMETIC_OPS, ARITHMETIC_TEMPLATES, arithmetic_pairs, arithmetic_records
 
 
 METHODS = ("heads", "random_heads", "lora", "full")
@@ -80,15 +71,15 @@ SELECTION_SIGNS = ("positive", "absolute")
 
 @dataclass
 class ArithHeadsArguments:
-    model_name_or_path: str = field(default="ctxaware-tiny", metadata={"help": "Embedded name, path or Hub id."})
-    model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
     method: str = field(default="heads", metadata={"help": f"One of {', '.join(METHODS)}."})
     world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world."})
     # training data
-    train_ops: list[str] = field(default_factory=lambda: ["*"], metadata={"help": f"Operations from {OPS}."})
+    train_ops: list[str] = field(
+        default_factory=lambda: ["*"], metadata={"help": f"Operations from {ARITHMETIC_OPS}."}
+    )
     train_digits: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Operand digit counts."})
     train_templates: list[str] = field(
-        default_factory=lambda: ["plain"], metadata={"help": f"From {list(TEMPLATES)}."}
+        default_factory=lambda: ["plain"], metadata={"help": f"From {list(ARITHMETIC_TEMPLATES)}."}
     )
     train_per_cell: int = field(default=400, metadata={"help": "Training problems per (template, op, digits)."})
     train_split: str = field(default="train", metadata={"help": "World split of the training problems."})
@@ -144,10 +135,7 @@ class ArithHeadsArguments:
     )
     delta_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
     # baselines
-    lora_r: int = 8
-    lora_alpha: int = 16
     lora_learning_rate: float = field(default=1e-3, metadata={"help": "LoRA's learning rate (others: learning_rate)."})
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # evaluation
     eval_per_cell: int = field(default=20, metadata={"help": "Test problems per (template, op, digits); 0: none."})
     eval_digits: list[int] = field(default_factory=lambda: [1, 2, 3])
@@ -189,7 +177,21 @@ class ArithHeadsTrainingConfig(RecipeTrainingArguments, SFTConfig):
     max_length: int | None = 256
 
 
-CONFIG_CLASSES = (ArithHeadsArguments, ArithHeadsTrainingConfig)
+@dataclass
+class ArithHeadsModelConfig(ModelConfig):
+    """TRL's model options; this recipe reads only MODEL_OPTIONS (the LoRA ones for method lora) and refuses the others set."""
+
+    model_name_or_path: str | None = field(
+        default="ctxaware-tiny", metadata={"help": "Embedded name, path or Hub id."}
+    )
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+MODEL_OPTIONS = ("model_name_or_path", "model_revision", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+CONFIG_CLASSES = (ArithHeadsArguments, ArithHeadsTrainingConfig, ArithHeadsModelConfig)
 
 
 # --- selection ----------------------------------------------------------------------------------------------------
@@ -284,7 +286,7 @@ def category(record: dict, args: ArithHeadsArguments) -> str:
 
 
 @torch.no_grad()
-def evaluate_model(args: ArithHeadsArguments, model, tokenizer) -> dict:
+def evaluate_model(args: ArithHeadsArguments, model, tokenizer, base_model: str) -> dict:
     """Arithmetic accuracy by cell and category, the harness tasks, and closed-book recall (flat metric dict)."""
     model.eval()
     lm = EvalModel(model, tokenizer, batch_size=64, progress=False)
@@ -293,9 +295,9 @@ def evaluate_model(args: ArithHeadsArguments, model, tokenizer) -> dict:
         records = arithmetic_records(
             args.world_seed,
             "test",
-            ops=OPS,
+            ops=ARITHMETIC_OPS,
             digits=args.eval_digits,
-            templates=TEMPLATES,
+            templates=ARITHMETIC_TEMPLATES,
             n_per_cell=args.eval_per_cell,
         )
         outputs = lm.generate([lm.encode(r["prompt"], chat=False) for r in records], max_new_tokens=8)
@@ -307,13 +309,15 @@ def evaluate_model(args: ArithHeadsArguments, model, tokenizer) -> dict:
         metrics |= {name: sum(v) / len(v) for name, v in sorted(groups.items())}
         metrics |= {name: sum(v) / len(v) for name, v in sorted(hits.items())}
     if args.eval_tasks:
-        options = EvalOptions(limit=args.eval_limit, chat_template="off", progress=False, batch_size=64)
-        results, _ = evaluate(
-            lm,
+        results = evaluate_in_process(
+            model,
+            tokenizer,
             list(args.eval_tasks),
-            options,
-            config={"model": args.model_name_or_path, "generation_hooks": lm.setup.applied},
-        )
+            config={"model": base_model},
+            batch_size=64,
+            limit=args.eval_limit,
+            chat_template="off",
+        ).results
         for task, values in results["results"].items():
             metrics |= {
                 f"{task}/{name.split(',')[0]}": value
@@ -363,28 +367,33 @@ def training_examples(args: ArithHeadsArguments, tokenizer) -> list[dict]:
     return examples
 
 
-def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> dict:
+def main(
+    args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig, model_args: ArithHeadsModelConfig
+) -> dict:
+    check_model_options(model_args, MODEL_OPTIONS)
     set_seed(training_args.seed)
     state = PartialState()
     output_dir = Path(training_args.output_dir)
     claim_output_dir(
         output_dir,
-        {**asdict(args), **training_args.to_dict()},
+        {**asdict(args), **training_args.to_dict(), **asdict(model_args)},
         overwrite=training_args.overwrite_output_dir,
         resumable=False,
     )
-    path = resolve_model_path(args.model_name_or_path)
-    tokenizer = load_tokenizer(path, revision=args.model_revision)
+    path = resolve_model_path(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(path, revision=model_args.model_revision)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, revision=args.model_revision, dtype=dtype).to(state.device)
+    model = AutoModelForCausalLM.from_pretrained(path, revision=model_args.model_revision, dtype=dtype).to(
+        state.device
+    )
     model.requires_grad_(False)
     layout = HeadLayout.from_model(model)
     examples = training_examples(args, tokenizer)
     random.Random(training_args.seed).shuffle(examples)
     dataset = Dataset.from_list(examples)
-    results = {"method": args.method, "base_model": args.model_name_or_path, "train_records": len(examples)}
+    results = {"method": args.method, "base_model": model_args.model_name_or_path, "train_records": len(examples)}
     clock = Stopwatch()
-    results["before"] = evaluate_model(args, model, tokenizer)
+    results["before"] = evaluate_model(args, model, tokenizer, model_args.model_name_or_path)
     clock.lap("eval_before")
 
     adapter = None
@@ -393,10 +402,10 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(
-            r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            target_modules=args.lora_target_modules,
-            lora_dropout=0.0,
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            target_modules=model_args.lora_target_modules,
+            lora_dropout=model_args.lora_dropout,
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
@@ -419,8 +428,8 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
             kv_policy=args.kv_policy,
             kv_lr_ratio=args.kv_lr_ratio,
             targets=args.delta_targets,
-            base_model=args.model_name_or_path,
-            base_model_revision=args.model_revision,
+            base_model=model_args.model_name_or_path,
+            base_model_revision=model_args.model_revision,
             training=training,
         )
         adapter.to(state.device).attach(model)
@@ -443,7 +452,7 @@ def main(args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig) -> 
     clock.lap("train")
     # The logged loss curve: the first check that training had something to learn (see `training_examples`).
     results["train_loss"] = [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h]
-    results["after"] = evaluate_model(args, model, tokenizer)
+    results["after"] = evaluate_model(args, model, tokenizer, model_args.model_name_or_path)
     results["timings_s"] = clock.lap("eval_after")
     results["change"] = {k: results["after"][k] - results["before"][k] for k in results["after"]}
 

@@ -30,7 +30,7 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, set_seed
-from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, TrlParser
+from trl import DPOConfig, DPOTrainer, ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 from ctxaware.adapters import count_trainable
 from ctxaware.datafiles import load_rows
@@ -47,7 +47,7 @@ from ctxaware.heads import (
 from ctxaware.methods.lofit import LoFiTAdapter
 from ctxaware.models import load_tokenizer, resolve_model_path
 from ctxaware.outputs import claim_output_dir
-from ctxaware.training import RecipeTrainingArguments, RequireTrainingSteps, usage_errors
+from ctxaware.training import RecipeTrainingArguments, RequireTrainingSteps, check_model_options, usage_errors
 from ctxaware.world import CONTEXT_QA_PROMPT, arithmetic, build_world, closed_book_qa, context_qa, preference_pairs
 from ctxaware.world.probe import matches
 
@@ -68,8 +68,6 @@ TASKS = {
 
 @dataclass
 class LoFiTArguments:
-    model_name_or_path: str = field(default="ctxaware-tiny", metadata={"help": "Embedded name, path or Hub id."})
-    model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
     method: str = field(default="lofit", metadata={"help": f"One of {', '.join(METHODS)}."})
     objective: str = field(default="sft", metadata={"help": "sft (completion-only loss) or dpo."})
     task: str = field(default="world/truthful_qa", metadata={"help": f"One of {', '.join(TASKS)}."})
@@ -110,7 +108,6 @@ class LoFiTArguments:
     stage1_learning_rate: float = 5e-3
     stage1_epochs: float = 1.0
     stage1_max_steps: int = field(default=-1, metadata={"help": "Caps stage 1 (-1: by epochs)."})
-    lora_r: int = 8
     lora_learning_rate: float = field(
         default=2e-3,
         metadata={
@@ -118,8 +115,6 @@ class LoFiTArguments:
             "`learning_rate` is orders of magnitude too large for LoRA weights)."
         },
     )
-    lora_alpha: int = 16
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     merge: bool = field(default=False, metadata={"help": "Also save the merged plain model (LoFiT methods)."})
 
     def __post_init__(self):
@@ -153,7 +148,21 @@ class LoFiTTrainingConfig(RecipeTrainingArguments, SFTConfig):
     dpo_loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={"help": "DPO loss type(s)."})
 
 
-CONFIG_CLASSES = (LoFiTArguments, LoFiTTrainingConfig)
+@dataclass
+class LoFiTModelConfig(ModelConfig):
+    """TRL's model options; this recipe reads only MODEL_OPTIONS (the LoRA ones for method lora) and refuses the others set."""
+
+    model_name_or_path: str | None = field(
+        default="ctxaware-tiny", metadata={"help": "Embedded name, path or Hub id."}
+    )
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+MODEL_OPTIONS = ("model_name_or_path", "model_revision", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+CONFIG_CLASSES = (LoFiTArguments, LoFiTTrainingConfig, LoFiTModelConfig)
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -310,50 +319,51 @@ def _l1_loss(adapter: LoFiTAdapter, l1: float):
     return compute_loss
 
 
-def load_base(args: LoFiTArguments, training_args: LoFiTTrainingConfig):
-    path = resolve_model_path(args.model_name_or_path)
+def load_base(model_args: LoFiTModelConfig, training_args: LoFiTTrainingConfig):
+    path = resolve_model_path(model_args.model_name_or_path)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, revision=args.model_revision, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, revision=model_args.model_revision, dtype=dtype)
 
 
-def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig) -> dict:
+def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig, model_args: LoFiTModelConfig) -> dict:
+    check_model_options(model_args, MODEL_OPTIONS)
     set_seed(training_args.seed)
     state = PartialState()
     output_dir = Path(training_args.output_dir)
     claim_output_dir(
         output_dir,
-        {**asdict(args), **training_args.to_dict()},
+        {**asdict(args), **training_args.to_dict(), **asdict(model_args)},
         overwrite=training_args.overwrite_output_dir,
         resumable=False,
     )
-    path = resolve_model_path(args.model_name_or_path)
-    tokenizer = load_tokenizer(path, revision=args.model_revision)
+    path = resolve_model_path(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(path, revision=model_args.model_revision)
     train_records = with_bos(load_records(args, args.dataset_train_split, tokenizer), tokenizer)
     random.Random(training_args.seed).shuffle(train_records)
     train_records = train_records[: args.max_train_samples]
     test_records = with_bos(load_records(args, args.dataset_test_split, tokenizer), tokenizer)[: args.eval_limit]
     dataset = Dataset.from_list(train_records)
-    model = load_base(args, training_args)
+    model = load_base(model_args, training_args)
     model.requires_grad_(False)
     layout = HeadLayout.from_model(model)
     results = {
         "method": args.method,
         "task": args.task,
         "objective": args.objective,
-        "base_model": args.model_name_or_path,
+        "base_model": model_args.model_name_or_path,
     }
     if test_records:
         results["base_score"] = score(model.to(state.device), tokenizer, test_records, args.objective)
-    ref_model = load_base(args, training_args) if args.objective == "dpo" and args.method != "lora" else None
+    ref_model = load_base(model_args, training_args) if args.objective == "dpo" and args.method != "lora" else None
 
     if args.method == "lora":
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(
-            r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            target_modules=args.lora_target_modules,
-            lora_dropout=0.0,
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            target_modules=model_args.lora_target_modules,
+            lora_dropout=model_args.lora_dropout,
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
@@ -378,8 +388,8 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig) -> dict:
             layout,
             heads,
             offsets=True,
-            base_model=args.model_name_or_path,
-            base_model_revision=args.model_revision,
+            base_model=model_args.model_name_or_path,
+            base_model_revision=model_args.model_revision,
             training=training,
         )
         adapter.to(next(model.parameters()).device).attach(model)

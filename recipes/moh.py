@@ -34,7 +34,7 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, set_seed
-from trl import SFTConfig, SFTTrainer, TrlParser
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 from ctxaware.datafiles import load_rows
 from ctxaware.heads import heads_by_layer
@@ -47,6 +47,7 @@ from ctxaware.training import (
     RecipeTrainingArguments,
     RequireTrainingSteps,
     RunConfigCallback,
+    check_model_options,
     pack_texts,
     resolve_resume_checkpoint,
     usage_errors,
@@ -56,8 +57,6 @@ from ctxaware.world import build_world, pretraining_corpus
 
 @dataclass
 class MoHArguments:
-    model_name_or_path: str = field(default="ctxaware-tiny", metadata={"help": "Embedded name, path or Hub id."})
-    model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
     dense_control: bool = field(
         default=False,
         metadata={
@@ -167,7 +166,17 @@ class MoHTrainingConfig(RecipeTrainingArguments, SFTConfig):
     max_length: int | None = None
 
 
-CONFIG_CLASSES = (MoHArguments, MoHTrainingConfig)
+@dataclass
+class MoHModelConfig(ModelConfig):
+    """TRL's model options; this recipe reads only MODEL_OPTIONS and refuses the others set."""
+
+    model_name_or_path: str | None = field(
+        default="ctxaware-tiny", metadata={"help": "Embedded name, path or Hub id."}
+    )
+
+
+MODEL_OPTIONS = ("model_name_or_path", "model_revision")
+CONFIG_CLASSES = (MoHArguments, MoHTrainingConfig, MoHModelConfig)
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -265,21 +274,22 @@ def load_summary(load: torch.Tensor) -> dict:
     }
 
 
-def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
+def main(args: MoHArguments, training_args: MoHTrainingConfig, model_args: MoHModelConfig) -> dict:
+    check_model_options(model_args, MODEL_OPTIONS)
     set_seed(training_args.seed)
     state = PartialState()
     output_dir = Path(training_args.output_dir)
-    run_config = {**asdict(args), **training_args.to_dict()}
+    run_config = {**asdict(args), **training_args.to_dict(), **asdict(model_args)}
     claim_output_dir(
         output_dir,
         run_config,
         overwrite=training_args.overwrite_output_dir,
         resume=training_args.resume_from_checkpoint,
     )
-    path = resolve_model_path(args.model_name_or_path)
-    tokenizer = load_tokenizer(path, revision=args.model_revision)
+    path = resolve_model_path(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(path, revision=model_args.model_revision)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, revision=args.model_revision, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, revision=model_args.model_revision, dtype=dtype)
     if not args.dense_control:  # a bad split fails before the data is built
         check_moh_shape(model.config.num_attention_heads, args.num_shared_heads, args.num_routed_heads, args.top_k)
     text_field = training_args.dataset_text_field
@@ -288,7 +298,7 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
     eval_rows = packed_rows(args, tokenizer, eval_split, args.num_eval_rows, text_field) if eval_split else []
     model.to(state.device)
     results: dict = {
-        "base_model": args.model_name_or_path,
+        "base_model": model_args.model_name_or_path,
         "dense_control": args.dense_control,
         "max_steps": training_args.max_steps,
         "train_rows": len(train_rows),
@@ -315,8 +325,8 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig) -> dict:
             calibration=calibration,
             router_lr_ratio=args.router_lr_ratio,
             routing_chunk=args.routing_chunk,
-            base_model=args.model_name_or_path,
-            base_model_revision=args.model_revision,
+            base_model=model_args.model_name_or_path,
+            base_model_revision=model_args.model_revision,
             training=training,
         )
         results["conversion_seconds"] = time.perf_counter() - started

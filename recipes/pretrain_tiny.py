@@ -29,6 +29,7 @@ from trl import TrlParser
 
 from ctxaware.io import atomic_directory
 from ctxaware.tokenizer import train_tokenizer
+from ctxaware.training import usage_errors
 from ctxaware.world import build_world, pretraining_corpus
 from ctxaware.world.probe import probe_phenomena
 
@@ -66,6 +67,8 @@ class PretrainConfig:
     probe_passkey_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
 
 
+# One class: the model is built from scratch (no ModelConfig to load) and trained by its own Accelerate loop (no TRL
+# trainer, so no TRL config class).
 CONFIG_CLASSES = (PretrainConfig,)
 
 
@@ -239,5 +242,5 @@ def main(cfg: PretrainConfig) -> None:
 
 
 if __name__ == "__main__":
-    (config,) = TrlParser(CONFIG_CLASSES).parse_args_and_config()
-    main(config)
+    with usage_errors("pretrain_tiny"):
+        main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())

@@ -526,9 +526,8 @@ def run_dpo(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
 # ------------------------------------------------------------------------------------------------------- evaluation
 def run_eval(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
     """Each trained policy on the shared summarisation harness, then the metrics it does not compute."""
-    from ctxaware.eval import runner
-    from ctxaware.eval.model import EvalModel
     from ctxaware.eval.registry import EvalOptions, get_task
+    from ctxaware.eval.runner import evaluate_in_process
     from ctxaware.eval.summarization import win_rates
     from ctxaware.models import load_model
     from ctxaware.world import preference_score
@@ -541,26 +540,31 @@ def run_eval(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
     policies = {"sft": sft_path, **{name: str(out / name) for name in ("rl", "dpo") if (out / name).is_dir()}}
     world = cfg.dataset_name == WORLD
     bias = rlhf.load_reward_bias(reward_path) if cfg.normalize_reward else 0.0
-    options = EvalOptions(
-        limit=cfg.eval_limit,
-        batch_size=cfg.eval_batch_size,
-        seed=cfg.world_seed,
-        max_new_tokens=cfg.max_completion_length,
-        dataset=None if world else "tldr",
-        reward_model=reward_path,
-        progress=False,
+    options = {
+        "limit": cfg.eval_limit,
+        "seed": cfg.world_seed,
+        "max_new_tokens": cfg.max_completion_length,
+        "dataset": None if world else "tldr",
+        "reward_model": reward_path,
+    }
+    records = get_task("summarization").load(
+        None, EvalOptions(batch_size=cfg.eval_batch_size, progress=False, **options)
     )
-    records = get_task("summarization").load(None, options)
     sft_model, sft_tokenizer = load_model(sft_path, dtype="float32")
     summary, sft_samples = {}, None
     with atomic_directory(out / "eval") as tmp:
         for name, path in policies.items():
             model, tokenizer = (sft_model, sft_tokenizer) if name == "sft" else load_model(path, dtype="float32")
-            lm = EvalModel(model, tokenizer, batch_size=cfg.eval_batch_size, progress=False)
-            task_options = dataclasses.replace(options, baseline_samples=sft_samples if world else None)
-            config = {"model": name, "path": path, "generation_hooks": lm.setup.applied}
-            results, outcomes = runner.evaluate(lm, ["summarization"], task_options, config=config)
-            written = runner.write_outputs(results, outcomes, tmp)
+            _, outcomes, written, _ = evaluate_in_process(
+                model,
+                tokenizer,
+                ["summarization"],
+                config={"model": name, "path": path},
+                batch_size=cfg.eval_batch_size,
+                output_path=tmp,
+                baseline_samples=sft_samples if world else None,
+                **options,
+            )
             outcome = outcomes["summarization"]
             summaries = [sample["summary"] for sample in outcome.samples]
             metrics = {"win_rate_vs_sft" if k == "win_rate" else k: v for k, v in outcome.metrics.items()}

@@ -244,31 +244,29 @@ def evaluate(
 ) -> tuple[dict, dict]:
     """passkey and long_ppl with full attention, through the ctxaware eval harnesses: ({task: {metric: value}},
     {task: the harness's results JSON})."""
-    from ctxaware.eval.model import EvalModel
-    from ctxaware.eval.registry import EvalOptions
-    from ctxaware.eval.runner import evaluate as run_tasks
+    from ctxaware.eval.runner import evaluate_in_process
 
     ppl_lengths = args.eval_ppl_lengths or sorted({min(original_length * k, target) for k in (1, 2, 4)})
     passkey_lengths = args.eval_passkey_lengths or [target]
-    lm = EvalModel(model, tokenizer, batch_size=args.eval_batch_size, progress=False)
     summary, full = {}, {}
     config = {"model": name, "adapter": None, "device": str(model.device), "dtype": str(model.dtype)}
-    config["generation_hooks"] = {}
     model.eval()
     tasks = [("passkey", passkey_lengths), ("long_ppl", ppl_lengths)]
     if args.eval_niah:
         tasks.insert(1, ("niah", passkey_lengths))
     with torch.no_grad(), sinklora.full_attention(model):
         for task, lengths in tasks:
-            options = EvalOptions(
-                limit=args.eval_limit if task == "long_ppl" else args.eval_passkey_limit or args.eval_limit,
+            results = evaluate_in_process(
+                model,
+                tokenizer,
+                [task],
+                config=config,
                 batch_size=args.eval_batch_size,
+                limit=args.eval_limit if task == "long_ppl" else args.eval_passkey_limit or args.eval_limit,
                 lengths=lengths,
                 haystack_file=args.eval_text_file if task == "long_ppl" else None,  # retrieval: the world's facts
                 chat_template="off" if task == "niah" else None,
-                progress=False,
-            )
-            results, _ = run_tasks(lm, [task], options, config=config)
+            ).results
             full[task] = results
             summary[task] = {
                 metric.split(",")[0]: value

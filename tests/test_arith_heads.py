@@ -12,17 +12,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ctxaware.adapters import HeadAdapter
 from ctxaware.heads import HeadLayout, save_head_selection
-from ctxaware.methods.arith_heads import (
-    HeadDeltaAdapter,
-    arithmetic_pairs,
-    arithmetic_records,
-    compute,
-    kv_heads_to_train,
-    load_component_selection,
-)
+from ctxaware.methods.arith_heads import HeadDeltaAdapter, kv_heads_to_train, load_component_selection
 from ctxaware.methods.patching import build_batches
 from ctxaware.models import resolve_model_path
-from ctxaware.world.tasks import arithmetic_split
+from ctxaware.world.tasks import arithmetic_pairs, arithmetic_records, arithmetic_result, arithmetic_split
 from tests.launch import accelerate_launch
 from tests.tiny_models import tiny_model
 
@@ -45,8 +38,11 @@ def test_pairs_change_one_part_keep_digit_counts_and_change_the_first_answer_dig
         assert changed[pair["corrupted_part"]]
         assert corruption != "operand" or op == op2
         assert corruption != "operator" or op != op2
-        assert pair["answer"] == str(compute(int(a), op, int(b))) and int(pair["answer"]) >= 0
-        assert pair["corrupted_answer"] == str(compute(int(a2), op2, int(b2))) and int(pair["corrupted_answer"]) >= 0
+        assert pair["answer"] == str(arithmetic_result(int(a), op, int(b))) and int(pair["answer"]) >= 0
+        assert (
+            pair["corrupted_answer"] == str(arithmetic_result(int(a2), op2, int(b2)))
+            and int(pair["corrupted_answer"]) >= 0
+        )
         assert pair["answer"][0] != pair["corrupted_answer"][0]
         assert arithmetic_split(int(a), op, int(b)) == "validation"
 
@@ -62,7 +58,9 @@ def test_records_cover_templates_and_stay_in_their_split():
     for r in records:
         if r["template"] == "plain":
             a, op, b = PROMPT.match(r["prompt"]).groups()
-            assert arithmetic_split(int(a), op, int(b)) == "test" and r["answer"] == str(compute(int(a), op, int(b)))
+            assert arithmetic_split(int(a), op, int(b)) == "test" and r["answer"] == str(
+                arithmetic_result(int(a), op, int(b))
+            )
     train = arithmetic_records(0, "train", ops=("*",), digits=(1,), n_per_cell=1000)
     assert 60 < len(train) < 100  # 1-digit problems: at most 100, about 80% of them in train
 

@@ -118,7 +118,7 @@ def test_lofit_names_a_broken_local_data_file(tmp_path):
     recipe = load_recipe("lofit")
     data = tmp_path / "clutrr.jsonl"
     data.write_bytes(b'{"story": "a"}\n{"story": "caf\xe9"}\n')
-    args, _ = TrlParser(recipe.CONFIG_CLASSES).parse_args_and_config(
+    args, *_ = TrlParser(recipe.CONFIG_CLASSES).parse_args_and_config(
         args=["--task", "clutrr", "--dataset_name", str(data), "--output_dir", str(tmp_path / "out")]
     )
     with pytest.raises(ValueError, match=r"clutrr.jsonl is not UTF-8 text \(byte 29, line 2\)"):

@@ -50,3 +50,28 @@ def test_unknown_yaml_key_fails(tmp_path):
     config.write_text("sink_tokens: 8\n")
     with pytest.raises(ValueError, match="sink_tokens"):
         TrlParser([ToyArguments]).parse_args_and_config(args=["--config", str(config)])
+
+
+RECIPE_NAMES = sorted(p.stem for p in RECIPES_DIR.glob("*.py"))
+
+
+@pytest.mark.parametrize("name", RECIPE_NAMES)
+def test_every_recipe_parses_with_trl_and_maps_bad_input_to_exit_2(name):
+    """One entry point: TrlParser over CONFIG_CLASSES (so --config YAML works) inside `usage_errors`."""
+    source = (RECIPES_DIR / f"{name}.py").read_text()
+    entry = f'    with usage_errors("{name}"):\n        main(*TrlParser(CONFIG_CLASSES).parse_args_and_config())\n'
+    assert source.endswith(entry)
+
+
+@pytest.mark.parametrize("name", ["arith_heads", "lofit", "moh"])
+def test_model_options_a_recipe_does_not_read_are_refused(name, tmp_path):
+    from ctxaware.training import check_model_options
+
+    recipe = load_recipe(name)
+    parser = TrlParser(recipe.CONFIG_CLASSES)
+    *_, model_args = parser.parse_args_and_config(args=["--output_dir", str(tmp_path), "--model_revision", "main"])
+    check_model_options(model_args, recipe.MODEL_OPTIONS)  # its own options, set: fine
+    flags = ["--output_dir", str(tmp_path), "--dtype", "bfloat16", "--use_peft", "true"]
+    *_, model_args = parser.parse_args_and_config(args=flags)
+    with pytest.raises(ValueError, match="--dtype, --use_peft: this recipe does not use those options"):
+        check_model_options(model_args, recipe.MODEL_OPTIONS)

@@ -102,7 +102,8 @@ def test_context_targets():
     assert passes(context_targets(arithmetic=(0.26, 0.25)))[gap] is True  # one point, either way
     assert passes(context_targets(arithmetic=(0.25, 0.26)))[gap] is True
     assert passes(context_targets(arithmetic=(0.27, 0.25)))[gap] is False
-    assert context_targets(arithmetic=(0.25, 0.27))[gap]["value"] == pytest.approx(-0.02)  # reported with its sign
+    below = context_targets(arithmetic=(0.25, 0.27))  # conditional two points worse: missed, reported with its sign
+    assert below[gap]["value"] == pytest.approx(-0.02) and below[gap]["pass"] is False
     aurocs = passes(context_targets(aurocs=(0.8, 0.79)))
     assert aurocs["auroc_attention_vs_kind"] and not aurocs["auroc_loglik_gain_vs_kind"]
     assert passes(context_targets(aurocs=(None, 0.9)))["auroc_attention_vs_kind"] is False

@@ -64,6 +64,11 @@ def test_targets_on_fixed_numbers(science):
     met = science.targets(RESULTS, ["yarn"], 2048, worse)
     assert not met["kv: h2o:0.2 raises ppl less than window:0.2"]
     assert not met["kv: every cache holds at most its budget"]
+    # Training must beat the untrained scaled model: equal perplexity misses.
+    untrained_as_good = {**RESULTS, "yarn_untrained": _result(41.0, 4.1, passkey=1.0, niah=0.4)}
+    assert not science.targets(untrained_as_good, ["yarn"], 2048)[
+        "yarn: sf ppl@2048 below the untrained scaled model's"
+    ]
     # A variant that did not run misses every target that needs it.
     assert not any(science.targets({"yarn_full": RESULTS["yarn_full"]}, ["yarn"], 2048).values())
 

@@ -29,6 +29,7 @@ from ctxaware.world import (
 )
 from ctxaware.world.longctx import PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION
 from ctxaware.world.preference import WORD, candidate_summaries
+from ctxaware.world.tasks import ARITHMETIC_OPS, arithmetic_pairs, arithmetic_records
 from tests.world_splits import entity_splits, wrong_split_subjects
 
 
@@ -78,6 +79,12 @@ SPLIT_GENERATORS = {
     "chat_sft": lambda world, split: chat_sft(world, split, n=300),
     "chat_sft_passage": lambda world, split: chat_sft(world, split, n=300, knowledge_form="passage"),
     "preference_pairs": preference_pairs,
+    "arithmetic_records": lambda world, split: arithmetic_records(
+        world, split, ops=ARITHMETIC_OPS, templates=("plain", "question", "word"), n_per_cell=10
+    ),
+    "arithmetic_pairs": lambda world, split: arithmetic_pairs(
+        world, split, 60, ops=ARITHMETIC_OPS, templates=("plain", "word"), corruption="any"
+    ),
 }
 
 

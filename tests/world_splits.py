@@ -28,7 +28,9 @@ def subject_text(generator: str, record: dict) -> str:
         return record["question"]
     if generator == "chat_sft":
         return record["messages"][0]["content"].rsplit("Question:", 1)[-1]
-    if generator == "arithmetic":
+    if generator == "arithmetic_pairs":
+        return record["clean"]  # the corrupted prompt names the same person
+    if generator in ("arithmetic", "arithmetic_records"):
         return record["prompt"]
     if generator in ("summarization", "preference_pairs"):
         post = record["post"] if generator == "summarization" else record["prompt"]
@@ -38,13 +40,13 @@ def subject_text(generator: str, record: dict) -> str:
 
 def wrong_split_subjects(generator: str, record: dict, split: str, splits: dict[str, str]) -> list[str]:
     """Why `record` does not belong to `split` (empty when it does): subjects of other splits, no subject found
-    where there must be one, or (arithmetic) operands whose hash puts the problem in another split."""
+    where there must be one, or (arithmetic; of a pair, the clean prompt) operands whose hash puts the problem in another split."""
     problems = []
-    if generator == "arithmetic":
-        a, b = map(int, re.findall(r"\d+", record["prompt"]))
+    if generator.startswith("arithmetic"):
+        a, b = map(int, re.findall(r"\d+", subject_text(generator, record)))
         if arithmetic_split(a, record["op"], b) != split:
             problems.append(f"operands {a} {record['op']} {b} are {arithmetic_split(a, record['op'], b)}")
-        if record["op"] in ARITHMETIC_OPS:  # bare problems name nobody
+        if record["op"] in ARITHMETIC_OPS and record.get("template") != "word":  # bare problems name nobody
             return problems
     names = {word for word in NAME.findall(subject_text(generator, record)) if word in splits}
     if not names:

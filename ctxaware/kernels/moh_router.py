@@ -20,6 +20,9 @@ import triton.language as tl
 from ctxaware.kernels.triton_attention import _pow2
 
 
+HIDDEN_BLOCK = 128  # hidden-size chunk each program reads per step of the router matmul
+
+
 @triton.jit
 def _softmax(x, valid):
     x = tl.where(valid, x, float("-inf"))
@@ -100,6 +103,6 @@ def router_gates(
     _router_gates_kernel[(rows.shape[0],)](
         rows, routed_weight.contiguous(), dummy if shared_weight is None else shared_weight.contiguous(),
         dummy if mix_weight is None else mix_weight.contiguous(), heads, out, hidden, float(lr_ratio), top_k,
-        N_ROUTED=n_routed, N_SHARED=n_shared, RP=_pow2(n_routed), SP=_pow2(n_shared), BH=128,
+        N_ROUTED=n_routed, N_SHARED=n_shared, RP=_pow2(n_routed), SP=_pow2(n_shared), BH=HIDDEN_BLOCK,
     )  # fmt: skip
     return out.view(*x.shape[:-1], n_shared + n_routed)

@@ -24,8 +24,13 @@ import triton.language as tl
 from ctxaware.kernels.patterns import AttentionPattern
 
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): the kernels' softmax runs in base 2
+LN2 = 0.6931471805599453  # log(x) = log2(x) * LN2
+# The same two inside @triton.jit functions, which may read a module global only when it is a tl.constexpr instance.
+JIT_LOG2E = tl.constexpr(LOG2E)
+JIT_LN2 = tl.constexpr(LN2)
+MIN_DOT_WIDTH = 16  # the narrowest tl.dot operand: _pow2's floor
+INTERPRET_TILE = 16  # every tile edge under TRITON_INTERPRET=1, where large tiles only cost time
 _KINDS = {"dense": 0, "s2": 1, "sf": 1, "window": 2}
 
 
@@ -325,7 +330,7 @@ def _fwd_kernel(
     out = acc / l_safe[:, None]  # gated-off rows: acc is finite and the gate is 0
     if HAS_GATE:
         out = out * gate[:, None]
-    lse = tl.where(live, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(live, (m_i + tl.math.log2(l_safe)) * JIT_LN2, float("-inf"))
     tl.store(
         Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
         out.to(Out.dtype.element_ty),
@@ -356,7 +361,7 @@ def _key_mass_tiles(
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
                     mask=row_in[:, None] & (offs_d[None, :] < D), other=0.0)  # fmt: skip
         lse = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=row_in, other=float("-inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # dead rows give p = 0
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * JIT_LOG2E)  # dead rows give p = 0
         p = tl.math.exp2(_scores2(_dot(q, k, None, IEEE), qk_scale, cap2, SOFTCAP) - lse2[:, None])
         if MASKED:
             mask = _pattern_mask(pos[:, None], offs_n[None, :], shift, G, W, SINKS, KIND, CAUSAL) & col_ok[None, :]
@@ -440,7 +445,7 @@ def _dkdv_tiles(
             row_in = offs_m < Sq
         pos = q_offset + offs_m
         lse = tl.load(LSE + bh * Sq + offs_m, mask=row_in, other=float("-inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * JIT_LOG2E)
         row_mask = row_in[:, None] & (offs_d[None, :] < D)
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=row_mask, other=0.0)
         do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=row_mask, other=0.0)
@@ -578,7 +583,7 @@ def _bwd_dq_kernel(
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=row_mask, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=row_mask, other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=row_in, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * JIT_LOG2E)
     delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=row_in, other=0.0)
     q_doc = pos
     if HAS_DOC:
@@ -655,9 +660,9 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _pow2(n: int) -> int:
-    """The smallest power of two >= n, at least 16 (the narrowest tl.dot operand). Plain Python: Triton's own helpers
+    """The smallest power of two >= n, at least MIN_DOT_WIDTH (the narrowest tl.dot operand). Plain Python: Triton's own helpers
     are slower from host code, which runs once per layer and call."""
-    return max(16, 1 << (n - 1).bit_length())
+    return max(MIN_DOT_WIDTH, 1 << (n - 1).bit_length())
 
 
 def _pattern_args(pattern: AttentionPattern | None, hq: int, sk: int) -> dict:
@@ -684,21 +689,34 @@ _TILES_D64 = {
     ("mass", True): (64, 128, 8), ("dkdv", False): (64, 64, 4), ("dkdv", True): (32, 64, 4),
     ("dq", False): (128, 64, 4), ("dq", True): (64, 32, 4),
 }  # fmt: skip
+SWEPT_MAX_HEAD_DIM = 128  # the sweep's tiles serve 16-bit inputs up to this head_dim
+DEFAULT_NUM_STAGES = 3  # a swept entry without its own
+LABELS_MAX_BN = 64  # key-tile width with key labels at D=128: the one-hot label tile needs the shared memory
+# Elsewhere (fp32, head_dim > 128) tiles small enough for registers and shared memory, in fewer pipeline stages:
+FALLBACK_TILES = {"fwd": (64, 32), "mass": (32, 64), "dkdv": (16, 64), "dq": (64, 16)}  # (BM, BN)
+FALLBACK_NUM_STAGES = 2
+FALLBACK_NUM_WARPS = 4
+FALLBACK_NUM_WARPS_WIDE = 8  # head_dim >= 128, and the mass kernel at any head_dim
+BWD_DELTA_BM = 64  # query rows per program of the backward's delta = rowsum(dO * O) kernel
+ROUTED_ROWS_BLOCK = 1024  # rows per step of the routed-rows scan (one program per (batch, head))
 
 
 def _blocks(kernel: str, sq: int, d: int, dtype: torch.dtype, sparse: bool, labels: bool = False) -> dict:
     """Tile sizes: swept ones for 16-bit head_dim <= 128, smaller ones where registers / shared memory run out."""
     if _interpreting():
-        return dict(BM=16, BN=16)
+        return dict(BM=INTERPRET_TILE, BN=INTERPRET_TILE)
     small_m = _pow2(sq)
-    if d <= 128 and dtype != torch.float32:
+    if d <= SWEPT_MAX_HEAD_DIM and dtype != torch.float32:
         bm, bn, warps, *stages = (_TILES_D64 if d <= 64 else _TILES_D128)[kernel, sparse]
         if labels:  # the one-hot label tile needs shared memory that 128-wide key tiles at D=128 leave no room for
-            bn = min(bn, 64)
-        return dict(BM=min(bm, small_m), BN=bn, num_warps=warps, num_stages=stages[0] if stages else 3)
-    warps = 8 if d >= 128 else 4
-    bm, bn = {"fwd": (64, 32), "mass": (32, 64), "dkdv": (16, 64), "dq": (64, 16)}[kernel]
-    return dict(BM=min(bm, small_m), BN=bn, num_warps=8 if kernel == "mass" else warps, num_stages=2)
+            bn = min(bn, LABELS_MAX_BN)
+        return dict(
+            BM=min(bm, small_m), BN=bn, num_warps=warps, num_stages=stages[0] if stages else DEFAULT_NUM_STAGES
+        )
+    wide = kernel == "mass" or d >= 128
+    bm, bn = FALLBACK_TILES[kernel]
+    warps = FALLBACK_NUM_WARPS_WIDE if wide else FALLBACK_NUM_WARPS
+    return dict(BM=min(bm, small_m), BN=bn, num_warps=warps, num_stages=FALLBACK_NUM_STAGES)
 
 
 # K and V bytes one launch group of heads reads (`_launch_order`): about two thirds of the H200's 50 MiB L2. All heads
@@ -727,7 +745,9 @@ def _routed_rows(head_gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b, sq, hq = head_gates.shape
     rows = _empty((b, hq, sq), head_gates, torch.int32)
     rank = _empty((b, hq, sq + 1), head_gates, torch.int32)
-    _routed_rows_kernel[(b * hq,)](head_gates, rows, rank, sq, hq, BLOCK=16 if _interpreting() else 1024)
+    _routed_rows_kernel[(b * hq,)](
+        head_gates, rows, rank, sq, hq, BLOCK=INTERPRET_TILE if _interpreting() else ROUTED_ROWS_BLOCK
+    )
     return rows, rank
 
 
@@ -798,7 +818,7 @@ class _TritonAttention(torch.autograd.Function):
         hkv, sk = k.shape[1], k.shape[2]
         dout = dout.contiguous()
         delta = _empty((b, hq, sq), q, torch.float32)  # = rowsum(dO_att * O_att): gates cancel
-        bm = 16 if _interpreting() else 64
+        bm = INTERPRET_TILE if _interpreting() else BWD_DELTA_BM
         _bwd_delta_kernel[(_cdiv(sq, bm), b * hq)](out, dout, delta, sq, D=d, DP=_pow2(d), BM=bm)
         dgates = None
         dummy = q.new_empty(1, dtype=torch.int32)

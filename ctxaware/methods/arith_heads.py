@@ -1,11 +1,6 @@
-"""Arithmetic heads: clean/corrupted arithmetic prompts for patching, and precise SFT of selected heads and MLPs.
+"""Arithmetic heads: precise SFT of selected heads and MLPs.
 
-Prompts (`arithmetic_pairs`, `arithmetic_records`): operations + - *, operands of a given digit count, templates
-`plain` (the world's "{a} {op} {b} =", the pretraining format), `question` (never seen in pretraining) and `word`
-(the world's word problems). A corrupted prompt changes one operand (same digit count) or the operator, and is kept
-only when the answer's first digit changes, so the patching metric (see `ctxaware.methods.patching`) compares two
-different first tokens. Problems are assigned to the world's splits by the world's own hash of (a, op, b), so
-held-out problems never appeared in pretraining.
+The clean/corrupted prompts (`arithmetic_pairs`, `arithmetic_records`) are the world's, in `ctxaware.world.tasks`.
 
 Precise SFT (`HeadDeltaAdapter`): trained deltas on the slices of the selected components only, zero at the start:
 - a selected query head h of layer l: its rows of q_proj (h*D:(h+1)*D) and its columns of o_proj;
@@ -23,7 +18,6 @@ it pulls the deltas toward the base weights. The edit is exact in weight space: 
 slice, giving a plain transformers model.
 """
 
-import random
 from pathlib import Path
 
 import torch
@@ -34,171 +28,10 @@ from ctxaware.adapters import HeadAdapter
 from ctxaware.attention import attention_modules, output_projection
 from ctxaware.heads import Head, HeadLayout, heads_by_layer, load_head_selection
 from ctxaware.methods.patching import mlp_modules
-from ctxaware.world import build_world
-from ctxaware.world.entities import World
-from ctxaware.world.tasks import ARITHMETIC_PROMPT, WORD_ITEMS, WORD_PROBLEM_PROMPT, WORD_PROBLEMS, arithmetic_split
 
 
-OPS = ("+", "-", "*")
-TEMPLATES = {
-    "plain": ARITHMETIC_PROMPT,
-    "question": "Question: What is {a} {op} {b}?\nAnswer:",
-    "word": WORD_PROBLEM_PROMPT,
-}
-CORRUPTIONS = ("operand", "operator", "any")
 KV_POLICIES = ("full_group", "any", "none")
 TARGETS = ("q", "k", "v", "o")
-
-
-# --- prompts ------------------------------------------------------------------------------------------------------
-def compute(a: int, op: str, b: int) -> int:
-    return a + b if op == "+" else a - b if op == "-" else a * b
-
-
-def render(template: str, a: int, op: str, b: int, name: str = "", item: str = "") -> str:
-    if template == "word":
-        return TEMPLATES["word"].format(problem=WORD_PROBLEMS["word" + op].format(name=name, a=a, b=b, item=item))
-    return TEMPLATES[template].format(a=a, op=op, b=b)
-
-
-def _number(rng: random.Random, digits: int) -> int:
-    return rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)
-
-
-def _check_choices(ops, digits, templates, corruption=None) -> None:
-    if unknown := set(ops) - set(OPS):
-        raise ValueError(f"unknown operations {sorted(unknown)}: choose from {', '.join(OPS)}")
-    if unknown := set(templates) - set(TEMPLATES):
-        raise ValueError(f"unknown templates {sorted(unknown)}: choose from {', '.join(TEMPLATES)}")
-    if not ops or not digits or not templates:
-        raise ValueError("ops, digits and templates must each name at least one value")
-    if any(d < 1 for d in digits):
-        raise ValueError(f"digits {list(digits)}: operands need at least one digit")
-    if corruption is not None and corruption not in CORRUPTIONS:
-        raise ValueError(f"corruption={corruption!r}: choose one of {', '.join(CORRUPTIONS)}")
-    if corruption == "operator" and set(templates) == {"word"}:
-        raise ValueError(
-            "word problems phrase the operation in words, so their operator cannot be corrupted in place: use "
-            "corruption 'operand' or another template"
-        )
-
-
-def _operands(rng: random.Random, op: str, digits: int) -> tuple[int, int]:
-    a, b = _number(rng, digits), _number(rng, digits)
-    return (b, a) if op == "-" and b > a else (a, b)
-
-
-def _world(world_or_seed: World | int) -> World:
-    return world_or_seed if isinstance(world_or_seed, World) else build_world(world_or_seed)
-
-
-def arithmetic_records(
-    world_or_seed: World | int,
-    split: str,
-    *,
-    ops=("*",),
-    digits=(1, 2),
-    templates=("plain",),
-    n_per_cell: int = 200,
-    seed: int = 0,
-) -> list[dict]:
-    """Up to `n_per_cell` distinct problems of `split` per (template, op, digits): {"prompt", "answer", "op",
-    "digits", "template"}. Fewer when the cell has fewer problems (1-digit operations have at most 100)."""
-    _check_choices(ops, digits, templates)
-    world = _world(world_or_seed)
-    rng = random.Random(f"{world.seed}/arith_heads/{split}/{seed}")
-    names = world.entities_in("person", split)
-    records = []
-    for template in templates:
-        for op in ops:
-            for d in digits:
-                seen = set()
-                for _ in range(n_per_cell * 40):
-                    if len(seen) == n_per_cell:
-                        break
-                    a, b = _operands(rng, op, d)
-                    if (a, b) in seen or arithmetic_split(a, op, b) != split:
-                        continue
-                    seen.add((a, b))
-                    prompt = render(template, a, op, b, rng.choice(names), rng.choice(WORD_ITEMS))
-                    records.append(
-                        {
-                            "prompt": prompt,
-                            "answer": str(compute(a, op, b)),
-                            "op": op,
-                            "digits": d,
-                            "template": template,
-                        }
-                    )
-    return records
-
-
-def arithmetic_pairs(
-    world_or_seed: World | int,
-    split: str,
-    n: int,
-    *,
-    ops=("*",),
-    digits=(1, 2),
-    templates=("plain",),
-    corruption: str = "operand",
-    seed: int = 0,
-) -> list[dict]:
-    """`n` clean/corrupted pairs spread over (template, op, digits) cells: {"clean", "corrupted", "answer",
-    "corrupted_answer", "op", "corrupted_op", "digits", "template", "corrupted_part"} ("a", "b" or "op").
-
-    The clean problem belongs to `split`; the corrupted one changes an operand to another of the same digit count
-    (`operand`), the operator (`operator`, not for word problems), or either (`any`), and always changes the first
-    digit of the answer. Subtractions keep a >= b in both prompts."""
-    _check_choices(ops, digits, templates, corruption)
-    world = _world(world_or_seed)
-    rng = random.Random(f"{world.seed}/arith_heads_pairs/{split}/{seed}")
-    names = world.entities_in("person", split)
-    cells = [(t, op, d) for t in templates for op in ops for d in digits]
-    pairs = []
-    for index in range(n):
-        template, op, d = cells[index % len(cells)]
-        for _ in range(10_000):
-            pair = _pair(rng, template, op, d, corruption, ops, names)
-            if pair is not None and arithmetic_split(*pair.pop("problem")) == split:
-                pairs.append(pair)
-                break
-        else:
-            raise ValueError(f"could not build a {op} pair with {d}-digit operands for split {split}")
-    return pairs
-
-
-def _pair(rng, template, op, d, corruption, ops, names) -> dict | None:
-    a, b = _operands(rng, op, d)
-    parts = ["a", "b"] if corruption == "operand" or template == "word" else ["op"] if corruption == "operator" else []
-    part = rng.choice(parts or ["a", "b", "op"])
-    a2, op2, b2 = a, op, b
-    if part == "op":
-        op2 = rng.choice([o for o in OPS if o != op])
-        if "-" in (op, op2) and b > a:
-            return None
-    elif part == "a":
-        a2 = _number(rng, d)
-    else:
-        b2 = _number(rng, d)
-    if (a2, op2, b2) == (a, op, b) or (op2 == "-" and b2 > a2):
-        return None
-    answer, corrupted = str(compute(a, op, b)), str(compute(a2, op2, b2))
-    if answer[0] == corrupted[0]:
-        return None
-    name, item = rng.choice(names), rng.choice(WORD_ITEMS)
-    return {
-        "clean": render(template, a, op, b, name, item),
-        "corrupted": render(template, a2, op2, b2, name, item),
-        "answer": answer,
-        "corrupted_answer": corrupted,
-        "op": op,
-        "corrupted_op": op2,
-        "digits": d,
-        "template": template,
-        "corrupted_part": part,
-        "problem": (a, op, b),
-    }
 
 
 # --- selections ---------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Arithmetic heads' scientific check on the embedded tiny model (issue 10), in one command on one GPU:
+"""Arithmetic heads' scientific check on the embedded tiny model, in one command on one GPU:
 
     python benchmarks/arith_science.py --out runs/arith_science
 
@@ -8,7 +8,7 @@
 2. the baselines on the same data, steps and seed: `random_heads` (as many heads and MLPs, drawn among the unselected
    ones of the heads run's `head_selection.json`: the attribution is computed once), `lora`, `full`. `heads` then
    `random_heads` run in one chain while `lora` and `full` run beside it.
-Targets (issue 10): fewer than 5% of heads explain most of the patching effect (the largest set of heads under 5%,
+Targets: fewer than 5% of heads explain most of the patching effect (the largest set of heads under 5%,
 3 of 64, carries more than half of the summed |total effect|; the shares of heads needed for 50% and 80% are reported
 beside it); `heads` gains at least as much in-distribution arithmetic as `lora`; `heads` loses at most 1 point on every
 non-arithmetic metric (`full`'s drop reported); `heads` gains more than `random_heads`. The 5% is the attribution's

@@ -1,4 +1,4 @@
-"""Context awareness's scientific check on the embedded tiny model (issue 7), in one command on one GPU:
+"""Context awareness's scientific check on the embedded tiny model, in one command on one GPU:
 
     python benchmarks/context_science.py --out runs/context_science
 

@@ -1,4 +1,4 @@
-"""LoFiT's scientific check on the embedded tiny model (issue 8), in one command on one GPU:
+"""LoFiT's scientific check on the embedded tiny model, in one command on one GPU:
 
     python benchmarks/lofit_science.py --out runs/lofit_science
 

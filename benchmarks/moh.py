@@ -311,7 +311,7 @@ def write(args, rows, device, seconds):
             )
     lines += [
         "",
-        "Target (issue 9): attention at 50% active <= 0.65x dense. With gates the kernel's query tiles hold "
+        "Target: attention at 50% active <= 0.65x dense. With gates the kernel's query tiles hold "
         "each head's routed rows only (token routing); chunk routing zeroes whole tiles without that.",
     ]
     write_results(out, {"moh.json": json.dumps({"meta": meta, "rows": rows}, indent=1), "moh.md": "\n".join(lines)})

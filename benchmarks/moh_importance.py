@@ -6,7 +6,7 @@ Measures `ctxaware.methods.moh.calibration.head_ablation_kl` once on the largest
 training rows (the recipe's data, `--seq_len` tokens each, the rows the recipe calibrates on) and, for each prefix of
 `--rows` rows and each statistic over tokens (the mean, as the recipe ranks, and high quantiles), the `--num_shared`
 heads of each layer with the largest value. A statistic whose choice changes with the row count picks shared heads by
-sampling noise (issue 9: the check's score followed those changes through the pass key). Writes `moh_importance.json`
+sampling noise (the check's score followed those changes through the pass key). Writes `moh_importance.json`
 and `moh_importance.md` to --out. CPU: 26 min at 128 rows of 512 tokens on 2 cores (before ablated forwards started at
 their layer, which cut the recipe's conversion from about 9 to 7.5 min).
 """

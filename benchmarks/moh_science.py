@@ -1,4 +1,4 @@
-"""MoH's scientific check on the embedded tiny model (issue 9), in one command on one GPU:
+"""MoH's scientific check on the embedded tiny model, in one command on one GPU:
 
     python benchmarks/moh_science.py --out runs/moh_science
 

@@ -1,4 +1,4 @@
-"""RLHF summarisation's scientific check on the embedded tiny model (issue 11), in one command on one GPU:
+"""RLHF summarisation's scientific check on the embedded tiny model, in one command on one GPU:
 
     python benchmarks/rlhf_science.py --out runs/rlhf_science
 
@@ -368,7 +368,7 @@ def main() -> None:
     parser.add_argument("--reward_learning_rate", type=float, default=1e-4)
     parser.add_argument("--rl_learning_rate", type=float, default=3e-5)
     # KL coefficient: at 0.05 the penalty (KL 3.1 x 0.05) is small next to the reward the policy gains (+0.75), and RL
-    # cuts its summaries to 0.75x SFT's length; 0.2 keeps them at 0.94x and still wins 0.70 (RESULTS.md, session 4).
+    # cuts its summaries to 0.75x SFT's length; 0.2 keeps them at 0.94x and still wins 0.70 (RESULTS.md).
     parser.add_argument("--beta", type=float, default=0.2, help="RL's KL coefficient to the SFT policy")
     args = parser.parse_args()
     out = output_folder(args.out)

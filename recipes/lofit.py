@@ -10,7 +10,7 @@ Baselines in the same recipe, at the same K / a comparable budget (LoRA trains a
     accelerate launch recipes/lofit.py --config recipes/configs/lofit/default.yaml --method lora
 Other tasks: recipes/configs/lofit/{chat_qa,context_qa,dpo_default}.yaml (tiny model),
 {truthfulqa_dpo,clutrr_sft,mquake_sft}.yaml.
-The scientific check (issue 8) is `benchmarks/lofit_science.py`.
+The scientific check is `benchmarks/lofit_science.py`.
 
 Stage 1 (method lofit) trains per-head scales A (init N(0, scale_init_std), L1 penalty `l1_lambda`) on every query
 head and keeps the K with the largest ||A_h||; stage 2 trains offsets v on those K heads only, with the TRL config's

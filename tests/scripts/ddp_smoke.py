@@ -41,7 +41,7 @@ def main(out_path: str) -> None:
     # Leave without tearing gloo down: a barrier (no tensors) after the gather, then os._exit. Destroying the process
     # group, or leaving it to interpreter exit, can find gloo's worker threads still releasing the gather's tensors
     # (they need the GIL): one rank aborted ("terminate called without an active exception") or deadlocked, with the
-    # barrier and end_training too (1 hang in ~20 CI runs, session 9). Everything this test checks is written above.
+    # barrier and end_training too (1 hang in ~20 CI runs). Everything this test checks is written above.
     accelerator.wait_for_everyone()
     sys.stdout.flush()
     os._exit(0)

@@ -63,3 +63,46 @@ def test_auto_backend_picks_sdpa_on_cpu_only_without_statistics():
     assert stats.key_mass.shape == (2, 4, 37)
     with pytest.raises(ValueError, match="returns no statistics"):
         attention(q, k, v, backend="sdpa", return_lse=True)
+
+
+@pytest.mark.parametrize("case", ["square", "one_decode_query", "non_causal_queries", "gqa_square"], ids=str)
+def test_plain_dense_calls_take_sdpa_without_a_mask_and_match_the_reference(case, stable_seed):
+    """The backend policy: plain dense attention goes to PyTorch's fused SDPA (on a GPU too), same numbers."""
+    generator = torch.Generator().manual_seed(stable_seed)
+    sq, causal, hkv = {
+        "square": (37, True, 4),
+        "one_decode_query": (1, True, 2),
+        "non_causal_queries": (5, False, 2),
+        "gqa_square": (23, True, 1),
+    }[case]
+    q, k, v = _inputs(generator, hkv=hkv, sq=sq, sk=37 if case != "gqa_square" else 23)
+    out, stats = attention(q, k, v, causal=causal)
+    assert stats.backend == "sdpa"
+    out_ref, _ = attention(q, k, v, causal=causal, backend="reference")
+    torch.testing.assert_close(out, out_ref)
+    grads = torch.autograd.grad(out.sum(), [q, k, v])
+    grads_ref = torch.autograd.grad(out_ref.sum(), [q, k, v])
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(grad, grad_ref)
+
+
+def test_only_plain_dense_calls_leave_the_triton_kernels():
+    """What keeps a call on our kernels on a GPU: a pattern, padding, packing, gates, statistics, soft-capping, or
+    several queries at the end of a longer key sequence (SDPA's causal flag aligns them top-left)."""
+    from ctxaware.kernels.api import _plain_dense
+
+    q, k, _ = _inputs(torch.Generator().manual_seed(0), sq=37)
+    plain = dict(pattern=None, key_padding_mask=None, doc_ids=None, head_gates=None, statistics=False, softcap=None)
+    assert _plain_dense(q, k, True, **plain)
+    assert _plain_dense(q, k, True, **{**plain, "pattern": AttentionPattern(kind="dense")})
+    assert _plain_dense(q[:, :, -1:], k, True, **plain)
+    assert not _plain_dense(q[:, :, -5:], k, True, **plain)
+    for name, value in [
+        ("pattern", PATTERNS["sf"]),
+        ("key_padding_mask", torch.ones(2, 37, dtype=torch.bool)),
+        ("doc_ids", torch.zeros(2, 37, dtype=torch.long)),
+        ("head_gates", torch.ones(2, 37, 4)),
+        ("statistics", True),
+        ("softcap", 30.0),
+    ]:
+        assert not _plain_dense(q, k, True, **{**plain, name: value}), name

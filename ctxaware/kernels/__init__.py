@@ -1,10 +1,14 @@
 """Triton attention kernels and their PyTorch references (no transformers import here).
 
 `attention(q, k, v, ...)` takes q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), Hq a multiple of Hkv (query head h reads
-key/value head h // (Hq // Hkv)), and returns (out, AttentionStats). On CUDA it runs the Triton kernels (forward and
-backward, fp32 accumulation, bf16/fp16/fp32 inputs); on CPU the PyTorch reference when statistics are asked for,
-otherwise the same boolean mask through PyTorch's fused SDPA (`backend="sdpa"`, 4x faster at 2k tokens); all follow
-the semantics below.
+key/value head h // (Hq // Hkv)), and returns (out, AttentionStats). Backends (`backend="auto"` by default):
+- plain dense attention (no pattern, padding, packing, gates, statistics or soft-cap; a full square or one decode
+  query) goes to PyTorch's fused SDPA, cuDNN / flash on a GPU (faster than our dense kernel on Hopper);
+- otherwise, on CUDA, the Triton kernels (forward and backward, fp32 accumulation, bf16/fp16/fp32 inputs);
+- on CPU, the PyTorch reference when statistics are asked for, otherwise the same boolean mask through PyTorch's
+  fused SDPA (`backend="sdpa"`, 4x faster at 2k tokens).
+`backend="triton"` forces ours (benchmarks time it so), `"reference"` the materialised softmax. All follow the
+semantics below; `AttentionStats.backend` says which ran.
 
 Positions. Keys sit at absolute positions j = 0..Sk-1; queries are the last Sq positions: query row i has position
 p = (Sk - Sq) + i (prefill when Sq == Sk, decode / KV cache when Sq < Sk, down to Sq = 1). Every pattern is defined

@@ -70,6 +70,14 @@ def _validate(q, k, v, pattern, key_padding_mask, doc_ids, head_gates, key_label
         raise ValueError(f"backend must be 'auto', 'triton', 'reference' or 'sdpa', got {backend!r}")
 
 
+def _plain_dense(q, k, causal, pattern, key_padding_mask, doc_ids, head_gates, statistics, softcap) -> bool:
+    """Dense attention with no mask, gate, statistic or soft-cap, that SDPA's own causal flag expresses: a full
+    square (Sq == Sk) or one decode query (it sees every key)."""
+    extras = (key_padding_mask, doc_ids, head_gates, softcap)
+    dense = (pattern is None or pattern.kind == "dense") and all(x is None for x in extras) and not statistics
+    return dense and (not causal or q.shape[2] in (1, k.shape[2])) and k.shape[2] > 0
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -101,8 +109,11 @@ def attention(
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive (scores become softcap * tanh(score / softcap)), got {softcap}")
     statistics = key_mass or key_labels is not None or return_lse
+    plain = _plain_dense(q, k, causal, pattern, key_padding_mask, doc_ids, head_gates, statistics, softcap)
     if backend == "auto":
-        backend = "triton" if q.is_cuda else ("reference" if statistics else "sdpa")
+        # A call that needs nothing only ours provides goes to PyTorch's fused SDPA (cuDNN / flash on a GPU, faster
+        # than our dense kernel on Hopper); `backend="triton"` forces ours.
+        backend = "sdpa" if plain else "triton" if q.is_cuda else "reference" if statistics else "sdpa"
     if backend == "triton" and k.shape[2] == 0:  # no key, no query: nothing to launch; the reference gives the shapes
         backend = "reference"
     kwargs = dict(
@@ -123,7 +134,13 @@ def attention(
         kwargs = {
             name: value for name, value in kwargs.items() if name not in ("key_mass", "key_labels", "num_labels")
         }
-        return masked_sdpa_attention(q, k, v, **kwargs), AttentionStats(backend=backend, pattern=pattern)
+        if plain:  # no mask to build: SDPA picks its fused kernel
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=causal and q.shape[2] > 1, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+            )
+        else:
+            out = masked_sdpa_attention(q, k, v, **kwargs)
+        return out, AttentionStats(backend=backend, pattern=pattern)
     if backend == "triton":
         from ctxaware.kernels.triton_attention import triton_attention
 

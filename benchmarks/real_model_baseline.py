@@ -147,6 +147,7 @@ def kernel_checks(args, seq: int) -> dict:
 
     import ctxaware.attention  # noqa: F401  (registers attn_implementation="ctxaware")
     from ctxaware import texts
+    from ctxaware.attention import set_attention_options
     from ctxaware.models import load_tokenizer, resolve_model_path
 
     path = resolve_model_path(args.model)
@@ -155,7 +156,10 @@ def kernel_checks(args, seq: int) -> dict:
     input_ids = torch.tensor([ids], device="cuda")
 
     def model_with(impl: str, dtype):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=impl).cuda()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=impl).cuda()
+        if impl == "ctxaware":  # our Triton kernels, not the SDPA that plain dense calls default to
+            set_attention_options(model, backend="triton")
+        return model
 
     with torch.no_grad():
         reference = model_with("sdpa", torch.float32).eval()(input_ids).logits.float()

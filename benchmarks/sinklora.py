@@ -151,6 +151,10 @@ def generation_peer(name: str, prompt: int, new: int, layers: int | None, shape:
     from transformers import DynamicCache
 
     model = build_model("sdpa" if name == "full_sdpa" else "ctxaware", layers, shape).eval()
+    if name == "full_ctxaware":  # our kernels, not the SDPA that plain dense calls default to
+        from ctxaware.attention import set_attention_options
+
+        set_attention_options(model, backend="triton")
     ids = torch.randint(0, 32000, (1, prompt), device="cuda")
     budget = {"h2o_0.5": 0.5, "h2o_0.2": 0.2}.get(name)
 

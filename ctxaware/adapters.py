@@ -34,6 +34,7 @@ import ctxaware
 from ctxaware.attention import attention_modules
 from ctxaware.datafiles import check_safetensors
 from ctxaware.heads import Head, HeadLayout, check_heads, register_pre_o_proj_hooks
+from ctxaware.hub import model_card_text, push_folder_to_hub
 from ctxaware.io import atomic_directory
 
 
@@ -167,41 +168,27 @@ class HeadAdapter(nn.Module):
         }
 
     def model_card(self, eval_results: dict[str, dict[str, float]] | None = None, tags: list[str] = ()) -> str:
-        from huggingface_hub import ModelCardData
-
-        data = ModelCardData(
-            library_name="ctxaware",
-            base_model=self.base_model,
-            tags=["ctxaware", self.method, *tags],
-        )
         n_params = sum(p.numel() for p in self.parameters())
-        lines = [
-            "---",
-            data.to_yaml(),
-            "---",
-            "",
-            f"# {self.method} adapter for {self.base_model or 'its base model'}",
-            "",
-            self.description,
-            "",
-            f"- heads: {len(self.heads)} of {self.layout.total_heads} ({self.layout.num_layers} layers x "
-            f"{self.layout.num_heads} query heads, {self.layout.num_kv_heads} key/value heads)",
-            f"- trained parameters: {n_params:,}",
-            f"- ctxaware {ctxaware.__version__}",
-            "",
-            "```python",
-            "from transformers import AutoModelForCausalLM",
-            "from ctxaware.adapters import HeadAdapter",
-            "",
-            f'model = AutoModelForCausalLM.from_pretrained("{self.base_model}")',
-            'adapter = HeadAdapter.from_pretrained("<this repo or folder>", model)',
-            "```",
-        ]
-        if eval_results:
-            lines += ["", "## Evaluation", "", "| task | metric | value |", "|---|---|---|"]
-            for task, metrics in eval_results.items():
-                lines += [f"| {task} | {metric} | {value:.4g} |" for metric, value in metrics.items()]
-        return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
+        layout = self.layout
+        facts = (
+            f"- heads: {len(self.heads)} of {layout.total_heads} ({layout.num_layers} layers x {layout.num_heads} "
+            f"query heads, {layout.num_kv_heads} key/value heads)\n- trained parameters: {n_params:,}\n"
+            f"- ctxaware {ctxaware.__version__}"
+        )
+        usage = (
+            "from transformers import AutoModelForCausalLM\nfrom ctxaware.adapters import HeadAdapter\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{self.base_model}")\n'
+            'adapter = HeadAdapter.from_pretrained("<this repo or folder>", model)'
+        )
+        return model_card_text(
+            title=f"{self.method} adapter for {self.base_model or 'its base model'}",
+            base_model=self.base_model,
+            description=f"{self.description}\n\n{facts}",
+            results=eval_results,
+            tags=[self.method, *tags],
+            library_name="ctxaware",
+            usage=usage,
+        )
 
     def save_pretrained(
         self,
@@ -272,19 +259,10 @@ class HeadAdapter(nn.Module):
         tags: list[str] = (),
     ):
         """Creates the repo if needed and uploads the adapter folder (the same files as `save_pretrained`)."""
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         with tempfile.TemporaryDirectory() as tmp:
             folder = self.save_pretrained(Path(tmp) / "adapter", eval_results=eval_results, tags=tags)
-            api.upload_folder(
-                repo_id=repo_url.repo_id,
-                folder_path=str(folder),
-                repo_type="model",
-                commit_message=commit_message or f"Upload {self.method} adapter",
-            )
-        return repo_url
+            message = commit_message or f"Upload {self.method} adapter"
+            return push_folder_to_hub(folder, repo_id, private=private, token=token, commit_message=message)
 
 
 def read_adapter_config(folder: str | Path) -> dict:

@@ -201,42 +201,6 @@ def resolve_resume_checkpoint(resume: str | bool | None, output_dir: str, config
     return str(folder)
 
 
-def write_model_card(
-    folder: str | Path,
-    *,
-    title: str,
-    base_model: str,
-    description: str,
-    results: dict[str, dict[str, float]] | None = None,
-    tags: Iterable[str] = (),
-    library_name: str = "peft",
-    usage: str | None = None,
-) -> Path:
-    """README.md with Hub metadata and a results table (`results[task][metric] = value`)."""
-    lines = ["---", f"library_name: {library_name}", f"base_model: {base_model}", "tags:"]
-    lines += [f"- {tag}" for tag in ("ctxaware", *tags)]
-    lines += ["---", "", f"# {title}", "", description.strip(), ""]
-    if results:
-        lines += ["## Evaluation", "", "| task | metric | value |", "|---|---|---|"]
-        for task, metrics in results.items():
-            lines += [f"| {task} | {metric} | {value:.4g} |" for metric, value in metrics.items()]
-        lines.append("")
-    if usage:
-        lines += ["## Usage", "", "```python", usage.strip(), "```", ""]
-    path = Path(folder) / "README.md"
-    path.write_text("\n".join(lines))
-    return path
-
-
-def push_folder_to_hub(folder: str | Path, repo_id: str, *, private: bool | None = None, token: str | None = None):
-    """Creates `repo_id` if needed and uploads `folder` (adapter, card, results) in one commit."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    return api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload with ctxaware")
-
-
 def check_model_options(model_args, used: Iterable[str]) -> None:
     """A recipe that takes TRL's `ModelConfig` but reads only the options in `used` refuses any other one set away
     from its default: a flag it would silently ignore."""

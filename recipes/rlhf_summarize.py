@@ -54,6 +54,7 @@ from trl import (
 import ctxaware.attention  # noqa: F401  (registers attn_implementation="ctxaware")
 from ctxaware import models
 from ctxaware.datafiles import is_local, is_local_file, load_rows
+from ctxaware.hub import push_folder_to_hub, write_model_card
 from ctxaware.io import atomic_directory
 from ctxaware.methods import rlhf
 from ctxaware.models import resolve_model_path
@@ -64,10 +65,8 @@ from ctxaware.training import (
     RunConfigCallback,
     check_4bit,
     load_causal_lm,
-    push_folder_to_hub,
     resolve_resume_checkpoint,
     usage_errors,
-    write_model_card,
 )
 
 

@@ -29,6 +29,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 import ctxaware.attention
 from ctxaware.datafiles import load_rows, require_column
+from ctxaware.hub import push_folder_to_hub, write_model_card
 from ctxaware.io import atomic_directory
 from ctxaware.methods import sinklora
 from ctxaware.models import EMBEDDED_MODEL_NAME, load_tokenizer, resolve_model_path
@@ -40,10 +41,8 @@ from ctxaware.training import (
     check_4bit,
     load_causal_lm,
     pack_texts,
-    push_folder_to_hub,
     resolve_resume_checkpoint,
     usage_errors,
-    write_model_card,
 )
 
 

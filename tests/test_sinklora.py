@@ -10,9 +10,10 @@ import torch
 
 import ctxaware.attention
 from ctxaware.attention import attention_modules
+from ctxaware.hub import push_folder_to_hub, write_model_card
 from ctxaware.methods import sinklora
 from ctxaware.models import load_model
-from ctxaware.training import pack_token_stream, push_folder_to_hub, resolve_resume_checkpoint, write_model_card
+from ctxaware.training import pack_token_stream, resolve_resume_checkpoint
 from tests.launch import accelerate_launch
 from tests.test_configs import load_recipe
 from tests.tiny_models import tiny_model
@@ -220,10 +221,10 @@ def test_push_to_hub_uploads_the_folder_with_its_card(tmp_path, monkeypatch):
         def __init__(self, token=None):
             calls.append(("init", token))
 
-        def create_repo(self, repo_id, private=None, exist_ok=False):
-            calls.append(("create", repo_id, private, exist_ok))
+        def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
+            calls.append(("create", repo_id, private, exist_ok, repo_type))
 
-        def upload_folder(self, folder_path, repo_id, commit_message):
+        def upload_folder(self, folder_path, repo_id, commit_message, repo_type=None):
             calls.append(
                 ("upload", repo_id, sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir()))
             )
@@ -231,6 +232,10 @@ def test_push_to_hub_uploads_the_folder_with_its_card(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
     write_model_card(tmp_path, title="t", base_model="b", description="d", results={"passkey": {"acc": 0.5}})
     push_folder_to_hub(tmp_path, "me/sinklora", private=True, token="tok")
-    assert calls == [("init", "tok"), ("create", "me/sinklora", True, True), ("upload", "me/sinklora", ["README.md"])]
+    assert calls == [
+        ("init", "tok"),
+        ("create", "me/sinklora", True, True, "model"),
+        ("upload", "me/sinklora", ["README.md"]),
+    ]
     card = (tmp_path / "README.md").read_text()
     assert "base_model: b" in card and "| passkey | acc | 0.5 |" in card

@@ -52,7 +52,7 @@ from ctxaware.training import (
 
 @dataclass
 class ContextSFTArguments:
-    """The method's own settings: the mode, the chat data, how the context-dependent turns are chosen, the indicator."""
+    """The method's own settings: mode, chat data, how the context-dependent turns are chosen, the indicator."""
 
     mode: str = field(default="conditional", metadata={"help": "`vanilla` SFT, or `conditional` (indicator token)."})
     dataset: str = field(default="world", metadata={"help": "`world`, a .jsonl/.json file, or a Hub data set."})

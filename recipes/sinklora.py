@@ -133,7 +133,7 @@ class SinkLoRATrainingConfig(RecipeTrainingArguments, SFTConfig):
 
 @dataclass
 class SinkLoRAModelConfig(ModelConfig):
-    """TRL's model options with SinkLoRA's defaults; this recipe reads only MODEL_OPTIONS and refuses the others set."""
+    """TRL's model options with SinkLoRA's defaults; the recipe reads only MODEL_OPTIONS and refuses the others set."""
 
     model_name_or_path: str | None = field(
         default=EMBEDDED_MODEL_NAME, metadata={"help": "Base model: the embedded name, a folder or a Hub id."}

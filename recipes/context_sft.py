@@ -30,6 +30,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
+import ctxaware.attention  # noqa: F401  (registers attn_implementation="ctxaware" with transformers)
 from ctxaware.methods.context import (
     DEFAULT_INDICATOR,
     DEFAULT_INDICATOR_INIT,
@@ -43,13 +44,16 @@ from ctxaware.training import (
     RecipeTrainingArguments,
     RequireTrainingSteps,
     RunConfigCallback,
+    check_model_options,
     resolve_resume_checkpoint,
     usage_errors,
 )
 
 
 @dataclass
-class ContextSFTConfig(RecipeTrainingArguments, SFTConfig):
+class ContextSFTArguments:
+    """The method's own settings: mode, chat data, how the context-dependent turns are chosen, the indicator."""
+
     mode: str = field(default="conditional", metadata={"help": "`vanilla` SFT, or `conditional` (indicator token)."})
     dataset: str = field(default="world", metadata={"help": "`world`, a .jsonl/.json file, or a Hub data set."})
     dataset_split: str = field(default="train", metadata={"help": "Split of the data set (UltraChat: train_sft)."})
@@ -83,16 +87,53 @@ class ContextSFTConfig(RecipeTrainingArguments, SFTConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
         if self.mode not in ("vanilla", "conditional"):
             raise ValueError(f"mode must be `vanilla` or `conditional`, got {self.mode!r}")
 
 
-CONFIG_CLASSES = (ContextSFTConfig, ModelConfig)
+@dataclass
+class ContextSFTTrainingConfig(RecipeTrainingArguments, SFTConfig):
+    """TRL's SFTConfig (chat template, assistant-only loss, `max_length`) with the recipes' shared training checks;
+    TRL's defaults."""
 
 
-def chosen_user_turns(config: ContextSFTConfig, model, tokenizer, records: list[dict]) -> list[list[int]]:
-    """Per record, the user-message indices to mark: from `ctxaware score`'s output, or scored here."""
+@dataclass
+class ContextSFTModelConfig(ModelConfig):
+    """TRL's model options (TRL's defaults); this recipe reads only MODEL_OPTIONS (the LoRA ones through TRL's
+    `get_peft_config`) and refuses the others set."""
+
+
+MODEL_OPTIONS = (
+    "model_name_or_path",
+    "model_revision",
+    "dtype",
+    "attn_implementation",
+    "use_peft",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_target_parameters",
+    "lora_modules_to_save",
+    "lora_task_type",
+    "use_rslora",
+    "use_dora",
+)
+CONFIG_CLASSES = (ContextSFTArguments, ContextSFTTrainingConfig, ContextSFTModelConfig)
+
+
+def chosen_user_turns(
+    config: ContextSFTArguments,
+    model,
+    tokenizer,
+    records: list[dict],
+    *,
+    batch_size: int = 8,
+    max_length: int | None = 1024,
+) -> list[list[int]]:
+    """Per record, the user-message indices to mark: from `ctxaware score`'s output, or scored here (in batches of
+    `batch_size` conversations cut to `max_length` tokens: main passes the training batch size and length; the
+    defaults are SFTConfig's)."""
     if config.scores_path:
         path = Path(config.scores_path)
         path = path / "scores.jsonl" if path.is_dir() else path
@@ -113,8 +154,8 @@ def chosen_user_turns(config: ContextSFTConfig, model, tokenizer, records: list[
         records,
         layer=config.score_layer,
         span=config.score_span,
-        batch_size=config.per_device_train_batch_size,
-        max_length=config.max_length,
+        batch_size=batch_size,
+        max_length=max_length,
         progress=False,
     )
     select_turns(turns, config.select_by, threshold=config.threshold, percentile=config.percentile)
@@ -130,7 +171,7 @@ def expose_lm_head_bias(model) -> None:
         object.__setattr__(head, "bias", getattr(getattr(head, "original_module", None), "bias", None))
 
 
-def model_card(config: ContextSFTConfig, model_args: ModelConfig, stats: dict) -> str:
+def model_card(config: ContextSFTArguments, model_args: ContextSFTModelConfig, stats: dict) -> str:
     indicator = (
         f"Append ` {config.indicator}` to context-dependent user turns (`ctxaware eval --indicator "
         f"'{config.indicator}'`): it is a special token of the tokenizer saved here, initialised from "
@@ -164,16 +205,24 @@ Evaluate: `ctxaware eval --model MERGED_OR_FULL_MODEL --tasks counterfactual_qa,
 """
 
 
-def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
-    set_seed(config.seed)  # before any weights are created (the indicator row, LoRA), so runs repeat
-    run_config = {**config.to_dict(), **asdict(model_args)}
+def main(
+    config: ContextSFTArguments, training_args: ContextSFTTrainingConfig, model_args: ContextSFTModelConfig
+) -> None:
+    check_model_options(model_args, MODEL_OPTIONS)
+    set_seed(training_args.seed)  # before any weights are created (the indicator row, LoRA), so runs repeat
+    run_config = {**asdict(config), **training_args.to_dict(), **asdict(model_args)}
     claim_output_dir(
-        config.output_dir, run_config, overwrite=config.overwrite_output_dir, resume=config.resume_from_checkpoint
+        training_args.output_dir,
+        run_config,
+        overwrite=training_args.overwrite_output_dir,
+        resume=training_args.resume_from_checkpoint,
     )
     path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(path, revision=model_args.model_revision)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, revision=model_args.model_revision, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, revision=model_args.model_revision, dtype=dtype, attn_implementation=model_args.attn_implementation
+    )
     records = load_chat_records(
         config.dataset,
         split=config.dataset_split,
@@ -186,7 +235,14 @@ def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
     stats = {"records": len(records), "turns": sum(m["role"] == "assistant" for r in records for m in r["messages"])}
     peft_config = get_peft_config(model_args)
     if config.mode == "conditional":
-        marked = chosen_user_turns(config, model, tokenizer, records)
+        marked = chosen_user_turns(
+            config,
+            model,
+            tokenizer,
+            records,
+            batch_size=training_args.per_device_train_batch_size,
+            max_length=training_args.max_length,
+        )
         token_id = add_indicator_token(model, tokenizer, config.indicator, config.indicator_init)
         records = [
             {**r, "messages": insert_indicator(r["messages"], m, config.indicator)} for r, m in zip(records, marked)
@@ -197,7 +253,7 @@ def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
     dataset = Dataset.from_list([{"messages": r["messages"]} for r in records])
     trainer = SFTTrainer(
         model=model,
-        args=config,
+        args=training_args,
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
@@ -206,14 +262,14 @@ def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
     expose_lm_head_bias(trainer.model)
     trainer.train(
         resume_from_checkpoint=resolve_resume_checkpoint(
-            config.resume_from_checkpoint, config.output_dir, run_config, BOOKKEEPING_KEYS
+            training_args.resume_from_checkpoint, training_args.output_dir, run_config, BOOKKEEPING_KEYS
         )
     )
-    trainer.save_model(config.output_dir)
-    if config.push_to_hub:
+    trainer.save_model(training_args.output_dir)
+    if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=config.dataset)  # writes TRL's card; ours replaces it below
     if trainer.accelerator.is_main_process:
-        output = Path(config.output_dir)
+        output = Path(training_args.output_dir)
         summary = {
             "mode": config.mode,
             "indicator": config.indicator if config.mode == "conditional" else None,
@@ -227,7 +283,7 @@ def main(config: ContextSFTConfig, model_args: ModelConfig) -> None:
             merged = trainer.model.merge_and_unload() if model_args.use_peft else trainer.model
             merged.save_pretrained(output / "merged")
             tokenizer.save_pretrained(output / "merged")
-        if config.push_to_hub:
+        if training_args.push_to_hub:
             from huggingface_hub import upload_folder
 
             upload_folder(repo_id=trainer.hub_model_id, folder_path=output, allow_patterns=["README.md", "*.json"])

@@ -80,6 +80,7 @@ PREFERENCE_DATASETS = (WORLD, "trl-lib/tldr-preference", "openai/summarize_from_
 HELD_OUT_SPLIT = {"trl-lib/tldr-preference": "validation", "openai/summarize_from_feedback": "validation"}
 
 
+# One class, unlike the other recipes: the RL stage's RLOOConfig plus the other stages' settings, mapped by stage_args.
 @dataclass
 class RLHFConfig(RecipeTrainingArguments, RLOOConfig):
     """RLOOConfig (the RL stage's settings; the shared Trainer settings apply to every stage) plus the other stages."""

@@ -39,6 +39,7 @@ from ctxaware.training import (
     RequireTrainingSteps,
     RunConfigCallback,
     check_4bit,
+    check_model_options,
     load_causal_lm,
     pack_texts,
     resolve_resume_checkpoint,
@@ -47,15 +48,10 @@ from ctxaware.training import (
 
 
 @dataclass
-class SinkLoRAConfig(RecipeTrainingArguments, SFTConfig):
-    """SFTConfig with SinkLoRA's fields; `max_length` is the target context (default: 4x the model's)."""
+class SinkLoRAArguments:
+    """SinkLoRA's own settings: the training attention pattern, RoPE scaling, the training text and the final
+    evaluation."""
 
-    output_dir: str = field(
-        default="outputs/sinklora", metadata={"help": "Checkpoints; the final adapter goes to adapter/."}
-    )
-    max_length: int | None = field(
-        default=None, metadata={"help": "Training rows and target context, in tokens (default: 4x the model's)."}
-    )
     attention: str = field(default="sf", metadata={"help": "Training attention: sf (SinkLoRA), s2 (LongLoRA), full."})
     group_size_ratio: float = field(default=0.25, metadata={"help": "Group size as a fraction of the row length."})
     sinks: int = field(default=4, metadata={"help": "Global sink tokens of SF-Attn."})
@@ -107,6 +103,19 @@ class SinkLoRAConfig(RecipeTrainingArguments, SFTConfig):
         default=True,
         metadata={"help": "Also evaluate the original model and the RoPE-scaled untrained one (single process)."},
     )
+
+
+@dataclass
+class SinkLoRATrainingConfig(RecipeTrainingArguments, SFTConfig):
+    """SFTConfig with SinkLoRA's training defaults; `max_length` is the training row length and target context
+    (default: 4x the model's)."""
+
+    output_dir: str = field(
+        default="outputs/sinklora", metadata={"help": "Checkpoints; the final adapter goes to adapter/."}
+    )
+    max_length: int | None = field(
+        default=None, metadata={"help": "Training rows and target context, in tokens (default: 4x the model's)."}
+    )
     learning_rate: float = 1e-3
     lr_scheduler_type: str = "constant_with_warmup"
     warmup_steps: float = 2
@@ -123,6 +132,8 @@ class SinkLoRAConfig(RecipeTrainingArguments, SFTConfig):
 
 @dataclass
 class SinkLoRAModelConfig(ModelConfig):
+    """TRL's model options with SinkLoRA's defaults; the recipe reads only MODEL_OPTIONS and refuses the others set."""
+
     model_name_or_path: str | None = field(
         default=EMBEDDED_MODEL_NAME, metadata={"help": "Base model: the embedded name, a folder or a Hub id."}
     )
@@ -137,7 +148,21 @@ class SinkLoRAModelConfig(ModelConfig):
     lora_target_modules: list[str] | None = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
-CONFIG_CLASSES = (SinkLoRAConfig, SinkLoRAModelConfig)
+MODEL_OPTIONS = (
+    "model_name_or_path",
+    "model_revision",
+    "dtype",
+    "attn_implementation",
+    "load_in_4bit",
+    "bnb_4bit_quant_type",
+    "use_peft",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_modules_to_save",
+)
+CONFIG_CLASSES = (SinkLoRAArguments, SinkLoRATrainingConfig, SinkLoRAModelConfig)
 # Keys a resume may change: where things go, how often they are logged or saved, how long training runs.
 RESUME_MAY_DIFFER = {
     "output_dir",
@@ -169,7 +194,12 @@ RESUME_MAY_DIFFER = {
 }
 
 
-def validate(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig, original_length: int) -> int:
+def validate(
+    args: SinkLoRAArguments,
+    training_args: SinkLoRATrainingConfig,
+    model_args: SinkLoRAModelConfig,
+    original_length: int,
+) -> int:
     """Checks everything that can fail before a model loads; returns the target length."""
     if model_args.attn_implementation != ctxaware.attention.ATTN_IMPLEMENTATION:
         raise ValueError(
@@ -179,7 +209,7 @@ def validate(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig, original_len
     check_4bit(model_args.load_in_4bit)
     if args.num_train_rows < 1:
         raise ValueError(f"--num_train_rows {args.num_train_rows} trains on nothing: pass a positive row count")
-    target = args.max_length or 4 * original_length
+    target = training_args.max_length or 4 * original_length
     sinklora.training_pattern(args.attention, args.group_size_ratio, args.sinks)
     sinklora.check_group_size(target, args.group_size_ratio, args.attention)
     if args.rope_factor is not None and args.rope_factor < 1:
@@ -194,15 +224,14 @@ def validate(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig, original_len
     return target
 
 
-def load_text_dataset(args: SinkLoRAConfig):
+def load_text_dataset(args: SinkLoRAArguments, text_field: str = "text"):
     """The data set named by `dataset_name` (Hub id, local file or folder, `books`; a .txt file is one document a
-    line, column `text`); raises naming the first row without the text column (checked up front unless streaming)."""
+    line, column `text`); raises naming the first row without `text_field` (SFTConfig's `dataset_text_field`; checked
+    up front unless streaming)."""
     name = args.dataset_name
     dataset = load_rows(name, config=args.dataset_config, split=args.dataset_split, streaming=args.dataset_streaming)
     fix = "pass --dataset_text_field with the column that holds the text, or give every row that column"
-    require_column(
-        dataset if not args.dataset_streaming else [next(iter(dataset))], args.dataset_text_field, name, fix
-    )
+    require_column(dataset if not args.dataset_streaming else [next(iter(dataset))], text_field, name, fix)
     return dataset
 
 
@@ -225,21 +254,22 @@ def parse_mix(entries: list[str]) -> dict[str, float]:
     return mix
 
 
-def packed_rows(args: SinkLoRAConfig, tokenizer, length: int) -> list[list[int]]:
-    """`num_train_rows` rows of exactly `length` tokens of the training text (`training.pack_texts`)."""
+def packed_rows(args: SinkLoRAArguments, tokenizer, length: int, *, seed: int, text_field: str) -> list[list[int]]:
+    """`num_train_rows` rows of exactly `length` tokens of the training text (`training.pack_texts`); `seed` draws the
+    world's documents, `text_field` is the data set's text column."""
     if args.dataset_name:
-        texts = (row[args.dataset_text_field] for row in load_text_dataset(args))
+        texts = (row[text_field] for row in load_text_dataset(args, text_field))
     else:
         from ctxaware.world import build_world, pretraining_corpus
 
         mix = parse_mix(args.train_mix)
-        corpus = pretraining_corpus(build_world(args.world_seed), 10**9, seed=args.seed, mix=mix, max_tokens=length)
+        corpus = pretraining_corpus(build_world(args.world_seed), 10**9, seed=seed, mix=mix, max_tokens=length)
         texts = (doc["text"] for doc in corpus)
     return pack_texts(texts, tokenizer, length, args.num_train_rows, what="--num_train_rows")
 
 
 def evaluate(
-    model, tokenizer, args: SinkLoRAConfig, original_length: int, target: int, name: str
+    model, tokenizer, args: SinkLoRAArguments, original_length: int, target: int, name: str
 ) -> tuple[dict, dict]:
     """passkey and long_ppl with full attention, through the ctxaware eval harnesses: ({task: {metric: value}},
     {task: the harness's results JSON})."""
@@ -293,31 +323,36 @@ def before_after_table(results: dict[str, dict], labels: dict[str, str]) -> list
     return rows
 
 
-def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
+def main(args: SinkLoRAArguments, training_args: SinkLoRATrainingConfig, model_args: SinkLoRAModelConfig) -> dict:
     from transformers import AutoConfig
 
-    set_seed(args.seed)  # LoRA weights are created before the Trainer seeds anything: seed first, so runs repeat
+    check_model_options(model_args, MODEL_OPTIONS)
+    set_seed(
+        training_args.seed
+    )  # LoRA weights are created before the Trainer seeds anything: seed first, so runs repeat
     base_name = model_args.model_name_or_path or EMBEDDED_MODEL_NAME
     base_path = resolve_model_path(base_name)
     base_config = AutoConfig.from_pretrained(base_path, revision=model_args.model_revision)
     original_length = base_config.max_position_embeddings
-    target = validate(args, model_args, original_length)
-    args.max_length = target
+    target = validate(args, training_args, model_args, original_length)
+    training_args.max_length = target
     rope = sinklora.rope_parameters(base_config, args.rope_scaling, target, args.rope_factor)
     rope_label = f"{args.rope_scaling} RoPE x{rope['factor']:g}" if rope else "no RoPE scaling"
-    push, args.push_to_hub = args.push_to_hub, False  # pushed once at the end, with the eval results in the card
-    run_config = {**{k: v for k, v in args.to_dict().items()}, **asdict(model_args)}
+    push, training_args.push_to_hub = training_args.push_to_hub, False  # pushed once at the end, with eval results
+    run_config = {**asdict(args), **training_args.to_dict(), **asdict(model_args)}
     claim_output_dir(
-        args.output_dir,
+        training_args.output_dir,
         run_config,
-        overwrite=args.overwrite_output_dir,
-        resume=args.resume_from_checkpoint,
+        overwrite=training_args.overwrite_output_dir,
+        resume=training_args.resume_from_checkpoint,
         may_differ=RESUME_MAY_DIFFER,
     )
-    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, run_config, RESUME_MAY_DIFFER)
+    resume = resolve_resume_checkpoint(
+        training_args.resume_from_checkpoint, training_args.output_dir, run_config, RESUME_MAY_DIFFER
+    )
 
     tokenizer = load_tokenizer(base_path, revision=model_args.model_revision)
-    rows = packed_rows(args, tokenizer, target)
+    rows = packed_rows(args, tokenizer, target, seed=training_args.seed, text_field=training_args.dataset_text_field)
     overrides = {"max_position_embeddings": max(target, original_length)}
     if rope is not None:
         overrides["rope_parameters"] = rope
@@ -354,7 +389,9 @@ def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
     if model_args.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.activation_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=training_args.activation_checkpointing
+        )
     peft_config = None
     if model_args.use_peft:
         peft_config = sinklora.lora_config(
@@ -373,7 +410,7 @@ def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
 
     trainer = SFTTrainer(
         model=model,
-        args=args,
+        args=training_args,
         train_dataset=Dataset.from_dict({"input_ids": rows}),
         processing_class=tokenizer,
         callbacks=[RunConfigCallback(run_config), RequireTrainingSteps()],
@@ -391,7 +428,7 @@ def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
             with sinklora.record_attention(model) as eval_attention_ran:
                 summary, harness_results = evaluate(model, tokenizer, args, original_length, target, base_name)
             attention_ran["evaluation"] = eval_attention_ran
-        final = Path(args.output_dir) / "adapter"
+        final = Path(training_args.output_dir) / "adapter"
         with atomic_directory(final) as folder:
             model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
@@ -441,8 +478,8 @@ def main(args: SinkLoRAConfig, model_args: SinkLoRAModelConfig) -> dict:
             }
             print("\n".join(before_after_table({**before, "trained": summary}, labels)))
         if push:
-            repo_id = args.hub_model_id or Path(args.output_dir).name
-            push_folder_to_hub(final, repo_id, private=args.hub_private_repo, token=args.hub_token)
+            repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
+            push_folder_to_hub(final, repo_id, private=training_args.hub_private_repo, token=training_args.hub_token)
             print(f"pushed {final} to https://huggingface.co/{repo_id}")
     return summary
 

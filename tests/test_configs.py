@@ -63,15 +63,26 @@ def test_every_recipe_parses_with_trl_and_maps_bad_input_to_exit_2(name):
     assert source.endswith(entry)
 
 
-@pytest.mark.parametrize("name", ["arith_heads", "lofit", "moh"])
-def test_model_options_a_recipe_does_not_read_are_refused(name, tmp_path):
+@pytest.mark.parametrize(
+    "name, unread",
+    [
+        ("arith_heads", ["dtype", "use_peft"]),
+        ("lofit", ["dtype", "use_peft"]),
+        ("moh", ["dtype", "use_peft"]),
+        ("sinklora", ["use_dora", "load_in_8bit"]),
+        ("context_sft", ["load_in_4bit", "use_bnb_nested_quant"]),
+    ],
+)
+def test_model_options_a_recipe_does_not_read_are_refused(name, unread, tmp_path):
     from ctxaware.training import check_model_options
 
     recipe = load_recipe(name)
     parser = TrlParser(recipe.CONFIG_CLASSES)
     *_, model_args = parser.parse_args_and_config(args=["--output_dir", str(tmp_path), "--model_revision", "main"])
     check_model_options(model_args, recipe.MODEL_OPTIONS)  # its own options, set: fine
-    flags = ["--output_dir", str(tmp_path), "--dtype", "bfloat16", "--use_peft", "true"]
-    *_, model_args = parser.parse_args_and_config(args=flags)
-    with pytest.raises(ValueError, match="--dtype, --use_peft: this recipe does not use those options"):
+    assert not set(unread) & set(recipe.MODEL_OPTIONS)
+    flags = ["--output_dir", str(tmp_path), f"--{unread[0]}", "bfloat16" if unread[0] == "dtype" else "true"]
+    *_, model_args = parser.parse_args_and_config(args=[*flags, f"--{unread[1]}", "true"])
+    message = f"--{unread[0]}, --{unread[1]}: this recipe does not use those options"
+    with pytest.raises(ValueError, match=message):
         check_model_options(model_args, recipe.MODEL_OPTIONS)

@@ -67,7 +67,7 @@ def test_conditional_sft_trains_and_saves_the_indicator_with_the_adapter(base, t
 
 def test_scores_file_must_match_the_data(tmp_path):
     recipe = load_recipe("context_sft")
-    config = recipe.ContextSFTConfig(output_dir=str(tmp_path), scores_path=str(tmp_path), report_to="none")
+    config = recipe.ContextSFTArguments(scores_path=str(tmp_path))
     records = [
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
         {"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]},
@@ -82,7 +82,7 @@ def test_scores_file_must_match_the_data(tmp_path):
     with pytest.raises(ValueError, match="was not scored on this data set"):
         recipe.chosen_user_turns(config, None, None, records)
     with pytest.raises(ValueError, match="mode must be"):
-        recipe.ContextSFTConfig(output_dir=str(tmp_path), mode="both", report_to="none")
+        recipe.ContextSFTArguments(mode="both")
 
 
 def test_indicator_row_trains_through_trls_fused_head_when_embeddings_are_tied():

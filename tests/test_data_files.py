@@ -43,16 +43,10 @@ def test_load_rows_folder_splits_and_errors(tmp_path):
 def test_sinklora_and_moh_read_local_text(tmp_path):
     path = _jsonl(tmp_path / "docs.jsonl", [{"body": "first document"}, {"body": "second document"}])
     sinklora = load_recipe("sinklora")
-    args = SimpleNamespace(
-        dataset_name=str(path),
-        dataset_config=None,
-        dataset_split="train",
-        dataset_streaming=False,
-        dataset_text_field="body",
-    )
-    assert [row["body"] for row in sinklora.load_text_dataset(args)] == ["first document", "second document"]
+    args = SimpleNamespace(dataset_name=str(path), dataset_config=None, dataset_split="train", dataset_streaming=False)
+    assert [row["body"] for row in sinklora.load_text_dataset(args, "body")] == ["first document", "second document"]
     with pytest.raises(ValueError, match="no value in column 'text'"):
-        sinklora.load_text_dataset(SimpleNamespace(**{**vars(args), "dataset_text_field": "text"}))
+        sinklora.load_text_dataset(args, "text")
     moh = load_recipe("moh")
     moh_args = SimpleNamespace(dataset_name=str(path), dataset_config=None, dataset_streaming=False)
     assert list(moh.documents(moh_args, "train", 2, text_field="body")) == ["first document", "second document"]

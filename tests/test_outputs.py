@@ -158,9 +158,9 @@ def test_training_lengths_that_train_nothing_are_refused(tmp_path, flags, messag
 
 def test_num_train_rows_zero_is_refused(tmp_path):
     recipe = load_recipe("sinklora")
-    args, model_args = _parse("sinklora", "--num_train_rows", "0", tmp_path=tmp_path)
+    args, training_args, model_args = _parse("sinklora", "--num_train_rows", "0", tmp_path=tmp_path)
     with pytest.raises(ValueError, match="--num_train_rows 0 trains on nothing"):
-        recipe.validate(args, model_args, original_length=64)
+        recipe.validate(args, training_args, model_args, original_length=64)
 
 
 def test_a_data_loader_without_a_batch_stops_training():
@@ -173,7 +173,7 @@ def test_a_data_loader_without_a_batch_stops_training():
 
 def test_hub_token_never_reaches_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "")  # recorded, so the token the recipe sets is undone after the test
-    args, _ = _parse("sinklora", "--hub_token", "hf_secret123", tmp_path=tmp_path)
+    _, args, _ = _parse("sinklora", "--hub_token", "hf_secret123", tmp_path=tmp_path)
     assert os.environ["HF_TOKEN"] == "hf_secret123"  # where huggingface_hub finds it for the push
     assert "hf_secret123" not in repr(vars(args))  # the Trainer pickles the config into training_args.bin
     assert "hf_secret123" not in json.dumps(args.to_dict(), default=str)

@@ -117,9 +117,11 @@ def _parse(recipe, args):
 )
 def test_bad_input_is_refused_before_loading(tiny_base, tmp_path, flags, message):
     recipe = load_recipe("sinklora")
-    args, model_args = _parse(recipe, ["--model_name_or_path", str(tiny_base), "--output_dir", str(tmp_path), *flags])
+    args, training_args, model_args = _parse(
+        recipe, ["--model_name_or_path", str(tiny_base), "--output_dir", str(tmp_path), *flags]
+    )
     with pytest.raises(ValueError, match=message):
-        recipe.validate(args, model_args, original_length=64)
+        recipe.validate(args, training_args, model_args, original_length=64)
 
 
 def test_default_yaml_is_the_plain_command():
@@ -127,19 +129,20 @@ def test_default_yaml_is_the_plain_command():
     recipe = load_recipe("sinklora")
     plain = _parse(recipe, [])
     configured = _parse(recipe, ["--config", "recipes/configs/sinklora/default.yaml"])
-    assert plain[0].to_dict() == configured[0].to_dict()
-    assert vars(plain[1]) == vars(configured[1])
+    assert vars(plain[0]) == vars(configured[0])
+    assert plain[1].to_dict() == configured[1].to_dict()
+    assert vars(plain[2]) == vars(configured[2])
 
 
 def test_dataset_without_text_column(tmp_path):
     recipe = load_recipe("sinklora")
     data = tmp_path / "docs.jsonl"
     data.write_text('{"content": "a long text"}\n')
-    args, _ = _parse(recipe, ["--dataset_name", str(data), "--output_dir", str(tmp_path)])
+    args, training_args, _ = _parse(recipe, ["--dataset_name", str(data), "--output_dir", str(tmp_path)])
     with pytest.raises(
         ValueError, match="row 1: no value in column 'text' \\(columns: content\\).*--dataset_text_field"
     ):
-        recipe.load_text_dataset(args)
+        recipe.load_text_dataset(args, training_args.dataset_text_field)
 
 
 def test_resume_from_a_folder_without_checkpoint(tmp_path):

@@ -201,6 +201,21 @@ def resolve_resume_checkpoint(resume: str | bool | None, output_dir: str, config
     return str(folder)
 
 
+# The ModelConfig options TRL's `get_peft_config` reads: a recipe that builds its LoRA through it reads these.
+TRL_PEFT_OPTIONS = (
+    "use_peft",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_target_parameters",
+    "lora_modules_to_save",
+    "lora_task_type",
+    "use_rslora",
+    "use_dora",
+)
+
+
 def check_model_options(model_args, used: Iterable[str]) -> None:
     """A recipe that takes TRL's `ModelConfig` but reads only the options in `used` refuses any other one set away
     from its default: a flag it would silently ignore."""

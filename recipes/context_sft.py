@@ -31,6 +31,8 @@ from transformers import AutoModelForCausalLM, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 import ctxaware.attention  # noqa: F401  (registers attn_implementation="ctxaware" with transformers)
+from ctxaware.hub import model_card_text
+from ctxaware.io import write_text
 from ctxaware.methods.context import (
     DEFAULT_INDICATOR,
     DEFAULT_INDICATOR_INIT,
@@ -41,6 +43,7 @@ from ctxaware.methods.context_scoring import load_chat_records, score_records, s
 from ctxaware.models import load_tokenizer, resolve_model_path
 from ctxaware.outputs import BOOKKEEPING_KEYS, claim_output_dir
 from ctxaware.training import (
+    TRL_PEFT_OPTIONS,
     RecipeTrainingArguments,
     RequireTrainingSteps,
     RunConfigCallback,
@@ -103,22 +106,7 @@ class ContextSFTModelConfig(ModelConfig):
     `get_peft_config`) and refuses the others set."""
 
 
-MODEL_OPTIONS = (
-    "model_name_or_path",
-    "model_revision",
-    "dtype",
-    "attn_implementation",
-    "use_peft",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_target_modules",
-    "lora_target_parameters",
-    "lora_modules_to_save",
-    "lora_task_type",
-    "use_rslora",
-    "use_dora",
-)
+MODEL_OPTIONS = ("model_name_or_path", "model_revision", "dtype", "attn_implementation", *TRL_PEFT_OPTIONS)
 CONFIG_CLASSES = (ContextSFTArguments, ContextSFTTrainingConfig, ContextSFTModelConfig)
 
 
@@ -186,23 +174,20 @@ def model_card(config: ContextSFTArguments, model_args: ContextSFTModelConfig, s
         if model_args.use_peft
         else "A full model with its tokenizer: `AutoModelForCausalLM.from_pretrained(this_folder)`."
     )
-    return f"""---
-base_model: {model_args.model_name_or_path}
-library_name: {"peft" if model_args.use_peft else "transformers"}
-tags: [ctxaware, context-awareness, {config.mode}-sft, trl, sft]
-datasets: [{config.dataset}]
----
-# {config.mode.capitalize()} SFT for context awareness (ctxaware)
-
-Instruction SFT of `{model_args.model_name_or_path}` on `{config.dataset}` ({stats["records"]} conversations) with the
-chat template and assistant-only loss, by `recipes/context_sft.py` in mode `{config.mode}`.
-
-{indicator}
-
-{loading}
-
-Evaluate: `ctxaware eval --model MERGED_OR_FULL_MODEL --tasks counterfactual_qa,niah --indicator '{config.indicator}'`.
-"""
+    description = (
+        f"Instruction SFT of `{model_args.model_name_or_path}` on `{config.dataset}` ({stats['records']} "
+        f"conversations) with the chat template and assistant-only loss, by `recipes/context_sft.py` in mode "
+        f"`{config.mode}`.\n\n{indicator}\n\n{loading}\n\nEvaluate: `ctxaware eval --model MERGED_OR_FULL_MODEL "
+        f"--tasks counterfactual_qa,niah --indicator '{config.indicator}'`."
+    )
+    return model_card_text(
+        title=f"{config.mode.capitalize()} SFT for context awareness (ctxaware)",
+        base_model=model_args.model_name_or_path,
+        description=description,
+        tags=["context-awareness", f"{config.mode}-sft", "trl", "sft"],
+        library_name="peft" if model_args.use_peft else "transformers",
+        datasets=[config.dataset],
+    )
 
 
 def main(
@@ -278,7 +263,7 @@ def main(
             **stats,
         }
         (output / "context_sft.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (output / "README.md").write_text(model_card(config, model_args, stats))
+        write_text(output / "README.md", model_card(config, model_args, stats))
         if config.merge:
             merged = trainer.model.merge_and_unload() if model_args.use_peft else trainer.model
             merged.save_pretrained(output / "merged")

@@ -60,10 +60,12 @@ from ctxaware.methods import rlhf
 from ctxaware.models import resolve_model_path
 from ctxaware.outputs import claim_output_dir, latest_complete_checkpoint
 from ctxaware.training import (
+    TRL_PEFT_OPTIONS,
     RecipeTrainingArguments,
     RequireTrainingSteps,
     RunConfigCallback,
     check_4bit,
+    check_model_options,
     load_causal_lm,
     resolve_resume_checkpoint,
     usage_errors,
@@ -194,6 +196,15 @@ class RLHFConfig(RecipeTrainingArguments, RLOOConfig):
         super().__post_init__()
 
 
+# TRL's model options this recipe reads (the policy's and reward model's loading and LoRA); others set are refused.
+MODEL_OPTIONS = (
+    "model_name_or_path",
+    "dtype",
+    "attn_implementation",
+    "load_in_4bit",
+    "bnb_4bit_quant_type",
+    *TRL_PEFT_OPTIONS,
+)
 CONFIG_CLASSES = (RLHFConfig, ModelConfig)
 
 
@@ -654,6 +665,7 @@ DONE_FILES = {"compare": COMPARISONS_FILE}  # the file a finished stage leaves (
 
 
 def main(cfg: RLHFConfig, model_args: ModelConfig) -> None:
+    check_model_options(model_args, MODEL_OPTIONS)
     set_seed(cfg.seed)  # seeds python, numpy and torch before the reward head and LoRA weights are created
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     # One run's stages share the folder: a stage may be run alone, and `all` skips or resumes stages on its own.

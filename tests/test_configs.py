@@ -71,6 +71,7 @@ def test_every_recipe_parses_with_trl_and_maps_bad_input_to_exit_2(name):
         ("moh", ["dtype", "use_peft"]),
         ("sinklora", ["use_dora", "load_in_8bit"]),
         ("context_sft", ["load_in_4bit", "use_bnb_nested_quant"]),
+        ("rlhf_summarize", ["model_revision", "load_in_8bit"]),
     ],
 )
 def test_model_options_a_recipe_does_not_read_are_refused(name, unread, tmp_path):
@@ -78,7 +79,7 @@ def test_model_options_a_recipe_does_not_read_are_refused(name, unread, tmp_path
 
     recipe = load_recipe(name)
     parser = TrlParser(recipe.CONFIG_CLASSES)
-    *_, model_args = parser.parse_args_and_config(args=["--output_dir", str(tmp_path), "--model_revision", "main"])
+    *_, model_args = parser.parse_args_and_config(args=["--output_dir", str(tmp_path), "--model_name_or_path", "x"])
     check_model_options(model_args, recipe.MODEL_OPTIONS)  # its own options, set: fine
     assert not set(unread) & set(recipe.MODEL_OPTIONS)
     flags = ["--output_dir", str(tmp_path), f"--{unread[0]}", "bfloat16" if unread[0] == "dtype" else "true"]

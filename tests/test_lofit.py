@@ -202,11 +202,17 @@ def test_recipe_end_to_end(tmp_path, tiny_model_dir):
         "2",
         "--merge",
         "true",
+        "--dataset_test_split",
+        "validation",
+        "--extra_eval_split",
+        "test",
     )
     results = json.loads((output / "results.json").read_text())
     assert results["method"] == "lofit" and results["heads"] == 2
     assert results["trained_parameters"] == 2 * 8
     assert {"base_score", "score", "gain", "base_parameters"} <= set(results)
+    assert results["eval_records"] == results["test_eval_records"] == 4  # validation scored, test scored too
+    assert results["test_gain"] == results["test_score"] - results["test_base_score"]
     selection = json.loads((output / "head_selection.json").read_text())
     scores = torch.tensor(selection["scores"])
     assert selection["heads"] == [list(h) for h in top_heads(scores, 2)]

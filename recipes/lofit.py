@@ -88,6 +88,13 @@ class LoFiTArguments:
     )
     max_train_samples: int | None = None
     eval_limit: int = field(default=200, metadata={"help": "Held-out records scored before and after (0: none)."})
+    extra_eval_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "A second held-out split scored before and after, as `<split>_base_score`, `<split>_score`, "
+            "`<split>_gain` (e.g. test, with dataset_test_split validation)."
+        },
+    )
     num_heads: float = field(default=0.05, metadata={"help": "K: a head count (>= 1) or a fraction of all heads."})
     head_seed: int | None = field(
         default=None,
@@ -342,6 +349,10 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig, model_args: L
     random.Random(training_args.seed).shuffle(train_records)
     train_records = train_records[: args.max_train_samples]
     test_records = with_bos(load_records(args, args.dataset_test_split, tokenizer), tokenizer)[: args.eval_limit]
+    extra_split = args.extra_eval_split
+    extra_records = (
+        with_bos(load_records(args, extra_split, tokenizer), tokenizer)[: args.eval_limit] if extra_split else []
+    )
     dataset = Dataset.from_list(train_records)
     model = load_base(model_args, training_args)
     model.requires_grad_(False)
@@ -354,6 +365,10 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig, model_args: L
     }
     if test_records:
         results["base_score"] = score(model.to(state.device), tokenizer, test_records, args.objective)
+        results["eval_records"] = len(test_records)
+    if extra_records:
+        results[f"{extra_split}_base_score"] = score(model.to(state.device), tokenizer, extra_records, args.objective)
+        results[f"{extra_split}_eval_records"] = len(extra_records)
     ref_model = load_base(model_args, training_args) if args.objective == "dpo" and args.method != "lora" else None
 
     if args.method == "lora":
@@ -382,7 +397,7 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig, model_args: L
                 else all_heads(layout)
             )
             scores = None
-        training = {k: v for k, v in asdict(args).items() if k not in ("merge", "eval_limit")}
+        training = {k: v for k, v in asdict(args).items() if k not in ("merge", "eval_limit", "extra_eval_split")}
         training |= {"learning_rate": training_args.learning_rate, "num_train_epochs": training_args.num_train_epochs}
         adapter = LoFiTAdapter(
             layout,
@@ -415,6 +430,9 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig, model_args: L
     if test_records:
         results["score"] = score(model, tokenizer, test_records, args.objective)
         results["gain"] = results["score"] - results["base_score"]
+    if extra_records:
+        results[f"{extra_split}_score"] = score(model, tokenizer, extra_records, args.objective)
+        results[f"{extra_split}_gain"] = results[f"{extra_split}_score"] - results[f"{extra_split}_base_score"]
     if state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         eval_results = {args.task: {"score": results["score"]}} if test_records else None

@@ -202,11 +202,17 @@ def test_recipe_end_to_end(tmp_path, tiny_model_dir):
         "2",
         "--merge",
         "true",
+        "--dataset_test_split",
+        "validation",
+        "--extra_eval_split",
+        "test",
     )
     results = json.loads((output / "results.json").read_text())
     assert results["method"] == "lofit" and results["heads"] == 2
     assert results["trained_parameters"] == 2 * 8
     assert {"base_score", "score", "gain", "base_parameters"} <= set(results)
+    assert results["eval_records"] == results["test_eval_records"] == 4  # validation scored, test scored too
+    assert results["test_gain"] == results["test_score"] - results["test_base_score"]
     selection = json.loads((output / "head_selection.json").read_text())
     scores = torch.tensor(selection["scores"])
     assert selection["heads"] == [list(h) for h in top_heads(scores, 2)]
@@ -220,6 +226,33 @@ def test_recipe_end_to_end(tmp_path, tiny_model_dir):
     ids = torch.randint(3, 300, (2, 9))
     merged = AutoModelForCausalLM.from_pretrained(output / "merged").eval()
     torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_extra_eval_split_scores_base_and_tuned_model_on_its_own_records(tmp_path, tiny_model_dir, monkeypatch):
+    from trl import TrlParser
+
+    from tests.test_configs import load_recipe
+
+    recipe = load_recipe("lofit")
+    calls = []  # (first prompt of the records scored, whether an adapter is attached)
+
+    def numbered_score(model, tokenizer, records, objective, batch_size=16):
+        attached = any(name.endswith("ctxaware_adapter") for name, _ in model.named_modules())
+        calls.append((records[0]["prompt"], len(records), attached))
+        return float(len(calls))
+
+    monkeypatch.setattr(recipe, "score", numbered_score)
+    cli = ["--config", "recipes/configs/lofit/default.yaml", "--model_name_or_path", str(tiny_model_dir)]
+    cli += ["--output_dir", str(tmp_path / "run"), "--max_train_samples", "8", "--eval_limit", "3"]
+    cli += ["--stage1_max_steps", "1", "--max_steps", "1", "--num_heads", "2", "--report_to", "none"]
+    cli += ["--dataset_test_split", "validation", "--extra_eval_split", "test"]
+    results = recipe.main(*TrlParser(recipe.CONFIG_CLASSES).parse_args_and_config(cli))
+    # base on validation, base on test, tuned on validation, tuned on test
+    assert [results[k] for k in ("base_score", "test_base_score", "score", "test_score")] == [1.0, 2.0, 3.0, 4.0]
+    assert results["test_gain"] == 2.0 and results["test_eval_records"] == 3
+    (val, _, before), (test, n, _), (val_after, _, after), (test_after, _, after_test) = calls
+    assert val == val_after != test == test_after and n == 3  # each split's own records, before and after
+    assert not before and after and after_test  # the tuned model, adapter attached, scores both splits after training
 
 
 def test_recipe_dpo_objective_trains_only_the_selected_offsets(tmp_path, tiny_model_dir):

@@ -120,13 +120,24 @@ def lofit_targets(
     lora_params=20000,
     heads=3,
     total_heads=64,
+    base=0.1,
+    n=1000,
+    split=None,
 ):
+    key = f"{split}_" if split else ""
+
+    def scored(gain):  # the split's gain and score on n records, the other split's far off (must not be read)
+        other = "" if split else "test_"
+        return {key + "gain": gain, key + "score": base + gain, other + "gain": -1.0, other + "score": 0.0} | {
+            key + "eval_records": n
+        }
+
     results = {
-        "lofit": {"gain": lofit_gain, "trained_parameters": lofit_params, "heads": heads, "total_heads": total_heads},
-        "lora": {"gain": lora_gain, "trained_parameters": lora_params},
+        "lofit": scored(lofit_gain) | {"trained_parameters": lofit_params, "heads": heads, "total_heads": total_heads},
+        "lora": scored(lora_gain) | {"trained_parameters": lora_params},
     }
-    results |= {f"random_heads_{i}": {"gain": gain} for i, gain in enumerate(random_gains)}
-    return load("lofit_science").evaluate_targets(results)
+    results |= {f"random_heads_{i}": scored(gain) for i, gain in enumerate(random_gains)}
+    return load("lofit_science").evaluate_targets(results, split)
 
 
 def test_lofit_targets():
@@ -140,6 +151,33 @@ def test_lofit_targets():
     best_random = lofit_targets(random_gains=(0.1, 0.3))["lofit_minus_best_random_gain"]
     assert best_random["value"] == 0.0 and not best_random["passed"]  # the best draw, not the mean, must be beaten
     assert best_random["random_gains"] == [0.1, 0.3]
+
+
+def test_lofit_must_beat_the_best_draw_by_two_standard_errors_on_the_chosen_split():
+    # scores 0.4 (LoFiT) and 0.3 (best draw) on n records: two standard errors are 2 sqrt((0.24 + 0.21) / n)
+    for n, met in ((100, False), (400, True)):
+        margin = lofit_targets(random_gains=(0.1, 0.2), n=n)["lofit_minus_best_random_gain"]
+        assert margin["value"] == pytest.approx(0.1) and margin["passed"] is met
+        assert margin["threshold"] == pytest.approx(2 * ((0.4 * 0.6 + 0.3 * 0.7) / n) ** 0.5)
+    on_test = lofit_targets(lofit_gain=0.3, lora_gain=0.3, random_gains=(0.1,), split="test")
+    assert on_test["lofit_minus_best_random_gain"]["value"] == pytest.approx(0.2)  # test_* keys, not the others
+    assert on_test["gain_share_of_lora"]["value"] == pytest.approx(1.0) and all(passes(on_test, "passed").values())
+
+
+def test_lofit_science_passes_model_splits_and_merge_to_every_run(tmp_path):
+    science = load("lofit_science")
+    argv = ["--model", "m", "--test_split", "validation", "--extra_eval_split", "test", "--merge"]
+    first, controls = science.planned_runs(science.parse_args(argv), tmp_path)
+    for command in [*first.values(), *controls.values()]:
+        for option, value in (("--model_name_or_path", "m"), ("--dataset_test_split", "validation")):
+            assert command[command.index(option) + 1] == value
+        assert command[command.index("--extra_eval_split") + 1] == "test"
+    assert first["lofit"][first["lofit"].index("--merge") + 1] == "true"
+    assert all("--merge" not in c for name, c in {**first, **controls}.items() if name != "lofit")
+    default, _ = science.planned_runs(science.parse_args([]), tmp_path)  # the config's model and split otherwise
+    assert not {"--model_name_or_path", "--dataset_test_split", "--extra_eval_split", "--merge"} & set(
+        default["lofit"]
+    )
 
 
 # --- MoH -----------------------------------------------------------------------------------------------------------

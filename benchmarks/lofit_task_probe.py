@@ -1,0 +1,57 @@
+"""The base model's score on candidate tasks of `recipes/lofit.py` (forward passes only), to choose one on which a
+model starts low: scored with the recipe's own records and `score` (greedy, first line starts with the answer).
+
+    python benchmarks/lofit_task_probe.py --model smollm2-135m --split validation --limit 48 \
+        --tasks world/context_qa,world/arithmetic,world/truthful_qa,world/chat_qa --out FILE.json
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from science_common import RECIPES, command_line
+from transformers import AutoModelForCausalLM
+
+from ctxaware.models import load_tokenizer, resolve_model_path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--limit", type=int, default=48, help="records scored per task")
+    parser.add_argument("--tasks", default="world/context_qa,world/arithmetic,world/truthful_qa,world/chat_qa")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(RECIPES))
+    import lofit as recipe
+
+    path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tasks = {}
+    for task in args.tasks.split(","):
+        start = time.time()
+        options = recipe.LoFiTArguments(task=task)
+        records = recipe.with_bos(recipe.load_records(options, args.split, tokenizer), tokenizer)
+        train = recipe.load_records(options, "train", tokenizer)
+        scored = records[: args.limit]
+        tasks[task] = {
+            "score": recipe.score(model, tokenizer, scored, "sft"),
+            "scored": len(scored),
+            f"{args.split}_records": len(records),
+            "train_records": len(train),
+            "example": scored[0],
+            "seconds": round(time.time() - start, 1),
+        }
+        print(task, json.dumps(tasks[task]), flush=True)
+    summary = {"command": command_line(), "model": args.model, "split": args.split, "tasks": tasks}
+    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -22,9 +22,10 @@ Reuse a selection instead of patching again: `--head_selection OUTPUT_DIR/head_s
    " ANSWER\n" only (see `training_examples`) on the world's `train_split` problems of `train_ops` x `train_digits` x
    `train_templates`. Baselines: `random_heads` (the same numbers of random heads and MLPs; with `head_selection`,
    drawn among the unselected ones), `lora` (PEFT), `full` (every weight).
-3. Evaluation before and after: arithmetic accuracy by (template, op, digits) on the test split, grouped into in
-   distribution and transfer (other digits, templates, ops); the shared harness tasks `eval_tasks`; closed-book recall
-   of memorised facts.
+3. Evaluation before and after: arithmetic accuracy by (template, op, digits) of `eval_templates` on `eval_split`
+   (test by default; validation to choose settings), grouped into in distribution and transfer (other digits,
+   templates, ops); the shared harness tasks `eval_tasks` on `eval_split` too (`eval_haystack_file` and
+   `eval_lengths` for long_ppl: `books` holds held-out public-domain books); closed-book recall of memorised facts.
 Outputs in `output_dir`: `attribution/` (ranked JSON and layer x head heat map per patching run),
 `head_selection.json`, `adapter/` (ctxaware format; PEFT for lora; `model/` for full), `results.json`;
 `--merge true` adds `merged/`, a plain transformers model.
@@ -139,6 +140,21 @@ class ArithHeadsArguments:
     # evaluation
     eval_per_cell: int = field(default=20, metadata={"help": "Test problems per (template, op, digits); 0: none."})
     eval_digits: list[int] = field(default_factory=lambda: [1, 2, 3])
+    eval_templates: list[str] = field(
+        default_factory=lambda: list(ARITHMETIC_TEMPLATES),
+        metadata={"help": "Templates of the arithmetic evaluation."},
+    )
+    eval_split: str = field(
+        default="test",
+        metadata={
+            "help": "World split of the arithmetic evaluation and the harness tasks (validation to choose settings, "
+            "test to report)."
+        },
+    )
+    eval_haystack_file: str | None = field(
+        default=None, metadata={"help": "Text of the long_ppl harness task: a file or a named source (books)."}
+    )
+    eval_lengths: list[int] | None = field(default=None, metadata={"help": "long_ppl's window lengths."})
     eval_tasks: list[str] = field(
         default_factory=lambda: ["extractive_qa", "counterfactual_qa"],
         metadata={"help": "Harness tasks (ctxaware eval), before and after."},
@@ -158,6 +174,10 @@ class ArithHeadsArguments:
             )
         if self.selection_sign not in SELECTION_SIGNS:
             raise ValueError(f"selection_sign={self.selection_sign!r}: choose one of {', '.join(SELECTION_SIGNS)}.")
+        if unknown := set(self.eval_templates) - set(ARITHMETIC_TEMPLATES):
+            raise ValueError(
+                f"unknown eval_templates {sorted(unknown)}: choose from {', '.join(ARITHMETIC_TEMPLATES)}."
+            )
         if unknown := set(self.patching_runs) - set(PATCHING_RUNS):
             raise ValueError(f"unknown patching runs {sorted(unknown)}: choose from {', '.join(PATCHING_RUNS)}.")
         for score in (self.selection_score, self.mlp_selection_score):
@@ -294,10 +314,10 @@ def evaluate_model(args: ArithHeadsArguments, model, tokenizer, base_model: str)
     if args.eval_per_cell:
         records = arithmetic_records(
             args.world_seed,
-            "test",
+            args.eval_split,
             ops=ARITHMETIC_OPS,
             digits=args.eval_digits,
-            templates=ARITHMETIC_TEMPLATES,
+            templates=args.eval_templates,
             n_per_cell=args.eval_per_cell,
         )
         outputs = lm.generate([lm.encode(r["prompt"], chat=False) for r in records], max_new_tokens=8)
@@ -317,6 +337,9 @@ def evaluate_model(args: ArithHeadsArguments, model, tokenizer, base_model: str)
             batch_size=64,
             limit=args.eval_limit,
             chat_template="off",
+            split=args.eval_split,
+            haystack_file=args.eval_haystack_file,
+            lengths=args.eval_lengths,
         ).results
         for task, values in results["results"].items():
             metrics |= {

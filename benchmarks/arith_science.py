@@ -18,10 +18,11 @@ Writes `arith_science.json` and `arith_science.md` to --out. `--smoke` runs the 
 Flags this script does not know go to every recipe run: `--num_heads 0.1`, `--kv_policy any`, `--num_mlps 0`.
 
 Another model: `--config recipes/configs/arith_heads/smollm2.yaml` takes that config's sizes and learning rates (the
-sizes and rates above are the tiny config's; flags given here still override), `--sequential` runs the methods one
-after the other (CPU), and `--selection_from RUN_DIR` reuses the selection and attribution of an earlier heads run
-(chosen on validation) instead of patching again. With a long_ppl harness task in the config, `heads`' perplexity
-must also stay within 1% of the base model's.
+sizes and rates above are the tiny config's; flags given here still override); `--sequential` runs the methods one
+after the other (CPU; the heads run evaluates the base model and the others reuse its metrics); `--selection_from
+RUN_DIR` reuses the selection and attribution of an earlier heads run (e.g. `--attribution_only true`) instead of
+patching again. With a long_ppl harness task in the config, `heads`' perplexity must also stay within 1% of the base
+model's.
 """
 
 import json
@@ -239,6 +240,9 @@ def main() -> None:
     if args.selection_from:
         commands["heads"] += ["--head_selection", str(heads_run / "head_selection.json")]
     commands["random_heads"] += ["--head_selection", str(heads_run / "head_selection.json")]
+    if args.sequential:  # the base model is evaluated once, by the heads run, and its metrics reused
+        for method in ("random_heads", "lora", "full"):
+            commands[method] += ["--eval_before_from", str(out / "heads" / "results.json")]
     chains = {
         "heads then random_heads": [(commands[m], out / f"{m}.log") for m in ("heads", "random_heads")],
         "lora": [(commands["lora"], out / "lora.log")],

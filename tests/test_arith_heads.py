@@ -280,6 +280,8 @@ def test_recipe_arguments_are_checked():
         recipe.ArithHeadsArguments(kv_policy="none", kv_lr_ratio=0.1)
     with pytest.raises(ValueError, match="selection_sign='negative': choose one of positive"):
         recipe.ArithHeadsArguments(selection_sign="negative")
+    with pytest.raises(ValueError, match="attribution_only patches the model"):
+        recipe.ArithHeadsArguments(method="lora", attribution_only=True)
     with pytest.raises(ValueError, match="unknown eval_templates \\['story'\\]"):
         recipe.ArithHeadsArguments(eval_templates=["question", "story"])
 
@@ -488,6 +490,38 @@ def test_recipe_end_to_end_heads(tmp_path):
     )
     reused = json.loads((again / "results.json").read_text())
     assert reused["heads"] == results["heads"] and not (again / "attribution").exists()
+
+
+def test_recipe_attribution_only_and_reused_base_metrics(tmp_path):
+    """attribution_only writes the selection and the attribution and trains nothing; eval_before_from reuses an
+    earlier run's base-model metrics when the evaluation settings match and refuses them otherwise."""
+    config = ["--config", "recipes/configs/arith_heads/default.yaml", *SMALL]
+    patched = tmp_path / "patched"
+    accelerate_launch("recipes/arith_heads.py", *config, "--output_dir", str(patched), "--attribution_only", "true")
+    only = json.loads((patched / "results.json").read_text())
+    assert len(only["heads"]) == DEFAULT_CONFIG["num_heads"] and "before" not in only and "after" not in only
+    assert (patched / "head_selection.json").is_file() and not (patched / "adapter").exists()
+    assert (patched / "attribution" / "activation_corrupted_into_clean.png").is_file()
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    selection = ["--head_selection", str(patched / "head_selection.json")]
+    accelerate_launch("recipes/arith_heads.py", *config, *selection, "--output_dir", str(first))
+    before = json.loads((first / "results.json").read_text())["before"]
+    reuse = ["--eval_before_from", str(first / "results.json")]
+    accelerate_launch("recipes/arith_heads.py", *config, *selection, *reuse, "--output_dir", str(second))
+    results = json.loads((second / "results.json").read_text())
+    assert results["before"] == before and results["before_from"] == str(first / "results.json")
+    with pytest.raises(AssertionError, match="evaluation settings"):
+        accelerate_launch(
+            "recipes/arith_heads.py",
+            *config,
+            *selection,
+            *reuse,
+            "--eval_split",
+            "validation",
+            "--output_dir",
+            str(tmp_path / "third"),
+        )
 
 
 @pytest.mark.slow

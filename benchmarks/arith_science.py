@@ -205,7 +205,8 @@ def main() -> None:
     )
     args, passthrough = parser.parse_known_args()  # other flags go to every recipe run (e.g. --kv_policy any)
     out = output_folder(args.out)
-    tiny = args.config.resolve() == CONFIG.resolve()
+    args.config = args.config.resolve()  # the runs start in folders under --out
+    tiny = args.config == CONFIG.resolve()
     given = {
         "train_per_cell": args.train_per_cell,
         "num_train_epochs": args.epochs,

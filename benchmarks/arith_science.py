@@ -16,6 +16,13 @@ claim: precise SFT tunes the config's `num_heads` (5 of 64 on the tiny model, ra
 default.yaml).
 Writes `arith_science.json` and `arith_science.md` to --out. `--smoke` runs the same pipeline at toy sizes on CPU.
 Flags this script does not know go to every recipe run: `--num_heads 0.1`, `--kv_policy any`, `--num_mlps 0`.
+
+Another model: `--config recipes/configs/arith_heads/smollm2.yaml` takes that config's sizes and learning rates (the
+sizes and rates above are the tiny config's; flags given here still override); `--sequential` runs the methods one
+after the other (CPU; the heads run evaluates the base model and the others reuse its metrics); `--selection_from
+RUN_DIR` reuses the selection and attribution of an earlier heads run (e.g. `--attribution_only true`) instead of
+patching again. With a long_ppl harness task in the config, `heads`' perplexity must also stay within 1% of the base
+model's.
 """
 
 import json
@@ -27,6 +34,15 @@ from science_common import RECIPES, at_least, at_most, command_line, launch_reci
 
 
 CONFIG = RECIPES / "configs" / "arith_heads" / "default.yaml"
+# The tiny config's sizes and learning rates for this check (another --config keeps its own unless flags are given).
+TINY_SIZES = {
+    "train_per_cell": 3000,
+    "num_train_epochs": 2.0,
+    "attribution_pairs": 256,
+    "eval_per_cell": 100,
+    "eval_limit": 300,
+}
+TINY_RATES = {"learning_rate": 2e-3, "full_learning_rate": 2e-4}
 METHODS = ("heads", "random_heads", "lora", "full")
 # The patching run the concentration target is measured on: total effect (activation patching). The tiny config
 # selects the heads it tunes by direct effect (path patching, its selection_score): see its default.yaml.
@@ -42,12 +58,16 @@ NON_ARITH = (
 )
 
 
-def recipe_command(method: str, out: Path, sizes: dict, learning_rate: float, extra: list[str]) -> list[str]:
-    rate = ["--lora_learning_rate" if method == "lora" else "--learning_rate", str(learning_rate)]
+def recipe_command(
+    method: str, out: Path, sizes: dict, learning_rate: float | None, extra: list[str], config: Path = CONFIG
+) -> list[str]:
+    """The recipe's command line for `method`; a learning rate of None keeps the config's."""
+    flag = "--lora_learning_rate" if method == "lora" else "--learning_rate"
+    rate = [] if learning_rate is None else [flag, str(learning_rate)]
     return launch_recipe(
         "arith_heads",
         "--config",
-        str(CONFIG),
+        str(config),
         "--method",
         method,
         "--output_dir",
@@ -74,7 +94,16 @@ def targets(results: dict, attribution: dict) -> dict:
         method: {name: -change[method][name] for name in NON_ARITH if name in change[method]} for method in METHODS
     }
     under = attribution["under_5pct"]
-    return {
+    ppl = sorted(name for name in results["heads"]["change"] if name.startswith("long_ppl/ppl_len"))
+    ppl_change = {
+        method: {
+            name: results[method]["after"][name] / results[method]["before"][name] - 1
+            for name in ppl
+            if name in results[method]["change"]
+        }
+        for method in METHODS
+    }
+    checks = {
         # "Most" as the issue says it: more than half of the summed |effect|; the share needed for 80% is reported.
         "fewer_than_5pct_of_heads_explain_most": {
             "heads": under["heads"],
@@ -100,6 +129,14 @@ def targets(results: dict, attribution: dict) -> dict:
             "pass": gain["heads"] > gain["random_heads"],
         },
     }
+    if ppl:  # held-out perplexity (lower is better): heads' relative rise at most 1%
+        checks["heads_book_ppl_within_1pct"] = {
+            "relative_change": ppl_change["heads"],
+            "lora_relative_change": ppl_change["lora"],
+            "full_relative_change": ppl_change["full"],
+            "pass": all(at_most(change, 0.01) for change in ppl_change["heads"].values()),
+        }
+    return checks
 
 
 def table(summary: dict) -> str:
@@ -113,6 +150,7 @@ def table(summary: dict) -> str:
         *NON_ARITH,
     ]
     before = results["heads"]["before"]
+    metrics += sorted(name for name in before if name.startswith("long_ppl/ppl_len"))  # lower is better
     rows = [
         "| method | trained params | train loss first -> last | " + " | ".join(metrics) + " |",
         "|---|---|---|" + "---|" * len(metrics),
@@ -152,27 +190,32 @@ def table(summary: dict) -> str:
 
 def main() -> None:
     parser = science_parser("arith", __doc__)
+    parser.add_argument("--config", type=Path, default=CONFIG, help="the recipe config (default: the tiny model's)")
+    parser.add_argument("--train_per_cell", type=int, help="training problems per (template, op, digits)")
+    parser.add_argument("--epochs", type=float)
+    parser.add_argument("--learning_rate", type=float, help="heads, random_heads (and lora unless given)")
+    parser.add_argument("--lora_learning_rate", type=float, help="lora (default: --learning_rate)")
+    parser.add_argument("--full_learning_rate", type=float, help="full fine-tuning")
+    parser.add_argument("--attribution_pairs", type=int)
+    parser.add_argument("--eval_per_cell", type=int)
+    parser.add_argument("--eval_limit", type=int, help="records per harness task and closed-book facts")
+    parser.add_argument("--sequential", action="store_true", help="run the methods one after the other (CPU)")
     parser.add_argument(
-        "--train_per_cell", type=int, default=3000, help="training problems per (template, op, digits)"
+        "--selection_from", type=Path, help="an earlier heads run's folder: reuse its selection and attribution"
     )
-    parser.add_argument("--epochs", type=float, default=2.0)
-    parser.add_argument("--learning_rate", type=float, default=2e-3, help="heads, random_heads and lora")
-    parser.add_argument("--full_learning_rate", type=float, default=2e-4, help="full fine-tuning")
-    parser.add_argument("--attribution_pairs", type=int, default=256)
-    parser.add_argument("--eval_per_cell", type=int, default=100)
-    parser.add_argument("--eval_limit", type=int, default=300, help="records per harness task and closed-book facts")
     args, passthrough = parser.parse_known_args()  # other flags go to every recipe run (e.g. --kv_policy any)
     out = output_folder(args.out)
-    sizes = {
+    args.config = args.config.resolve()  # the runs start in folders under --out
+    tiny = args.config == CONFIG.resolve()
+    given = {
         "train_per_cell": args.train_per_cell,
         "num_train_epochs": args.epochs,
         "attribution_pairs": args.attribution_pairs,
         "eval_per_cell": args.eval_per_cell,
         "eval_limit": args.eval_limit,
-        "logging_steps": 25,
-        "seed": 0,
-        "bf16": "false",
     }
+    sizes = (TINY_SIZES if tiny else {}) | {key: value for key, value in given.items() if value is not None}
+    sizes |= {"logging_steps": 25, "seed": 0, "bf16": "false"} if tiny else {}
     # float32 weights: the recipe loads the model in bf16 where training runs in bf16, and full fine-tuning of bf16
     # weights drops updates below bf16's resolution (2e-4 * Adam's unit step vs weights ~0.05); the model is tiny.
     extra = list(passthrough)
@@ -185,28 +228,45 @@ def main() -> None:
             "logging_steps": 1,
         }
         extra += ["--max_steps", "3", "--eval_digits", "2", "3"]
+    defaults = TINY_RATES if tiny else {}
+    learning_rate = args.learning_rate or defaults.get("learning_rate")
     rates = {
-        "heads": args.learning_rate,
-        "random_heads": args.learning_rate,
-        "lora": args.learning_rate,
-        "full": args.full_learning_rate,
+        "heads": learning_rate,
+        "random_heads": learning_rate,
+        "lora": args.lora_learning_rate or learning_rate,
+        "full": args.full_learning_rate or TINY_RATES["full_learning_rate"],
     }
-    commands = {method: recipe_command(method, out, sizes, rates[method], extra) for method in METHODS}
-    commands["random_heads"] += ["--head_selection", str(out / "heads" / "head_selection.json")]
+    commands = {method: recipe_command(method, out, sizes, rates[method], extra, args.config) for method in METHODS}
+    heads_run = args.selection_from.resolve() if args.selection_from else out / "heads"
+    if args.selection_from:
+        commands["heads"] += ["--head_selection", str(heads_run / "head_selection.json")]
+    commands["random_heads"] += ["--head_selection", str(heads_run / "head_selection.json")]
+    if args.sequential:  # the base model is evaluated once, by the heads run, and its metrics reused
+        for method in ("random_heads", "lora", "full"):
+            commands[method] += ["--eval_before_from", str(out / "heads" / "results.json")]
     chains = {
         "heads then random_heads": [(commands[m], out / f"{m}.log") for m in ("heads", "random_heads")],
         "lora": [(commands["lora"], out / "lora.log")],
         "full": [(commands["full"], out / "full.log")],
     }
     start = time.time()
-    with ThreadPoolExecutor(len(chains)) as pool:  # the tiny model leaves the GPU idle: the chains share it
-        timings = dict(zip(chains, pool.map(timed, chains, chains.values())))
+    if args.sequential:
+        timings = {label: timed(label, chain) for label, chain in chains.items()}
+    else:
+        with ThreadPoolExecutor(len(chains)) as pool:  # the tiny model leaves the GPU idle: the chains share it
+            timings = dict(zip(chains, pool.map(timed, chains, chains.values())))
     results = {method: json.loads((out / method / "results.json").read_text()) for method in METHODS}
-    selection_run = json.loads((out / "heads" / "attribution" / f"{SELECTION_RUN}.json").read_text())
+    selection_run = json.loads((heads_run / "attribution" / f"{SELECTION_RUN}.json").read_text())
     attribution = selection_run["concentration"] | {"num_pairs": selection_run["num_pairs"]}
     summary = {
         "command": command_line(),
-        "settings": {**sizes, "learning_rates": rates, "extra": extra, "config": CONFIG.name},
+        "settings": {
+            **sizes,
+            "learning_rates": rates,
+            "extra": extra,
+            "config": args.config.name,
+            "selection_from": str(args.selection_from) if args.selection_from else None,
+        },
         "timings_s": {**timings, "total": time.time() - start},
         "attribution": attribution,
         "results": {m: {k: v for k, v in r.items() if k != "attribution"} for m, r in results.items()},

@@ -22,9 +22,10 @@ Reuse a selection instead of patching again: `--head_selection OUTPUT_DIR/head_s
    " ANSWER\n" only (see `training_examples`) on the world's `train_split` problems of `train_ops` x `train_digits` x
    `train_templates`. Baselines: `random_heads` (the same numbers of random heads and MLPs; with `head_selection`,
    drawn among the unselected ones), `lora` (PEFT), `full` (every weight).
-3. Evaluation before and after: arithmetic accuracy by (template, op, digits) on the test split, grouped into in
-   distribution and transfer (other digits, templates, ops); the shared harness tasks `eval_tasks`; closed-book recall
-   of memorised facts.
+3. Evaluation before and after: arithmetic accuracy by (template, op, digits) of `eval_templates` on `eval_split`
+   (test by default; validation to choose settings), grouped into in distribution and transfer (other digits,
+   templates, ops); the shared harness tasks `eval_tasks` on `eval_split` too (`eval_haystack_file` and
+   `eval_lengths` for long_ppl: `books` holds held-out public-domain books); closed-book recall of memorised facts.
 Outputs in `output_dir`: `attribution/` (ranked JSON and layer x head heat map per patching run),
 `head_selection.json`, `adapter/` (ctxaware format; PEFT for lora; `model/` for full), `results.json`;
 `--merge true` adds `merged/`, a plain transformers model.
@@ -139,12 +140,40 @@ class ArithHeadsArguments:
     # evaluation
     eval_per_cell: int = field(default=20, metadata={"help": "Test problems per (template, op, digits); 0: none."})
     eval_digits: list[int] = field(default_factory=lambda: [1, 2, 3])
+    eval_templates: list[str] = field(
+        default_factory=lambda: list(ARITHMETIC_TEMPLATES),
+        metadata={"help": "Templates of the arithmetic evaluation."},
+    )
+    eval_split: str = field(
+        default="test",
+        metadata={
+            "help": "World split of the arithmetic evaluation and the harness tasks (validation to choose settings, "
+            "test to report)."
+        },
+    )
+    eval_haystack_file: str | None = field(
+        default=None, metadata={"help": "Text of the long_ppl harness task: a file or a named source (books)."}
+    )
+    eval_lengths: list[int] | None = field(default=None, metadata={"help": "long_ppl's window lengths."})
     eval_tasks: list[str] = field(
         default_factory=lambda: ["extractive_qa", "counterfactual_qa"],
         metadata={"help": "Harness tasks (ctxaware eval), before and after."},
     )
-    eval_limit: int = field(default=100, metadata={"help": "Records per harness task and closed-book facts."})
+    eval_limit: int = field(
+        default=100, metadata={"help": "Records per harness task and closed-book facts; 0: neither."}
+    )
     merge: bool = field(default=False, metadata={"help": "Also save the merged plain model (heads methods)."})
+    attribution_only: bool = field(
+        default=False,
+        metadata={"help": "Method heads: patch, save the selection and attribution, then stop (no training)."},
+    )
+    eval_before_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "An earlier run's results.json whose `before` metrics (same base model and evaluation settings) "
+            "are reused instead of evaluating the base model again."
+        },
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -158,6 +187,12 @@ class ArithHeadsArguments:
             )
         if self.selection_sign not in SELECTION_SIGNS:
             raise ValueError(f"selection_sign={self.selection_sign!r}: choose one of {', '.join(SELECTION_SIGNS)}.")
+        if self.attribution_only and (self.method != "heads" or self.head_selection):
+            raise ValueError("attribution_only patches the model: use it with method heads and no head_selection.")
+        if unknown := set(self.eval_templates) - set(ARITHMETIC_TEMPLATES):
+            raise ValueError(
+                f"unknown eval_templates {sorted(unknown)}: choose from {', '.join(ARITHMETIC_TEMPLATES)}."
+            )
         if unknown := set(self.patching_runs) - set(PATCHING_RUNS):
             raise ValueError(f"unknown patching runs {sorted(unknown)}: choose from {', '.join(PATCHING_RUNS)}.")
         for score in (self.selection_score, self.mlp_selection_score):
@@ -294,10 +329,10 @@ def evaluate_model(args: ArithHeadsArguments, model, tokenizer, base_model: str)
     if args.eval_per_cell:
         records = arithmetic_records(
             args.world_seed,
-            "test",
+            args.eval_split,
             ops=ARITHMETIC_OPS,
             digits=args.eval_digits,
-            templates=ARITHMETIC_TEMPLATES,
+            templates=args.eval_templates,
             n_per_cell=args.eval_per_cell,
         )
         outputs = lm.generate([lm.encode(r["prompt"], chat=False) for r in records], max_new_tokens=8)
@@ -308,7 +343,7 @@ def evaluate_model(args: ArithHeadsArguments, model, tokenizer, base_model: str)
             groups.setdefault(f"arith_{category(record, args)}", []).append(hit)
         metrics |= {name: sum(v) / len(v) for name, v in sorted(groups.items())}
         metrics |= {name: sum(v) / len(v) for name, v in sorted(hits.items())}
-    if args.eval_tasks:
+    if args.eval_tasks and args.eval_limit:
         results = evaluate_in_process(
             model,
             tokenizer,
@@ -317,6 +352,9 @@ def evaluate_model(args: ArithHeadsArguments, model, tokenizer, base_model: str)
             batch_size=64,
             limit=args.eval_limit,
             chat_template="off",
+            split=args.eval_split,
+            haystack_file=args.eval_haystack_file,
+            lengths=args.eval_lengths,
         ).results
         for task, values in results["results"].items():
             metrics |= {
@@ -329,6 +367,14 @@ def evaluate_model(args: ArithHeadsArguments, model, tokenizer, base_model: str)
         outputs = lm.generate([lm.encode(QA_PROMPT.format(**r), chat=False) for r in facts], max_new_tokens=8)
         metrics["closed_book_recall"] = sum(matches(o, r["answer"]) for o, r in zip(outputs, facts)) / len(facts)
     return metrics
+
+
+def evaluation_settings(args: ArithHeadsArguments, model_args) -> dict:
+    """What the `before` metrics depend on: the base model and every evaluation option (for eval_before_from)."""
+    names = ("world_seed", "train_ops", "train_digits", "train_templates")
+    settings = {name: value for name, value in asdict(args).items() if name.startswith("eval_") or name in names}
+    del settings["eval_before_from"]
+    return settings | {"model": model_args.model_name_or_path, "revision": model_args.model_revision}
 
 
 class Stopwatch:
@@ -393,7 +439,35 @@ def main(
     dataset = Dataset.from_list(examples)
     results = {"method": args.method, "base_model": model_args.model_name_or_path, "train_records": len(examples)}
     clock = Stopwatch()
-    results["before"] = evaluate_model(args, model, tokenizer, model_args.model_name_or_path)
+    results["eval_settings"] = evaluation_settings(args, model_args)
+    if args.attribution_only:
+        heads, mlps, attribution = select(
+            args, layout, model, tokenizer, training_args.seed, output_dir, state.is_main_process
+        )
+        results |= {"heads": [list(h) for h in heads], "mlp_layers": mlps, "attribution": attribution}
+        results["timings_s"] = clock.lap("selection")
+        if state.is_main_process:
+            save_head_selection(
+                output_dir / "head_selection.json",
+                heads,
+                layout,
+                mlp_layers=mlps,
+                method=args.method,
+                selection_score=args.selection_score,
+                mlp_selection_score=args.mlp_selection_score,
+            )
+            write_json(output_dir / "results.json", results)
+        return results
+    if args.eval_before_from:
+        earlier = json.loads(Path(args.eval_before_from).read_text())
+        if earlier.get("eval_settings") != results["eval_settings"]:
+            raise ValueError(
+                f"eval_before_from {args.eval_before_from}: its base model and evaluation settings "
+                f"{earlier.get('eval_settings')} differ from this run's {results['eval_settings']}."
+            )
+        results["before"], results["before_from"] = earlier["before"], args.eval_before_from
+    else:
+        results["before"] = evaluate_model(args, model, tokenizer, model_args.model_name_or_path)
     clock.lap("eval_before")
 
     adapter = None

@@ -280,6 +280,64 @@ def test_recipe_arguments_are_checked():
         recipe.ArithHeadsArguments(kv_policy="none", kv_lr_ratio=0.1)
     with pytest.raises(ValueError, match="selection_sign='negative': choose one of positive"):
         recipe.ArithHeadsArguments(selection_sign="negative")
+    with pytest.raises(ValueError, match="attribution_only patches the model"):
+        recipe.ArithHeadsArguments(method="lora", attribution_only=True)
+    with pytest.raises(ValueError, match="unknown eval_templates \\['story'\\]"):
+        recipe.ArithHeadsArguments(eval_templates=["question", "story"])
+
+
+def test_evaluation_reads_its_split_and_templates_and_passes_the_harness_options(monkeypatch):
+    """eval_split picks the arithmetic problems and the harness tasks' split (validation to choose settings, test to
+    report); eval_templates the arithmetic templates; eval_haystack_file / eval_lengths reach long_ppl."""
+    from tests.test_configs import load_recipe
+
+    recipe = load_recipe("arith_heads")
+    seen = {}
+
+    class Harness:
+        def __init__(self, options):
+            seen["harness"] = options
+            self.results = {"results": {"long_ppl": {"ppl_len256,none": 9.0, "ppl_len256_stderr,none": 1.0}}}
+
+    class Model:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def encode(self, prompt, chat):
+            return prompt
+
+        def generate(self, prompts, max_new_tokens):
+            seen.setdefault("prompts", []).extend(prompts)
+            return [" 0"] * len(prompts)
+
+    monkeypatch.setattr(recipe, "EvalModel", Model)
+    monkeypatch.setattr(recipe, "evaluate_in_process", lambda *a, **options: Harness(options))
+    args = recipe.ArithHeadsArguments(
+        eval_split="validation",
+        eval_templates=["question"],
+        eval_digits=[2],
+        eval_per_cell=3,
+        eval_tasks=["long_ppl"],
+        eval_haystack_file="books",
+        eval_lengths=[256],
+        eval_limit=2,
+    )
+    model = torch.nn.Linear(1, 1)
+    metrics = recipe.evaluate_model(args, model, None, "ctxaware-tiny")
+    expected = recipe.arithmetic_records(
+        0, "validation", ops=["+", "-", "*"], digits=[2], templates=["question"], n_per_cell=3
+    )
+    assert seen["prompts"][: len(expected)] == [r["prompt"] for r in expected]
+    assert {name.split("/")[1] for name in metrics if name.startswith("arith_cell/")} == {
+        f"question_{op}_2d" for op in "+-*"
+    }
+    assert {k: seen["harness"][k] for k in ("split", "haystack_file", "lengths", "limit")} == {
+        "split": "validation",
+        "haystack_file": "books",
+        "lengths": [256],
+        "limit": 2,
+    }
+    assert metrics["long_ppl/ppl_len256"] == 9.0 and "long_ppl/ppl_len256_stderr" not in metrics
 
 
 def test_positive_ranking_skips_components_that_push_against_the_answer():
@@ -432,6 +490,38 @@ def test_recipe_end_to_end_heads(tmp_path):
     )
     reused = json.loads((again / "results.json").read_text())
     assert reused["heads"] == results["heads"] and not (again / "attribution").exists()
+
+
+def test_recipe_attribution_only_and_reused_base_metrics(tmp_path):
+    """attribution_only writes the selection and the attribution and trains nothing; eval_before_from reuses an
+    earlier run's base-model metrics when the evaluation settings match and refuses them otherwise."""
+    config = ["--config", "recipes/configs/arith_heads/default.yaml", *SMALL]
+    patched = tmp_path / "patched"
+    accelerate_launch("recipes/arith_heads.py", *config, "--output_dir", str(patched), "--attribution_only", "true")
+    only = json.loads((patched / "results.json").read_text())
+    assert len(only["heads"]) == DEFAULT_CONFIG["num_heads"] and "before" not in only and "after" not in only
+    assert (patched / "head_selection.json").is_file() and not (patched / "adapter").exists()
+    assert (patched / "attribution" / "activation_corrupted_into_clean.png").is_file()
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    selection = ["--head_selection", str(patched / "head_selection.json")]
+    accelerate_launch("recipes/arith_heads.py", *config, *selection, "--output_dir", str(first))
+    before = json.loads((first / "results.json").read_text())["before"]
+    reuse = ["--eval_before_from", str(first / "results.json")]
+    accelerate_launch("recipes/arith_heads.py", *config, *selection, *reuse, "--output_dir", str(second))
+    results = json.loads((second / "results.json").read_text())
+    assert results["before"] == before and results["before_from"] == str(first / "results.json")
+    with pytest.raises(AssertionError, match="evaluation settings"):
+        accelerate_launch(
+            "recipes/arith_heads.py",
+            *config,
+            *selection,
+            *reuse,
+            "--eval_split",
+            "validation",
+            "--output_dir",
+            str(tmp_path / "third"),
+        )
 
 
 @pytest.mark.slow

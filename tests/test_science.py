@@ -68,6 +68,31 @@ def test_arith_targets():
     assert target["lora_drops"] == dict.fromkeys(load("arith_science").NON_ARITH, 0.05)
 
 
+def test_arith_book_perplexity_target_is_a_relative_rise_of_at_most_1pct():
+    arith = load("arith_science")
+
+    def with_ppl(heads_after):
+        results = {
+            method: {
+                "change": {"arith_in_distribution": 0.1, "long_ppl/ppl_len256": after - 20.0},
+                "before": {"long_ppl/ppl_len256": 20.0},
+                "after": {"long_ppl/ppl_len256": after},
+            }
+            for method, after in {"heads": heads_after, "random_heads": 20.0, "lora": 20.4, "full": 25.0}.items()
+        }
+        attribution = {
+            "under_5pct": {"heads": 3, "fraction": 0.04, "share": 0.6},
+            "heads_for_80pct": {"fraction": 0.2},
+        }
+        return arith.targets(results, attribution)["heads_book_ppl_within_1pct"]
+
+    assert with_ppl(20.2)["pass"] is True  # exactly 1% higher
+    assert with_ppl(20.3)["pass"] is False
+    assert with_ppl(15.0)["pass"] is True  # lower perplexity is no drop
+    assert with_ppl(20.0)["full_relative_change"] == {"long_ppl/ppl_len256": pytest.approx(0.25)}
+    assert "heads_book_ppl_within_1pct" not in arith_inputs()  # no long_ppl task: no target
+
+
 # --- context awareness ---------------------------------------------------------------------------------------------
 
 

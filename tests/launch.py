@@ -16,9 +16,13 @@ def accelerate_launch(
     config_file: str | None = None,
     timeout: float = 600,
     env: dict | None = None,
+    finished: Path | None = None,
 ) -> subprocess.CompletedProcess:
     """Launches `script` from the repository root on CPU, optionally with one of recipes/accelerate/*.yaml; raises
-    with the child's output if it fails."""
+    with the child's output if it fails. With `finished` (a file the run writes last), a multi-process run whose rank
+    aborted in gloo's teardown at interpreter exit ("terminate called without an active exception", about 1 CI run
+    in 20, after every output was written: see tests/scripts/ddp_smoke.py) counts as finished when that file exists;
+    the caller's own checks then read its outputs."""
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file:
         command += ["--config_file", config_file]
@@ -39,7 +43,8 @@ def accelerate_launch(
         **(env or {}),
     }
     result = subprocess.run(command, cwd=REPO_ROOT, env=child_env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
+    teardown_abort = "terminate called without an active exception" in result.stderr
+    if result.returncode != 0 and not (teardown_abort and finished is not None and finished.exists()):
         raise AssertionError(
             f"`{' '.join(command)}` exited {result.returncode}\n--- stdout ---\n{result.stdout[-6000:]}\n"
             f"--- stderr ---\n{result.stderr[-6000:]}"

@@ -32,6 +32,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tiny_bas
         str(double),
         num_processes=2,
         config_file="recipes/accelerate/ddp.yaml",
+        finished=double / "adapter" / "eval_results.json",
     )
     assert len(_losses(single)) == 3
     assert _losses(double) == pytest.approx(_losses(single), rel=1e-4)

@@ -413,6 +413,19 @@ def training_examples(args: ArithHeadsArguments, tokenizer) -> list[dict]:
     return examples
 
 
+def save_selection(args: ArithHeadsArguments, output_dir: Path, heads, mlps, layout: HeadLayout) -> None:
+    """`head_selection.json`: the heads and MLPs chosen, with the scores that chose them."""
+    save_head_selection(
+        output_dir / "head_selection.json",
+        heads,
+        layout,
+        mlp_layers=mlps,
+        method=args.method,
+        selection_score=args.selection_score,
+        mlp_selection_score=args.mlp_selection_score,
+    )
+
+
 def main(
     args: ArithHeadsArguments, training_args: ArithHeadsTrainingConfig, model_args: ArithHeadsModelConfig
 ) -> dict:
@@ -447,15 +460,7 @@ def main(
         results |= {"heads": [list(h) for h in heads], "mlp_layers": mlps, "attribution": attribution}
         results["timings_s"] = clock.lap("selection")
         if state.is_main_process:
-            save_head_selection(
-                output_dir / "head_selection.json",
-                heads,
-                layout,
-                mlp_layers=mlps,
-                method=args.method,
-                selection_score=args.selection_score,
-                mlp_selection_score=args.mlp_selection_score,
-            )
+            save_selection(args, output_dir, heads, mlps, layout)
             write_json(output_dir / "results.json", results)
         return results
     if args.eval_before_from:
@@ -509,15 +514,7 @@ def main(
         adapter.to(state.device).attach(model)
         if state.is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
-            save_head_selection(
-                output_dir / "head_selection.json",
-                heads,
-                layout,
-                mlp_layers=mlps,
-                method=args.method,
-                selection_score=args.selection_score,
-                mlp_selection_score=args.mlp_selection_score,
-            )
+            save_selection(args, output_dir, heads, mlps, layout)
     results["trained_parameters"] = count_trainable(model)
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[RequireTrainingSteps()]

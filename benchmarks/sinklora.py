@@ -12,8 +12,10 @@ attention (the floor). `--liger` adds each peer again with liger-kernel's fused 
 never materialised), RMSNorm, SwiGLU and RoPE. Reports the median step's tokens/s and the peak memory, with the
 ratios to LongLoRA's and full attention's steps.
 
-Generation: the same model, an `--gen_prompt`-token prompt, `--gen_new` greedy tokens: full cache (SDPA and the
-ctxaware kernels) against H2O at budgets 0.5 and 0.2; decode tokens/s and KV-cache bytes.
+Generation: the same model, an `--gen_prompt`-token prompt, `--gen_new` greedy tokens: full cache (SDPA, the
+ctxaware attention under its dense backend policy, and forced onto the ctxaware kernels) against H2O and the sinks +
+window cache at budgets 0.5 and 0.2; decode tokens/s and KV-cache bytes; `--profile_decode` adds each peer's
+host / GPU time per decode step and its op table (decode_profile_<peer>.txt).
 Writes sinklora.json (timings, GPU, versions, command) and sinklora.md (tables) to --out.
 """
 
@@ -33,13 +35,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ctxaware.methods import sinklora  # noqa: E402
-from ctxaware.methods.h2o import H2OCache  # noqa: E402
+from ctxaware.methods.h2o import H2OCache, WindowCache  # noqa: E402
 
 
 LONGLORA = "longlora_s2"
 FLOOR = "no_attention_floor"
 LIGER = "+liger"  # peer-name suffix: the same step with liger-kernel's fused loss and layers
 TRAIN_PEERS = ("sf_ctxaware", "s2_longlora_sdpa", "full_sdpa", FLOOR)
+# full_auto: the ctxaware attention under its dense backend policy (plain decode goes to SDPA)
+GENERATION_PEERS = ("full_sdpa", "full_auto", "full_ctxaware", "h2o_0.5", "h2o_0.2", "window_0.5", "window_0.2")
 GROUP_SIZE_RATIO = 0.25
 
 
@@ -147,7 +151,11 @@ def train_step_peer(name: str, seq: int, steps: int, layers: int | None, shape: 
     return result
 
 
-def generation_peer(name: str, prompt: int, new: int, layers: int | None, shape: str = "1b") -> dict:
+def generation_peer(
+    name: str, prompt: int, new: int, layers: int | None, shape: str = "1b", profile: Path | None = None
+) -> dict:
+    """Decode tokens/s and K/V bytes of one cache peer; with `profile`, a torch.profiler table of a short decode
+    (host and GPU time per op) is written there, to see what bounds the decode step."""
     from transformers import DynamicCache
 
     model = build_model("sdpa" if name == "full_sdpa" else "ctxaware", layers, shape).eval()
@@ -156,10 +164,11 @@ def generation_peer(name: str, prompt: int, new: int, layers: int | None, shape:
 
         set_attention_options(model, backend="triton")
     ids = torch.randint(0, 32000, (1, prompt), device="cuda")
-    budget = {"h2o_0.5": 0.5, "h2o_0.2": 0.2}.get(name)
+    kind, _, budget = name.partition("_")
+    cache_class = {"h2o": H2OCache, "window": WindowCache}.get(kind)
 
     def cache():
-        return H2OCache(model, budget=budget) if budget else DynamicCache(config=model.config)
+        return cache_class(model, budget=float(budget)) if cache_class else DynamicCache(config=model.config)
 
     with torch.no_grad():
         model.generate(input_ids=ids, cache=cache(), max_new_tokens=4, do_sample=False, min_new_tokens=4)
@@ -174,13 +183,40 @@ def generation_peer(name: str, prompt: int, new: int, layers: int | None, shape:
         model.generate(input_ids=ids, cache=run_cache, max_new_tokens=new, min_new_tokens=new, do_sample=False)
         torch.cuda.synchronize()
         total = time.perf_counter() - start
+        record = {}
+        if profile is not None:
+            record["profile"] = profile_decode(model, ids, cache, profile)
     layers_kv = [(layer.keys, layer.values) for layer in run_cache.layers]
     cache_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers_kv)
     return {
         "decode_tokens_per_s": (new - 1) / max(total - prefill, 1e-9),
         "total_s": total,
         "cache_bytes": cache_bytes,
+        **record,
     }
+
+
+def profile_decode(model, ids: torch.Tensor, cache, path: Path, steps: int = 16) -> dict:
+    """Profiles `steps` decode steps after the prompt's prefill: host (CPU) and GPU time in all, and the table of
+    ops by self CPU time, written to `path`. A decode step whose host time exceeds its GPU time is host-bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run_cache = cache()
+    output = model(input_ids=ids, cache=run_cache, use_cache=True)
+    token = output.logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = model(input_ids=token, cache=run_cache, use_cache=True).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+    table = events.table(sort_by="self_cpu_time_total", row_limit=30)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table)
+    return {"steps": steps, "wall_ms_per_step": 1e3 * wall / steps, "gpu_ms_per_step": gpu_us / 1e3 / steps}
 
 
 def main() -> None:
@@ -192,6 +228,10 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--liger", action="store_true", help="also time each peer with liger-kernel's fused layers")
     parser.add_argument("--skip_generation", action="store_true")
+    parser.add_argument("--skip_training", action="store_true")
+    parser.add_argument(
+        "--profile_decode", action="store_true", help="also profile 16 decode steps of each generation peer"
+    )
     parser.add_argument("--gen_prompt", type=int, default=8192)
     parser.add_argument("--gen_new", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="4k tokens, 4 layers, 2 steps: a smoke run")
@@ -208,12 +248,13 @@ def main() -> None:
         AttentionMaskInterface.register(name, sdpa_mask)
 
     train, generation = {}, {}
-    for name in TRAIN_PEERS + tuple(name + LIGER for name in TRAIN_PEERS if args.liger):
+    for name in () if args.skip_training else TRAIN_PEERS + tuple(name + LIGER for name in TRAIN_PEERS if args.liger):
         train[name] = train_step_peer(name, args.seq, args.steps, args.layers, args.shape)
         print(name, train[name], flush=True)
         write(Path(args.out), args, train, generation)
-    for name in () if args.skip_generation else ("full_sdpa", "full_ctxaware", "h2o_0.5", "h2o_0.2"):
-        generation[name] = generation_peer(name, args.gen_prompt, args.gen_new, args.layers, args.shape)
+    for name in () if args.skip_generation else GENERATION_PEERS:
+        profile = Path(args.out) / f"decode_profile_{name}.txt" if args.profile_decode else None
+        generation[name] = generation_peer(name, args.gen_prompt, args.gen_new, args.layers, args.shape, profile)
         torch.cuda.empty_cache()
         print(name, generation[name], flush=True)
         write(Path(args.out), args, train, generation)
@@ -275,9 +316,11 @@ def write(out: Path, args, train: dict, generation: dict) -> None:
         ]
     if generation:
         lines += ["", f"Generation, {args.gen_prompt}-token prompt, {args.gen_new} new tokens:", ""]
-        lines += ["| cache | decode tokens/s | KV MiB |", "|---|---|---|"]
+        lines += ["| cache | decode tokens/s | KV MiB | profiled ms/step: wall / GPU |", "|---|---|---|---|"]
         for name, r in generation.items():
-            lines.append(f"| {name} | {r['decode_tokens_per_s']:.1f} | {r['cache_bytes'] / 2**20:.1f} |")
+            profiled = r.get("profile")
+            profiled = f"{profiled['wall_ms_per_step']:.1f} / {profiled['gpu_ms_per_step']:.1f}" if profiled else "-"
+            lines.append(f"| {name} | {r['decode_tokens_per_s']:.1f} | {r['cache_bytes'] / 2**20:.1f} | {profiled} |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "sinklora.json").write_text(json.dumps(record, indent=2))
     (out / "sinklora.md").write_text("\n".join(lines) + "\n")

@@ -68,7 +68,29 @@ def main() -> None:
     parser.add_argument("--skip_kv", action="store_true", help="skip the KV-cache comparison")
     parser.add_argument("--skip_training", action="store_true", help="only the KV-cache comparison")
     parser.add_argument("--eval_batch_size", type=int, default=8, help="1 for a real vocabulary at 32k")
+    parser.add_argument(
+        "--split",
+        choices=("validation", "test"),
+        default="test",
+        help="evaluation split: validation while choosing steps / lr / RoPE (other held-out documents, other passkey "
+        "and NIAH keys), test once for the report",
+    )
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated attentions to train, among " + ", ".join(VARIANTS),
+    )
+    parser.add_argument(
+        "--kv_budgets",
+        default=",".join(KV_BUDGETS),
+        help="comma-separated KV caches to compare (the full cache always runs: it is the reference)",
+    )
     args = parser.parse_args()
+    variants = [v for v in VARIANTS if v in args.variants.split(",")]
+    kv_budgets = ["full", *(b for b in KV_BUDGETS if b != "full" and b in args.kv_budgets.split(","))]
+    unknown = set(args.variants.split(",")) - set(VARIANTS) or set(args.kv_budgets.split(",")) - set(KV_BUDGETS)
+    if unknown or not variants:
+        parser.error(f"unknown or no variants / KV caches {sorted(unknown)}: use {VARIANTS} and {KV_BUDGETS}")
     out = output_folder(args.out)
     python = sys.executable
     model, steps, batch, limit, windows = args.model, args.steps, args.batch_size, args.limit, args.ppl_windows
@@ -82,7 +104,10 @@ def main() -> None:
     text_file = args.text
     if text_file is None:
         text_file = str(out / "heldout_long_documents.txt")
-        subprocess.run([python, "-c", HELDOUT_TEXT.format(path=text_file, max_tokens=target)], check=True, cwd=out)
+        seed = HELDOUT_SEEDS[args.split]
+        subprocess.run(
+            [python, "-c", HELDOUT_TEXT.format(path=text_file, max_tokens=target, seed=seed)], check=True, cwd=out
+        )
     settings = {
         "model": model,
         "original_length": original,
@@ -95,6 +120,8 @@ def main() -> None:
         "train": {"text": args.train_text, "text_share": args.train_text_share, "world_mix": args.train_mix},
         "dtype": args.dtype,
         "heldout_text": text_file,
+        "split": args.split,
+        "variants": variants,
     }
 
     train_file = None
@@ -121,7 +148,7 @@ def main() -> None:
         [] if args.skip_training else ropes
     ):  # one rope at a time; its three variants run side by side (a small model leaves the GPU idle)
         jobs = []
-        for index, attention in enumerate(VARIANTS):
+        for index, attention in enumerate(variants):
             folder = out / f"{rope}_{attention}"  # the recipe claims it: nothing of ours goes inside
             recipe = [
                 "--model_name_or_path",
@@ -168,6 +195,8 @@ def main() -> None:
                 str(target),
                 "--dtype",
                 args.dtype,
+                "--eval_split",
+                args.split,
             ]
             if train_file:
                 recipe += ["--dataset_name", train_file, "--dataset_text_field", "text"]
@@ -175,7 +204,7 @@ def main() -> None:
                 recipe += ["--train_mix", *args.train_mix]
             jobs.append((launch_recipe("sinklora", *recipe), folder.with_suffix(".log")))
         run_parallel(jobs)
-        for attention in VARIANTS:
+        for attention in variants:
             recorded = json.loads((out / f"{rope}_{attention}" / "adapter" / "eval_results.json").read_text())
             results[f"{rope}_{attention}"] = recorded["summary"]
             for name, summary in recorded.get("before", {}).items():
@@ -188,7 +217,9 @@ def main() -> None:
         "ppl_relative_to_full": relative_to_full(results, ropes, lengths),
     }
     if not args.skip_kv:
-        summary["kv_cache_at_L"] = kv_comparison(out, model, args, original, text_file, args.kv_limit or limit)
+        summary["kv_cache_at_L"] = kv_comparison(
+            out, model, args, original, text_file, args.kv_limit or limit, kv_budgets
+        )
     summary["targets"] = targets(results, ropes, target, summary.get("kv_cache_at_L"))
     (out / "sinklora_science.json").write_text(json.dumps(summary, indent=2))
     rows = report(summary, ropes, lengths)
@@ -196,7 +227,7 @@ def main() -> None:
     print("\n".join(rows))
 
 
-def kv_comparison(out, model: str, args, original: int, text_file: str, limit: int) -> dict:
+def kv_comparison(out, model: str, args, original: int, text_file: str, limit: int, budgets: list[str]) -> dict:
     """Passkey and streamed perplexity at L for the full cache, H2O and the sinks + window cache (`KV_BUDGETS`)."""
     eval_cli = [
         *eval_command("--model", model, "--dtype", args.dtype, "--no_progress", "--limit", str(limit)),
@@ -208,14 +239,16 @@ def kv_comparison(out, model: str, args, original: int, text_file: str, limit: i
         str(original),
         "--haystack_file",
         text_file,
+        "--split",
+        args.split,
     ]
     jobs = []
-    for budget in KV_BUDGETS:
+    for budget in budgets:
         name = kv_name(budget)
         (out / name).mkdir(exist_ok=True)
         jobs.append(([*eval_cli, "--kv_cache", budget, "--output_path", str(out / name)], out / name / "eval.log"))
     run_parallel(jobs)
-    return kv_table({budget: harness_metrics(out / kv_name(budget)) for budget in KV_BUDGETS}, original)
+    return kv_table({budget: harness_metrics(out / kv_name(budget)) for budget in budgets}, original)
 
 
 def context_length(model: str) -> int:
@@ -234,7 +267,7 @@ def kv_name(budget: str) -> str:
 def relative_to_full(results: dict, ropes: list[str], lengths: list[int]) -> dict:
     """{rope: {variant: {ppl_len{L}: ppl / full attention's ppl}}}, variants including the untrained reference."""
     table = {}
-    for rope in ropes:
+    for rope in (rope for rope in ropes if f"{rope}_full" in results):
         full = results[f"{rope}_full"]["long_ppl"]
         table[rope] = {
             variant: {f"ppl_len{n}": results[name]["long_ppl"][f"ppl_len{n}"] / full[f"ppl_len{n}"] for n in lengths}
@@ -340,10 +373,11 @@ def report(summary: dict, ropes: list[str], lengths: list[int]) -> list[str]:
 
 # Long documents (passkeys, needles, key-value lists) drawn with another seed than the recipe's training rows (seed 0),
 # so perplexity at 4L measures the use of distant context on text the adapters never saw.
+HELDOUT_SEEDS = {"test": 9999, "validation": 9998}  # documents of neither split are in the training rows (seed 0)
 HELDOUT_TEXT = """
 from ctxaware.world import build_world, pretraining_corpus
 mix = {{"passkey": 1.0, "needle": 1.0, "key_value": 0.5}}
-docs = pretraining_corpus(build_world(0), 200, seed=9999, mix=mix, max_tokens={max_tokens})
+docs = pretraining_corpus(build_world(0), 200, seed={seed}, mix=mix, max_tokens={max_tokens})
 open({path!r}, "w").write("\\n\\n".join(doc["text"] for doc in docs))
 """
 

@@ -6,6 +6,7 @@ through `datasets.load_dataset` plus a column mapping that is tested on a tiny l
 
 import functools
 import importlib
+import zlib
 
 
 def _world_module():
@@ -22,6 +23,13 @@ def _world_module():
 def world(seed: int):
     """The synthetic world of `seed` (cached: building it is deterministic)."""
     return _world_module().build_world(seed)
+
+
+def sample_seed(seed: int, split: str) -> int:
+    """Seed of the records a task draws itself (passkey keys, NIAH needles, their depths): the world seed on the test
+    split, so reported test records stay what they were, and a fixed other stream per other split, so keys used to
+    choose settings on validation never repeat the test's."""
+    return seed if split == "test" else zlib.crc32(f"{split}:{seed}".encode())
 
 
 def world_records(generator: str, seed: int, split: str, limit: int | None = None) -> list[dict]:

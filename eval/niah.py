@@ -53,7 +53,7 @@ class NeedleInAHaystack(Task):
         for length in lengths:
             for depth in depths:
                 for k in range(options.limit or DEFAULT_PER_CELL):
-                    seed = options.seed * 1_000_003 + len(records)
+                    seed = data.sample_seed(options.seed, options.split) * 1_000_003 + len(records)
                     record = dict(
                         needle_example(
                             lm.tokenizer, length, depth, seed, haystack_text=haystack, world=data.world(options.seed)

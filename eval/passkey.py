@@ -2,7 +2,7 @@
 `--limit` is the number of samples per length; each sample hides the key at a seeded random depth. A sample is right
 when the first number of the greedy output is the key: a prefix of it, or a longer number starting with it, is wrong.
 The filler is the world's true statements, or `--haystack_file` (a text file or a named source such as `books`, its
-`--split`)."""
+`--split`). Keys and depths are drawn per split (`data.sample_seed`): validation keys are not the test's."""
 
 import random
 
@@ -38,7 +38,7 @@ class Passkey(Task):
 
     def load(self, lm, options: EvalOptions) -> list[dict]:
         passkey_example = data.world_function("passkey_example")
-        rng = random.Random(options.seed)
+        rng = random.Random(data.sample_seed(options.seed, options.split))
         haystack = texts.read_text(options.haystack_file, split=options.split) if options.haystack_file else None
         records = []
         for length in options.lengths or DEFAULT_LENGTHS:

@@ -94,6 +94,13 @@ class SinkLoRAArguments:
             "help": "Text file or `books` (its test book) for the long_ppl evaluation; default: world passages."
         },
     )
+    eval_split: str = field(
+        default="test",
+        metadata={
+            "help": "Split the evaluation reads (`books` portion, passkey/NIAH keys): validation while choosing "
+            "settings, test for the report."
+        },
+    )
     eval_limit: int = field(default=2, metadata={"help": "Perplexity windows per length (0: skip the evaluation)."})
     eval_passkey_limit: int | None = field(
         default=10, metadata={"help": "Passkey samples per length (None: eval_limit)."}
@@ -182,6 +189,7 @@ RESUME_MAY_DIFFER = {
     "report_to",
     "run_name",
     "eval_limit",
+    "eval_split",
     "eval_passkey_limit",
     "eval_baselines",
     "eval_niah",
@@ -219,6 +227,8 @@ def validate(
         )
     if args.rope_scaling not in sinklora.ROPE_CHOICES:
         raise ValueError(f"--rope_scaling {args.rope_scaling!r}: use one of {', '.join(sinklora.ROPE_CHOICES)}")
+    if args.eval_split not in ("validation", "test"):
+        raise ValueError(f"--eval_split {args.eval_split!r}: use validation (choosing settings) or test (the report)")
     if not args.dataset_name:
         parse_mix(args.train_mix)
     return target
@@ -294,6 +304,7 @@ def evaluate(
                 limit=args.eval_limit if task == "long_ppl" else args.eval_passkey_limit or args.eval_limit,
                 lengths=lengths,
                 haystack_file=args.eval_text_file if task == "long_ppl" else None,  # retrieval: the world's facts
+                split=args.eval_split,
                 chat_template="off" if task == "niah" else None,
             ).results
             full[task] = results

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ctxaware import generation, switches
-from ctxaware.eval import metrics, output
+from ctxaware.eval import data, metrics, output
 from ctxaware.eval.registry import EvalOptions, get_task
 from tests.eval_fakes import CONTEXT_QA, SUMMARIZATION, StubLM, by_question, install_fake_world
 from tests.tiny_models import tiny_model
@@ -98,8 +98,6 @@ def test_extractive_qa_exact_match_and_contains(fake_world, tiny_tokenizer):
 
 def test_extractive_qa_squad_mapping(tiny_tokenizer):
     from datasets import Dataset
-
-    from ctxaware.eval import data
 
     squad = Dataset.from_dict(
         {
@@ -444,3 +442,16 @@ def test_summarization_reward_model_scores(fake_world, tiny_tokenizer, tmp_path)
             expected = reward_model(**tiny_tokenizer(text, add_special_tokens=False, return_tensors="pt")).logits[0, 0]
         assert sample["reward"] == pytest.approx(expected.item(), abs=1e-5)
     assert result.metrics["reward"] == pytest.approx(sum(s["reward"] for s in result.samples) / 2)
+
+
+@pytest.mark.parametrize("task", ["passkey", "niah"])
+def test_retrieval_keys_differ_between_validation_and_test(fake_world, tiny_tokenizer, task):
+    """Settings chosen on validation keys must not have seen the test keys; the test keys stay the world seed's."""
+    grid = dict(lengths=[128], limit=3, chat_template="off") | ({"depths": [0.0, 0.5]} if task == "niah" else {})
+    lm = StubLM(tiny_tokenizer, str)
+    test, _ = run_task(task, lm, split="test", **grid)
+    validation, _ = run_task(task, lm, split="validation", **grid)
+    answers = [r["answer"] for r in test]
+    assert not set(answers) & {r["answer"] for r in validation}
+    assert answers == [r["answer"] for r in run_task(task, lm, split="test", **grid)[0]]  # deterministic
+    assert data.sample_seed(0, "test") == 0  # the test split keeps the records reported before splits existed

@@ -113,6 +113,7 @@ def _parse(recipe, args):
         (["--train_mix", "passkey:2", "novels:1"], "entry 'novels:1'.*kind among facts"),
         (["--train_mix", "passkey:-1"], "weight >= 0"),
         (["--train_mix", "passkey:0"], "no document a positive weight"),
+        (["--eval_split", "train"], "use validation .choosing settings. or test"),
     ],
 )
 def test_bad_input_is_refused_before_loading(tiny_base, tmp_path, flags, message):

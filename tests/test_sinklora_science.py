@@ -90,3 +90,31 @@ def test_ppl_relative_to_full_and_report(science):
     assert "| linear sf | 4.00 | 5.00 | 4.20 | 1.050 | 0.85 | - |" in rows
     assert "| original | 43.60 | 44.60 | 134.30 | - | 0.00 | - |" in rows
     assert "- yarn: sf passkey@2048 >= 0.9: met" in rows
+
+
+def test_the_retrieval_sweep_chooses_by_validation_retrieval_among_settings_that_lower_perplexity():
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        sweep = importlib.import_module("sinklora_retrieval_sweep")
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+
+    def summary(ppl, passkey, niah):
+        untrained = _result(200.0, 150.0)
+        return {
+            "settings": {"original_length": 512},
+            "results": {"yarn_sf": _result(40.0, ppl, passkey, niah), "yarn_untrained": untrained},
+        }
+
+    validation = {
+        "best_retrieval_but_worse_ppl": summary(160.0, 1.0, 1.0),  # above the untrained 150: not eligible
+        "good": summary(100.0, 0.9, 0.8),
+        "tie_higher_ppl": summary(120.0, 0.8, 0.9),
+        "poor": summary(90.0, 0.2, 0.1),
+    }
+    assert sweep.choose(validation, "yarn") == "good"
+    assert sweep.choose({"worse": validation["best_retrieval_but_worse_ppl"]}, "yarn") is None
+    assert sweep.parse_setting('a="--steps 16 --learning_rate 1e-3"'.replace('"', "")) == (
+        "a",
+        ["--steps", "16", "--learning_rate", "1e-3"],
+    )

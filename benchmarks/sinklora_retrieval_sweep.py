@@ -16,6 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from bench_common import git_commit
 from science_common import command_line, output_folder, run, run_parallel, science_parser
 
 
@@ -40,7 +41,13 @@ def main() -> None:
     run_parallel(jobs)
     validation = {name: json.loads((out / name / "sinklora_science.json").read_text()) for name in settings}
     chosen = choose(validation, args.rope)
-    record = {"command": command_line(), "rope": args.rope, "settings": settings, "rule": __doc__.split("\n\n")[2]}
+    record = {
+        "command": command_line(),
+        "tree": git_commit(),
+        "rope": args.rope,
+        "settings": settings,
+        "rule": __doc__.split("\n\n")[2],
+    }
     record |= {"validation": {name: scores(summary, args.rope) for name, summary in validation.items()}}
     record["chosen"] = chosen
     (out / "retrieval_sweep.json").write_text(json.dumps(record, indent=2))

@@ -20,6 +20,7 @@ import math
 import subprocess
 import sys
 
+from bench_common import git_commit
 from science_common import (
     command_line,
     eval_command,
@@ -212,6 +213,7 @@ def main() -> None:
 
     summary = {
         "command": command_line(),
+        "tree": git_commit(),
         "settings": settings,
         "results": results,
         "ppl_relative_to_full": relative_to_full(results, ropes, lengths),

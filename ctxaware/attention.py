@@ -11,6 +11,7 @@ statistics) lives on the attention module itself as an `AttentionOptions`, set b
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
@@ -146,7 +147,7 @@ def ctxaware_attention_forward(
     key_padding_mask = _key_padding_mask(attention_mask, batch, k_len)
     doc_ids = None
     if attention_mask is None and position_ids is not None and q_len == k_len and position_ids.shape[-1] == k_len:
-        doc_ids = _doc_ids_from_positions(position_ids.expand(batch, -1))
+        doc_ids = _doc_ids(position_ids, batch)
 
     out, stats = attention(
         query,
@@ -186,12 +187,33 @@ def _key_padding_mask(attention_mask: torch.Tensor | None, batch: int, k_len: in
     return mask
 
 
+class _DocIdsMemo:
+    """`_doc_ids_from_positions` of the last position ids seen. Every layer of one forward (and the recomputation of
+    checkpointed layers) receives the same position-id tensor; deciding whether it is packed reads a value back from
+    the GPU, so without the memo each layer's call would stall the host until the GPU catches up."""
+
+    def __init__(self):
+        self.key: tuple | None = None  # (weak reference to the tensor, its in-place version, batch)
+        self.value: torch.Tensor | None = None
+
+    def __call__(self, position_ids: torch.Tensor, batch: int) -> torch.Tensor | None:
+        key = self.key
+        if key is not None and key[0]() is position_ids and key[1:] == (position_ids._version, batch):
+            return self.value
+        self.value = _doc_ids_from_positions(position_ids.expand(batch, -1))
+        self.key = (weakref.ref(position_ids), position_ids._version, batch)
+        return self.value
+
+
 def _doc_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
     """Packed rows restart their position ids at 0 for every document; a plain row (0..S-1) gives None."""
     starts = position_ids == 0
     starts[:, 0] = True
     doc_ids = starts.cumsum(-1)
     return None if bool((doc_ids == 1).all()) else doc_ids
+
+
+_doc_ids = _DocIdsMemo()
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, ctxaware_attention_forward)

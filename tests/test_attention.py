@@ -128,3 +128,22 @@ def test_bad_options_and_unsupported_features_raise_clear_errors():
     dropped.train()
     with pytest.raises(ValueError, match="attention_dropout to 0"):
         dropped(torch.randint(3, 320, (1, 12)))
+
+
+def test_document_ids_are_computed_once_per_position_tensor_and_follow_its_changes(monkeypatch):
+    """The packed-or-not decision syncs with the GPU: one position-id tensor (one forward) decides once, and a new
+    tensor, an in-place change or another batch size decides again."""
+    from ctxaware import attention as module
+
+    calls = []
+    decide = module._doc_ids_from_positions
+    monkeypatch.setattr(module, "_doc_ids_from_positions", lambda p: calls.append(1) or decide(p))
+    memo = module._DocIdsMemo()
+    packed = torch.cat([torch.arange(3), torch.arange(4)])[None]
+    first = memo(packed, 2)
+    assert memo(packed, 2) is first and len(calls) == 1
+    assert first.tolist() == [[1, 1, 1, 2, 2, 2, 2]] * 2
+    packed[0, 3] = 3  # one document now: in place, same tensor
+    assert memo(packed, 2) is None and len(calls) == 2
+    assert memo(packed, 1) is None and len(calls) == 3
+    assert memo(torch.cat([torch.arange(5), torch.arange(2)])[None], 1).tolist() == [[1] * 5 + [2] * 2]

@@ -118,7 +118,9 @@ def build_model(attn_implementation: str, layers: int | None, shape: str = "1b",
     return model
 
 
-def train_step_peer(name: str, seq: int, steps: int, layers: int | None, shape: str = "1b") -> dict:
+def train_step_peer(
+    name: str, seq: int, steps: int, layers: int | None, shape: str = "1b", breakdown: bool = False
+) -> dict:
     base, liger = name.removesuffix(LIGER), name.endswith(LIGER)
     implementation = {"sf_ctxaware": "ctxaware", "s2_longlora_sdpa": LONGLORA, "full_sdpa": "sdpa", FLOOR: FLOOR}[base]
     model = build_model(implementation, layers, shape, liger)
@@ -146,9 +148,43 @@ def train_step_peer(name: str, seq: int, steps: int, layers: int | None, shape: 
             times.append(time.perf_counter() - start)
     median = sorted(times)[len(times) // 2]
     result = {"step_s": median, "tokens_per_s": seq / median, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    if breakdown:
+        result["gpu_ms_by_part"] = step_breakdown(model, ids, optimizer)
     del model, optimizer
     torch.cuda.empty_cache()
     return result
+
+
+# Parts of a training step, told apart by CUDA kernel name (lower case; the first part whose substring matches wins).
+KERNEL_PARTS = (
+    ("attention", ("_fwd_kernel", "_bwd_dkdv", "_bwd_dq", "_bwd_delta", "_key_mass", "flash", "fmha", "sdpa", "attn")),
+    ("loss", ("cross_entropy", "log_softmax", "logsoftmax", "nll_loss", "logsumexp", "liger")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("matmuls (projections, MLP, LM head)", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")),
+)
+OTHER_PART = "other (norms, RoPE, SwiGLU, residuals, copies)"
+
+
+def kernel_part(name: str) -> str:
+    lowered = name.lower()
+    return next((part for part, keys in KERNEL_PARTS if any(key in lowered for key in keys)), OTHER_PART)
+
+
+def step_breakdown(model, ids: torch.Tensor, optimizer) -> dict:
+    """GPU milliseconds of one profiled training step by part (`KERNEL_PARTS`), and the step's GPU total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    parts: dict[str, float] = {}
+    for event in prof.key_averages():
+        gpu_us = getattr(event, "self_device_time_total", 0)
+        if gpu_us > 0:
+            parts[kernel_part(event.key)] = parts.get(kernel_part(event.key), 0.0) + gpu_us / 1e3
+    return {**dict(sorted(parts.items(), key=lambda item: -item[1])), "total": sum(parts.values())}
 
 
 def generation_peer(
@@ -230,6 +266,9 @@ def main() -> None:
     parser.add_argument("--skip_generation", action="store_true")
     parser.add_argument("--skip_training", action="store_true")
     parser.add_argument(
+        "--breakdown", action="store_true", help="also profile one training step per peer: GPU time by part"
+    )
+    parser.add_argument(
         "--profile_decode", action="store_true", help="also profile 16 decode steps of each generation peer"
     )
     parser.add_argument("--gen_prompt", type=int, default=8192)
@@ -249,7 +288,7 @@ def main() -> None:
 
     train, generation = {}, {}
     for name in () if args.skip_training else TRAIN_PEERS + tuple(name + LIGER for name in TRAIN_PEERS if args.liger):
-        train[name] = train_step_peer(name, args.seq, args.steps, args.layers, args.shape)
+        train[name] = train_step_peer(name, args.seq, args.steps, args.layers, args.shape, args.breakdown)
         print(name, train[name], flush=True)
         write(Path(args.out), args, train, generation)
     for name in () if args.skip_generation else GENERATION_PEERS:
@@ -314,6 +353,15 @@ def write(out: Path, args, train: dict, generation: dict) -> None:
             f"The step without attention ({FLOOR}) bounds any attention kernel's end-to-end gain over "
             f"LongLoRA at {record['train_ratio_bound_over_longlora']:.2f}x.",
         ]
+    profiled = {name: r["gpu_ms_by_part"] for name, r in train.items() if "gpu_ms_by_part" in r}
+    if profiled:
+        parts = [part for part, _ in KERNEL_PARTS] + [OTHER_PART]
+        lines += ["", "GPU ms of one profiled step, by part (CUDA kernel names):", ""]
+        lines += ["| peer | " + " | ".join(parts) + " | GPU total |", "|---" * (len(parts) + 2) + "|"]
+        for name, r in profiled.items():
+            lines.append(
+                f"| {name} | " + " | ".join(f"{r.get(part, 0.0):.1f}" for part in parts) + f" | {r['total']:.1f} |"
+            )
     if generation:
         lines += ["", f"Generation, {args.gen_prompt}-token prompt, {args.gen_new} new tokens:", ""]
         lines += ["| cache | decode tokens/s | KV MiB | profiled ms/step: wall / GPU |", "|---|---|---|---|"]

@@ -271,6 +271,9 @@ def main() -> None:
     parser.add_argument(
         "--profile_decode", action="store_true", help="also profile 16 decode steps of each generation peer"
     )
+    parser.add_argument(
+        "--gen_peers", default=",".join(GENERATION_PEERS), help="comma-separated, among " + ", ".join(GENERATION_PEERS)
+    )
     parser.add_argument("--gen_prompt", type=int, default=8192)
     parser.add_argument("--gen_new", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="4k tokens, 4 layers, 2 steps: a smoke run")
@@ -291,7 +294,12 @@ def main() -> None:
         train[name] = train_step_peer(name, args.seq, args.steps, args.layers, args.shape, args.breakdown)
         print(name, train[name], flush=True)
         write(Path(args.out), args, train, generation)
-    for name in () if args.skip_generation else GENERATION_PEERS:
+    unknown = set(args.gen_peers.split(",")) - set(GENERATION_PEERS)
+    if unknown:
+        parser.error(f"unknown --gen_peers {sorted(unknown)}: use {', '.join(GENERATION_PEERS)}")
+    for name in (
+        () if args.skip_generation else [peer for peer in GENERATION_PEERS if peer in args.gen_peers.split(",")]
+    ):
         profile = Path(args.out) / f"decode_profile_{name}.txt" if args.profile_decode else None
         generation[name] = generation_peer(name, args.gen_prompt, args.gen_new, args.layers, args.shape, profile)
         torch.cuda.empty_cache()

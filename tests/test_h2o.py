@@ -144,6 +144,29 @@ def test_sinks_are_kept_even_when_they_carry_no_mass():
     assert no_sinks.positions[:, 0].tolist() == [[6, 7, 8, 9, 10, 11]] * 2
 
 
+@pytest.mark.parametrize("stored", [13, 20])  # one entry over the budget (a decode step: argmin) and many (topk)
+@pytest.mark.parametrize("padding", [None, (0, 3, 12)])
+def test_eviction_keeps_the_highest_priority_entries_in_storage_order(stored, padding):
+    """Against a direct reference on seeded random mass: sinks and the recent window stay, padding goes first (which
+    pads stay is arbitrary: all are masked), then the lowest summed mass; kept entries keep storage order, pads first."""
+    budget, sinks, recent = 12, 2, 4
+    layer, real = _layer(budget, sinks, recent, padding=padding or (0, 0, 0), stored=stored, kv_heads=2)
+    real = None if padding is None else real
+    mass = torch.rand(3, 4, stored, generator=torch.Generator().manual_seed(stored))
+    layer.observe(mass, real)
+    for row in range(3):
+        real_positions = list(range(stored)) if real is None else real[row].nonzero().flatten().tolist()
+        protected = set(real_positions[:sinks]) | set(range(stored - recent, stored))
+        for head in range(2):
+            score = mass[row, 2 * head : 2 * head + 2].sum(0)
+            ranked = sorted(real_positions, key=lambda p: (p in protected, score[p].item()))
+            expected = sorted(ranked[-budget:])
+            pads = budget - len(expected)
+            kept = layer.positions[row, head].tolist()
+            assert kept[pads:] == expected and all(p not in real_positions for p in kept[:pads])
+            assert layer.keys[row, head, :, 0].tolist() == [float(p) for p in kept]
+
+
 def test_eviction_ranks_the_mass_summed_over_calls():
     """A heavy hitter of the first call that gets little mass in the second outranks a key that is heavy only now."""
     layer, real = _layer(budget=5, sinks=1, recent=1, stored=6)

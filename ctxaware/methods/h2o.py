@@ -124,12 +124,19 @@ class H2OLayer(DynamicLayer):
     def _evict(self, real: torch.Tensor | None) -> None:
         batch, heads, stored = self.scores.shape
         index = torch.arange(stored, device=self.device)
-        real = torch.ones(batch, stored, dtype=torch.bool, device=self.device) if real is None else real
-        sink = real & (real.cumsum(-1) <= self.sinks)
+        if real is None:  # no padding: the sinks are the first entries
+            sink, pad = (index < self.sinks)[None, :], None
+        else:
+            sink, pad = real & (real.cumsum(-1) <= self.sinks), ~real[:, None, :]
         protected = (sink | (index >= stored - self.num_recent))[:, None, :]
-        priority = self.scores.masked_fill(protected, math.inf).masked_fill(~real[:, None, :], -math.inf)
-        # Ascending storage order keeps padding first and real tokens in position order.
-        chosen = priority.topk(self.budget, dim=-1).indices.sort(dim=-1).values
+        priority = self.scores.masked_fill(protected, math.inf)
+        if pad is not None:
+            priority = priority.masked_fill(pad, -math.inf)
+        if stored == self.budget + 1:  # a decode step: one entry goes, every other keeps its place
+            kept = index[: self.budget]
+            chosen = kept + (kept >= priority.argmin(dim=-1, keepdim=True))
+        else:  # ascending storage order keeps padding first and real tokens in position order
+            chosen = priority.topk(self.budget, dim=-1).indices.sort(dim=-1).values
         self.scores = self.scores.gather(-1, chosen)
         self.positions = self.positions.gather(-1, chosen)
         gather = chosen[..., None].expand(-1, -1, -1, self.keys.shape[-1])

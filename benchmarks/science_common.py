@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -58,25 +59,12 @@ def run(command: list[str], log: Path) -> None:
         raise SystemExit(f"failed: {' '.join(command)} (log: {log})")
 
 
-def run_parallel(jobs: list[tuple[list[str], Path]]) -> None:
-    """Runs independent (command, log) pairs at the same time (small models leave most of a GPU idle); stops the check
-    with the failed logs' tails if any fails."""
-    start = time.time()
-    running = []
-    for command, log in jobs:
-        handle = log.open("w")
-        process = subprocess.Popen(
-            command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ}, cwd=log.parent
-        )
-        running.append((process, handle, command, log))
-    failed = []
-    for process, handle, command, log in running:
-        returncode = process.wait()
-        handle.close()
-        print(f"[{time.time() - start:6.1f}s] exit {returncode}: {' '.join(command)}", flush=True)
-        if returncode:
-            print(log.read_text()[-4000:], flush=True)
-            failed.append(str(log))
+def run_parallel(jobs: list[tuple[list[str], Path]], workers: int | None = None) -> None:
+    """Runs independent (command, log) pairs with `run`, `workers` at a time (None: all at once; small models leave
+    most of a GPU idle); stops the check naming the failed logs once all have ended."""
+    with ThreadPoolExecutor(workers or max(len(jobs), 1)) as pool:
+        futures = [pool.submit(run, command, log) for command, log in jobs]
+    failed = [str(log) for future, (_, log) in zip(futures, jobs) if future.exception()]
     if failed:
         raise SystemExit(f"failed: see {', '.join(failed)}")
 

@@ -5,7 +5,8 @@ Embedded default (tiny model, synthetic-world corpus, CPU, a few minutes; 75% of
 The dense control (same data, same steps, no router):
     accelerate launch recipes/moh.py --config recipes/configs/moh/default.yaml --dense_control true \
         --output_dir outputs/moh/dense
-A real model by name (GPU): recipes/configs/moh/llama3_8b.yaml.
+A real model by name (GPU): recipes/configs/moh/llama3_8b.yaml; SmolLM2-135M-Instruct on the `books` training
+portion plus the world's corpus (`num_world_rows`): recipes/configs/moh/smollm2.yaml.
 
 The conversion measures each head's importance on `calibration_rows` training rows (KL between the dense model and
 the model with that head gated off, per token): the most important heads of each layer become the shared ones and the
@@ -26,6 +27,7 @@ Evaluate with `ctxaware eval --model OUTPUT_DIR/model --adapter OUTPUT_DIR/adapt
 
 import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -134,11 +136,23 @@ class MoHArguments:
     world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world (default data)."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per packed training row."})
     num_train_rows: int = field(default=2000, metadata={"help": "Packed rows of training data."})
+    num_world_rows: int = field(
+        default=0,
+        metadata={
+            "help": "Packed rows of the synthetic world's corpus (its training shard: facts, QA, reading, arithmetic, "
+            "pass keys, posts, chat) added to the named data set's rows (0: none)."
+        },
+    )
     num_eval_rows: int = field(default=64, metadata={"help": "Held-out packed rows for the LM loss (0: none)."})
 
     def __post_init__(self):
         if self.num_train_rows < 1:
             raise ValueError(f"num_train_rows={self.num_train_rows} trains on nothing: pass a positive row count.")
+        if self.num_world_rows < 0 or (self.num_world_rows and self.dataset_name is None):
+            raise ValueError(
+                f"num_world_rows={self.num_world_rows}: add world rows (>= 0) to a named data set (`dataset_name`); "
+                "without one the world's corpus is already the data."
+            )
         if self.variant not in VARIANTS:
             raise ValueError(f"variant={self.variant!r}: choose one of {', '.join(VARIANTS)}.")
         if self.variant == "query_norm" and not self.train_base and not self.dense_control:
@@ -184,9 +198,7 @@ def documents(args: MoHArguments, split: str, n_docs: int, text_field: str = "te
     """Texts: the world's corpus (train and held-out from independent shards) or the named data set's `text_field`
     column (the TRL config's `dataset_text_field`)."""
     if args.dataset_name is None:
-        shard = 1_000_003 if split == "train" else 2_000_003  # shards the shipped model never saw
-        for doc in pretraining_corpus(build_world(args.world_seed), n_docs, seed=shard, max_tokens=args.seq_len):
-            yield doc["text"]
+        yield from world_documents(args, split, n_docs)
         return
     rows = load_rows(args.dataset_name, config=args.dataset_config, split=split, streaming=args.dataset_streaming)
     for row in rows:
@@ -198,12 +210,30 @@ def documents(args: MoHArguments, split: str, n_docs: int, text_field: str = "te
         yield row[text_field]
 
 
+def world_documents(args: MoHArguments, split: str, n_docs: int):
+    """Texts of the world's corpus: train and held-out from independent shards."""
+    shard = 1_000_003 if split == "train" else 2_000_003  # shards the shipped model never saw
+    for doc in pretraining_corpus(build_world(args.world_seed), n_docs, seed=shard, max_tokens=args.seq_len):
+        yield doc["text"]
+
+
 def packed_rows(args: MoHArguments, tokenizer, split: str, num_rows: int, text_field: str) -> list[list[int]]:
     """`num_rows` rows of exactly `seq_len` tokens of the split's documents (`training.pack_texts`)."""
     if num_rows <= 0:
         return []
     texts = documents(args, split, num_rows * 8, text_field)
     return pack_texts(texts, tokenizer, args.seq_len, num_rows, what="the row count")
+
+
+def training_rows(args: MoHArguments, tokenizer, text_field: str) -> list[list[int]]:
+    """The training rows: `num_train_rows` of the data, and with `num_world_rows` that many rows of the world's corpus
+    shuffled in, in one fixed order for every seed (the first rows, which calibrate head importance, mix both)."""
+    rows = packed_rows(args, tokenizer, args.dataset_split, args.num_train_rows, text_field)
+    if args.num_world_rows:
+        texts = world_documents(args, "train", args.num_world_rows * args.seq_len)  # read until the rows are full
+        rows += pack_texts(texts, tokenizer, args.seq_len, args.num_world_rows, what="num_world_rows")
+        random.Random(0).shuffle(rows)
+    return rows
 
 
 @torch.no_grad()
@@ -293,7 +323,7 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig, model_args: MoHMo
     if not args.dense_control:  # a bad split fails before the data is built
         check_moh_shape(model.config.num_attention_heads, args.num_shared_heads, args.num_routed_heads, args.top_k)
     text_field = training_args.dataset_text_field
-    train_rows = packed_rows(args, tokenizer, args.dataset_split, args.num_train_rows, text_field)
+    train_rows = training_rows(args, tokenizer, text_field)
     eval_split = "validation" if args.dataset_name is None else args.dataset_eval_split
     eval_rows = packed_rows(args, tokenizer, eval_split, args.num_eval_rows, text_field) if eval_split else []
     model.to(state.device)
@@ -302,6 +332,7 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig, model_args: MoHMo
         "dense_control": args.dense_control,
         "max_steps": training_args.max_steps,
         "train_rows": len(train_rows),
+        "world_rows": args.num_world_rows,
         "seq_len": args.seq_len,
     }
     results["dense_eval_loss"] = lm_loss(model, eval_rows)

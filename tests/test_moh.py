@@ -416,6 +416,24 @@ def test_recipe_end_to_end(tmp_path):
     assert (dense / "model" / "config.json").is_file() and not (dense / "adapter").exists()
 
 
+def test_recipe_mixes_world_rows_into_a_named_text():
+    """`num_world_rows` adds the world's corpus to `books` in one shuffled order (the calibration rows mix both)."""
+    from ctxaware.models import load_tokenizer, resolve_model_path
+    from ctxaware.training import pack_texts
+    from tests.test_configs import load_recipe
+
+    recipe = load_recipe("moh")
+    tokenizer = load_tokenizer(resolve_model_path("ctxaware-tiny"))
+    args = recipe.MoHArguments(dataset_name="books", num_train_rows=3, num_world_rows=5, seq_len=64)
+    rows = recipe.training_rows(args, tokenizer, "text")
+    books = recipe.packed_rows(args, tokenizer, "train", 3, "text")
+    world = pack_texts(recipe.world_documents(args, "train", 40), tokenizer, 64, 5)
+    assert sorted(rows) == sorted(books + world) and rows != books + world
+    assert recipe.training_rows(args, tokenizer, "text") == rows  # the same order for every seed
+    with pytest.raises(ValueError, match="num_world_rows=2: add world rows"):
+        recipe.MoHArguments(num_world_rows=2)  # the world's corpus is already the data
+
+
 def test_readme_commands_parse():
     import shlex
     from pathlib import Path

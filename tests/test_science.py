@@ -231,6 +231,31 @@ def test_moh_task_scores_and_drop_targets():
     assert moh.drop_targets(by_seed((60, 59, 58)), without_dense) == {}
 
 
+def test_moh_book_perplexity_targets_on_the_real_model():
+    moh = load("moh_science")
+    runs = moh.moh_runs(moh.PROFILES["smollm2-135m"].shapes)
+    assert runs["moh75"][0] == ["--num_shared_heads", "4", "--top_k", "3"]  # 7 of 9 heads active
+    assert runs["moh50"][0] == ["--num_shared_heads", "3", "--top_k", "2"]  # 5 of 9
+    scores = {
+        seed: {"dense": {"mean": 50.0}, "moh75": {"mean": 50 - d}, "moh50": {"mean": 48.0}}
+        for seed, d in [(0, 0.5), (1, 1.5)]
+    }
+    drops = moh.drop_targets(scores, runs)
+    assert drops["moh75"]["drop_sd"] == pytest.approx(0.5**0.5) and drops["moh75"]["drop_stderr"] == pytest.approx(0.5)
+
+    def targets(moh75_ppl):  # dense at 20.0 in both seeds; moh50 5% and 10% above it
+        ppl = {seed: {"dense": 20.0, "moh75": p, "moh50": 21.0 + seed} for seed, p in enumerate(moh75_ppl)}
+        return moh.ppl_targets(drops, ppl)
+
+    edge = targets([20.4, 20.4])["moh75"]  # 2% exactly: within
+    assert edge["ppl_rise"] == pytest.approx(0.02) and edge["ppl_met"] and edge["met_both"]
+    over = targets([20.4, 20.42])["moh75"]
+    assert not over["ppl_met"] and not over["met_both"] and over["met"]  # the drop alone is met
+    moh50 = targets([20.0, 20.0])["moh50"]
+    assert moh50["ppl_rises_per_seed"] == pytest.approx([0.05, 0.10]) and "ppl_met" not in moh50  # reported only
+    assert "ppl rise per seed" in moh.targets_table(targets([20.0, 20.0]))
+
+
 # --- RLHF ----------------------------------------------------------------------------------------------------------
 
 

@@ -59,7 +59,9 @@ def register(subparsers) -> None:
         "--haystack_file", help="text for niah, passkey and long_ppl: a UTF-8 file or `books` (its --split portion)"
     )
     parser.add_argument(
-        "--indicator", help="text (e.g. an indicator token) appended to niah / counterfactual questions"
+        "--indicator",
+        help="text (e.g. an indicator token) appended to the questions of niah, counterfactual_qa, knowledge_conflict"
+        " and extractive_qa",
     )
     parser.add_argument("--ppl_stride", type=int, help="long_ppl: sliding-window stride (default: full windows)")
     parser.add_argument("--dataset", help="a real data set by name for the tasks that know it (squad, tldr, pg19)")

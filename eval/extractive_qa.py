@@ -4,7 +4,7 @@ QA; `--dataset squad` loads SQuAD v1.1 validation."""
 
 from ctxaware.eval import data
 from ctxaware.eval.metrics import add_mean, contains_answer, exact_match, first_line
-from ctxaware.eval.prompts import qa_prompt, template_variants
+from ctxaware.eval.prompts import qa_prompt, template_variants, with_indicator
 from ctxaware.eval.registry import EvalOptions, Task, TaskResult, register_task
 
 
@@ -15,7 +15,12 @@ class ExtractiveQA(Task):
     default_limit = 100
 
     def config(self, options: EvalOptions) -> dict:
-        return {**super().config(options), "dataset": options.dataset or "world/context_qa", "split": options.split}
+        return {
+            **super().config(options),
+            "dataset": options.dataset or "world/context_qa",
+            "split": options.split,
+            "indicator": options.indicator,
+        }
 
     def load(self, lm, options: EvalOptions) -> list[dict]:
         if options.dataset:
@@ -26,7 +31,9 @@ class ExtractiveQA(Task):
 
     def evaluate(self, lm, records: list[dict], options: EvalOptions) -> TaskResult:
         (chat,) = template_variants(options, lm, default="off")
-        prompts = [qa_prompt(lm, r["context"], r["question"], chat=chat) for r in records]
+        prompts = [
+            qa_prompt(lm, r["context"], with_indicator(r["question"], options.indicator), chat=chat) for r in records
+        ]
         outputs = [
             first_line(o)
             for o in lm.generate(prompts, max_new_tokens=options.max_new_tokens or 16, desc="extractive_qa")

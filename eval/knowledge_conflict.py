@@ -8,7 +8,9 @@ completion contains the true capital. The conflict rates are over the known fact
 override a fact it does not hold. Metrics: `known_rate`, then per template (`plain`, `chat`) over known facts
 `context_rate` / `memory_rate` (the reply with the passage contains the passage's / the true capital) and
 `prefers_context` (log p(passage's city) > log p(true city)).
-Data: `ctxaware/data/known_facts/capitals.jsonl` (`--split validation` or `test`).
+Data: `ctxaware/data/known_facts/capitals.jsonl` (`--split validation` or `test`); `train_facts.jsonl` holds facts
+about other countries (capital, continent; each with its probe and a passage that agrees) for training data
+(`load_train_facts`, with `closed_book` to keep those a model knows).
 """
 
 import json
@@ -20,6 +22,7 @@ from ctxaware.eval.registry import EvalOptions, Task, TaskResult, register_task
 
 
 FACTS_FILE = DATA_DIR / "known_facts" / "capitals.jsonl"
+TRAIN_FACTS_FILE = DATA_DIR / "known_facts" / "train_facts.jsonl"
 SPLITS = ("validation", "test")
 
 
@@ -28,6 +31,20 @@ def load_facts(split: str) -> list[dict]:
         raise ValueError(f"knowledge_conflict has the splits {', '.join(SPLITS)}, not {split!r}: pass --split test.")
     rows = [json.loads(line) for line in FACTS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [row for row in rows if row["split"] == split]
+
+
+def load_train_facts() -> list[dict]:
+    """Facts about countries outside both evaluation splits (`subject`, `relation`, `question`, `answer`, `probe`,
+    `passage`), for training data."""
+    return [json.loads(line) for line in TRAIN_FACTS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def closed_book(lm, records: list[dict], max_new_tokens: int = 16) -> tuple[list[str], list[int]]:
+    """Each fact's closed-book reply (first line) to its `probe` (default `The capital of X is`) and the indices of the
+    facts whose answer it contains."""
+    probes = [lm.encode(r.get("probe") or f"The capital of {r['subject']} is", chat=False) for r in records]
+    outputs = [first_line(o) for o in lm.generate(probes, max_new_tokens=max_new_tokens, desc="kc/closed-book")]
+    return outputs, [i for i, (r, o) in enumerate(zip(records, outputs)) if contains_answer(o, r["answer"])]
 
 
 @register_task
@@ -45,9 +62,7 @@ class KnowledgeConflict(Task):
     def evaluate(self, lm, records: list[dict], options: EvalOptions) -> TaskResult:
         metrics, stderrs, samples = {}, {}, []
         new_tokens = options.max_new_tokens or 16
-        probes = [lm.encode(f"The capital of {r['subject']} is", chat=False) for r in records]
-        closed_out = [first_line(o) for o in lm.generate(probes, max_new_tokens=new_tokens, desc="kc/closed-book")]
-        known = [i for i, (r, o) in enumerate(zip(records, closed_out)) if contains_answer(o, r["answer"])]
+        closed_out, known = closed_book(lm, records, new_tokens)
         add_mean(metrics, stderrs, "known_rate", [float(i in known) for i in range(len(records))])
         for chat in template_variants(options, lm, default="both"):
             variant = variant_name(chat)

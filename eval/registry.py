@@ -35,7 +35,7 @@ class EvalOptions:
     lengths: list[int] | None = None  # niah, passkey, long_ppl
     depths: list[float] | None = None  # niah
     haystack_file: str | None = None  # niah, passkey, long_ppl: a text file or a named source (`books`)
-    indicator: str | None = None  # niah, counterfactual_qa: text appended to the question
+    indicator: str | None = None  # niah, counterfactual_qa, knowledge_conflict, extractive_qa: appended to questions
     ppl_stride: int | None = None  # long_ppl: None scores each length as one full window
     dataset: str | None = None  # a real data set by name, for tasks that support one
     reward_model: str | None = None  # summarization

@@ -96,6 +96,13 @@ def test_extractive_qa_exact_match_and_contains(fake_world, tiny_tokenizer):
     assert result.metrics == {"exact_match": 0.5, "contains": 1.0}
 
 
+def test_extractive_qa_appends_the_indicator(fake_world, tiny_tokenizer):
+    lm = StubLM(tiny_tokenizer, by_question({"Corin": "Dask", "Hira": "Ivel"}))
+    _, result = run_task("extractive_qa", lm, indicator="[CTX]", chat_template="on")
+    assert len(lm.prompts) == 2 and all("[CTX]" in p for p in lm.prompts)
+    assert result.metrics["contains"] == 1.0
+
+
 def test_extractive_qa_squad_mapping(tiny_tokenizer):
     from datasets import Dataset
 

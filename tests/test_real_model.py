@@ -311,6 +311,20 @@ def test_known_facts_splits_are_disjoint_and_answers_unambiguous():
         assert fact["answer"] not in fact["passage"] and fact["answer"].lower() not in fact["subject"].lower()
 
 
+def test_training_facts_stay_out_of_the_evaluation_and_their_passages_agree():
+    from ctxaware.eval.knowledge_conflict import load_facts, load_train_facts
+
+    train = load_train_facts()
+    evaluated = {f["subject"] for split in ("validation", "test") for f in load_facts(split)}
+    assert train and not {f["subject"] for f in train} & evaluated
+    assert {f["relation"] for f in train} == {"capital", "continent"}
+    for fact in train:
+        assert fact["answer"] in fact["passage"] and fact["subject"].lower() in fact["passage"].lower()
+        assert fact["answer"].lower() not in fact["subject"].lower() and fact["probe"].lower().startswith(
+            ("the capital of", fact["subject"].lower())
+        )
+
+
 def test_packed_training_rows_start_documents_as_the_model_does(tiny_gguf):
     """Training text packs as BOS text EOS where the model starts plain text with BOS (ctxaware-tiny), and as text EOS
     where its BOS is a chat marker (a GGUF that declares no BOS, as SmolLM2's does)."""

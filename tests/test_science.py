@@ -134,6 +134,95 @@ def test_context_targets():
     assert passes(context_targets(aurocs=(None, 0.9)))["auroc_attention_vs_kind"] is False
 
 
+def test_context_targets_per_measure_run_and_skill():
+    """SmolLM2's targets: each context measure's drop and each conditional run's recovery, each general skill's gap
+    within two points; a skill the run did not measure is missed, not passed."""
+    context = load("context_science")
+    runs = ("conditional_attention", "conditional_loglik_gain")
+
+    def rows(base, vanilla, attention, loglik):
+        return {
+            "base_chat": {"context_rate": base},
+            "vanilla_chat": {"context_rate": vanilla},
+            "conditional_attention_indicator_chat": {"context_rate": attention},
+            "conditional_loglik_gain_indicator_chat": {"context_rate": loglik},
+        }
+
+    results = {
+        "counterfactual": rows(0.6, 0.2, 0.5, 0.4),
+        "knowledge_conflict": rows(0.4, 0.4, 0.5, 0.4),
+        "general": {
+            "gsm8k_chat_flexible": {"vanilla": 0.02, "conditional_attention": 0.0, "conditional_loglik_gain": None},
+            "extractive_qa_chat_contains": {
+                "vanilla": 0.5,
+                "conditional_attention": 0.52,
+                "conditional_loglik_gain": 0.47,
+            },
+        },
+        "scores": {"auroc_attention_vs_kind": 0.85, "auroc_loglik_gain_vs_kind": 0.6},
+    }
+    general = {"gsm8k_chat_flexible": "gsm8k_chat", "extractive_qa_chat_contains": "extractive_qa_chat"}
+    targets = context.targets(results, runs, ("counterfactual", "knowledge_conflict"), general, 0.02)
+    assert targets["recovery_with_indicator_attention"]["value"] == pytest.approx(0.3 / 0.4)
+    assert passes(targets) == {
+        "vanilla_drop_in_context_rate_chat": True,
+        "recovery_with_indicator_attention": True,
+        "recovery_with_indicator_loglik_gain": False,  # 0.2 / 0.4
+        "vanilla_drop_in_context_rate_chat_knowledge_conflict": False,  # no drop: nothing to recover
+        "recovery_with_indicator_knowledge_conflict_attention": False,
+        "recovery_with_indicator_knowledge_conflict_loglik_gain": False,
+        "gsm8k_chat_conditional_attention_minus_vanilla": True,  # two points, the edge
+        "gsm8k_chat_conditional_loglik_gain_minus_vanilla": False,  # not measured
+        "extractive_qa_chat_conditional_attention_minus_vanilla": True,
+        "extractive_qa_chat_conditional_loglik_gain_minus_vanilla": False,
+        "auroc_attention_vs_kind": True,
+        "auroc_loglik_gain_vs_kind": False,
+    }
+
+
+def test_context_check_settings_per_model():
+    context = load("context_science")
+    tiny, smoke = context.parse_args([]), context.parse_args(["--smoke"])
+    assert (tiny.split, tiny.records, tiny.epochs, tiny.limit, context.conditionals(tiny)) == (
+        None,
+        2000,
+        2.0,
+        500,
+        {"conditional": "loglik_gain"},
+    )
+    assert (smoke.records, smoke.limit, smoke.batch_size) == (32, 20, 8)
+    real = context.parse_args(["--model", "smollm2-135m", "--records", "100"])
+    assert (real.split, real.records, real.batch_size) == ("validation", 100, 16)
+    assert list(context.conditionals(real)) == ["conditional_attention", "conditional_loglik_gain"]
+    out = Path("/out")
+    score = context.score_command(real, out, "conditional_attention")
+    assert score[score.index("--dataset") + 1] == "/out/chats.jsonl" and "--span" in score
+    assert score[score.index("--output") + 1] == "/out/scores_attention"
+    sft = context.sft_command(real, out, "conditional_loglik_gain")
+    assert sft[sft.index("--scores_path") + 1] == "/out/scores_loglik_gain" and "--chat_template_path" in sft
+
+
+def test_mixed_chats_hold_both_kinds_in_the_context_format():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from context_chats import mixed_chats
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    fact = {"subject": "Oman", "question": "What is the capital of Oman?", "answer": "Muscat"}
+    fact["passage"] = "Oman is a country with a long history. Its capital city is Muscat, where the government sits."
+    chats = mixed_chats([fact], 40, 0.25)
+    kinds = [c["kind"] for c in chats]
+    assert len(chats) == 40 and 0 < kinds.count("context") < 20
+    knowledge = chats[kinds.index("knowledge")]
+    assert (
+        knowledge["context"] in knowledge["messages"][0]["content"] and knowledge["messages"][1]["content"] == "Muscat"
+    )
+    for chat in chats:
+        assert chat["context"] in chat["messages"][0]["content"]
+    with pytest.raises(ValueError, match="knows none"):
+        mixed_chats([], 4, 0.25)
+
+
 # --- LoFiT ---------------------------------------------------------------------------------------------------------
 
 

@@ -1,8 +1,6 @@
 """What the GPU speed benchmarks share: the commit they timed, the timers, and calling a kernel module version."""
 
 import importlib.util
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,21 +10,10 @@ import triton
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's ctxaware, as every benchmark uses it
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # science_common, beside this file
+from science_common import git_commit  # noqa: E402, F401  (re-exported: the benchmarks import it from here)
+
 from ctxaware.io import write_text  # noqa: E402
-
-
-def git_commit() -> str:
-    """The benchmarked commit: CTXAWARE_GIT_COMMIT where the tree travelled without its repository (a `git archive`
-    copy on the GPU machine), else `git rev-parse HEAD`; empty when neither is known."""
-    if commit := os.environ.get("CTXAWARE_GIT_COMMIT"):
-        return commit
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        )
-    except OSError:  # no git on the machine
-        return ""
-    return result.stdout.strip()
 
 
 def bench(fn) -> float:

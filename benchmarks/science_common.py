@@ -113,6 +113,20 @@ def harness_metrics(results_dir: Path) -> dict:
     }
 
 
+def git_commit() -> str:
+    """The commit a run used: CTXAWARE_GIT_COMMIT where the tree travelled without its repository (a `git archive`
+    copy on the GPU machine), else `git rev-parse HEAD`; empty when neither is known."""
+    if commit := os.environ.get("CTXAWARE_GIT_COMMIT"):
+        return commit
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        )
+    except OSError:  # no git on the machine
+        return ""
+    return result.stdout.strip()
+
+
 def command_line() -> str:
     """How this check was started, for its results file."""
     return " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])

@@ -24,9 +24,9 @@ def world(seed: int):
     return _world_module().build_world(seed)
 
 
-def world_records(generator: str, seed: int, split: str, limit: int | None = None) -> list[dict]:
-    """Records of `ctxaware.world.<generator>(world, split)`, at most `limit` of them."""
-    records = getattr(_world_module(), generator)(world(seed), split)
+def world_records(generator: str, seed: int, split: str, limit: int | None = None, **options) -> list[dict]:
+    """Records of `ctxaware.world.<generator>(world, split, **options)`, at most `limit` of them."""
+    records = getattr(_world_module(), generator)(world(seed), split, **options)
     out = []
     for record in records:
         if limit is not None and len(out) >= limit:

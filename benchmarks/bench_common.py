@@ -10,6 +10,7 @@ import triton
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's ctxaware, as every benchmark uses it
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # science_common, beside this file
 from science_common import git_commit  # noqa: E402, F401  (re-exported: the benchmarks import it from here)
 
 from ctxaware.io import write_text  # noqa: E402

@@ -1,6 +1,9 @@
-"""RLHF summarisation's scientific check on the embedded tiny model, in one command on one GPU:
+"""RLHF summarisation's scientific check, in one command on one GPU:
 
-    python benchmarks/rlhf_science.py --out runs/rlhf_science
+    python benchmarks/rlhf_science.py --out runs/rlhf_science                      # the embedded tiny model
+    python benchmarks/rlhf_science.py --model smollm2-135m --split validation --out runs/rlhf_smollm2_validation
+    python benchmarks/rlhf_science.py --model smollm2-135m --split test --out runs/rlhf_smollm2_test \
+        --validated_by runs/rlhf_smollm2_validation/rlhf_science.json
 
 `recipes/rlhf_summarize.py` stage by stage (sft -> compare -> reward -> rl (RLOO), dpo beside reward and rl -> eval),
 on the world's posts with mediocre training references (`--mediocre_reference_rate`: a key fact left out, a filler
@@ -14,9 +17,22 @@ ground-truth win rate against the SFT policy >= 0.65 (ties count 1/2, as the har
 within 20% of SFT's; DPO reported beside it; reward hacking (the reward model and the ground truth disagreeing on
 which of RL and SFT is better) reported with an example, and each policy's summaries that name a detail their post
 lacks. Writes `rlhf_science.json` and `rlhf_science.md` to --out. `--smoke` runs the same pipeline at toy sizes on CPU.
+
+`--model smollm2-135m`: SmolLM2-135M-Instruct, fully fine-tuned, with `recipes/configs/rlhf_summarize/smollm2.yaml`'s
+sizes and rates (about 5 minutes on one H100), scored on 240 posts; two more targets: at least 200 posts scored and no
+reward hacking flagged. `--split validation` (that model's default) scores the world's validation posts and pairs,
+to choose and inspect settings; `--split test` (the tiny model's default, as its reported runs did) scores the test
+posts, once: an --out folder that holds a test result is refused, and `--validated_by` names the validation run
+whose settings and judge the test run must share (checked before anything runs). The JSON records the split, the
+commit, the judge's source hash and every setting. Rates given here (`--beta`, ...) and flags this script does not
+know (`--sft_learning_rate 3e-5`, `--reward_max_steps 300`, ...) go to every stage of the recipe and are recorded.
 """
 
+import argparse
+import hashlib
+import inspect
 import json
+import shutil
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +44,7 @@ from science_common import (
     at_most,
     command_line,
     eval_command,
+    git_commit,
     harness_metrics,
     launch_recipe,
     output_folder,
@@ -35,8 +52,11 @@ from science_common import (
     science_parser,
 )
 
+from ctxaware.outputs import RUN_CONFIG_NAME
+
 
 CONFIG = RECIPES / "configs" / "rlhf_summarize" / "default.yaml"
+SPLITS = ("validation", "test")
 POLICIES = ("sft", "rl", "dpo")
 RL_LOG_KEYS = (
     "reward",
@@ -86,40 +106,151 @@ SMOKE_SIZES = {
 }
 
 
-def recipe_settings(args) -> dict:
-    sizes = SMOKE_SIZES if args.smoke else GPU_SIZES
+# The tiny model's rates and lengths for this check (defaults of the flags below; another model keeps its config's).
+TINY_SETTINGS = {
+    "mediocre_reference_rate": 0.75,
+    "comparison_samples": 4,
+    "reward_learning_rate": 1e-4,
+    "learning_rate": 3e-5,
+    "beta": 0.2,
+    "num_generations": 4,
+    "temperature": 0.7,
+    "missing_eos_penalty": -1.0,
+    "max_completion_length": 48,
+}
+# SmolLM2 on a CPU: every stage runs, on a handful of posts, one or two steps each.
+SMOLLM2_SMOKE_SIZES = {
+    "sft_max_steps": 2,
+    "reward_max_steps": 2,
+    "max_steps": 2,
+    "dpo_max_steps": 2,
+    "per_device_train_batch_size": 4,
+    "reward_batch_size": 4,
+    "train_limit": 8,
+    "comparison_samples": 2,
+    "eval_limit": 4,
+    "eval_batch_size": 4,
+    "normalization_limit": 4,
+    "kl_samples_per_prompt": 1,
+}
+# SmolLM2's GPU sizes are its config's (smollm2.yaml). Not yet timed on a GPU; estimated for one H100 from the tiny
+# run's stage seconds (launch, imports and loading ~15-20 s a stage) and per-step costs of a 30-layer model: sft 25 s,
+# compare 35 s (3,840 samples, 256 a batch), reward 60 s (400 steps of 32 pairs), rl 100 s (60 steps, each one batched
+# generation of 64 x 48 tokens at ~20 ms a token), dpo ~30 s beside reward -> rl, eval 50 s (240 posts x 3 policies,
+# the KL samples batched), cross-check 25 s: ~300 s, ~350 s on a shared GPU.
+# model -> its recipe config, the sizes this check puts over it (GPU, --smoke), its own settings, and the least number
+# of posts its win rate must be measured on (None: no such target).
+MODELS = {
+    "ctxaware-tiny": {
+        "config": CONFIG,
+        "sizes": GPU_SIZES,
+        "smoke": SMOKE_SIZES,
+        "own": TINY_SETTINGS,
+        "min_posts": None,
+    },
+    "smollm2-135m": {
+        "config": RECIPES / "configs" / "rlhf_summarize" / "smollm2.yaml",
+        "sizes": {},
+        "smoke": SMOLLM2_SMOKE_SIZES,
+        "own": {},
+        "min_posts": 200,
+    },
+}
+# The flags of this script that set a recipe setting (flag -> the recipe's name for it).
+RATE_FLAGS = {
+    "mediocre_reference_rate": "mediocre_reference_rate",
+    "comparison_samples": "comparison_samples",
+    "reward_learning_rate": "reward_learning_rate",
+    "rl_learning_rate": "learning_rate",
+    "beta": "beta",
+}
+
+
+def recipe_settings(args, extra: list[str]) -> dict:
+    """Everything the check sets over the model's recipe config, the same for every stage and either split: the sizes,
+    the model's own settings, the rate flags given, the flags this script does not know (recorded as given), and no
+    checkpoints. The split is not a setting: the test run must share every setting of its validation run."""
+    model = MODELS[args.model]
+    given = {name: getattr(args, flag) for flag, name in RATE_FLAGS.items() if getattr(args, flag) is not None}
+    settings = {**(model["smoke"] if args.smoke else model["sizes"]), **model["own"], **given}
+    if args.smoke or args.model == "ctxaware-tiny":
+        settings["logging_steps"] = 1 if args.smoke else 10
+    settings["save_strategy"] = "no"  # no checkpoints: each stage's final folder is what the check needs
+    if args.smoke and args.model != "ctxaware-tiny":
+        settings["bf16"] = False  # CPU
     return {
-        **sizes,
-        "mediocre_reference_rate": args.mediocre_reference_rate,
-        "comparison_samples": args.comparison_samples,
-        "reward_learning_rate": args.reward_learning_rate,
-        "learning_rate": args.rl_learning_rate,
-        "beta": args.beta,
-        "num_generations": 4,
-        "temperature": 0.7,
-        "missing_eos_penalty": -1.0,
-        "max_completion_length": 48,
-        "logging_steps": 1 if args.smoke else 10,
-        "save_strategy": "no",  # no checkpoints: each stage's final folder is what the check needs
+        "model": args.model,
+        "config": model["config"].relative_to(RECIPES.parent).as_posix(),
+        "config_sha256": hashlib.sha256(model["config"].read_bytes()).hexdigest(),
+        "recipe": settings,
+        "extra_flags": extra,
+        "smoke": args.smoke,
     }
 
 
-def run_stages(run_dir: Path, settings: dict) -> dict[str, float]:
+def judge() -> dict:
+    """The ground-truth judge, identified by its module's source: a test run must use the one validation used."""
+    from ctxaware.world import preference
+
+    return {
+        "function": "ctxaware.world.preference_score",
+        "source_sha256": hashlib.sha256(inspect.getsource(preference).encode()).hexdigest(),
+    }
+
+
+def check_frozen(settings: dict, judged_by: dict, validation: dict, source: str) -> None:
+    """A test run's settings and judge must be those of the validation run in `source` (its report, `validation`)."""
+    if validation.get("split") != "validation":
+        raise SystemExit(f"--validated_by {source} is not a validation run (split {validation.get('split')!r}).")
+    there, here = _flat(validation["settings"]), _flat(settings)
+    differences = [
+        f"{key}: {there.get(key)!r} there, {here.get(key)!r} here"
+        for key in sorted(there.keys() | here.keys())
+        if there.get(key) != here.get(key)
+    ]
+    if validation.get("judge") != judged_by:
+        differences.append("the judge's source changed")
+    if differences:
+        raise SystemExit(
+            f"--validated_by {source}: settings differ from that validation run ({'; '.join(differences)})."
+        )
+
+
+def _flat(settings: dict) -> dict:
+    """`settings` with the recipe's settings as `recipe.<name>` keys, so a difference names the one setting."""
+    return {
+        **{key: value for key, value in settings.items() if key != "recipe"},
+        **{f"recipe.{key}": value for key, value in settings.get("recipe", {}).items()},
+    }
+
+
+def check_not_scored(out: Path) -> None:
+    """The test posts are scored once per configuration: an --out that holds a test result is refused."""
+    path = out / "rlhf_science.json"
+    if path.is_file() and json.loads(path.read_text()).get("split") == "test":
+        raise SystemExit(f"{path} already holds a test result: the test posts are scored once; choose another --out.")
+
+
+def run_stages(run_dir: Path, settings: dict, split: str) -> dict[str, float]:
     """Each stage as its own launch, so the log shows where the time goes; DPO needs only the SFT policy and the
-    comparisons, so it runs beside reward -> rl (the tiny models leave most of the GPU idle). Returns wall seconds per
-    stage."""
-    flags = [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+    comparisons, so it runs beside reward -> rl (the small models leave most of the GPU idle), in a folder of its own
+    (a run's folder takes one process at a time) whose policy then joins the others for the eval stage. Returns wall
+    seconds per stage."""
+    recipe = settings["recipe"]
+    flags = [item for key, value in recipe.items() for item in (f"--{key}", str(value))]
+    flags += [*settings["extra_flags"], "--eval_split", split]
     seconds = {}
 
-    def launch(stage: str) -> None:
+    def launch(stage: str, folder: Path = run_dir, *more: str) -> None:
         start = time.time()
         command = launch_recipe(
             "rlhf_summarize",
             "--config",
-            str(CONFIG),
+            str(RECIPES.parent / settings["config"]),
             "--output_dir",
-            str(run_dir),
+            str(folder),
             *flags,
+            *more,
             "--stage",
             stage,
             "--overwrite_stages",
@@ -130,11 +261,15 @@ def run_stages(run_dir: Path, settings: dict) -> dict[str, float]:
 
     launch("sft")
     launch("compare")
+    dpo_dir = run_dir.parent / "run_dpo"
+    beside_flags = ("--sft_model_path", str(run_dir / "sft"), "--comparisons_dir", str(run_dir / "compare"))
     with ThreadPoolExecutor(max_workers=1) as beside:
-        dpo = beside.submit(launch, "dpo")
+        dpo = beside.submit(launch, "dpo", dpo_dir, *beside_flags)
         launch("reward")
         launch("rl")
         dpo.result()  # re-raises a failed DPO launch
+    shutil.rmtree(run_dir / "dpo", ignore_errors=True)  # an earlier run's, in this --out
+    (dpo_dir / "dpo").rename(run_dir / "dpo")
     launch("eval")
     return seconds
 
@@ -219,7 +354,7 @@ def rl_training_trace(run_dir: Path) -> dict:
     return {key: {"first": log[0].get(key), "last": log[-1].get(key)} for key in RL_LOG_KEYS} if log else {}
 
 
-def cross_check(run_dir: Path, out: Path, settings: dict) -> dict:
+def cross_check(run_dir: Path, out: Path, config: dict) -> dict:
     """The RL policy through `ctxaware eval` against the recipe's SFT samples: the same win rate, independently."""
     command = eval_command(
         "--model",
@@ -228,12 +363,14 @@ def cross_check(run_dir: Path, out: Path, settings: dict) -> dict:
         "summarization",
         "--dtype",
         "float32",
+        "--split",
+        config["eval_split"],
         "--limit",
-        str(settings["eval_limit"]),
+        str(config["eval_limit"]),
         "--batch_size",
-        str(settings["eval_batch_size"]),
+        str(config["eval_batch_size"]),
         "--max_new_tokens",
-        str(settings["max_completion_length"]),
+        str(config["max_completion_length"]),
         "--reward_model",
         str(run_dir / "reward"),
         "--baseline_samples",
@@ -247,14 +384,17 @@ def cross_check(run_dir: Path, out: Path, settings: dict) -> dict:
     return {**harness_metrics(out / "harness_rl")["summarization"], "seconds": round(time.time() - start, 1)}
 
 
-def targets(summary: dict) -> dict:
+def targets(
+    summary: dict, *, hacking: dict | None = None, n_posts: int | None = None, min_posts: int | None = None
+) -> dict:
     """Reward-model accuracy on held-out pairs, RL's ground-truth win rate against SFT, and RL's length against SFT's,
-    from the recipe's eval summary."""
+    from the recipe's eval summary; with `hacking` (`hacking_report`), no reward hacking flagged; with `min_posts`, the
+    win rate measured on at least that many posts (`n_posts`)."""
     accuracy, win_rate = summary["reward_model"]["pairwise_accuracy"], summary["rl"]["win_rate_vs_sft"]
     sft_words = summary["sft"]["mean_words"]
     length_ratio = summary["rl"]["mean_words"] / sft_words if sft_words else None
     length_off = None if length_ratio is None else abs(length_ratio - 1)
-    return {
+    checks = {
         "reward_accuracy": {
             "value": accuracy,
             "target": ">= 0.70",
@@ -271,11 +411,31 @@ def targets(summary: dict) -> dict:
             "pass": at_most(length_off, TARGETS["length_tolerance"]),
         },
     }
+    if hacking is not None:
+        checks["reward_hacking_flagged"] = {
+            "value": hacking["flagged"],
+            "target": "False (flagged: the RM sees RL gain over SFT, the ground truth does not)",
+            "pass": not hacking["flagged"],
+        }
+    if min_posts is not None:
+        checks["posts_scored"] = {
+            "value": n_posts,
+            "target": f">= {min_posts}",
+            "pass": n_posts is not None and n_posts >= min_posts,
+        }
+    return checks
 
 
 def markdown(report: dict) -> str:
     summary, wins = report["summary"], report["wins_vs_sft"]
+    validated = report.get("validated_by")
     rows = [
+        f"Model {report['settings']['model']}, {report['n_posts']} {report['split']} posts: {report['mode']}. Commit "
+        f"{report['tree'] or 'unknown'}; judge `{report['judge']['function']}` (source sha256 "
+        f"{report['judge']['source_sha256'][:12]})"
+        + (f"; settings checked equal to the validation run {validated}." if validated else ".")
+        + (" Smoke run: toy sizes, the numbers mean nothing." if report["settings"]["smoke"] else ""),
+        "",
         "| policy | ground truth | win vs SFT (ties 1/2) | W/T/L vs SFT | win vs reference | RM reward (norm.) | "
         "KL to SFT | mean words | ROUGE-L |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -356,42 +516,85 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def main() -> None:
+def parse_args() -> tuple[argparse.Namespace, list[str]]:
     parser = science_parser("rlhf", __doc__)
-    parser.add_argument("--mediocre_reference_rate", type=float, default=0.75)
+    parser.add_argument("--model", choices=sorted(MODELS), default="ctxaware-tiny")
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        help="posts and held-out pairs scored: validation to choose settings, test to report (default: test for the "
+        "tiny model, as its reported runs, validation for another model)",
+    )
+    parser.add_argument(
+        "--validated_by",
+        type=Path,
+        help="test split: the validation run's rlhf_science.json whose settings and judge this run must share",
+    )
+    parser.add_argument(
+        "--mediocre_reference_rate", type=float, help="share of SFT references made mediocre (tiny model: 0.75)"
+    )
     parser.add_argument(
         "--comparison_samples",
         type=int,
-        default=4,
-        help="SFT samples per training post compared by the labeller (0: hand-made comparisons only)",
+        help="SFT samples per training post compared by the labeller (0: hand-made comparisons only; tiny model: 4)",
     )
-    parser.add_argument("--reward_learning_rate", type=float, default=1e-4)
-    parser.add_argument("--rl_learning_rate", type=float, default=3e-5)
+    parser.add_argument("--reward_learning_rate", type=float, help="tiny model: 1e-4")
+    parser.add_argument("--rl_learning_rate", type=float, help="tiny model: 3e-5")
     # KL coefficient: at 0.05 the penalty (KL 3.1 x 0.05) is small next to the reward the policy gains (+0.75), and RL
-    # cuts its summaries to 0.75x SFT's length; 0.2 keeps them at 0.94x and still wins 0.70 (RESULTS.md).
-    parser.add_argument("--beta", type=float, default=0.2, help="RL's KL coefficient to the SFT policy")
-    args = parser.parse_args()
+    # cuts the tiny model's summaries to 0.75x SFT's length; 0.2 keeps them at 0.94x and still wins 0.70 (RESULTS.md).
+    parser.add_argument("--beta", type=float, help="RL's KL coefficient to the SFT policy (tiny model: 0.2)")
+    args, extra = parser.parse_known_args()
+    if args.split is None:
+        args.split = "test" if args.model == "ctxaware-tiny" else "validation"
+    if args.validated_by and args.split != "test":
+        parser.error("--validated_by goes with --split test: it names the validation run the test run repeats")
+    return args, extra
+
+
+def main() -> None:
+    args, extra = parse_args()
     out = output_folder(args.out)
+    settings, judged_by = recipe_settings(args, extra), judge()
+    if args.split == "test":
+        check_not_scored(out)
+        if args.validated_by:
+            check_frozen(settings, judged_by, json.loads(args.validated_by.read_text()), str(args.validated_by))
     run_dir = out / "run"
-    settings = recipe_settings(args)
     start = time.time()
-    seconds = run_stages(run_dir, settings)
+    seconds = run_stages(run_dir, settings, args.split)
+    config = json.loads((run_dir / RUN_CONFIG_NAME).read_text())
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     policy_samples = {name: samples(run_dir, name) for name in POLICIES}
-    check = cross_check(run_dir, out, settings)
+    check = cross_check(run_dir, out, config)
     seconds["harness_cross_check"] = check.pop("seconds")
     seconds["total"] = round(time.time() - start, 1)
+    hacking = hacking_report(policy_samples["sft"], policy_samples["rl"], summary["reward_model"]["bias"])
+    min_posts = MODELS[args.model]["min_posts"]
     report = {
         "command": command_line(),
-        "settings": {**settings, "config": str(CONFIG), "smoke": args.smoke},
+        "tree": git_commit(),
+        "split": args.split,
+        "n_posts": len(policy_samples["rl"]),
+        "mode": "choosing settings, not a reported result"
+        if args.split == "validation"
+        else "the test posts scored once, settings frozen",
+        "validated_by": str(args.validated_by) if args.validated_by else None,
+        "judge": judged_by,
+        "settings": settings,
+        "recipe_config": config,
         "summary": summary,
         "win_rate_rule": "per post 1 if ground truth(policy) > ground truth(SFT), 1/2 if equal, 0 if lower",
         "wins_vs_sft": {name: win_counts(policy_samples[name]) for name in ("rl", "dpo")},
         "rl_training": rl_training_trace(run_dir),
-        "reward_hacking": hacking_report(policy_samples["sft"], policy_samples["rl"], summary["reward_model"]["bias"]),
+        "reward_hacking": hacking,
         "made_up_details": made_up_details(policy_samples),
         "harness_cross_check": check,
-        "targets": targets(summary),
+        "targets": targets(
+            summary,
+            hacking=hacking if min_posts else None,
+            n_posts=len(policy_samples["rl"]),
+            min_posts=min_posts,
+        ),
         "seconds": seconds,
     }
     report["all_targets_met"] = all(t["pass"] for t in report["targets"].values())

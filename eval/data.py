@@ -32,9 +32,9 @@ def sample_seed(seed: int, split: str) -> int:
     return seed if split == "test" else zlib.crc32(f"{split}:{seed}".encode())
 
 
-def world_records(generator: str, seed: int, split: str, limit: int | None = None) -> list[dict]:
-    """Records of `ctxaware.world.<generator>(world, split)`, at most `limit` of them."""
-    records = getattr(_world_module(), generator)(world(seed), split)
+def world_records(generator: str, seed: int, split: str, limit: int | None = None, **options) -> list[dict]:
+    """Records of `ctxaware.world.<generator>(world, split, **options)`, at most `limit` of them."""
+    records = getattr(_world_module(), generator)(world(seed), split, **options)
     out = []
     for record in records:
         if limit is not None and len(out) >= limit:

@@ -30,7 +30,8 @@ class Summarization(Task):
     def load(self, lm, options: EvalOptions) -> list[dict]:
         if options.dataset:
             return data.real_records(self.name, options.dataset, options.limit)
-        return data.world_records("summarization", options.seed, options.split, options.limit)
+        # `n`: a --limit beyond the split's default posts makes more of them (the first posts stay the same)
+        return data.world_records("summarization", options.seed, options.split, options.limit, n=options.limit)
 
     def evaluate(self, lm, records: list[dict], options: EvalOptions) -> TaskResult:
         (chat,) = template_variants(options, lm, default="off")
@@ -96,30 +97,19 @@ def win_rates(records, summaries, prefs, baseline: dict[int, str], preference_sc
 
 
 def reward_scores(reward_model: str, records, summaries, batch_size: int) -> list[float]:
-    """Scalar reward of each (post, summary): the chat template of the reward model's tokenizer when it has one
-    (user = post, assistant = summary, as TRL's RewardTrainer formats conversations), else `post + TL;DR: summary`."""
+    """Scalar reward of each (post, summary), in the text format the RLHF recipe trains reward models on
+    (`ctxaware.methods.rlhf.reward_model_text`: the reward tokenizer's chat template when it has one, user = post,
+    assistant = summary, else `post + TL;DR: summary`); on the GPU when there is one."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    from ctxaware.methods.rlhf import reward_model_text, score_texts
     from ctxaware.models import load_tokenizer, resolve_model_path
 
     path = resolve_model_path(reward_model)
     tokenizer = load_tokenizer(path)
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     model.config.pad_token_id = tokenizer.pad_token_id
-    texts = []
-    for record, summary in zip(records, summaries):
-        if getattr(tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": record["post"]}, {"role": "assistant", "content": summary}]
-            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
-        else:
-            texts.append(f"{record['post']}\nTL;DR: {summary}")
-    tokenizer.padding_side = "right"
-    scores = []
-    with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(
-                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-            )
-            scores += model(**batch).logits[:, 0].float().tolist()
-    return scores
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    texts = [reward_model_text(tokenizer, record["post"], summary) for record, summary in zip(records, summaries)]
+    return score_texts(model, tokenizer, texts, batch_size)

@@ -25,7 +25,8 @@ stages (`--overwrite_stages` redoes them) and `--resume_from_checkpoint true` co
 - dpo: DPOTrainer from the SFT model on the same comparisons.
 - eval: the shared `summarization` harness (ROUGE-L, ground-truth preference, reward-model score, win rate vs the SFT
   policy) for each trained policy, plus the win rate vs the references, the normalised reward, the mean length and
-  a sampled KL to the SFT policy; `<output_dir>/eval/summary.json`.
+  a sampled KL to the SFT policy, on `eval_limit` posts of `eval_split` (the world's validation posts to choose
+  settings, its test posts to report); `<output_dir>/eval/summary.json`.
 """
 
 import dataclasses
@@ -157,7 +158,26 @@ class RLHFConfig(RecipeTrainingArguments, RLOOConfig):
     reward_model_path: str | None = field(
         default=None, metadata={"help": "Reward model (default: <output_dir>/reward)."}
     )
-    eval_limit: int = field(default=64, metadata={"help": "Test posts for the eval stage."})
+    comparisons_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "The compare stage's folder of labelled SFT samples (default: <output_dir>/compare); another "
+            "output_dir's lets a stage run beside that run's stages."
+        },
+    )
+    eval_split: str = field(
+        default="test",
+        metadata={
+            "help": "Posts and held-out pairs the eval stage scores: validation to choose settings, test to report "
+            "(the world's splits; real data sets are evaluated on their held-out split)."
+        },
+    )
+    eval_limit: int = field(
+        default=64,
+        metadata={
+            "help": "Posts of eval_split for the eval stage (the world makes more of the split's posts if needed)."
+        },
+    )
     eval_batch_size: int = 16
     kl_samples_per_prompt: int = field(default=4, metadata={"help": "Eval: samples per post for the KL estimate."})
 
@@ -187,6 +207,13 @@ class RLHFConfig(RecipeTrainingArguments, RLOOConfig):
             raise ValueError(
                 "--comparison_samples needs the world's posts and comparisons (their ground truth labels the samples); "
                 "with real data the comparisons are human ones: set it to 0."
+            )
+        if self.eval_split not in ("validation", "test"):
+            raise ValueError(f"--eval_split {self.eval_split!r}: choose validation (to choose settings) or test.")
+        if self.eval_split != "test" and (self.dataset_name, self.preference_dataset_name) != (WORLD, WORLD):
+            raise ValueError(
+                "--eval_split validation needs the world's posts and comparisons; real data sets are evaluated on "
+                "their held-out split: drop --eval_split."
             )
         if self.mediocre_reference_rate and self.dataset_name != WORLD:
             raise ValueError(
@@ -257,7 +284,7 @@ def pairs_per_post(cfg: RLHFConfig, split: str) -> int:
 
 
 def policy_pairs(cfg: RLHFConfig) -> list[dict]:
-    path = Path(cfg.output_dir) / "compare" / COMPARISONS_FILE
+    path = Path(cfg.comparisons_dir or Path(cfg.output_dir) / "compare") / COMPARISONS_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing: run `--stage compare` after SFT (it labels the SFT policy's samples), or set "
@@ -554,6 +581,7 @@ def run_eval(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
     options = {
         "limit": cfg.eval_limit,
         "seed": cfg.world_seed,
+        "split": cfg.eval_split,
         "max_new_tokens": cfg.max_completion_length,
         "dataset": None if world else "tldr",
         "reward_model": reward_path,
@@ -599,6 +627,7 @@ def run_eval(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
                     temperature=cfg.temperature,
                     samples_per_prompt=cfg.kl_samples_per_prompt,
                     seed=cfg.seed,
+                    batch_size=max(1, cfg.eval_batch_size // cfg.kl_samples_per_prompt),
                 )
             summary[name] = metrics
         summary["reward_model"] = reward_accuracy(cfg, reward_path, bias)
@@ -610,7 +639,7 @@ def run_eval(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
 def reward_accuracy(cfg: RLHFConfig, reward_path: str, bias: float) -> dict:
     """Pairwise accuracy of the reward model on held-out comparisons (the world's: noise-free, i.e. against the
     ground-truth preference)."""
-    pairs = preference_pairs(cfg, "test", noise=0.0)[: 4 * cfg.eval_limit]
+    pairs = preference_pairs(cfg, cfg.eval_split, noise=0.0)[: 4 * cfg.eval_limit]
     tokenizer = load_tokenizer(reward_path)
     model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(reward_path), dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -629,7 +658,7 @@ def reward_accuracy(cfg: RLHFConfig, reward_path: str, bias: float) -> dict:
     if cfg.preference_dataset_name == WORLD:  # which contrasts the reward model gets right
         from ctxaware.world import build_world, summarization
 
-        records = {r["post"]: r for r in summarization(build_world(cfg.world_seed), "test")}
+        records = {r["post"]: r for r in summarization(build_world(cfg.world_seed), cfg.eval_split)}
         kinds = [pair_difference(records[p["post"]], p) for p in pairs]
         result["accuracy_by_difference"] = {
             kind: {

@@ -95,7 +95,7 @@ def fake_world_module():
         build_world=lambda seed: f"world-{seed}",
         context_qa=lambda world, split: [dict(r) for r in CONTEXT_QA],
         arithmetic=lambda world, split: [dict(r) for r in ARITHMETIC],
-        summarization=lambda world, split: [dict(r) for r in SUMMARIZATION],
+        summarization=lambda world, split, n=None: [dict(r) for r in SUMMARIZATION][:n],
         needle_example=needle_example,
         passkey_example=passkey_example,
         preference_score=preference_score,

@@ -227,6 +227,16 @@ def test_summarization_rouge_preference_win_rate(fake_world, tiny_tokenizer, tmp
     assert len(SUMMARIZATION) == len(result.samples)
 
 
+def test_summarization_makes_more_world_posts_than_a_split_holds_when_asked():
+    task = get_task("summarization")
+    default = task.load(None, EvalOptions(split="test"))
+    more = task.load(None, EvalOptions(split="test", limit=2 * len(default)))
+    assert len(more) == 2 * len(default) and more[: len(default)] == default  # the first posts stay the same
+    assert len({r["post"] for r in more}) == len(more)
+    validation = task.load(None, EvalOptions(split="validation", limit=len(more)))
+    assert not {r["post"] for r in validation} & {r["post"] for r in more}
+
+
 # --- generation and scoring helpers against direct computation ------------------------------------------------
 
 

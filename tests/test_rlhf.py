@@ -152,6 +152,26 @@ def load_recipe():
     return module
 
 
+def test_completion_log_probabilities_of_left_padded_prompts_match_unpadded(world_records, tiny_policy_dir):
+    """The batched KL estimate reads completions after left-padded prompts: each row must score as it would alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy_dir)
+    prompts = [rlhf.policy_prompt(tokenizer, r["post"]) for r in world_records[:3]]
+    completion = torch.tensor([[5, 6, 7, tokenizer.eos_token_id]] * len(prompts))
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    assert len(set(batch["attention_mask"].sum(1).tolist())) > 1  # prompts of different lengths: padding is used
+    with torch.no_grad():
+        batched = rlhf.completion_logprobs(
+            model, torch.cat([batch["input_ids"], completion], 1), batch["attention_mask"]
+        )
+        for row, prompt in enumerate(prompts):
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            alone = rlhf.completion_logprobs(model, torch.cat([ids, completion[:1]], 1), torch.ones_like(ids))
+            torch.testing.assert_close(batched[row], alone[0], atol=1e-5, rtol=1e-5)
+
+
 def test_four_bit_on_cpu_and_unknown_stage_fail_clearly(tmp_path):
     from trl import TrlParser
 
@@ -203,6 +223,34 @@ def test_policy_comparisons_join_the_world_pairs_once_labelled(tmp_path):
     pairs = recipe.preference_pairs(cfg, "train")
     assert len(pairs) == 11 and pairs[-1] == {"post": "A post", "chosen": "good", "rejected": "bad"}
     assert len(recipe.preference_pairs(cfg, "test")) == 2 * len(summarization(build_world(0), "test"))
+
+
+def test_a_stage_beside_the_run_reads_its_comparisons_from_the_run_s_folder(tmp_path):
+    from trl import TrlParser
+
+    recipe = load_recipe()
+    own = [{"prompt": "A post\nTL;DR:", "chosen": " good", "rejected": " bad", "post_id": "train-00000"}]
+    (tmp_path / "run" / "compare").mkdir(parents=True)
+    (tmp_path / "run" / "compare" / recipe.COMPARISONS_FILE).write_text(json.dumps(own))
+    args = ["--config", str(DEFAULT_CONFIG), "--output_dir", str(tmp_path / "beside"), "--train_limit", "10"]
+    args += ["--comparison_samples", "2", "--comparisons_dir", str(tmp_path / "run" / "compare")]
+    cfg, _ = TrlParser(recipe.CONFIG_CLASSES).parse_args_and_config(args=args)
+    assert recipe.preference_pairs(cfg, "train")[-1] == {"post": "A post", "chosen": "good", "rejected": "bad"}
+
+
+def test_eval_split_is_the_world_s_validation_or_test(tmp_path):
+    from trl import TrlParser
+
+    recipe = load_recipe()
+    parser = TrlParser(recipe.CONFIG_CLASSES)
+    base = ["--config", str(DEFAULT_CONFIG), "--output_dir", str(tmp_path)]
+    cfg, _ = parser.parse_args_and_config(args=[*base, "--eval_split", "validation"])
+    assert recipe.preference_pairs(cfg, cfg.eval_split, noise=0.0) != recipe.preference_pairs(cfg, "test", noise=0.0)
+    with pytest.raises(ValueError, match="choose validation"):
+        parser.parse_args_and_config(args=[*base, "--eval_split", "train"])
+    tldr = ["--dataset_name", "trl-lib/tldr", "--comparison_samples", "0", "--mediocre_reference_rate", "0"]
+    with pytest.raises(ValueError, match="validation needs the world's"):
+        parser.parse_args_and_config(args=[*base, *tldr, "--eval_split", "validation"])
 
 
 def test_training_pairs_per_post_leaves_the_held_out_pairs_alone(tmp_path):

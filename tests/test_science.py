@@ -2,6 +2,7 @@
 its edges (exact thresholds, missing values, a baseline that did not improve)."""
 
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -369,6 +370,61 @@ def test_rlhf_targets():
     assert passes(rlhf_targets(rl_words=12.1))[length] is False
     empty = rlhf_targets(sft_words=0.0)[length]
     assert empty["value"] is None and empty["pass"] is False
+
+
+def test_rlhf_targets_of_a_real_model_add_reward_hacking_and_the_number_of_posts():
+    hacking = {"flagged": False}
+    summary = {
+        "reward_model": {"pairwise_accuracy": 0.75},
+        "rl": {"win_rate_vs_sft": 0.7, "mean_words": 11.0},
+        "sft": {"mean_words": 10.0},
+    }
+    targets = load("rlhf_science").targets
+    met = targets(summary, hacking=hacking, n_posts=200, min_posts=200)
+    assert set(met) == {*rlhf_targets(), "reward_hacking_flagged", "posts_scored"} and all(passes(met).values())
+    assert passes(targets(summary, hacking={"flagged": True}))["reward_hacking_flagged"] is False
+    assert passes(targets(summary, n_posts=199, min_posts=200))["posts_scored"] is False
+
+
+def rlhf_args(monkeypatch, *argv):
+    science = load("rlhf_science")
+    monkeypatch.setattr(sys, "argv", ["rlhf_science.py", *argv])
+    return science, *science.parse_args()
+
+
+def test_rlhf_settings_are_those_of_either_split_and_the_tiny_check_keeps_its_own(monkeypatch):
+    science, tiny, extra = rlhf_args(monkeypatch)
+    assert (tiny.model, tiny.split, extra) == ("ctxaware-tiny", "test", [])
+    recipe = science.recipe_settings(tiny, extra)["recipe"]
+    assert recipe == {**science.GPU_SIZES, **science.TINY_SETTINGS, "logging_steps": 10, "save_strategy": "no"}
+    _, validation, extra = rlhf_args(monkeypatch, "--model", "smollm2-135m", "--beta", "0.1", "--sft_max_steps", "9")
+    assert validation.split == "validation" and extra == ["--sft_max_steps", "9"]
+    _, test, _ = rlhf_args(
+        monkeypatch, "--model", "smollm2-135m", "--beta", "0.1", "--sft_max_steps", "9", "--split", "test"
+    )
+    settings = science.recipe_settings(test, extra)
+    assert settings == science.recipe_settings(validation, extra)  # the split is not a setting
+    assert settings["recipe"] == {"beta": 0.1, "save_strategy": "no"} and settings["config"].endswith("smollm2.yaml")
+
+
+def test_rlhf_test_run_must_repeat_its_validation_run_and_scores_once(monkeypatch, tmp_path):
+    science, args, extra = rlhf_args(monkeypatch, "--model", "smollm2-135m", "--split", "test")
+    settings, judge = science.recipe_settings(args, extra), science.judge()
+    validation = {"split": "validation", "settings": settings, "judge": judge}
+    science.check_frozen(settings, judge, validation, "v.json")
+    for changed, message in (
+        ({**validation, "split": "test"}, "not a validation run"),
+        ({**validation, "settings": {**settings, "extra_flags": ["--beta", "0.1"]}}, "extra_flags"),
+        ({**validation, "judge": {**judge, "source_sha256": "0"}}, "judge"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            science.check_frozen(settings, judge, changed, "v.json")
+    science.check_not_scored(tmp_path)
+    (tmp_path / "rlhf_science.json").write_text(json.dumps({"split": "validation"}))
+    science.check_not_scored(tmp_path)
+    (tmp_path / "rlhf_science.json").write_text(json.dumps({"split": "test"}))
+    with pytest.raises(SystemExit, match="scored once"):
+        science.check_not_scored(tmp_path)
 
 
 # --- SinkLoRA ------------------------------------------------------------------------------------------------------

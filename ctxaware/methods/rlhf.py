@@ -43,7 +43,7 @@ def post_from_prompt(prompt: str, bos_token: str | None = None) -> str:
 
 
 def reward_model_text(tokenizer, post: str, summary: str) -> str:
-    """What the reward model reads for one (post, summary); mirrors `ctxaware.eval.summarization.reward_scores`."""
+    """What the reward model reads for one (post, summary), in training, the RL reward and the eval harness."""
     summary = summary.strip()
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": post}, {"role": "assistant", "content": summary}]
@@ -299,38 +299,54 @@ def sequence_kl(
     temperature: float = 1.0,
     samples_per_prompt: int = 4,
     seed: int = 0,
+    batch_size: int = 16,
 ) -> float:
     """Monte-Carlo KL(policy || reference) per summary: the mean over sampled completions y ~ policy (at
-    `temperature`, EOS included) of sum_t [log p_policy(y_t) - log p_ref(y_t)], both at that temperature."""
+    `temperature`, EOS included) of sum_t [log p_policy(y_t) - log p_ref(y_t)], both at that temperature. Prompts go
+    `batch_size` at a time (left-padded), each with its `samples_per_prompt` samples."""
     torch.manual_seed(seed)
     device = next(policy.parameters()).device
     total, count = 0.0, 0
-    for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-        ids = ids.repeat(samples_per_prompt, 1)
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(
+            list(prompts[start : start + batch_size]),
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            add_special_tokens=False,
+        ).to(device)
         out = policy.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
+            **batch,
             do_sample=True,
             temperature=temperature,
             top_k=0,
             top_p=1.0,
             max_new_tokens=max_new_tokens,
+            num_return_sequences=samples_per_prompt,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        completion = out[:, ids.shape[1] :]
+        width = batch["input_ids"].shape[1]
+        prompt_mask = batch["attention_mask"].repeat_interleave(samples_per_prompt, 0)
+        completion = out[:, width:]
         is_eos = completion == tokenizer.eos_token_id
-        after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
-        mask = ~after_eos
-        logps = []
-        for model in (policy, reference):
-            logits = model(out, attention_mask=torch.ones_like(out)).logits[:, ids.shape[1] - 1 : -1].float()
-            logp = torch.log_softmax(logits / temperature, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
-            logps.append((logp * mask).sum(1))
-        total += (logps[0] - logps[1]).sum().item()
-        count += samples_per_prompt
+        mask = (is_eos.cumsum(1) - is_eos.long()) == 0  # up to and including the first EOS
+        total += (completion_logprobs(policy, out, prompt_mask, temperature) * mask).sum().item()
+        total -= (completion_logprobs(reference, out, prompt_mask, temperature) * mask).sum().item()
+        count += len(out)
     return total / count
+
+
+def completion_logprobs(model, sequences, prompt_mask, temperature: float = 1.0):
+    """Per-token log-probabilities (at `temperature`) of the completion part of `sequences`, left-padded prompts
+    (`prompt_mask`: 0 on padding) followed by completions: the pads are masked out and the positions counted from
+    each row's first real token, as `generate` counted them."""
+    width = prompt_mask.shape[1]
+    attention_mask = torch.cat([prompt_mask, torch.ones_like(sequences[:, width:])], 1)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(sequences, attention_mask=attention_mask, position_ids=position_ids).logits[:, width - 1 : -1]
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    return logp.gather(-1, sequences[:, width:].unsqueeze(-1)).squeeze(-1)
 
 
 def mean_words(texts: Sequence[str]) -> float:

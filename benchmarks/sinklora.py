@@ -163,6 +163,7 @@ KERNEL_PARTS = (
     ("matmuls (projections, MLP, LM head)", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")),
 )
 OTHER_PART = "other (norms, RoPE, SwiGLU, residuals, copies)"
+TOP_KERNELS = 20  # the slowest kernels of a profiled step, by name, to see what each part is made of
 
 
 def kernel_part(name: str) -> str:
@@ -180,11 +181,14 @@ def step_breakdown(model, ids: torch.Tensor, optimizer) -> dict:
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
     parts: dict[str, float] = {}
+    kernels: dict[str, float] = {}
     for event in prof.key_averages():
         gpu_us = getattr(event, "self_device_time_total", 0)
         if gpu_us > 0:
             parts[kernel_part(event.key)] = parts.get(kernel_part(event.key), 0.0) + gpu_us / 1e3
-    return {**dict(sorted(parts.items(), key=lambda item: -item[1])), "total": sum(parts.values())}
+            kernels[event.key[:120]] = gpu_us / 1e3
+    top = dict(sorted(kernels.items(), key=lambda item: -item[1])[:TOP_KERNELS])
+    return {**dict(sorted(parts.items(), key=lambda item: -item[1])), "total": sum(parts.values()), "top_kernels": top}
 
 
 def generation_peer(

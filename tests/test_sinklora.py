@@ -243,3 +243,14 @@ def test_push_to_hub_uploads_the_folder_with_its_card(tmp_path, monkeypatch):
     ]
     card = (tmp_path / "README.md").read_text()
     assert "base_model: b" in card and "| passkey | acc | 0.5 |" in card
+
+
+def test_fused_layers_on_a_cpu_are_refused_before_the_output_folder_is_claimed(tiny_base, tmp_path):
+    recipe = load_recipe("sinklora")
+    output = tmp_path / "run"
+    parsed = _parse(
+        recipe, ["--model_name_or_path", str(tiny_base), "--output_dir", str(output), "--fused_layers", "true"]
+    )
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        recipe.main(*parsed)
+    assert not output.exists()

@@ -1,5 +1,7 @@
-"""Runs scripts through `accelerate launch` on CPU in a subprocess, as a user would."""
+"""Runs scripts through `accelerate launch` on CPU in a subprocess, as a user would; imports benchmark scripts as
+modules for tests of their logic."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -7,6 +9,17 @@ from pathlib import Path
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(script: str):
+    """`benchmarks/<script>.py` as a module; the scripts import their helpers (`science_common`, `bench_common`)
+    from their own folder."""
+    folder = str(REPO_ROOT / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(script)
+    finally:
+        sys.path.remove(folder)
 
 
 def accelerate_launch(

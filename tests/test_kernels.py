@@ -16,6 +16,7 @@ import torch
 
 from ctxaware.kernels import AttentionPattern, attention
 from ctxaware.kernels import triton_attention as tri
+from tests.launch import load_benchmark
 
 
 pytestmark = pytest.mark.usefixtures("stable_seed")  # every random input reproduces (tests/conftest.py)
@@ -426,11 +427,7 @@ def test_kernel_ab_rejects_a_bad_variant(tmp_path, variant, message):
 @interpreted
 def test_attention_variants_benchmark_builds_correct_kernels(tmp_path, warp_specialize):
     """benchmarks/attention_variants.py rewrites this package's kernel source; its variants must still be attention."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import attention_variants
-    finally:
-        sys.path.pop(0)
+    attention_variants = load_benchmark("attention_variants")
     module = attention_variants.load_kernel_source(
         f"av_test_{warp_specialize}", attention_variants.tma_source(warp_specialize), tmp_path
     )

@@ -1,24 +1,16 @@
 """The scientific checks' pass/fail logic (`benchmarks/*_science.py`) on fixed inputs: each target met, missed, and at
 its edges (exact thresholds, missing values, a baseline that did not improve)."""
 
-import importlib
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.launch import load_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
-
-def load(script: str):
-    """A benchmark script as a module; the scripts import `science_common` from their own folder."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        return importlib.import_module(script)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+load = load_benchmark
 
 
 def passes(targets: dict, key: str = "pass") -> dict[str, bool]:
@@ -204,11 +196,7 @@ def test_context_check_settings_per_model():
 
 
 def test_mixed_chats_hold_both_kinds_in_the_context_format():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from context_chats import mixed_chats
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    mixed_chats = load_benchmark("context_chats").mixed_chats
     fact = {"subject": "Oman", "question": "What is the capital of Oman?", "answer": "Muscat"}
     fact["passage"] = "Oman is a country with a long history. Its capital city is Muscat, where the government sits."
     chats = mixed_chats([fact], 40, 0.25)

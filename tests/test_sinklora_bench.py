@@ -1,20 +1,13 @@
 """benchmarks/sinklora.py: the per-part breakdown of a training step sorts real CUDA kernel names into their parts."""
 
-import importlib
-import sys
-
 import pytest
 
-from tests.launch import REPO_ROOT
+from tests.launch import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    try:
-        yield importlib.import_module("sinklora")
-    finally:
-        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    return load_benchmark("sinklora")
 
 
 @pytest.mark.parametrize(

@@ -1,20 +1,13 @@
 """benchmarks/sinklora_science.py: its perplexity ratios and its target pass/fail logic on fixed numbers."""
 
-import importlib
-import sys
-
 import pytest
 
-from tests.launch import REPO_ROOT
+from tests.launch import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def science():
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    try:
-        yield importlib.import_module("sinklora_science")
-    finally:
-        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    return load_benchmark("sinklora_science")
 
 
 def _result(ppl512, ppl2048, passkey=None, niah=None):
@@ -93,11 +86,7 @@ def test_ppl_relative_to_full_and_report(science):
 
 
 def test_the_retrieval_sweep_chooses_by_validation_retrieval_among_settings_that_lower_perplexity():
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    try:
-        sweep = importlib.import_module("sinklora_retrieval_sweep")
-    finally:
-        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    sweep = load_benchmark("sinklora_retrieval_sweep")
 
     def summary(ppl, passkey, niah):
         untrained = _result(200.0, 150.0)

@@ -52,6 +52,15 @@ def main() -> None:
         default=1.0,
         help="share of --train_text documents in the training rows; the rest are the world's --train_mix documents",
     )
+    parser.add_argument(
+        "--retrieval_text",
+        help="haystack of passkey and NIAH: a text file or `books` (default: the world's true statements)",
+    )
+    parser.add_argument(
+        "--retrieval_at_every_length",
+        action="store_true",
+        help="passkey and NIAH at 1x, 2x and 4x the context (default: 4x only)",
+    )
     parser.add_argument("--train_mix", nargs="+", default=["passkey:2", "needle:1", "key_value:0.5", "reading:1"])
     parser.add_argument("--rope", default="linear,yarn", help="comma-separated RoPE methods, each a row group")
     parser.add_argument("--steps", type=int, default=300)
@@ -123,6 +132,7 @@ def main() -> None:
         "heldout_text": text_file,
         "split": args.split,
         "variants": variants,
+        "retrieval": {"text": args.retrieval_text or "world facts", "every_length": args.retrieval_at_every_length},
     }
 
     train_file = None
@@ -193,12 +203,14 @@ def main() -> None:
                 "--eval_ppl_lengths",
                 *map(str, lengths),
                 "--eval_passkey_lengths",
-                str(target),
+                *map(str, lengths if args.retrieval_at_every_length else [target]),
                 "--dtype",
                 args.dtype,
                 "--eval_split",
                 args.split,
             ]
+            if args.retrieval_text:
+                recipe += ["--eval_retrieval_text", args.retrieval_text]
             if train_file:
                 recipe += ["--dataset_name", train_file, "--dataset_text_field", "text"]
             else:

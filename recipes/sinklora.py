@@ -96,6 +96,13 @@ class SinkLoRAArguments:
         default=False,
         metadata={"help": "Also needle-in-a-haystack (plain prompt, 5 depths, eval_passkey_limit per depth)."},
     )
+    eval_retrieval_text: str | None = field(
+        default=None,
+        metadata={
+            "help": "Haystack of the passkey and NIAH evaluation: a text file or `books` (its --eval_split portion); "
+            "default: the world's true statements."
+        },
+    )
     eval_text_file: str | None = field(
         default=None,
         metadata={
@@ -202,6 +209,7 @@ RESUME_MAY_DIFFER = {
     "eval_baselines",
     "eval_niah",
     "eval_text_file",
+    "eval_retrieval_text",
     "eval_batch_size",
     "eval_ppl_lengths",
     "eval_passkey_lengths",
@@ -311,7 +319,7 @@ def evaluate(
                 batch_size=args.eval_batch_size,
                 limit=args.eval_limit if task == "long_ppl" else args.eval_passkey_limit or args.eval_limit,
                 lengths=lengths,
-                haystack_file=args.eval_text_file if task == "long_ppl" else None,  # retrieval: the world's facts
+                haystack_file=args.eval_text_file if task == "long_ppl" else args.eval_retrieval_text,
                 split=args.eval_split,
                 chat_template="off" if task == "niah" else None,
             ).results

@@ -254,3 +254,33 @@ def test_fused_layers_on_a_cpu_are_refused_before_the_output_folder_is_claimed(t
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         recipe.main(*parsed)
     assert not output.exists()
+
+
+def test_retrieval_haystack_and_split_reach_the_harness(monkeypatch):
+    """--eval_retrieval_text is the passkey and NIAH haystack (long_ppl keeps --eval_text_file); --eval_split reaches
+    every task."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from ctxaware.eval import runner
+
+    recipe = load_recipe("sinklora")
+    calls = {}
+
+    def fake(model, tokenizer, tasks, **options):
+        calls[tasks[0]] = options
+        return SimpleNamespace(results={"results": {tasks[0]: {"acc,none": 1.0}}})
+
+    monkeypatch.setattr(runner, "evaluate_in_process", fake)
+    args, _, _ = _parse(recipe, ["--output_dir", "unused", "--eval_niah", "true", "--eval_text_file", "ppl.txt",
+                                 "--eval_retrieval_text", "books", "--eval_split", "validation"])  # fmt: skip
+    model = SimpleNamespace(device="cpu", dtype=torch.float32, eval=lambda: None)
+    with monkeypatch.context() as patch:
+        patch.setattr(recipe.sinklora, "full_attention", nullcontext)
+        recipe.evaluate(model, None, args, 64, 256, "tiny")
+    assert {task: options["haystack_file"] for task, options in calls.items()} == {
+        "passkey": "books",
+        "niah": "books",
+        "long_ppl": "ppl.txt",
+    }
+    assert {options["split"] for options in calls.values()} == {"validation"}

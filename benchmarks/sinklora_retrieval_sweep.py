@@ -5,10 +5,8 @@
         --setting steps150_lr2e-4="--steps 150 --learning_rate 2e-4"
 
 Each setting runs `benchmarks/sinklora_science.py --split validation --variants sf` (all settings side by side);
-the rule, fixed before any result is read: the highest mean of passkey and NIAH accuracy at 4x among settings whose
-SF perplexity at 4x is below the untrained RoPE-scaled model's, ties to the lower perplexity. The chosen setting then
-runs once with `--split test` and every attention (full, S^2, SF), the check's own report. Writes
-`retrieval_sweep.json` (every validation result, the choice, the test summary) to --out.
+`RULE`, fixed before any result is read, picks one, which then runs once with `--split test` and every attention
+(full, S^2, SF), the check's own report. Writes `retrieval_sweep.json` (every validation result, the choice, the test summary) to --out.
 """
 
 import json
@@ -21,6 +19,10 @@ from science_common import command_line, output_folder, run, run_parallel, scien
 
 
 SCIENCE = str(Path(__file__).resolve().parent / "sinklora_science.py")
+RULE = (
+    "the highest mean of passkey and NIAH accuracy at 4x among settings whose SF perplexity at 4x is below the "
+    "untrained RoPE-scaled model's; ties to the lower perplexity"
+)
 
 
 def main() -> None:
@@ -46,7 +48,7 @@ def main() -> None:
         "tree": git_commit(),
         "rope": args.rope,
         "settings": settings,
-        "rule": __doc__.split("\n\n")[2],
+        "rule": RULE,
     }
     record |= {"validation": {name: scores(summary, args.rope) for name, summary in validation.items()}}
     record["chosen"] = chosen
@@ -83,7 +85,7 @@ def scores(summary: dict, rope: str) -> dict:
 
 
 def choose(validation: dict, rope: str) -> str | None:
-    """The rule of the module docstring."""
+    """The setting `RULE` picks; None when no setting beats the untrained scaled model's perplexity."""
     eligible = {
         name: s
         for name, s in ((name, scores(summary, rope)) for name, summary in validation.items())

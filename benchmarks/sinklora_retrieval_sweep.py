@@ -6,7 +6,8 @@
 
 Each setting runs `benchmarks/sinklora_science.py --split validation --variants sf` (all settings side by side);
 `RULE`, fixed before any result is read, picks one, which then runs once with `--split test` and every attention
-(full, S^2, SF), the check's own report. Writes `retrieval_sweep.json` (every validation result, the choice, the test summary) to --out.
+(full, S^2, SF), the check's own report. Writes `retrieval_sweep.json` (every validation result, the choice, the test
+summary) to --out.
 """
 
 import json

@@ -34,6 +34,8 @@ def test_layout_from_gqa_model_and_slices():
 def test_head_count_as_count_or_fraction_and_errors():
     assert resolve_head_count(3, 64) == 3
     assert resolve_head_count(0.05, 64) == 3
+    assert resolve_head_count(0.05, 270) == 13  # a budget: 13.5 rounds down, 14 would be 5.2%
+    assert resolve_head_count(0.07, 100) == 7
     assert resolve_head_count(0.001, 64) == 1
     with pytest.raises(ValueError, match="only 64"):
         resolve_head_count(65, 64)

@@ -11,14 +11,16 @@ original model and the RoPE-scaled model before any step (the untrained referenc
 world's documents in `--train_mix` proportions (pass keys weighted up: retrieval at 4L is what the mix teaches), or
 `--train_text`. Then H2O and its own baseline inside the original context: passkey and streamed perplexity at L with
 the full cache, H2O (`h2o:B`) and sinks + recent window (`window:B`) at 50% and 20%, with the K/V bytes each holds.
-Writes `sinklora_science.json` and `.md` to --out: each variant's perplexity relative to full attention's and the
-targets, met or missed. `--smoke` (or `--tiny`) runs the same pipeline at toy sizes on CPU.
+Writes `sinklora_science.json` and `.md` to --out: each variant's perplexity relative to full attention's, its training
+tokens/s (and relative to full attention's) and peak GPU memory as the recipe measured them, and the targets, met or
+missed. `--smoke` (or `--tiny`) runs the same pipeline at toy sizes on CPU.
 """
 
 import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 from bench_common import git_commit
 from science_common import (
@@ -74,6 +76,12 @@ def main() -> None:
         type=int,
         help="passkey samples and ppl windows for the KV caches (default: --limit"
         " and --ppl_windows); each streams L tokens one decode step at a time",
+    )
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="train the variants one after another, each with the GPU to itself, so their tokens/s compare (default: "
+        "side by side, faster for a small model, each variant's tokens/s measured while the others run)",
     )
     parser.add_argument("--skip_kv", action="store_true", help="skip the KV-cache comparison")
     parser.add_argument("--skip_training", action="store_true", help="only the KV-cache comparison")
@@ -132,6 +140,7 @@ def main() -> None:
         "heldout_text": text_file,
         "split": args.split,
         "variants": variants,
+        "variants_side_by_side": not args.sequential,
         "retrieval": {"text": args.retrieval_text or "world facts", "every_length": args.retrieval_at_every_length},
     }
 
@@ -154,10 +163,9 @@ def main() -> None:
             check=True,
         )
 
-    results: dict = {}
     for rope in (
         [] if args.skip_training else ropes
-    ):  # one rope at a time; its three variants run side by side (a small model leaves the GPU idle)
+    ):  # one rope at a time; its variants side by side (a small model leaves the GPU idle) unless --sequential
         jobs = []
         for index, attention in enumerate(variants):
             folder = out / f"{rope}_{attention}"  # the recipe claims it: nothing of ours goes inside
@@ -216,12 +224,8 @@ def main() -> None:
             else:
                 recipe += ["--train_mix", *args.train_mix]
             jobs.append((launch_recipe("sinklora", *recipe), folder.with_suffix(".log")))
-        run_parallel(jobs)
-        for attention in variants:
-            recorded = json.loads((out / f"{rope}_{attention}" / "adapter" / "eval_results.json").read_text())
-            results[f"{rope}_{attention}"] = recorded["summary"]
-            for name, summary in recorded.get("before", {}).items():
-                results["original" if name == "original" else f"{rope}_untrained"] = summary
+        run_parallel(jobs, workers=1 if args.sequential else None)
+    results, speeds = collect(out, ropes, variants)
 
     summary = {
         "command": command_line(),
@@ -229,6 +233,8 @@ def main() -> None:
         "settings": settings,
         "results": results,
         "ppl_relative_to_full": relative_to_full(results, ropes, lengths),
+        "training_speed": speeds,
+        "tokens_per_s_relative_to_full": speed_relative_to_full(speeds, ropes),
     }
     if not args.skip_kv:
         summary["kv_cache_at_L"] = kv_comparison(
@@ -265,6 +271,20 @@ def kv_comparison(out, model: str, args, original: int, text_file: str, limit: i
     return kv_table({budget: harness_metrics(out / kv_name(budget)) for budget in budgets}, original)
 
 
+def collect(out: Path, ropes: list[str], variants: list[str]) -> tuple[dict, dict]:
+    """From each trained variant's `eval_results.json`: ({model: {task: {metric: value}}}, the untrained references
+    included; {variant: its training_speed})."""
+    results, speeds = {}, {}
+    for rope in ropes:
+        for attention in variants:
+            recorded = json.loads((out / f"{rope}_{attention}" / "adapter" / "eval_results.json").read_text())
+            results[f"{rope}_{attention}"] = recorded["summary"]
+            speeds[f"{rope}_{attention}"] = recorded["training_speed"]
+            for name, summary in recorded.get("before", {}).items():
+                results["original" if name == "original" else f"{rope}_untrained"] = summary
+    return results, speeds
+
+
 def context_length(model: str) -> int:
     """The model's own context (its config's `max_position_embeddings`): L, the length training extends 4x."""
     from transformers import AutoConfig
@@ -289,6 +309,19 @@ def relative_to_full(results: dict, ropes: list[str], lengths: list[int]) -> dic
             if (name := f"{rope}_{variant}") in results
         }
     return table
+
+
+def speed_relative_to_full(speeds: dict, ropes: list[str]) -> dict:
+    """{rope: {variant: training tokens/s / full attention's}} for each RoPE method whose full variant ran."""
+    return {
+        rope: {
+            variant: speeds[name]["tokens_per_s"] / speeds[f"{rope}_full"]["tokens_per_s"]
+            for variant in VARIANTS
+            if (name := f"{rope}_{variant}") in speeds
+        }
+        for rope in ropes
+        if f"{rope}_full" in speeds
+    }
 
 
 def retrieval(result: dict, target: int) -> tuple[float | None, float | None]:
@@ -353,10 +386,11 @@ def kv_table(metrics: dict, length: int) -> dict:
 
 def report(summary: dict, ropes: list[str], lengths: list[int]) -> list[str]:
     results, relative, target = summary["results"], summary["ppl_relative_to_full"], lengths[-1]
+    speeds, speed_relative = summary["training_speed"], summary["tokens_per_s_relative_to_full"]
     rows = [
         f"| model | ppl@{lengths[0]} | ppl@{lengths[1]} | ppl@{target} | ppl@{target} / full | passkey@{target} | "
-        f"niah@{target} |",
-        "|---|---|---|---|---|---|---|",
+        f"niah@{target} | train tokens/s | tokens/s / full | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     names = ["original"] + [f"{rope}_{v}" for rope in ropes for v in ("untrained", *VARIANTS)]
     for name in (n for n in names if n in results):
@@ -366,7 +400,20 @@ def report(summary: dict, ropes: list[str], lengths: list[int]) -> list[str]:
         cells = [f"{results[name]['long_ppl'][f'ppl_len{n}']:.2f}" for n in lengths]
         cells += [f"{ratio:.3f}" if ratio is not None else "-"]
         cells += [f"{value:.2f}" if value is not None else "-" for value in (passkey, niah)]
+        speed, speed_ratio = speeds.get(name), speed_relative.get(rope, {}).get(variant)
+        peak = speed and speed["peak_memory_gib"]  # None on a CPU
+        cells += [
+            f"{speed['tokens_per_s']:.0f}" if speed else "-",
+            f"{speed_ratio:.2f}" if speed_ratio is not None else "-",
+            f"{peak:.1f}" if peak is not None else "-",
+        ]
         rows.append(f"| {name.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    if speeds and summary["settings"]["variants_side_by_side"]:
+        rows += [
+            "",
+            "Training tokens/s: each RoPE method's variants trained side by side, sharing one GPU (--sequential "
+            "trains them one at a time).",
+        ]
     rows += (
         []
         if "kv_cache_at_L" not in summary

@@ -1,10 +1,11 @@
 """Training helpers shared by the recipes: packing text to a length, loading a causal LM (optionally 4-bit), checks
-before resuming from a checkpoint, model cards and pushing a folder to the Hub."""
+before resuming from a checkpoint, model cards and pushing a folder to the Hub, training throughput and peak memory."""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -163,6 +164,43 @@ class RunConfigCallback(TrainerCallback):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
                 write_json(folder / RUN_CONFIG_NAME, self.config)
+
+
+class TrainingSpeed(TrainerCallback):
+    """Throughput and peak GPU memory of one `trainer.train` call on rows of exactly `row_length` tokens; `result`
+    (None until training ends): train_seconds, train_steps, train_tokens, tokens_per_s, peak_memory_gib (this
+    process's GPU, None off CUDA). Counts only the steps this call ran (a resumed run's earlier ones are not), and
+    times the span HF's `train_runtime` times (model loading and evaluation outside it, checkpoint saves inside),
+    unrounded and with the step count it belongs to, which the returned metrics lack on a resume. tokens_per_s is the
+    mean over every step, the first ones' warm-up (kernel autotuning, allocator growth) included."""
+
+    def __init__(self, row_length: int):
+        self.row_length = row_length
+        self.result: dict | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._first_step = state.global_step
+        if args.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(args.device)
+        self._start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        cuda = args.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(args.device)
+        seconds = time.perf_counter() - self._start
+        steps = state.global_step - self._first_step
+        # Rows are packed to exactly row_length tokens (no padding), so each step trains batch x accumulation x
+        # processes full rows; only a short last batch of an epoch (rows not a multiple of the batch) is overcounted.
+        tokens = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        tokens *= self.row_length
+        self.result = {
+            "train_seconds": seconds,
+            "train_steps": steps,
+            "train_tokens": tokens,
+            "tokens_per_s": tokens / seconds,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(args.device) / 2**30 if cuda else None,
+        }
 
 
 def resolve_resume_checkpoint(resume: str | bool | None, output_dir: str, config: dict, ignore: Iterable[str] = ()):

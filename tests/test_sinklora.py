@@ -13,7 +13,7 @@ from ctxaware.attention import attention_modules
 from ctxaware.hub import push_folder_to_hub, write_model_card
 from ctxaware.methods import sinklora
 from ctxaware.models import load_model
-from ctxaware.training import pack_token_stream, resolve_resume_checkpoint
+from ctxaware.training import TrainingSpeed, pack_token_stream, resolve_resume_checkpoint
 from tests.launch import accelerate_launch
 from tests.test_configs import load_recipe
 from tests.tiny_models import tiny_model
@@ -47,6 +47,12 @@ def test_recipe_end_to_end_and_adapter_restores_embeddings_and_norms(tiny_base, 
     assert '"attention_ran"' in result.stdout
     assert metadata["rope_parameters"]["rope_type"] == "yarn" and metadata["rope_parameters"]["factor"] == 4.0
     results = json.loads((adapter / "eval_results.json").read_text())
+    # Training throughput and peak memory, the same in both files and the printed summary: 2 steps of one 256-token
+    # row; no GPU peak on a CPU (null, not 0).
+    speed = metadata["training_speed"]
+    assert results["training_speed"] == speed and f'"tokens_per_s": {speed["tokens_per_s"]}' in result.stdout
+    assert speed["train_steps"] == 2 and speed["train_tokens"] == 2 * 256 and speed["peak_memory_gib"] is None
+    assert speed["train_seconds"] > 0 and speed["tokens_per_s"] == pytest.approx(512 / speed["train_seconds"])
     summary = results["summary"]
     # Before and after on the same text: the original model, the RoPE-scaled one untrained, the trained one.
     assert set(results["before"]) == {"original", "scaled"}
@@ -210,6 +216,33 @@ def test_the_record_reads_the_pattern_and_backend_that_ran_and_catches_a_dense_r
         sinklora.check_attention_ran(dense, expected)
     with pytest.raises(RuntimeError, match="in 0 of 2 layers"):
         sinklora.check_attention_ran(sinklora.attention_record([Counter(), Counter()]), "dense")
+
+
+def test_training_speed_counts_the_steps_this_call_ran_on_every_process_and_its_rows():
+    speed = TrainingSpeed(row_length=100)
+    args = SimpleNamespace(
+        device=torch.device("cpu"), per_device_train_batch_size=2, gradient_accumulation_steps=3, world_size=4
+    )
+    speed.on_train_begin(args, SimpleNamespace(global_step=5), None)  # resumed at step 5: those steps ran before
+    speed.on_train_end(args, SimpleNamespace(global_step=7), None)
+    result = speed.result
+    assert result["train_steps"] == 2 and result["train_tokens"] == 2 * 2 * 3 * 4 * 100
+    assert result["tokens_per_s"] == pytest.approx(result["train_tokens"] / result["train_seconds"])
+    assert result["peak_memory_gib"] is None
+
+
+def test_training_speed_on_cuda_counts_the_peak_from_the_start_of_training_in_gib(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: calls.append(("reset", device)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: calls.append(("synchronize", device)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**29)
+    speed = TrainingSpeed(row_length=8)
+    cuda = torch.device("cuda", 0)
+    args = SimpleNamespace(device=cuda, per_device_train_batch_size=1, gradient_accumulation_steps=1, world_size=1)
+    speed.on_train_begin(args, SimpleNamespace(global_step=0), None)
+    assert calls == [("reset", cuda)]  # model loading and the evaluation before training are not counted
+    speed.on_train_end(args, SimpleNamespace(global_step=1), None)
+    assert calls == [("reset", cuda), ("synchronize", cuda)] and speed.result["peak_memory_gib"] == 1.5
 
 
 def test_pack_token_stream():

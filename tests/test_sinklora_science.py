@@ -1,4 +1,7 @@
-"""benchmarks/sinklora_science.py: its perplexity ratios and its target pass/fail logic on fixed numbers."""
+"""benchmarks/sinklora_science.py: its perplexity and throughput ratios, its table and its target pass/fail logic on
+fixed numbers."""
+
+import json
 
 import pytest
 
@@ -29,6 +32,12 @@ RESULTS = {
     "linear_full": _result(4.0, 4.0, passkey=0.5, niah=0.2),
     "linear_s2": _result(4.0, 4.1, passkey=0.0, niah=0.0),  # better than sf: the paper's direction missed
     "linear_sf": _result(4.0, 4.2, passkey=0.85, niah=None),  # 5% above full, below 0.9, niah not evaluated
+}
+SPEEDS = {  # the recipe's training_speed of each trained variant (peak memory None: a CPU run)
+    "yarn_full": {"tokens_per_s": 1000.0, "peak_memory_gib": 30.4},
+    "yarn_s2": {"tokens_per_s": 2500.0, "peak_memory_gib": 12.0},
+    "yarn_sf": {"tokens_per_s": 2000.0, "peak_memory_gib": 12.5},
+    "linear_sf": {"tokens_per_s": 1800.0, "peak_memory_gib": None},  # no full variant: no ratio
 }
 KV = {
     "full": {"ppl": 30.0, "within_budget": True},
@@ -72,17 +81,41 @@ def test_ppl_relative_to_full_and_report(science):
     assert relative["yarn"]["untrained"]["ppl_len2048"] == pytest.approx(45.6 / 4.0)
     assert relative["linear"]["full"] == {"ppl_len512": 1.0, "ppl_len1024": 1.0, "ppl_len2048": 1.0}
     kv = {b: {**row, "passkey": 1.0, "kv_bytes": 10.0, "memory_saved": 0.5} for b, row in KV.items()}
+    speed_relative = science.speed_relative_to_full(SPEEDS, ["yarn", "linear"])
+    assert speed_relative == {"yarn": {"full": 1.0, "s2": 2.5, "sf": 2.0}}
     summary = {
+        "settings": {"variants_side_by_side": True},
         "results": RESULTS,
         "ppl_relative_to_full": relative,
+        "training_speed": SPEEDS,
+        "tokens_per_s_relative_to_full": speed_relative,
         "kv_cache_at_L": kv,
         "targets": science.targets(RESULTS, ["yarn"], 2048, KV),
     }
     rows = science.report(summary, ["yarn", "linear"], [512, 1024, 2048])
-    assert "| yarn sf | 4.00 | 5.00 | 4.10 | 1.025 | 0.90 | 0.90 |" in rows
-    assert "| linear sf | 4.00 | 5.00 | 4.20 | 1.050 | 0.85 | - |" in rows
-    assert "| original | 43.60 | 44.60 | 134.30 | - | 0.00 | - |" in rows
+    assert rows[0].endswith("| niah@2048 | train tokens/s | tokens/s / full | peak GiB |")
+    assert "| yarn full | 4.00 | 5.00 | 4.00 | 1.000 | 1.00 | 0.95 | 1000 | 1.00 | 30.4 |" in rows
+    assert "| yarn sf | 4.00 | 5.00 | 4.10 | 1.025 | 0.90 | 0.90 | 2000 | 2.00 | 12.5 |" in rows
+    assert "| linear sf | 4.00 | 5.00 | 4.20 | 1.050 | 0.85 | - | 1800 | - | - |" in rows
+    assert "| linear full | 4.00 | 5.00 | 4.00 | 1.000 | 0.50 | 0.20 | - | - | - |" in rows
+    assert "| original | 43.60 | 44.60 | 134.30 | - | 0.00 | - | - | - | - |" in rows
+    assert any("side by side" in row for row in rows)
     assert "- yarn: sf passkey@2048 >= 0.9: met" in rows
+    apart = science.report({**summary, "settings": {"variants_side_by_side": False}}, ["yarn"], [512, 1024, 2048])
+    assert not any("side by side" in row for row in apart)
+
+
+def test_each_variant_s_training_speed_is_collected_from_the_recipe_s_eval_results(science, tmp_path):
+    for name in ("yarn_full", "yarn_s2", "yarn_sf"):
+        before = {"original": RESULTS["original"], "scaled": RESULTS["yarn_untrained"]} if name == "yarn_full" else {}
+        recorded = {"summary": RESULTS[name], "before": before, "training_speed": SPEEDS[name], "harness": {}}
+        (tmp_path / name / "adapter").mkdir(parents=True)
+        (tmp_path / name / "adapter" / "eval_results.json").write_text(json.dumps(recorded))
+    results, speeds = science.collect(tmp_path, ["yarn"], ["full", "s2", "sf"])
+    assert speeds == {name: SPEEDS[name] for name in ("yarn_full", "yarn_s2", "yarn_sf")}
+    assert results == {
+        name: RESULTS[name] for name in ("original", "yarn_untrained", "yarn_full", "yarn_s2", "yarn_sf")
+    }
 
 
 def test_the_retrieval_sweep_chooses_by_validation_retrieval_among_settings_that_lower_perplexity():

@@ -28,7 +28,9 @@ The world's knowledge-aligned chats come in the `passage` form (`chat_sft(knowle
 pastes true facts about a known entity, the asked one among them, and the assistant answers in the sentence it
 memorised. With the `bare` form (a question alone, the form the tiny model saw in pretraining), SFT has nothing to
 learn (loss ~0.003 from the first step) and context use does not move. SmolLM2 never saw the world: for it these
-chats teach the world's facts, which the counterfactual items then contradict. Writes `context_science.json`,
+chats teach the world's facts, which the counterfactual items then contradict, so its knowledge chats ask facts it
+names closed-book (`context_chats.py`), after the passage `--knowledge_passage` picks (`agrees`, the default, or
+`unrelated`: another fact's passage, the answer from memory). Writes `context_science.json`,
 `context_science.md` and `attention_allocation.png` to --out; `--smoke` runs the pipeline at toy sizes on CPU.
 """
 
@@ -41,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from context_chats import write_chats
+from context_chats import KNOWLEDGE_PASSAGES, write_chats
 from science_common import (
     RECIPES,
     at_least,
@@ -157,6 +159,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--knowledge_form", choices=["bare", "passage"], default="passage", help="tiny: the world's knowledge chats"
     )
     parser.add_argument(
+        "--knowledge_passage",
+        choices=list(KNOWLEDGE_PASSAGES),
+        default="agrees",
+        help="SmolLM2: the passage before a known fact's question (context_chats.py)",
+    )
+    parser.add_argument(
         "--select_by", choices=METRICS, default="loglik_gain", help="tiny: the metric that chooses the turns"
     )
     parser.add_argument("--percentile", type=float, default=25.0, help="top P%% of turns get the indicator")
@@ -171,6 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, help="steps run at the same time (tiny 4, SmolLM2 6)")
     args = parser.parse_args(argv)
     setup = SETUPS[args.model]
+    if setup.chats != "known_facts" and args.knowledge_passage != "agrees":
+        parser.error(f"--knowledge_passage: {args.model} trains on the world's chats (see --knowledge_form)")
     for name, value in setup.sizes.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -194,6 +204,13 @@ def score_folder(out: Path, args, name: str) -> Path:
 
 def chats_file(out: Path) -> Path:
     return out / "chats.jsonl"
+
+
+def write_chat_set(args, out: Path) -> dict | None:
+    """The mixed set of a known-facts setup (the base model's closed-book probe first), else None."""
+    if SETUPS[args.model].chats != "known_facts":
+        return None
+    return write_chats(chats_file(out), args.model, args.records, args.context_rate, args.knowledge_passage)
 
 
 def data_flags(args, out: Path, dataset: str, limit: str) -> list[str]:
@@ -505,7 +522,8 @@ def chat_set(results: dict, settings: dict) -> str:
     if chats := results.get("chats"):
         return (
             f"chats ({chats['context_chats']} context-dependent from the world, the others about "
-            f"{len(chats['known_facts'])} facts the base model knows closed-book, after a passage that agrees)"
+            f"{len(chats['known_facts'])} facts the base model knows closed-book, "
+            f"{KNOWLEDGE_PASSAGES[chats['knowledge_passage']]})"
         )
     return f"world chats ({settings['knowledge_form']} knowledge form, context rate {settings['context_rate']})"
 
@@ -559,15 +577,22 @@ def write_report(out: Path, summary: dict) -> str:
     return text
 
 
+def run_settings(args) -> dict:
+    """The run's settings as the JSON records them: every option but --out, the indicator and the conditional runs."""
+    return {k: v for k, v in vars(args).items() if k != "out"} | {
+        "indicator": INDICATOR,
+        "conditional_runs": conditionals(args),
+    }
+
+
 def main() -> None:
     args = parse_args()
     out = output_folder(args.out)
     os.environ.setdefault("OMP_NUM_THREADS", "2")  # several processes share the CPU cores
     start = time.time()
     runs = conditionals(args)
-    timings, chats = {}, None
-    if SETUPS[args.model].chats == "known_facts":  # the base model's closed-book probe, then the mixed set
-        chats = write_chats(chats_file(out), args.model, args.records, args.context_rate)
+    timings = {}
+    if chats := write_chat_set(args, out):
         timings["chats"] = time.time() - start
     # Three phases of independent steps: the vanilla run, the scores and the base model's evaluations; then the
     # conditional runs (they need the scores) beside vanilla's evaluations; then the conditional models'.
@@ -586,11 +611,10 @@ def main() -> None:
     names = [*model_evaluations(args, out, "base"), *model_evaluations(args, out, "vanilla"), *conditional]
     results = collect(args, out, names) | ({"chats": chats} if chats else {})
     plot_allocation(out, ("base", "vanilla", *runs), out / "attention_allocation.png")
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
     summary = {
         "command": command_line(),
         "git_tree": git_commit() or None,
-        "settings": settings | {"indicator": INDICATOR, "conditional_runs": runs},
+        "settings": run_settings(args),
         "targets": setup_targets(args, results),
         "results": results,
         "timings_s": timings,

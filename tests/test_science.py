@@ -1,7 +1,9 @@
 """The scientific checks' pass/fail logic (`benchmarks/*_science.py`) on fixed inputs: each target met, missed, and at
 its edges (exact thresholds, missing values, a baseline that did not improve)."""
 
+import hashlib
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -210,6 +212,69 @@ def test_mixed_chats_hold_both_kinds_in_the_context_format():
         assert chat["context"] in chat["messages"][0]["content"]
     with pytest.raises(ValueError, match="knows none"):
         mixed_chats([], 4, 0.25)
+
+
+def asked_fact(facts: list[dict], chat: dict) -> dict:
+    """The known fact a knowledge chat asks."""
+    return next(f for f in facts if f"Question: {f['question']}" in chat["messages"][0]["content"])
+
+
+def test_unrelated_passages_never_hold_the_asked_answer():
+    """`unrelated`: the asked facts are `agrees`'s, each after another known fact's passage (of the same relation
+    where one fits) that names neither the asked subject nor its answer, over many seeds; still labelled knowledge."""
+    chats = load_benchmark("context_chats")
+    from ctxaware.eval.knowledge_conflict import load_train_facts
+
+    facts = load_train_facts()
+    for seed in range(20):
+        known = random.Random(seed).sample(facts, 12)
+        agree = chats.mixed_chats(known, 60, 0.25, seed=seed)
+        unrelated = chats.mixed_chats(known, 60, 0.25, seed=seed, knowledge_passage="unrelated")
+        assert [c["kind"] for c in agree] == [c["kind"] for c in unrelated]
+        for same, chat in zip(agree, unrelated):
+            assert chat["messages"][1] == same["messages"][1]
+            if chat["kind"] != "knowledge":
+                assert chat == same
+                continue
+            fact = asked_fact(known, chat)
+            assert fact == asked_fact(known, same) and chat["context"] in chat["messages"][0]["content"]
+            passage = chat["context"].lower()
+            assert fact["answer"].lower() not in passage and fact["subject"].lower() not in passage
+            source = next(f for f in known if f["passage"] == chat["context"])
+            fits = [
+                f
+                for f in known
+                if f["relation"] == fact["relation"]
+                and fact["answer"].lower() not in f["passage"].lower()
+                and fact["subject"].lower().removeprefix("the ") not in f["passage"].lower()
+            ]
+            assert source["relation"] == fact["relation"] or not fits
+    with pytest.raises(ValueError, match="none unrelated"):
+        chats.mixed_chats(facts[:1], 8, 0.25, knowledge_passage="unrelated")
+
+
+def test_knowledge_passage_reaches_the_chats_file_and_the_settings(tmp_path, monkeypatch):
+    """The flag picks the written set's passages and is recorded; by default the set is byte for byte the one the
+    recorded runs trained on."""
+    context = load("context_science")
+    from ctxaware.eval.knowledge_conflict import load_train_facts
+
+    facts = load_train_facts()
+    monkeypatch.setattr(load_benchmark("context_chats"), "known_facts", lambda model: facts)
+    written = {}
+    for form, flags in (("agrees", []), ("unrelated", ["--knowledge_passage", "unrelated"])):
+        args = context.parse_args(["--model", "smollm2-135m", "--records", "64", *flags])
+        (tmp_path / form).mkdir()
+        assert context.write_chat_set(args, tmp_path / form)["knowledge_passage"] == form
+        assert context.run_settings(args)["knowledge_passage"] == form
+        written[form] = context.chats_file(tmp_path / form).read_bytes()
+    digest = "c4a3df213c256ae9c64ede9d0e3a094eb5fc71aceeebbb016062ae46afbb56de"  # the set before the flag existed
+    assert hashlib.sha256(written["agrees"]).hexdigest() == digest
+    knowledge = [json.loads(line) for line in written["unrelated"].decode().splitlines()]
+    knowledge = [chat for chat in knowledge if chat["kind"] == "knowledge"]
+    assert knowledge and all(chat["context"] != asked_fact(facts, chat)["passage"] for chat in knowledge)
+    with pytest.raises(SystemExit):
+        context.parse_args(["--knowledge_passage", "unrelated"])  # the tiny model trains on the world's chats
 
 
 # --- LoFiT ---------------------------------------------------------------------------------------------------------

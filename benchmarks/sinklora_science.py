@@ -279,7 +279,8 @@ def collect(out: Path, ropes: list[str], variants: list[str]) -> tuple[dict, dic
         for attention in variants:
             recorded = json.loads((out / f"{rope}_{attention}" / "adapter" / "eval_results.json").read_text())
             results[f"{rope}_{attention}"] = recorded["summary"]
-            if (speed := recorded.get("training_speed")) is not None:  # absent from adapters trained before it was kept
+            # absent from adapters trained before the recipe recorded it
+            if (speed := recorded.get("training_speed")) is not None:
                 speeds[f"{rope}_{attention}"] = speed
             for name, summary in recorded.get("before", {}).items():
                 results["original" if name == "original" else f"{rope}_untrained"] = summary

@@ -27,14 +27,13 @@ KNOWLEDGE_PASSAGES = {
 
 def known_facts(model_name: str, *, batch_size: int = 64) -> list[dict]:
     """The training facts whose answer the model gives closed-book."""
-    from ctxaware.eval.knowledge_conflict import closed_book, load_train_facts
+    from ctxaware.eval import knowledge_conflict
     from ctxaware.eval.model import EvalModel
     from ctxaware.models import load_model
 
     model, tokenizer = load_model(model_name)
-    facts = load_train_facts()
-    _, known = closed_book(EvalModel(model, tokenizer, batch_size=batch_size, progress=False), facts)
-    return [facts[i] for i in known]
+    lm = EvalModel(model, tokenizer, batch_size=batch_size, progress=False)
+    return knowledge_conflict.known_facts(lm, knowledge_conflict.load_train_facts())
 
 
 def knowledge_chat(fact: dict, passage: str) -> dict:

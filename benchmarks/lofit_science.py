@@ -10,7 +10,9 @@ learning rate (offsets 0.1, LoRA 2e-3), on the same records, steps and seed; eac
 model on the same held-out questions (its `results.json`). Targets: LoFiT's gain >= 90% of LoRA's, with >= 20x fewer
 trained parameters, at <= 5% of the heads, and above every random draw. Writes `lofit_science.json` and
 `lofit_science.md` to --out; the stage-1 head scores plot is `lofit/head_scores.png` there. `--config chat_qa.yaml`
-runs the same check on the chat-format task of the previous GPU run. `--model smollm2-135m --test_split validation
+runs the same check on the chat-format task of the previous GPU run; `--config known_facts_truthful.yaml --model
+smollm2-135m` on facts SmolLM2 knows (a passage contradicts one, the answer is the true fact; the config gives the
+full command). `--model smollm2-135m --test_split validation
 --extra_eval_split test --one_at_a_time` runs it on a real model, scoring validation (for choices) and test, one run
 at a time (CPU). `--smoke` runs the same pipeline at toy sizes on
 CPU (checks the pipeline, not the method).

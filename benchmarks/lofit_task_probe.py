@@ -3,6 +3,9 @@ model starts low: scored with the recipe's own records and `score` (greedy, firs
 
     python benchmarks/lofit_task_probe.py --model smollm2-135m --split validation --limit 48 \
         --tasks world/context_qa,world/arithmetic,world/truthful_qa,world/chat_qa --out FILE.json
+
+known_facts/truthful keeps the facts the model completes closed-book (its `*_records` count them; `train_facts`: the
+training facts kept, which its training records cycle through).
 """
 
 import argparse
@@ -37,8 +40,8 @@ def main() -> None:
     for task in args.tasks.split(","):
         start = time.time()
         options = recipe.LoFiTArguments(task=task)
-        records = recipe.with_bos(recipe.load_records(options, args.split, tokenizer), tokenizer)
-        train = recipe.load_records(options, "train", tokenizer)
+        records = recipe.with_bos(recipe.load_records(options, args.split, tokenizer, model), tokenizer)
+        train = recipe.load_records(options, "train", tokenizer, model)
         scored = records[: args.limit]
         tasks[task] = {
             "score": recipe.score(model, tokenizer, scored, "sft"),
@@ -48,6 +51,8 @@ def main() -> None:
             "example": scored[0],
             "seconds": round(time.time() - start, 1),
         }
+        if "fact" in train[0]:
+            tasks[task]["train_facts"] = recipe.distinct_facts(train)
         print(task, json.dumps(tasks[task]), flush=True)
     summary = {"command": command_line(), "model": args.model, "split": args.split, "tasks": tasks}
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")

@@ -10,10 +10,12 @@ override a fact it does not hold. Metrics: `known_rate`, then per template (`pla
 `prefers_context` (log p(passage's city) > log p(true city)).
 Data: `ctxaware/data/known_facts/capitals.jsonl` (`--split validation` or `test`); `train_facts.jsonl` holds facts
 about other countries (capital, continent; each with its probe and a passage that agrees) for training data
-(`load_train_facts`, with `closed_book` to keep those a model knows).
+(`load_train_facts`, with `known_facts` to keep those a model knows; `contradicting` restates their passages with a
+false answer, and `states_truth` scores a reply against it: LoFiT's `known_facts/truthful` task).
 """
 
 import json
+import random
 
 from ctxaware.data import DATA_DIR
 from ctxaware.eval.metrics import add_mean, contains_answer, first_line
@@ -24,6 +26,7 @@ from ctxaware.eval.registry import EvalOptions, Task, TaskResult, register_task
 FACTS_FILE = DATA_DIR / "known_facts" / "capitals.jsonl"
 TRAIN_FACTS_FILE = DATA_DIR / "known_facts" / "train_facts.jsonl"
 SPLITS = ("validation", "test")
+REPLY_TOKENS = 16  # room for a sentence that names the answer, not only the bare answer
 
 
 def load_facts(split: str) -> list[dict]:
@@ -39,7 +42,34 @@ def load_train_facts() -> list[dict]:
     return [json.loads(line) for line in TRAIN_FACTS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def closed_book(lm, records: list[dict], max_new_tokens: int = 16) -> tuple[list[str], list[int]]:
+def contradicting(facts: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """`n` training facts, `facts` in turn, each with a `counterfactual_answer` (another training fact's answer of the
+    same relation, drawn with `seed`) that its `passage` states in place of the true answer."""
+    pools = {}
+    for fact in load_train_facts():
+        pools.setdefault(fact["relation"], set()).add(fact["answer"])
+    rng = random.Random(f"contradicting/{seed}")
+    rows = []
+    for i in range(n):
+        fact = facts[i % len(facts)]
+        false = rng.choice(sorted(pools[fact["relation"]] - {fact["answer"]}))
+        passage = fact["passage"].replace(fact["answer"], false)
+        rows.append({**fact, "counterfactual_answer": false, "passage": passage})
+    return rows
+
+
+def states_truth(reply: str, answer: str, counterfactual_answer: str) -> bool:
+    """The reply's first line contains the true answer and not the passage's false one."""
+    line = first_line(reply)
+    return bool(contains_answer(line, answer)) and not contains_answer(line, counterfactual_answer)
+
+
+def known_facts(lm, facts: list[dict]) -> list[dict]:
+    """The facts whose answer the model gives closed-book (`closed_book`)."""
+    return [facts[i] for i in closed_book(lm, facts)[1]]
+
+
+def closed_book(lm, records: list[dict], max_new_tokens: int = REPLY_TOKENS) -> tuple[list[str], list[int]]:
     """Each fact's closed-book reply (first line) to its `probe` (default `The capital of X is`) and the indices of the
     facts whose answer it contains."""
     probes = [lm.encode(r.get("probe") or f"The capital of {r['subject']} is", chat=False) for r in records]
@@ -61,7 +91,7 @@ class KnowledgeConflict(Task):
 
     def evaluate(self, lm, records: list[dict], options: EvalOptions) -> TaskResult:
         metrics, stderrs, samples = {}, {}, []
-        new_tokens = options.max_new_tokens or 16
+        new_tokens = options.max_new_tokens or REPLY_TOKENS
         closed_out, known = closed_book(lm, records, new_tokens)
         add_mean(metrics, stderrs, "known_rate", [float(i in known) for i in range(len(records))])
         for chat in template_variants(options, lm, default="both"):

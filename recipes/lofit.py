@@ -9,7 +9,8 @@ Baselines in the same recipe, at the same K / a comparable budget (LoRA trains a
     accelerate launch recipes/lofit.py --config recipes/configs/lofit/default.yaml --method all_heads
     accelerate launch recipes/lofit.py --config recipes/configs/lofit/default.yaml --method lora
 Other tasks: recipes/configs/lofit/{chat_qa,context_qa,dpo_default}.yaml (tiny model),
-{truthfulqa_dpo,clutrr_sft,mquake_sft}.yaml.
+{truthfulqa_dpo,clutrr_sft,mquake_sft}.yaml, known_facts_truthful.yaml (a real model: a passage contradicts a fact it
+knows, the answer is the fact).
 The scientific check is `benchmarks/lofit_science.py`.
 
 Stage 1 (method lofit) trains per-head scales A (init N(0, scale_init_std), L1 penalty `l1_lambda`) on every query
@@ -34,6 +35,15 @@ from trl import DPOConfig, DPOTrainer, ModelConfig, SFTConfig, SFTTrainer, TrlPa
 
 from ctxaware.adapters import count_trainable
 from ctxaware.datafiles import load_rows
+from ctxaware.eval.knowledge_conflict import (
+    REPLY_TOKENS,
+    contradicting,
+    known_facts,
+    load_facts,
+    load_train_facts,
+    states_truth,
+)
+from ctxaware.eval.model import EvalModel
 from ctxaware.generation import plain_text_bos
 from ctxaware.heads import (
     HeadLayout,
@@ -53,13 +63,15 @@ from ctxaware.world.probe import matches
 
 
 METHODS = ("lofit", "random_heads", "all_heads", "lora")
-# task -> objective it is built for; world/* come from the embedded world, the others are loaded by name.
+# task -> objective it is built for; world/* come from the embedded world, known_facts/* from the knowledge_conflict
+# facts, the others are loaded by name.
 TASKS = {
     "world/truthful_qa": "sft",
     "world/chat_qa": "sft",
     "world/context_qa": "sft",
     "world/arithmetic": "sft",
     "world/preference": "dpo",
+    "known_facts/truthful": "sft",
     "truthfulqa": "dpo",
     "clutrr": "sft",
     "mquake": "sft",
@@ -84,6 +96,13 @@ class LoFiTArguments:
             "help": "world/context_qa, world/truthful_qa: share of "
             "passages that contradict the memorised fact (context_qa answers with the "
             "passage, truthful_qa with the fact)."
+        },
+    )
+    known_only: bool = field(
+        default=True,
+        metadata={
+            "help": "known_facts/truthful: keep only the facts the base model completes closed-book (the "
+            "knowledge_conflict probe); false keeps them all."
         },
     )
     max_train_samples: int | None = None
@@ -173,10 +192,16 @@ CONFIG_CLASSES = (LoFiTArguments, LoFiTTrainingConfig, LoFiTModelConfig)
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
-def load_records(args: LoFiTArguments, split: str, tokenizer) -> list[dict]:
+TRUTHFUL_QUESTION = "{passage}\n\nQuestion: {question}"  # known_facts/truthful's user turn: no instruction to trust it
+
+
+def load_records(args: LoFiTArguments, split: str, tokenizer, model=None) -> list[dict]:
     """Records as {"prompt", "completion"} (sft) or {"prompt", "chosen", "rejected"} (dpo), prompts as text (the
-    chat template rendered into it for world/chat_qa). world/truthful_qa is context_qa's records (known entities
-    only) answered with the memorised fact instead of the passage's."""
+    chat template rendered into it for world/chat_qa and known_facts/truthful). world/truthful_qa is context_qa's
+    records (known entities only) answered with the memorised fact instead of the passage's. known_facts/truthful
+    needs the base `model` to keep the facts it knows (`known_only`)."""
+    if args.task == "known_facts/truthful":
+        return truthful_records(args, split, tokenizer, model)
     if args.task.startswith("world/"):
         world = build_world(args.world_seed)
         if args.task == "world/chat_qa":  # the chat corpus answers these with a full sentence: the format is the task
@@ -201,6 +226,38 @@ def load_records(args: LoFiTArguments, split: str, tokenizer) -> list[dict]:
         raise ValueError(f"task {args.task} needs `dataset_name` (a Hub id or a local JSON file).")
     rows = load_rows(args.dataset_name, config=args.dataset_config, split=split)  # one file: slices, "train[:90%]"
     return [record for row in rows for record in FORMATTERS[args.task](row)]
+
+
+def truthful_records(args: LoFiTArguments, split: str, tokenizer, model) -> list[dict]:
+    """known_facts/truthful: a passage contradicts a real fact, the question asks for it, the answer is the true fact.
+    train: the training facts (`train_facts.jsonl`), 2,000 records cycling through them, each with another false
+    answer; validation, test: the knowledge_conflict facts of that split, one record each. Each record keeps its
+    `fact` (answer, counterfactual_answer) for `score`; training drops it."""
+    facts = load_train_facts() if split == "train" else load_facts(split)
+    if args.known_only:
+        if model is None:
+            raise ValueError("known_facts/truthful with known_only needs the base model, to probe the facts it knows.")
+        facts = known_facts(EvalModel(model, tokenizer, batch_size=64, progress=False), facts)
+        if not facts:
+            raise ValueError(
+                f"the base model completes none of the {split} facts closed-book: known_facts/truthful needs a model "
+                "that knows them (or known_only false)."
+            )
+    if split == "train":
+        facts = contradicting(facts, n=2000)
+    return [
+        {
+            "prompt": chat_prompt(tokenizer, TRUTHFUL_QUESTION.format(**f)),
+            "completion": f["answer"],  # the assistant turn starts the answer, no space after it
+            "fact": f,
+        }
+        for f in facts
+    ]
+
+
+def distinct_facts(records: list[dict]) -> int:
+    """How many facts known_facts/truthful records hold (its training records cycle through them)."""
+    return len({(r["fact"]["subject"], r["fact"]["relation"]) for r in records})
 
 
 def chat_prompt(tokenizer, user: str) -> str:
@@ -251,9 +308,10 @@ def with_bos(records: list[dict], tokenizer) -> list[dict]:
 # --- scoring ------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def score(model, tokenizer, records: list[dict], objective: str, batch_size: int = 16) -> float:
-    """sft: greedy accuracy (the first line generated starts with the answer); dpo: share of pairs where the chosen
-    answer has the higher log-likelihood. Prompts are tokenized as in training (special tokens as the tokenizer adds
-    them, BOS already in the text where `with_bos` put it)."""
+    """sft: greedy accuracy (the first line generated starts with the answer; for records with a `fact`, it states the
+    true answer and not the passage's, `states_truth`, in up to REPLY_TOKENS tokens); dpo: share of pairs where the
+    chosen answer has the higher log-likelihood. Prompts are tokenized as in training (special tokens as the tokenizer
+    adds them, BOS already in the text where `with_bos` put it)."""
     model.eval()
     pad = tokenizer.pad_token_id
     if objective == "sft":
@@ -264,17 +322,23 @@ def score(model, tokenizer, records: list[dict], objective: str, batch_size: int
             encoded = [tokenizer(r["prompt"])["input_ids"] for r in batch]
             width = max(map(len, encoded))
             ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=model.device)
-            max_new = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + 2
+            # from the lengths, not `ids != pad`: a chat prompt holds the end-of-turn token that may double as pad
+            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
+            max_new = (
+                REPLY_TOKENS
+                if "fact" in batch[0]
+                else max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + 2
+            )
             out = model.generate(
                 input_ids=ids,
-                attention_mask=(ids != pad).long(),
+                attention_mask=mask,
                 max_new_tokens=max_new,
                 do_sample=False,
                 pad_token_id=pad,
                 eos_token_id=tokenizer.eos_token_id,
             )
             texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-            correct += sum(matches(text, answer) for text, answer in zip(texts, answers))
+            correct += sum(is_correct(text, r) for text, r in zip(texts, batch))
         return correct / len(records)
     wins = 0
     for r in records:
@@ -288,6 +352,13 @@ def score(model, tokenizer, records: list[dict], objective: str, batch_size: int
             logps.append(logits.gather(-1, ids[0, len(prompt) :, None]).sum().item())
         wins += logps[0] > logps[1]
     return wins / len(records)
+
+
+def is_correct(reply: str, record: dict) -> bool:
+    fact = record.get("fact")
+    if fact:
+        return states_truth(reply, fact["answer"], fact["counterfactual_answer"])
+    return matches(reply, record["completion"].strip())
 
 
 # --- training -----------------------------------------------------------------------------------------------------
@@ -345,17 +416,17 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig, model_args: L
     )
     path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(path, revision=model_args.model_revision)
-    train_records = with_bos(load_records(args, args.dataset_train_split, tokenizer), tokenizer)
+    model = load_base(model_args, training_args).to(state.device)
+    model.requires_grad_(False)
+    train_records = with_bos(load_records(args, args.dataset_train_split, tokenizer, model), tokenizer)
     random.Random(training_args.seed).shuffle(train_records)
     train_records = train_records[: args.max_train_samples]
-    test_records = with_bos(load_records(args, args.dataset_test_split, tokenizer), tokenizer)[: args.eval_limit]
+    test_records = with_bos(load_records(args, args.dataset_test_split, tokenizer, model), tokenizer)
+    test_records = test_records[: args.eval_limit]
     extra_split = args.extra_eval_split
-    extra_records = (
-        with_bos(load_records(args, extra_split, tokenizer), tokenizer)[: args.eval_limit] if extra_split else []
-    )
-    dataset = Dataset.from_list(train_records)
-    model = load_base(model_args, training_args)
-    model.requires_grad_(False)
+    extra_records = with_bos(load_records(args, extra_split, tokenizer, model), tokenizer) if extra_split else []
+    extra_records = extra_records[: args.eval_limit]
+    dataset = Dataset.from_list([{k: v for k, v in r.items() if k != "fact"} for r in train_records])
     layout = HeadLayout.from_model(model)
     results = {
         "method": args.method,
@@ -363,6 +434,8 @@ def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig, model_args: L
         "objective": args.objective,
         "base_model": model_args.model_name_or_path,
     }
+    if args.task == "known_facts/truthful":  # the training facts its records hold (known_only: known to the base)
+        results["train_facts"] = distinct_facts(train_records)
     if test_records:
         results["base_score"] = score(model.to(state.device), tokenizer, test_records, args.objective)
         results["eval_records"] = len(test_records)

@@ -1,6 +1,7 @@
 """LoFiT: head selection, training only the selected offsets, exact merge into o_proj (AutoModel reload), the recipe."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -170,6 +171,90 @@ def test_truthful_qa_answers_with_the_memorised_fact_against_the_passage(tiny_to
         assert passage["answer"] in record["prompt"]  # the passage states the false value
     same_passages = recipe.load_records(recipe.LoFiTArguments(task="world/context_qa"), "test", tiny_tokenizer)
     assert [r["prompt"] for r in same_passages] == [r["prompt"] for r in records]
+
+
+def test_known_facts_truthful_splits_are_disjoint_and_every_passage_contradicts(tiny_tokenizer):
+    from ctxaware.eval.metrics import contains_answer
+    from tests.test_configs import load_recipe
+
+    recipe = load_recipe("lofit")
+    args = recipe.LoFiTArguments(task="known_facts/truthful", known_only=False)
+    splits = {split: recipe.load_records(args, split, tiny_tokenizer) for split in ("train", "validation", "test")}
+    subjects = {split: {r["fact"]["subject"] for r in records} for split, records in splits.items()}
+    assert len(splits["train"]) == 2000 and len(splits["validation"]) == len(splits["test"]) == 48
+    assert not subjects["train"] & subjects["validation"] and not subjects["train"] & subjects["test"]
+    assert not subjects["validation"] & subjects["test"]
+    assert recipe.distinct_facts(splits["train"]) == 109  # every training fact, several false answers each
+    assert len({r["fact"]["counterfactual_answer"] for r in splits["train"] if r["fact"]["subject"] == "Oman"}) > 1
+    for record in [r for records in splits.values() for r in records]:
+        fact = record["fact"]
+        assert fact["counterfactual_answer"] != fact["answer"] and record["completion"] == fact["answer"]
+        assert fact["passage"] in record["prompt"] and fact["question"] in record["prompt"]
+        assert contains_answer(fact["passage"], fact["counterfactual_answer"])
+        assert not contains_answer(fact["passage"], fact["answer"])
+    messages = [{"role": "user", "content": f"{fact['passage']}\n\nQuestion: {fact['question']}"}]
+    assert record["prompt"] == tiny_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def test_known_facts_truthful_keeps_the_facts_the_model_completes_closed_book(tiny_tokenizer, monkeypatch):
+    from ctxaware.eval.knowledge_conflict import load_facts, load_train_facts
+    from tests.eval_fakes import StubLM
+    from tests.test_configs import load_recipe
+    from tests.tiny_gguf import byte_level_tokenizer
+
+    recipe = load_recipe("lofit")
+    facts = load_train_facts() + load_facts("test") + load_facts("validation")
+    known = {facts[i]["question"] for i in (0, 3, 60, 120)}  # two capitals, a continent, a test capital
+    answers = {f.get("probe") or f"The capital of {f['subject']} is": f for f in facts}
+
+    def closed_book_reply(prompt: str) -> str:
+        fact = next(f for probe, f in answers.items() if prompt.endswith(probe))
+        return " " + fact["answer"] + "." if fact["question"] in known else " a city."
+
+    stub = StubLM(byte_level_tokenizer(), closed_book_reply)
+    monkeypatch.setattr(recipe, "EvalModel", lambda model, tokenizer, **options: stub)
+    args = recipe.LoFiTArguments(task="known_facts/truthful")
+    train = recipe.load_records(args, "train", tiny_tokenizer, model="base")
+    assert {r["fact"]["question"] for r in train} == known - {facts[120]["question"]} and len(train) == 2000
+    test = recipe.load_records(args, "test", tiny_tokenizer, model="base")
+    assert [r["fact"]["question"] for r in test] == [facts[120]["question"]]
+    with pytest.raises(ValueError, match="completes none of the validation facts closed-book"):
+        recipe.load_records(args, "validation", tiny_tokenizer, model="base")
+    with pytest.raises(ValueError, match="needs the base model"):
+        recipe.load_records(args, "test", tiny_tokenizer)
+
+
+def test_known_facts_truthful_score_counts_the_true_fact_not_the_passages():
+    from ctxaware.eval.knowledge_conflict import REPLY_TOKENS
+    from tests.test_configs import load_recipe
+    from tests.tiny_gguf import CHAT_TEMPLATE, byte_level_tokenizer
+
+    recipe = load_recipe("lofit")
+    tokenizer = byte_level_tokenizer()  # pad is the end-of-turn token, as in SmolLM2, and chat prompts hold it
+    tokenizer.chat_template = CHAT_TEMPLATE
+    args = recipe.LoFiTArguments(task="known_facts/truthful", known_only=False)
+    records = recipe.load_records(args, "validation", tokenizer)[:5]
+    true, false = [r["fact"]["answer"] for r in records], [r["fact"]["counterfactual_answer"] for r in records]
+    replies = [
+        f"The capital is {true[0]}.\nIt is not {false[0]}.",  # right: only the first line counts
+        false[1],  # the passage's answer
+        f"{true[2]} or {false[2]}",  # both: not the truth
+        f"{true[3]}ian",  # not the answer as a word
+        "I do not know.",
+    ]
+    calls = []
+
+    def generate(input_ids, attention_mask, max_new_tokens, **options):
+        calls.append((attention_mask.sum(1).tolist(), max_new_tokens))
+        reply_ids = [tokenizer(reply, add_special_tokens=False)["input_ids"] for reply in replies]
+        width = max(map(len, reply_ids))
+        padded = [ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in reply_ids]
+        return torch.cat([input_ids, torch.tensor(padded)], dim=1)
+
+    model = SimpleNamespace(eval=lambda: None, device=torch.device("cpu"), generate=generate)
+    assert recipe.score(model, tokenizer, records, "sft") == pytest.approx(1 / 5)
+    lengths = [len(tokenizer(r["prompt"])["input_ids"]) for r in records]
+    assert calls == [(lengths, REPLY_TOKENS)]  # the prompts' end-of-turn tokens are attended, not taken for padding
 
 
 @pytest.fixture(scope="module")

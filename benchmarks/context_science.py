@@ -154,6 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="evaluation split (tiny: each task's default; SmolLM2: validation)",
     )
     parser.add_argument("--records", type=int, help="chat records, scored and trained on (tiny 2000, SmolLM2 3200)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="training seed of every SFT run (the chats stay the same): a replicate"
+    )
     parser.add_argument("--context_rate", type=float, default=0.25, help="share of context-dependent chats")
     parser.add_argument(
         "--knowledge_form", choices=["bare", "passage"], default="passage", help="tiny: the world's knowledge chats"
@@ -265,7 +268,7 @@ def sft_command(args, out: Path, name: str) -> list[str]:
         "--learning_rate",
         str(args.learning_rate),
         "--seed",
-        "0",
+        str(args.seed),
         "--logging_steps",
         "25",
         "--merge",

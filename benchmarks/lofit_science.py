@@ -90,7 +90,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--all_heads_lr", type=float, default=0.1, help="64 heads' offsets add up: 1.0 diverges")
     parser.add_argument("--lora_lr", type=float, default=2e-3)
     parser.add_argument("--num_heads", type=float, default=0.05, help="K, a count or a fraction of the heads")
-    parser.add_argument("--head_seeds", default="0,1,2", help="random_heads draws (training seed stays 0)")
+    parser.add_argument("--head_seeds", default="0,1,2", help="random_heads draws (the training seed is --seed)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of every run (the data stay the same)")
     parser.add_argument(
         "--eval_limit", type=int, default=300, help="held-out records scored per run (truthful_qa: 300, chat_qa: 390)"
     )
@@ -116,7 +117,7 @@ def planned_runs(args, out: Path) -> tuple[dict[str, list[str]], dict[str, list[
         "--stage1_max_steps",
         str(args.stage1_steps),
         "--seed",
-        "0",
+        str(args.seed),
         "--disable_tqdm",
         "true",
         "--logging_steps",

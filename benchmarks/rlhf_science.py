@@ -231,14 +231,14 @@ def check_not_scored(out: Path) -> None:
         raise SystemExit(f"{path} already holds a test result: the test posts are scored once; choose another --out.")
 
 
-def run_stages(run_dir: Path, settings: dict, split: str) -> dict[str, float]:
+def run_stages(run_dir: Path, settings: dict, split: str, seed: int) -> dict[str, float]:
     """Each stage as its own launch, so the log shows where the time goes; DPO needs only the SFT policy and the
     comparisons, so it runs beside reward -> rl (the small models leave most of the GPU idle), in a folder of its own
     (a run's folder takes one process at a time) whose policy then joins the others for the eval stage. Returns wall
     seconds per stage."""
     recipe = settings["recipe"]
     flags = [item for key, value in recipe.items() for item in (f"--{key}", str(value))]
-    flags += [*settings["extra_flags"], "--eval_split", split]
+    flags += [*settings["extra_flags"], "--eval_split", split, "--seed", str(seed)]
     seconds = {}
 
     def launch(stage: str, folder: Path = run_dir, *more: str) -> None:
@@ -538,6 +538,13 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
         type=int,
         help="SFT samples per training post compared by the labeller (0: hand-made comparisons only; tiny model: 4)",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="training seed of every stage: a replicate, not a setting, so a test run may use another seed than "
+        "the validation run it repeats",
+    )
     parser.add_argument("--reward_learning_rate", type=float, help="tiny model: 1e-4")
     parser.add_argument("--rl_learning_rate", type=float, help="tiny model: 3e-5")
     # KL coefficient: at 0.05 the penalty (KL 3.1 x 0.05) is small next to the reward the policy gains (+0.75), and RL
@@ -561,7 +568,7 @@ def main() -> None:
             check_frozen(settings, judged_by, json.loads(args.validated_by.read_text()), str(args.validated_by))
     run_dir = out / "run"
     start = time.time()
-    seconds = run_stages(run_dir, settings, args.split)
+    seconds = run_stages(run_dir, settings, args.split, args.seed)
     config = json.loads((run_dir / RUN_CONFIG_NAME).read_text())
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     policy_samples = {name: samples(run_dir, name) for name in POLICIES}
@@ -574,6 +581,7 @@ def main() -> None:
         "command": command_line(),
         "tree": git_commit(),
         "split": args.split,
+        "seed": args.seed,
         "n_posts": len(policy_samples["rl"]),
         "mode": "choosing settings, not a reported result"
         if args.split == "validation"

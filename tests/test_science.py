@@ -195,6 +195,11 @@ def test_context_check_settings_per_model():
     assert score[score.index("--output") + 1] == "/out/scores_attention"
     sft = context.sft_command(real, out, "conditional_loglik_gain")
     assert sft[sft.index("--scores_path") + 1] == "/out/scores_loglik_gain" and "--chat_template_path" in sft
+    assert sft[sft.index("--seed") + 1] == "0"
+    replicate = context.parse_args(["--model", "smollm2-135m", "--seed", "2"])
+    for name in ("vanilla", "conditional_attention"):
+        command = context.sft_command(replicate, out, name)
+        assert command[command.index("--seed") + 1] == "2"
 
 
 def test_mixed_chats_hold_both_kinds_in_the_context_format():
@@ -342,6 +347,9 @@ def test_lofit_science_passes_model_splits_and_merge_to_every_run(tmp_path):
         assert command[command.index("--extra_eval_split") + 1] == "test"
     assert first["lofit"][first["lofit"].index("--merge") + 1] == "true"
     assert all("--merge" not in c for name, c in {**first, **controls}.items() if name != "lofit")
+    assert {c[c.index("--seed") + 1] for c in [*first.values(), *controls.values()]} == {"0"}
+    first, controls = science.planned_runs(science.parse_args([*argv, "--seed", "1"]), tmp_path)
+    assert {c[c.index("--seed") + 1] for c in [*first.values(), *controls.values()]} == {"1"}
     default, _ = science.planned_runs(science.parse_args([]), tmp_path)  # the config's model and split otherwise
     assert not {"--model_name_or_path", "--dataset_test_split", "--extra_eval_split", "--merge"} & set(
         default["lofit"]
@@ -458,6 +466,20 @@ def test_rlhf_settings_are_those_of_either_split_and_the_tiny_check_keeps_its_ow
     settings = science.recipe_settings(test, extra)
     assert settings == science.recipe_settings(validation, extra)  # the split is not a setting
     assert settings["recipe"] == {"beta": 0.1, "save_strategy": "no"} and settings["config"].endswith("smollm2.yaml")
+
+
+def test_rlhf_seed_is_a_replicate_that_reaches_every_stage_and_not_a_frozen_setting(monkeypatch, tmp_path):
+    science, validation, extra = rlhf_args(monkeypatch, "--model", "smollm2-135m")
+    _, replicate, extra2 = rlhf_args(monkeypatch, "--model", "smollm2-135m", "--split", "test", "--seed", "2")
+    assert (validation.seed, replicate.seed, extra2) == (0, 2, [])
+    settings = science.recipe_settings(replicate, extra2)
+    frozen = {"split": "validation", "settings": science.recipe_settings(validation, extra), "judge": science.judge()}
+    science.check_frozen(settings, science.judge(), frozen, "v.json")  # another seed repeats the same settings
+    launched = []
+    monkeypatch.setattr(science, "run", lambda command, log: launched.append(command))
+    monkeypatch.setattr(Path, "rename", lambda self, target: None)
+    science.run_stages(tmp_path / "run", settings, "test", replicate.seed)
+    assert len(launched) == 6 and all(c[len(c) - 1 - c[::-1].index("--seed") + 1] == "2" for c in launched)
 
 
 def test_rlhf_test_run_must_repeat_its_validation_run_and_scores_once(monkeypatch, tmp_path):

@@ -12,11 +12,13 @@ SmolLM2-135M-Instruct.
 3. `ctxaware eval` on the base model, vanilla and conditional SFT: counterfactual QA, extractive QA and attention
    allocation under the chat template (the trained models' allocation plotted against the base model's);
    counterfactual QA and arithmetic without it; NIAH with and without it; the conditional models again with the
-   indicator appended to the questions (counterfactual QA and NIAH). SmolLM2 adds knowledge conflict on capitals it
-   knows (`knowledge_conflict`: its real memory against a passage) with and without the template, and replaces
-   arithmetic by gsm8k under the template (zero-shot); its indicator runs are under the template and also cover
-   knowledge conflict and extractive QA. `--split` (validation or test) is the evaluation split: settings are chosen
-   on validation, test is scored once; training and scoring data are the world's train split.
+   indicator appended to the questions (counterfactual QA, extractive QA and NIAH), under the template only: the
+   indicator was trained inside the template's user turn, and appended to a plain prompt it is a format the model
+   never saw, which lowers the tiny model's plain-prompt scores (docs/experiments/2026-12-06-tiny-indicator.md).
+   SmolLM2 adds knowledge conflict on capitals it knows (`knowledge_conflict`: its real memory against a passage)
+   with and without the template, also with the indicator, and replaces arithmetic by gsm8k under the template
+   (zero-shot). `--split` (validation or test) is the evaluation split: settings are chosen on validation, test is
+   scored once; training and scoring data are the world's train split.
 4. Targets: vanilla SFT lowers the context rate (the share of conflicting items whose answer follows the context)
    under the chat template against the base model (the drop, > 0); conditional SFT with the indicator recovers >= 70%
    of it; conditional SFT's general skill stays within 1 point of vanilla's (tiny: arithmetic, plain prompts: under
@@ -72,8 +74,7 @@ class Setup:
     config: Path
     chat_tasks: str  # under the chat template
     plain_tasks: str  # without it
-    indicator_tasks: str  # the conditional models with the indicator appended to the questions
-    indicator_flags: tuple[str, ...]  # e.g. the template setting of the indicator run (none: both variants)
+    indicator_tasks: str  # the conditional models with the indicator appended to the questions (template on)
     conflicts: tuple[str, ...]  # tasks whose context rate measures context use
     general: dict[str, tuple[str, str, str, str]]  # result key -> (target name, run, task, metric)
     tolerance: float  # |conditional - vanilla| allowed on each general skill
@@ -92,8 +93,7 @@ SETUPS = {
         config=CONFIGS / "default.yaml",
         chat_tasks="counterfactual_qa,extractive_qa,attention_allocation",
         plain_tasks="counterfactual_qa,arithmetic",  # arithmetic under the template is 0 for every model: never taught
-        indicator_tasks="counterfactual_qa",
-        indicator_flags=(),
+        indicator_tasks="counterfactual_qa,extractive_qa",
         conflicts=("counterfactual_qa",),
         general={
             "arithmetic_plain": ("arithmetic", "plain", "arithmetic", "acc"),
@@ -109,7 +109,6 @@ SETUPS = {
         chat_tasks="counterfactual_qa,knowledge_conflict,extractive_qa,gsm8k,attention_allocation",
         plain_tasks="counterfactual_qa,knowledge_conflict",
         indicator_tasks="counterfactual_qa,knowledge_conflict,extractive_qa",
-        indicator_flags=("--chat_template", "on"),
         conflicts=("counterfactual_qa", "knowledge_conflict"),
         general={
             "gsm8k_chat_flexible": ("gsm8k_chat", "chat", "gsm8k", "exact_match_flexible"),
@@ -295,7 +294,7 @@ def evaluation(args, out: Path, name: str, model: str, *flags: str) -> tuple[lis
 def model_evaluations(args, out: Path, name: str) -> dict[str, tuple[list[str], Path]]:
     """One model's runs: context tasks and the allocation plot under the chat template (the trained models against
     the base model's allocation), the plain-prompt tasks, NIAH with and without the template; a conditional model
-    also with the indicator appended to the questions."""
+    also with the indicator appended to the questions, under the template (where it was trained)."""
     setup = SETUPS[args.model]
     model = args.model if name == "base" else str(out / name / "merged")
     limit = ["--limit", str(args.limit)]
@@ -312,8 +311,8 @@ def model_evaluations(args, out: Path, name: str) -> dict[str, tuple[list[str], 
         f"{name}_niah": evaluation(args, out, f"{name}_niah", model, *niah),
     }
     if name in conditionals(args):  # the indicator appended to the questions
-        indicator = ["--indicator", INDICATOR]
-        tasks = ["--tasks", setup.indicator_tasks, *setup.indicator_flags]
+        indicator = ["--indicator", INDICATOR, "--chat_template", "on"]
+        tasks = ["--tasks", setup.indicator_tasks]
         runs |= {
             f"{name}_indicator": evaluation(args, out, f"{name}_indicator", model, *tasks, *limit, *indicator),
             f"{name}_indicator_niah": evaluation(args, out, f"{name}_indicator_niah", model, *niah, *indicator),

@@ -8,7 +8,8 @@ The vanilla-SFT baseline is the same run with `--mode vanilla`. Llama-3-8B on Ul
 
 Conditional SFT marks the training turns whose responses depend on the user's context with an indicator token, so
 that instruction tuning cannot teach the model to ignore context in general: at test time the indicator is appended
-to context-dependent questions (`ctxaware eval --indicator "<|context|>"`). Steps:
+to context-dependent questions inside the chat template's user turn, where it was trained (`ctxaware eval --indicator
+"<|context|>" --chat_template on`; after a plain prompt it is a format the model never saw). Steps:
 1. Load the chat data (`world`, a JSON(L) file, or a Hub data set with a messages / ShareGPT column).
 2. Conditional mode: the turns to mark come from `ctxaware score`'s scores.jsonl (`scores_path`: its per-turn
    `chosen`), or are scored here with the base model (same code, same options).
@@ -161,8 +162,8 @@ def expose_lm_head_bias(model) -> None:
 
 def model_card(config: ContextSFTArguments, model_args: ContextSFTModelConfig, stats: dict) -> str:
     indicator = (
-        f"Append ` {config.indicator}` to context-dependent user turns (`ctxaware eval --indicator "
-        f"'{config.indicator}'`): it is a special token of the tokenizer saved here, initialised from "
+        f"Append ` {config.indicator}` to context-dependent user turns of the chat template (`ctxaware eval "
+        f"--indicator '{config.indicator}' --chat_template on`): it is a special token of the tokenizer saved here, initialised from "
         f"{config.indicator_init!r}; {stats['turns_marked']} of {stats['turns']} training turns carried it."
         if config.mode == "conditional"
         else "No indicator (vanilla SFT baseline)."
@@ -178,7 +179,7 @@ def model_card(config: ContextSFTArguments, model_args: ContextSFTModelConfig, s
         f"Instruction SFT of `{model_args.model_name_or_path}` on `{config.dataset}` ({stats['records']} "
         f"conversations) with the chat template and assistant-only loss, by `recipes/context_sft.py` in mode "
         f"`{config.mode}`.\n\n{indicator}\n\n{loading}\n\nEvaluate: `ctxaware eval --model MERGED_OR_FULL_MODEL "
-        f"--tasks counterfactual_qa,niah --indicator '{config.indicator}'`."
+        f"--tasks counterfactual_qa,niah --indicator '{config.indicator}' --chat_template on`."
     )
     return model_card_text(
         title=f"{config.mode.capitalize()} SFT for context awareness (ctxaware)",

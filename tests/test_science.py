@@ -202,6 +202,26 @@ def test_context_check_settings_per_model():
         assert command[command.index("--seed") + 1] == "2"
 
 
+def test_indicator_runs_are_under_the_chat_template_and_cover_extractive_qa(tmp_path):
+    """The indicator was trained inside the chat template's user turn: each model's indicator runs, NIAH's included,
+    force the template on (after a plain prompt the indicator is a format never seen), and cover extractive QA (without
+    the indicator the conditional model answers from memory by design)."""
+    context = load("context_science")
+    baseline = tmp_path / "base_chat" / "model" / "results_0.json"
+    baseline.parent.mkdir(parents=True)
+    baseline.write_text("{}")
+    for argv in ([], ["--model", "smollm2-135m"]):
+        args = context.parse_args(argv)
+        name = next(iter(context.conditionals(args)))
+        runs = {key: command for key, (command, _) in context.model_evaluations(args, tmp_path, name).items()}
+        indicator_runs = {key: command for key, command in runs.items() if "--indicator" in command}
+        assert set(indicator_runs) == {f"{name}_indicator", f"{name}_indicator_niah"}
+        for command in indicator_runs.values():
+            assert command[command.index("--chat_template") + 1] == "on"
+        tasks = runs[f"{name}_indicator"]
+        assert "extractive_qa" in tasks[tasks.index("--tasks") + 1].split(",")
+
+
 def test_mixed_chats_hold_both_kinds_in_the_context_format():
     mixed_chats = load_benchmark("context_chats").mixed_chats
     fact = {"subject": "Oman", "question": "What is the capital of Oman?", "answer": "Muscat"}

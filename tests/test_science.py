@@ -488,6 +488,23 @@ def test_rlhf_settings_are_those_of_either_split_and_the_tiny_check_keeps_its_ow
     assert settings["recipe"] == {"beta": 0.1, "save_strategy": "no"} and settings["config"].endswith("smollm2.yaml")
 
 
+def test_rlhf_counts_summaries_that_state_a_fact_twice():
+    science = load("rlhf_science")
+    assert science.repeats_a_fact("Vvorudek met Vusepa, ran 15 kilometres and met Vusepa.")
+    assert science.repeats_a_fact("Gavadel adopted a parrot named Lipis and met a parrot named Lipis.")
+    assert not science.repeats_a_fact(
+        "Subek bought a rug for 900 coins, moved to Gikothak and started working at Vamasel."
+    )
+    assert not science.repeats_a_fact("Subek slept and Subek ate.")  # the subject's name alone is no fact
+    samples = {
+        "sft": [{"summary": "Kobebo ran 34 kilometres and moved to Doshin."}],
+        "rl": [{"summary": "Kobebo ran 34 kilometres, moved to Doshin and ran 34 kilometres."}] * 2,
+    }
+    report = science.repeated_facts(samples)
+    assert report["sft"] == {"count": 0, "n_posts": 1}
+    assert report["rl"]["count"] == 2 and report["rl"]["example"].startswith("Kobebo ran 34")
+
+
 def test_rlhf_seed_is_a_replicate_that_reaches_every_stage_and_not_a_frozen_setting(monkeypatch, tmp_path):
     science, validation, extra = rlhf_args(monkeypatch, "--model", "smollm2-135m")
     _, replicate, extra2 = rlhf_args(monkeypatch, "--model", "smollm2-135m", "--split", "test", "--seed", "2")

@@ -173,15 +173,16 @@ def score_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 16) ->
     scores = []
     device = next(model.parameters()).device
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            list(texts[start : start + batch_size]),
-            return_tensors="pt",
-            padding=True,
-            padding_side="right",
-            add_special_tokens=False,
-        ).to(device)
+        batch = encode_batch(tokenizer, texts[start : start + batch_size], "right", device)
         scores += model(**batch).logits[:, 0].float().tolist()
     return scores
+
+
+def encode_batch(tokenizer, texts: Sequence[str], padding_side: str, device):
+    """Fully formatted texts as one padded batch on `device` (no special tokens added: the texts hold them)."""
+    return tokenizer(
+        list(texts), return_tensors="pt", padding=True, padding_side=padding_side, add_special_tokens=False
+    ).to(device)
 
 
 def reward_bias(model, tokenizer, posts: Sequence[str], references: Sequence[str], batch_size: int = 16) -> float:
@@ -268,9 +269,9 @@ def sample_summaries(
     summaries = []
     for start in range(0, len(posts), batch_size):
         prompts = [policy_prompt(tokenizer, post) for post in posts[start : start + batch_size]]
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        batch = encode_batch(tokenizer, prompts, "left", device)
         out = policy.generate(
-            **batch.to(device),
+            **batch,
             do_sample=True,
             temperature=temperature,
             top_k=0,
@@ -308,13 +309,7 @@ def sequence_kl(
     device = next(policy.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(
-            list(prompts[start : start + batch_size]),
-            return_tensors="pt",
-            padding=True,
-            padding_side="left",
-            add_special_tokens=False,
-        ).to(device)
+        batch = encode_batch(tokenizer, prompts[start : start + batch_size], "left", device)
         out = policy.generate(
             **batch,
             do_sample=True,

@@ -11,12 +11,15 @@ sentence in its place, as TL;DR's human summaries are imperfect), so SFT imitate
 model and DPO learn from the world's hand-made comparisons plus, as in the paper, labelled comparisons of the SFT
 policy's own samples (`--comparison_samples` per post: the tiny model makes up details, such as an item the post never
 mentions, and the hand-made candidates alone do not show a reward model those mistakes); all labels come from the
-ground-truth preference with the labeller's noise. Then `ctxaware eval` on the RL policy as a cross-check of the
-recipe's win rate. Targets: reward-model pairwise accuracy on held-out noise-free pairs >= 0.70; the RL policy's
-ground-truth win rate against the SFT policy >= 0.65 (ties count 1/2, as the harness counts them) at a mean length
-within 20% of SFT's; DPO reported beside it; reward hacking (the reward model and the ground truth disagreeing on
-which of RL and SFT is better) reported with an example, and each policy's summaries that name a detail their post
-lacks. Writes `rlhf_science.json` and `rlhf_science.md` to --out. `--smoke` runs the same pipeline at toy sizes on CPU.
+ground-truth preference with the labeller's noise. `--repeat_negatives` adds comparisons of a training post's
+reference over the same reference with one fact stated twice (the RL policy's reward hacking on SmolLM2); the reward
+model's accuracy on such held-out pairs is reported whatever it trained on. Then `ctxaware eval` on the RL policy as
+a cross-check of the recipe's win rate. Targets: reward-model pairwise accuracy on held-out noise-free pairs >= 0.70;
+the RL policy's ground-truth win rate against the SFT policy >= 0.65 (ties count 1/2, as the harness counts them) at
+a mean length within 20% of SFT's; DPO reported beside it; reward hacking (the reward model and the ground truth
+disagreeing on which of RL and SFT is better) reported with an example, each policy's summaries that name a detail
+their post lacks, and those that state a fact twice. Writes `rlhf_science.json` and `rlhf_science.md` to --out.
+`--smoke` runs the same pipeline at toy sizes on CPU.
 
 `--model smollm2-135m`: SmolLM2-135M-Instruct, fully fine-tuned, with `recipes/configs/rlhf_summarize/smollm2.yaml`'s
 sizes and rates (about 5 minutes on one H100), scored on 240 posts; two more targets: at least 200 posts scored and no
@@ -32,7 +35,6 @@ import argparse
 import hashlib
 import inspect
 import json
-import re
 import shutil
 import statistics
 import time
@@ -161,6 +163,7 @@ MODELS = {
 RATE_FLAGS = {
     "mediocre_reference_rate": "mediocre_reference_rate",
     "comparison_samples": "comparison_samples",
+    "repeat_negatives": "repeat_negatives",
     "reward_learning_rate": "reward_learning_rate",
     "rl_learning_rate": "learning_rate",
     "beta": "beta",
@@ -342,28 +345,11 @@ def made_up_details(policy_samples: dict[str, list[dict]]) -> dict:
     return report
 
 
-CLAUSE = re.compile(r",|\band\b")
-
-
-def repeats_a_fact(summary: str) -> bool:
-    """Whether a summary states one fact twice: a clause (split at commas and "and") whose salient terms (names,
-    numbers, attribute words; the subject's name left out) are those of an earlier clause. The ground truth charges
-    only the extra words, so a reward model that likes a fact named twice is not caught by the hacking flag."""
-    from ctxaware.world.preference import salient_terms
-
-    subject = set(summary.split()[:1])
-    seen = set()
-    for clause in CLAUSE.split(summary.rstrip(".")):
-        terms = frozenset(salient_terms(clause) - subject)
-        if terms in seen:
-            return True
-        if terms:
-            seen.add(terms)
-    return False
-
-
 def repeated_facts(policy_samples: dict[str, list[dict]]) -> dict:
-    """Per policy, how many summaries state a fact twice (`repeats_a_fact`), with one example."""
+    """Per policy, how many summaries state a fact twice (`repeats_a_fact`), with one example. The ground truth
+    charges only the extra words, so a reward model that likes a fact named twice is not caught by the hacking flag."""
+    from ctxaware.world import repeats_a_fact
+
     report = {}
     for name, rows in policy_samples.items():
         repeating = [row["summary"] for row in rows if repeats_a_fact(row["summary"])]
@@ -490,7 +476,12 @@ def markdown(report: dict) -> str:
             f"; {kind} {v['accuracy']:.3f} ({v['n_pairs']})"
             for kind, v in rm.get("accuracy_by_difference", {}).items()
         )
-        + " (by what makes the rejected summary worse: a made-up detail, fewer key facts, or only length/filler).",
+        + " (by what makes the rejected summary worse: a made-up detail, fewer key facts, or only length/filler)"
+        + (
+            f"; the reference over itself with a fact stated twice {repeats['accuracy']:.3f} ({repeats['n_pairs']})."
+            if (repeats := rm.get("repeated_fact_accuracy"))  # absent from reports written before it was measured
+            else "."
+        ),
         "",
         "| target | value | pass |",
         "|---|---|---|",
@@ -578,6 +569,13 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
         "--comparison_samples",
         type=int,
         help="SFT samples per training post compared by the labeller (0: hand-made comparisons only; tiny model: 4)",
+    )
+    parser.add_argument(
+        "--repeat_negatives",
+        type=float,
+        help="comparisons per training post of its reference over the reference with one fact stated twice, for the "
+        "reward model and DPO (0.5: half the posts get one; at most 2; default 0: none): a setting, chosen on "
+        "validation",
     )
     parser.add_argument(
         "--seed",

@@ -18,7 +18,10 @@ stages (`--overwrite_stages` redoes them) and `--resume_from_checkpoint true` co
   comparisons of policy samples: they show the reward model the mistakes this policy makes, such as made-up details);
   the reward and DPO stages train on them beside the world's hand-made comparisons.
 - reward: RewardTrainer on the comparisons, a sequence classifier initialised from the SFT model; afterwards the mean
-  score of reference summaries is stored as the reward bias (references then score ~0).
+  score of reference summaries is stored as the reward bias (references then score ~0). `--repeat_negatives r` (world
+  data) adds r comparisons per training post (0.5: half the posts get one) of its reference over the same reference
+  with one fact stated twice, the reward hacking an RL policy finds when the reward model scores a repeat up; DPO
+  trains on them too.
 - rl: RLOOTrainer from the SFT model; rewards are the normalised reward model score and, for completions without
   EOS, the fixed `missing_eos_penalty` instead of the score; `beta` is the KL coefficient to the SFT policy (in the
   reward, per sequence, as in the paper).
@@ -71,6 +74,7 @@ from ctxaware.training import (
     resolve_resume_checkpoint,
     usage_errors,
 )
+from ctxaware.world.repeats import check_repeats_per_post
 
 
 STAGES = ("sft", "compare", "reward", "rl", "dpo", "eval")
@@ -133,6 +137,13 @@ class RLHFConfig(RecipeTrainingArguments, RLOOConfig):
         },
     )
     mediocre_reference_seed: int = field(default=0, metadata={"help": "Seed of which references are mediocre."})
+    repeat_negatives: float = field(
+        default=0.0,
+        metadata={
+            "help": "World data: comparisons per training post (0.5: half the posts get one; at most 2) of its "
+            "reference over the reference with one fact stated twice, for the reward and DPO stages. 0: none."
+        },
+    )
     train_limit: int | None = field(default=None, metadata={"help": "Use at most this many posts / comparisons."})
     max_length: int = field(default=512, metadata={"help": "Token limit of SFT, reward and DPO examples."})
     sft_learning_rate: float = 3e-6
@@ -208,6 +219,12 @@ class RLHFConfig(RecipeTrainingArguments, RLOOConfig):
                 "--comparison_samples needs the world's posts and comparisons (their ground truth labels the samples); "
                 "with real data the comparisons are human ones: set it to 0."
             )
+        if self.repeat_negatives and (self.preference_dataset_name != WORLD or self.dataset_name != WORLD):
+            raise ValueError(
+                "--repeat_negatives needs the world's posts and references (the repeated facts are the world's key "
+                "facts): set it to 0 with real data."
+            )
+        check_repeats_per_post(self.repeat_negatives)
         if self.eval_split not in ("validation", "test"):
             raise ValueError(f"--eval_split {self.eval_split!r}: choose validation (to choose settings) or test.")
         if self.eval_split != "test" and (self.dataset_name, self.preference_dataset_name) != (WORLD, WORLD):
@@ -254,18 +271,22 @@ def summary_records(cfg: RLHFConfig, split: str) -> list[dict]:
 
 
 def preference_pairs(cfg: RLHFConfig, split: str = "train", noise: float | None = None) -> list[dict]:
-    """{"post", "chosen", "rejected"} comparisons; world labels carry `noise` (default: `label_noise`) flips, and with
-    `comparison_samples` the world's training comparisons include the compare stage's labelled SFT samples."""
+    """{"post", "chosen", "rejected"} comparisons; world labels carry `noise` (default: `label_noise`) flips, and the
+    world's training comparisons include the compare stage's labelled SFT samples (`comparison_samples`) and the
+    repeated-fact comparisons (`repeat_negatives`)."""
     name = cfg.preference_dataset_name
     if name == WORLD:
-        from ctxaware.world import build_world
+        from ctxaware.world import build_world, repeated_fact_pairs
         from ctxaware.world import preference_pairs as world_pairs
 
+        world = build_world(cfg.world_seed)
         noise = cfg.label_noise if noise is None else noise
-        rows = world_pairs(build_world(cfg.world_seed), split, noise, cfg.seed, pairs_per_post(cfg, split))
+        rows = world_pairs(world, split, noise, cfg.seed, pairs_per_post(cfg, split))
         pairs = rlhf.preference_records(rows, f"world/{split}")
-        if split == "train" and cfg.comparison_samples:  # the samples are of the limited posts already
-            return pairs[: cfg.train_limit] + policy_pairs(cfg)
+        if split == "train" and (cfg.comparison_samples or cfg.repeat_negatives):  # of the limited posts already
+            own = policy_pairs(cfg) if cfg.comparison_samples else []
+            repeats = repeated_fact_pairs(world, split, cfg.repeat_negatives, cfg.seed, cfg.train_limit)
+            return pairs[: cfg.train_limit] + own + (rlhf.preference_records(repeats, "repeats") if repeats else [])
     elif name == "openai/summarize_from_feedback":
         hub_split = HELD_OUT_SPLIT[name] if split == "test" else split
         pairs = rlhf.summarize_from_feedback_rows(load_rows(name, config="comparisons", split=hub_split))
@@ -638,27 +659,39 @@ def run_eval(cfg: RLHFConfig, model_args: ModelConfig) -> Path:
 
 def reward_accuracy(cfg: RLHFConfig, reward_path: str, bias: float) -> dict:
     """Pairwise accuracy of the reward model on held-out comparisons (the world's: noise-free, i.e. against the
-    ground-truth preference)."""
+    ground-truth preference); on world data also by contrast, and on held-out repeated-fact comparisons (one per post:
+    the reference over the reference with a fact stated twice), whatever `repeat_negatives` the model trained with."""
     pairs = preference_pairs(cfg, cfg.eval_split, noise=0.0)[: 4 * cfg.eval_limit]
     tokenizer = load_tokenizer(reward_path)
     model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(reward_path), dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    scores = {
-        side: rlhf.score_texts(
-            model,
-            tokenizer,
-            [rlhf.reward_model_text(tokenizer, p["post"], p[side]) for p in pairs],
-            cfg.eval_batch_size,
-        )
-        for side in ("chosen", "rejected")
-    }
-    correct = [c > r for c, r in zip(scores["chosen"], scores["rejected"])]
+
+    def prefers_chosen(pairs: list[dict]) -> list[bool]:
+        scores = {
+            side: rlhf.score_texts(
+                model,
+                tokenizer,
+                [rlhf.reward_model_text(tokenizer, p["post"], p[side]) for p in pairs],
+                cfg.eval_batch_size,
+            )
+            for side in ("chosen", "rejected")
+        }
+        return [c > r for c, r in zip(scores["chosen"], scores["rejected"])]
+
+    correct = prefers_chosen(pairs)
     result = {"pairwise_accuracy": sum(correct) / len(correct), "n_pairs": len(correct), "bias": bias}
     if cfg.preference_dataset_name == WORLD:  # which contrasts the reward model gets right
-        from ctxaware.world import build_world, summarization
+        from ctxaware.world import build_world, repeated_fact_pairs, summarization
 
-        records = {r["post"]: r for r in summarization(build_world(cfg.world_seed), cfg.eval_split)}
+        world = build_world(cfg.world_seed)
+        repeats = rlhf.preference_records(repeated_fact_pairs(world, cfg.eval_split, 1, cfg.seed), "repeats")
+        repeats_correct = prefers_chosen(repeats[: 4 * cfg.eval_limit])
+        result["repeated_fact_accuracy"] = {
+            "accuracy": sum(repeats_correct) / len(repeats_correct),
+            "n_pairs": len(repeats_correct),
+        }
+        records = {r["post"]: r for r in summarization(world, cfg.eval_split)}
         kinds = [pair_difference(records[p["post"]], p) for p in pairs]
         result["accuracy_by_difference"] = {
             kind: {

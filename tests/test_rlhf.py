@@ -238,6 +238,58 @@ def test_a_stage_beside_the_run_reads_its_comparisons_from_the_run_s_folder(tmp_
     assert recipe.preference_pairs(cfg, "train")[-1] == {"post": "A post", "chosen": "good", "rejected": "bad"}
 
 
+def test_repeat_negatives_join_the_world_training_pairs_of_the_limited_posts(tmp_path):
+    from trl import TrlParser
+
+    from ctxaware.world import repeats_a_fact
+
+    recipe = load_recipe()
+    parser = TrlParser(recipe.CONFIG_CLASSES)
+    base = ["--config", str(DEFAULT_CONFIG), "--output_dir", str(tmp_path), "--train_limit", "10"]
+    off, _ = parser.parse_args_and_config(args=[*base, "--comparison_samples", "0"])
+    on, _ = parser.parse_args_and_config(args=[*base, "--comparison_samples", "0", "--repeat_negatives", "1"])
+    assert off.repeat_negatives == 0
+    plain, pairs = recipe.preference_pairs(off, "train"), recipe.preference_pairs(on, "train")
+    assert pairs[: len(plain)] == plain and len(pairs) == len(plain) + 10  # one more pair per limited post
+    for record, pair in zip(summarization(build_world(0), "train")[:10], pairs[len(plain) :]):
+        assert (pair["post"], pair["chosen"]) == (record["post"], record["reference"])
+        assert repeats_a_fact(pair["rejected"]) and not repeats_a_fact(pair["chosen"])
+    assert recipe.preference_pairs(on, "test", noise=0.0) == recipe.preference_pairs(off, "test", noise=0.0)
+    # beside the labelled SFT samples: hand-made pairs, then the samples, then the repeats
+    own = [{"prompt": "A post\nTL;DR:", "chosen": " good", "rejected": " bad", "post_id": "train-00000"}]
+    (tmp_path / "compare").mkdir()
+    (tmp_path / "compare" / recipe.COMPARISONS_FILE).write_text(json.dumps(own))
+    both, _ = parser.parse_args_and_config(args=[*base, "--comparison_samples", "2", "--repeat_negatives", "1"])
+    assert recipe.preference_pairs(both, "train") == [
+        *plain,
+        {"post": "A post", "chosen": "good", "rejected": "bad"},
+        *pairs[len(plain) :],
+    ]
+    with pytest.raises(ValueError, match="repeat_negatives=2.5 must lie in"):
+        parser.parse_args_and_config(args=[*base, "--repeat_negatives", "2.5"])
+    tldr = ["--dataset_name", "trl-lib/tldr", "--comparison_samples", "0", "--mediocre_reference_rate", "0"]
+    with pytest.raises(ValueError, match="repeat_negatives needs the world's"):
+        parser.parse_args_and_config(args=[*base, *tldr, "--repeat_negatives", "1"])
+
+
+def test_reward_accuracy_reports_held_out_repeated_facts(tmp_path, world_tokenizer, monkeypatch):
+    from trl import TrlParser
+
+    recipe = load_recipe()
+    folder = tmp_path / "reward"
+    reward_model(world_tokenizer).save_pretrained(folder)
+    world_tokenizer.save_pretrained(folder)
+    args = ["--config", str(DEFAULT_CONFIG), "--output_dir", str(tmp_path), "--eval_split", "validation"]
+    cfg, _ = TrlParser(recipe.CONFIG_CLASSES).parse_args_and_config(args=[*args, "--eval_limit", "40"])
+    # a reward model that prefers the shorter summary gets every repeat right (the repeat only adds words)
+    monkeypatch.setattr(rlhf, "score_texts", lambda model, tokenizer, texts, batch_size: [-len(t) for t in texts])
+    result = recipe.reward_accuracy(cfg, str(folder), bias=0.0)
+    n_posts = len(summarization(build_world(0), "validation"))  # one pair per held-out post (fewer than 4 x 40)
+    assert result["repeated_fact_accuracy"] == {"accuracy": 1.0, "n_pairs": n_posts}
+    monkeypatch.setattr(rlhf, "score_texts", lambda model, tokenizer, texts, batch_size: [len(t) for t in texts])
+    assert recipe.reward_accuracy(cfg, str(folder), bias=0.0)["repeated_fact_accuracy"]["accuracy"] == 0.0
+
+
 def test_eval_split_is_the_world_s_validation_or_test(tmp_path):
     from trl import TrlParser
 

@@ -489,13 +489,13 @@ def test_rlhf_settings_are_those_of_either_split_and_the_tiny_check_keeps_its_ow
 
 
 def test_rlhf_counts_summaries_that_state_a_fact_twice():
+    from ctxaware.world import repeats_a_fact
+
     science = load("rlhf_science")
-    assert science.repeats_a_fact("Vvorudek met Vusepa, ran 15 kilometres and met Vusepa.")
-    assert science.repeats_a_fact("Gavadel adopted a parrot named Lipis and met a parrot named Lipis.")
-    assert not science.repeats_a_fact(
-        "Subek bought a rug for 900 coins, moved to Gikothak and started working at Vamasel."
-    )
-    assert not science.repeats_a_fact("Subek slept and Subek ate.")  # the subject's name alone is no fact
+    assert repeats_a_fact("Vvorudek met Vusepa, ran 15 kilometres and met Vusepa.")
+    assert repeats_a_fact("Gavadel adopted a parrot named Lipis and met a parrot named Lipis.")
+    assert not repeats_a_fact("Subek bought a rug for 900 coins, moved to Gikothak and started working at Vamasel.")
+    assert not repeats_a_fact("Subek slept and Subek ate.")  # the subject's name alone is no fact
     samples = {
         "sft": [{"summary": "Kobebo ran 34 kilometres and moved to Doshin."}],
         "rl": [{"summary": "Kobebo ran 34 kilometres, moved to Doshin and ran 34 kilometres."}] * 2,
@@ -517,6 +517,24 @@ def test_rlhf_seed_is_a_replicate_that_reaches_every_stage_and_not_a_frozen_sett
     monkeypatch.setattr(Path, "rename", lambda self, target: None)
     science.run_stages(tmp_path / "run", settings, "test", replicate.seed)
     assert len(launched) == 6 and all(c[len(c) - 1 - c[::-1].index("--seed") + 1] == "2" for c in launched)
+
+
+def test_rlhf_repeat_negatives_reach_every_stage_and_a_test_run_must_repeat_their_value(monkeypatch, tmp_path):
+    science, validation, extra = rlhf_args(monkeypatch, "--model", "smollm2-135m", "--repeat_negatives", "1")
+    settings = science.recipe_settings(validation, extra)
+    assert extra == [] and settings["recipe"]["repeat_negatives"] == 1.0
+    launched = []
+    monkeypatch.setattr(science, "run", lambda command, log: launched.append(command))
+    monkeypatch.setattr(Path, "rename", lambda self, target: None)
+    science.run_stages(tmp_path / "run", settings, "validation", validation.seed)
+    assert len(launched) == 6 and all(c[c.index("--repeat_negatives") + 1] == "1.0" for c in launched)
+    frozen = {"split": "validation", "settings": settings, "judge": science.judge()}
+    for other in (["--repeat_negatives", "0.5"], []):  # another value, or the option left off
+        _, test, extra = rlhf_args(monkeypatch, "--model", "smollm2-135m", "--split", "test", *other)
+        with pytest.raises(SystemExit, match="recipe.repeat_negatives: 1.0 there"):
+            science.check_frozen(science.recipe_settings(test, extra), science.judge(), frozen, "v.json")
+    _, same, extra = rlhf_args(monkeypatch, "--model", "smollm2-135m", "--split", "test", "--repeat_negatives", "1")
+    science.check_frozen(science.recipe_settings(same, extra), science.judge(), frozen, "v.json")
 
 
 def test_rlhf_test_run_must_repeat_its_validation_run_and_scores_once(monkeypatch, tmp_path):

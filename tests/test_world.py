@@ -4,6 +4,7 @@ long-context examples at the requested length and depth."""
 import hashlib
 import json
 import random
+import re
 
 import pytest
 
@@ -24,6 +25,8 @@ from ctxaware.world import (
     preference_score,
     pretraining_corpus,
     render_chat,
+    repeated_fact_pairs,
+    repeats_a_fact,
     summarization,
     unfaithful_terms,
 )
@@ -255,6 +258,31 @@ def test_mediocre_references_lose_a_fact_stay_faithful_and_leave_the_records_alo
     assert half != mediocre_references(world, "train", rate=0.5, seed=4)
     with pytest.raises(ValueError, match="rate"):
         mediocre_references(world, "train", rate=1.5)
+
+
+def test_repeated_fact_pairs_prefer_the_reference_to_itself_with_a_fact_stated_twice(world):
+    records = summarization(world, "train")
+    pairs = repeated_fact_pairs(world, "train", per_post=2, seed=0)
+    assert [p["post_id"] for p in pairs] == [f"train-{i:05d}" for i in range(len(records)) for _ in range(2)]
+    for first, second in zip(pairs[::2], pairs[1::2]):
+        record = records[int(first["post_id"].split("-")[1])]
+        assert first["rejected"] != second["rejected"]  # two different facts repeated
+        for pair in (first, second):
+            chosen, rejected = pair["chosen"].strip(), pair["rejected"].strip()
+            assert pair["prompt"] == SUMMARY_PROMPT.format(post=record["post"]) and chosen == record["reference"]
+            assert repeats_a_fact(rejected) and not repeats_a_fact(chosen)
+            assert preference_score(record, chosen) > preference_score(record, rejected)
+            # as the RL policy repeats: the reference's clauses, then one of them again as the last clause
+            clauses = [fact.split(" ", 1)[1] for fact in record["key_facts"]]
+            parts = re.split(r", | and ", rejected.rstrip("."))
+            assert parts[:-1] == re.split(r", | and ", chosen.rstrip(".")) and parts[-1] in clauses
+    assert repeated_fact_pairs(world, "test", per_post=0) == []
+    half = repeated_fact_pairs(world, "train", per_post=0.5, seed=3, n_posts=400)
+    assert 0.4 < len(half) / 400 < 0.6 and {int(p["post_id"].split("-")[1]) for p in half} <= set(range(400))
+    assert half == repeated_fact_pairs(world, "train", per_post=0.5, seed=3, n_posts=400)
+    assert half != repeated_fact_pairs(world, "train", per_post=0.5, seed=4, n_posts=400)
+    with pytest.raises(ValueError, match="repeat_negatives=3"):
+        repeated_fact_pairs(world, "train", per_post=3)
 
 
 def _relative_position(tokenizer, text: str, needle_at: int) -> float:

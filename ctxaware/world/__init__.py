@@ -16,6 +16,7 @@ from ctxaware.world.preference import (
     summarization,
     unfaithful_terms,
 )
+from ctxaware.world.repeats import repeated_fact_pairs, repeats_a_fact
 from ctxaware.world.tasks import (
     ARITHMETIC_PROMPT,
     CONTEXT_QA_PROMPT,
@@ -53,6 +54,8 @@ __all__ = [
     "preference_pairs",
     "preference_score",
     "render_chat",
+    "repeated_fact_pairs",
+    "repeats_a_fact",
     "summarization",
     "unfaithful_terms",
 ]

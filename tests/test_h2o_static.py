@@ -14,6 +14,7 @@ from tests.tiny_models import tiny_model
 
 
 NEW = 16
+_LAYER_STATE = ("keys", "values", "scores", "positions", "free", "real")
 CASES = [
     pytest.param(H2OCache, 12, (40, 33), id="h2o-evicts-at-the-prompt"),
     pytest.param(H2OCache, 12, (20, 9), id="h2o-keeps-padding-past-the-prompt"),
@@ -143,9 +144,13 @@ def test_ties_and_padding_evict_as_the_dynamic_layer_does():
 
 def test_a_decode_step_reads_nothing_back(model, monkeypatch):
     """What a CUDA-graph capture forbids, on the CPU: no tensor value reaches Python during a step (the GPU path
-    differs only inside the attention call, which runs the Triton kernels there)."""
+    differs only inside the attention call, which runs the Triton kernels there), and the step's state stays in the
+    tensors it started in (a replay writes to the addresses it captured)."""
     ids, mask = _batch((20, 9))
     decoder = FixedSlotDecoder(model, H2OCache(model, budget=12), ids, mask)
+    state = [decoder.token, decoder.position, decoder.logits, decoder.cache.column]
+    state += [getattr(layer, name) for layer in decoder.cache.layers for name in _LAYER_STATE]
+    addresses = [t.data_ptr() for t in state]
 
     def host_read(*args, **kwargs):
         raise AssertionError("a decode step read a tensor value back to the host")
@@ -156,6 +161,9 @@ def test_a_decode_step_reads_nothing_back(model, monkeypatch):
         decoder.step()
         with pytest.raises(AssertionError, match="read a tensor value back"):  # a mask makes transformers read one
             model(input_ids=decoder.token, attention_mask=torch.ones(2, 21, dtype=torch.long))
+    state = [decoder.token, decoder.position, decoder.logits, decoder.cache.column]
+    state += [getattr(layer, name) for layer in decoder.cache.layers for name in _LAYER_STATE]
+    assert [t.data_ptr() for t in state] == addresses
 
 
 def test_refuses_what_it_cannot_decode(model):

@@ -14,8 +14,11 @@ ratios to LongLoRA's and full attention's steps.
 
 Generation: the same model, an `--gen_prompt`-token prompt, `--gen_new` greedy tokens: full cache (SDPA, the
 ctxaware attention under its dense backend policy, and forced onto the ctxaware kernels) against H2O and the sinks +
-window cache at budgets 0.5 and 0.2; decode tokens/s and KV-cache bytes; `--profile_decode` adds each peer's
-host / GPU time per decode step and its op table (decode_profile_<peer>.txt).
+window cache at budgets 0.5 and 0.2; decode tokens/s (a `--gen_new`-token generate's time less a 1-token one's),
+steady decode ms a step (16 timed steps after 4 warm-up steps) and KV-cache bytes. `--cuda_graph` adds each H2O / window peer in
+fixed slots (`ctxaware.methods.h2o_static`), eager (`+slots`) and replayed as one CUDA graph a step (`+graph`; its
+end-to-end time includes the capture). `--profile_decode` adds each peer's host / GPU time per decode step and its op
+table (decode_profile_<peer>.txt).
 Writes sinklora.json (timings, GPU, versions, command) and sinklora.md (tables) to --out.
 """
 
@@ -36,6 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ctxaware.methods import sinklora  # noqa: E402
 from ctxaware.methods.h2o import H2OCache, WindowCache  # noqa: E402
+from ctxaware.methods.h2o_static import FixedSlotDecoder, generate_fixed_slots  # noqa: E402
 
 
 LONGLORA = "longlora_s2"
@@ -44,6 +48,9 @@ LIGER = "+liger"  # peer-name suffix: the same step with liger-kernel's fused lo
 TRAIN_PEERS = ("sf_ctxaware", "s2_longlora_sdpa", "full_sdpa", FLOOR)
 # full_auto: the ctxaware attention under its dense backend policy (plain decode goes to SDPA)
 GENERATION_PEERS = ("full_sdpa", "full_auto", "full_ctxaware", "h2o_0.5", "h2o_0.2", "window_0.5", "window_0.2")
+# peer-name suffixes (`--cuda_graph`): an evicting cache's decode in fixed slots, eager, and as one CUDA graph a step
+FIXED_SLOTS = ("+slots", "+graph")
+STEADY_WARMUP, STEADY_STEPS = 4, 16  # decode steps before the steady-state timing (graph capture included), and timed
 GROUP_SIZE_RATIO = 0.25
 
 
@@ -194,38 +201,58 @@ def step_breakdown(model, ids: torch.Tensor, optimizer) -> dict:
 def generation_peer(
     name: str, prompt: int, new: int, layers: int | None, shape: str = "1b", profile: Path | None = None
 ) -> dict:
-    """Decode tokens/s and K/V bytes of one cache peer; with `profile`, a torch.profiler table of a short decode
-    (host and GPU time per op) is written there, to see what bounds the decode step."""
+    """Decode tokens/s, steady ms a decode step and K/V bytes of one cache peer; with `profile`, a torch.profiler
+    table of a short decode (host and GPU time per op) is written there, to see what bounds the decode step."""
     from transformers import DynamicCache
 
-    model = build_model("sdpa" if name == "full_sdpa" else "ctxaware", layers, shape).eval()
-    if name == "full_ctxaware":  # our kernels, not the SDPA that plain dense calls default to
+    base, _, slots = name.partition("+")  # slots: "slots" (fixed slots, eager) or "graph" (replayed CUDA graph)
+    model = build_model("sdpa" if base == "full_sdpa" else "ctxaware", layers, shape).eval()
+    if base == "full_ctxaware":  # our kernels, not the SDPA that plain dense calls default to
         from ctxaware.attention import set_attention_options
 
         set_attention_options(model, backend="triton")
     ids = torch.randint(0, 32000, (1, prompt), device="cuda")
-    kind, _, budget = name.partition("_")
+    kind, _, budget = base.partition("_")
     cache_class = {"h2o": H2OCache, "window": WindowCache}.get(kind)
 
     def cache():
         return cache_class(model, budget=float(budget)) if cache_class else DynamicCache(config=model.config)
 
+    def generate(tokens: int):
+        """`tokens` greedy tokens after the prompt; returns the cache as it ends."""
+        if slots:
+            graph = slots == "graph"
+            return generate_fixed_slots(model, cache(), ids, max_new_tokens=tokens, cuda_graph=graph).cache
+        run_cache = cache()
+        model.generate(input_ids=ids, cache=run_cache, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        return run_cache
+
+    def stepper():
+        """Prefills the prompt; returns one greedy decode step that feeds back its own token."""
+        if slots:
+            return FixedSlotDecoder(model, cache(), ids, cuda_graph=slots == "graph").step
+        run_cache = cache()
+        token = [model(input_ids=ids, cache=run_cache, use_cache=True).logits[:, -1:].argmax(-1)]
+
+        def step():
+            token[0] = model(input_ids=token[0], cache=run_cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+        return step
+
     with torch.no_grad():
-        model.generate(input_ids=ids, cache=cache(), max_new_tokens=4, do_sample=False, min_new_tokens=4)
+        generate(4)
         torch.cuda.synchronize()
         start = time.perf_counter()
-        prefill_cache = cache()
-        model.generate(input_ids=ids, cache=prefill_cache, max_new_tokens=1, do_sample=False)
+        generate(1)
         torch.cuda.synchronize()
         prefill = time.perf_counter() - start
-        run_cache = cache()
         start = time.perf_counter()
-        model.generate(input_ids=ids, cache=run_cache, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        run_cache = generate(new)
         torch.cuda.synchronize()
         total = time.perf_counter() - start
-        record = {}
+        record = {"steady_ms_per_step": steady_decode_ms(stepper())}
         if profile is not None:
-            record["profile"] = profile_decode(model, ids, cache, profile)
+            record["profile"] = profile_decode(stepper(), profile)
     layers_kv = [(layer.keys, layer.values) for layer in run_cache.layers]
     cache_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers_kv)
     return {
@@ -236,19 +263,31 @@ def generation_peer(
     }
 
 
-def profile_decode(model, ids: torch.Tensor, cache, path: Path, steps: int = 16) -> dict:
-    """Profiles `steps` decode steps after the prompt's prefill: host (CPU) and GPU time in all, and the table of
-    ops by self CPU time, written to `path`. A decode step whose host time exceeds its GPU time is host-bound."""
+def steady_decode_ms(step) -> float:
+    """Wall milliseconds a decode step over `STEADY_STEPS` steps, after `STEADY_WARMUP` (a graph's capture among them)."""
+    for _ in range(STEADY_WARMUP):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(STEADY_STEPS):
+        step()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - start) / STEADY_STEPS
+
+
+def profile_decode(step, path: Path, steps: int = 16) -> dict:
+    """Profiles `steps` calls of the decode `step` (after the prompt's prefill; a CUDA-graphed step warms up and is
+    captured first): host (CPU) and GPU time in all, and the table of ops by self CPU time, written to `path`. A
+    decode step whose host time exceeds its GPU time is host-bound."""
     from torch.profiler import ProfilerActivity, profile
 
-    run_cache = cache()
-    output = model(input_ids=ids, cache=run_cache, use_cache=True)
-    token = output.logits[:, -1:].argmax(-1)
+    for _ in range(STEADY_WARMUP):
+        step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for _ in range(steps):
-            token = model(input_ids=token, cache=run_cache, use_cache=True).logits[:, -1:].argmax(-1)
+            step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     events = prof.key_averages()
@@ -278,6 +317,11 @@ def main() -> None:
     parser.add_argument(
         "--gen_peers", default=",".join(GENERATION_PEERS), help="comma-separated, among " + ", ".join(GENERATION_PEERS)
     )
+    parser.add_argument(
+        "--cuda_graph",
+        action="store_true",
+        help="also decode each H2O / window peer in fixed slots, eager (+slots) and as a CUDA graph a step (+graph)",
+    )
     parser.add_argument("--gen_prompt", type=int, default=8192)
     parser.add_argument("--gen_new", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="4k tokens, 4 layers, 2 steps: a smoke run")
@@ -301,14 +345,23 @@ def main() -> None:
     unknown = set(args.gen_peers.split(",")) - set(GENERATION_PEERS)
     if unknown:
         parser.error(f"unknown --gen_peers {sorted(unknown)}: use {', '.join(GENERATION_PEERS)}")
-    for name in (
-        () if args.skip_generation else [peer for peer in GENERATION_PEERS if peer in args.gen_peers.split(",")]
-    ):
-        profile = Path(args.out) / f"decode_profile_{name}.txt" if args.profile_decode else None
+    for name in () if args.skip_generation else generation_peers(args.gen_peers.split(","), args.cuda_graph):
+        profile = Path(args.out) / f"decode_profile_{name.replace('+', '_')}.txt" if args.profile_decode else None
         generation[name] = generation_peer(name, args.gen_prompt, args.gen_new, args.layers, args.shape, profile)
         torch.cuda.empty_cache()
         print(name, generation[name], flush=True)
         write(Path(args.out), args, train, generation)
+
+
+def generation_peers(selected: list[str], cuda_graph: bool) -> list[str]:
+    """The selected peers in `GENERATION_PEERS` order, each evicting one followed by its fixed-slot forms when
+    `cuda_graph` is set."""
+    peers = []
+    for peer in GENERATION_PEERS:
+        if peer in selected:
+            fixed = cuda_graph and not peer.startswith("full")
+            peers += [peer, *(peer + suffix for suffix in FIXED_SLOTS if fixed)]
+    return peers
 
 
 def write(out: Path, args, train: dict, generation: dict) -> None:
@@ -376,11 +429,17 @@ def write(out: Path, args, train: dict, generation: dict) -> None:
             )
     if generation:
         lines += ["", f"Generation, {args.gen_prompt}-token prompt, {args.gen_new} new tokens:", ""]
-        lines += ["| cache | decode tokens/s | KV MiB | profiled ms/step: wall / GPU |", "|---|---|---|---|"]
+        lines += [
+            "| cache | decode tokens/s | steady ms/step | KV MiB | profiled ms/step: wall / GPU |",
+            "|---|---|---|---|---|",
+        ]
         for name, r in generation.items():
             profiled = r.get("profile")
             profiled = f"{profiled['wall_ms_per_step']:.1f} / {profiled['gpu_ms_per_step']:.1f}" if profiled else "-"
-            lines.append(f"| {name} | {r['decode_tokens_per_s']:.1f} | {r['cache_bytes'] / 2**20:.1f} | {profiled} |")
+            lines.append(
+                f"| {name} | {r['decode_tokens_per_s']:.1f} | {r['steady_ms_per_step']:.1f} | "
+                f"{r['cache_bytes'] / 2**20:.1f} | {profiled} |"
+            )
     out.mkdir(parents=True, exist_ok=True)
     (out / "sinklora.json").write_text(json.dumps(record, indent=2))
     (out / "sinklora.md").write_text("\n".join(lines) + "\n")

@@ -37,6 +37,9 @@ class AttentionOptions:
     key_mass: bool = False  # per-key attention mass (H2O)
     key_labels: torch.Tensor | None = None  # (B, Sk) int span labels for label_mass (context scoring)
     num_labels: int | None = None
+    # (B, Sk) bool, True = a real key: replaces the model's padding mask (a fixed-slot KV cache, whose slots are not in
+    # token order, passes its own and calls the model without one).
+    key_padding_mask: torch.Tensor | None = None
     on_stats: Callable[[nn.Module, AttentionStats], None] | None = None  # receives the statistics of each call
     backend: str = "auto"
     # When set, counts every call by (pattern as the kernel applied it, backend that ran): honest run records.
@@ -144,7 +147,14 @@ def ctxaware_attention_forward(
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     batch, _, q_len, _ = query.shape
     k_len = key.shape[2]
-    key_padding_mask = _key_padding_mask(attention_mask, batch, k_len)
+    key_padding_mask = options.key_padding_mask
+    if key_padding_mask is None:
+        key_padding_mask = _key_padding_mask(attention_mask, batch, k_len)
+    elif attention_mask is not None:
+        raise ValueError(
+            "the attention module has its own key padding mask (a fixed-slot KV cache) and the model got an "
+            "attention mask too: call the model without attention_mask"
+        )
     doc_ids = None
     if attention_mask is None and position_ids is not None and q_len == k_len and position_ids.shape[-1] == k_len:
         doc_ids = _doc_ids(position_ids, batch)

@@ -1,4 +1,5 @@
-"""benchmarks/sinklora.py: the per-part breakdown of a training step sorts real CUDA kernel names into their parts."""
+"""benchmarks/sinklora.py: the per-part breakdown of a training step sorts real CUDA kernel names into their parts;
+`--cuda_graph` adds the fixed-slot decode peers."""
 
 import pytest
 
@@ -32,3 +33,17 @@ def bench():
 )
 def test_kernel_names_fall_into_their_parts(bench, kernel, part):
     assert bench.kernel_part(kernel).startswith(part)
+
+
+def test_cuda_graph_adds_fixed_slot_peers_after_each_evicting_cache(bench):
+    selected = ["full_sdpa", "h2o_0.2", "window_0.2"]
+    assert bench.generation_peers(selected, cuda_graph=False) == selected
+    assert bench.generation_peers(selected, cuda_graph=True) == [
+        "full_sdpa",
+        "h2o_0.2",
+        "h2o_0.2+slots",
+        "h2o_0.2+graph",
+        "window_0.2",
+        "window_0.2+slots",
+        "window_0.2+graph",
+    ]

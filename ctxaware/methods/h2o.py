@@ -170,7 +170,25 @@ class H2OLayer(DynamicLayer):
             setattr(self, name, getattr(self, name)[indices])
 
 
-class H2OCache(Cache):
+class EvictingCache(Cache):
+    """A cache that sees each layer's attention call through `enable_h2o`'s hooks, and sets the attention options of
+    the model's modules for the duration of each forward it is passed to."""
+
+    needs_key_mass = True  # the attention calls return per-key mass while this cache is in use
+
+    def _begin_forward(self, attention_mask: torch.Tensor | None) -> None:
+        """Called before each forward with the model's 2D mask."""
+
+    def _observe(self, module: nn.Module, stats) -> None:
+        """Called after each layer's attention with its statistics."""
+        raise NotImplementedError
+
+    def attention_options(self, layer_idx: int) -> dict:
+        """The `AttentionOptions` fields of layer `layer_idx` during this cache's forwards."""
+        return {"key_mass": self.needs_key_mass, "on_stats": self._observe}
+
+
+class H2OCache(EvictingCache):
     """Heavy-hitter + recent + sink KV cache; pass as `cache` (formerly `past_key_values`) to `generate` or a forward.
 
     budget: a float in (0, 1] keeps that fraction of the first call's (prompt's) length, or of `reference_length`
@@ -179,8 +197,6 @@ class H2OCache(Cache):
     the newest tokens (H2O's default split is half heavy hitters, half recent). One cache per `generate` call, like
     `DynamicCache`.
     """
-
-    needs_key_mass = True  # the attention calls return per-key mass while this cache is in use
 
     def __init__(
         self,
@@ -242,8 +258,9 @@ class WindowCache(H2OCache):
 
 
 def enable_h2o(model: nn.Module) -> nn.Module:
-    """Installs (once) the forward hooks through which an `H2OCache` (or `WindowCache`) passed as `cache` sees each
-    layer's attention call (and key mass) to evict after it. Outside such calls the attention options are left as they were. Returns the base (non-PEFT) model."""
+    """Installs (once) the forward hooks through which an `EvictingCache` (`H2OCache`, `WindowCache`, or their
+    fixed-slot decode form) passed as `cache` sees each layer's attention call (and key mass) to evict after it.
+    Outside such calls the attention options are left as they were. Returns the base (non-PEFT) model."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base, _HOOKS_ATTR, None) is not None:
         return base
@@ -255,22 +272,25 @@ def enable_h2o(model: nn.Module) -> nn.Module:
             f"or call model.set_attn_implementation({ATTN_IMPLEMENTATION!r})"
         )
     modules = attention_modules(base)
-    saved: list[tuple[bool, object]] = []
+    saved: list[dict] = []  # per module, the option fields a cache set, as they were
 
     def before(_module, _args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed `cache` in transformers 5.x
-        if not isinstance(cache, H2OCache):
+        if not isinstance(cache, EvictingCache):
             return
         cache._begin_forward(kwargs.get("attention_mask"))
         for module in modules:
             options = get_attention_options(module)
-            saved.append((options.key_mass, options.on_stats))
-            options.key_mass, options.on_stats = cache.needs_key_mass, cache._observe
+            values = cache.attention_options(module.layer_idx)
+            saved.append({name: getattr(options, name) for name in values})
+            for name, value in values.items():
+                setattr(options, name, value)
 
     def after(_module, _args, _kwargs, _output):
         while saved:
             options = get_attention_options(modules[len(saved) - 1])
-            options.key_mass, options.on_stats = saved.pop()
+            for name, value in saved.pop().items():
+                setattr(options, name, value)
 
     handles = (
         base.register_forward_pre_hook(before, with_kwargs=True),

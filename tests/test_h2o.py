@@ -17,6 +17,7 @@ from ctxaware.eval.registry import EvalOptions, get_task
 from ctxaware.kernels import AttentionPattern
 from ctxaware.methods.h2o import H2OCache, H2OLayer, WindowCache, parse_budget
 from ctxaware.switches import apply_generation_hooks
+from tests.tiny_models import left_padded_prompts as _batch
 from tests.tiny_models import tiny_model
 
 
@@ -26,18 +27,6 @@ PAD = 2
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("llama", attn_implementation=ctxaware.attention.ATTN_IMPLEMENTATION).eval()
-
-
-def _batch(lengths=(40, 33), seed=0):
-    """Left-padded prompts of different lengths, as batched generation builds them."""
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), PAD)
-    mask = torch.zeros((len(lengths), width), dtype=torch.long)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = torch.randint(3, 300, (n,), generator=generator)
-        mask[row, width - n :] = 1
-    return ids, mask
 
 
 def _generate(model, cache, ids, mask, new=6):

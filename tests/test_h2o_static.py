@@ -9,7 +9,8 @@ import ctxaware.attention
 from ctxaware.attention import set_attention_options
 from ctxaware.methods.h2o import H2OCache, H2OLayer, WindowCache
 from ctxaware.methods.h2o_static import FixedSlotDecoder, FixedSlotLayer, generate_fixed_slots
-from tests.test_h2o import PAD, _batch
+from tests.test_h2o import PAD
+from tests.tiny_models import left_padded_prompts as _batch
 from tests.tiny_models import tiny_model
 
 

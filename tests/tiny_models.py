@@ -73,3 +73,15 @@ def tiny_model(family: str, *, gqa: bool = True, attn_implementation: str = "sdp
     torch.manual_seed(seed)
     config = tiny_config(family, gqa=gqa, **overrides)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+
+
+def left_padded_prompts(lengths=(40, 33), seed=0, *, pad: int = 2, high: int = 300):
+    """Left-padded random prompts of different lengths (ids in [3, high)), as batched generation builds them."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(3, high, (n,), generator=generator)
+        mask[row, width - n :] = 1
+    return ids, mask

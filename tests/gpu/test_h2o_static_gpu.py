@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import ctxaware.attention
 from ctxaware.methods.h2o import H2OCache, WindowCache
 from ctxaware.methods.h2o_static import WARMUP_STEPS, FixedSlotDecoder, generate_fixed_slots
+from tests.tiny_models import left_padded_prompts
 
 
 pytestmark = [
@@ -43,13 +44,7 @@ def _model(dtype):
 
 def _batch(lengths):
     """Left-padded random prompts on the GPU."""
-    generator = torch.Generator().manual_seed(sum(lengths))
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), PAD)
-    mask = torch.zeros((len(lengths), width), dtype=torch.long)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = torch.randint(3, 4096, (n,), generator=generator)
-        mask[row, width - n :] = 1
+    ids, mask = left_padded_prompts(lengths, seed=sum(lengths), pad=PAD, high=4096)
     return ids.cuda(), mask.cuda()
 
 

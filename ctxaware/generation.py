@@ -66,6 +66,7 @@ def generate(
     batch_size: int = 8,
     generate_kwargs: dict | None = None,
     cache_factory: Callable[[], object] | None = None,
+    generate_fn: Callable[..., torch.Tensor] | None = None,
     desc: str = "generate",
     progress: bool = True,
     stop_strings: Sequence[str] | None = None,
@@ -73,7 +74,8 @@ def generate(
     """Greedy continuations of token-id `prompts`, decoded without special tokens and cut at the first EOS.
 
     `stop_strings` end a row's generation once its text contains one (a few-shot prompt's next `Question:`), which
-    only saves time: callers cut the text themselves, since the string may straddle tokens."""
+    only saves time: callers cut the text themselves, since the string may straddle tokens. `generate_fn` replaces
+    `model.generate` (same keyword arguments, returns the sequences)."""
     pad_id = _pad_id(tokenizer)
     device = model.device
     outputs: list[str] = [""] * len(prompts)
@@ -91,7 +93,7 @@ def generate(
             kwargs["cache"] = cache_factory()
         if stop_strings:
             kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
-        generated = model.generate(
+        generated = (generate_fn or model.generate)(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             max_new_tokens=max_new_tokens,

@@ -3,7 +3,7 @@
 Each switch takes a value `KIND[:ARGS]` (e.g. `--kv_cache h2o:0.2`). A kind is a function
 `apply(model, args: str, setup: GenerationSetup) -> None` that a method module registers with
 `@register_generation_hook(switch, kind)`; it may patch the model (registering the undo on `setup.stack`), add keyword
-arguments for `model.generate`, or give a factory for a fresh KV cache per batch.
+arguments for `model.generate`, give a factory for a fresh KV cache per batch, or replace `model.generate` itself.
 
 `SWITCHES` declares each switch (flag, default, help) and names the method module that registers its kinds. The
 declaration lives here, not in the method, so a command line can offer the flags without importing torch; the module
@@ -26,6 +26,8 @@ class GenerationSetup:
     # A fresh KV cache: `cache_factory()` per generate batch, `cache_factory(length=L)` per streaming-scoring batch of
     # L-token texts (a budget given as a fraction is then a fraction of L).
     cache_factory: Callable[..., object] | None = None
+    # In place of `model.generate` for each generate batch: takes its keyword arguments, returns the sequences.
+    generate: Callable[..., object] | None = None
     applied: dict[str, str] = field(default_factory=dict)
 
     def close(self) -> None:
@@ -45,8 +47,9 @@ SWITCHES: dict[str, Switch] = {
         "kv_cache",
         "KV-cache policy during generation: `full`, `h2o:BUDGET` (heavy hitters + recent + sinks; a fraction of the "
         "prompt kept, or a token count) or `window:BUDGET` (sinks + recent window, StreamingLLM: H2O's baseline at "
-        "the same budget); both run attention on the ctxaware kernels. long_ppl then streams each text through the "
-        "cache token by token "
+        "the same budget); both run attention on the ctxaware kernels. `h2o:BUDGET,slots` / `window:BUDGET,slots` "
+        "decode the same tokens in fixed slots, one CUDA graph a step on CUDA (greedy only; rows run on past stop "
+        "strings to EOS). long_ppl then streams each text through the cache token by token "
         "(the fraction is of the text's length); log-likelihood scoring always sees the full context.",
         "full",
         "ctxaware.methods.h2o",

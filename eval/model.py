@@ -60,6 +60,7 @@ class EvalModel:
             batch_size=self.batch_size,
             generate_kwargs=self.setup.generate_kwargs,
             cache_factory=self.setup.cache_factory,
+            generate_fn=self.setup.generate,
             desc=desc,
             progress=self.progress,
             stop_strings=stop_strings,

@@ -2,13 +2,26 @@
 step, on ragged left-padded prompts, with budgets that evict at the prompt, that keep padding past it, and that the
 prompt does not fill (empty slots first)."""
 
+import copy
+
 import pytest
 import torch
 
 import ctxaware.attention
 from ctxaware.attention import set_attention_options
+from ctxaware.eval.model import EvalModel
+from ctxaware.eval.registry import EvalOptions, get_task
+from ctxaware.methods import h2o_static
 from ctxaware.methods.h2o import H2OCache, H2OLayer, WindowCache
-from ctxaware.methods.h2o_static import FixedSlotDecoder, FixedSlotLayer, generate_fixed_slots
+from ctxaware.methods.h2o_static import (
+    FINISH_CHECK_STEPS,
+    FixedSlotDecoder,
+    FixedSlotLayer,
+    generate_fixed_slots,
+    generate_in_slots,
+)
+from ctxaware.switches import apply_generation_hooks
+from tests.eval_fakes import install_fake_world
 from tests.test_h2o import PAD
 from tests.tiny_models import left_padded_prompts as _batch
 from tests.tiny_models import tiny_model
@@ -144,12 +157,12 @@ def test_ties_and_padding_evict_as_the_dynamic_layer_does():
 
 
 def test_a_decode_step_reads_nothing_back(model, monkeypatch):
-    """What a CUDA-graph capture forbids, on the CPU: no tensor value reaches Python during a step (the GPU path
-    differs only inside the attention call, which runs the Triton kernels there), and the step's state stays in the
-    tensors it started in (a replay writes to the addresses it captured)."""
+    """What a CUDA-graph capture forbids, on the CPU: no tensor value reaches Python during a step, the EOS rule's
+    included (the GPU path differs only inside the attention call, which runs the Triton kernels there), and the
+    step's state stays in the tensors it started in (a replay writes to the addresses it captured)."""
     ids, mask = _batch((20, 9))
-    decoder = FixedSlotDecoder(model, H2OCache(model, budget=12), ids, mask)
-    state = [decoder.token, decoder.position, decoder.logits, decoder.cache.column]
+    decoder = FixedSlotDecoder(model, H2OCache(model, budget=12), ids, mask, eos_token_id=[5, 7], pad_token_id=PAD)
+    state = [decoder.token, decoder.position, decoder.logits, decoder.finished, decoder.cache.column]
     state += [getattr(layer, name) for layer in decoder.cache.layers for name in _LAYER_STATE]
     addresses = [t.data_ptr() for t in state]
 
@@ -162,9 +175,58 @@ def test_a_decode_step_reads_nothing_back(model, monkeypatch):
         decoder.step()
         with pytest.raises(AssertionError, match="read a tensor value back"):  # a mask makes transformers read one
             model(input_ids=decoder.token, attention_mask=torch.ones(2, 21, dtype=torch.long))
-    state = [decoder.token, decoder.position, decoder.logits, decoder.cache.column]
+    state = [decoder.token, decoder.position, decoder.logits, decoder.finished, decoder.cache.column]
     state += [getattr(layer, name) for layer in decoder.cache.layers for name in _LAYER_STATE]
     assert [t.data_ptr() for t in state] == addresses
+
+
+@pytest.mark.parametrize("cache_class", [H2OCache, WindowCache])
+@pytest.mark.parametrize(
+    "finish_steps, pad",
+    [
+        pytest.param((2, 3, None), PAD, id="one-row-runs-to-the-end"),
+        pytest.param((4, 1, 5), PAD, id="every-row-finishes-early"),
+        pytest.param((4, 1, 5), None, id="pad-defaults-to-the-first-eos"),
+    ],
+)
+def test_rows_that_emit_eos_pad_after_it_and_the_host_stops_as_generate_does(model, cache_class, finish_steps, pad):
+    """EOS ids are tokens the rows emit at `finish_steps` (None: never) without an EOS; each row then feeds and emits
+    the pad token, and once every row has finished the host stops within `FINISH_CHECK_STEPS` steps, returning what
+    `generate` returns."""
+    ids, mask = _batch((20, 9, 14), seed=3)
+    free = generate_fixed_slots(model, cache_class(model, budget=12), ids, mask, max_new_tokens=NEW).sequences
+    eos = [int(free[row, ids.shape[1] + step]) for row, step in enumerate(finish_steps) if step is not None]
+    expected = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        cache=cache_class(model, budget=12),
+        max_new_tokens=NEW,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    out = generate_fixed_slots(
+        model,
+        cache_class(model, budget=12),
+        ids,
+        mask,
+        max_new_tokens=NEW,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        output_scores=True,
+    )
+    assert torch.equal(out.sequences, expected.sequences)
+    for got, want in zip(out.scores, expected.scores, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    new = expected.sequences[:, ids.shape[1] :]
+    ended = [next((step for step, token in enumerate(row) if token in eos), None) for row in new.tolist()]
+    assert ended == list(finish_steps)  # rows finish at different steps; padding follows (pad or the first EOS)
+    assert (new[0, ended[0] + 1 :] == (eos[0] if pad is None else pad)).all()
+    if None not in finish_steps:  # every row finished: the host stopped at its first check after that
+        assert new.shape[1] == max(finish_steps) + 1 < NEW
+        assert out.cache.get_seq_length() == ids.shape[1] + FINISH_CHECK_STEPS - 1
 
 
 def test_refuses_what_it_cannot_decode(model):
@@ -185,3 +247,56 @@ def test_refuses_what_it_cannot_decode(model):
             model(input_ids=ids, attention_mask=mask)
     finally:
         set_attention_options(model, key_padding_mask=None)
+
+
+# --- `--kv_cache h2o:B,slots` through the eval harness --------------------------------------------------------------
+
+
+def _passkey(model, tokenizer, kv_cache, **generate_kwargs):
+    task, options = get_task("passkey"), EvalOptions(progress=False, lengths=[40, 96], limit=2)
+    setup = apply_generation_hooks(model, {"kv_cache": kv_cache})
+    setup.generate_kwargs.update(generate_kwargs)
+    try:
+        lm = EvalModel(model, tokenizer, batch_size=2, setup=setup, progress=False)  # 2 batches of 2
+        return [sample["response"] for sample in task.evaluate(lm, task.load(lm, options), options).samples]
+    finally:
+        setup.close()
+
+
+@pytest.mark.parametrize("kind", ["h2o:12", "window:0.3"])
+def test_eval_switch_decodes_in_fixed_slots_what_the_dynamic_cache_decodes(model, tiny_tokenizer, monkeypatch, kind):
+    """passkey under `--kv_cache KIND,slots` answers what it answers under `KIND`, with the tokenizer's EOS (a token
+    the model emits on its 4th step) cutting both, and every batch decoded in fixed slots."""
+    install_fake_world(monkeypatch)
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(38)
+    slot_batches = []
+
+    def spy(*args, **kwargs):
+        slot_batches.append(kwargs["eos_token_id"])
+        return generate_fixed_slots(*args, **kwargs)
+
+    monkeypatch.setattr(h2o_static, "generate_fixed_slots", spy)
+    dynamic = _passkey(model, tokenizer, kind)
+    assert slot_batches == []
+    slots = _passkey(model, tokenizer, f"{kind},slots")
+    assert slots == dynamic
+    assert slot_batches == [38, 38]
+    cut = len(tokenizer.decode([126, 70, 172], skip_special_tokens=True))  # what the model emits before the EOS
+    assert [len(response) for response in dynamic] == [cut] * 4
+    assert _passkey(model, tiny_tokenizer, f"{kind},slots") == _passkey(model, tiny_tokenizer, kind) != dynamic
+
+
+def test_eval_switch_refuses_what_fixed_slots_cannot_decode(model, tiny_tokenizer, monkeypatch):
+    install_fake_world(monkeypatch)
+    with pytest.raises(ValueError, match=r"greedy only, got beam_search.*drop `,slots`"):
+        _passkey(model, tiny_tokenizer, "h2o:12,slots", num_beams=2)
+    with pytest.raises(ValueError, match=r"greedy only, got greedy_search with \['repetition_penalty'\]"):
+        _passkey(model, tiny_tokenizer, "window:12,slots", repetition_penalty=1.2)
+    ids, mask = _batch((12, 9))
+    with pytest.raises(ValueError, match=r"greedy only, got sample"):
+        generate_in_slots(
+            model, input_ids=ids, attention_mask=mask, cache=H2OCache(model, 8), max_new_tokens=4, do_sample=True
+        )
+    with pytest.raises(ValueError, match="unknown option 'fast'; the one option is `h2o:0.2,slots`"):
+        apply_generation_hooks(model, {"kv_cache": "h2o:0.2,fast"})

@@ -17,11 +17,13 @@ order with padding first, so the rightmost `kept + new` columns of generate's 2D
 cache exactly; that is how the ctxaware attention reads padding, and why this cache needs
 `attn_implementation="ctxaware"` (it raises otherwise).
 
-`ctxaware eval --kv_cache h2o:BUDGET` uses it through the `kv_cache` switch registered at the end of this module.
+`ctxaware eval --kv_cache h2o:BUDGET` uses it through the `kv_cache` switch registered at the end of this module;
+`h2o:BUDGET,slots` decodes in fixed slots (`ctxaware.methods.h2o_static`), greedy only.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -309,7 +311,7 @@ def disable_h2o(model: nn.Module) -> None:
         delattr(base, _HOOKS_ATTR)
 
 
-# --- `ctxaware eval --kv_cache h2o:BUDGET` / `window:BUDGET` ------------------------------------------------------
+# --- `ctxaware eval --kv_cache h2o:BUDGET[,slots]` / `window:BUDGET[,slots]` -------------------------------------
 @register_generation_hook("kv_cache", "h2o")
 def _h2o_cache(model, args: str, setup: GenerationSetup) -> None:
     """A fresh `H2OCache` per generate call; attention switches to the ctxaware kernels, which give the key mass."""
@@ -323,14 +325,22 @@ def _window_cache(model, args: str, setup: GenerationSetup) -> None:
 
 
 def _evicting_cache(model, kind: str, args: str, setup: GenerationSetup, cache_class) -> None:
-    if not args:
+    """`BUDGET` or `BUDGET,slots`: the latter decodes in fixed slots (`generate_in_slots`), the same greedy tokens."""
+    budget_text, _, mode = args.partition(",")
+    if not budget_text:
         raise ValueError(
             f"--kv_cache {kind} needs a budget: `{kind}:0.2` (fraction of the prompt) or `{kind}:512` (tokens)."
         )
-    budget = parse_budget(args)
+    if mode not in ("", "slots"):
+        raise ValueError(f"--kv_cache {kind}:{args}: unknown option {mode!r}; the one option is `{kind}:0.2,slots`.")
+    budget = parse_budget(budget_text)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     setup.stack.callback(base.set_attn_implementation, base.config._attn_implementation)
     base.set_attn_implementation(ATTN_IMPLEMENTATION)
     setup.stack.callback(disable_h2o, model)
     cache_class(model, budget)  # validates the model (full-attention layers only) now rather than at the first batch
     setup.cache_factory = lambda length=None: cache_class(model, budget, reference_length=length)
+    if mode:
+        from ctxaware.methods.h2o_static import generate_in_slots  # which imports this module
+
+        setup.generate = functools.partial(generate_in_slots, model)

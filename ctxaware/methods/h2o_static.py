@@ -17,22 +17,31 @@ rest; elsewhere the same step runs eagerly. A manual capture rather than `torch.
 step is HF's model, our attention's Python dispatch with its statistics callback, and Triton launches; Dynamo would
 break the graph at the callback (leaving several graphs per step), recompile whenever a cache's integer state changes
 and take minutes to compile 30 layers, while a capture needs only what the fixed slots give: no host reads, fixed
-addresses. Greedy decoding of exactly `max_new_tokens` tokens (no stop at EOS).
+addresses. Greedy decoding only; with EOS ids, as `generate`: a row that has emitted one emits the pad token after it
+(inside the step), and the host stops once every row has, reading the finished flags every `FINISH_CHECK_STEPS` steps.
+
+`ctxaware eval --kv_cache h2o:B,slots` (or `window:B,slots`) generates through `generate_in_slots`, which takes
+`model.generate`'s keyword arguments and refuses anything but greedy decoding.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.cache_utils import CacheLayerMixin
+from transformers.generation import GenerationMode
 
 from ctxaware.methods.h2o import EvictingCache, H2OCache, H2OLayer
 
 
 WARMUP_STEPS = 2  # eager decode steps before the capture: Triton's compilation, cuBLAS's workspace
+# Decode steps between two host reads of the rows' finished flags: each read waits for the GPU to drain its queue of
+# replays, so reading every step would stall the graph; up to this many steps (all padding) run past the last EOS.
+FINISH_CHECK_STEPS = 8
 _LAST = torch.iinfo(torch.long).max  # an order no slot has
 
 
@@ -172,7 +181,8 @@ class FixedSlotDecoder:
     """Greedy decoding of `input_ids` through `cache` (a fresh `H2OCache` or `WindowCache`): the prompt's forward at
     construction (`token`, `logits` hold its next token and float32 logits), then one fixed-slot decode step per
     `step()`, which updates `token` and `logits` in place; captured as a CUDA graph after the warm-up steps when
-    `cuda_graph` is set."""
+    `cuda_graph` is set. With `eos_token_id` (ids), as `generate`: a row that has emitted one of them feeds and emits
+    `pad_token_id` (default: the first EOS id) from then on, and `finished` (B,) says which rows have."""
 
     def __init__(
         self,
@@ -181,6 +191,8 @@ class FixedSlotDecoder:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
+        eos_token_id: Sequence[int] = (),
+        pad_token_id: int | None = None,
         cuda_graph: bool = False,
     ):
         if cuda_graph and not input_ids.is_cuda:
@@ -198,8 +210,12 @@ class FixedSlotDecoder:
             prompt = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache)
             output = model(**prompt, use_cache=True, logits_to_keep=1)
         self.cache = FixedSlotCache(cache, mask)
+        self.eos = torch.tensor(list(eos_token_id), dtype=torch.long, device=input_ids.device)  # (E,), maybe empty
+        self.pad = eos_token_id[0] if pad_token_id is None and len(eos_token_id) else pad_token_id
+        self.finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         self.logits = output.logits[:, -1].float()  # (B, V): the latest step's logits, as `generate` scores them
         self.token = self.logits.argmax(-1, keepdim=True)  # (B, 1): the latest greedy token, the next step's input
+        self._finish()
         self.position = positions[:, -1:] + 1  # (B, 1): its RoPE position
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_steps = 0
@@ -231,14 +247,22 @@ class FixedSlotDecoder:
         logits = self.model(input_ids=self.token, position_ids=self.position, cache=self.cache, use_cache=True).logits
         self.logits.copy_(logits[:, -1])
         self.token.copy_(self.logits.argmax(-1, keepdim=True))
+        self._finish()
         self.position += 1
         self.cache.advance()
+
+    def _finish(self) -> None:
+        """`generate`'s EOS rule on the new `token`, on the device: a finished row's token becomes the pad token, and
+        a row whose token is an EOS id is finished from now on."""
+        if self.eos.numel():
+            self.token.masked_fill_(self.finished[:, None], self.pad)
+            self.finished |= (self.token == self.eos).any(-1)
 
 
 @dataclass
 class FixedSlotOutput:
-    sequences: torch.Tensor  # (B, prompt + max_new_tokens)
-    scores: tuple[torch.Tensor, ...] | None  # max_new_tokens float32 (B, V) logits, with output_scores
+    sequences: torch.Tensor  # (B, prompt + new tokens): max_new_tokens, or fewer once every row has emitted an EOS
+    scores: tuple[torch.Tensor, ...] | None  # one float32 (B, V) logits per new token, with output_scores
     cache: FixedSlotCache
 
 
@@ -249,19 +273,91 @@ def generate_fixed_slots(
     attention_mask: torch.Tensor | None = None,
     *,
     max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
     cuda_graph: bool = False,
     output_scores: bool = False,
 ) -> FixedSlotOutput:
     """Greedy generation through `cache` (a fresh `H2OCache` or `WindowCache`) in fixed slots: the same tokens and
-    logits as `model.generate(..., cache=cache, do_sample=False)` without an EOS stop. See the module docstring."""
+    logits as `model.generate(..., cache=cache, do_sample=False, eos_token_id=..., pad_token_id=...)` (no EOS stop
+    without `eos_token_id`). See the module docstring."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    decoder = FixedSlotDecoder(model, cache, input_ids, attention_mask, cuda_graph=cuda_graph)
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    decoder = FixedSlotDecoder(
+        model, cache, input_ids, attention_mask, eos_token_id=eos, pad_token_id=pad_token_id, cuda_graph=cuda_graph
+    )
     tokens, scores = [decoder.token.clone()], [decoder.logits.clone()]
-    for _ in range(max_new_tokens - 1):
+    for step in range(1, max_new_tokens):
+        if eos and step % FINISH_CHECK_STEPS == 0 and bool(decoder.finished.all()):
+            break
         decoder.step()
         tokens.append(decoder.token.clone())
         if output_scores:
             scores.append(decoder.logits.clone())
-    sequences = torch.cat([input_ids, *tokens], dim=-1)
-    return FixedSlotOutput(sequences, tuple(scores) if output_scores else None, decoder.cache)
+    new = torch.cat(tokens, dim=-1)
+    if bool(decoder.finished.all()):  # `generate` stops at the step where the last row emitted its EOS
+        ended = (new[..., None] == decoder.eos).any(-1)
+        new = new[:, : int(ended.int().argmax(-1).max()) + 1]
+    sequences = torch.cat([input_ids, new], dim=-1)
+    return FixedSlotOutput(sequences, tuple(scores[: new.shape[1]]) if output_scores else None, decoder.cache)
+
+
+# `generate`'s options that change greedy tokens (logits processors) or their number, each with the value that leaves
+# it off (None leaves any off): fixed slots implement none of them.
+_OFF = {
+    "bad_words_ids": None,
+    "begin_suppress_tokens": None,
+    "exponential_decay_length_penalty": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "guidance_scale": None,
+    "min_new_tokens": None,
+    "renormalize_logits": None,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "watermarking_config": None,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "remove_invalid_values": False,
+    "num_return_sequences": 1,
+}
+
+
+@torch.no_grad()
+def generate_in_slots(
+    model: nn.Module,
+    *,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: H2OCache,
+    max_new_tokens: int,
+    stop_strings: Sequence[str] | None = None,
+    tokenizer=None,
+    **options,
+) -> torch.Tensor:
+    """`model.generate(...)`'s sequences for greedy decoding through a fresh `cache`, in fixed slots (`cuda_graph` on
+    CUDA): the EOS and pad ids resolve as `generate` resolves them (its keyword arguments, else the model's generation
+    config). Stop strings only save time in `generate` (callers cut at them), so here rows run on to EOS. Raises for
+    sampling, beam search and any other option `generate` would apply."""
+    config, unused = model._prepare_generation_config(None, max_new_tokens=max_new_tokens, **options)
+    ignored = sorted(unused) + [name for name, off in _OFF.items() if getattr(config, name) not in (None, off)]
+    mode = config.get_generation_mode()
+    if mode != GenerationMode.GREEDY_SEARCH or ignored:
+        raise ValueError(
+            f"fixed-slot decoding (`,slots`) is greedy only, got {mode.value} with {ignored or 'no other options'}: "
+            "drop `,slots` to decode through the dynamic cache, or decode greedily"
+        )
+    return generate_fixed_slots(
+        model,
+        cache,
+        input_ids,
+        attention_mask,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        cuda_graph=input_ids.is_cuda,
+    ).sequences

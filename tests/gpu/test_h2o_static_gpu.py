@@ -1,6 +1,6 @@
 """Fixed-slot H2O / window decoding on the GPU (`pytest -m gpu tests/gpu`): the replayed CUDA graph steps equal the
 same steps run eagerly, without allocating, and the Triton kernels' decode over fixed slots equals the dynamic cache's
-generate."""
+generate, EOS stop included."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import ctxaware.attention
 from ctxaware.methods.h2o import H2OCache, WindowCache
-from ctxaware.methods.h2o_static import WARMUP_STEPS, FixedSlotDecoder, generate_fixed_slots
+from ctxaware.methods.h2o_static import WARMUP_STEPS, FixedSlotDecoder, generate_fixed_slots, generate_in_slots
 from tests.tiny_models import left_padded_prompts
 
 
@@ -96,3 +96,19 @@ def test_fixed_slots_on_triton_generate_what_the_dynamic_cache_generates(cache_c
     assert torch.equal(out.sequences, expected.sequences)
     for got, want in zip(out.scores, expected.scores, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cache_class", [H2OCache, WindowCache])
+def test_eos_inside_the_graph_stops_as_generate_does(cache_class):
+    """The EOS ids are tokens the rows emit, without EOS, after the capture (steps 6 and 11); through the eval
+    harness's `generate_in_slots`, which turns the graph on for CUDA inputs."""
+    model = _model(torch.float32)
+    ids, mask = _batch((300, 181))
+    width = ids.shape[1]
+    free = generate_fixed_slots(model, cache_class(model, budget=64), ids, mask, max_new_tokens=NEW, cuda_graph=True)
+    eos = [int(free.sequences[0, width + 6]), int(free.sequences[1, width + 11])]
+    options = dict(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD, eos_token_id=eos)
+    expected = model.generate(cache=cache_class(model, budget=64), do_sample=False, **options)
+    got = generate_in_slots(model, cache=cache_class(model, budget=64), **options)
+    assert torch.equal(got, expected)
+    assert got.shape[1] <= width + 12  # every row finished by step 11: the host stopped

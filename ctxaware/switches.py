@@ -48,9 +48,9 @@ SWITCHES: dict[str, Switch] = {
         "KV-cache policy during generation: `full`, `h2o:BUDGET` (heavy hitters + recent + sinks; a fraction of the "
         "prompt kept, or a token count) or `window:BUDGET` (sinks + recent window, StreamingLLM: H2O's baseline at "
         "the same budget); both run attention on the ctxaware kernels. `h2o:BUDGET,slots` / `window:BUDGET,slots` "
-        "decode the same tokens in fixed slots, one CUDA graph a step on CUDA (greedy only; rows run on past stop "
-        "strings to EOS). long_ppl then streams each text through the cache token by token "
-        "(the fraction is of the text's length); log-likelihood scoring always sees the full context.",
+        "decode the same tokens in fixed slots, one CUDA graph a step on CUDA (greedy only). long_ppl then streams "
+        "each text through the cache token by token (the fraction is of the text's length); log-likelihood scoring "
+        "always sees the full context.",
         "full",
         "ctxaware.methods.h2o",
     ),

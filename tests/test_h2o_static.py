@@ -3,11 +3,13 @@ step, on ragged left-padded prompts, with budgets that evict at the prompt, that
 prompt does not fill (empty slots first)."""
 
 import copy
+import functools
 
 import pytest
 import torch
 
 import ctxaware.attention
+from ctxaware import generation
 from ctxaware.attention import set_attention_options
 from ctxaware.eval.model import EvalModel
 from ctxaware.eval.registry import EvalOptions, get_task
@@ -287,6 +289,49 @@ def test_eval_switch_decodes_in_fixed_slots_what_the_dynamic_cache_decodes(model
     assert _passkey(model, tiny_tokenizer, f"{kind},slots") == _passkey(model, tiny_tokenizer, kind) != dynamic
 
 
+def test_stop_strings_end_generation_at_a_check_with_the_texts_generate_gives_up_to_them(
+    model, tiny_tokenizer, monkeypatch
+):
+    """Each row writes one of the stop strings at step 3, 3 or 5 (the texts of tokens it emits): `generate` stops
+    after step 5, the fixed slots at their first check after it, and the texts agree up to the first stop string."""
+    ids, mask = _batch((20, 9, 14), seed=3)
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+    stops = ["W", "(", "2"]
+    widths = []
+
+    def spy(*args, **kwargs):
+        out = generate_fixed_slots(*args, **kwargs)
+        widths.append(out.sequences.shape[1] - args[2].shape[1])
+        return out
+
+    monkeypatch.setattr(h2o_static, "generate_fixed_slots", spy)
+    options = dict(max_new_tokens=NEW, batch_size=3, progress=False, cache_factory=lambda: H2OCache(model, budget=12))
+    dynamic = generation.generate(model, tiny_tokenizer, prompts, stop_strings=stops, **options)
+    slots = generation.generate(
+        model,
+        tiny_tokenizer,
+        prompts,
+        stop_strings=stops,
+        generate_fn=functools.partial(generate_in_slots, model),
+        **options,
+    )
+    assert widths == [FINISH_CHECK_STEPS]
+    first = [min((text.index(stop) for stop in stops if stop in text), default=None) for text in dynamic]
+    assert first == [len(text) - 1 for text in dynamic]  # generate stopped each row at its stop string
+    assert [text[: end + 1] for text, end in zip(slots, first, strict=True)] == dynamic
+    without_stops = generation.generate(
+        model, tiny_tokenizer, prompts, generate_fn=functools.partial(generate_in_slots, model), **options
+    )
+    assert widths[1:] == [NEW] and [text[: len(slot)] for text, slot in zip(without_stops, slots)] == slots
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(
+        13
+    )  # row 1's "(": it ends by EOS, the others by stop strings
+    slot_generate = functools.partial(generate_in_slots, model)
+    generation.generate(model, tokenizer, prompts, stop_strings=["W", "2"], generate_fn=slot_generate, **options)
+    assert widths[2:] == [FINISH_CHECK_STEPS]
+
+
 def test_eval_switch_refuses_what_fixed_slots_cannot_decode(model, tiny_tokenizer, monkeypatch):
     install_fake_world(monkeypatch)
     with pytest.raises(ValueError, match=r"greedy only, got beam_search.*drop `,slots`"):
@@ -297,6 +342,10 @@ def test_eval_switch_refuses_what_fixed_slots_cannot_decode(model, tiny_tokenize
     with pytest.raises(ValueError, match=r"greedy only, got sample"):
         generate_in_slots(
             model, input_ids=ids, attention_mask=mask, cache=H2OCache(model, 8), max_new_tokens=4, do_sample=True
+        )
+    with pytest.raises(ValueError, match="stop_strings need the tokenizer"):
+        generate_in_slots(
+            model, input_ids=ids, attention_mask=mask, cache=H2OCache(model, 8), max_new_tokens=4, stop_strings=["x"]
         )
     with pytest.raises(ValueError, match="unknown option 'fast'; the one option is `h2o:0.2,slots`"):
         apply_generation_hooks(model, {"kv_cache": "h2o:0.2,fast"})

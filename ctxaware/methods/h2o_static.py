@@ -21,13 +21,14 @@ addresses. Greedy decoding only; with EOS ids, as `generate`: a row that has emi
 (inside the step), and the host stops once every row has, reading the finished flags every `FINISH_CHECK_STEPS` steps.
 
 `ctxaware eval --kv_cache h2o:B,slots` (or `window:B,slots`) generates through `generate_in_slots`, which takes
-`model.generate`'s keyword arguments and refuses anything but greedy decoding.
+`model.generate`'s keyword arguments (stop strings looked for at the same checks) and refuses anything but greedy
+decoding.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -277,10 +278,15 @@ def generate_fixed_slots(
     pad_token_id: int | None = None,
     cuda_graph: bool = False,
     output_scores: bool = False,
+    rows_done: Callable[[torch.Tensor], Sequence[bool]] | None = None,
 ) -> FixedSlotOutput:
     """Greedy generation through `cache` (a fresh `H2OCache` or `WindowCache`) in fixed slots: the same tokens and
     logits as `model.generate(..., cache=cache, do_sample=False, eos_token_id=..., pad_token_id=...)` (no EOS stop
-    without `eos_token_id`). See the module docstring."""
+    without `eos_token_id`). See the module docstring.
+
+    `rows_done(new_tokens)`, given the (B, T) new tokens on the host at each check of the finished flags, says which
+    rows are done otherwise (a stop string written); generation ends once every row is done or finished, and those
+    rows' tokens after that point are whatever they decoded (`generate` pads rows a stopping criterion ends)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -289,7 +295,7 @@ def generate_fixed_slots(
     )
     tokens, scores = [decoder.token.clone()], [decoder.logits.clone()]
     for step in range(1, max_new_tokens):
-        if eos and step % FINISH_CHECK_STEPS == 0 and bool(decoder.finished.all()):
+        if step % FINISH_CHECK_STEPS == 0 and _all_done(decoder, tokens, rows_done):
             break
         decoder.step()
         tokens.append(decoder.token.clone())
@@ -301,6 +307,14 @@ def generate_fixed_slots(
         new = new[:, : int(ended.int().argmax(-1).max()) + 1]
     sequences = torch.cat([input_ids, new], dim=-1)
     return FixedSlotOutput(sequences, tuple(scores[: new.shape[1]]) if output_scores else None, decoder.cache)
+
+
+def _all_done(decoder: FixedSlotDecoder, tokens: list[torch.Tensor], rows_done) -> bool:
+    """One host read: whether every row has emitted an EOS or, by `rows_done`, is done otherwise."""
+    if rows_done is None:
+        return bool(decoder.eos.numel()) and bool(decoder.finished.all())
+    done = decoder.finished.cpu() | torch.as_tensor(rows_done(torch.cat(tokens, dim=-1).cpu()), dtype=torch.bool)
+    return bool(done.all())
 
 
 # `generate`'s options that change greedy tokens (logits processors) or their number, each with the value that leaves
@@ -341,8 +355,10 @@ def generate_in_slots(
 ) -> torch.Tensor:
     """`model.generate(...)`'s sequences for greedy decoding through a fresh `cache`, in fixed slots (`cuda_graph` on
     CUDA): the EOS and pad ids resolve as `generate` resolves them (its keyword arguments, else the model's generation
-    config). Stop strings only save time in `generate` (callers cut at them), so here rows run on to EOS. Raises for
-    sampling, beam search and any other option `generate` would apply."""
+    config). Stop strings are looked for in the decoded rows at each check of the finished flags: generation ends
+    once every row has written one or an EOS, up to `FINISH_CHECK_STEPS - 1` steps after `generate` would, and a row
+    that wrote one goes on past it rather than padding, so the texts agree up to the first stop string (where callers
+    cut). Raises for sampling, beam search and any other option `generate` would apply."""
     config, unused = model._prepare_generation_config(None, max_new_tokens=max_new_tokens, **options)
     ignored = sorted(unused) + [name for name, off in _OFF.items() if getattr(config, name) not in (None, off)]
     mode = config.get_generation_mode()
@@ -351,6 +367,13 @@ def generate_in_slots(
             f"fixed-slot decoding (`,slots`) is greedy only, got {mode.value} with {ignored or 'no other options'}: "
             "drop `,slots` to decode through the dynamic cache, or decode greedily"
         )
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need the tokenizer: pass tokenizer=..., as `generate` asks")
+
+    def wrote_a_stop_string(new_tokens: torch.Tensor) -> list[bool]:
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [any(stop in text for stop in stop_strings) for text in texts]
+
     return generate_fixed_slots(
         model,
         cache,
@@ -360,4 +383,5 @@ def generate_in_slots(
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
         cuda_graph=input_ids.is_cuda,
+        rows_done=wrote_a_stop_string if stop_strings else None,
     ).sequences

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, set_seed
+from transformers import set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 from ctxaware.adapters import count_trainable
@@ -54,7 +54,13 @@ from ctxaware.methods.arith_heads import KV_POLICIES, HeadDeltaAdapter, check_se
 from ctxaware.methods.patching import build_batches, keep_answered, patch_all
 from ctxaware.models import load_tokenizer, resolve_model_path
 from ctxaware.outputs import claim_output_dir
-from ctxaware.training import RecipeTrainingArguments, RequireTrainingSteps, check_model_options, usage_errors
+from ctxaware.training import (
+    RecipeTrainingArguments,
+    RequireTrainingSteps,
+    check_model_options,
+    load_causal_lm,
+    usage_errors,
+)
 from ctxaware.world import QA_PROMPT, build_world, closed_book_qa
 from ctxaware.world.probe import matches
 from ctxaware.world.tasks import ARITHMETIC_OPS, ARITHMETIC_TEMPLATES, arithmetic_pairs, arithmetic_records
@@ -442,9 +448,7 @@ def main(
     path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(path, revision=model_args.model_revision)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, revision=model_args.model_revision, dtype=dtype).to(
-        state.device
-    )
+    model = load_causal_lm(path, dtype=dtype, revision=model_args.model_revision).to(state.device)
     model.requires_grad_(False)
     layout = HeadLayout.from_model(model)
     examples = training_examples(args, tokenizer)

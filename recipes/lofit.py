@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, set_seed
+from transformers import set_seed
 from trl import DPOConfig, DPOTrainer, ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 from ctxaware.adapters import count_trainable
@@ -57,7 +57,13 @@ from ctxaware.heads import (
 from ctxaware.methods.lofit import LoFiTAdapter
 from ctxaware.models import load_tokenizer, resolve_model_path
 from ctxaware.outputs import claim_output_dir
-from ctxaware.training import RecipeTrainingArguments, RequireTrainingSteps, check_model_options, usage_errors
+from ctxaware.training import (
+    RecipeTrainingArguments,
+    RequireTrainingSteps,
+    check_model_options,
+    load_causal_lm,
+    usage_errors,
+)
 from ctxaware.world import CONTEXT_QA_PROMPT, arithmetic, build_world, closed_book_qa, context_qa, preference_pairs
 from ctxaware.world.probe import matches
 
@@ -398,9 +404,8 @@ def _l1_loss(adapter: LoFiTAdapter, l1: float):
 
 
 def load_base(model_args: LoFiTModelConfig, training_args: LoFiTTrainingConfig):
-    path = resolve_model_path(model_args.model_name_or_path)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, revision=model_args.model_revision, dtype=dtype)
+    return load_causal_lm(model_args.model_name_or_path, dtype=dtype, revision=model_args.model_revision)
 
 
 def main(args: LoFiTArguments, training_args: LoFiTTrainingConfig, model_args: LoFiTModelConfig) -> dict:

@@ -182,8 +182,8 @@ class EvictingCache(Cache):
         """Called before each forward with the model's 2D mask."""
 
     def _observe(self, module: nn.Module, stats) -> None:
-        """Called after each layer's attention with its statistics."""
-        raise NotImplementedError
+        """Called after each layer's attention with its statistics; each cache defines what it does with them."""
+        raise NotImplementedError(f"{type(self).__name__} must define _observe: it receives each layer's statistics")
 
     def attention_options(self, layer_idx: int) -> dict:
         """The `AttentionOptions` fields of layer `layer_idx` during this cache's forwards."""

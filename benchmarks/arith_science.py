@@ -20,8 +20,9 @@ Flags this script does not know go to every recipe run: `--num_heads 0.1`, `--kv
 Another model: `--config recipes/configs/arith_heads/smollm2.yaml` takes that config's sizes and learning rates (the
 sizes and rates above are the tiny config's; flags given here still override); `--sequential` runs the methods one
 after the other (CPU; the heads run evaluates the base model and the others reuse its metrics); `--selection_from
-RUN_DIR` reuses the selection and attribution of an earlier heads run (e.g. `--attribution_only true`) instead of
-patching again. With a long_ppl harness task in the config, `heads`' perplexity must also stay within 1% of the base
+RUN_DIR` reuses the attribution of an earlier heads run (e.g. `--attribution_only true`) instead of patching again:
+heads and MLPs are ranked from its saved patching runs (`--num_mlps 2 --exclude_mlps 0` adds the top two MLPs but
+MLP 0). With a long_ppl harness task in the config, `heads`' perplexity must also stay within 1% of the base
 model's.
 """
 
@@ -76,6 +77,20 @@ def recipe_command(
         *rate,
         *extra,
     )
+
+
+def method_commands(
+    out: Path, sizes: dict, rates: dict, extra: list[str], config: Path, selection_from: Path | None
+) -> dict[str, list[str]]:
+    """{method: recipe command}. With `selection_from` (an earlier heads run's folder) the heads run ranks heads and
+    MLPs from its saved attribution (so --num_mlps applies) instead of patching again. random_heads draws as many
+    heads and MLPs as the heads run of this check selected (its own head_selection.json, written before random_heads
+    starts), outside them."""
+    commands = {method: recipe_command(method, out, sizes, rates[method], extra, config) for method in METHODS}
+    if selection_from:
+        commands["heads"] += ["--attribution_from", str(selection_from / "attribution")]
+    commands["random_heads"] += ["--head_selection", str(out / "heads" / "head_selection.json")]
+    return commands
 
 
 def timed(label: str, commands: list[tuple[list[str], Path]]) -> float:
@@ -236,11 +251,8 @@ def main() -> None:
         "lora": args.lora_learning_rate or learning_rate,
         "full": args.full_learning_rate or TINY_RATES["full_learning_rate"],
     }
-    commands = {method: recipe_command(method, out, sizes, rates[method], extra, args.config) for method in METHODS}
     heads_run = args.selection_from.resolve() if args.selection_from else out / "heads"
-    if args.selection_from:
-        commands["heads"] += ["--head_selection", str(heads_run / "head_selection.json")]
-    commands["random_heads"] += ["--head_selection", str(heads_run / "head_selection.json")]
+    commands = method_commands(out, sizes, rates, extra, args.config, heads_run if args.selection_from else None)
     if args.sequential:  # the base model is evaluated once, by the heads run, and its metrics reused
         for method in ("random_heads", "lora", "full"):
             commands[method] += ["--eval_before_from", str(out / "heads" / "results.json")]

@@ -6,7 +6,8 @@ Baselines in the same recipe and run setup:
     accelerate launch recipes/arith_heads.py --config recipes/configs/arith_heads/default.yaml --method random_heads
     accelerate launch recipes/arith_heads.py --config recipes/configs/arith_heads/default.yaml --method lora
     accelerate launch recipes/arith_heads.py --config recipes/configs/arith_heads/default.yaml --method full
-Reuse a selection instead of patching again: `--head_selection OUTPUT_DIR/head_selection.json`.
+Reuse a selection instead of patching again: `--head_selection OUTPUT_DIR/head_selection.json`; rank again
+from saved patching runs (e.g. with another `num_mlps`): `--attribution_from OUTPUT_DIR/attribution`.
 
 1. Attribution (method heads): clean/corrupted arithmetic pairs (one operand or the operator changed, same token
    length, the answer's first digit changed) from the world's `attribution_split`; activation patching of every
@@ -21,7 +22,7 @@ Reuse a selection instead of patching again: `--head_selection OUTPUT_DIR/head_s
    `kv_policy`) and the selected MLPs' weights (`ctxaware.methods.arith_heads`), TRL SFTTrainer with the loss on
    " ANSWER\n" only (see `training_examples`) on the world's `train_split` problems of `train_ops` x `train_digits` x
    `train_templates`. Baselines: `random_heads` (the same numbers of random heads and MLPs; with `head_selection`,
-   drawn among the unselected ones), `lora` (PEFT), `full` (every weight).
+   drawn among the unselected ones; never the `exclude_mlps`), `lora` (PEFT), `full` (every weight).
 3. Evaluation before and after: arithmetic accuracy by (template, op, digits) of `eval_templates` on `eval_split`
    (test by default; validation to choose settings), grouped into in distribution and transfer (other digits,
    templates, ops); the shared harness tasks `eval_tasks` on `eval_split` too (`eval_haystack_file` and
@@ -32,6 +33,7 @@ Outputs in `output_dir`: `attribution/` (ranked JSON and layer x head heat map p
 """
 
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -51,7 +53,7 @@ from ctxaware.generation import encode_prompt
 from ctxaware.heads import HeadLayout, random_heads, resolve_head_count, save_head_selection, top_heads
 from ctxaware.io import write_json
 from ctxaware.methods.arith_heads import KV_POLICIES, HeadDeltaAdapter, check_selection, load_component_selection
-from ctxaware.methods.patching import build_batches, keep_answered, patch_all
+from ctxaware.methods.patching import PatchingResult, build_batches, keep_answered, patch_all
 from ctxaware.models import load_tokenizer, resolve_model_path
 from ctxaware.outputs import claim_output_dir
 from ctxaware.training import (
@@ -129,8 +131,22 @@ class ArithHeadsArguments:
     )
     num_heads: float = field(default=0.05, metadata={"help": "Heads tuned: a count (>= 1), a fraction, or 0."})
     num_mlps: int = field(default=1, metadata={"help": "MLPs tuned (top by effect, see selection_sign)."})
+    exclude_mlps: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "MLP layers never selected nor drawn by random_heads (e.g. 0: the first MLP acts on every "
+            "token's embedding, so its total effect is ~1 and says nothing about arithmetic)."
+        },
+    )
     head_selection: str | None = field(
         default=None, metadata={"help": "A head_selection.json to reuse (skips patching)."}
+    )
+    attribution_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "An earlier heads run's attribution/ folder: rank heads and MLPs from its saved patching runs "
+            "(num_heads, num_mlps, the selection scores) instead of patching again."
+        },
     )
     kv_policy: str = field(default="full_group", metadata={"help": f"Shared GQA k/v rows: {', '.join(KV_POLICIES)}."})
     kv_lr_ratio: float = field(
@@ -193,8 +209,12 @@ class ArithHeadsArguments:
             )
         if self.selection_sign not in SELECTION_SIGNS:
             raise ValueError(f"selection_sign={self.selection_sign!r}: choose one of {', '.join(SELECTION_SIGNS)}.")
-        if self.attribution_only and (self.method != "heads" or self.head_selection):
-            raise ValueError("attribution_only patches the model: use it with method heads and no head_selection.")
+        if self.attribution_only and (self.method != "heads" or self.head_selection or self.attribution_from):
+            raise ValueError(
+                "attribution_only patches the model: use it with method heads, no head_selection, no attribution_from."
+            )
+        if self.head_selection and self.attribution_from:
+            raise ValueError("head_selection and attribution_from both choose the components: give one.")
         if unknown := set(self.eval_templates) - set(ARITHMETIC_TEMPLATES):
             raise ValueError(
                 f"unknown eval_templates {sorted(unknown)}: choose from {', '.join(ARITHMETIC_TEMPLATES)}."
@@ -257,22 +277,41 @@ def attribute(args: ArithHeadsArguments, model, tokenizer, output_dir: Path | No
     return results
 
 
+def load_attribution(args: ArithHeadsArguments) -> dict:
+    """{run name: PatchingResult} of `args.patching_runs`, read from the folder `args.attribution_from`."""
+    folder, runs = Path(args.attribution_from), {}
+    for run in args.patching_runs:
+        kind, direction = run.split(":")
+        path = folder / f"{PatchingResult.file_name(kind, direction, args.patching_positions)}.json"
+        if not path.is_file():
+            raise ValueError(f"attribution_from {folder}: no {path.name} for patching run {run}.")
+        runs[run] = PatchingResult.load(path)
+    return runs
+
+
 def random_components(layout: HeadLayout, num_heads: int, num_mlps: int, seed: int, exclude=((), ())):
     """`num_heads` random heads and `num_mlps` random MLP layers, none of them in `exclude` (heads, MLP layers)."""
     heads = random_heads(layout, num_heads, seed, exclude=exclude[0]) if num_heads else []
     mlps = [m for m in range(layout.num_layers) if m not in set(exclude[1])]
     if num_mlps > len(mlps):
-        raise ValueError(f"cannot draw {num_mlps} MLPs outside the {len(exclude[1])} excluded ones: lower num_mlps.")
+        raise ValueError(
+            f"cannot draw {num_mlps} MLPs outside the {len(set(exclude[1]))} excluded ones: lower num_mlps."
+        )
     chosen = heads, sorted(random.Random(seed).sample(mlps, num_mlps))
     check_selection(layout, *chosen)
     return chosen
 
 
-def top_components(head_effects: torch.Tensor, mlp_effects: torch.Tensor, num_heads: int, num_mlps: int, sign: str):
+def top_components(
+    head_effects: torch.Tensor, mlp_effects: torch.Tensor, num_heads: int, num_mlps: int, sign: str, exclude_mlps=()
+):
     """(heads, MLP layers): the `num_heads` heads of a (layers, heads) effect tensor and the `num_mlps` MLPs of a
-    (layers,) one with the largest effects (`sign` positive) or |effects| (absolute), each sorted."""
+    (layers,) one, none in `exclude_mlps`, with the largest effects (`sign` positive) or |effects| (absolute), each
+    sorted."""
     if sign == "absolute":
         head_effects, mlp_effects = head_effects.abs(), mlp_effects.abs()
+    mlp_effects = mlp_effects.clone()
+    mlp_effects[list(exclude_mlps)] = -math.inf
     heads = top_heads(head_effects, num_heads) if num_heads else []
     return heads, sorted(torch.topk(mlp_effects, num_mlps).indices.tolist()) if num_mlps else []
 
@@ -282,17 +321,21 @@ def select(args, layout: HeadLayout, model, tokenizer, seed: int, output_dir: Pa
     if args.head_selection:
         heads, mlps = load_component_selection(args.head_selection, layout)
         if args.method == "random_heads":  # the control: as many heads and MLPs, drawn among the unselected ones
-            heads, mlps = random_components(layout, len(heads), len(mlps), seed, exclude=(heads, mlps))
+            excluded = (heads, [*mlps, *args.exclude_mlps])
+            heads, mlps = random_components(layout, len(heads), len(mlps), seed, exclude=excluded)
         return heads, mlps, {"head_selection": args.head_selection}
     k = resolve_head_count(args.num_heads, layout.total_heads) if args.num_heads else 0
-    if args.num_mlps > layout.num_layers or args.num_mlps < 0:
-        raise ValueError(f"num_mlps={args.num_mlps}: the model has {layout.num_layers} MLPs.")
+    if not set(args.exclude_mlps) <= set(range(layout.num_layers)):
+        raise ValueError(f"exclude_mlps={args.exclude_mlps}: the model has MLPs 0-{layout.num_layers - 1}.")
+    candidates = layout.num_layers - len(set(args.exclude_mlps))
+    if args.num_mlps > candidates or args.num_mlps < 0:
+        raise ValueError(f"num_mlps={args.num_mlps}: the model has {candidates} MLPs outside exclude_mlps.")
     if args.method == "random_heads":
-        heads, mlps = random_components(layout, k, args.num_mlps, seed)
+        heads, mlps = random_components(layout, k, args.num_mlps, seed, exclude=((), args.exclude_mlps))
         return heads, mlps, {}
-    runs = attribute(args, model, tokenizer, output_dir)
+    runs = load_attribution(args) if args.attribution_from else attribute(args, model, tokenizer, output_dir)
     head_score, mlp_score = runs[args.selection_score].head_effects, runs[args.mlp_selection_score].mlp_effects
-    heads, mlps = top_components(head_score, mlp_score, k, args.num_mlps, args.selection_sign)
+    heads, mlps = top_components(head_score, mlp_score, k, args.num_mlps, args.selection_sign, args.exclude_mlps)
     check_selection(layout, heads, mlps)
     summary = {
         name: {

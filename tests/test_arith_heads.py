@@ -352,6 +352,76 @@ def test_positive_ranking_skips_components_that_push_against_the_answer():
     assert recipe.top_components(heads, mlps, 0, 0, "positive") == ([], [])
 
 
+def test_excluded_mlps_are_never_ranked_nor_drawn_and_saved_attribution_ranks_again(tmp_path):
+    """exclude_mlps keeps MLP 0 (total effect ~1 on every token) out of the ranking and the random control; a saved
+    patching run loads back with the same effects, so attribution_from ranks heads and MLPs without patching."""
+    from ctxaware.methods.patching import PatchingResult
+    from tests.test_configs import load_recipe
+
+    recipe = load_recipe("arith_heads")
+    heads = torch.rand(4, 8) * 0.1
+    mlps = torch.tensor([1.0, 0.2, 0.4, 0.3])
+    assert recipe.top_components(heads, mlps, 0, 2, "positive") == ([], [0, 2])
+    assert recipe.top_components(heads, mlps, 0, 2, "positive", exclude_mlps=[0]) == ([], [2, 3])
+    assert recipe.top_components(-heads, -mlps, 0, 1, "absolute", exclude_mlps=[0]) == ([], [2])
+    layout = HeadLayout("llama", 4, 8, 2, 8, 64)
+    args = recipe.ArithHeadsArguments(num_heads=2, num_mlps=3, exclude_mlps=[0], method="random_heads")
+    for seed in range(20):  # three of the four MLPs: only MLP 0 may be left out
+        assert recipe.select(args, layout, None, None, seed, tmp_path, False)[1] == [1, 2, 3]
+    selection = tmp_path / "head_selection.json"
+    save_head_selection(selection, [(0, 0), (1, 1)], layout, mlp_layers=[2])
+    args = recipe.ArithHeadsArguments(method="random_heads", head_selection=str(selection), exclude_mlps=[0])
+    for seed in range(20):  # one MLP outside the selected MLP 2 and outside MLP 0
+        assert recipe.select(args, layout, None, None, seed, tmp_path, False)[1] in ([1], [3])
+
+    run = "activation:corrupted_into_clean"
+    PatchingResult("corrupted_into_clean", "activation", heads, mlps, 0.7, -1.0, 16).save(tmp_path / "attribution")
+    loaded = PatchingResult.load(tmp_path / "attribution" / "activation_corrupted_into_clean.json")
+    assert torch.equal(loaded.mlp_effects, mlps) and torch.allclose(loaded.head_effects, heads)
+    assert (loaded.num_pairs, loaded.kind, loaded.clean_logit_diff) == (16, "activation", 0.7)
+    args = recipe.ArithHeadsArguments(
+        num_heads=3,
+        num_mlps=2,
+        exclude_mlps=[0],
+        attribution_from=str(tmp_path / "attribution"),
+        patching_runs=[run],
+        selection_score=run,
+        mlp_selection_score=run,
+    )
+    chosen = recipe.select(args, layout, None, None, 0, tmp_path / "out", False)
+    assert chosen[:2] == recipe.top_components(heads, mlps, 3, 2, "positive", [0]) and chosen[1] == [2, 3]
+    with pytest.raises(ValueError, match="num_mlps=4: the model has 3 MLPs outside exclude_mlps"):
+        recipe.select(recipe.ArithHeadsArguments(num_mlps=4, exclude_mlps=[0]), layout, None, None, 0, tmp_path, False)
+    with pytest.raises(ValueError, match="no path_corrupted_into_clean.json"):
+        path_run = "path:corrupted_into_clean"
+        recipe.load_attribution(
+            recipe.ArithHeadsArguments(
+                attribution_from=str(tmp_path / "attribution"),
+                patching_runs=[path_run],
+                selection_score=path_run,
+                mlp_selection_score=path_run,
+            )
+        )
+    with pytest.raises(ValueError, match="give one"):
+        recipe.ArithHeadsArguments(head_selection=str(selection), attribution_from=str(tmp_path))
+
+
+def test_science_check_random_control_matches_the_heads_runs_selection_with_mlps(tmp_path):
+    """With --selection_from the heads run ranks again from the saved attribution (so --num_mlps applies) and the
+    random control draws as many components as that heads run selected, not as the earlier folder's selection."""
+    from tests.launch import load_benchmark
+
+    arith = load_benchmark("arith_science")
+    earlier, out = tmp_path / "attribution_run", tmp_path / "out"
+    rates = dict.fromkeys(arith.METHODS, 1e-3)
+    commands = arith.method_commands(out, {}, rates, ["--num_mlps", "2"], arith.CONFIG, earlier)
+    value = {m: dict(zip(c, c[1:])) for m, c in commands.items()}
+    assert value["heads"]["--attribution_from"] == str(earlier / "attribution")
+    assert "--head_selection" not in commands["heads"]
+    assert value["random_heads"]["--head_selection"] == str(out / "heads" / "head_selection.json")
+    assert "--num_mlps" in commands["random_heads"] and "--attribution_from" not in commands["random_heads"]
+
+
 def test_random_heads_control_draws_as_many_components_outside_the_selection():
     from tests.test_configs import load_recipe
 

@@ -285,10 +285,26 @@ class PatchingResult:
             "ranked": self.ranked(),
         }
 
+    @classmethod
+    def load(cls, path: str | Path) -> "PatchingResult":
+        """A result written by `save` (its `<name>.json`): the effects and the run's description, not the pairs."""
+        data = json.loads(Path(path).read_text())
+        fields_ = ("direction", "kind", "positions", "metric", "num_pairs", "clean_logit_diff", "corrupted_logit_diff")
+        return cls(
+            head_effects=torch.tensor(data["head_effects"]),
+            mlp_effects=torch.tensor(data["mlp_effects"]),
+            **{name: data[name] for name in fields_},
+        )
+
+    @staticmethod
+    def file_name(kind: str, direction: str, positions: str = "all") -> str:
+        """The stem `save` gives a run of this kind, direction and positions."""
+        suffix = "" if positions == "all" else f"_{positions}"
+        return f"{kind}_{direction}{suffix}"
+
     @property
     def name(self) -> str:
-        suffix = "" if self.positions == "all" else f"_{self.positions}"
-        return f"{self.kind}_{self.direction}{suffix}"
+        return self.file_name(self.kind, self.direction, self.positions)
 
     def save(self, folder: str | Path, selected: Iterable[Head] = ()) -> dict[str, Path]:
         """Writes `<name>.json` (ranked list, effects, concentration) and `<name>.png` (layer x head heat map)."""

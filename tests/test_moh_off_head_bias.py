@@ -6,11 +6,13 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from ctxaware.adapters import load_adapter
+from ctxaware.adapters import HeadAdapter, load_adapter
 from ctxaware.attention import attention_modules, get_attention_options
 from ctxaware.methods.moh.adapter import MoHAdapter, find_moh_adapter
 from ctxaware.methods.moh.calibration import head_output_means
+from tests.launch import accelerate_launch
 from tests.tiny_models import tiny_model
 
 
@@ -215,3 +217,21 @@ def test_mean_needs_calibration():
         MoHAdapter.for_model(dense_model(), num_shared_heads=2, top_k=2, off_head_bias="mean")
     with pytest.raises(ValueError, match="off_head_bias='median': choose one of none, mean"):
         MoHAdapter.for_model(dense_model(), num_shared_heads=2, top_k=2, off_head_bias="median")
+
+
+def test_recipe_passes_the_option_and_saves_the_bias(tmp_path):
+
+    out = tmp_path / "moh"
+    accelerate_launch(
+        "recipes/moh.py",
+        "--config",
+        "recipes/configs/moh/default.yaml",
+        *("--max_steps", "1", "--num_train_rows", "4", "--num_eval_rows", "2", "--seq_len", "32"),
+        *("--per_device_train_batch_size", "2", "--calibration_rows", "2", "--shared_heads", "first"),
+        *("--router_init", "random", "--off_head_bias", "mean", "--output_dir", str(out)),
+    )
+    assert json.loads((out / "results.json").read_text())["off_head_bias"] == "mean"
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    adapter = HeadAdapter.from_pretrained(out / "adapter", model)
+    assert adapter.off_head_bias == "mean"
+    assert all(router.off_bias.abs().sum() > 0 for router in adapter.routers)

@@ -10,9 +10,11 @@ against the dense model, per shape, as `recipes/moh.py` measures them at step 0 
 Data and conversion follow the recipe's config (`recipes/configs/moh/default.yaml` for ctxaware-tiny, `smollm2.yaml`
 for smollm2-135m; flags override it): the first `--calibration_rows` training rows calibrate, the held-out rows are the
 config's evaluation split (training rows are built at the calibration size, a named text's mixed one to one with
-world rows as in the configs, unless `--num_train_rows` / `--num_world_rows` say otherwise). Per shape (shared heads, top k) one adapter is converted with `off_head_bias mean`; `none`
-is the same adapter with its bias set to zero, which adds exactly nothing, so both options share one router. Head
-importance does not depend on the shape or the option: it is measured once and every conversion reuses it. Writes
+world rows as in the configs, unless `--num_train_rows` / `--num_world_rows` say otherwise). Per option and shape
+(shared heads, top k) one adapter is converted as the recipe would. Head importance depends on the option (`mean`
+measures the cost of mean-ablating a head, `none` of zeroing it) but not on the shape: it is measured once per option
+and that option's conversions reuse it. With `none`, `mean_on_zero_router` also reports the same router with its off
+heads mean-ablated. Writes
 `moh_off_head_bias_step0_<model>[_<suffix>].json` (command, git commit, settings, every number) and `.md` to --out.
 """
 
@@ -31,7 +33,7 @@ from transformers import AutoModelForCausalLM
 
 import ctxaware.methods.moh.adapter as moh_adapter
 from ctxaware.methods.moh.adapter import MoHAdapter, logit_change
-from ctxaware.methods.moh.calibration import head_ablation_kl
+from ctxaware.methods.moh.calibration import head_ablation_kl, head_output_means, off_head_rows
 from ctxaware.models import load_tokenizer, resolve_model_path
 
 
@@ -43,6 +45,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="ctxaware-tiny", choices=CONFIGS)
     parser.add_argument("--shapes", nargs="+", default=["4,2", "2,2"], help="shared heads,top k per shape")
+    parser.add_argument("--options", nargs="+", default=["none", "mean"], choices=("none", "mean"))
     parser.add_argument("--calibration_rows", type=int)
     parser.add_argument("--num_eval_rows", type=int)
     parser.add_argument("--seq_len", type=int)
@@ -102,41 +105,45 @@ def main() -> None:
     dense_loss = recipe.lm_loss(model, eval_rows, args.batch_size)
     seconds["dense_eval"] = time.perf_counter() - started - seconds["data"]
 
-    importance = None
-    if "importance" in (moh.shared_heads, moh.router_init):
-        mark = time.perf_counter()
-        importance = list(head_ablation_kl(model, batches))
-        seconds["head_importance"] = time.perf_counter() - mark
-    rows = []
-    for shape in args.shapes:
-        shared, top_k = (int(x) for x in shape.split(","))
-        mark = time.perf_counter()
-        torch.manual_seed(args.seed)
-        with mock.patch.object(moh_adapter, "head_ablation_kl", lambda model, batches: iter(importance)):
-            adapter = MoHAdapter.for_model(
-                model,
-                num_shared_heads=shared,
-                top_k=top_k,
-                variant=moh.variant,
-                router_init_std=moh.router_init_std,
-                shared_heads=moh.shared_heads,
-                router_init=moh.router_init,
-                calibration=batches,
-                router_lr_ratio=moh.router_lr_ratio,
-                off_head_bias="mean",
-            )
-        adapter.attach(model)
-        row = {"shared_heads": shared, "top_k": top_k, "active_fraction": adapter.active_fraction()}
-        row["mean"] = measure(model, adapter, recipe, eval_rows, args.kl_rows, args.batch_size)
-        row["off_bias_norm"] = [router.off_bias.norm(dim=-1).tolist() for router in adapter.routers]
-        with torch.no_grad():
-            for router in adapter.routers:
-                router.off_bias.zero_()
-        row["none"] = measure(model, adapter, recipe, eval_rows, args.kl_rows, args.batch_size)
-        row["seconds"] = time.perf_counter() - mark
-        adapter.detach()
-        rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "off_bias_norm"}), flush=True)
+    rows = [{"shared_heads": int(shape.split(",")[0]), "top_k": int(shape.split(",")[1])} for shape in args.shapes]
+    mean_rows = off_head_rows(model, head_output_means(model, batches))
+    for option in args.options:
+        importance = None
+        if "importance" in (moh.shared_heads, moh.router_init):
+            mark = time.perf_counter()
+            importance = list(head_ablation_kl(model, batches, off_rows=mean_rows if option == "mean" else None))
+            seconds[f"head_importance_{option}"] = time.perf_counter() - mark
+        for row in rows:
+            mark = time.perf_counter()
+            torch.manual_seed(args.seed)
+            with mock.patch.object(
+                moh_adapter, "head_ablation_kl", lambda *_, measured=importance, **__: iter(measured)
+            ):
+                adapter = MoHAdapter.for_model(
+                    model,
+                    num_shared_heads=row["shared_heads"],
+                    top_k=row["top_k"],
+                    variant=moh.variant,
+                    router_init_std=moh.router_init_std,
+                    shared_heads=moh.shared_heads,
+                    router_init=moh.router_init,
+                    calibration=batches,
+                    router_lr_ratio=moh.router_lr_ratio,
+                    off_head_bias=option,
+                )
+            adapter.attach(model)
+            row["active_fraction"] = adapter.active_fraction()
+            row[option] = measure(model, adapter, recipe, eval_rows, args.kl_rows, args.batch_size)
+            adapter.detach()
+            if option == "none":  # the same router, its off heads mean-ablated
+                hyperparameters = adapter.hyperparameters() | {"off_head_bias": "mean"}
+                biased = MoHAdapter(adapter.layout, adapter.heads, **hyperparameters)
+                biased.load_state_dict(adapter.state_dict(), strict=False)
+                biased._set_off_bias(mean_rows).attach(model)
+                row["mean_on_zero_router"] = measure(model, biased, recipe, eval_rows, args.kl_rows, args.batch_size)
+                biased.detach()
+            row[f"seconds_{option}"] = time.perf_counter() - mark
+            print(json.dumps(row), flush=True)
 
     settings = {key: getattr(moh, key) for key in (*OVERRIDES, "router_init_std", "router_lr_ratio")}
     settings |= {
@@ -157,25 +164,22 @@ def main() -> None:
         "seconds": seconds,
     }
     name = f"moh_off_head_bias_step0_{args.model.replace('-', '_')}{'_' + args.suffix if args.suffix else ''}"
-    header = (
-        "| shape | active | held-out loss: none | mean | KL to dense: none | mean | top-1 agreement: none | mean |"
-    )
+    columns = [option for option in ("none", "mean", "mean_on_zero_router") if option in rows[0]]
+    header = "| shape | active | " + " | ".join(f"held-out loss: {c}" for c in columns)
+    header += " | " + " | ".join(f"KL to dense: {c}" for c in columns) + " |"
     lines = [
         f"`{summary['command']}` (git {summary['git'][:10]}; {args.model}, dense held-out loss {dense_loss:.4f}, "
         f"{len(eval_rows)} rows of {moh.seq_len} tokens; {moh.calibration_rows} calibration rows; shared heads "
         f"{moh.shared_heads}, router {moh.variant}/{moh.router_init})",
         "",
         header,
-        "|---" * 8 + "|",
+        "|---" * (2 + 2 * len(columns)) + "|",
     ]
     for row in rows:
-        none, mean = row["none"], row["mean"]
-        lines.append(
-            f"| {row['shared_heads']} shared + top {row['top_k']} | {row['active_fraction']:.0%} "
-            f"| {none['step0_eval_loss']:.4f} | {mean['step0_eval_loss']:.4f} "
-            f"| {none['step0_logit_change']['mean_kl']:.4f} | {mean['step0_logit_change']['mean_kl']:.4f} "
-            f"| {none['step0_logit_change']['top1_agreement']:.3f} | {mean['step0_logit_change']['top1_agreement']:.3f} |"
-        )
+        cells = [f"{row['shared_heads']} shared + top {row['top_k']}", f"{row['active_fraction']:.0%}"]
+        cells += [f"{row[c]['step0_eval_loss']:.4f}" for c in columns]
+        cells += [f"{row[c]['step0_logit_change']['mean_kl']:.4f}" for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
     write_results(out, {f"{name}.json": json.dumps(summary, indent=1), f"{name}.md": "\n".join(lines)})
     print("\n".join(lines))
 

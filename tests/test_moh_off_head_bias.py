@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from ctxaware.adapters import HeadAdapter, load_adapter
 from ctxaware.attention import attention_modules, get_attention_options
 from ctxaware.methods.moh.adapter import MoHAdapter, find_moh_adapter
-from ctxaware.methods.moh.calibration import head_output_means
+from ctxaware.methods.moh.calibration import head_ablation_kl, head_output_means, off_head_rows
 from tests.launch import accelerate_launch
 from tests.tiny_models import tiny_model
 
@@ -235,3 +235,30 @@ def test_recipe_passes_the_option_and_saves_the_bias(tmp_path):
     adapter = HeadAdapter.from_pretrained(out / "adapter", model)
     assert adapter.off_head_bias == "mean"
     assert all(router.off_bias.abs().sum() > 0 for router in adapter.routers)
+
+
+def test_importance_with_the_bias_is_the_kl_of_mean_ablating_the_head():
+    model = dense_model(seed=2)
+    ids, mask = ragged_batch(seed=9, pad_side="right")
+    batch = {"input_ids": ids, "attention_mask": mask}
+    rows = off_head_rows(model, head_output_means(model, [batch]))
+    means = hand_means(model, ids, mask)
+    measured = list(head_ablation_kl(model, [batch], off_rows=rows))
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=mask).logits.log_softmax(-1)[mask.bool()]
+    for layer, head in ((0, 5), (1, 2)):
+        attn = attention_modules(model)[layer]
+
+        def mean_ablate(module, args, layer=layer, head=head):
+            heads = args[0].unflatten(-1, (HEADS, HEAD_DIM)).clone()
+            heads[..., head, :] = means[layer][head]
+            return (heads.flatten(-2),)
+
+        handle = attn.o_proj.register_forward_pre_hook(mean_ablate)
+        with torch.no_grad():
+            ablated = model(input_ids=ids, attention_mask=mask).logits.log_softmax(-1)[mask.bool()]
+        handle.remove()
+        expected = (dense.exp() * (dense - ablated)).sum(-1)
+        torch.testing.assert_close(measured[layer][1][:, head], expected, atol=1e-5, rtol=1e-4)
+    zeroed = list(head_ablation_kl(model, [batch]))
+    assert not torch.allclose(zeroed[0][1], measured[0][1])

@@ -27,7 +27,7 @@ from ctxaware.attention import (
     use_ctxaware_attention,
 )
 from ctxaware.heads import Head, HeadLayout, heads_by_layer
-from ctxaware.methods.moh.calibration import fit_router_weights, head_ablation_kl, head_output_means
+from ctxaware.methods.moh.calibration import fit_router_weights, head_ablation_kl, head_output_means, off_head_rows
 from ctxaware.methods.moh.router import VARIANTS, MoHRouter, check_moh_shape, query_projection
 
 
@@ -117,7 +117,9 @@ class MoHAdapter(HeadAdapter):
         `router_init` (learned variant): "random" draws the routed logits; "importance" fits each router so its top k
         picks, per token, the routed heads whose absence costs most at that token (`fit_router_weights`), so the
         converted model starts close to the dense one. `off_head_bias="mean"` sets each routed head's off-bias to
-        o_proj applied to its mean output over the real tokens of `calibration` (`head_output_means`). Calibration
+        o_proj applied to its mean output over the real tokens of `calibration` (`head_output_means`), and head
+        importance then measures the cost of mean-ablating each head (what the converted model will do), not of
+        zero-ablating it. Calibration
         batches are input ids, or mappings with `input_ids` and `attention_mask` (padding is left out). What was
         measured is kept in `adapter.calibration`. Other keyword arguments (`router_lr_ratio`, `base_model`, ...) go to the constructor."""
         layout = HeadLayout.from_model(model)
@@ -143,12 +145,12 @@ class MoHAdapter(HeadAdapter):
                 "router_init='random', off_head_bias='none'."
             )
         batches = list(calibration) if calibration is not None else []
-        means = head_output_means(model, batches) if off_head_bias == "mean" else None
+        rows = off_head_rows(model, head_output_means(model, batches)) if off_head_bias == "mean" else None
         if not measure_importance:
             adapter = cls(layout, [(layer, head) for layer in range(layout.num_layers) for head in first], **kwargs)
-            return adapter._set_off_bias(model, means)
+            return adapter._set_off_bias(rows)
         shared, weights, importance, overlap = [], [], [], []
-        for layer, (inputs, token_kl) in enumerate(head_ablation_kl(model, batches)):
+        for layer, (inputs, token_kl) in enumerate(head_ablation_kl(model, batches, off_rows=rows)):
             importance.append(token_kl.mean(0))
             heads = first
             if shared_heads == "importance":
@@ -163,18 +165,14 @@ class MoHAdapter(HeadAdapter):
         for router, weight in zip(adapter.routers, weights):
             router.set_weight("routed", weight)
         adapter.calibration = {"head_importance": torch.stack(importance).tolist(), "router_overlap": overlap}
-        return adapter._set_off_bias(model, means)
+        return adapter._set_off_bias(rows)
 
     @torch.no_grad()
-    def _set_off_bias(self, model: nn.Module, means: torch.Tensor | None) -> MoHAdapter:
-        """Sets each router's off-bias row i to o_proj's slice for routed head i applied to that head's mean output
-        (`means`: (layers, Hq, head_dim), None: nothing to set)."""
-        if means is None:
-            return self
-        for router, module, mean in zip(self.routers, attention_modules(model), means):
-            weight = output_projection(module).weight.float().cpu()
-            rows = [weight[:, self.layout.o_cols(head)] @ mean[head] for head in router.routed_index.tolist()]
-            router.off_bias.copy_(torch.stack(rows))
+    def _set_off_bias(self, rows: list[torch.Tensor] | None) -> MoHAdapter:
+        """Sets each router's off-bias to its routed heads' rows of `off_head_rows` (None: nothing to set)."""
+        if rows is not None:
+            for router, layer_rows in zip(self.routers, rows):
+                router.off_bias.copy_(layer_rows[router.routed_index.to(layer_rows.device)])
         return self
 
     def hyperparameters(self) -> dict:

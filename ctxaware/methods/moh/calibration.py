@@ -13,7 +13,9 @@ that fraction of the learning rate.
 
 `off_head_bias="mean"` replaces a head the router leaves out by its mean output instead of zero: `head_output_means`
 measures each query head's mean attention output (the input of o_proj) on the dense model, over the calibration
-rows' real tokens.
+rows' real tokens, and `head_ablation_kl(off_rows=...)` then measures each head's importance as the cost of
+mean-ablating it: a head that writes a large constant costs much when zeroed and little when mean-ablated, and with
+the bias it need not stay on.
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ctxaware.adapters import ATTACHED_ATTR
-from ctxaware.attention import attention_modules, get_attention_options, restore_attention, use_ctxaware_attention
+from ctxaware.attention import (
+    attention_modules,
+    get_attention_options,
+    output_projection,
+    restore_attention,
+    use_ctxaware_attention,
+)
 from ctxaware.heads import HeadLayout, register_pre_o_proj_hooks, split_heads
 from ctxaware.methods.moh.router import MoHRouter, query_projection
 
@@ -108,11 +116,14 @@ def _from_layer(layers: list[nn.Module], start: int, hidden: torch.Tensor):
 
 
 @torch.no_grad()
-def head_ablation_kl(model: nn.Module, batches: list) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def head_ablation_kl(
+    model: nn.Module, batches: list, off_rows: list[torch.Tensor] | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, in order: the attention inputs of every real token of `batches` (input ids, or mappings with
     `input_ids` and `attention_mask`: padding is left out), (N, hidden), and per token
     and query head the KL(dense || the model with that head gated to 0 in that layer) of the next-token distribution,
-    (N, Hq). A layer at a time, so one layer's inputs are held: per batch one dense forward and Hq ablated ones that
+    (N, Hq). With `off_rows` (per layer (Hq, hidden), `off_head_rows`) the gated head adds its row to o_proj's output:
+    the cost of mean-ablating it, as `off_head_bias="mean"` will. A layer at a time, so one layer's inputs are held: per batch one dense forward and Hq ablated ones that
     start at that layer from the dense forward's hidden states (about half the work of whole forwards; keep batches
     small: each holds dense and ablated log-probabilities over the vocabulary)."""
     if any(isinstance(getattr(module, ATTACHED_ATTR, None), MoHRouter) for module in attention_modules(model)):
@@ -128,6 +139,14 @@ def head_ablation_kl(model: nn.Module, batches: list) -> Iterator[tuple[torch.Te
         for index, module in enumerate(modules):
             hook = _AblationHook(module, num_heads)
             handle = query_projection(module, layout)[0].register_forward_hook(hook)
+            bias = None
+            if off_rows is not None:
+                rows = off_rows[index]
+
+                def add_row(o_proj, args, output, hook=hook, rows=rows):
+                    return output if hook.head is None else output + rows[hook.head].to(output)
+
+                bias = output_projection(module).register_forward_hook(add_row)
             try:
                 token_kl, inputs = [], []
                 for input_ids, attention_mask in batches:
@@ -161,6 +180,8 @@ def head_ablation_kl(model: nn.Module, batches: list) -> Iterator[tuple[torch.Te
                     progress.update()
             finally:
                 handle.remove()
+                if bias is not None:
+                    bias.remove()
                 hook.options.head_gates = None
             yield torch.cat(inputs), torch.cat(token_kl)
     finally:
@@ -223,3 +244,15 @@ def head_output_means(model: nn.Module, batches: list) -> torch.Tensor:
     if not count:
         raise ValueError("head output means need calibration tokens: the calibration batches hold no real token.")
     return (sums / count).float()
+
+
+@torch.no_grad()
+def off_head_rows(model: nn.Module, means: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer (Hq, hidden) float32: o_proj's slice for each query head applied to its mean output (`means`, from
+    `head_output_means`): what the head adds to the layer's output when it is mean-ablated (o_proj's bias aside)."""
+    layout, rows = HeadLayout.from_model(model), []
+    for module, mean in zip(attention_modules(model), means):
+        weight = output_projection(module).weight.float()
+        heads = weight.unflatten(1, (layout.num_heads, layout.head_dim))  # (hidden, Hq, D)
+        rows.append(torch.einsum("ohd,hd->ho", heads, mean.to(weight.device)))
+    return rows

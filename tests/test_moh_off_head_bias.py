@@ -262,3 +262,9 @@ def test_importance_with_the_bias_is_the_kl_of_mean_ablating_the_head():
         torch.testing.assert_close(measured[layer][1][:, head], expected, atol=1e-5, rtol=1e-4)
     zeroed = list(head_ablation_kl(model, [batch]))
     assert not torch.allclose(zeroed[0][1], measured[0][1])
+    # the conversion with the bias ranks heads by that cost
+    adapter = MoHAdapter.for_model(
+        model, num_shared_heads=2, top_k=2, shared_heads="importance", calibration=[batch], off_head_bias="mean"
+    )
+    importance = torch.stack([kl.mean(0) for _, kl in measured])
+    torch.testing.assert_close(torch.tensor(adapter.calibration["head_importance"]), importance)

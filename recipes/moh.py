@@ -13,16 +13,17 @@ the model with that head gated off, per token): the most important heads of each
 learned router is fitted to pick, per token, the routed heads whose absence costs most there, so the converted model
 starts close to the dense one (`shared_heads first` and `router_init random`: the first heads by index and a random
 router). The router then learns at `router_lr_ratio` x the learning rate. `off_head_bias mean` gives each routed head
-that the router leaves out its mean output on the dense model (a learnable bias) instead of zero.
-The router (`ctxaware.methods.moh.adapter`) is attached to the model, the training loss is the LM loss plus
+that the router leaves out its mean output on the dense model (a learnable bias) instead of zero, and ranks heads by
+the cost of mean-ablating them. The router (`ctxaware.methods.moh.adapter`) is attached to the model, the training loss is the LM loss plus
 `balance_coef` * the Switch-style load-balance loss, and the kernel skips the (token, head) pairs the router leaves
 out. `train_base` continue-tunes the model's weights with the router (the paper's setting); false trains the router
 only. Logged each `logging_steps`: `moh/balance_loss`, `moh/active_fraction`, `moh/load_max` and `moh/load_min` (a
 routed head's share of tokens over its fair share k / n_r: 1 is balanced); the load of every routed head goes to
 `load.jsonl`. Outputs in `output_dir`: `model/` (the continue-tuned weights, a plain transformers model, unless
-`train_base` is false), `adapter/` (the router in the ctxaware adapter format, with the off-head bias), `results.json` (held-out LM loss of
-the dense start, the converted model at step 0 and after training, the step-0 logit change, the final load; the
-measured head importance, the shared heads and the fitted routers' agreement with each token's costliest heads).
+`train_base` is false), `adapter/` (the router, with its off-head bias, in the ctxaware adapter format),
+`results.json` (held-out LM loss of the dense start, the converted model at step 0 and after training, the step-0
+logit change, the final load; the measured head importance, the shared heads and the fitted routers' agreement with
+each token's costliest heads).
 Evaluate with `ctxaware eval --model OUTPUT_DIR/model --adapter OUTPUT_DIR/adapter --moh on`.
 """
 

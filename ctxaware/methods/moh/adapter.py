@@ -6,8 +6,8 @@ projection (whose input is the attention input and output the queries), so nothi
 works under Trainer, gradient checkpointing and PEFT. Attaching switches the model to `attn_implementation="ctxaware"`
 (detaching restores it). Zero gates skip whole kernel tiles only where every query of a tile skips the head: per-token
 routing skips work in decode (one query per tile); in prefill and training it is the same maths as masking.
-With `off_head_bias="mean"` a forward hook on each layer's o_proj adds, per token, the mean output of the heads the router
-left out (`MoHRouter.off_output`), measured on the dense model by `for_model`.
+With `off_head_bias="mean"` a forward hook on each layer's o_proj adds, per token, the mean output of the heads the
+router left out (`MoHRouter.off_output`), measured on the dense model by `for_model`.
 """
 
 from __future__ import annotations
@@ -119,9 +119,9 @@ class MoHAdapter(HeadAdapter):
         converted model starts close to the dense one. `off_head_bias="mean"` sets each routed head's off-bias to
         o_proj applied to its mean output over the real tokens of `calibration` (`head_output_means`), and head
         importance then measures the cost of mean-ablating each head (what the converted model will do), not of
-        zero-ablating it. Calibration
-        batches are input ids, or mappings with `input_ids` and `attention_mask` (padding is left out). What was
-        measured is kept in `adapter.calibration`. Other keyword arguments (`router_lr_ratio`, `base_model`, ...) go to the constructor."""
+        zero-ablating it. Calibration batches are input ids, or mappings with `input_ids` and `attention_mask`
+        (padding is left out). What was measured is kept in `adapter.calibration`. Other keyword arguments
+        (`router_lr_ratio`, `base_model`, ...) go to the constructor."""
         layout = HeadLayout.from_model(model)
         check_moh_shape(layout.num_heads, num_shared_heads, num_routed_heads, top_k)
         if shared_heads not in SHARED_HEADS or router_init not in ROUTER_INITS:

@@ -120,12 +120,12 @@ def head_ablation_kl(
     model: nn.Module, batches: list, off_rows: list[torch.Tensor] | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, in order: the attention inputs of every real token of `batches` (input ids, or mappings with
-    `input_ids` and `attention_mask`: padding is left out), (N, hidden), and per token
-    and query head the KL(dense || the model with that head gated to 0 in that layer) of the next-token distribution,
-    (N, Hq). With `off_rows` (per layer (Hq, hidden), `off_head_rows`) the gated head adds its row to o_proj's output:
-    the cost of mean-ablating it, as `off_head_bias="mean"` will. A layer at a time, so one layer's inputs are held: per batch one dense forward and Hq ablated ones that
-    start at that layer from the dense forward's hidden states (about half the work of whole forwards; keep batches
-    small: each holds dense and ablated log-probabilities over the vocabulary)."""
+    `input_ids` and `attention_mask`: padding is left out), (N, hidden), and per token and query head the
+    KL(dense || the model with that head gated to 0 in that layer) of the next-token distribution, (N, Hq). With
+    `off_rows` (per layer (Hq, hidden), `off_head_rows`) the gated head adds its row to o_proj's output: the cost of
+    mean-ablating it, as `off_head_bias="mean"` will. A layer at a time, so one layer's inputs are held: per batch one
+    dense forward and Hq ablated ones that start at that layer from the dense forward's hidden states (about half the
+    work of whole forwards; keep batches small: each holds dense and ablated log-probabilities over the vocabulary)."""
     if any(isinstance(getattr(module, ATTACHED_ATTR, None), MoHRouter) for module in attention_modules(model)):
         raise ValueError("head importance is measured on the dense model: detach its MoH adapter first.")
     restore, was_training = use_ctxaware_attention(model), model.training

@@ -26,10 +26,10 @@ of the kernel's query tile (64 or 128; 128 fits both).
 
 Off-head bias (`off_head_bias="mean"`): a head the router leaves out (gate exactly 0) contributes nothing to the
 attention output, as if zero-ablated. With the bias it contributes a learnable constant instead: B (n_r, hidden), whose
-row i starts as o_proj's slice for routed head i applied to that head's mean output on the dense model (mean-ablation,
-usually far cheaper than zero-ablation), and the layer's o_proj output gains (gates == 0) @ B per token. The kernel still
-skips the head; the bias is one (tokens, n_r) x (n_r, hidden) matmul. Shared heads are never off, so B has rows for the
-routed heads only. The choice of heads is discrete, so B sends no gradient to the router.
+row i starts as o_proj's slice for routed head i applied to that head's mean output on the dense model
+(mean-ablation, usually far cheaper than zero-ablation), and the layer's o_proj output gains (gates == 0) @ B per
+token. The kernel still skips the head; the bias is one (tokens, n_r) x (n_r, hidden) matmul. Shared heads are never
+off, so B has rows for the routed heads only. The choice of heads is discrete, so B sends no gradient to the router.
 """
 
 from __future__ import annotations

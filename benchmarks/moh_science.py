@@ -6,7 +6,8 @@
 1. `recipes/moh.py` three times on the same data, steps and seed (and again for every seed of `--seeds`; one run's
    noise is a few points, so the targets hold the mean drop over the seeds): about 75% of heads active, about 50%, and
    the dense control. MoH with the recipe's defaults (router at 0.01x the learning rate) except the calibration:
-   shared heads and the router's start from head importance measured on `--calibration_rows` training rows.
+   shared heads and the router's start from head importance measured on `--calibration_rows` training rows, and
+   `--off_head_bias` (none: a routed head left out adds nothing; mean: its mean output on the dense model).
    - tiny (`recipes/configs/moh/default.yaml`): 4 shared + top 2 of 4 routed (75%), 2 shared + top 2 of 6 (50%);
      1200 steps of 16 rows of 512 tokens of the world's corpus (the model's length, the longest pass key evaluated),
      128 calibration rows; every run at once;
@@ -163,6 +164,12 @@ def parse_args():
     parser.add_argument("--eval_batch_size", type=int)
     parser.add_argument("--moh75", help="shared heads and top k of the ~75%% run, e.g. 4,3")
     parser.add_argument("--moh50", help="shared heads and top k of the ~50%% run, e.g. 3,2")
+    parser.add_argument(
+        "--off_head_bias",
+        default="none",
+        choices=("none", "mean"),
+        help="MoH runs: a routed head left out adds nothing (none) or its mean output on the dense model (mean)",
+    )
     parser.add_argument("--train_workers", type=int, help="trainings at a time (default: the model's)")
     parser.add_argument("--eval_workers", type=int, help="evaluations at a time (default: the model's)")
     parser.add_argument(
@@ -280,7 +287,13 @@ def main() -> None:
     for folder in folders.values():
         folder.parent.mkdir(exist_ok=True)
 
-    moh_flags = ["--calibration_rows", str(args.calibration_rows), *moh_args]  # last: passed-on flags override
+    moh_flags = [
+        "--calibration_rows",
+        str(args.calibration_rows),
+        "--off_head_bias",
+        args.off_head_bias,
+        *moh_args,
+    ]  # last: passed-on flags override
     started = time.perf_counter()
     run_parallel(
         [
@@ -316,6 +329,7 @@ def main() -> None:
             "limit": args.limit,
             "seeds": seeds,
             "calibration_rows": args.calibration_rows,
+            "off_head_bias": args.off_head_bias,
             "moh_args": moh_args,
             "runs": {name: run[0] for name, run in runs.items()},
             "tasks": profile.tasks,

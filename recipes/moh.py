@@ -12,16 +12,18 @@ The conversion measures each head's importance on `calibration_rows` training ro
 the model with that head gated off, per token): the most important heads of each layer become the shared ones and the
 learned router is fitted to pick, per token, the routed heads whose absence costs most there, so the converted model
 starts close to the dense one (`shared_heads first` and `router_init random`: the first heads by index and a random
-router). The router then learns at `router_lr_ratio` x the learning rate.
-The router (`ctxaware.methods.moh.adapter`) is attached to the model, the training loss is the LM loss plus
+router). The router then learns at `router_lr_ratio` x the learning rate. `off_head_bias mean` gives each routed head
+that the router leaves out its mean output on the dense model (a learnable bias) instead of zero, and ranks heads by
+the cost of mean-ablating them. The router (`ctxaware.methods.moh.adapter`) is attached to the model, the training loss is the LM loss plus
 `balance_coef` * the Switch-style load-balance loss, and the kernel skips the (token, head) pairs the router leaves
 out. `train_base` continue-tunes the model's weights with the router (the paper's setting); false trains the router
 only. Logged each `logging_steps`: `moh/balance_loss`, `moh/active_fraction`, `moh/load_max` and `moh/load_min` (a
 routed head's share of tokens over its fair share k / n_r: 1 is balanced); the load of every routed head goes to
 `load.jsonl`. Outputs in `output_dir`: `model/` (the continue-tuned weights, a plain transformers model, unless
-`train_base` is false), `adapter/` (the router in the ctxaware adapter format), `results.json` (held-out LM loss of
-the dense start, the converted model at step 0 and after training, the step-0 logit change, the final load; the
-measured head importance, the shared heads and the fitted routers' agreement with each token's costliest heads).
+`train_base` is false), `adapter/` (the router, with its off-head bias, in the ctxaware adapter format),
+`results.json` (held-out LM loss of the dense start, the converted model at step 0 and after training, the step-0
+logit change, the final load; the measured head importance, the shared heads and the fitted routers' agreement with
+each token's costliest heads).
 Evaluate with `ctxaware eval --model OUTPUT_DIR/model --adapter OUTPUT_DIR/adapter --moh on`.
 """
 
@@ -41,7 +43,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 from ctxaware.datafiles import load_rows
 from ctxaware.heads import heads_by_layer
 from ctxaware.io import atomic_directory
-from ctxaware.methods.moh.adapter import ROUTER_INITS, SHARED_HEADS, MoHAdapter, logit_change
+from ctxaware.methods.moh.adapter import OFF_HEAD_BIASES, ROUTER_INITS, SHARED_HEADS, MoHAdapter, logit_change
 from ctxaware.methods.moh.router import VARIANTS, check_moh_shape
 from ctxaware.models import load_tokenizer, resolve_model_path
 from ctxaware.outputs import BOOKKEEPING_KEYS, claim_output_dir
@@ -113,6 +115,13 @@ class MoHArguments:
             "kernel tiles too (128 fits the tiles); not yet checked against the targets."
         },
     )
+    off_head_bias: str = field(
+        default="none",
+        metadata={
+            "help": "What a routed head the router leaves out adds: 'none' (nothing: zero-ablation) or 'mean' (a "
+            "learnable bias, started at its mean output on the dense model over the calibration rows: mean-ablation)."
+        },
+    )
     balance_coef: float = field(default=0.01, metadata={"help": "Weight of the load-balance loss."})
     train_base: bool = field(
         default=True, metadata={"help": "Continue-tune the model's weights (false: router only)."}
@@ -164,8 +173,14 @@ class MoHArguments:
             )
         if self.variant == "query_norm" and self.router_init == "importance":
             raise ValueError("the query_norm variant has no router to fit: set `router_init: random`.")
+        if self.off_head_bias not in OFF_HEAD_BIASES:
+            raise ValueError(f"off_head_bias={self.off_head_bias!r}: choose one of {', '.join(OFF_HEAD_BIASES)}.")
         if "importance" in (self.shared_heads, self.router_init) and self.calibration_rows < 1:
             raise ValueError("head importance needs calibration rows: set `calibration_rows` >= 1.")
+        if self.off_head_bias == "mean" and self.calibration_rows < 1:
+            raise ValueError(
+                "off_head_bias=mean measures head outputs on calibration rows: set `calibration_rows` >= 1."
+            )
 
 
 @dataclass
@@ -356,11 +371,13 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig, model_args: MoHMo
             calibration=calibration,
             router_lr_ratio=args.router_lr_ratio,
             routing_chunk=args.routing_chunk,
+            off_head_bias=args.off_head_bias,
             base_model=model_args.model_name_or_path,
             base_model_revision=model_args.model_revision,
             training=training,
         )
         results["conversion_seconds"] = time.perf_counter() - started
+        results["off_head_bias"] = args.off_head_bias
         shared = heads_by_layer(adapter.heads)
         results["shared_heads"] = [shared.get(layer, []) for layer in range(adapter.layout.num_layers)]
         if adapter.calibration is not None:

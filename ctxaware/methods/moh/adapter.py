@@ -6,6 +6,8 @@ projection (whose input is the attention input and output the queries), so nothi
 works under Trainer, gradient checkpointing and PEFT. Attaching switches the model to `attn_implementation="ctxaware"`
 (detaching restores it). Zero gates skip whole kernel tiles only where every query of a tile skips the head: per-token
 routing skips work in decode (one query per tile); in prefill and training it is the same maths as masking.
+With `off_head_bias="mean"` a forward hook on each layer's o_proj adds, per token, the mean output of the heads the
+router left out (`MoHRouter.off_output`), measured on the dense model by `for_model`.
 """
 
 from __future__ import annotations
@@ -17,18 +19,28 @@ import torch
 from torch import nn
 
 from ctxaware.adapters import ATTACHED_ATTR, HeadAdapter
-from ctxaware.attention import attention_modules, get_attention_options, restore_attention, use_ctxaware_attention
+from ctxaware.attention import (
+    attention_modules,
+    get_attention_options,
+    output_projection,
+    restore_attention,
+    use_ctxaware_attention,
+)
 from ctxaware.heads import Head, HeadLayout, heads_by_layer
-from ctxaware.methods.moh.calibration import fit_router_weights, head_ablation_kl
+from ctxaware.methods.moh.calibration import fit_router_weights, head_ablation_kl, head_output_means, off_head_rows
 from ctxaware.methods.moh.router import VARIANTS, MoHRouter, check_moh_shape, query_projection
 
 
 SHARED_HEADS = ("first", "importance")
 ROUTER_INITS = ("random", "importance")
+OFF_HEAD_BIASES = ("none", "mean")
 
 
 class MoHAdapter(HeadAdapter):
-    """Routers for every layer; `heads` are the shared (always active) heads, every other query head is routed."""
+    """Routers for every layer; `heads` are the shared (always active) heads, every other query head is routed.
+    `off_head_bias`: "none", a routed head the router leaves out adds nothing (zero-ablation); "mean", it adds a
+    learnable bias that `for_model` sets to its mean output on the dense model (mean-ablation; a constructed adapter
+    starts at zero, a loaded one reads its saved bias)."""
 
     method = "moh"
     description = (
@@ -46,9 +58,12 @@ class MoHAdapter(HeadAdapter):
         router_init_std: float = 1e-2,
         router_lr_ratio: float = 1.0,
         routing_chunk: int = 0,
+        off_head_bias: str = "none",
         **kwargs,
     ):
         super().__init__(layout, heads, **kwargs)
+        if off_head_bias not in OFF_HEAD_BIASES:
+            raise ValueError(f"off_head_bias={off_head_bias!r}: choose one of {', '.join(OFF_HEAD_BIASES)}.")
         if variant not in VARIANTS:
             raise ValueError(f"MoH variant {variant!r} is unknown: choose one of {', '.join(VARIANTS)}.")
         if router_lr_ratio <= 0:
@@ -60,7 +75,7 @@ class MoHAdapter(HeadAdapter):
             )
         self.routing_chunk = routing_chunk
         self.top_k, self.variant, self.router_init_std = top_k, variant, router_init_std
-        self.router_lr_ratio = router_lr_ratio
+        self.router_lr_ratio, self.off_head_bias = router_lr_ratio, off_head_bias
         shared = heads_by_layer(self.heads)
         for layer in range(layout.num_layers):
             self.layers[str(layer)] = MoHRouter(
@@ -73,6 +88,7 @@ class MoHAdapter(HeadAdapter):
                 init_std=router_init_std,
                 lr_ratio=router_lr_ratio,
                 chunk=routing_chunk,
+                off_bias=off_head_bias != "none",
             )
         self._restore: tuple[nn.Module, str] | None = None
         self.calibration: dict | None = None  # what `for_model` measured on the dense model, if it measured
@@ -89,7 +105,8 @@ class MoHAdapter(HeadAdapter):
         router_init_std: float = 1e-2,
         shared_heads: str = "first",
         router_init: str = "random",
-        calibration: Iterable[torch.Tensor] | None = None,
+        calibration: Iterable | None = None,
+        off_head_bias: str = "none",
         **kwargs,
     ) -> MoHAdapter:
         """A fresh router for `model` (not yet attached: call `attach(model)`).
@@ -99,8 +116,12 @@ class MoHAdapter(HeadAdapter):
         `head_ablation_kl`): the heads a few rare tokens depend on (retrieval, carries) stay always on.
         `router_init` (learned variant): "random" draws the routed logits; "importance" fits each router so its top k
         picks, per token, the routed heads whose absence costs most at that token (`fit_router_weights`), so the
-        converted model starts close to the dense one. What was measured is kept in `adapter.calibration`. Other
-        keyword arguments (`router_lr_ratio`, `base_model`, ...) go to the constructor."""
+        converted model starts close to the dense one. `off_head_bias="mean"` sets each routed head's off-bias to
+        o_proj applied to its mean output over the real tokens of `calibration` (`head_output_means`), and head
+        importance then measures the cost of mean-ablating each head (what the converted model will do), not of
+        zero-ablating it. Calibration batches are input ids, or mappings with `input_ids` and `attention_mask`
+        (padding is left out). What was measured is kept in `adapter.calibration`. Other keyword arguments
+        (`router_lr_ratio`, `base_model`, ...) go to the constructor."""
         layout = HeadLayout.from_model(model)
         check_moh_shape(layout.num_heads, num_shared_heads, num_routed_heads, top_k)
         if shared_heads not in SHARED_HEADS or router_init not in ROUTER_INITS:
@@ -115,16 +136,21 @@ class MoHAdapter(HeadAdapter):
             )
         first = list(range(num_shared_heads))
         kwargs |= {"top_k": top_k, "variant": variant, "router_init_std": router_init_std}
-        if shared_heads == "first" and router_init == "random":
-            return cls(layout, [(layer, head) for layer in range(layout.num_layers) for head in first], **kwargs)
-        if calibration is None:
+        kwargs |= {"off_head_bias": off_head_bias}
+        measure_importance = shared_heads == "importance" or router_init == "importance"
+        if calibration is None and (measure_importance or off_head_bias == "mean"):
             raise ValueError(
-                f"shared_heads={shared_heads!r}, router_init={router_init!r} measure head importance on the dense "
-                "model: pass `calibration` (batches of input ids), or use shared_heads='first', router_init='random'."
+                f"shared_heads={shared_heads!r}, router_init={router_init!r}, off_head_bias={off_head_bias!r} "
+                "measure the dense model: pass `calibration` (batches of input ids), or use shared_heads='first', "
+                "router_init='random', off_head_bias='none'."
             )
+        batches = list(calibration) if calibration is not None else []
+        rows = off_head_rows(model, head_output_means(model, batches)) if off_head_bias == "mean" else None
+        if not measure_importance:
+            adapter = cls(layout, [(layer, head) for layer in range(layout.num_layers) for head in first], **kwargs)
+            return adapter._set_off_bias(rows)
         shared, weights, importance, overlap = [], [], [], []
-        batches = list(calibration)
-        for layer, (inputs, token_kl) in enumerate(head_ablation_kl(model, batches)):
+        for layer, (inputs, token_kl) in enumerate(head_ablation_kl(model, batches, off_rows=rows)):
             importance.append(token_kl.mean(0))
             heads = first
             if shared_heads == "importance":
@@ -139,7 +165,15 @@ class MoHAdapter(HeadAdapter):
         for router, weight in zip(adapter.routers, weights):
             router.set_weight("routed", weight)
         adapter.calibration = {"head_importance": torch.stack(importance).tolist(), "router_overlap": overlap}
-        return adapter
+        return adapter._set_off_bias(rows)
+
+    @torch.no_grad()
+    def _set_off_bias(self, rows: list[torch.Tensor] | None) -> MoHAdapter:
+        """Sets each router's off-bias to its routed heads' rows of `off_head_rows` (None: nothing to set)."""
+        if rows is not None:
+            for router, layer_rows in zip(self.routers, rows):
+                router.off_bias.copy_(layer_rows[router.routed_index.to(layer_rows.device)])
+        return self
 
     def hyperparameters(self) -> dict:
         return {
@@ -148,6 +182,7 @@ class MoHAdapter(HeadAdapter):
             "router_init_std": self.router_init_std,
             "router_lr_ratio": self.router_lr_ratio,
             "routing_chunk": self.routing_chunk,
+            "off_head_bias": self.off_head_bias,
         }
 
     @property
@@ -188,6 +223,10 @@ class MoHAdapter(HeadAdapter):
                 self._handles.append(linear.register_forward_hook(_gate_hook(module, router, width)))
                 if router.chunk:
                     self._handles.append(module.register_forward_pre_hook(_offset_hook(router), with_kwargs=True))
+                if router.off_bias is not None:
+                    self._handles.append(
+                        output_projection(module).register_forward_hook(_off_bias_hook(module, router))
+                    )
         except BaseException:
             self.detach()
             raise
@@ -236,6 +275,18 @@ def _gate_hook(module: nn.Module, router: MoHRouter, width: int):
 
     def hook(projection, args, output):
         options.head_gates = router(args[0], output[..., :width]) if router.enabled else None
+
+    return hook
+
+
+def _off_bias_hook(module: nn.Module, router: MoHRouter):
+    """Adds the off-bias of the heads the layer's gates leave out to o_proj's output (nothing while disabled: the
+    gates are then None)."""
+    options = get_attention_options(module)
+
+    def hook(projection, args, output):
+        if options.head_gates is not None:
+            return output + router.off_output(options.head_gates).to(output.dtype)
 
     return hook
 

@@ -10,6 +10,12 @@ router to pick, per token, the routed heads with the largest KL there (`fit_rout
 `router_init_std` so the gates still start at 1 (0.81 at step 0). `router_lr_ratio` < 1 keeps that fit from being
 reshuffled by the first updates: router weights are stored divided by it and multiplied back, so Adam moves them at
 that fraction of the learning rate.
+
+`off_head_bias="mean"` replaces a head the router leaves out by its mean output instead of zero: `head_output_means`
+measures each query head's mean attention output (the input of o_proj) on the dense model, over the calibration
+rows' real tokens, and `head_ablation_kl(off_rows=...)` then measures each head's importance as the cost of
+mean-ablating it: a head that writes a large constant costs much when zeroed and little when mean-ablated, and with
+the bias it need not stay on.
 """
 
 from __future__ import annotations
@@ -22,9 +28,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ctxaware.adapters import ATTACHED_ATTR
-from ctxaware.attention import attention_modules, get_attention_options, restore_attention, use_ctxaware_attention
-from ctxaware.heads import HeadLayout
+from ctxaware.attention import (
+    attention_modules,
+    get_attention_options,
+    output_projection,
+    restore_attention,
+    use_ctxaware_attention,
+)
+from ctxaware.heads import HeadLayout, register_pre_o_proj_hooks, split_heads
 from ctxaware.methods.moh.router import MoHRouter, query_projection
+
+
+def calibration_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input ids, attention mask or None) of a calibration batch: input ids, or a mapping with `input_ids` and
+    optionally `attention_mask` (0 at padding)."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    return batch["input_ids"], batch.get("attention_mask")
 
 
 class _AblationHook:
@@ -96,12 +116,16 @@ def _from_layer(layers: list[nn.Module], start: int, hidden: torch.Tensor):
 
 
 @torch.no_grad()
-def head_ablation_kl(model: nn.Module, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, in order: the attention inputs of every token of `batches` (input ids), (N, hidden), and per token
-    and query head the KL(dense || the model with that head gated to 0 in that layer) of the next-token distribution,
-    (N, Hq). A layer at a time, so one layer's inputs are held: per batch one dense forward and Hq ablated ones that
-    start at that layer from the dense forward's hidden states (about half the work of whole forwards; keep batches
-    small: each holds dense and ablated log-probabilities over the vocabulary)."""
+def head_ablation_kl(
+    model: nn.Module, batches: list, off_rows: list[torch.Tensor] | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, in order: the attention inputs of every real token of `batches` (input ids, or mappings with
+    `input_ids` and `attention_mask`: padding is left out), (N, hidden), and per token and query head the
+    KL(dense || the model with that head gated to 0 in that layer) of the next-token distribution, (N, Hq). With
+    `off_rows` (per layer (Hq, hidden), `off_head_rows`) the gated head adds its row to o_proj's output: the cost of
+    mean-ablating it, as `off_head_bias="mean"` will. A layer at a time, so one layer's inputs are held: per batch one
+    dense forward and Hq ablated ones that start at that layer from the dense forward's hidden states (about half the
+    work of whole forwards; keep batches small: each holds dense and ablated log-probabilities over the vocabulary)."""
     if any(isinstance(getattr(module, ATTACHED_ATTR, None), MoHRouter) for module in attention_modules(model)):
         raise ValueError("head importance is measured on the dense model: detach its MoH adapter first.")
     restore, was_training = use_ctxaware_attention(model), model.training
@@ -109,21 +133,35 @@ def head_ablation_kl(model: nn.Module, batches: list[torch.Tensor]) -> Iterator[
     layout, modules = HeadLayout.from_model(model), attention_modules(model)
     num_heads = layout.num_heads
     layers, checked = _decoder_layers(model, modules), False
+    batches = [calibration_batch(batch) for batch in batches]
     progress = tqdm(total=len(modules) * len(batches), desc="MoH: head importance (layers x batches)", leave=False)
     try:
         for index, module in enumerate(modules):
             hook = _AblationHook(module, num_heads)
             handle = query_projection(module, layout)[0].register_forward_hook(hook)
+            bias = None
+            if off_rows is not None:
+                rows = off_rows[index]
+
+                def add_row(o_proj, args, output, hook=hook, rows=rows):
+                    return output if hook.head is None else output + rows[hook.head].to(output)
+
+                bias = output_projection(module).register_forward_hook(add_row)
             try:
-                token_kl = []
-                for input_ids in batches:
+                token_kl, inputs = [], []
+                for input_ids, attention_mask in batches:
+                    keep = slice(None) if attention_mask is None else attention_mask.bool().flatten()
                     hook.head, hook.record, hidden = None, True, []
                     with _capture_input(layers[index], hidden):
-                        dense = model(input_ids=input_ids).logits.float().log_softmax(-1)
+                        dense = (
+                            model(input_ids=input_ids, attention_mask=attention_mask).logits.float().log_softmax(-1)
+                        )
                     hook.record = False
+                    inputs.append(hook.inputs.pop()[keep])
                     with _from_layer(layers, index, hidden[0]):
                         if not checked and index > 0:  # the layers must hand hidden states straight to the next
-                            suffix = model(input_ids=input_ids).logits.float().log_softmax(-1)
+                            suffix = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+                            suffix = suffix.log_softmax(-1)
                             if not torch.allclose(suffix, dense, rtol=1e-3, atol=1e-3):
                                 raise ValueError(
                                     f"{type(model).__name__}: running from layer {index} with the hidden states it "
@@ -135,14 +173,17 @@ def head_ablation_kl(model: nn.Module, batches: list[torch.Tensor]) -> Iterator[
                         per_head = []
                         for head in range(num_heads):
                             hook.head = head
-                            ablated = model(input_ids=input_ids).logits.float().log_softmax(-1)
+                            ablated = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+                            ablated = ablated.log_softmax(-1)
                             per_head.append((dense.exp() * (dense - ablated)).sum(-1).flatten())
-                    token_kl.append(torch.stack(per_head, dim=-1))
+                    token_kl.append(torch.stack(per_head, dim=-1)[keep])
                     progress.update()
             finally:
                 handle.remove()
+                if bias is not None:
+                    bias.remove()
                 hook.options.head_gates = None
-            yield torch.cat(hook.inputs), torch.cat(token_kl)
+            yield torch.cat(inputs), torch.cat(token_kl)
     finally:
         progress.close()
         restore_attention(restore)
@@ -170,3 +211,48 @@ def fit_router_weights(
     picked = logits.topk(top_k, dim=-1).indices
     overlap = (picked[:, :, None] == best[:, None, :]).any(-1).float().mean().item()
     return (weight.detach() * logit_std / logits.std().clamp_min(1e-12)).T, overlap
+
+
+@torch.no_grad()
+def head_output_means(model: nn.Module, batches: list) -> torch.Tensor:
+    """(layers, Hq, head_dim) float32: each query head's attention output (its slice of o_proj's input) averaged over
+    the real tokens of `batches` (as `head_ablation_kl` takes them) on the dense model. Padding does not count.
+    Under GQA each query head has its own output (its own attention weights over the shared values), so the mean is per
+    query head, as o_proj reads them."""
+    if any(isinstance(getattr(module, ATTACHED_ATTR, None), MoHRouter) for module in attention_modules(model)):
+        raise ValueError("head output means are measured on the dense model: detach its MoH adapter first.")
+    layout, was_training = HeadLayout.from_model(model), model.training
+    sums = torch.zeros(layout.num_layers, layout.num_heads, layout.head_dim, dtype=torch.float64)
+    count, keep = 0, None
+
+    def hook(layer: int, x: torch.Tensor) -> torch.Tensor:
+        heads = split_heads(x.detach(), layout.head_dim).double()  # (B, S, Hq, D)
+        sums[layer] += (heads if keep is None else heads[keep]).flatten(0, -3).sum(0).cpu()
+        return x
+
+    model.eval()
+    handles = register_pre_o_proj_hooks(model, hook)
+    try:
+        for input_ids, attention_mask in map(calibration_batch, batches):
+            keep = None if attention_mask is None else attention_mask.bool()
+            count += input_ids.numel() if keep is None else int(keep.sum())
+            model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if not count:
+        raise ValueError("head output means need calibration tokens: the calibration batches hold no real token.")
+    return (sums / count).float()
+
+
+@torch.no_grad()
+def off_head_rows(model: nn.Module, means: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer (Hq, hidden) float32: o_proj's slice for each query head applied to its mean output (`means`, from
+    `head_output_means`): what the head adds to the layer's output when it is mean-ablated (o_proj's bias aside)."""
+    layout, rows = HeadLayout.from_model(model), []
+    for module, mean in zip(attention_modules(model), means):
+        weight = output_projection(module).weight.float()
+        heads = weight.unflatten(1, (layout.num_heads, layout.head_dim))  # (hidden, Hq, D)
+        rows.append(torch.einsum("ohd,hd->ho", heads, mean.to(weight.device)))
+    return rows

@@ -23,6 +23,13 @@ takes the gates the router gives the chunk's first token. That stays causal (a t
 earlier token), and generation with a KV cache keeps it: a pre-hook on each attention module reads how many tokens the
 cache has seen, and the router carries the gates of a chunk begun in an earlier call. Skipping needs C to be a multiple
 of the kernel's query tile (64 or 128; 128 fits both).
+
+Off-head bias (`off_head_bias="mean"`): a head the router leaves out (gate exactly 0) contributes nothing to the
+attention output, as if zero-ablated. With the bias it contributes a learnable constant instead: B (n_r, hidden), whose
+row i starts as o_proj's slice for routed head i applied to that head's mean output on the dense model
+(mean-ablation, usually far cheaper than zero-ablation), and the layer's o_proj output gains (gates == 0) @ B per
+token. The kernel still skips the head; the bias is one (tokens, n_r) x (n_r, hidden) matmul. Shared heads are never
+off, so B has rows for the routed heads only. The choice of heads is discrete, so B sends no gradient to the router.
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ class MoHRouter(nn.Module):
         init_std: float,
         lr_ratio: float = 1.0,
         chunk: int = 0,
+        off_bias: bool = False,
     ):
         super().__init__()
         routed = [h for h in range(num_heads) if h not in set(shared)]
@@ -100,6 +108,8 @@ class MoHRouter(nn.Module):
             if self.num_shared:
                 self.mix = nn.Linear(hidden_size, 2, bias=False)
                 nn.init.zeros_(self.mix.weight)
+        # the o_proj output a routed head adds when it is off (zeros until set, e.g. by `MoHAdapter.for_model`)
+        self.off_bias = nn.Parameter(torch.zeros(self.num_routed, hidden_size)) if off_bias else None
         self.enabled = True
         self.stats: dict[str, torch.Tensor] | None = None  # of the last training forward: "load", "prob"
         # chunk routing (0: per token): `offset` is the index of x's first token (tokens the KV cache has seen), set
@@ -169,6 +179,11 @@ class MoHRouter(nn.Module):
         if shared_gates is not None:  # None only without shared heads (any shared head brings the mixing router)
             gates = torch.cat([shared_gates, gates], dim=-1)
         return gates[..., self.order].to(q.dtype)
+
+    def off_output(self, gates: torch.Tensor) -> torch.Tensor:
+        """(B, S, hidden): what the heads that `gates` (B, S, Hq) leave out (gate exactly 0) add to o_proj's output."""
+        off = (gates[..., self.routed_index] == 0).to(self.off_bias.dtype)
+        return off @ self.off_bias
 
     def _top_k_mask(self, scores: torch.Tensor) -> torch.Tensor:
         """1 at the top k scores, else 0; in a training forward it records each head's load."""

@@ -84,6 +84,14 @@ def main() -> None:
         "side by side, faster for a small model, each variant's tokens/s measured while the others run)",
     )
     parser.add_argument("--skip_kv", action="store_true", help="skip the KV-cache comparison")
+    parser.add_argument(
+        "--skip_kv_passkey", action="store_true", help="KV-cache comparison: streamed perplexity only, no passkey"
+    )
+    parser.add_argument(
+        "--kv_workers",
+        type=int,
+        help="KV-cache evaluations run at once (default: all; the evicting caches start first, the full cache last)",
+    )
     parser.add_argument("--skip_training", action="store_true", help="only the KV-cache comparison")
     parser.add_argument("--eval_batch_size", type=int, default=8, help="1 for a real vocabulary at 32k")
     parser.add_argument(
@@ -133,6 +141,7 @@ def main() -> None:
         "batch_size": batch,
         "learning_rate": args.learning_rate,
         "limit": limit,
+        "kv_limit": args.kv_limit or limit,
         "ppl_windows": windows,
         "ropes": ropes,
         "train": {"text": args.train_text, "text_share": args.train_text_share, "world_mix": args.train_mix},
@@ -254,7 +263,7 @@ def kv_comparison(out, model: str, args, original: int, text_file: str, limit: i
         "--batch_size",
         str(args.eval_batch_size),
         "--tasks",
-        "passkey,long_ppl",
+        "long_ppl" if args.skip_kv_passkey else "passkey,long_ppl",
         "--lengths",
         str(original),
         "--haystack_file",
@@ -263,12 +272,13 @@ def kv_comparison(out, model: str, args, original: int, text_file: str, limit: i
         args.split,
     ]
     jobs = []
-    for budget in budgets:
+    for budget in sorted(budgets, key=lambda budget: budget == "full"):  # the streaming caches take longest
         name = kv_name(budget)
         (out / name).mkdir(exist_ok=True)
         jobs.append(([*eval_cli, "--kv_cache", budget, "--output_path", str(out / name)], out / name / "eval.log"))
-    run_parallel(jobs)
-    return kv_table({budget: harness_metrics(out / kv_name(budget)) for budget in budgets}, original)
+    run_parallel(jobs, args.kv_workers)
+    metrics = {budget: harness_metrics(out / kv_name(budget)) for budget in budgets}
+    return kv_table(metrics, original, {budget: ppl_windows(out / kv_name(budget), original) for budget in budgets})
 
 
 def collect(out: Path, ropes: list[str], variants: list[str]) -> tuple[dict, dict]:
@@ -365,18 +375,41 @@ def targets(results: dict, ropes: list[str], target: int, kv: dict | None = None
     return met
 
 
-def kv_table(metrics: dict, length: int) -> dict:
-    """Per KV cache: passkey, streamed perplexity and cache bytes at `length`; the full cache's bytes are those of a
-    cache holding every token the evicting runs fed (the full-cache perplexity is one pass, equal to streaming it)."""
+def ppl_windows(results_dir: Path, length: int) -> list[dict]:
+    """Each long_ppl window of `length` tokens of the newest `ctxaware eval --output_path` run in `results_dir`, in
+    text order: {"window": its index in the text, "tokens": tokens scored, "ppl": its perplexity}."""
+    (path,) = sorted(results_dir.glob("*/results_*.json"))[-1:]
+    samples = path.parent / json.loads(path.read_text())["samples_files"]["long_ppl"]
+    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    return [
+        {"window": row["doc_id"], "tokens": row["tokens_scored"], "ppl": row["ppl"]}
+        for row in sorted(rows, key=lambda row: row["doc_id"])
+        if row["length"] == length
+    ]
+
+
+def pooled_ppl(windows: list[dict]) -> float:
+    """The perplexity of all the windows' tokens together: the exp of their token-weighted mean log-perplexity."""
+    return math.exp(sum(w["tokens"] * math.log(w["ppl"]) for w in windows) / sum(w["tokens"] for w in windows))
+
+
+def kv_table(metrics: dict, length: int, windows: dict[str, list[dict]]) -> dict:
+    """Per KV cache: passkey, streamed perplexity (pooled, and per window for paired comparisons) and cache bytes at
+    `length`; the full cache's bytes are those of a cache holding every token the evicting runs fed (the full-cache
+    perplexity is one pass, equal to streaming it)."""
     evicting = next(budget for budget in metrics if budget != "full")
     full_bytes = metrics[evicting]["long_ppl"][f"kv_full_bytes_len{length}"]
     table = {}
     for budget, result in metrics.items():
         held = result["long_ppl"].get(f"kv_bytes_len{length}", full_bytes)
         kept = math.ceil(float(budget.partition(":")[2] or 1) * length)  # entries the budget allows
+        ppl = result["long_ppl"][f"ppl_len{length}"]
+        if not math.isclose(pooled_ppl(windows[budget]), ppl, rel_tol=1e-9):
+            raise ValueError(f"{budget}: the per-window perplexities do not pool to the run's ppl_len{length} {ppl}")
         table[budget] = {
-            "passkey": result["passkey"]["acc"],
-            "ppl": result["long_ppl"][f"ppl_len{length}"],
+            "passkey": result["passkey"]["acc"] if "passkey" in result else None,
+            "ppl": ppl,
+            "windows": windows[budget],
             "kv_bytes": held,
             "kv_full_bytes": full_bytes,
             "memory_saved": 1 - held / full_bytes,
@@ -427,7 +460,7 @@ def report(summary: dict, ropes: list[str], lengths: list[int]) -> list[str]:
     )
     for budget, row in summary.get("kv_cache_at_L", {}).items():
         rows.append(
-            f"| {budget} | {row['passkey']:.2f} | {row['ppl']:.2f} | {row['kv_bytes']:,.0f} | "
+            f"| {budget} | {'-' if row['passkey'] is None else format(row['passkey'], '.2f')} | {row['ppl']:.2f} | {row['kv_bytes']:,.0f} | "
             f"{row['memory_saved']:.0%} |"
         )
     rows += ["", "Targets:"] + [f"- {name}: {'met' if ok else 'MISSED'}" for name, ok in summary["targets"].items()]

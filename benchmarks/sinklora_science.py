@@ -33,6 +33,8 @@ from science_common import (
     science_parser,
 )
 
+from ctxaware.eval.metrics import mean, mean_stderr
+
 
 VARIANTS = ("full", "s2", "sf")
 KV_BUDGETS = ("full", "h2o:0.5", "h2o:0.2", "window:0.5", "window:0.2")
@@ -249,6 +251,8 @@ def main() -> None:
         summary["kv_cache_at_L"] = kv_comparison(
             out, model, args, original, text_file, args.kv_limit or limit, kv_budgets
         )
+        if {"h2o:0.2", "window:0.2"} <= set(kv_budgets):
+            summary["kv_paired_windows"] = kv_paired(summary["kv_cache_at_L"])
     summary["targets"] = targets(results, ropes, target, summary.get("kv_cache_at_L"))
     (out / "sinklora_science.json").write_text(json.dumps(summary, indent=2))
     rows = report(summary, ropes, lengths)
@@ -391,6 +395,29 @@ def ppl_windows(results_dir: Path, length: int) -> list[dict]:
 def pooled_ppl(windows: list[dict]) -> float:
     """The perplexity of all the windows' tokens together: the exp of their token-weighted mean log-perplexity."""
     return math.exp(sum(w["tokens"] * math.log(w["ppl"]) for w in windows) / sum(w["tokens"] for w in windows))
+
+
+def kv_paired(kv: dict, first: str = "h2o:0.2", second: str = "window:0.2") -> dict:
+    """Window by window (the same text through every cache): each cache's increase in streamed perplexity over the
+    full cache's, and `second`'s minus `first`'s with its mean, standard deviation and standard error; `first` lower
+    by more than two standard errors is `separated`."""
+    full = [w["ppl"] for w in kv["full"]["windows"]]
+    rises = {b: [w["ppl"] - f for w, f in zip(kv[b]["windows"], full, strict=True)] for b in (first, second)}
+    differences = [b - a for a, b in zip(rises[first], rises[second], strict=True)]
+    mu, se = mean(differences), mean_stderr(differences)
+    return {
+        "windows": [w["window"] for w in kv["full"]["windows"]],
+        "increase_over_full": {
+            b: {"per_window": r, "mean": mean(r), "stderr": mean_stderr(r)} for b, r in rises.items()
+        },
+        f"{second} - {first}": {
+            "per_window": differences,
+            "mean": mu,
+            "sd": se * math.sqrt(len(differences)),
+            "stderr": se,
+            "separated": mu > 2 * se,
+        },
+    }
 
 
 def kv_table(metrics: dict, length: int, windows: dict[str, list[dict]]) -> dict:

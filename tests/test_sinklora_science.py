@@ -172,3 +172,24 @@ def test_kv_table_keeps_each_window_s_perplexity_and_they_pool_to_the_run_s(scie
     # windows that do not pool to the run's perplexity (one lost, or another run's) stop the check
     with pytest.raises(ValueError, match="do not pool"):
         science.kv_table({"h2o:0.2": science.harness_metrics(tmp_path / "h2o")}, 64, {"h2o:0.2": per_window[:2]})
+
+
+def test_kv_paired_compares_the_caches_window_by_window(science):
+    def cache(ppls):
+        return {"windows": [{"window": i, "tokens": 10, "ppl": p} for i, p in enumerate(ppls)]}
+
+    kv = {"full": cache([20.0, 10.0, 30.0]), "h2o:0.2": cache([20.5, 10.2, 30.1])}
+    kv["window:0.2"] = cache([21.0, 10.6, 30.4])  # window - h2o increases: 0.5, 0.4, 0.3
+    paired = science.kv_paired(kv)
+    assert paired["windows"] == [0, 1, 2]
+    assert paired["increase_over_full"]["h2o:0.2"]["per_window"] == pytest.approx([0.5, 0.2, 0.1])
+    assert paired["increase_over_full"]["window:0.2"]["mean"] == pytest.approx(2.0 / 3)
+    difference = paired["window:0.2 - h2o:0.2"]
+    assert difference["per_window"] == pytest.approx([0.5, 0.4, 0.3])
+    assert difference["mean"] == pytest.approx(0.4)
+    assert difference["sd"] == pytest.approx(0.1)
+    assert difference["stderr"] == pytest.approx(0.1 / math.sqrt(3))
+    assert difference["separated"]
+    # the same mean spread wider across windows is within two standard errors: not separated
+    kv["window:0.2"] = cache([21.5, 10.2, 30.6])  # differences 1.0, 0.0, 0.5: mean 0.5, se 0.29
+    assert not science.kv_paired(kv)["window:0.2 - h2o:0.2"]["separated"]

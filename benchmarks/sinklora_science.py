@@ -90,6 +90,9 @@ def main() -> None:
         "--skip_kv_passkey", action="store_true", help="KV-cache comparison: streamed perplexity only, no passkey"
     )
     parser.add_argument(
+        "--kv_length", type=int, help="window length of the KV-cache comparison (default: L, the model's context)"
+    )
+    parser.add_argument(
         "--kv_workers",
         type=int,
         help="KV-cache evaluations run at once (default: all; the evicting caches start first, the full cache last)",
@@ -144,6 +147,7 @@ def main() -> None:
         "learning_rate": args.learning_rate,
         "limit": limit,
         "kv_limit": args.kv_limit or limit,
+        "kv_length": args.kv_length or original,
         "ppl_windows": windows,
         "ropes": ropes,
         "train": {"text": args.train_text, "text_share": args.train_text_share, "world_mix": args.train_mix},
@@ -249,7 +253,7 @@ def main() -> None:
     }
     if not args.skip_kv:
         summary["kv_cache_at_L"] = kv_comparison(
-            out, model, args, original, text_file, args.kv_limit or limit, kv_budgets
+            out, model, args, args.kv_length or original, text_file, args.kv_limit or limit, kv_budgets
         )
         if {"h2o:0.2", "window:0.2"} <= set(kv_budgets):
             summary["kv_paired_windows"] = kv_paired(summary["kv_cache_at_L"])
@@ -260,8 +264,9 @@ def main() -> None:
     print("\n".join(rows))
 
 
-def kv_comparison(out, model: str, args, original: int, text_file: str, limit: int, budgets: list[str]) -> dict:
-    """Passkey and streamed perplexity at L for the full cache, H2O and the sinks + window cache (`KV_BUDGETS`)."""
+def kv_comparison(out, model: str, args, length: int, text_file: str, limit: int, budgets: list[str]) -> dict:
+    """Passkey and streamed perplexity at `length` (L by default) for the full cache, H2O and the sinks + window cache
+    (`KV_BUDGETS`)."""
     eval_cli = [
         *eval_command("--model", model, "--dtype", args.dtype, "--no_progress", "--limit", str(limit)),
         "--batch_size",
@@ -269,7 +274,7 @@ def kv_comparison(out, model: str, args, original: int, text_file: str, limit: i
         "--tasks",
         "long_ppl" if args.skip_kv_passkey else "passkey,long_ppl",
         "--lengths",
-        str(original),
+        str(length),
         "--haystack_file",
         text_file,
         "--split",
@@ -282,7 +287,7 @@ def kv_comparison(out, model: str, args, original: int, text_file: str, limit: i
         jobs.append(([*eval_cli, "--kv_cache", budget, "--output_path", str(out / name)], out / name / "eval.log"))
     run_parallel(jobs, args.kv_workers)
     metrics = {budget: harness_metrics(out / kv_name(budget)) for budget in budgets}
-    return kv_table(metrics, original, {budget: ppl_windows(out / kv_name(budget), original) for budget in budgets})
+    return kv_table(metrics, length, {budget: ppl_windows(out / kv_name(budget), length) for budget in budgets})
 
 
 def collect(out: Path, ropes: list[str], variants: list[str]) -> tuple[dict, dict]:
@@ -481,7 +486,7 @@ def report(summary: dict, ropes: list[str], lengths: list[int]) -> list[str]:
         if "kv_cache_at_L" not in summary
         else [
             "",
-            f"| KV cache (base model, L = {lengths[0]}) | passkey | ppl (streamed) | K/V bytes per sample | saved |",
+            f"| KV cache (base model, {summary['settings'].get('kv_length', lengths[0])} tokens) | passkey | ppl (streamed) | K/V bytes per sample | saved |",
             "|---|---|---|---|---|",
         ]
     )

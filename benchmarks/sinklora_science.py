@@ -33,6 +33,8 @@ from science_common import (
     science_parser,
 )
 
+from ctxaware.eval.metrics import mean, mean_stderr
+
 
 VARIANTS = ("full", "s2", "sf")
 KV_BUDGETS = ("full", "h2o:0.5", "h2o:0.2", "window:0.5", "window:0.2")
@@ -84,6 +86,17 @@ def main() -> None:
         "side by side, faster for a small model, each variant's tokens/s measured while the others run)",
     )
     parser.add_argument("--skip_kv", action="store_true", help="skip the KV-cache comparison")
+    parser.add_argument(
+        "--skip_kv_passkey", action="store_true", help="KV-cache comparison: streamed perplexity only, no passkey"
+    )
+    parser.add_argument(
+        "--kv_length", type=int, help="window length of the KV-cache comparison (default: L, the model's context)"
+    )
+    parser.add_argument(
+        "--kv_workers",
+        type=int,
+        help="KV-cache evaluations run at once (default: all; the evicting caches start first, the full cache last)",
+    )
     parser.add_argument("--skip_training", action="store_true", help="only the KV-cache comparison")
     parser.add_argument("--eval_batch_size", type=int, default=8, help="1 for a real vocabulary at 32k")
     parser.add_argument(
@@ -133,6 +146,8 @@ def main() -> None:
         "batch_size": batch,
         "learning_rate": args.learning_rate,
         "limit": limit,
+        "kv_limit": args.kv_limit or limit,
+        "kv_length": args.kv_length or original,
         "ppl_windows": windows,
         "ropes": ropes,
         "train": {"text": args.train_text, "text_share": args.train_text_share, "world_mix": args.train_mix},
@@ -238,8 +253,10 @@ def main() -> None:
     }
     if not args.skip_kv:
         summary["kv_cache_at_L"] = kv_comparison(
-            out, model, args, original, text_file, args.kv_limit or limit, kv_budgets
+            out, model, args, args.kv_length or original, text_file, args.kv_limit or limit, kv_budgets
         )
+        if {"h2o:0.2", "window:0.2"} <= set(kv_budgets):
+            summary["kv_paired_windows"] = kv_paired(summary["kv_cache_at_L"])
     summary["targets"] = targets(results, ropes, target, summary.get("kv_cache_at_L"))
     (out / "sinklora_science.json").write_text(json.dumps(summary, indent=2))
     rows = report(summary, ropes, lengths)
@@ -247,28 +264,30 @@ def main() -> None:
     print("\n".join(rows))
 
 
-def kv_comparison(out, model: str, args, original: int, text_file: str, limit: int, budgets: list[str]) -> dict:
-    """Passkey and streamed perplexity at L for the full cache, H2O and the sinks + window cache (`KV_BUDGETS`)."""
+def kv_comparison(out, model: str, args, length: int, text_file: str, limit: int, budgets: list[str]) -> dict:
+    """Passkey and streamed perplexity at `length` (L by default) for the full cache, H2O and the sinks + window cache
+    (`KV_BUDGETS`)."""
     eval_cli = [
         *eval_command("--model", model, "--dtype", args.dtype, "--no_progress", "--limit", str(limit)),
         "--batch_size",
         str(args.eval_batch_size),
         "--tasks",
-        "passkey,long_ppl",
+        "long_ppl" if args.skip_kv_passkey else "passkey,long_ppl",
         "--lengths",
-        str(original),
+        str(length),
         "--haystack_file",
         text_file,
         "--split",
         args.split,
     ]
     jobs = []
-    for budget in budgets:
+    for budget in sorted(budgets, key=lambda budget: budget == "full"):  # the streaming caches take longest
         name = kv_name(budget)
         (out / name).mkdir(exist_ok=True)
         jobs.append(([*eval_cli, "--kv_cache", budget, "--output_path", str(out / name)], out / name / "eval.log"))
-    run_parallel(jobs)
-    return kv_table({budget: harness_metrics(out / kv_name(budget)) for budget in budgets}, original)
+    run_parallel(jobs, args.kv_workers)
+    metrics = {budget: harness_metrics(out / kv_name(budget)) for budget in budgets}
+    return kv_table(metrics, length, {budget: ppl_windows(out / kv_name(budget), length) for budget in budgets})
 
 
 def collect(out: Path, ropes: list[str], variants: list[str]) -> tuple[dict, dict]:
@@ -365,18 +384,64 @@ def targets(results: dict, ropes: list[str], target: int, kv: dict | None = None
     return met
 
 
-def kv_table(metrics: dict, length: int) -> dict:
-    """Per KV cache: passkey, streamed perplexity and cache bytes at `length`; the full cache's bytes are those of a
-    cache holding every token the evicting runs fed (the full-cache perplexity is one pass, equal to streaming it)."""
+def ppl_windows(results_dir: Path, length: int) -> list[dict]:
+    """Each long_ppl window of `length` tokens of the newest `ctxaware eval --output_path` run in `results_dir`, in
+    text order: {"window": its index in the text, "tokens": tokens scored, "ppl": its perplexity}."""
+    (path,) = sorted(results_dir.glob("*/results_*.json"))[-1:]
+    samples = path.parent / json.loads(path.read_text())["samples_files"]["long_ppl"]
+    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    return [
+        {"window": row["doc_id"], "tokens": row["tokens_scored"], "ppl": row["ppl"]}
+        for row in sorted(rows, key=lambda row: row["doc_id"])
+        if row["length"] == length
+    ]
+
+
+def pooled_ppl(windows: list[dict]) -> float:
+    """The perplexity of all the windows' tokens together: the exp of their token-weighted mean log-perplexity."""
+    return math.exp(sum(w["tokens"] * math.log(w["ppl"]) for w in windows) / sum(w["tokens"] for w in windows))
+
+
+def kv_paired(kv: dict, first: str = "h2o:0.2", second: str = "window:0.2") -> dict:
+    """Window by window (the same text through every cache): each cache's increase in streamed perplexity over the
+    full cache's, and `second`'s minus `first`'s with its mean, standard deviation and standard error; `first` lower
+    by more than two standard errors is `separated`."""
+    full = [w["ppl"] for w in kv["full"]["windows"]]
+    rises = {b: [w["ppl"] - f for w, f in zip(kv[b]["windows"], full, strict=True)] for b in (first, second)}
+    differences = [b - a for a, b in zip(rises[first], rises[second], strict=True)]
+    mu, se = mean(differences), mean_stderr(differences)
+    return {
+        "windows": [w["window"] for w in kv["full"]["windows"]],
+        "increase_over_full": {
+            b: {"per_window": r, "mean": mean(r), "stderr": mean_stderr(r)} for b, r in rises.items()
+        },
+        f"{second} - {first}": {
+            "per_window": differences,
+            "mean": mu,
+            "sd": se * math.sqrt(len(differences)),
+            "stderr": se,
+            "separated": mu > 2 * se,
+        },
+    }
+
+
+def kv_table(metrics: dict, length: int, windows: dict[str, list[dict]]) -> dict:
+    """Per KV cache: passkey, streamed perplexity (pooled, and per window for paired comparisons) and cache bytes at
+    `length`; the full cache's bytes are those of a cache holding every token the evicting runs fed (the full-cache
+    perplexity is one pass, equal to streaming it)."""
     evicting = next(budget for budget in metrics if budget != "full")
     full_bytes = metrics[evicting]["long_ppl"][f"kv_full_bytes_len{length}"]
     table = {}
     for budget, result in metrics.items():
         held = result["long_ppl"].get(f"kv_bytes_len{length}", full_bytes)
         kept = math.ceil(float(budget.partition(":")[2] or 1) * length)  # entries the budget allows
+        ppl = result["long_ppl"][f"ppl_len{length}"]
+        if not math.isclose(pooled_ppl(windows[budget]), ppl, rel_tol=1e-9):
+            raise ValueError(f"{budget}: the per-window perplexities do not pool to the run's ppl_len{length} {ppl}")
         table[budget] = {
-            "passkey": result["passkey"]["acc"],
-            "ppl": result["long_ppl"][f"ppl_len{length}"],
+            "passkey": result["passkey"]["acc"] if "passkey" in result else None,
+            "ppl": ppl,
+            "windows": windows[budget],
             "kv_bytes": held,
             "kv_full_bytes": full_bytes,
             "memory_saved": 1 - held / full_bytes,
@@ -421,13 +486,13 @@ def report(summary: dict, ropes: list[str], lengths: list[int]) -> list[str]:
         if "kv_cache_at_L" not in summary
         else [
             "",
-            f"| KV cache (base model, L = {lengths[0]}) | passkey | ppl (streamed) | K/V bytes per sample | saved |",
+            f"| KV cache (base model, {summary['settings'].get('kv_length', lengths[0])} tokens) | passkey | ppl (streamed) | K/V bytes per sample | saved |",
             "|---|---|---|---|---|",
         ]
     )
     for budget, row in summary.get("kv_cache_at_L", {}).items():
         rows.append(
-            f"| {budget} | {row['passkey']:.2f} | {row['ppl']:.2f} | {row['kv_bytes']:,.0f} | "
+            f"| {budget} | {'-' if row['passkey'] is None else format(row['passkey'], '.2f')} | {row['ppl']:.2f} | {row['kv_bytes']:,.0f} | "
             f"{row['memory_saved']:.0%} |"
         )
     rows += ["", "Targets:"] + [f"- {name}: {'met' if ok else 'MISSED'}" for name, ok in summary["targets"].items()]

@@ -2,6 +2,7 @@
 fixed numbers."""
 
 import json
+import math
 
 import pytest
 
@@ -143,3 +144,52 @@ def test_the_retrieval_sweep_chooses_by_validation_retrieval_among_settings_that
         "a",
         ["--steps", "16", "--learning_rate", "1e-3"],
     )
+
+
+def _harness_run(folder, windows: list[tuple[int, int, float]], length: int, pooled: float) -> None:
+    """A `ctxaware eval --output_path` folder: long_ppl samples (doc_id, tokens, ppl) and the pooled metrics."""
+    (folder / "model").mkdir(parents=True)
+    samples = [{"doc_id": i, "length": length, "tokens_scored": n, "ppl": ppl} for i, n, ppl in windows]
+    (folder / "model" / "samples_long_ppl_1.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples[::-1]))
+    metrics = {f"ppl_len{length},none": pooled, f"kv_bytes_len{length},none": 20.0}
+    metrics[f"kv_full_bytes_len{length},none"] = 100.0
+    results = {"long_ppl": metrics, "passkey": {"acc,none": 1.0}}
+    (folder / "model" / "results_1.json").write_text(
+        json.dumps({"results": results, "samples_files": {"long_ppl": "samples_long_ppl_1.jsonl"}})
+    )
+
+
+def test_kv_table_keeps_each_window_s_perplexity_and_they_pool_to_the_run_s(science, tmp_path):
+    # windows of unequal token counts: only the token-weighted mean of log-perplexities gives the pooled value
+    windows = [(0, 100, 20.0), (1, 300, 30.0), (2, 50, 10.0)]
+    pooled = math.exp((100 * math.log(20.0) + 300 * math.log(30.0) + 50 * math.log(10.0)) / 450)
+    _harness_run(tmp_path / "h2o", windows, 64, pooled)
+    per_window = science.ppl_windows(tmp_path / "h2o", 64)
+    assert per_window == [{"window": i, "tokens": n, "ppl": ppl} for i, n, ppl in windows]
+    table = science.kv_table({"h2o:0.2": science.harness_metrics(tmp_path / "h2o")}, 64, {"h2o:0.2": per_window})
+    assert table["h2o:0.2"]["windows"] == per_window
+    assert science.pooled_ppl(table["h2o:0.2"]["windows"]) == pytest.approx(table["h2o:0.2"]["ppl"], rel=1e-12)
+    # windows that do not pool to the run's perplexity (one lost, or another run's) stop the check
+    with pytest.raises(ValueError, match="do not pool"):
+        science.kv_table({"h2o:0.2": science.harness_metrics(tmp_path / "h2o")}, 64, {"h2o:0.2": per_window[:2]})
+
+
+def test_kv_paired_compares_the_caches_window_by_window(science):
+    def cache(ppls):
+        return {"windows": [{"window": i, "tokens": 10, "ppl": p} for i, p in enumerate(ppls)]}
+
+    kv = {"full": cache([20.0, 10.0, 30.0]), "h2o:0.2": cache([20.5, 10.2, 30.1])}
+    kv["window:0.2"] = cache([21.0, 10.6, 30.4])  # window - h2o increases: 0.5, 0.4, 0.3
+    paired = science.kv_paired(kv)
+    assert paired["windows"] == [0, 1, 2]
+    assert paired["increase_over_full"]["h2o:0.2"]["per_window"] == pytest.approx([0.5, 0.2, 0.1])
+    assert paired["increase_over_full"]["window:0.2"]["mean"] == pytest.approx(2.0 / 3)
+    difference = paired["window:0.2 - h2o:0.2"]
+    assert difference["per_window"] == pytest.approx([0.5, 0.4, 0.3])
+    assert difference["mean"] == pytest.approx(0.4)
+    assert difference["sd"] == pytest.approx(0.1)
+    assert difference["stderr"] == pytest.approx(0.1 / math.sqrt(3))
+    assert difference["separated"]
+    # the same mean spread wider across windows is within two standard errors: not separated
+    kv["window:0.2"] = cache([21.5, 10.2, 30.6])  # differences 1.0, 0.0, 0.5: mean 0.5, se 0.29
+    assert not science.kv_paired(kv)["window:0.2 - h2o:0.2"]["separated"]

@@ -3,6 +3,8 @@ fixed numbers."""
 
 import json
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -193,3 +195,32 @@ def test_kv_paired_compares_the_caches_window_by_window(science):
     # the same mean spread wider across windows is within two standard errors: not separated
     kv["window:0.2"] = cache([21.5, 10.2, 30.6])  # differences 1.0, 0.0, 0.5: mean 0.5, se 0.29
     assert not science.kv_paired(kv)["window:0.2 - h2o:0.2"]["separated"]
+
+
+def test_kv_comparison_runs_each_cache_at_the_asked_length_evicting_caches_first(science, tmp_path, monkeypatch):
+    """--kv_length, --skip_kv_passkey and --kv_workers reach the eval commands; the full cache runs last."""
+    calls = []
+
+    def fake_run_parallel(jobs, workers=None):
+        calls.append(workers)
+        for command, _ in jobs:
+            out = Path(command[command.index("--output_path") + 1])
+            _harness_run(out, [(0, 10, 20.0)], 256, 20.0)
+            calls.append(command)
+
+    monkeypatch.setattr(science, "run_parallel", fake_run_parallel)
+    args = SimpleNamespace(dtype="float32", eval_batch_size=2, split="test", skip_kv_passkey=True, kv_workers=2)
+    table = science.kv_comparison(tmp_path, "m", args, 256, "books", 3, ["full", "h2o:0.2", "window:0.2"])
+    workers, *commands = calls
+    assert workers == 2
+    caches = [command[command.index("--kv_cache") + 1] for command in commands]
+    assert caches == ["h2o:0.2", "window:0.2", "full"]
+    for command in commands:
+        assert command[command.index("--lengths") + 1] == "256"
+        assert command[command.index("--tasks") + 1] == "long_ppl"
+    assert set(table) == {"full", "h2o:0.2", "window:0.2"}
+    args.skip_kv_passkey = False
+    calls.clear()
+    (tmp_path / "with_passkey").mkdir()
+    science.kv_comparison(tmp_path / "with_passkey", "m", args, 256, "books", 3, ["full", "h2o:0.2"])
+    assert all(c[c.index("--tasks") + 1] == "passkey,long_ppl" for c in calls[1:])

@@ -574,9 +574,10 @@ def test_sinklora_h2o_budget_check():
         full = {"passkey": {"acc": 1.0}, "long_ppl": {"ppl_len512": 9.0}}  # one pass: no cache bytes reported
         return {"full": full, "h2o:0.5": run(held_05), "h2o:0.2": run(held_02)}
 
-    table = sinklora.kv_table(results(256 * entry, 103 * entry), length)  # ceil(0.5 x 512), ceil(0.2 x 512)
+    windows = {budget: [{"window": 0, "tokens": 511, "ppl": 9.0}] for budget in ("full", "h2o:0.5", "h2o:0.2")}
+    table = sinklora.kv_table(results(256 * entry, 103 * entry), length, windows)  # ceil(0.5 x 512), ceil(0.2 x 512)
     assert all(row["within_budget"] for row in table.values())
     assert table["full"]["kv_bytes"] == table["full"]["kv_full_bytes"] == 511 * entry
     assert table["h2o:0.5"]["memory_saved"] == pytest.approx(1 - 256 / 511)
-    over = sinklora.kv_table(results(256 * entry, 104 * entry), length)
+    over = sinklora.kv_table(results(256 * entry, 104 * entry), length, windows)
     assert over["h2o:0.2"]["within_budget"] is False and over["h2o:0.5"]["within_budget"] is True

@@ -23,6 +23,7 @@ cache exactly; that is how the ctxaware attention reads padding, and why this ca
 
 from __future__ import annotations
 
+import abc
 import functools
 import math
 
@@ -172,7 +173,7 @@ class H2OLayer(DynamicLayer):
             setattr(self, name, getattr(self, name)[indices])
 
 
-class EvictingCache(Cache):
+class EvictingCache(Cache, metaclass=abc.ABCMeta):
     """A cache that sees each layer's attention call through `enable_h2o`'s hooks, and sets the attention options of
     the model's modules for the duration of each forward it is passed to."""
 
@@ -181,9 +182,9 @@ class EvictingCache(Cache):
     def _begin_forward(self, attention_mask: torch.Tensor | None) -> None:
         """Called before each forward with the model's 2D mask."""
 
+    @abc.abstractmethod
     def _observe(self, module: nn.Module, stats) -> None:
-        """Called after each layer's attention with its statistics; each cache defines what it does with them."""
-        raise NotImplementedError(f"{type(self).__name__} must define _observe: it receives each layer's statistics")
+        """Called after each layer's attention with its statistics: what a cache keeps follows from them."""
 
     def attention_options(self, layer_idx: int) -> dict:
         """The `AttentionOptions` fields of layer `layer_idx` during this cache's forwards."""

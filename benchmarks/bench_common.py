@@ -32,6 +32,19 @@ def bench_graph(fn) -> float:
     return float(triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median"))
 
 
+def host_us(fn, calls: int = 50) -> float:
+    """Microseconds of host time per call (Python, autograd, argument checks, launches), measured without waiting for
+    the GPU: 50 calls of a few launches each stay well inside the launch queue, so the host never blocks."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    seconds = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return seconds / calls * 1e6
+
+
 def write_results(out: Path, files: dict[str, str]) -> None:
     """Writes each {file name: text} under `out` through a temporary file, so a run cut short (device time limits)
     never leaves a half-written table behind."""

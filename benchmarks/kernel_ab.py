@@ -6,7 +6,8 @@
 
 Both modules' `triton_attention` run on the same inputs: forward and forward + backward, dense and with 50% of the
 heads routed per token (8 shared + 8 of 24 routed, MoH's 50% split), at 32/8 heads of 64 (4k, 16k) and 32/32 heads
-of 128 (4k, 16k, 32k; forward + backward up to 16k). Times are GPU time: medians of CUDA-graph replay
+of 128 (4k, 16k, 32k; forward + backward up to 16k); `--pattern sf` times SF-Attn instead, `--shape` other shapes.
+Times are GPU time: medians of CUDA-graph replay
 (`bench_common.bench_graph`), so the host's Python and launches, which differ between versions, are left out.
 `--variant NAME=VALUE[,NAME=VALUE]` also times a copy of the package with tuning constants changed (Python literals),
 e.g. `_GROUP_KV_BYTES=8388608` (K/V bytes per launch group of heads).
@@ -34,6 +35,7 @@ from bench_common import bench_graph, git_commit, import_kernel_module, kernel_f
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ctxaware.kernels.triton_attention as package  # noqa: E402
+from ctxaware.kernels import AttentionPattern  # noqa: E402
 
 
 SHAPES = [(32, 8, 64, 4096), (32, 8, 64, 16384), (32, 32, 128, 4096), (32, 32, 128, 16384), (32, 32, 128, 32768)]
@@ -49,7 +51,16 @@ def routed_gates(s: int, hq: int, device, dtype) -> torch.Tensor:
     return gates.to(dtype).contiguous()
 
 
-def measure(variants: dict, shape: tuple, device, dtype, bench) -> dict:
+def cases(
+    pattern: str, s: int, hq: int, device, dtype
+) -> list[tuple[str, AttentionPattern | None, torch.Tensor | None]]:
+    """(name, pattern, gates) of each timed case: dense and MoH-gated, or SF-Attn as the SinkLoRA recipe trains it."""
+    if pattern == "sf":
+        return [("sf", AttentionPattern.sf(s // 4, sinks=4), None)]
+    return [("dense", None, None), ("routed50", None, routed_gates(s, hq, device, dtype))]
+
+
+def measure(variants: dict, shape: tuple, device, dtype, bench, pattern: str = "dense") -> dict:
     hq, hkv, d, s = shape
     torch.manual_seed(0)
     q = torch.randn(1, hq, s, d, device=device, dtype=dtype)
@@ -57,20 +68,22 @@ def measure(variants: dict, shape: tuple, device, dtype, bench) -> dict:
     v = torch.randn_like(k)
     dout = torch.randn_like(q)
     results = {}
-    for case, gates in (("dense", None), ("routed50", routed_gates(s, hq, device, dtype))):
+    for case, pat, gates in cases(pattern, s, hq, device, dtype):
         reference = None
         for name, module in variants.items():
             row = {}
             with torch.no_grad():
-                out = kernel_forward(module, q, k, v, head_gates=gates)
+                out = kernel_forward(module, q, k, v, pattern=pat, head_gates=gates)
                 reference = out if reference is None else reference
                 row["max_abs_diff"] = (out.float() - reference.float()).abs().max().item()
-                row["fwd"] = bench(lambda m=module, g=gates: kernel_forward(m, q, k, v, head_gates=g))
+                row["fwd"] = bench(
+                    lambda m=module, g=gates, a=pat: kernel_forward(m, q, k, v, pattern=a, head_gates=g)
+                )
             if s <= MAX_FWDBWD_S:
                 leaves = [t.detach().requires_grad_() for t in (q, k, v)]
                 row["fwdbwd"] = bench(
-                    lambda m=module, g=gates, x=leaves: torch.autograd.grad(
-                        kernel_forward(m, *x, head_gates=g), x, dout
+                    lambda m=module, g=gates, a=pat, x=leaves: torch.autograd.grad(
+                        kernel_forward(m, *x, pattern=a, head_gates=g), x, dout
                     )
                 )
             key = f"{hq}/{hkv}x{d} S={s} {case} {name}"
@@ -114,6 +127,10 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                         help="also time a copy of the package with these module constants changed")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script end to end")
+    parser.add_argument("--pattern", choices=["dense", "sf"], default="dense",
+                        help="dense and MoH-gated cases, or SF-Attn (G = S/4, 4 sinks)")  # fmt: skip
+    parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("HQ", "HKV", "D", "S"),
+                        help="time these shapes instead of the default list (repeatable)")  # fmt: skip
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernel_ab.py times Triton kernels: run it on a GPU (or pass --smoke on CPU)")
@@ -128,8 +145,9 @@ def main() -> None:
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)", "torch": torch.__version__,
             "baseline": Path(args.baseline).name, "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
     results = {}
-    for shape in SMOKE_SHAPES if args.smoke else SHAPES:
-        results.update(measure(variants, shape, device, dtype, wall_ms if args.smoke else bench_graph))
+    for shape in SMOKE_SHAPES if args.smoke else args.shape or SHAPES:
+        results.update(measure(variants, tuple(shape), device, dtype, wall_ms if args.smoke else bench_graph,
+                               args.pattern))  # fmt: skip
         write(out, results, meta)  # after every shape: a cut-short run keeps what it measured
 
 

@@ -398,6 +398,16 @@ def test_kernel_ab_benchmark_smoke(tmp_path):
     assert all(row["max_abs_diff"] == 0 and row["fwd"] > 0 and row["fwdbwd"] > 0 for row in results.values())
 
 
+def test_kernel_ab_benchmark_times_sf(tmp_path):
+    """`--pattern sf` times SF-Attn (not the dense and gated cases) through both versions, outputs equal."""
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "benchmarks/kernel_ab.py", "--baseline", "ctxaware/kernels/triton_attention.py"]
+    subprocess.run([*command, "--out", str(tmp_path), "--smoke", "--pattern", "sf"], check=True, cwd=root)
+    results = json.loads((tmp_path / "kernel_ab.json").read_text())["results"]
+    assert sorted(results) == ["4/2x16 S=24 sf baseline", "4/2x16 S=24 sf package"]
+    assert all(row["max_abs_diff"] == 0 and row["fwdbwd"] > 0 for row in results.values())
+
+
 def test_attention_breakdown_benchmark_smoke(tmp_path):
     """benchmarks/attention_breakdown.py end to end on CPU: every source edit still applies to the package's kernels,
     every variant compiles and runs, and the table has a row per pattern and variant."""

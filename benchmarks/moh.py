@@ -18,7 +18,10 @@ Measured, B=1, causal, bf16, ms (medians):
   every zero gate is skipped work).
 - whole model: forward of the 1B model on S tokens with `attn_implementation="ctxaware"`, dense vs MoH (learned
   router attached, per-token top-k, and routed per 128-token chunk with `routing_chunk=128`: the router runs on the
-  chunks' first tokens and the kernel skips whole tiles), and SDPA; and one decode step after an S-token prefill.
+  chunks' first tokens and the kernel skips whole tiles), and SDPA; and one decode step after an S-token prefill,
+  twice: through HF's DynamicCache from Python (wall time, and its host time per step), and (`--graph-decode`, on by
+  default) through a static cache of S + 1 slots as a CUDA graph, replayed (`decode_steps`): GPU time, the router
+  and the gates inside the graph. The eager step is host-bound on a 1B model, so only the graph rows compare work.
 Writes moh.json (all timings, GPU, versions, command) and moh.md (tables with ratios to dense) to --out.
 """
 
@@ -34,6 +37,7 @@ from pathlib import Path
 import torch
 from bench_common import bench as bench_gpu
 from bench_common import bench_graph, git_commit, write_results
+from transformers import DynamicCache, StaticCache
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -173,8 +177,47 @@ def measure_attention(row, s, active_fractions, hq, hkv, d, device, dtype, backe
             )
 
 
-def measure_model(row, s, active_fractions, config_kwargs, device, dtype):
-    from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+class PrefixCache(StaticCache):
+    """HF's StaticCache holding a prefill's S tokens (copied from its DynamicCache) and one free slot, which each
+    decode step writes and then gives back (`crop(-1)` moves the static layers' device counter back), so every step
+    has the same shapes and buffers and can be captured as a CUDA graph. Its length is S, a host int: the model
+    derives the step's position from it and MoH's chunk routing its offset, on the host, which a captured step cannot
+    do with the static layers' counter (a device tensor)."""
+
+    def __init__(self, config, prefill: DynamicCache):
+        self.prefix = prefill.get_seq_length()
+        super().__init__(config=config, max_cache_len=self.prefix + 1)
+        for index, layer in enumerate(prefill.layers):
+            self.update(layer.keys, layer.values, index)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.prefix
+
+
+@torch.no_grad()
+def decode_steps(model, ids):
+    """(eager, static, token): one new token after the S-token prefill of `ids`, each step returning its logits and
+    leaving the cache as the prefill left it, so it can be called again and again. `eager` runs through the prefill's
+    DynamicCache and crops the token back (what a generate loop runs from Python); `static` through a `PrefixCache`
+    copy of it, capturable. Both feed `token` (B, 1), the prefill's last token, a buffer callers may overwrite."""
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    static_cache, token = PrefixCache(model.config, cache), ids[:, -1:].clone()
+
+    def step(through):
+        @torch.no_grad()
+        def run():
+            logits = model(input_ids=token, cache=through, use_cache=True).logits
+            through.crop(-1)
+            return logits
+
+        return run
+
+    return step(cache), step(static_cache), token
+
+
+def measure_model(row, s, active_fractions, config_kwargs, device, dtype, graph_decode):
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from ctxaware.methods.moh.adapter import MoHAdapter
 
@@ -188,21 +231,20 @@ def measure_model(row, s, active_fractions, config_kwargs, device, dtype):
     def forward():
         return model(input_ids=ids, logits_to_keep=1).logits
 
-    @torch.no_grad()
-    def decode_step():
-        """One new token after an S-token prefill; the cache is cropped back after each step."""
-        cache = DynamicCache(config=config)
-        model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-
-        @torch.no_grad()
-        def step():
-            model(input_ids=ids[:, -1:], cache=cache, use_cache=True)
-            cache.crop(-1)
-
-        return step
+    def decode(name):
+        """The decode step from Python (wall ms, and host us per step) and, with `graph_decode`, replayed from a CUDA
+        graph (GPU ms; on the CPU smoke run the same static step, eagerly)."""
+        eager, static, _ = decode_steps(model, ids)
+        row[f"model_{name}_decode"] = bench(eager, device)
+        row[f"host_{name}_decode"] = host_us(eager)
+        if graph_decode:
+            try:
+                row[f"model_{name}_decode_graph"] = bench(static, device, graph=True)
+            except RuntimeError as error:  # a capture that fails loses this row only, not the run's other rows
+                row[f"model_{name}_decode_graph_error"] = str(error)[:200]
 
     row["model_dense_fwd"] = bench(forward, device)
-    row["model_dense_decode"] = bench(decode_step(), device)
+    decode("dense")
     model.set_attn_implementation("sdpa")
     row["model_sdpa_fwd"] = bench(forward, device)
     for active in active_fractions:
@@ -211,7 +253,7 @@ def measure_model(row, s, active_fractions, config_kwargs, device, dtype):
             adapter = MoHAdapter.for_model(model, num_shared_heads=shared, top_k=top_k, routing_chunk=chunk)
             adapter.to(device).attach(model)  # switches to the ctxaware attention
             row[f"model_{routing}_{active}_fwd"] = bench(forward, device)
-            row[f"model_{routing}_{active}_decode"] = bench(decode_step(), device)
+            decode(f"{routing}_{active}")
             adapter.detach()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -223,6 +265,12 @@ def main():
     parser.add_argument("--seq", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--active", type=float, nargs="+", default=[0.75, 0.5])
     parser.add_argument("--skip-model", action="store_true", help="attention only")
+    parser.add_argument(
+        "--graph-decode",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the 1B model's decode step as a replayed CUDA graph (static cache; GPU time)",
+    )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script, times nothing real")
     args = parser.parse_args()
     args.argv = sys.argv[1:]
@@ -240,7 +288,7 @@ def main():
         measure_attention(row, s, args.active, hq, hkv, d, device, dtype, backend)
         if not args.skip_model:
             try:
-                measure_model(row, s, args.active, config, device, dtype)
+                measure_model(row, s, args.active, config, device, dtype, args.graph_decode)
             except torch.OutOfMemoryError as error:
                 row["model_error"] = str(error)[:200]
         print(json.dumps(row), flush=True)
@@ -270,7 +318,8 @@ def write(args, rows, device, seconds):
         f"Command: `{meta['command']}` (torch {meta['torch']}, CUDA "
         f"{meta['cuda']}, git {git[:10]}). B=1 (decode: 8), causal, bf16, ms; ratio = x of dense. Attention rows: GPU "
         "time, the calls replayed from a CUDA graph (the host time per call is its own row); model rows: as "
-        "called from Python.",
+        "called from Python, except the decode step's CUDA-graph rows (GPU time of the step replayed, with a static "
+        "cache of S + 1 slots; the eager step's host time per step is its own row).",
         "",
         "| S | what | dense | " + " | ".join(f"{a:.0%} active" for a in args.active) + " |",
         "|---|---|---|" + "---|" * len(args.active),
@@ -287,6 +336,14 @@ def write(args, rows, device, seconds):
         ("1B model decode step, token-routed", "model_dense_decode", "model_token_{}_decode"),
         ("1B model forward, chunk-routed (128)", "model_dense_fwd", "model_chunk_{}_fwd"),
         ("1B model decode step, chunk-routed (128)", "model_dense_decode", "model_chunk_{}_decode"),
+        ("1B model decode step, token-routed, CUDA graph", "model_dense_decode_graph", "model_token_{}_decode_graph"),
+        (
+            "1B model decode step, chunk-routed (128), CUDA graph",
+            "model_dense_decode_graph",
+            "model_chunk_{}_decode_graph",
+        ),
+        ("host time of a 1B decode step, token-routed (us, not ms)", "host_dense_decode", "host_token_{}_decode"),
+        ("host time of a 1B decode step, chunk-routed (us, not ms)", "host_dense_decode", "host_chunk_{}_decode"),
     ]
     for r in rows:
         for label, dense, routed in kinds:
@@ -313,6 +370,9 @@ def write(args, rows, device, seconds):
         "",
         "Target: attention at 50% active <= 0.65x dense. With gates the kernel's query tiles hold "
         "each head's routed rows only (token routing); chunk routing zeroes whole tiles without that.",
+        "Target: 1B decode step with an 8k cache <= 1.0x dense, read on the CUDA-graph rows (the eager step's time is "
+        "mostly host time). Chunk routing runs its router on the step that begins a chunk (one step in 128; the step "
+        "measured when S is a multiple of 128); the other steps reuse the chunk's gates.",
     ]
     write_results(out, {"moh.json": json.dumps({"meta": meta, "rows": rows}, indent=1), "moh.md": "\n".join(lines)})
 

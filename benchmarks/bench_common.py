@@ -34,14 +34,16 @@ def bench_graph(fn) -> float:
 
 def host_us(fn, calls: int = 50) -> float:
     """Microseconds of host time per call (Python, autograd, argument checks, launches), measured without waiting for
-    the GPU: 50 calls of a few launches each stay well inside the launch queue, so the host never blocks."""
+    the GPU: 50 calls of a few launches each stay well inside the launch queue, so the host never blocks. On a CPU
+    (smoke runs) it is the whole call."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     fn()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
     seconds = time.perf_counter() - start
-    torch.cuda.synchronize()
+    sync()
     return seconds / calls * 1e6
 
 

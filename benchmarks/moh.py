@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 from bench_common import bench as bench_gpu
-from bench_common import bench_graph, git_commit, write_results
+from bench_common import bench_graph, git_commit, host_us, write_results
 from transformers import DynamicCache, StaticCache
 
 
@@ -79,20 +79,6 @@ def bench(fn, device, graph=False) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return sorted(times)[1]
-
-
-def host_us(fn, calls=50) -> float:
-    """Microseconds of host time per call (Python, argument checks, launches), the GPU queue never full."""
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    seconds = time.perf_counter() - start
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return seconds / calls * 1e6
 
 
 def split(active: float, heads: int) -> tuple[int, int]:

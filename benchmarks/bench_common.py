@@ -47,6 +47,25 @@ def host_us(fn, calls: int = 50) -> float:
     return seconds / calls * 1e6
 
 
+def kernel_ms(fn, calls: int = 5) -> dict[str, float]:
+    """GPU milliseconds per call of each CUDA kernel `fn` launches (torch.profiler over `calls` calls, after one call
+    outside it), slowest first: what a timing is made of."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        gpu_us = getattr(event, "self_device_time_total", 0)
+        if gpu_us > 0:
+            times[event.key[:120]] = times.get(event.key[:120], 0.0) + gpu_us / 1e3 / calls
+    return dict(sorted(times.items(), key=lambda item: -item[1]))
+
+
 def write_results(out: Path, files: dict[str, str]) -> None:
     """Writes each {file name: text} under `out` through a temporary file, so a run cut short (device time limits)
     never leaves a half-written table behind."""

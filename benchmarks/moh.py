@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 from bench_common import bench as bench_gpu
-from bench_common import bench_graph, git_commit, host_us, write_results
+from bench_common import bench_graph, git_commit, host_us, kernel_ms, write_results
 from transformers import DynamicCache, StaticCache
 
 
@@ -121,6 +121,8 @@ def measure_attention(row, s, active_fractions, hq, hkv, d, device, dtype, backe
     row["attn_dense_fwdbwd"] = bench(fwd_bwd(ours(), (q, k, v)), device, graph=True)
     row["host_dense_fwd"] = host_us(ours())
     if device.type == "cuda":
+        row["kernels_dense_fwdbwd"] = kernel_ms(fwd_bwd(ours(), (q, k, v)))
+    if device.type == "cuda":
         for name, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             try:
 
@@ -140,6 +142,8 @@ def measure_attention(row, s, active_fractions, hq, hkv, d, device, dtype, backe
             row[f"attn_{routing}_{active}_fwd"] = bench(ours(gates), device, graph=True)
             row[f"attn_{routing}_{active}_fwdbwd"] = bench(fwd_bwd(ours(gates), (q, k, v, gates)), device, graph=True)
             row[f"host_{routing}_{active}_fwd"] = host_us(ours(gates))
+            if device.type == "cuda" and routing == "token":  # what the gated backward spends its time on
+                row[f"kernels_token_{active}_fwdbwd"] = kernel_ms(fwd_bwd(ours(gates), (q, k, v, gates)))
             if device.type == "cuda" and routing == "token":  # the gathered rows' index, part of every gated call
                 from ctxaware.kernels.triton_attention import _routed_rows
 
@@ -282,6 +286,26 @@ def main():
         write(args, rows, device, time.time() - start)  # after every row: a cut-short run keeps what it measured
 
 
+KERNEL_LINES = 8  # kernels listed per profiled call, slowest first
+
+
+def kernel_lines(rows) -> list[str]:
+    """The attention forward+backward's slowest kernels, dense and token-routed, per length (GPU rows only)."""
+    profiled = [
+        (r["S"], key.removeprefix("kernels_"), r[key]) for r in rows for key in r if key.startswith("kernels_")
+    ]
+    if not profiled:
+        return []
+    lines = ["", "GPU ms per call of the attention forward+backward's slowest kernels (torch.profiler, 5 calls):", ""]
+    for s, what, kernels in profiled:
+        slowest = list(kernels.items())[:KERNEL_LINES]
+        total = sum(kernels.values())
+        lines.append(
+            f"- S={s}, {what} (all kernels {total:.3f}): " + "; ".join(f"{k[:70]} {v:.3f}" for k, v in slowest)
+        )
+    return lines
+
+
 def write(args, rows, device, seconds):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -360,6 +384,7 @@ def write(args, rows, device, seconds):
         "mostly host time). Chunk routing runs its router on the step that begins a chunk (one step in 128; the step "
         "measured when S is a multiple of 128); the other steps reuse the chunk's gates.",
     ]
+    lines += kernel_lines(rows)
     write_results(out, {"moh.json": json.dumps({"meta": meta, "rows": rows}, indent=1), "moh.md": "\n".join(lines)})
 
 

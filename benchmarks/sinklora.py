@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import git_commit
+from bench_common import git_commit, kernel_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -180,21 +180,17 @@ def kernel_part(name: str) -> str:
 
 def step_breakdown(model, ids: torch.Tensor, optimizer) -> dict:
     """GPU milliseconds of one profiled training step by part (`KERNEL_PARTS`), and the step's GPU total."""
-    from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    def step():
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+
+    kernels = kernel_ms(step, calls=1)
     parts: dict[str, float] = {}
-    kernels: dict[str, float] = {}
-    for event in prof.key_averages():
-        gpu_us = getattr(event, "self_device_time_total", 0)
-        if gpu_us > 0:
-            parts[kernel_part(event.key)] = parts.get(kernel_part(event.key), 0.0) + gpu_us / 1e3
-            kernels[event.key[:120]] = gpu_us / 1e3
-    top = dict(sorted(kernels.items(), key=lambda item: -item[1])[:TOP_KERNELS])
+    for name, ms in kernels.items():
+        parts[kernel_part(name)] = parts.get(kernel_part(name), 0.0) + ms
+    top = dict(list(kernels.items())[:TOP_KERNELS])
     return {**dict(sorted(parts.items(), key=lambda item: -item[1])), "total": sum(parts.values()), "top_kernels": top}
 
 

@@ -19,7 +19,7 @@ from ctxaware.methods.moh.adapter import MoHAdapter, find_moh_adapter, logit_cha
 from ctxaware.methods.moh.calibration import fit_router_weights, head_ablation_kl
 from ctxaware.methods.moh.router import MoHRouter
 from ctxaware.switches import apply_generation_hooks
-from tests.launch import accelerate_launch
+from tests.launch import accelerate_launch, load_benchmark
 from tests.tiny_models import tiny_model
 
 
@@ -474,6 +474,21 @@ def test_speed_benchmark_smoke_times_token_and_chunk_routing(tmp_path):
         cells = [f"{dense:.2f}"] + [f"{value:.2f} ({value / dense:.2f}x)" for value in graphed]  # ratios to dense
         assert line.endswith(" | ".join(cells) + " |")
     assert "host time of a 1B decode step, token-routed" in table
+
+
+def test_speed_benchmark_lists_each_profiled_calls_slowest_kernels():
+    """The GPU run's per-kernel profile of the attention forward+backward: one line per length and case, the slowest
+    kernels first with their GPU ms, and the call's total."""
+    bench = load_benchmark("moh")
+    kernels = {f"k{i}": 1.0 / (i + 1) for i in range(10)}  # already slowest first, as `kernel_ms` returns them
+    rows = [{"S": 4096, "kernels_dense_fwdbwd": kernels, "kernels_token_0.5_fwdbwd": {"_bwd_dkdv_kernel": 0.5}}]
+    lines = bench.kernel_lines(rows)
+    assert lines[-2].startswith(
+        f"- S=4096, dense_fwdbwd (all kernels {sum(kernels.values()):.3f}): k0 1.000; k1 0.500"
+    )
+    assert lines[-2].endswith(f"k7 {1 / 8:.3f}") and "k8" not in lines[-2]
+    assert lines[-1] == "- S=4096, token_0.5_fwdbwd (all kernels 0.500): _bwd_dkdv_kernel 0.500"
+    assert bench.kernel_lines([{"S": 4096}]) == []  # CPU rows: nothing profiled, no section
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1")

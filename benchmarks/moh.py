@@ -18,10 +18,11 @@ Measured, B=1, causal, bf16, ms (medians):
   every zero gate is skipped work).
 - whole model: forward of the 1B model on S tokens with `attn_implementation="ctxaware"`, dense vs MoH (learned
   router attached, per-token top-k, and routed per 128-token chunk with `routing_chunk=128`: the router runs on the
-  chunks' first tokens and the kernel skips whole tiles), and SDPA; and one decode step after an S-token prefill,
-  twice: through HF's DynamicCache from Python (wall time, and its host time per step), and (`--graph-decode`, on by
-  default) through a static cache of S + 1 slots as a CUDA graph, replayed (`decode_steps`): GPU time, the router
-  and the gates inside the graph. The eager step is host-bound on a 1B model, so only the graph rows compare work.
+  chunks' first tokens and the kernel skips whole tiles), and SDPA; and one decode step after an S-token prefill
+  through HF's DynamicCache from Python (wall time, and its host time per step). With `--graphs` (on by default) the
+  forward and the decode step again as replayed CUDA graphs, the decode through a static cache of S + 1 slots
+  (`decode_steps`): GPU time, the router and the gates inside the graph. From Python a 1B model's decode step is
+  host-bound and so is its forward at 4k, so only the graph rows compare work.
 Writes moh.json (all timings, GPU, versions, command) and moh.md (tables with ratios to dense) to --out.
 """
 
@@ -206,7 +207,7 @@ def decode_steps(model, ids):
     return step(cache), step(static_cache), token
 
 
-def measure_model(row, s, active_fractions, config_kwargs, device, dtype, graph_decode):
+def measure_model(row, s, active_fractions, config_kwargs, device, dtype, graphs):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from ctxaware.methods.moh.adapter import MoHAdapter
@@ -221,20 +222,20 @@ def measure_model(row, s, active_fractions, config_kwargs, device, dtype, graph_
     def forward():
         return model(input_ids=ids, logits_to_keep=1).logits
 
-    def decode(name):
-        """The decode step from Python (wall ms, and host us per step) and, with `graph_decode`, replayed from a CUDA
-        graph (GPU ms; on the CPU smoke run the same static step, eagerly)."""
+    def forward_and_decode(name):
+        """The forward on S tokens and the decode step from Python (wall ms; the decode's host us per step too) and,
+        with `graphs`, each replayed from a CUDA graph (GPU ms; on the CPU smoke run the same calls, eagerly)."""
+        row[f"model_{name}_fwd"] = bench(forward, device)
         eager, static, _ = decode_steps(model, ids)
         row[f"model_{name}_decode"] = bench(eager, device)
         row[f"host_{name}_decode"] = host_us(eager)
-        if graph_decode:
+        for what, call in (("fwd", forward), ("decode", static)) if graphs else ():
             try:
-                row[f"model_{name}_decode_graph"] = bench(static, device, graph=True)
+                row[f"model_{name}_{what}_graph"] = bench(call, device, graph=True)
             except RuntimeError as error:  # a capture that fails loses this row only, not the run's other rows
-                row[f"model_{name}_decode_graph_error"] = str(error)[:200]
+                row[f"model_{name}_{what}_graph_error"] = str(error)[:200]
 
-    row["model_dense_fwd"] = bench(forward, device)
-    decode("dense")
+    forward_and_decode("dense")
     model.set_attn_implementation("sdpa")
     row["model_sdpa_fwd"] = bench(forward, device)
     for active in active_fractions:
@@ -242,8 +243,7 @@ def measure_model(row, s, active_fractions, config_kwargs, device, dtype, graph_
         for routing, chunk in (("token", 0), ("chunk", 128)):
             adapter = MoHAdapter.for_model(model, num_shared_heads=shared, top_k=top_k, routing_chunk=chunk)
             adapter.to(device).attach(model)  # switches to the ctxaware attention
-            row[f"model_{routing}_{active}_fwd"] = bench(forward, device)
-            decode(f"{routing}_{active}")
+            forward_and_decode(f"{routing}_{active}")
             adapter.detach()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -256,10 +256,10 @@ def main():
     parser.add_argument("--active", type=float, nargs="+", default=[0.75, 0.5])
     parser.add_argument("--skip-model", action="store_true", help="attention only")
     parser.add_argument(
-        "--graph-decode",
+        "--graphs",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also time the 1B model's decode step as a replayed CUDA graph (static cache; GPU time)",
+        help="also time the 1B model's forward and decode step as replayed CUDA graphs (GPU time; static cache)",
     )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script, times nothing real")
     args = parser.parse_args()
@@ -278,7 +278,7 @@ def main():
         measure_attention(row, s, args.active, hq, hkv, d, device, dtype, backend)
         if not args.skip_model:
             try:
-                measure_model(row, s, args.active, config, device, dtype, args.graph_decode)
+                measure_model(row, s, args.active, config, device, dtype, args.graphs)
             except torch.OutOfMemoryError as error:
                 row["model_error"] = str(error)[:200]
         print(json.dumps(row), flush=True)
@@ -346,6 +346,8 @@ def write(args, rows, device, seconds):
         ("1B model decode step, token-routed", "model_dense_decode", "model_token_{}_decode"),
         ("1B model forward, chunk-routed (128)", "model_dense_fwd", "model_chunk_{}_fwd"),
         ("1B model decode step, chunk-routed (128)", "model_dense_decode", "model_chunk_{}_decode"),
+        ("1B model forward, token-routed, CUDA graph", "model_dense_fwd_graph", "model_token_{}_fwd_graph"),
+        ("1B model forward, chunk-routed (128), CUDA graph", "model_dense_fwd_graph", "model_chunk_{}_fwd_graph"),
         ("1B model decode step, token-routed, CUDA graph", "model_dense_decode_graph", "model_token_{}_decode_graph"),
         (
             "1B model decode step, chunk-routed (128), CUDA graph",

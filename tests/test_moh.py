@@ -455,24 +455,25 @@ def test_readme_commands_parse():
 
 
 def test_speed_benchmark_smoke_times_token_and_chunk_routing(tmp_path):
-    """`benchmarks/moh.py --smoke` (CPU, toy shapes) writes every timing the GPU run reports, chunk routing and the
-    decode step's CUDA-graph peer (its static step, eagerly on the CPU) and host time included."""
+    """`benchmarks/moh.py --smoke` (CPU, toy shapes) writes every timing the GPU run reports, chunk routing, the CUDA-graph
+    peers of the forward and the decode step (eagerly on the CPU) and the decode's host time included."""
     subprocess.run([sys.executable, "benchmarks/moh.py", "--out", str(tmp_path), "--smoke"], check=True)
     (row,) = json.loads((tmp_path / "moh.json").read_text())["rows"]
-    assert row["model_dense_decode_graph"] > 0 and row["host_dense_decode"] > 0
+    assert row["model_dense_decode_graph"] > 0 and row["model_dense_fwd_graph"] > 0 and row["host_dense_decode"] > 0
     for routing in ("token", "chunk"):
         for active in (0.75, 0.5):
-            for what in ("fwd", "decode", "decode_graph"):
+            for what in ("fwd", "fwd_graph", "decode", "decode_graph"):
                 assert row[f"model_{routing}_{active}_{what}"] > 0
             assert row[f"host_{routing}_{active}_decode"] > 0
     table = (tmp_path / "moh.md").read_text()
     assert "1B model forward, chunk-routed (128)" in table and "1B model decode step, token-routed" in table
-    dense = row["model_dense_decode_graph"]
-    for label, routing in (("token-routed", "token"), ("chunk-routed (128)", "chunk")):
-        (line,) = [line for line in table.splitlines() if f"decode step, {label}, CUDA graph |" in line]
-        graphed = [row[f"model_{routing}_{active}_decode_graph"] for active in (0.75, 0.5)]
-        cells = [f"{dense:.2f}"] + [f"{value:.2f} ({value / dense:.2f}x)" for value in graphed]  # ratios to dense
-        assert line.endswith(" | ".join(cells) + " |")
+    for what, label in (("decode", "decode step"), ("fwd", "forward")):
+        dense = row[f"model_dense_{what}_graph"]
+        for routed, routing in (("token-routed", "token"), ("chunk-routed (128)", "chunk")):
+            (line,) = [line for line in table.splitlines() if f"1B model {label}, {routed}, CUDA graph |" in line]
+            graphed = [row[f"model_{routing}_{active}_{what}_graph"] for active in (0.75, 0.5)]
+            cells = [f"{dense:.2f}"] + [f"{value:.2f} ({value / dense:.2f}x)" for value in graphed]  # ratios to dense
+            assert line.endswith(" | ".join(cells) + " |")
     assert "host time of a 1B decode step, token-routed" in table
 
 

@@ -50,12 +50,26 @@ def _fill(sentences: Iterator[str], budget: int, count: Callable[[list[str]], li
     return chosen
 
 
+def text_sentences(text: str) -> list[str]:
+    """`text`'s sentences in order, each with its whitespace runs folded to one space."""
+    parts = re.split(r"(?<=[.!?])\s+", text.strip())
+    return [" ".join(part.split()) for part in parts if part.strip()]
+
+
+def sentences_from_random_start(sentences: list[str], rng: random.Random) -> Iterator[str]:
+    """`sentences` endlessly, from one drawn by `rng` on and around again from the first: each document that draws
+    its haystack this way reads its own stretch of the text."""
+    if not sentences:
+        raise ValueError("the haystack text holds no sentence: pass a longer text.")
+    start = rng.randrange(len(sentences))
+    return itertools.chain(itertools.islice(sentences, start, None), itertools.cycle(sentences))
+
+
 def _haystack_sentences(haystack_text: str | None, world: World | None, rng: random.Random) -> Iterator[str]:
     """`haystack_text`'s sentences from its start (whitespace runs folded to one space), or the world's filler."""
     if haystack_text is None:
         return filler_sentences(world or build_world(0), rng)
-    parts = re.split(r"(?<=[.!?])\s+", haystack_text.strip())
-    return (" ".join(part.split()) for part in parts if part.strip())
+    return iter(text_sentences(haystack_text))
 
 
 def _insert(haystack: list[str], needle: str, depth: float, sizes: list[int]) -> list[str]:
@@ -131,19 +145,28 @@ def _char_counter(texts: list[str]) -> list[int]:
     return [max(1, round(len(text) / CHARS_PER_TOKEN)) for text in texts]
 
 
-def passkey_document(rng: random.Random, world: World, max_tokens: int) -> str:
-    """A pretraining pass key document of up to about `max_tokens` tokens, answer included."""
+def _document_filler(rng: random.Random, world: World, haystack: list[str] | None) -> Iterator[str]:
+    """The haystack of a pretraining document: `haystack`'s sentences from a random one on, or the world's true
+    statements."""
+    return filler_sentences(world, rng) if haystack is None else sentences_from_random_start(haystack, rng)
+
+
+def passkey_document(rng: random.Random, world: World, max_tokens: int, haystack: list[str] | None = None) -> str:
+    """A pretraining pass key document of up to about `max_tokens` tokens, answer included; its haystack is
+    `haystack`'s sentences (see `text_sentences`) from a random one on, or the world's true statements."""
     key = str(rng.randrange(10000, 100000))
     needle = PASSKEY_NEEDLE.format(key=key)
-    sentences = _fill(filler_sentences(world, rng), rng.randrange(16, max(17, max_tokens - 60)), _char_counter)
+    filler = _document_filler(rng, world, haystack)
+    sentences = _fill(filler, rng.randrange(16, max(17, max_tokens - 60)), _char_counter)
     body = " ".join(_insert(sentences, needle, rng.random(), _char_counter(sentences)))
     return f"{PASSKEY_INTRO}{body}{PASSKEY_QUESTION} {key}"
 
 
-def needle_document(rng: random.Random, world: World, max_tokens: int) -> str:
-    """A pretraining needle-in-a-haystack document with its question and answer."""
+def needle_document(rng: random.Random, world: World, max_tokens: int, haystack: list[str] | None = None) -> str:
+    """A pretraining needle-in-a-haystack document with its question and answer; its haystack as `passkey_document`'s."""
     name, word = rng.choice(world.novel_names["train"]), make_name(rng, 2).lower()
-    sentences = _fill(filler_sentences(world, rng), rng.randrange(16, max(17, max_tokens - 40)), _char_counter)
+    filler = _document_filler(rng, world, haystack)
+    sentences = _fill(filler, rng.randrange(16, max(17, max_tokens - 40)), _char_counter)
     context = " ".join(_insert(sentences, NEEDLE.format(name=name, word=word), rng.random(), _char_counter(sentences)))
     return CONTEXT_QA_PROMPT.format(context=context, question=NEEDLE_QUESTION.format(name=name)) + f" {word}"
 

@@ -264,7 +264,7 @@ def test_train_retrieval_text_hides_the_world_s_keys_in_the_books_train_portion(
     assert len({filler[:100] for _, (filler, _, _) in retrieval}) == len(retrieval)  # each its own stretch
 
 
-def test_train_retrieval_text_is_recorded_and_needs_world_documents_in_the_rows(science):
+def test_train_retrieval_text_is_recorded_and_needs_world_documents_in_the_rows(science, monkeypatch, capsys):
     args = SimpleNamespace(train_text="books", train_text_share=0.5, train_mix=TRAIN_MIX, train_retrieval_text="books")
     assert science.train_settings(args) == {
         "text": "books",
@@ -272,7 +272,9 @@ def test_train_retrieval_text_is_recorded_and_needs_world_documents_in_the_rows(
         "world_mix": TRAIN_MIX,
         "retrieval_text": "books",
     }
-    script = Path(science.__file__)
+    monkeypatch.setattr(science, "output_folder", lambda _: pytest.fail("the run started"))
     for flags in (["--train_retrieval_text", "books"], ["--train_text", "books", "--train_retrieval_text", "books"]):
-        ran = subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True)
-        assert ran.returncode == 2 and "--train_text_share below 1" in ran.stderr, ran.stderr
+        monkeypatch.setattr(sys, "argv", ["sinklora_science.py", *flags])
+        with pytest.raises(SystemExit) as stopped:
+            science.main()
+        assert stopped.value.code == 2 and "--train_text_share below 1" in capsys.readouterr().err

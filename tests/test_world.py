@@ -382,6 +382,22 @@ def test_long_documents_hide_their_key_in_the_given_text_each_in_its_own_stretch
     assert len({filler[:100] for filler in fillers}) == len(fillers)  # each document its own stretch
 
 
+def test_a_haystack_text_changes_only_the_filler_of_the_long_documents(world):
+    mix = {"passkey": 2.0, "needle": 1.0, "key_value": 0.5, "reading": 1.0}
+    plain = [doc["text"] for doc in pretraining_corpus(world, 40, seed=0, mix=mix, max_tokens=400)]
+    train = read_text("books", split="train")
+    books = [
+        doc["text"] for doc in pretraining_corpus(world, 40, seed=0, mix=mix, max_tokens=400, haystack_text=train)
+    ]
+    found = [long_documents.parts(doc) for doc in plain]
+    assert 0 < sum(part is None for part in found) < len(found)
+    for world_doc, book_doc, parts in zip(plain, books, found, strict=True):
+        if parts is None:  # the same key-value and reading documents in the same places
+            assert book_doc == world_doc
+        else:  # the same kind, needle and answer; another filler
+            assert long_documents.parts(book_doc)[1:] == parts[1:] and book_doc != world_doc
+
+
 def test_sentences_from_random_start_wrap_around_and_need_a_sentence():
     sentences = ["One.", "Two.", "Three."]
     starts = set()

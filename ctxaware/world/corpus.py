@@ -97,7 +97,8 @@ def pretraining_corpus(
     """`n_docs` documents `{"text"}` drawn by `mix` (default `DEFAULT_MIX`); long documents stay under about
     `max_tokens` tokens (estimated from characters). Different `seed`s give independent shards. The pass key and
     needle documents hide their key in `haystack_text` (each in its own stretch, from a random sentence on) when
-    given, else in the world's true statements."""
+    given, else in the world's true statements; everything else (document kinds, keys, depths, the other documents)
+    is the same either way."""
     mix = mix or DEFAULT_MIX
     unknown = set(mix) - set(DEFAULT_MIX)
     if unknown:

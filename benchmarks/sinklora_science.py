@@ -9,7 +9,8 @@ model's context) on held-out text (`--text`, default: the world's long documents
 training rows), passkey and needle-in-a-haystack at 4L. The first variant of each RoPE method also evaluates the
 original model and the RoPE-scaled model before any step (the untrained references). The training text is the
 world's documents in `--train_mix` proportions (pass keys weighted up: retrieval at 4L is what the mix teaches), or
-`--train_text`. Then H2O and its own baseline inside the original context: passkey and streamed perplexity at L with
+`--train_text` (a `--train_text_share` of the rows, the rest the world's; `--train_retrieval_text` hides the world's
+pass keys and needles in that text's train portion instead of the world's statements). Then H2O and its own baseline inside the original context: passkey and streamed perplexity at L with
 the full cache, H2O (`h2o:B`) and sinks + recent window (`window:B`) at 50% and 20%, with the K/V bytes each holds.
 Writes `sinklora_science.json` and `.md` to --out: each variant's perplexity relative to full attention's, its training
 tokens/s (and relative to full attention's) and peak GPU memory as the recipe measured them, and the targets, met or
@@ -55,6 +56,12 @@ def main() -> None:
         type=float,
         default=1.0,
         help="share of --train_text documents in the training rows; the rest are the world's --train_mix documents",
+    )
+    parser.add_argument(
+        "--train_retrieval_text",
+        help="haystack of the pass key and needle training documents of the world's mix: a text file or `books` (its "
+        "train portion, never the validation or test one), each document from its own seeded stretch; needs "
+        "--train_text with --train_text_share below 1 (default: the world's true statements)",
     )
     parser.add_argument(
         "--retrieval_text",
@@ -122,6 +129,11 @@ def main() -> None:
     unknown = set(args.variants.split(",")) - set(VARIANTS) or set(args.kv_budgets.split(",")) - set(KV_BUDGETS)
     if unknown or not variants:
         parser.error(f"unknown or no variants / KV caches {sorted(unknown)}: use {VARIANTS} and {KV_BUDGETS}")
+    if args.train_retrieval_text and not (args.train_text and args.train_text_share < 1):
+        parser.error(
+            "--train_retrieval_text fills the world's documents of the rows: pass --train_text with "
+            "--train_text_share below 1"
+        )
     out = output_folder(args.out)
     python = sys.executable
     model, steps, batch, limit, windows = args.model, args.steps, args.batch_size, args.limit, args.ppl_windows
@@ -150,7 +162,7 @@ def main() -> None:
         "kv_length": args.kv_length or original,
         "ppl_windows": windows,
         "ropes": ropes,
-        "train": {"text": args.train_text, "text_share": args.train_text_share, "world_mix": args.train_mix},
+        "train": train_settings(args),
         "dtype": args.dtype,
         "heldout_text": text_file,
         "split": args.split,
@@ -173,6 +185,7 @@ def main() -> None:
                     mix=args.train_mix,
                     max_tokens=target,
                     rows=steps * batch,
+                    retrieval=args.train_retrieval_text,
                 ),
             ],
             check=True,
@@ -262,6 +275,17 @@ def main() -> None:
     rows = report(summary, ropes, lengths)
     (out / "sinklora_science.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
+
+
+def train_settings(args) -> dict:
+    """The training rows' settings as the run's JSON records them."""
+    return {
+        "text": args.train_text,
+        "text_share": args.train_text_share,
+        "world_mix": args.train_mix,
+        # the world's pass key / needle haystack: None (its true statements) or the text whose train portion it is
+        "retrieval_text": args.train_retrieval_text,
+    }
 
 
 def kv_comparison(out, model: str, args, length: int, text_file: str, limit: int, budgets: list[str]) -> dict:
@@ -510,7 +534,9 @@ open({path!r}, "w").write("\\n\\n".join(doc["text"] for doc in docs))
 """
 
 # Training documents: --train_text's (`books`: its train portion, cut into documents of about a row each) and the
-# world's --train_mix documents, interleaved so a `share` of them are the text's; seed 0, as the recipe's rows.
+# world's --train_mix documents, interleaved so a `share` of them are the text's; seed 0, as the recipe's rows. With
+# `retrieval` (--train_retrieval_text), the world's pass key and needle documents hide their key in that text's train
+# portion instead of the world's statements.
 TRAIN_TEXT = """
 import itertools, json, random
 from ctxaware.texts import read_text
@@ -518,9 +544,12 @@ from ctxaware.world import build_world, pretraining_corpus
 text = read_text({source!r}, split="train", what="--train_text")
 piece = 4 * {max_tokens}  # characters: about one row of tokens
 texts = [text[i : i + piece] for i in range(0, len(text), piece)]
-share, rows = {share!r}, {rows!r}
+share, rows, retrieval = {share!r}, {rows!r}, {retrieval!r}
 mix = {{kind: float(w) for kind, _, w in (e.partition(":") for e in {mix!r})}}
-corpus = pretraining_corpus(build_world(0), 10**9, seed=0, mix=mix, max_tokens={max_tokens}) if share < 1 else []
+haystack = read_text(retrieval, split="train", what="--train_retrieval_text") if retrieval else None
+corpus = pretraining_corpus(
+    build_world(0), 10**9, seed=0, mix=mix, max_tokens={max_tokens}, haystack_text=haystack
+) if share < 1 else []
 world = [d["text"] for d in itertools.islice(corpus, 4 * rows)]
 rng, docs = random.Random(0), []
 for _ in range(4 * rows):

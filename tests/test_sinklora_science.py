@@ -1,13 +1,19 @@
 """benchmarks/sinklora_science.py: its perplexity and throughput ratios, its table and its target pass/fail logic on
 fixed numbers."""
 
+import hashlib
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from ctxaware.texts import SPLITS, read_text
+from ctxaware.world.longctx import PASSKEY_INTRO, text_sentences
+from tests import long_documents
 from tests.launch import load_benchmark
 
 
@@ -224,3 +230,51 @@ def test_kv_comparison_runs_each_cache_at_the_asked_length_evicting_caches_first
     (tmp_path / "with_passkey").mkdir()
     science.kv_comparison(tmp_path / "with_passkey", "m", args, 256, "books", 3, ["full", "h2o:0.2"])
     assert all(c[c.index("--tasks") + 1] == "passkey,long_ppl" for c in calls[1:])
+
+
+TRAIN_MIX = ["passkey:2", "needle:1", "key_value:0.5", "reading:1"]
+# sha256 of the rows file TRAIN_TEXT wrote for `books`, share 0.5, TRAIN_MIX, 256 tokens, 5 rows, before
+# --train_retrieval_text existed: without the option the training rows must stay these bytes.
+TRAIN_DOCUMENTS_DIGEST = "3159824cb4f4cc14ab28a518921c4bc86b9c0ab4a665bf32b79289b38f410643"
+
+
+def _train_documents(science, path: Path, max_tokens: int, retrieval: str | None) -> bytes:
+    code = science.TRAIN_TEXT.format(
+        path=str(path), source="books", share=0.5, mix=TRAIN_MIX, max_tokens=max_tokens, rows=5, retrieval=retrieval
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return path.read_bytes()
+
+
+def test_training_rows_without_train_retrieval_text_are_unchanged(science, tmp_path):
+    written = _train_documents(science, tmp_path / "rows.jsonl", 256, None)
+    assert hashlib.sha256(written).hexdigest() == TRAIN_DOCUMENTS_DIGEST
+
+
+def test_train_retrieval_text_hides_the_world_s_keys_in_the_books_train_portion(science, tmp_path):
+    written = _train_documents(science, tmp_path / "rows.jsonl", 1024, "books")
+    docs = [json.loads(line)["text"] for line in written.decode().splitlines()]
+    retrieval = [(doc, found) for doc in docs if (found := long_documents.parts(doc))]
+    assert {doc.startswith(PASSKEY_INTRO) for doc, _ in retrieval} == {True, False}  # pass keys and needles
+    prose = {split: " ".join(text_sentences(read_text("books", split=split))) for split in SPLITS}
+    for doc, (filler, needle, answer) in retrieval:
+        assert answer in needle and doc.endswith(f" {answer}")
+        assert filler in f"{prose['train']} {prose['train']}"  # consecutive train sentences, wrapping at the end
+        assert filler not in prose["validation"] and filler not in prose["test"]
+    assert len({filler[:100] for _, (filler, _, _) in retrieval}) == len(retrieval)  # each its own stretch
+
+
+def test_train_retrieval_text_is_recorded_and_needs_world_documents_in_the_rows(science, monkeypatch, capsys):
+    args = SimpleNamespace(train_text="books", train_text_share=0.5, train_mix=TRAIN_MIX, train_retrieval_text="books")
+    assert science.train_settings(args) == {
+        "text": "books",
+        "text_share": 0.5,
+        "world_mix": TRAIN_MIX,
+        "retrieval_text": "books",
+    }
+    monkeypatch.setattr(science, "output_folder", lambda _: pytest.fail("the run started"))
+    for flags in (["--train_retrieval_text", "books"], ["--train_text", "books", "--train_retrieval_text", "books"]):
+        monkeypatch.setattr(sys, "argv", ["sinklora_science.py", *flags])
+        with pytest.raises(SystemExit) as stopped:
+            science.main()
+        assert stopped.value.code == 2 and "--train_text_share below 1" in capsys.readouterr().err

@@ -2,12 +2,14 @@
 long-context examples at the requested length and depth."""
 
 import hashlib
+import itertools
 import json
 import random
 import re
 
 import pytest
 
+from ctxaware.texts import read_text
 from ctxaware.tokenizer import train_tokenizer
 from ctxaware.world import (
     SPLITS,
@@ -30,9 +32,16 @@ from ctxaware.world import (
     summarization,
     unfaithful_terms,
 )
-from ctxaware.world.longctx import PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION
+from ctxaware.world.longctx import (
+    PASSKEY_INTRO,
+    PASSKEY_NEEDLE,
+    PASSKEY_QUESTION,
+    sentences_from_random_start,
+    text_sentences,
+)
 from ctxaware.world.preference import WORD, candidate_summaries
 from ctxaware.world.tasks import ARITHMETIC_OPS, arithmetic_pairs, arithmetic_records
+from tests import long_documents
 from tests.world_splits import entity_splits, wrong_split_subjects
 
 
@@ -337,3 +346,66 @@ def test_bad_arguments_fail_clearly(world, tokenizer):
         preference_pairs(world, "test", noise=0.9)
     with pytest.raises(ValueError, match="Unknown document kinds"):
         next(pretraining_corpus(world, 1, mix={"poetry": 1.0}))
+
+
+# sha256 of 40 documents of the long-context training mix (seed 0, max_tokens 400), written before the pass key and
+# needle documents could take another haystack than the world's statements: without one they must stay these bytes.
+LONG_MIX_DIGEST = "c47ae93b86beb2d79ab7f1cfaeeaa2e139f3a7c7387d574318960c1f5ea7787b"
+LONG_MIX = {"passkey": 2.0, "needle": 1.0, "key_value": 0.5, "reading": 1.0}
+
+
+def test_long_documents_without_a_haystack_text_are_unchanged(world):
+    docs = [doc["text"] for doc in pretraining_corpus(world, 40, seed=0, mix=LONG_MIX, max_tokens=400)]
+    assert hashlib.sha256("\n".join(docs).encode()).hexdigest() == LONG_MIX_DIGEST
+
+
+def test_long_documents_hide_their_key_in_the_given_text_each_in_its_own_stretch(world):
+    train, test = read_text("books", split="train"), read_text("books", split="test")
+    in_order = " ".join(text_sentences(train))
+    docs = [
+        doc["text"]
+        for doc in pretraining_corpus(
+            world, 16, seed=0, mix={"passkey": 1.0, "needle": 1.0}, max_tokens=2000, haystack_text=train
+        )
+    ]
+    kinds = {doc.startswith(PASSKEY_INTRO) for doc in docs}
+    assert kinds == {True, False}  # both pass key and needle documents
+    test_prose = " ".join(text_sentences(test))
+    fillers = []
+    for doc in docs:
+        filler, needle, answer = long_documents.parts(doc)
+        assert answer in needle and doc.endswith(f" {answer}")  # the key where the format puts it, then its answer
+        assert filler in f"{in_order} {in_order}"  # consecutive sentences of the train text (wrapping at its end)
+        assert filler not in test_prose
+        fillers.append(filler)
+    assert min(map(len, fillers)) > 200
+    assert len({filler[:100] for filler in fillers}) == len(fillers)  # each document its own stretch
+
+
+def test_a_haystack_text_changes_only_the_filler_of_the_long_documents(world):
+    mix = {"passkey": 2.0, "needle": 1.0, "key_value": 0.5, "reading": 1.0}
+    plain = [doc["text"] for doc in pretraining_corpus(world, 40, seed=0, mix=mix, max_tokens=400)]
+    train = read_text("books", split="train")
+    books = [
+        doc["text"] for doc in pretraining_corpus(world, 40, seed=0, mix=mix, max_tokens=400, haystack_text=train)
+    ]
+    found = [long_documents.parts(doc) for doc in plain]
+    assert 0 < sum(part is None for part in found) < len(found)
+    for world_doc, book_doc, parts in zip(plain, books, found, strict=True):
+        if parts is None:  # the same key-value and reading documents in the same places
+            assert book_doc == world_doc
+        else:  # the same kind, needle and answer; another filler
+            assert long_documents.parts(book_doc)[1:] == parts[1:] and book_doc != world_doc
+
+
+def test_sentences_from_random_start_wrap_around_and_need_a_sentence():
+    sentences = ["One.", "Two.", "Three."]
+    starts = set()
+    for seed in range(12):
+        first = list(itertools.islice(sentences_from_random_start(sentences, random.Random(seed)), 5))
+        start = sentences.index(first[0])
+        assert first == (sentences * 3)[start : start + 5]
+        starts.add(start)
+    assert starts == {0, 1, 2}
+    with pytest.raises(ValueError, match="no sentence"):
+        sentences_from_random_start([], random.Random(0))

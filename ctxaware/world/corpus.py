@@ -12,7 +12,7 @@ import random
 from collections.abc import Iterator
 
 from ctxaware.world.entities import RELATIONS, World
-from ctxaware.world.longctx import key_value_document, needle_document, passkey_document
+from ctxaware.world.longctx import key_value_document, needle_document, passkey_document, text_sentences
 from ctxaware.world.preference import SUMMARY_PROMPT, post_record
 from ctxaware.world.tasks import (
     ARITHMETIC_OPS,
@@ -87,21 +87,30 @@ def chat_document(rng: random.Random, world: World) -> str:
 
 
 def pretraining_corpus(
-    world: World, n_docs: int = 200_000, seed: int = 0, mix: dict[str, float] | None = None, max_tokens: int = 512
+    world: World,
+    n_docs: int = 200_000,
+    seed: int = 0,
+    mix: dict[str, float] | None = None,
+    max_tokens: int = 512,
+    haystack_text: str | None = None,
 ) -> Iterator[dict]:
     """`n_docs` documents `{"text"}` drawn by `mix` (default `DEFAULT_MIX`); long documents stay under about
-    `max_tokens` tokens (estimated from characters). Different `seed`s give independent shards."""
+    `max_tokens` tokens (estimated from characters). Different `seed`s give independent shards. The pass key and
+    needle documents hide their key in `haystack_text` (each in its own stretch, from a random sentence on) when
+    given, else in the world's true statements; everything else (document kinds, keys, depths, the other documents)
+    is the same either way."""
     mix = mix or DEFAULT_MIX
     unknown = set(mix) - set(DEFAULT_MIX)
     if unknown:
         raise ValueError(f"Unknown document kinds {sorted(unknown)} in mix; known: {', '.join(DEFAULT_MIX)}.")
+    haystack = None if haystack_text is None else text_sentences(haystack_text)
     makers = {
         "facts": lambda r: facts_document(r, world),
         "closed_qa": lambda r: closed_qa_document(r, world),
         "reading": lambda r: reading_document(r, world),
         "arithmetic": lambda r: arithmetic_document(r, world),
-        "passkey": lambda r: passkey_document(r, world, max_tokens),
-        "needle": lambda r: needle_document(r, world, max_tokens),
+        "passkey": lambda r: passkey_document(r, world, max_tokens, haystack),
+        "needle": lambda r: needle_document(r, world, max_tokens, haystack),
         "key_value": lambda r: key_value_document(r, world, max_tokens),
         "post": lambda r: post_document(r, world),
         "chat": lambda r: chat_document(r, world),

@@ -50,12 +50,26 @@ def _fill(sentences: Iterator[str], budget: int, count: Callable[[list[str]], li
     return chosen
 
 
+def text_sentences(text: str) -> list[str]:
+    """`text`'s sentences in order, each with its whitespace runs folded to one space."""
+    parts = re.split(r"(?<=[.!?])\s+", text.strip())
+    return [" ".join(part.split()) for part in parts if part.strip()]
+
+
+def sentences_from_random_start(sentences: list[str], rng: random.Random) -> Iterator[str]:
+    """`sentences` endlessly, from one drawn by `rng` on and around again from the first: each document that draws
+    its haystack this way reads its own stretch of the text."""
+    if not sentences:
+        raise ValueError("the haystack text holds no sentence: pass a longer text.")
+    start = rng.randrange(len(sentences))
+    return itertools.chain(itertools.islice(sentences, start, None), itertools.cycle(sentences))
+
+
 def _haystack_sentences(haystack_text: str | None, world: World | None, rng: random.Random) -> Iterator[str]:
     """`haystack_text`'s sentences from its start (whitespace runs folded to one space), or the world's filler."""
     if haystack_text is None:
         return filler_sentences(world or build_world(0), rng)
-    parts = re.split(r"(?<=[.!?])\s+", haystack_text.strip())
-    return (" ".join(part.split()) for part in parts if part.strip())
+    return iter(text_sentences(haystack_text))
 
 
 def _insert(haystack: list[str], needle: str, depth: float, sizes: list[int]) -> list[str]:
@@ -131,19 +145,31 @@ def _char_counter(texts: list[str]) -> list[int]:
     return [max(1, round(len(text) / CHARS_PER_TOKEN)) for text in texts]
 
 
-def passkey_document(rng: random.Random, world: World, max_tokens: int) -> str:
-    """A pretraining pass key document of up to about `max_tokens` tokens, answer included."""
+def _document_filler(rng: random.Random, world: World, haystack: list[str] | None, budget: int) -> list[str]:
+    """The filler of a pretraining document, about `budget` tokens: the world's true statements, or `haystack`'s
+    sentences from a random one on. The statements are drawn either way, so that `rng` advances alike and a corpus
+    with another haystack keeps every other draw of the world's (document kinds, keys, depths, other documents); the
+    start in `haystack` comes from a generator seeded with `rng`'s state, which does not advance it."""
+    statements = _fill(filler_sentences(world, rng), budget, _char_counter)
+    if haystack is None:
+        return statements
+    return _fill(sentences_from_random_start(haystack, random.Random(str(rng.getstate()))), budget, _char_counter)
+
+
+def passkey_document(rng: random.Random, world: World, max_tokens: int, haystack: list[str] | None = None) -> str:
+    """A pretraining pass key document of up to about `max_tokens` tokens, answer included; its filler is the world's
+    true statements or `haystack`'s sentences (see `text_sentences`) from a random one on."""
     key = str(rng.randrange(10000, 100000))
     needle = PASSKEY_NEEDLE.format(key=key)
-    sentences = _fill(filler_sentences(world, rng), rng.randrange(16, max(17, max_tokens - 60)), _char_counter)
+    sentences = _document_filler(rng, world, haystack, rng.randrange(16, max(17, max_tokens - 60)))
     body = " ".join(_insert(sentences, needle, rng.random(), _char_counter(sentences)))
     return f"{PASSKEY_INTRO}{body}{PASSKEY_QUESTION} {key}"
 
 
-def needle_document(rng: random.Random, world: World, max_tokens: int) -> str:
-    """A pretraining needle-in-a-haystack document with its question and answer."""
+def needle_document(rng: random.Random, world: World, max_tokens: int, haystack: list[str] | None = None) -> str:
+    """A pretraining needle-in-a-haystack document with its question and answer; its filler as `passkey_document`'s."""
     name, word = rng.choice(world.novel_names["train"]), make_name(rng, 2).lower()
-    sentences = _fill(filler_sentences(world, rng), rng.randrange(16, max(17, max_tokens - 40)), _char_counter)
+    sentences = _document_filler(rng, world, haystack, rng.randrange(16, max(17, max_tokens - 40)))
     context = " ".join(_insert(sentences, NEEDLE.format(name=name, word=word), rng.random(), _char_counter(sentences)))
     return CONTEXT_QA_PROMPT.format(context=context, question=NEEDLE_QUESTION.format(name=name)) + f" {word}"
 

@@ -62,7 +62,7 @@ def test_chunked_kl_equals_the_full_logits_kl(stable_seed, chunk_size, temperatu
     assert nothing.item() == 0 and nothing.requires_grad  # a batch with no counted token
 
 
-def moh_trainer(tmp_path, tokenizer, distill_coef=0.0, with_teacher=False):
+def moh_trainer(tmp_path, tokenizer, distill_coef=0.0, with_teacher=False, **kwargs):
     """The recipe's MoHTrainer on a tiny MoH model (2 shared + top 3 of 6 routed heads; the same weights and router on
     every call), one step of 2 rows of 16 tokens, and the dense model it was converted from (a frozen copy: the
     trainer's teacher `with_teacher`)."""
@@ -85,6 +85,7 @@ def moh_trainer(tmp_path, tokenizer, distill_coef=0.0, with_teacher=False):
         load_log=None,
         teacher=dense if with_teacher else None,
         distill_coef=distill_coef,
+        **kwargs,
     )
     return trainer, dense
 
@@ -120,10 +121,23 @@ def test_without_distillation_the_loss_is_the_lm_and_balance_loss(tmp_path, tiny
     assert torch.equal(loss, reference)
     assert "moh/distill_loss" not in trainer._metrics["train"]
 
-    distilled, _ = moh_trainer(tmp_path, tiny_tokenizer, distill_coef=0.5, with_teacher=True)  # the same model
+    distilled, dense = moh_trainer(  # the same model and rows
+        tmp_path, tiny_tokenizer, distill_coef=0.5, with_teacher=True, distill_temperature=2.0
+    )
     with_kl = distilled.compute_loss(distilled.model.train(), dict(inputs))
     (kl,) = distilled._metrics["train"]["moh/distill_loss"]
     assert kl > 0 and with_kl.item() == pytest.approx(loss.item() + 0.5 * kl, rel=1e-5)
+    backbone = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    with torch.no_grad():  # the logged KL is that of the trainer's batch, heads and temperature
+        hidden = distilled.model.base_model(**backbone).last_hidden_state
+        dense_hidden = dense.base_model(**backbone).last_hidden_state
+        expected = next_token_kl(
+            hidden, distilled.model.lm_head, dense_hidden, dense.lm_head, inputs["labels"], temperature=2.0
+        )
+    assert kl == pytest.approx(expected.item(), rel=1e-5)
+    (plain,) = torch.autograd.grad(loss, model.model.layers[0].mlp.down_proj.weight)
+    (distilling,) = torch.autograd.grad(with_kl, distilled.model.model.layers[0].mlp.down_proj.weight)
+    assert not torch.allclose(plain, distilling)  # the KL's gradient reaches the student's backbone
 
 
 def test_recipe_distills_and_records_it(tmp_path):

@@ -67,10 +67,8 @@ def next_token_kl(
     total = student.sum().float() * 0  # connected to the student even when no position counts
     for start in range(0, len(student), chunk_size):
         end = start + chunk_size
-        total = total + checkpoint(
-            _chunk_kl, student[start:end], teacher[start:end], student_head, teacher_head, temperature,
-            use_reentrant=False,
-        )  # fmt: skip
+        chunk = (student[start:end], teacher[start:end], student_head, teacher_head, temperature)
+        total = total + checkpoint(_chunk_kl, *chunk, use_reentrant=False)
     return total * temperature**2 / max(len(student), 1)
 
 

@@ -7,7 +7,8 @@
    noise is a few points, so the targets hold the mean drop over the seeds): about 75% of heads active, about 50%, and
    the dense control. MoH with the recipe's defaults (router at 0.01x the learning rate) except the calibration:
    shared heads and the router's start from head importance measured on `--calibration_rows` training rows, and
-   `--off_head_bias` (none: a routed head left out adds nothing; mean: its mean output on the dense model).
+   `--off_head_bias` (none: a routed head left out adds nothing; mean: its mean output on the dense model), and
+   `--distill_coef` (> 0: the MoH runs also learn from the dense model before conversion, knowledge distillation).
    - tiny (`recipes/configs/moh/default.yaml`): 4 shared + top 2 of 4 routed (75%), 2 shared + top 2 of 6 (50%);
      1200 steps of 16 rows of 512 tokens of the world's corpus (the model's length, the longest pass key evaluated),
      128 calibration rows; every run at once;
@@ -170,6 +171,17 @@ def parse_args():
         choices=("none", "mean"),
         help="MoH runs: a routed head left out adds nothing (none) or its mean output on the dense model (mean)",
     )
+    parser.add_argument(
+        "--distill_coef",
+        type=float,
+        default=0.0,
+        help="MoH runs: weight of the KL divergence from the dense model before conversion (a frozen teacher) to the "
+        "MoH model's next-token distributions, added to the training loss (0: none; the dense control is never "
+        "distilled)",
+    )
+    parser.add_argument(
+        "--distill_temperature", type=float, default=1.0, help="MoH runs: temperature of the distillation loss"
+    )
     parser.add_argument("--train_workers", type=int, help="trainings at a time (default: the model's)")
     parser.add_argument("--eval_workers", type=int, help="evaluations at a time (default: the model's)")
     parser.add_argument(
@@ -203,6 +215,22 @@ def parse_args():
     if profile.text_rows and not 0 < args.text_rows <= args.steps * args.batch_size:
         parser.error(f"--text_rows {args.text_rows}: choose 1 to steps x batch_size ({args.steps * args.batch_size})")
     return args, moh_args, profile
+
+
+def moh_flags(args, moh_args: list[str]) -> list[str]:
+    """The flags of the MoH runs (not the dense control's): the check's MoH options, then the passed-on flags, which
+    override them."""
+    return [
+        "--calibration_rows",
+        str(args.calibration_rows),
+        "--off_head_bias",
+        args.off_head_bias,
+        "--distill_coef",
+        str(args.distill_coef),
+        "--distill_temperature",
+        str(args.distill_temperature),
+        *moh_args,
+    ]
 
 
 def recipe_command(args, profile: Profile, name: str, seed: int, folder, moh_flags: list[str]) -> list[str]:
@@ -287,17 +315,11 @@ def main() -> None:
     for folder in folders.values():
         folder.parent.mkdir(exist_ok=True)
 
-    moh_flags = [
-        "--calibration_rows",
-        str(args.calibration_rows),
-        "--off_head_bias",
-        args.off_head_bias,
-        *moh_args,
-    ]  # last: passed-on flags override
+    flags = moh_flags(args, moh_args)
     started = time.perf_counter()
     run_parallel(
         [
-            (recipe_command(args, profile, name, seed, folder, moh_flags), folder.with_suffix(".log"))
+            (recipe_command(args, profile, name, seed, folder, flags), folder.with_suffix(".log"))
             for (seed, name), folder in folders.items()
         ],
         workers=args.train_workers,
@@ -330,6 +352,8 @@ def main() -> None:
             "seeds": seeds,
             "calibration_rows": args.calibration_rows,
             "off_head_bias": args.off_head_bias,
+            "distill_coef": args.distill_coef,
+            "distill_temperature": args.distill_temperature,
             "moh_args": moh_args,
             "runs": {name: run[0] for name, run in runs.items()},
             "tasks": profile.tasks,

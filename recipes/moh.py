@@ -15,12 +15,15 @@ starts close to the dense one (`shared_heads first` and `router_init random`: th
 router). The router then learns at `router_lr_ratio` x the learning rate. `off_head_bias mean` gives each routed head
 that the router leaves out its mean output on the dense model (a learnable bias) instead of zero, and ranks heads by
 the cost of mean-ablating them. The router (`ctxaware.methods.moh.adapter`) is attached to the model, the training loss is the LM loss plus
-`balance_coef` * the Switch-style load-balance loss, and the kernel skips the (token, head) pairs the router leaves
+`balance_coef` * the Switch-style load-balance loss (with `distill_coef` > 0, plus `distill_coef` * the KL divergence
+of the MoH model's next-token distributions from those of a frozen copy of the dense model before conversion, at
+`distill_temperature`: knowledge distillation), and the kernel skips the (token, head) pairs the router leaves
 out. `train_base` continue-tunes the model's weights with the router (the paper's setting); false trains the router
-only. Logged each `logging_steps`: `moh/balance_loss`, `moh/active_fraction`, `moh/load_max` and `moh/load_min` (a
-routed head's share of tokens over its fair share k / n_r: 1 is balanced); the load of every routed head goes to
-`load.jsonl`. Outputs in `output_dir`: `model/` (the continue-tuned weights, a plain transformers model, unless
-`train_base` is false), `adapter/` (the router, with its off-head bias, in the ctxaware adapter format),
+only. Logged each `logging_steps`: `moh/balance_loss`, `moh/distill_loss` (when distilling), `moh/active_fraction`,
+`moh/load_max` and `moh/load_min` (a routed head's share of tokens over its fair share k / n_r: 1 is balanced); the
+load of every routed head goes to `load.jsonl`. Outputs in `output_dir`: `model/` (the continue-tuned weights, a
+plain transformers model, unless `train_base` is false), `adapter/` (the router, with its off-head bias, in the
+ctxaware adapter format),
 `results.json` (held-out LM loss of the dense start, the converted model at step 0 and after training, the step-0
 logit change, the final load; the measured head importance, the shared heads and the fitted routers' agreement with
 each token's costliest heads).
@@ -31,6 +34,7 @@ import json
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,6 +45,7 @@ from transformers import AutoModelForCausalLM, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 from ctxaware.datafiles import load_rows
+from ctxaware.distillation import check_plain_lm_head, final_hidden_states, frozen_copy, next_token_kl
 from ctxaware.heads import heads_by_layer
 from ctxaware.io import atomic_directory
 from ctxaware.methods.moh.adapter import OFF_HEAD_BIASES, ROUTER_INITS, SHARED_HEADS, MoHAdapter, logit_change
@@ -123,6 +128,20 @@ class MoHArguments:
         },
     )
     balance_coef: float = field(default=0.01, metadata={"help": "Weight of the load-balance loss."})
+    distill_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the distillation loss: KL(dense || MoH) between the next-token distributions of a "
+            "frozen copy of the dense model before conversion (the teacher) and the MoH model, on the tokens the LM "
+            "loss counts (0: none; the dense control is not distilled)."
+        },
+    )
+    distill_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Temperature of both distributions in the distillation loss (which is scaled by its square)."
+        },
+    )
     train_base: bool = field(
         default=True, metadata={"help": "Continue-tune the model's weights (false: router only)."}
     )
@@ -177,6 +196,13 @@ class MoHArguments:
             raise ValueError(f"off_head_bias={self.off_head_bias!r}: choose one of {', '.join(OFF_HEAD_BIASES)}.")
         if "importance" in (self.shared_heads, self.router_init) and self.calibration_rows < 1:
             raise ValueError("head importance needs calibration rows: set `calibration_rows` >= 1.")
+        if not (self.distill_coef >= 0 and self.distill_temperature > 0):
+            raise ValueError(
+                f"distill_coef={self.distill_coef}, distill_temperature={self.distill_temperature}: choose "
+                "distill_coef >= 0 (0: no distillation) and distill_temperature > 0."
+            )
+        if self.distill_coef and self.dense_control:
+            raise ValueError("the dense control is not distilled: set distill_coef 0 with dense_control true.")
         if self.off_head_bias == "mean" and self.calibration_rows < 1:
             raise ValueError(
                 "off_head_bias=mean measures head outputs on calibration rows: set `calibration_rows` >= 1."
@@ -267,15 +293,32 @@ def lm_loss(model, rows: list[list[int]], batch_size: int = 8) -> float | None:
 
 # --- training -----------------------------------------------------------------------------------------------------
 class MoHTrainer(SFTTrainer):
-    """SFTTrainer whose loss adds the router's load-balance loss, logging the routing statistics."""
+    """SFTTrainer whose loss adds the router's load-balance loss and, with a `teacher` and `distill_coef` > 0, the
+    distillation loss (`ctxaware.distillation.next_token_kl`), logging the routing statistics and both losses."""
 
-    def __init__(self, *args, adapter: MoHAdapter, balance_coef: float, load_log: Path | None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        adapter: MoHAdapter,
+        balance_coef: float,
+        load_log: Path | None,
+        teacher: torch.nn.Module | None = None,
+        distill_coef: float = 0.0,
+        distill_temperature: float = 1.0,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.adapter, self.balance_coef, self.load_log = adapter, balance_coef, load_log
+        self.teacher, self.distill_coef, self.distill_temperature = teacher, distill_coef, distill_temperature
+        if distill_coef and teacher is None:
+            raise ValueError(f"distill_coef={distill_coef} needs a teacher: pass `teacher`, or distill_coef 0.")
         self._load_sum, self._load_count, self.total_load, self.total_count = None, 0, None, 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        distill = self.distill_coef > 0 and model.training
+        student = self.accelerator.unwrap_model(model)
+        with final_hidden_states(student) if distill else nullcontext() as hidden:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         balance, load = self.adapter.balance_loss(), self.adapter.pop_load()
         if balance is None and load is None:  # evaluation: no routing statistics
             return result
@@ -285,12 +328,32 @@ class MoHTrainer(SFTTrainer):
         metrics["moh/load_min"].append(load.min().item())
         self._load_sum = load if self._load_sum is None else self._load_sum + load
         self._load_count += 1
-        if balance is None:
+        if balance is None and not distill:
             return result
-        metrics["moh/balance_loss"].append(balance.item())
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-        extra = self.balance_coef * balance / steps
+        extra = 0.0
+        if balance is not None:
+            metrics["moh/balance_loss"].append(balance.item())
+            extra = self.balance_coef * balance / steps
+        if distill:
+            kl = self.distill_loss(student, inputs, hidden[0])
+            metrics["moh/distill_loss"].append(kl.item())
+            extra = extra + self.distill_coef * kl / steps
         return (result[0] + extra, result[1]) if return_outputs else result + extra
+
+    def distill_loss(self, student, inputs, hidden: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || student) per counted token of this batch, from the student's final hidden states."""
+        with torch.no_grad():
+            teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            teacher_hidden = self.teacher.base_model(**teacher_inputs).last_hidden_state
+        return next_token_kl(
+            hidden,
+            student.get_output_embeddings(),
+            teacher_hidden,
+            self.teacher.get_output_embeddings(),
+            inputs["labels"],
+            temperature=self.distill_temperature,
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._load_count and self.model.training:
@@ -352,7 +415,10 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig, model_args: MoHMo
     }
     results["dense_eval_loss"] = lm_loss(model, eval_rows)
 
-    adapter = None
+    adapter, teacher = None, None
+    if args.distill_coef:
+        check_plain_lm_head(model.config)
+        teacher = frozen_copy(model)  # the dense model before conversion and training
     if not args.dense_control:
         training = {k: v for k, v in asdict(args).items() if k not in ("dense_control", "num_eval_rows")}
         training |= {"learning_rate": training_args.learning_rate, "max_steps": training_args.max_steps}
@@ -378,6 +444,7 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig, model_args: MoHMo
         )
         results["conversion_seconds"] = time.perf_counter() - started
         results["off_head_bias"] = args.off_head_bias
+        results["distill_coef"], results["distill_temperature"] = args.distill_coef, args.distill_temperature
         shared = heads_by_layer(adapter.heads)
         results["shared_heads"] = [shared.get(layer, []) for layer in range(adapter.layout.num_layers)]
         if adapter.calibration is not None:
@@ -410,7 +477,15 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig, model_args: MoHMo
         if state.is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
             load_log.unlink(missing_ok=True)
-        trainer = MoHTrainer(**common, adapter=adapter, balance_coef=args.balance_coef, load_log=load_log)
+        trainer = MoHTrainer(
+            **common,
+            adapter=adapter,
+            balance_coef=args.balance_coef,
+            load_log=load_log,
+            teacher=teacher,
+            distill_coef=args.distill_coef,
+            distill_temperature=args.distill_temperature,
+        )
     resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir, run_config, BOOKKEEPING_KEYS)
     train_output = trainer.train(resume_from_checkpoint=resume)
     results["train_loss"] = train_output.training_loss

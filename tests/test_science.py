@@ -427,6 +427,20 @@ def test_moh_book_perplexity_targets_on_the_real_model():
     assert "ppl rise per seed" in moh.targets_table(targets([20.0, 20.0]))
 
 
+def test_moh_distillation_flags_go_to_the_moh_runs_only(monkeypatch, tmp_path):
+    moh = load("moh_science")
+    argv = ["--model", "smollm2-135m", "--distill_coef", "1.0", "--distill_temperature", "2", "--balance_coef", "0"]
+    monkeypatch.setattr(sys, "argv", ["moh_science.py", *argv])
+    args, moh_args, profile = moh.parse_args()
+    flags = moh.moh_flags(args, moh_args)
+    commands = {name: moh.recipe_command(args, profile, name, 0, tmp_path / name, flags) for name in args.runs}
+    for name in ("moh75", "moh50"):
+        command = commands[name]
+        assert command[command.index("--distill_coef") + 1] == "1.0" and "--balance_coef" in command
+        assert command[command.index("--distill_temperature") + 1] == "2.0"
+    assert "--distill_coef" not in commands["dense"] and "--distill_temperature" not in commands["dense"]
+
+
 # --- RLHF ----------------------------------------------------------------------------------------------------------
 
 

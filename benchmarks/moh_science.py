@@ -8,7 +8,9 @@
    the dense control. MoH with the recipe's defaults (router at 0.01x the learning rate) except the calibration:
    shared heads and the router's start from head importance measured on `--calibration_rows` training rows, and
    `--off_head_bias` (none: a routed head left out adds nothing; mean: its mean output on the dense model), and
-   `--distill_coef` (> 0: the MoH runs also learn from the dense model before conversion, knowledge distillation).
+   `--distill_coef` (> 0: the MoH runs also learn from a frozen teacher, knowledge distillation: with
+   `--distill_teacher base` the dense model before conversion; with `dense_control` the seed's dense control, trained
+   first: the MoH runs of a seed start once its control has finished).
    - tiny (`recipes/configs/moh/default.yaml`): 4 shared + top 2 of 4 routed (75%), 2 shared + top 2 of 6 (50%);
      1200 steps of 16 rows of 512 tokens of the world's corpus (the model's length, the longest pass key evaluated),
      128 calibration rows; every run at once;
@@ -182,6 +184,13 @@ def parse_args():
     parser.add_argument(
         "--distill_temperature", type=float, default=1.0, help="MoH runs: temperature of the distillation loss"
     )
+    parser.add_argument(
+        "--distill_teacher",
+        default="base",
+        choices=("base", "dense_control"),
+        help="MoH runs' teacher: the dense model before conversion (base), or the same seed's dense control "
+        "(dense_control: the controls train first, then the MoH runs)",
+    )
     parser.add_argument("--train_workers", type=int, help="trainings at a time (default: the model's)")
     parser.add_argument("--eval_workers", type=int, help="evaluations at a time (default: the model's)")
     parser.add_argument(
@@ -212,6 +221,8 @@ def parse_args():
     args.split = args.split or profile.split
     args.train_workers = args.train_workers or profile.train_workers
     args.eval_workers = args.eval_workers or profile.eval_workers
+    if args.distill_teacher == "dense_control" and not (args.distill_coef > 0 and "dense" in args.runs):
+        parser.error("--distill_teacher dense_control: pass --distill_coef > 0 and keep dense in --runs")
     if profile.text_rows and not 0 < args.text_rows <= args.steps * args.batch_size:
         parser.error(f"--text_rows {args.text_rows}: choose 1 to steps x batch_size ({args.steps * args.batch_size})")
     return args, moh_args, profile
@@ -307,6 +318,22 @@ def eval_commands(args, profile: Profile, name: str, folder) -> list[tuple[list[
     return commands
 
 
+def train(args, profile: Profile, folders: dict, flags: list[str]) -> None:
+    """Every (seed, run) training of `folders`, `--train_workers` at a time; with `--distill_teacher dense_control`,
+    the dense controls first, then the MoH runs, each distilled from its seed's control."""
+    if args.distill_teacher == "base":
+        phases = [list(folders)]
+    else:
+        phases = [[key for key in folders if key[1] == "dense"], [key for key in folders if key[1] != "dense"]]
+    for phase in phases:
+        jobs = []
+        for seed, name in phase:
+            teacher = ["--distill_teacher", str(folders[seed, "dense"])] if args.distill_teacher != "base" else []
+            command = recipe_command(args, profile, name, seed, folders[seed, name], [*teacher, *flags])
+            jobs.append((command, folders[seed, name].with_suffix(".log")))
+        run_parallel(jobs, workers=args.train_workers)
+
+
 def main() -> None:
     args, moh_args, profile = parse_args()
     runs, seeds = args.runs, [int(seed) for seed in args.seeds.split(",")]
@@ -315,15 +342,8 @@ def main() -> None:
     for folder in folders.values():
         folder.parent.mkdir(exist_ok=True)
 
-    flags = moh_flags(args, moh_args)
     started = time.perf_counter()
-    run_parallel(
-        [
-            (recipe_command(args, profile, name, seed, folder, flags), folder.with_suffix(".log"))
-            for (seed, name), folder in folders.items()
-        ],
-        workers=args.train_workers,
-    )
+    train(args, profile, folders, moh_flags(args, moh_args))
     seconds = {"train": time.perf_counter() - started}
     evals = [job for (_, name), folder in folders.items() for job in eval_commands(args, profile, name, folder)]
     run_parallel(evals, workers=args.eval_workers)
@@ -354,6 +374,7 @@ def main() -> None:
             "off_head_bias": args.off_head_bias,
             "distill_coef": args.distill_coef,
             "distill_temperature": args.distill_temperature,
+            "distill_teacher": args.distill_teacher,
             "moh_args": moh_args,
             "runs": {name: run[0] for name, run in runs.items()},
             "tasks": profile.tasks,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -14,11 +15,38 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def frozen(model: nn.Module) -> nn.Module:
+    """`model` itself in eval mode, its parameters taking no gradient: a teacher."""
+    model.eval().requires_grad_(False)
+    return model
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` (same dtype and device) in eval mode whose parameters take no gradient: the teacher."""
-    teacher = copy.deepcopy(model).eval()
-    teacher.requires_grad_(False)
-    return teacher
+    """A frozen copy of `model` (same dtype and device): the teacher that is the model before it changes."""
+    return frozen(copy.deepcopy(model))
+
+
+def saved_teacher(source: str, student: nn.Module, tokenizer) -> nn.Module:
+    """The frozen teacher saved at `source` (a model folder, or a recipe's output directory whose `model/` holds
+    one), loaded as `ctxaware.models.load_model` loads any model, in `student`'s dtype and on its device. Refuses a
+    teacher whose tokenizer (token to id) or LM head size differs from the student's `tokenizer` and head."""
+    from ctxaware.models import load_model
+
+    folder = Path(source).expanduser()
+    if (folder / "model" / "config.json").is_file():
+        folder = folder / "model"
+    dtype = str(student.dtype).removeprefix("torch.")
+    teacher, teacher_tokenizer = load_model(str(folder), dtype=dtype, device=str(student.device))
+    sizes = (len(teacher_tokenizer), teacher.get_output_embeddings().out_features)
+    expected = (len(tokenizer), student.get_output_embeddings().out_features)
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab() or sizes != expected:
+        raise ValueError(
+            f"distill_teacher {source}: its vocabulary (tokenizer, LM head: {sizes[0]}, {sizes[1]}) differs from the "
+            f"model's ({expected[0]}, {expected[1]}): pass a model of the same tokenizer, e.g. the dense control "
+            "trained from the same base model."
+        )
+    check_plain_lm_head(teacher.config)
+    return frozen(teacher)
 
 
 @contextmanager

@@ -16,8 +16,9 @@ router). The router then learns at `router_lr_ratio` x the learning rate. `off_h
 that the router leaves out its mean output on the dense model (a learnable bias) instead of zero, and ranks heads by
 the cost of mean-ablating them. The router (`ctxaware.methods.moh.adapter`) is attached to the model, the training loss is the LM loss plus
 `balance_coef` * the Switch-style load-balance loss (with `distill_coef` > 0, plus `distill_coef` * the KL divergence
-of the MoH model's next-token distributions from those of a frozen copy of the dense model before conversion, at
-`distill_temperature`: knowledge distillation), and the kernel skips the (token, head) pairs the router leaves
+of the MoH model's next-token distributions from those of a frozen teacher at `distill_temperature`: knowledge
+distillation; `distill_teacher` base: a copy of the dense model before conversion, or a saved dense model such as the
+dense control's output directory), and the kernel skips the (token, head) pairs the router leaves
 out. `train_base` continue-tunes the model's weights with the router (the paper's setting); false trains the router
 only. Logged each `logging_steps`: `moh/balance_loss`, `moh/distill_loss` (when distilling), `moh/active_fraction`,
 `moh/load_max` and `moh/load_min` (a routed head's share of tokens over its fair share k / n_r: 1 is balanced); the
@@ -45,7 +46,7 @@ from transformers import AutoModelForCausalLM, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 from ctxaware.datafiles import load_rows
-from ctxaware.distillation import check_plain_lm_head, final_hidden_states, frozen_copy, next_token_kl
+from ctxaware.distillation import check_plain_lm_head, final_hidden_states, frozen_copy, next_token_kl, saved_teacher
 from ctxaware.heads import heads_by_layer
 from ctxaware.io import atomic_directory
 from ctxaware.methods.moh.adapter import OFF_HEAD_BIASES, ROUTER_INITS, SHARED_HEADS, MoHAdapter, logit_change
@@ -131,9 +132,17 @@ class MoHArguments:
     distill_coef: float = field(
         default=0.0,
         metadata={
-            "help": "Weight of the distillation loss: KL(dense || MoH) between the next-token distributions of a "
-            "frozen copy of the dense model before conversion (the teacher) and the MoH model, on the tokens the LM "
-            "loss counts (0: none; the dense control is not distilled)."
+            "help": "Weight of the distillation loss: KL(teacher || MoH) between the next-token distributions of a "
+            "frozen teacher (`distill_teacher`) and the MoH model, on the tokens the LM loss counts (0: none; the "
+            "dense control is not distilled)."
+        },
+    )
+    distill_teacher: str = field(
+        default="base",
+        metadata={
+            "help": "The distillation teacher: 'base' (a frozen copy of the dense model before conversion) or the "
+            "path of a saved dense model of the same tokenizer (a model folder, or a recipe output directory with "
+            "`model/`, e.g. the dense control's, which has continue-tuned on the same data)."
         },
     )
     distill_temperature: float = field(
@@ -203,6 +212,11 @@ class MoHArguments:
             )
         if self.distill_coef and self.dense_control:
             raise ValueError("the dense control is not distilled: set distill_coef 0 with dense_control true.")
+        if self.distill_teacher != "base" and not self.distill_coef:
+            raise ValueError(
+                f"distill_teacher={self.distill_teacher!r} teaches nothing without distillation: set distill_coef > 0 "
+                "or distill_teacher base."
+            )
         if self.off_head_bias == "mean" and self.calibration_rows < 1:
             raise ValueError(
                 "off_head_bias=mean measures head outputs on calibration rows: set `calibration_rows` >= 1."
@@ -372,6 +386,17 @@ class MoHTrainer(SFTTrainer):
         return None if self.total_load is None else self.total_load / self.total_count
 
 
+def distillation_teacher(args: MoHArguments, model, tokenizer) -> torch.nn.Module | None:
+    """The frozen teacher (None without distillation): a copy of `model` before conversion (`distill_teacher` base),
+    or the saved model at `distill_teacher` in `model`'s dtype and on its device."""
+    if not args.distill_coef:
+        return None
+    check_plain_lm_head(model.config)
+    if args.distill_teacher == "base":
+        return frozen_copy(model)  # the dense model before conversion and training
+    return saved_teacher(args.distill_teacher, model, tokenizer)
+
+
 def load_summary(load: torch.Tensor) -> dict:
     """Load (share of tokens over the fair share, 1 = balanced) per routed head: extremes and coefficient of variation."""
     return {
@@ -415,10 +440,7 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig, model_args: MoHMo
     }
     results["dense_eval_loss"] = lm_loss(model, eval_rows)
 
-    adapter, teacher = None, None
-    if args.distill_coef:
-        check_plain_lm_head(model.config)
-        teacher = frozen_copy(model)  # the dense model before conversion and training
+    adapter, teacher = None, distillation_teacher(args, model, tokenizer)
     if not args.dense_control:
         training = {k: v for k, v in asdict(args).items() if k not in ("dense_control", "num_eval_rows")}
         training |= {"learning_rate": training_args.learning_rate, "max_steps": training_args.max_steps}
@@ -445,6 +467,7 @@ def main(args: MoHArguments, training_args: MoHTrainingConfig, model_args: MoHMo
         results["conversion_seconds"] = time.perf_counter() - started
         results["off_head_bias"] = args.off_head_bias
         results["distill_coef"], results["distill_temperature"] = args.distill_coef, args.distill_temperature
+        results["distill_teacher"] = args.distill_teacher
         shared = heads_by_layer(adapter.heads)
         results["shared_heads"] = [shared.get(layer, []) for layer in range(adapter.layout.num_layers)]
         if adapter.calibration is not None:

@@ -1,6 +1,8 @@
-"""Distillation during MoH continue-tuning: the chunked KL against a full-logits one, the frozen teacher, the loss
-unchanged without distillation, the recipe's run and its errors."""
+"""Distillation during MoH continue-tuning: the chunked KL against a full-logits one, the frozen teacher (a copy of the
+model before conversion, or a saved model), the loss unchanged without distillation, the recipe's run and its
+errors."""
 
+import copy
 import json
 
 import pytest
@@ -62,13 +64,19 @@ def test_chunked_kl_equals_the_full_logits_kl(stable_seed, chunk_size, temperatu
     assert nothing.item() == 0 and nothing.requires_grad  # a batch with no counted token
 
 
-def moh_trainer(tmp_path, tokenizer, distill_coef=0.0, with_teacher=False, **kwargs):
+def dense_model(tokenizer, seed=0):
+    """The tiny dense model the MoH trainer's model is converted from (seed 0), or another of the same shape."""
+    return tiny_model("llama", num_heads=8, head_dim=4, vocab_size=len(tokenizer), seed=seed)
+
+
+def moh_trainer(tmp_path, tokenizer, distill_coef=0.0, with_teacher=False, teacher=None, **kwargs):
     """The recipe's MoHTrainer on a tiny MoH model (2 shared + top 3 of 6 routed heads; the same weights and router on
     every call), one step of 2 rows of 16 tokens, and the dense model it was converted from (a frozen copy: the
-    trainer's teacher `with_teacher`)."""
+    trainer's teacher `with_teacher`, unless `teacher` is given)."""
     recipe = load_recipe("moh")
-    model = tiny_model("llama", num_heads=8, head_dim=4, vocab_size=len(tokenizer), seed=0)
-    dense = frozen_copy(model)
+    model = dense_model(tokenizer)
+    dense = frozen_copy(model) if teacher is None else teacher
+    with_teacher = with_teacher or teacher is not None
     adapter = MoHAdapter.for_model(model, num_shared_heads=2, top_k=3)
     adapter.attach(model)
     rows = torch.randint(3, len(tokenizer), (2, 16)).tolist()
@@ -105,7 +113,7 @@ def test_the_teacher_stays_frozen_through_a_training_step(tmp_path, tiny_tokeniz
         assert torch.equal(param, before[name]), name
     assert any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), student_before))  # the student moved
     ids = torch.randint(3, 300, (2, 9))
-    dense = tiny_model("llama", num_heads=8, head_dim=4, vocab_size=len(tiny_tokenizer), seed=0)
+    dense = dense_model(tiny_tokenizer)
     with torch.no_grad():  # the teacher is the dense model before conversion, without the student's router
         torch.testing.assert_close(teacher(ids).logits, dense(ids).logits, rtol=0, atol=0)
 
@@ -170,6 +178,7 @@ def test_recipe_distills_and_records_it(tmp_path):
     assert result.stdout.count("'moh/distill_loss'") == 2  # logged each step
     results = json.loads((out / "results.json").read_text())
     assert results["distill_coef"] == 1.0 and results["distill_temperature"] == 2.0
+    assert results["distill_teacher"] == "base"
     assert results["eval_loss"] is not None
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert '"distill_coef": 1.0' in json.dumps(config)  # the router records how it was trained
@@ -182,8 +191,68 @@ def test_recipe_distills_and_records_it(tmp_path):
         ({"distill_coef": float("nan")}, r"distill_coef=nan.*choose distill_coef >= 0"),
         ({"distill_temperature": 0.0}, r"distill_temperature=0.0: choose.*distill_temperature > 0"),
         ({"distill_coef": 1.0, "dense_control": True}, r"the dense control is not distilled: set distill_coef 0"),
+        ({"distill_teacher": "out/dense"}, r"'out/dense' teaches nothing without distillation: set distill_coef > 0"),
     ],
 )
 def test_bad_distillation_options_fail_with_the_fix(values, match):
     with pytest.raises(ValueError, match=match):
         load_recipe("moh").MoHArguments(**values)
+
+
+def save_dense(folder, tokenizer, seed):
+    """A dense model of the trainer's shape (another `seed`: other weights) saved with `tokenizer` in `folder`/model,
+    as the recipe's dense control saves it; returns it."""
+    model = dense_model(tokenizer, seed=seed).eval()
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    return model
+
+
+def test_a_saved_teacher_is_frozen_and_gives_its_own_logits(tmp_path, tiny_tokenizer):
+    recipe = load_recipe("moh")
+    control = save_dense(tmp_path / "dense", tiny_tokenizer, seed=1)
+    base = dense_model(tiny_tokenizer)
+    ids = torch.randint(3, len(tiny_tokenizer), (2, 9))
+    for source in (tmp_path / "dense", tmp_path / "dense" / "model"):  # the output directory or its model folder
+        args = recipe.MoHArguments(distill_coef=1.0, distill_teacher=str(source))
+        teacher = recipe.distillation_teacher(args, base, tiny_tokenizer)
+        assert not teacher.training and not any(param.requires_grad for param in teacher.parameters())
+        with torch.no_grad():
+            logits = teacher(ids).logits
+            torch.testing.assert_close(logits, control(ids).logits, rtol=0, atol=0)
+            assert not torch.allclose(logits, base(ids).logits)  # the saved model's, not the base's
+
+    trainer, _ = moh_trainer(tmp_path / "run", tiny_tokenizer, distill_coef=1.0, teacher=teacher)
+    before = {name: param.detach().clone() for name, param in teacher.named_parameters()}
+    trainer.train()
+    assert trainer.teacher is teacher and not teacher.training
+    for name, param in teacher.named_parameters():  # a training step leaves the saved teacher as it was
+        assert param.grad is None and torch.equal(param, before[name]), name
+
+
+def test_the_base_teacher_is_the_frozen_copy_before_conversion(tmp_path, tiny_tokenizer):
+    recipe = load_recipe("moh")
+    model = dense_model(tiny_tokenizer)
+    assert recipe.distillation_teacher(recipe.MoHArguments(), model, tiny_tokenizer) is None  # no distillation
+    teacher = recipe.distillation_teacher(recipe.MoHArguments(distill_coef=1.0), model, tiny_tokenizer)
+    assert teacher is not model and not teacher.training
+    assert not any(param.requires_grad for param in teacher.parameters())
+    assert all(param.requires_grad for param in model.parameters())  # the student still trains
+    for (name, got), want in zip(teacher.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(got, want), name
+
+    base, _ = moh_trainer(tmp_path, tiny_tokenizer, distill_coef=1.0, teacher=teacher)
+    copied, _ = moh_trainer(tmp_path, tiny_tokenizer, distill_coef=1.0, with_teacher=True)  # today's teacher
+    inputs = base._prepare_inputs(next(iter(base.get_train_dataloader())))
+    loss = base.compute_loss(base.model.train(), dict(inputs))
+    assert torch.equal(loss, copied.compute_loss(copied.model.train(), dict(inputs)))
+
+
+def test_a_teacher_of_another_vocabulary_is_refused(tmp_path, tiny_tokenizer):
+    recipe = load_recipe("moh")
+    other = copy.deepcopy(tiny_tokenizer)
+    other.add_tokens(["<extra>"])
+    save_dense(tmp_path / "other", other, seed=1)
+    args = recipe.MoHArguments(distill_coef=1.0, distill_teacher=str(tmp_path / "other"))
+    with pytest.raises(ValueError, match=r"vocabulary .* differs from the model's .*: pass a model of the same tok"):
+        recipe.distillation_teacher(args, dense_model(tiny_tokenizer), tiny_tokenizer)

@@ -5,6 +5,7 @@ import hashlib
 import json
 import random
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -439,6 +440,41 @@ def test_moh_distillation_flags_go_to_the_moh_runs_only(monkeypatch, tmp_path):
         assert command[command.index("--distill_coef") + 1] == "1.0" and "--balance_coef" in command
         assert command[command.index("--distill_temperature") + 1] == "2.0"
     assert "--distill_coef" not in commands["dense"] and "--distill_temperature" not in commands["dense"]
+
+
+def moh_trainings(monkeypatch, tmp_path, *argv):
+    """The MoH check's training commands, in the order they finish, with `run` stubbed: a dense control takes 0.2 s,
+    a MoH run none (started beside a control, it would finish first); and the (seed, run) folders."""
+    moh = load("moh_science")
+    monkeypatch.setattr(sys, "argv", ["moh_science.py", "--model", "smollm2-135m", "--seeds", "0,1", *argv])
+    args, moh_args, profile = moh.parse_args()
+    finished = []
+
+    def run(command, log):
+        time.sleep(0.2 if "--dense_control" in command else 0)
+        finished.append(command)
+
+    monkeypatch.setattr(load("science_common"), "run", run)
+    folders = {(seed, name): tmp_path / f"seed{seed}" / name for seed in (0, 1) for name in args.runs}
+    moh.train(args, profile, folders, moh.moh_flags(args, moh_args))
+    return finished, folders
+
+
+def test_moh_distilling_from_the_dense_control_trains_each_seeds_control_first(monkeypatch, tmp_path):
+    argv = ["--runs", "moh75,dense", "--distill_coef", "1", "--train_workers", "4"]
+    finished, folders = moh_trainings(monkeypatch, tmp_path, *argv, "--distill_teacher", "dense_control")
+    assert ["--dense_control" in command for command in finished] == [True, True, False, False]
+    for command in finished[2:]:  # each MoH run distills from its own seed's control
+        seed = int(command[command.index("--seed") + 1])
+        assert command[command.index("--distill_teacher") + 1] == str(folders[seed, "dense"])
+    assert "--distill_teacher" not in finished[0] + finished[1]
+
+    finished, _ = moh_trainings(monkeypatch, tmp_path, *argv)  # base teacher: every run at once, as before
+    assert ["--dense_control" in command for command in finished] == [False, False, True, True]
+    assert not any("--distill_teacher" in command for command in finished)
+    for bad in (["--runs", "moh75"], ["--distill_coef", "0"]):  # no control to learn from, or nothing to distill
+        with pytest.raises(SystemExit):
+            moh_trainings(monkeypatch, tmp_path, *argv, *bad, "--distill_teacher", "dense_control")
 
 
 # --- RLHF ----------------------------------------------------------------------------------------------------------

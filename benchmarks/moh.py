@@ -123,7 +123,6 @@ def measure_attention(row, s, active_fractions, hq, hkv, d, device, dtype, backe
     row["host_dense_fwd"] = host_us(ours())
     if device.type == "cuda":
         row["kernels_dense_fwdbwd"] = kernel_ms(fwd_bwd(ours(), (q, k, v)))
-    if device.type == "cuda":
         for name, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             try:
 
@@ -143,9 +142,9 @@ def measure_attention(row, s, active_fractions, hq, hkv, d, device, dtype, backe
             row[f"attn_{routing}_{active}_fwd"] = bench(ours(gates), device, graph=True)
             row[f"attn_{routing}_{active}_fwdbwd"] = bench(fwd_bwd(ours(gates), (q, k, v, gates)), device, graph=True)
             row[f"host_{routing}_{active}_fwd"] = host_us(ours(gates))
-            if device.type == "cuda" and routing == "token":  # what the gated backward spends its time on
+            if device.type == "cuda" and routing == "token":
+                # what the gated backward spends its time on; the gathered rows' index, part of every gated call
                 row[f"kernels_token_{active}_fwdbwd"] = kernel_ms(fwd_bwd(ours(gates), (q, k, v, gates)))
-            if device.type == "cuda" and routing == "token":  # the gathered rows' index, part of every gated call
                 from ctxaware.kernels.triton_attention import _routed_rows
 
                 plain = gates.detach()

@@ -177,9 +177,8 @@ def parse_args():
         "--distill_coef",
         type=float,
         default=0.0,
-        help="MoH runs: weight of the KL divergence from the dense model before conversion (a frozen teacher) to the "
-        "MoH model's next-token distributions, added to the training loss (0: none; the dense control is never "
-        "distilled)",
+        help="MoH runs: weight of the KL divergence from a frozen teacher (--distill_teacher) to the MoH model's "
+        "next-token distributions, added to the training loss (0: none; the dense control is never distilled)",
     )
     parser.add_argument(
         "--distill_temperature", type=float, default=1.0, help="MoH runs: temperature of the distillation loss"

@@ -10,8 +10,9 @@ training rows), passkey and needle-in-a-haystack at 4L. The first variant of eac
 original model and the RoPE-scaled model before any step (the untrained references). The training text is the
 world's documents in `--train_mix` proportions (pass keys weighted up: retrieval at 4L is what the mix teaches), or
 `--train_text` (a `--train_text_share` of the rows, the rest the world's; `--train_retrieval_text` hides the world's
-pass keys and needles in that text's train portion instead of the world's statements). Then H2O and its own baseline inside the original context: passkey and streamed perplexity at L with
-the full cache, H2O (`h2o:B`) and sinks + recent window (`window:B`) at 50% and 20%, with the K/V bytes each holds.
+pass keys and needles in that text's train portion instead of the world's statements). Then H2O and its own baseline
+inside the original context: passkey and streamed perplexity at L with the full cache, H2O (`h2o:B`) and sinks +
+recent window (`window:B`) at 50% and 20%, with the K/V bytes each holds.
 Writes `sinklora_science.json` and `.md` to --out: each variant's perplexity relative to full attention's, its training
 tokens/s (and relative to full attention's) and peak GPU memory as the recipe measured them, and the targets, met or
 missed. `--smoke` (or `--tiny`) runs the same pipeline at toy sizes on CPU.

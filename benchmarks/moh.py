@@ -1,6 +1,6 @@
 """Benchmark MoH routing against dense attention on one GPU: kernel-level and whole-model, timed in the same run.
 
-    python benchmarks/moh.py --out benchmarks/results [--seq 4096 16384] [--active 0.75 0.5]
+    python benchmarks/moh.py --out benchmarks/results [--seq 4096 16384] [--active 0.75 0.5] [--train-step 8 1024]
     python benchmarks/moh.py --out /tmp/moh-smoke --smoke      # CPU: tiny shapes, checks the script end to end
 
 Model: a Llama of about 1B parameters built from a config (Llama-3.2-1B's shapes: 16 layers, hidden 2048, 32 query /
@@ -23,6 +23,9 @@ Measured, B=1, causal, bf16, ms (medians):
   forward and the decode step again as replayed CUDA graphs, the decode through a static cache of S + 1 slots
   (`decode_steps`): GPU time, the router and the gates inside the graph. From Python a 1B model's decode step is
   host-bound and so is its forward at 4k, so only the graph rows compare work.
+- with `--train-step B S`: SmolLM2-135M's training step (random weights, every weight trainable, loss over its
+  49,152-token vocabulary) dense and as MoH at 7/9 and 5/9 active, token-routed with the off-head mean bias: wall
+  ms from Python and the GPU time of its kernels.
 Writes moh.json (all timings, GPU, versions, command) and moh.md (tables with ratios to dense) to --out.
 """
 
@@ -56,6 +59,17 @@ LLAMA_1B = dict(
     vocab_size=128256,
     tie_word_embeddings=True,
 )
+SMOLLM2_135M = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+)
+TRAINING_SPLITS = ((4, 3), (3, 2))  # SmolLM2's MoH runs: (shared, top_k) of its 9 query heads, 7/9 and 5/9 active
 SMOKE = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -248,6 +262,43 @@ def measure_model(row, s, active_fractions, config_kwargs, device, dtype, graphs
         torch.cuda.empty_cache()
 
 
+def measure_training_step(row, batch, s, config_kwargs, device, dtype):
+    """SmolLM2-135M's continue-tuning step (forward, loss over the vocabulary, backward; every weight trainable, as
+    `recipes/configs/moh/smollm2.yaml` trains) dense and as MoH at 7/9 and 5/9 active heads, token-routed with the
+    off-head mean bias the SmolLM2 runs use: wall ms from Python (what a user waits for) and the GPU time of its
+    kernels (torch.profiler). Random weights; the optimizer step, the same for all, is left out."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from ctxaware.methods.moh.adapter import MoHAdapter
+
+    config = LlamaConfig(**config_kwargs, max_position_embeddings=max(s, 2048))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="ctxaware").to(device).train()
+    ids = torch.randint(0, config.vocab_size, (batch, s), device=device)
+    key = f"step_{batch}x{s}"
+
+    def time_step(name, trainable):
+        def step():
+            for p in trainable:
+                p.grad = None
+            model(input_ids=ids, labels=ids).loss.backward()
+
+        row[f"{key}_{name}"] = bench(step, device)
+        if device.type == "cuda":
+            row[f"{key}_{name}_gpu"] = sum(kernel_ms(step).values())
+
+    time_step("dense", list(model.parameters()))
+    for shared, top_k in TRAINING_SPLITS:
+        adapter = MoHAdapter.for_model(
+            model, num_shared_heads=shared, top_k=top_k, off_head_bias="mean", calibration=[ids[:1, :128]]
+        )
+        adapter.to(device).attach(model)
+        time_step(f"moh_{shared}_{top_k}", list(model.parameters()) + list(adapter.parameters()))
+        adapter.detach()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder for moh.json and moh.md")
@@ -259,6 +310,15 @@ def main():
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also time the 1B model's forward and decode step as replayed CUDA graphs (GPU time; static cache)",
+    )
+    parser.add_argument(
+        "--train-step",
+        type=int,
+        nargs=2,
+        action="append",
+        metavar=("B", "S"),
+        help="also time SmolLM2-135M's training step, dense and MoH, at B rows of S tokens (repeatable; "
+        "the SmolLM2 recipe trains 8 x 1024)",
     )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script, times nothing real")
     args = parser.parse_args()
@@ -283,6 +343,12 @@ def main():
         print(json.dumps(row), flush=True)
         rows.append(row)
         write(args, rows, device, time.time() - start)  # after every row: a cut-short run keeps what it measured
+    for batch, s in args.train_step or ():
+        row = {"train_step": [batch, s]}
+        measure_training_step(row, batch, s, SMOKE if args.smoke else SMOLLM2_135M, device, dtype)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        write(args, rows, device, time.time() - start)
 
 
 KERNEL_LINES = 8  # kernels listed per profiled call, slowest first
@@ -302,6 +368,25 @@ def kernel_lines(rows) -> list[str]:
         lines.append(
             f"- S={s}, {what} (all kernels {total:.3f}): " + "; ".join(f"{k[:70]} {v:.3f}" for k, v in slowest)
         )
+    return lines
+
+
+def training_lines(rows) -> list[str]:
+    """SmolLM2-135M's training step, dense and each MoH split: wall ms, then GPU ms where profiled, x of dense."""
+    lines = []
+    for r in (r for r in rows if "train_step" in r):
+        batch, s = r["train_step"]
+        key = f"step_{batch}x{s}"
+        if not lines:
+            lines = ["", "SmolLM2-135M training step (forward, loss, backward), ms; x of dense:", ""]
+            lines += ["| B x S | model | wall | GPU |", "|---|---|---|---|"]
+        for name in ["dense"] + [f"moh_{shared}_{top_k}" for shared, top_k in TRAINING_SPLITS]:
+            label = "dense" if name == "dense" else "MoH {} shared + top {}".format(*name.split("_")[1:])
+            cells = []
+            for suffix in ("", "_gpu"):
+                value, dense = r.get(key + "_" + name + suffix), r.get(key + "_dense" + suffix)
+                cells.append("n/a" if value is None else f"{value:.1f} ({value / dense:.2f}x)")
+            lines.append(f"| {batch} x {s} | {label} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -356,7 +441,7 @@ def write(args, rows, device, seconds):
         ("host time of a 1B decode step, token-routed (us, not ms)", "host_dense_decode", "host_token_{}_decode"),
         ("host time of a 1B decode step, chunk-routed (us, not ms)", "host_dense_decode", "host_chunk_{}_decode"),
     ]
-    for r in rows:
+    for r in (r for r in rows if "S" in r):
         for label, dense, routed in kinds:
             if dense not in r:
                 continue
@@ -385,7 +470,7 @@ def write(args, rows, device, seconds):
         "mostly host time). Chunk routing runs its router on the step that begins a chunk (one step in 128; the step "
         "measured when S is a multiple of 128); the other steps reuse the chunk's gates.",
     ]
-    lines += kernel_lines(rows)
+    lines += kernel_lines(rows) + training_lines(rows)
     write_results(out, {"moh.json": json.dumps({"meta": meta, "rows": rows}, indent=1), "moh.md": "\n".join(lines)})
 
 

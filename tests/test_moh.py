@@ -457,8 +457,9 @@ def test_readme_commands_parse():
 def test_speed_benchmark_smoke_times_token_and_chunk_routing(tmp_path):
     """`benchmarks/moh.py --smoke` (CPU, toy shapes) writes every timing the GPU run reports, chunk routing, the CUDA-graph
     peers of the forward and the decode step (eagerly on the CPU) and the decode's host time included."""
-    subprocess.run([sys.executable, "benchmarks/moh.py", "--out", str(tmp_path), "--smoke"], check=True)
-    (row,) = json.loads((tmp_path / "moh.json").read_text())["rows"]
+    command = [sys.executable, "benchmarks/moh.py", "--out", str(tmp_path), "--smoke", "--train-step", "2", "64"]
+    subprocess.run(command, check=True)
+    row, step = json.loads((tmp_path / "moh.json").read_text())["rows"]
     assert row["model_dense_decode_graph"] > 0 and row["model_dense_fwd_graph"] > 0 and row["host_dense_decode"] > 0
     for routing in ("token", "chunk"):
         for active in (0.75, 0.5):
@@ -475,6 +476,12 @@ def test_speed_benchmark_smoke_times_token_and_chunk_routing(tmp_path):
             cells = [f"{dense:.2f}"] + [f"{value:.2f} ({value / dense:.2f}x)" for value in graphed]  # ratios to dense
             assert line.endswith(" | ".join(cells) + " |")
     assert "host time of a 1B decode step, token-routed" in table
+    # the training step, dense and both SmolLM2 splits, each with its ratio to dense (no GPU time on the CPU)
+    assert step["train_step"] == [2, 64]
+    for name, label in (("dense", "dense"), ("moh_4_3", "MoH 4 shared + top 3"), ("moh_3_2", "MoH 3 shared + top 2")):
+        value = step[f"step_2x64_{name}"]
+        assert value > 0
+        assert f"| 2 x 64 | {label} | {value:.1f} ({value / step['step_2x64_dense']:.2f}x) | n/a |" in table
 
 
 def test_speed_benchmark_lists_each_profiled_calls_slowest_kernels():

@@ -254,6 +254,22 @@ def test_triton_patterns(poisoned, pattern):
     check_results_match(res, kw)
 
 
+@pytest.mark.parametrize(
+    "pattern, sq, sk, extra",
+    [
+        (AttentionPattern.sf(24, sinks=20), 100, 100, dict(pad="left")),  # sinks over two key tiles, padded keys
+        (AttentionPattern.sf(16, sinks=4), 70, 90, dict(doc=True)),  # queries after a prefix, packed documents
+        (AttentionPattern.sliding_window(9, sinks=3), 83, 83, dict(hq=6, hkv=2)),
+    ],
+)
+@interpreted
+def test_triton_sink_tiles_summed_over_query_chunks(poisoned, pattern, sq, sk, extra):
+    """dK, dV of the key tiles holding sinks come from chunks of queries summed side by side (several chunks here)."""
+    q, k, v, kw = make_case(sq=sq, sk=sk, **extra)
+    res = run_both(q, k, v, kw, pattern=pattern)
+    check_results_match(res, kw)
+
+
 @pytest.mark.parametrize("causal, pattern", [(False, "window"), (True, "sf_ratio")])
 @interpreted
 def test_triton_routed_gates_with_an_unrouted_head_and_an_all_routed_row(poisoned, causal, pattern):

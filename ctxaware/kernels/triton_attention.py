@@ -467,13 +467,15 @@ def _dkdv_tiles(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, PAD, DOC, ROWS, RANK, DK, DV,
+    Q, K, V, DO, LSE, DELTA, PAD, DOC, ROWS, RANK, DK, DV, PART_K, PART_V,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
-    Hq, Hkv, Sq, Sk, kv_group, qk_scale, scale, cap2, G, W, SINKS, n_unshifted, HEAD_GROUP,
+    Hq, Hkv, Sq, Sk, kv_group, qk_scale, scale, cap2, G, W, SINKS, n_unshifted, HEAD_GROUP, n_chunks,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr,
-    IEEE: tl.constexpr, SOFTCAP: tl.constexpr, GATHER: tl.constexpr,
+    IEEE: tl.constexpr, SOFTCAP: tl.constexpr, GATHER: tl.constexpr, SINK_SPLIT: tl.constexpr,
 ):  # fmt: skip
+    """dK, dV of one key tile. SINK_SPLIT: a tile holding sink keys, which every later query sees, was summed in chunks
+    of queries by `_bwd_dkdv_sinks_kernel` (PART_K, PART_V); this program only adds the chunks up."""
     bkv, pid_n = _launch_order(tl.cdiv(Sk, BN), HEAD_GROUP)  # causal: the first key tiles are the longest
     b = (bkv // Hkv).to(tl.int64)
     kvh = (bkv % Hkv).to(tl.int64)
@@ -494,7 +496,15 @@ def _bwd_dkdv_kernel(
         k_doc = tl.load(DOC + b * Sk + offs_n, mask=col_in, other=-2)
     dk = tl.zeros([BN, DP], tl.float32)
     dv = tl.zeros([BN, DP], tl.float32)
-    for hh in range(kv_group):
+    heads = kv_group
+    if SINK_SPLIT:  # noqa: SIM102 (compiled out without the split; the inner test runs per program)
+        if n0 < SINKS:
+            heads = kv_group * 0
+            part = ((bkv * tl.cdiv(SINKS, BN) + pid_n) * n_chunks * BN + offs_n[:, None] - n0) * DP + offs_d[None, :]
+            for c in range(n_chunks):
+                dk += tl.load(PART_K + part + c * BN * DP)
+                dv += tl.load(PART_V + part + c * BN * DP)
+    for hh in range(heads):
         h = kvh * kv_group + hh
         bh = b * Hq + h
         shift = (h >= n_unshifted).to(tl.int32) * (G // 2)
@@ -528,6 +538,56 @@ def _bwd_dkdv_kernel(
     out_off = bkv.to(tl.int64) * Sk * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dkdv_sinks_kernel(
+    Q, K, V, DO, LSE, DELTA, PAD, DOC, PART_K, PART_V,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+    Hq, Hkv, Sq, Sk, kv_group, qk_scale, cap2, G, W, SINKS, n_unshifted, n_chunks, CHUNK,
+    D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
+    HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
+):  # fmt: skip
+    """Causal dK, dV of the key tiles holding sinks, each over one chunk of CHUNK query rows: every query after a sink
+    sees it, so one program per tile would loop over all Sq rows for each head of its group while the other tiles
+    loop over one group of rows; the chunks run side by side. Writes fp32 partial sums (dK unscaled) to PART_K, PART_V
+    [B * Hkv, sink tiles, n_chunks, BN, DP], which `_bwd_dkdv_kernel` adds up."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(SINKS, BN)
+    c = pid % n_chunks
+    pid_n = pid // n_chunks % n_tiles
+    bkv = pid // (n_chunks * n_tiles)
+    b = (bkv // Hkv).to(tl.int64)
+    kvh = (bkv % Hkv).to(tl.int64)
+    q_offset = Sk - Sq
+    n0 = pid_n * BN
+    offs_n = n0 + tl.arange(0, BN)
+    offs_d = tl.arange(0, DP)
+    col_in = offs_n < Sk
+    kv_mask = col_in[:, None] & (offs_d[None, :] < D)
+    k = tl.load(K + b * skb + kvh * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + kvh * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+    col_ok = col_in
+    if HAS_PAD:
+        col_ok = col_ok & (tl.load(PAD + b * Sk + offs_n, mask=col_in, other=0) != 0)
+    k_doc = offs_n
+    if HAS_DOC:
+        k_doc = tl.load(DOC + b * Sk + offs_n, mask=col_in, other=-2)
+    start = tl.maximum(tl.maximum(n0 - q_offset, 0) // BM * BM, c * CHUNK)  # causal: queries from the tile on
+    stop = tl.minimum(c * CHUNK + CHUNK, Sq)
+    dk = tl.zeros([BN, DP], tl.float32)
+    dv = tl.zeros([BN, DP], tl.float32)
+    for hh in range(kv_group):
+        h = kvh * kv_group + hh
+        shift = (h >= n_unshifted).to(tl.int32) * (G // 2)
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, Q, DO, LSE, DELTA, DOC, LSE, b, h, b * Hq + h, offs_n, col_ok, k_doc, start, stop,
+            sqb, sqh, sqm, sdob, sdoh, sdom, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale, cap2,
+            D, DP, BM, KIND, True, HAS_DOC, IEEE, SOFTCAP, True, False,
+        )  # fmt: skip
+    out_off = (pid * BN + offs_n[:, None] - n0) * DP + offs_d[None, :]
+    tl.store(PART_K + out_off, dk)
+    tl.store(PART_V + out_off, dv)
 
 
 @triton.jit
@@ -699,6 +759,7 @@ FALLBACK_NUM_WARPS = 4
 FALLBACK_NUM_WARPS_WIDE = 8  # head_dim >= 128, and the mass kernel at any head_dim
 BWD_DELTA_BM = 64  # query rows per program of the backward's delta = rowsum(dO * O) kernel
 ROUTED_ROWS_BLOCK = 1024  # rows per step of the routed-rows scan (one program per (batch, head))
+SINK_CHUNK_ROWS = 1024  # query rows per program of the sink tiles' dK, dV (`_bwd_dkdv_sinks_kernel`); a multiple of BM
 
 
 def _blocks(kernel: str, sq: int, d: int, dtype: torch.dtype, sparse: bool, labels: bool = False) -> dict:
@@ -842,10 +903,25 @@ class _TritonAttention(torch.autograd.Function):
         dk = _empty((b, hkv, sk, d), k)
         dv = _empty((b, hkv, sk, d), v)
         cfg = _blocks("dkdv", sq, d, q.dtype, flags["KIND"] != 0)
+        chunk = 2 * INTERPRET_TILE if _interpreting() else SINK_CHUNK_ROWS
+        n_chunks = _cdiv(sq, chunk)
+        # sink keys (every later query sees them): their tiles' queries in chunks side by side, not in one program
+        split = flags["CAUSAL"] and flags["SINKS"] > 0 and flags["KIND"] != 0 and not gather and n_chunks > 1
+        part_k = part_v = lse
+        if split:
+            n_sink_programs = b * hkv * _cdiv(flags["SINKS"], cfg["BN"]) * n_chunks
+            part_k = _empty((n_sink_programs, cfg["BN"], flags["DP"]), q, torch.float32)
+            part_v = _empty((n_sink_programs, cfg["BN"], flags["DP"]), q, torch.float32)
+            sink_flags = {name: flags[name] for name in ("D", "DP", "KIND", "HAS_PAD", "HAS_DOC", "IEEE", "SOFTCAP")}
+            _bwd_dkdv_sinks_kernel[(n_sink_programs,)](
+                q, k, v, dout, lse, delta, *extra, part_k, part_v, *common,
+                hq, hkv, sq, sk, hq // hkv, qk_scale, cap2, flags["G"], flags["W"], flags["SINKS"],
+                flags["n_unshifted"], n_chunks, chunk, **sink_flags, **cfg,
+            )  # fmt: skip
         _bwd_dkdv_kernel[(b * hkv * _cdiv(sk, cfg["BN"]),)](
-            q, k, v, dout, lse, delta, *extra, rows, rank, dk, dv, *common,
+            q, k, v, dout, lse, delta, *extra, rows, rank, dk, dv, part_k, part_v, *common,
             hq, hkv, sq, sk, hq // hkv, qk_scale, scale, cap2, GATHER=gather, HEAD_GROUP=_head_group(b * hkv, 1, k),
-            **flags, **cfg,
+            n_chunks=n_chunks, SINK_SPLIT=split, **flags, **cfg,
         )  # fmt: skip
         dq = _empty((b, hq, sq, d), q)
         cfg = _blocks("dq", sq, d, q.dtype, flags["KIND"] != 0)

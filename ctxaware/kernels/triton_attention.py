@@ -11,6 +11,8 @@ accumulation.
 - backward: FlashAttention-2 style, a key-major dk/dv kernel looping over the query heads of its key/value head (no
   atomics under GQA) and a query-major dq kernel, both walking only routed rows when there are head gates (as the
   forward); dO is scaled by the gates once before them, and gate gradients come from delta = rowsum(dO * out) / gate.
+  Key tiles holding sinks, which every later query sees, are summed over chunks of queries in parallel first
+  (`_bwd_dkdv_sinks_kernel`), so their programs do not outlast the rest of the grid.
 """
 
 from __future__ import annotations

@@ -16,6 +16,19 @@ from science_common import git_commit  # noqa: E402, F401  (re-exported: the ben
 from ctxaware.io import write_text  # noqa: E402
 
 
+# SmolLM2-135M-Instruct's shape (its config.json), for the benchmarks that build it with random weights
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    tie_word_embeddings=True,
+)
+
+
 def bench(fn) -> float:
     """Median ms of `triton.testing.do_bench` on the GPU, after one call outside the timing (compilation)."""
     fn()

@@ -39,8 +39,8 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import SMOLLM2_135M, bench_graph, git_commit, host_us, kernel_ms, write_results
 from bench_common import bench as bench_gpu
-from bench_common import bench_graph, git_commit, host_us, kernel_ms, write_results
 from transformers import DynamicCache, StaticCache
 
 
@@ -57,16 +57,6 @@ LLAMA_1B = dict(
     num_key_value_heads=8,
     head_dim=64,
     vocab_size=128256,
-    tie_word_embeddings=True,
-)
-SMOLLM2_135M = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    head_dim=64,
-    vocab_size=49152,
     tie_word_embeddings=True,
 )
 TRAINING_SPLITS = ((4, 3), (3, 2))  # SmolLM2's MoH runs: (shared, top_k) of its 9 query heads, 7/9 and 5/9 active

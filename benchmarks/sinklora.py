@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import git_commit, kernel_ms
+from bench_common import SMOLLM2_135M, git_commit, kernel_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -95,17 +95,7 @@ SHAPES = {
         num_key_value_heads=4,
         rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 8.0},
     ),
-    "smollm2": dict(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        tie_word_embeddings=True,
-        rope_parameters={"rope_type": "linear", "rope_theta": 100000.0, "factor": 4.0},
-    ),
+    "smollm2": dict(**SMOLLM2_135M, rope_parameters={"rope_type": "linear", "rope_theta": 100000.0, "factor": 4.0}),
 }
 
 

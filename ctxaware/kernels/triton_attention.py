@@ -468,6 +468,26 @@ def _dkdv_tiles(
 
 
 @triton.jit
+def _key_tile(
+    K, V, PAD, DOC, b, kvh, offs_n, offs_d, skb, skh, skn, svb, svh, svn, Sk,
+    D: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr,
+):  # fmt: skip
+    """A backward program's key tile: (k, v, their load mask, keys that may be attended (in range, not padding), each
+    key's document id, or its position without packing)."""
+    col_in = offs_n < Sk
+    kv_mask = col_in[:, None] & (offs_d[None, :] < D)
+    k = tl.load(K + b * skb + kvh * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + kvh * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+    col_ok = col_in
+    if HAS_PAD:
+        col_ok = col_ok & (tl.load(PAD + b * Sk + offs_n, mask=col_in, other=0) != 0)
+    k_doc = offs_n
+    if HAS_DOC:
+        k_doc = tl.load(DOC + b * Sk + offs_n, mask=col_in, other=-2)
+    return k, v, kv_mask, col_ok, k_doc
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, PAD, DOC, ROWS, RANK, DK, DV, PART_K, PART_V,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
@@ -486,16 +506,9 @@ def _bwd_dkdv_kernel(
     n1 = tl.minimum(n0 + BN, Sk) - 1
     offs_n = n0 + tl.arange(0, BN)
     offs_d = tl.arange(0, DP)
-    col_in = offs_n < Sk
-    kv_mask = col_in[:, None] & (offs_d[None, :] < D)
-    k = tl.load(K + b * skb + kvh * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + kvh * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-    col_ok = col_in
-    if HAS_PAD:
-        col_ok = col_ok & (tl.load(PAD + b * Sk + offs_n, mask=col_in, other=0) != 0)
-    k_doc = offs_n
-    if HAS_DOC:
-        k_doc = tl.load(DOC + b * Sk + offs_n, mask=col_in, other=-2)
+    k, v, kv_mask, col_ok, k_doc = _key_tile(
+        K, V, PAD, DOC, b, kvh, offs_n, offs_d, skb, skh, skn, svb, svh, svn, Sk, D, HAS_PAD, HAS_DOC
+    )
     dk = tl.zeros([BN, DP], tl.float32)
     dv = tl.zeros([BN, DP], tl.float32)
     heads = kv_group
@@ -565,16 +578,9 @@ def _bwd_dkdv_sinks_kernel(
     n0 = pid_n * BN
     offs_n = n0 + tl.arange(0, BN)
     offs_d = tl.arange(0, DP)
-    col_in = offs_n < Sk
-    kv_mask = col_in[:, None] & (offs_d[None, :] < D)
-    k = tl.load(K + b * skb + kvh * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + kvh * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-    col_ok = col_in
-    if HAS_PAD:
-        col_ok = col_ok & (tl.load(PAD + b * Sk + offs_n, mask=col_in, other=0) != 0)
-    k_doc = offs_n
-    if HAS_DOC:
-        k_doc = tl.load(DOC + b * Sk + offs_n, mask=col_in, other=-2)
+    k, v, _, col_ok, k_doc = _key_tile(
+        K, V, PAD, DOC, b, kvh, offs_n, offs_d, skb, skh, skn, svb, svh, svn, Sk, D, HAS_PAD, HAS_DOC
+    )
     start = tl.maximum(tl.maximum(n0 - q_offset, 0) // BM * BM, c * CHUNK)  # causal: queries from the tile on
     stop = tl.minimum(c * CHUNK + CHUNK, Sq)
     dk = tl.zeros([BN, DP], tl.float32)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs long GPU jobs across device calls: each lane is a detached process that outlives the call that started it,
+# and every call (start or poll) waits up to WAIT seconds, then copies all lanes' logs and results to $OUT.
+#   bash benchmarks/device/lanes.sh start LANES_FILE WAIT     LANES_FILE: one lane a line, "name<TAB>command"
+#   bash benchmarks/device/lanes.sh poll WAIT                  (in a later call on the same warm machine)
+# A lane's command runs from the repository root with benchmarks/device/setup.sh sourced and LANE_OUT set to its
+# results folder; /tmp/lanes/<name>/rc appears when it ends.
+set -uo pipefail
+cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
+root=/tmp/lanes
+mode=${1:?start or poll}
+if [ "$mode" = start ]; then
+  lanes_file=${2:?lanes file}; wait_s=${3:?seconds}
+  mkdir -p $root
+  while IFS=$'\t' read -r name cmd; do
+    [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
+    mkdir -p "$root/$name/out"
+    printf '%s\n' "$cmd" > "$root/$name/cmd"
+    setsid bash -c "source benchmarks/device/setup.sh >/dev/null; export LANE_OUT=$root/$name/out; \
+      ( $cmd ) > $root/$name/log 2>&1; echo \$? > $root/$name/rc" < /dev/null > /dev/null 2>&1 &
+    echo "started lane $name"
+  done < "$lanes_file"
+else
+  wait_s=${2:?seconds}
+fi
+deadline=$((SECONDS + wait_s))
+while [ $SECONDS -lt $deadline ]; do
+  running=0
+  for d in $root/*/; do [ -f "$d/rc" ] || running=$((running + 1)); done
+  [ $running -eq 0 ] && break
+  sleep 10
+done
+for d in $root/*/; do
+  name=$(basename "$d")
+  echo "lane $name: $( [ -f "$d/rc" ] && echo "ended rc=$(cat "$d/rc")" || echo running ); last lines:"
+  tail -n 4 "$d/log" 2>/dev/null | sed 's/^/    /'
+done
+nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+[ -n "${OUT:-}" ] && cp -r $root "$OUT/" 2>/dev/null
+exit 0

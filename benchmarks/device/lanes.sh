@@ -4,10 +4,10 @@
 #   bash benchmarks/device/lanes.sh start LANES_FILE WAIT     LANES_FILE: one lane a line, "name<TAB>command"
 #   bash benchmarks/device/lanes.sh poll WAIT                  (in a later call on the same warm machine)
 # A lane's command runs from the repository root with benchmarks/device/setup.sh sourced and LANE_OUT set to its
-# results folder; /tmp/lanes/<name>/rc appears when it ends.
+# results folder; $LANES_ROOT/<name>/rc (default /tmp/lanes) appears when it ends.
 set -uo pipefail
 cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
-root=/tmp/lanes
+root=${LANES_ROOT:-/tmp/lanes}
 mode=${1:?start or poll}
 if [ "$mode" = start ]; then
   lanes_file=${2:?lanes file}; wait_s=${3:?seconds}
@@ -16,8 +16,9 @@ if [ "$mode" = start ]; then
     [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
     mkdir -p "$root/$name/out"
     printf '%s\n' "$cmd" > "$root/$name/cmd"
-    setsid bash -c "source benchmarks/device/setup.sh >/dev/null; export LANE_OUT=$root/$name/out; \
-      ( $cmd ) > $root/$name/log 2>&1; echo \$? > $root/$name/rc" < /dev/null > /dev/null 2>&1 &
+    # shellcheck disable=SC2016
+    setsid bash -c 'source benchmarks/device/setup.sh > /dev/null; export LANE_OUT="$1/out"
+      bash "$1/cmd" > "$1/log" 2>&1; echo $? > "$1/rc"' _ "$root/$name" < /dev/null > /dev/null 2>&1 &
     echo "started lane $name"
   done < "$lanes_file"
 else
@@ -28,13 +29,13 @@ while [ $SECONDS -lt $deadline ]; do
   running=0
   for d in $root/*/; do [ -f "$d/rc" ] || running=$((running + 1)); done
   [ $running -eq 0 ] && break
-  sleep 10
+  sleep 2
 done
 for d in $root/*/; do
   name=$(basename "$d")
   echo "lane $name: $( [ -f "$d/rc" ] && echo "ended rc=$(cat "$d/rc")" || echo running ); last lines:"
   tail -n 4 "$d/log" 2>/dev/null | sed 's/^/    /'
 done
-nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
 [ -n "${OUT:-}" ] && cp -r $root "$OUT/" 2>/dev/null
 exit 0

@@ -1,0 +1,51 @@
+"""benchmarks/device/lanes.sh: detached lanes run from the repository root with LANE_OUT set, record their exit
+codes, and every call copies what they wrote to $OUT, so a lane's result survives the call that started it."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "device" / "lanes.sh"
+
+pytestmark = pytest.mark.skipif(shutil.which("setsid") is None, reason="needs setsid (util-linux)")
+
+
+def _lanes(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    out = tmp_path / "call_out"
+    out.mkdir(exist_ok=True)
+    env = {**os.environ, "LANES_ROOT": str(tmp_path / "lanes"), "OUT": str(out)}
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_lanes_run_detached_and_report(tmp_path):
+    lanes = tmp_path / "lanes.tsv"
+    lanes.write_text(
+        'ok\techo "quoted $((6 * 7))" > "$LANE_OUT/result.txt" && test -f pyproject.toml\n'
+        "# skipped\tfalse\n"
+        "fails\techo before; exit 3\n"
+    )
+    started = _lanes(tmp_path, "start", str(lanes), "30")
+    assert started.returncode == 0, started.stderr
+    assert "started lane ok" in started.stdout and "started lane fails" in started.stdout
+    assert "skipped" not in started.stdout
+    copied = tmp_path / "call_out" / "lanes"
+    assert (copied / "ok" / "rc").read_text().strip() == "0"
+    assert (copied / "ok" / "out" / "result.txt").read_text().strip() == "quoted 42"
+    assert (copied / "fails" / "rc").read_text().strip() == "3"
+    assert "before" in (copied / "fails" / "log").read_text()
+    assert "lane fails: ended rc=3" in started.stdout
+
+
+def test_poll_waits_for_a_running_lane(tmp_path):
+    lanes = tmp_path / "lanes.tsv"
+    lanes.write_text('slow\tsleep 3; echo done > "$LANE_OUT/x"\n')
+    started = _lanes(tmp_path, "start", str(lanes), "0")
+    assert "lane slow: running" in started.stdout
+    polled = _lanes(tmp_path, "poll", "30")
+    assert "lane slow: ended rc=0" in polled.stdout
+    assert (tmp_path / "call_out" / "lanes" / "slow" / "out" / "x").read_text().strip() == "done"

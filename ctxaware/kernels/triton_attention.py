@@ -203,6 +203,22 @@ def _query_tile(ROWS, RANK, bh, t, Sq, q_offset, Sk, BM: tl.constexpr, GATHER: t
 
 
 @triton.jit
+def _query_program(
+    ROWS, RANK, Hq, Sq, Sk, kv_group, G, n_unshifted, HEAD_GROUP, BM: tl.constexpr, GATHER: tl.constexpr
+):
+    """What a query-major program (the forward, the dq backward) works on: (batch * head, batch, query head, kv head,
+    its SF shift, then `_query_tile`'s rows and in-range mask, the rows' positions among the keys, the first / last)."""
+    bh, t = _launch_order(tl.cdiv(Sq, BM), HEAD_GROUP)
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    kvh = (h // kv_group).to(tl.int64)
+    shift = (h >= n_unshifted).to(tl.int32) * (G // 2)
+    q_offset = Sk - Sq
+    offs_m, row_in, P0, P1 = _query_tile(ROWS, RANK, bh, t, Sq, q_offset, Sk, BM, GATHER)
+    return bh, b, h, kvh, shift, offs_m, row_in, q_offset + offs_m, P0, P1
+
+
+@triton.jit
 def _fwd_tiles(
     acc, lab_acc, m_i, l_i, q, k_base, v_base, PAD, DOC, LAB, b, pos, row_ok, q_doc, start, stop,
     skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2,
@@ -264,15 +280,10 @@ def _fwd_kernel(
     HAS_LABELS: tl.constexpr, NUM_LABELS: tl.constexpr, LP: tl.constexpr,
     IEEE: tl.constexpr, SOFTCAP: tl.constexpr, GATHER: tl.constexpr,
 ):  # fmt: skip
-    bh, t = _launch_order(tl.cdiv(Sq, BM), HEAD_GROUP)
-    b = (bh // Hq).to(tl.int64)
-    h = bh % Hq
-    kvh = (h // kv_group).to(tl.int64)
-    q_offset = Sk - Sq
-    shift = (h >= n_unshifted).to(tl.int32) * (G // 2)
+    bh, b, h, kvh, shift, offs_m, row_in, pos, P0, P1 = _query_program(
+        ROWS, RANK, Hq, Sq, Sk, kv_group, G, n_unshifted, HEAD_GROUP, BM, GATHER
+    )
     offs_d = tl.arange(0, DP)
-    offs_m, row_in, P0, P1 = _query_tile(ROWS, RANK, bh, t, Sq, q_offset, Sk, BM, GATHER)
-    pos = q_offset + offs_m
 
     q = tl.load(
         Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
@@ -638,15 +649,10 @@ def _bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr,
     IEEE: tl.constexpr, SOFTCAP: tl.constexpr, GATHER: tl.constexpr,
 ):  # fmt: skip
-    bh, t = _launch_order(tl.cdiv(Sq, BM), HEAD_GROUP)
-    b = (bh // Hq).to(tl.int64)
-    h = bh % Hq
-    kvh = (h // kv_group).to(tl.int64)
-    q_offset = Sk - Sq
-    shift = (h >= n_unshifted).to(tl.int32) * (G // 2)
+    bh, b, h, kvh, shift, offs_m, row_in, pos, P0, P1 = _query_program(
+        ROWS, RANK, Hq, Sq, Sk, kv_group, G, n_unshifted, HEAD_GROUP, BM, GATHER
+    )
     offs_d = tl.arange(0, DP)
-    offs_m, row_in, P0, P1 = _query_tile(ROWS, RANK, bh, t, Sq, q_offset, Sk, BM, GATHER)
-    pos = q_offset + offs_m
     row_mask = row_in[:, None] & (offs_d[None, :] < D)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=row_mask, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=row_mask, other=0.0)

@@ -2,24 +2,19 @@
 # Fills .whl/ (git-ignored) with the wheels the GPU machine needs beside its own torch/triton/numpy/pandas/pyarrow:
 # the dependency closure of this project's stack for CPython 3.12 on x86-64 (the device's Python), resolved by pip
 # from metadata only, then downloaded without the packages the machine already has (the large ones).
-#   bash benchmarks/device/wheels.sh            (about 36 MB; what travels with a call is capped at 64 MiB)
+#   bash benchmarks/device/wheels.sh            (about 38 MB; what travels with a call is capped at 64 MiB)
 # On the device: `source benchmarks/device/setup.sh` installs them into /tmp/site and imports the stack.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 py=${PYTHON:-.venv/bin/python}
 # The CPU venv's versions, so the GPU runs the code the tests ran.
+# liger-kernel (the `fused` extra, CUDA only) is not in the CPU venv: its newest release goes.
 pins=$($py - <<'PY'
 from importlib.metadata import version
 names = ["transformers", "peft", "trl", "accelerate", "datasets", "gguf", "huggingface_hub", "tokenizers",
-         "safetensors", "liger-kernel"]
-out = []
-for n in names:
-    try:
-        out.append(f"{n}=={version(n)}")
-    except Exception:
-        out.append(n)
-print(" ".join(out))
+         "safetensors"]
+print(" ".join(f"{n}=={version(n)}" for n in names), "liger-kernel")
 PY
 )
 # Present on the device image (torch 2.11, triton 3.6); too large to carry, and the device's own build must be used.

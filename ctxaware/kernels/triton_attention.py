@@ -358,6 +358,20 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _key_columns(PAD, DOC, b, offs_n, Sk, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr):
+    """A key-major program's keys: (in range, may be attended (in range, not padding), document id, or the position
+    without packing; -2 out of range, never a query's document)."""
+    col_in = offs_n < Sk
+    col_ok = col_in
+    if HAS_PAD:
+        col_ok = col_ok & (tl.load(PAD + b * Sk + offs_n, mask=col_in, other=0) != 0)
+    k_doc = offs_n
+    if HAS_DOC:
+        k_doc = tl.load(DOC + b * Sk + offs_n, mask=col_in, other=-2)
+    return col_in, col_ok, k_doc
+
+
+@triton.jit
 def _key_mass_tiles(
     mass, k, Q, LSE, DOC, b, h, bh, offs_n, col_ok, k_doc, start, stop,
     sqb, sqh, sqm, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale, cap2,
@@ -404,18 +418,12 @@ def _key_mass_kernel(
     n1 = tl.minimum(n0 + BN, Sk) - 1
     offs_n = n0 + tl.arange(0, BN)
     offs_d = tl.arange(0, DP)
-    col_in = offs_n < Sk
+    col_in, col_ok, k_doc = _key_columns(PAD, DOC, b, offs_n, Sk, HAS_PAD, HAS_DOC)
     k = tl.load(
         K + b * skb + kvh * skh + offs_n[None, :] * skn + offs_d[:, None],
         mask=col_in[None, :] & (offs_d[:, None] < D),
         other=0.0,
     )
-    col_ok = col_in
-    if HAS_PAD:
-        col_ok = col_ok & (tl.load(PAD + b * Sk + offs_n, mask=col_in, other=0) != 0)
-    k_doc = offs_n
-    if HAS_DOC:
-        k_doc = tl.load(DOC + b * Sk + offs_n, mask=col_in, other=-2)
     p_lo, p_hi = _query_range(n0, n1, Sk, shift, G, W, SINKS, KIND, CAUSAL)
     m_lo = tl.maximum(p_lo - q_offset, 0) // BM * BM
     m_hi = tl.minimum(p_hi - q_offset, Sq)
@@ -485,16 +493,10 @@ def _key_tile(
 ):  # fmt: skip
     """A backward program's key tile: (k, v, their load mask, keys that may be attended (in range, not padding), each
     key's document id, or its position without packing)."""
-    col_in = offs_n < Sk
+    col_in, col_ok, k_doc = _key_columns(PAD, DOC, b, offs_n, Sk, HAS_PAD, HAS_DOC)
     kv_mask = col_in[:, None] & (offs_d[None, :] < D)
     k = tl.load(K + b * skb + kvh * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + b * svb + kvh * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-    col_ok = col_in
-    if HAS_PAD:
-        col_ok = col_ok & (tl.load(PAD + b * Sk + offs_n, mask=col_in, other=0) != 0)
-    k_doc = offs_n
-    if HAS_DOC:
-        k_doc = tl.load(DOC + b * Sk + offs_n, mask=col_in, other=-2)
     return k, v, kv_mask, col_ok, k_doc
 
 

@@ -10,7 +10,7 @@ Baselines in the same recipe, at the same K / a comparable budget (LoRA trains a
     accelerate launch recipes/lofit.py --config recipes/configs/lofit/default.yaml --method lora
 Other tasks: recipes/configs/lofit/{chat_qa,context_qa,dpo_default}.yaml (tiny model),
 {truthfulqa_dpo,clutrr_sft,mquake_sft}.yaml, known_facts_truthful.yaml (a real model: a passage contradicts a fact it
-knows, the answer is the fact).
+knows, the answer is the fact), arithmetic_question.yaml (a real model: arithmetic, where a few heads carry the effect).
 The scientific check is `benchmarks/lofit_science.py`.
 
 Stage 1 (method lofit) trains per-head scales A (init N(0, scale_init_std), L1 penalty `l1_lambda`) on every query
@@ -66,6 +66,7 @@ from ctxaware.training import (
 )
 from ctxaware.world import CONTEXT_QA_PROMPT, arithmetic, build_world, closed_book_qa, context_qa, preference_pairs
 from ctxaware.world.probe import matches
+from ctxaware.world.tasks import ARITHMETIC_OPS, arithmetic_records
 
 
 METHODS = ("lofit", "random_heads", "all_heads", "lora")
@@ -76,6 +77,7 @@ TASKS = {
     "world/chat_qa": "sft",
     "world/context_qa": "sft",
     "world/arithmetic": "sft",
+    "world/arithmetic_question": "sft",
     "world/preference": "dpo",
     "known_facts/truthful": "sft",
     "truthfulqa": "dpo",
@@ -227,6 +229,8 @@ def load_records(args: LoFiTArguments, split: str, tokenizer, model=None) -> lis
             return [{"prompt": CONTEXT_QA_PROMPT.format(**r), "completion": " " + r[answer]} for r in records]
         if args.task == "world/arithmetic":
             return [{"prompt": r["prompt"], "completion": " " + r["answer"]} for r in arithmetic(world, split)]
+        if args.task == "world/arithmetic_question":
+            return arithmetic_question_records(world, split)
         return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in preference_pairs(world, split)]
     if not args.dataset_name:
         raise ValueError(f"task {args.task} needs `dataset_name` (a Hub id or a local JSON file).")
@@ -259,6 +263,26 @@ def truthful_records(args: LoFiTArguments, split: str, tokenizer, model) -> list
         }
         for f in facts
     ]
+
+
+# world/arithmetic_question problems per (op, digits) cell: training takes what a cell has (1-digit cells hold fewer);
+# held-out splits are the arithmetic-heads recipe's evaluation size (15 a cell, 135 in all)
+ARITHMETIC_TRAIN_PER_CELL = 200
+ARITHMETIC_EVAL_PER_CELL = 15
+
+
+def arithmetic_question_records(world, split: str) -> list[dict]:
+    """world/arithmetic_question: the arithmetic-heads recipe's problems (+ - * at 1-3 digits, its question template,
+    on which SmolLM2 starts near 0 and a few heads carry the effect). Held-out records are shuffled (seeded by the
+    split) so that `eval_limit` keeps every cell, not the first ones."""
+    per_cell = ARITHMETIC_TRAIN_PER_CELL if split == "train" else ARITHMETIC_EVAL_PER_CELL
+    problems = arithmetic_records(
+        world, split, ops=ARITHMETIC_OPS, digits=(1, 2, 3), templates=("question",), n_per_cell=per_cell
+    )
+    records = [{"prompt": r["prompt"], "completion": " " + r["answer"]} for r in problems]
+    if split != "train":  # training records are shuffled by the training seed in `main`
+        random.Random(f"arithmetic_question/{split}").shuffle(records)
+    return records
 
 
 def distinct_facts(records: list[dict]) -> int:

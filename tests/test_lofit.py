@@ -173,6 +173,33 @@ def test_truthful_qa_answers_with_the_memorised_fact_against_the_passage(tiny_to
     assert [r["prompt"] for r in same_passages] == [r["prompt"] for r in records]
 
 
+def test_arithmetic_question_records_are_right_disjoint_and_a_limit_keeps_every_cell(tiny_tokenizer):
+    import re
+
+    from tests.test_configs import load_recipe
+
+    recipe = load_recipe("lofit")
+    args = recipe.LoFiTArguments(task="world/arithmetic_question")
+    splits = {split: recipe.load_records(args, split, tiny_tokenizer) for split in ("train", "validation", "test")}
+    problems = {}
+    for split, records in splits.items():
+        problems[split] = set()
+        for record in records:
+            a, op, b = re.fullmatch(r"Question: What is (\d+) ([-+*]) (\d+)\?\nAnswer:", record["prompt"]).groups()
+            assert record["completion"] == " " + str(eval(f"{a} {op} {b}"))
+            problems[split].add((a, op, b))
+        assert len(problems[split]) == len(records)
+    assert not problems["train"] & problems["validation"] and not problems["train"] & problems["test"]
+    assert not problems["validation"] & problems["test"]
+    assert len(splits["train"]) > 1000 and 100 < len(splits["validation"]) <= 135
+    cells = {(op, len(a)) for a, op, _ in problems["validation"]}
+    assert len(cells) == 9  # + - * at 1-3 digits
+    first = splits["validation"][:30]  # eval_limit keeps a prefix: shuffled, it still holds every operation and size
+    firsts = {(re.search(r"([-+*])", r["prompt"]).group(1), len(re.search(r"\d+", r["prompt"]).group())) for r in first}
+    assert len(firsts) >= 7
+    assert recipe.load_records(args, "validation", tiny_tokenizer) == splits["validation"]  # the same order each time
+
+
 def test_known_facts_truthful_splits_are_disjoint_and_every_passage_contradicts(tiny_tokenizer):
     from ctxaware.eval.metrics import contains_answer
     from tests.test_configs import load_recipe

@@ -195,7 +195,9 @@ def test_arithmetic_question_records_are_right_disjoint_and_a_limit_keeps_every_
     cells = {(op, len(a)) for a, op, _ in problems["validation"]}
     assert len(cells) == 9  # + - * at 1-3 digits
     first = splits["validation"][:30]  # eval_limit keeps a prefix: shuffled, it still holds every operation and size
-    firsts = {(re.search(r"([-+*])", r["prompt"]).group(1), len(re.search(r"\d+", r["prompt"]).group())) for r in first}
+    firsts = {
+        (re.search(r"([-+*])", r["prompt"]).group(1), len(re.search(r"\d+", r["prompt"]).group())) for r in first
+    }
     assert len(firsts) >= 7
     assert recipe.load_records(args, "validation", tiny_tokenizer) == splits["validation"]  # the same order each time
 

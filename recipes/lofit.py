@@ -337,39 +337,47 @@ def with_bos(records: list[dict], tokenizer) -> list[dict]:
 
 # --- scoring ------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def score(model, tokenizer, records: list[dict], objective: str, batch_size: int = 16) -> float:
-    """sft: greedy accuracy (the first line generated starts with the answer; for records with a `fact`, it states the
-    true answer and not the passage's, `states_truth`, in up to REPLY_TOKENS tokens); dpo: share of pairs where the
-    chosen answer has the higher log-likelihood. Prompts are tokenized as in training (special tokens as the tokenizer
-    adds them, BOS already in the text where `with_bos` put it)."""
+def sft_replies(model, tokenizer, records: list[dict], batch_size: int = 16) -> list[str]:
+    """Greedy replies to sft records: REPLY_TOKENS tokens for records with a `fact`, else the answer's length + 2.
+    Prompts are tokenized as in training (special tokens as the tokenizer adds them, BOS already in the text where
+    `with_bos` put it)."""
     model.eval()
     pad = tokenizer.pad_token_id
+    replies = []
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        answers = [r["completion"].strip() for r in batch]
+        encoded = [tokenizer(r["prompt"])["input_ids"] for r in batch]
+        width = max(map(len, encoded))
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=model.device)
+        # from the lengths, not `ids != pad`: a chat prompt holds the end-of-turn token that may double as pad
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
+        max_new = (
+            REPLY_TOKENS
+            if "fact" in batch[0]
+            else max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + 2
+        )
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        replies += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return replies
+
+
+@torch.no_grad()
+def score(model, tokenizer, records: list[dict], objective: str, batch_size: int = 16) -> float:
+    """sft: greedy accuracy (the first line of `sft_replies` starts with the answer; for records with a `fact`, it
+    states the true answer and not the passage's, `states_truth`); dpo: share of pairs where the chosen answer has the
+    higher log-likelihood."""
+    model.eval()
     if objective == "sft":
-        correct = 0
-        for start in range(0, len(records), batch_size):
-            batch = records[start : start + batch_size]
-            answers = [r["completion"].strip() for r in batch]
-            encoded = [tokenizer(r["prompt"])["input_ids"] for r in batch]
-            width = max(map(len, encoded))
-            ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=model.device)
-            # from the lengths, not `ids != pad`: a chat prompt holds the end-of-turn token that may double as pad
-            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
-            max_new = (
-                REPLY_TOKENS
-                if "fact" in batch[0]
-                else max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + 2
-            )
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-            correct += sum(is_correct(text, r) for text, r in zip(texts, batch))
-        return correct / len(records)
+        replies = sft_replies(model, tokenizer, records, batch_size)
+        return sum(is_correct(text, r) for text, r in zip(replies, records)) / len(records)
     wins = 0
     for r in records:
         prompt = tokenizer(r["prompt"])["input_ids"]

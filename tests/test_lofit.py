@@ -474,3 +474,31 @@ def test_random_heads_exclusion_rejects_bad_selections(tmp_path):
     assert recipe.draw_random_heads(args, layout, seed=0) == all_heads(layout)[6:]
     with pytest.raises(ValueError, match="only shapes a random_heads draw"):
         recipe.LoFiTArguments(method="lofit", exclude_heads=str(tmp_path / "six.json"))
+
+
+def test_task_probe_keeps_replies_and_splits_wrong_ones_by_form(tmp_path):
+    """`benchmarks/lofit_task_probe.py --replies`: every scored reply with its verdict, the score is their mean, and the
+    wrong replies to integer answers split into bare integers and other forms, each counted from the replies."""
+    import re
+    import subprocess
+    import sys
+
+    from ctxaware.world.probe import matches
+
+    out = tmp_path / "probe.json"
+    command = [sys.executable, "benchmarks/lofit_task_probe.py", "--model", "ctxaware-tiny", "--limit", "24"]
+    command += ["--tasks", "world/arithmetic_question", "--replies", "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True)
+    task = json.loads(out.read_text())["tasks"]["world/arithmetic_question"]
+    replies = task["replies"]
+    assert len(replies) == task["scored"] == 24
+    assert task["score"] == sum(r["correct"] for r in replies) / 24
+    wrong = [r["reply"].strip().split("\n")[0].strip() for r in replies if not r["correct"]]
+    bare = sum(re.fullmatch(r"-?\d+", line) is not None for line in wrong)
+    assert (task["wrong"], task["wrong_bare_integer"], task["wrong_other_form"]) == (
+        len(wrong),
+        bare,
+        len(wrong) - bare,
+    )
+    assert all(r["correct"] == matches(r["reply"], r["answer"]) for r in replies)  # the recipe's verdict
+    assert 0 < bare < len(wrong)  # both forms occur on the tiny model, so a swapped count shows

@@ -502,3 +502,38 @@ def test_task_probe_keeps_replies_and_splits_wrong_ones_by_form(tmp_path):
     )
     assert all(r["correct"] == matches(r["reply"], r["answer"]) for r in replies)  # the recipe's verdict
     assert 0 < bare < len(wrong)  # both forms occur on the tiny model, so a swapped count shows
+
+
+def test_lofit_seeds_summarises_lofit_against_the_draws_of_each_seed(tmp_path):
+    """`benchmarks/lofit_seeds.py`: per seed, LoFiT's gain minus its best and its mean random draw; over seeds their
+    mean, sd and standard error; the share of LoRA's gain only where every seed has LoRA."""
+    import subprocess
+    import sys
+
+    def write(path, payload):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload))
+
+    seeds = {0: (0.30, [0.20, 0.35, 0.10]), 1: (0.40, [0.25, 0.30]), 2: (0.20, [0.20, 0.30, 0.10])}
+    for seed, (lofit, draws) in seeds.items():
+        folder = tmp_path / f"seed{seed}"
+        write(folder / "lofit" / "results.json", {"test_gain": lofit, "gain": 0.0})
+        write(folder / "lofit" / "run_config.json", {"seed": seed})
+        for i, gain in enumerate(draws):
+            write(folder / f"random_heads_{i}" / "results.json", {"test_gain": gain, "gain": 0.0})
+    write(tmp_path / "seed0" / "lora" / "results.json", {"test_gain": 0.6, "gain": 0.0})
+    out = tmp_path / "seeds.json"
+    folders = [str(tmp_path / f"seed{s}") for s in seeds]
+    command = [sys.executable, "benchmarks/lofit_seeds.py", "--runs", *folders, "--split", "test", "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    rows = result["seeds"]
+    assert [r["seed"] for r in rows] == [0, 1, 2]
+    best = [r["lofit_minus_best_random"] for r in rows]
+    assert best == pytest.approx([0.30 - 0.35, 0.40 - 0.30, 0.20 - 0.30])
+    assert [r["lofit_minus_mean_random"] for r in rows] == pytest.approx([0.30 - 0.65 / 3, 0.40 - 0.275, 0.0])
+    over = result["over_seeds"]["lofit_minus_best_random"]
+    sd = (sum((b - sum(best) / 3) ** 2 for b in best) / 2) ** 0.5
+    assert over["mean"] == pytest.approx(sum(best) / 3) and over["sd"] == pytest.approx(sd)
+    assert over["se"] == pytest.approx(sd / 3**0.5) and over["n"] == 3
+    assert rows[0]["share_of_lora_gain"] == pytest.approx(0.5) and "share_of_lora_gain" not in result["over_seeds"]

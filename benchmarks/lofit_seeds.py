@@ -9,11 +9,10 @@ seed, and writes each seed's gain differences and their mean, sd and standard er
 
 import argparse
 import json
-import math
 import statistics
 from pathlib import Path
 
-from science_common import command_line
+from science_common import command_line, spread
 
 
 def seed_row(folder: Path, key: str) -> dict:
@@ -36,16 +35,6 @@ def seed_row(folder: Path, key: str) -> dict:
     return row
 
 
-def spread(values: list[float]) -> dict:
-    sd = statistics.stdev(values) if len(values) > 1 else None
-    return {
-        "mean": statistics.mean(values),
-        "sd": sd,
-        "se": sd / math.sqrt(len(values)) if sd is not None else None,
-        "n": len(values),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", nargs="+", required=True, help="one run folder per seed")
@@ -62,7 +51,7 @@ def main() -> None:
     result = {"command": command_line(), "gain": key, "seeds": rows, "over_seeds": summary}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     for name, s in summary.items():
-        print(f"{name}: mean {s['mean']:+.3f}, sd {s['sd']}, se {s['se']}")
+        print(f"{name}: mean {s['mean']:+.3f}, sd {s['sd']}, standard error {s['stderr']}")
 
 
 if __name__ == "__main__":

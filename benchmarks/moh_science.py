@@ -34,8 +34,6 @@ override them, e.g. `--balance_coef 0.001` or `--router_lr_ratio 0.1`; the dense
 """
 
 import json
-import math
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -50,6 +48,7 @@ from science_common import (
     output_folder,
     run_parallel,
     science_parser,
+    spread,
 )
 
 
@@ -408,12 +407,6 @@ def task_scores(metrics: dict, tasks: dict | None = None) -> dict:
     tasks = tasks or TASK_METRICS
     scores = {task: 100 * metrics[task][metric] for task, metric in tasks.items()}
     return scores | {"mean": sum(scores.values()) / len(scores)}
-
-
-def spread(values: list[float]) -> dict:
-    """Mean, sample sd and standard error of the mean (None for one value)."""
-    sd = statistics.stdev(values) if len(values) > 1 else None
-    return {"mean": statistics.fmean(values), "sd": sd, "stderr": None if sd is None else sd / math.sqrt(len(values))}
 
 
 def drop_targets(scores: dict, runs: dict) -> dict:

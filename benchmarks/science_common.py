@@ -6,7 +6,9 @@ checkout so that `python -m ctxaware.cli` imports the installed package (with `c
 
 import argparse
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -30,6 +32,13 @@ def at_least(value: float | None, threshold: float) -> bool:
 def at_most(value: float | None, threshold: float) -> bool:
     """`value <= threshold` up to float rounding; False for a missing value (None)."""
     return value is not None and value <= threshold + ROUNDING
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample sd and standard error of the mean (None for one value), and the count."""
+    sd = statistics.stdev(values) if len(values) > 1 else None
+    stderr = None if sd is None else sd / math.sqrt(len(values))
+    return {"mean": statistics.fmean(values), "sd": sd, "stderr": stderr, "n": len(values)}
 
 
 def science_parser(name: str, doc: str) -> argparse.ArgumentParser:

@@ -535,5 +535,5 @@ def test_lofit_seeds_summarises_lofit_against_the_draws_of_each_seed(tmp_path):
     over = result["over_seeds"]["lofit_minus_best_random"]
     sd = (sum((b - sum(best) / 3) ** 2 for b in best) / 2) ** 0.5
     assert over["mean"] == pytest.approx(sum(best) / 3) and over["sd"] == pytest.approx(sd)
-    assert over["se"] == pytest.approx(sd / 3**0.5) and over["n"] == 3
+    assert over["stderr"] == pytest.approx(sd / 3**0.5) and over["n"] == 3
     assert rows[0]["share_of_lora_gain"] == pytest.approx(0.5) and "share_of_lora_gain" not in result["over_seeds"]

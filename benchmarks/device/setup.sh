@@ -5,6 +5,9 @@
 # converts SmolLM2 into the model cache. A warm machine keeps /tmp between calls; a fresh one starts again.
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD:/tmp/site
+# The checkout runs from PYTHONPATH, not installed: give it the package mapping pyproject.toml gives an install
+# (top-level eval/ and data/ as ctxaware.eval and ctxaware.data).
+for sub in eval data; do [ -e ctxaware/$sub ] || ln -s ../$sub ctxaware/$sub; done
 export CTXAWARE_MODEL_CACHE=/tmp/models
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ctxaware.kernels.launch import direct_launch
 from ctxaware.kernels.triton_attention import _pow2
 
 
@@ -30,6 +31,7 @@ def _softmax(x, valid):
     return e / tl.sum(e, 0)
 
 
+@direct_launch
 @triton.jit
 def _router_gates_kernel(
     X, W_ROUTED, W_SHARED, W_MIX, HEADS, OUT, hidden, lr_ratio, top_k,

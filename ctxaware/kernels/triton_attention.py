@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ctxaware.kernels.launch import direct_launch
 from ctxaware.kernels.patterns import AttentionPattern
 
 
@@ -270,6 +271,7 @@ def _fwd_tiles(
     return acc, lab_acc, m_i, l_i
 
 
+@direct_launch
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Out, LSE, PAD, DOC, GATE, LAB, LMASS, ROWS, RANK,
@@ -400,6 +402,7 @@ def _key_mass_tiles(
     return mass
 
 
+@direct_launch
 @triton.jit
 def _key_mass_kernel(
     Q, K, LSE, PAD, DOC, MASS,
@@ -500,6 +503,7 @@ def _key_tile(
     return k, v, kv_mask, col_ok, k_doc
 
 
+@direct_launch
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, PAD, DOC, ROWS, RANK, DK, DV, PART_K, PART_V,
@@ -568,6 +572,7 @@ def _bwd_dkdv_kernel(
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
+@direct_launch
 @triton.jit
 def _bwd_dkdv_sinks_kernel(
     Q, K, V, DO, LSE, DELTA, PAD, DOC, PART_K, PART_V,
@@ -642,6 +647,7 @@ def _dq_tiles(
     return dq
 
 
+@direct_launch
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, PAD, DOC, ROWS, RANK, DQ,
@@ -698,6 +704,7 @@ def _bwd_dq_kernel(
     )
 
 
+@direct_launch
 @triton.jit
 def _bwd_delta_kernel(OUT, DO, DELTA, Sq, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr):
     """delta = rowsum(dO * O) in fp32 (O and dO contiguous (B, H, Sq, D)); one pass instead of four in PyTorch."""
@@ -711,6 +718,7 @@ def _bwd_delta_kernel(OUT, DO, DELTA, Sq, D: tl.constexpr, DP: tl.constexpr, BM:
     tl.store(DELTA + bh * Sq + offs_m, tl.sum(o * do, 1), mask=offs_m < Sq)
 
 
+@direct_launch
 @triton.jit
 def _routed_rows_kernel(GATE, ROWS, RANK, Sq, Hq, BLOCK: tl.constexpr):
     """Stream compaction of one (batch, head) by a running prefix count: ROWS gets the rows whose gate is nonzero in

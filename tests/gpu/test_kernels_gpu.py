@@ -133,3 +133,18 @@ def test_soft_capping(pattern, dtype):
     decode, _ = attention(q[:, :, -1:], k, v, pattern=PATTERNS[pattern], softcap=2.0)
     full, _ = attention(q, k, v, pattern=PATTERNS[pattern], softcap=2.0)
     torch.testing.assert_close(decode.float(), full[:, :, -1:].float(), atol=tol, rtol=tol)
+
+
+def test_direct_launches_match_triton_launches_across_specialisations():
+    """The second call of each shape goes to the compiled kernel directly (`ctxaware.kernels.launch`); a view 2 bytes
+    off 16-byte alignment and an odd length must each get their own compile, not reuse the aligned kernel."""
+    q, k, v = _inputs(1, 4, 2, 777, 777, 64, torch.bfloat16)
+    buffer = torch.randn(1, 4, 777 * 64 + 1, device="cuda", dtype=torch.bfloat16)
+    shifted = buffer[..., 1:].view(1, 4, 777, 64).requires_grad_()  # stride(-1) == 1, so the kernels read it as is
+    assert shifted.data_ptr() % 16 != 0
+    for query in (q, q, shifted, shifted, q[:, :, :500], q[:, :, :500]):
+        ks, vs = k[:, :, : query.shape[2]], v[:, :, : query.shape[2]]
+        _compare(query, ks, vs, 2e-2, pattern=PATTERNS["sf"])
+    from ctxaware.kernels.triton_attention import _fwd_kernel
+
+    assert {key[1] for key in _fwd_kernel._compiled} >= {(torch.bfloat16, True), (torch.bfloat16, False)}  # Q's

@@ -220,7 +220,14 @@ def _doc_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
     starts = position_ids == 0
     starts[:, 0] = True
     doc_ids = starts.cumsum(-1)
+    if _capturing(position_ids):  # nothing can be read back: keep the ids (a plain row is one document, the same
+        return doc_ids  # attention through the kernels' per-key document check)
     return None if bool((doc_ids == 1).all()) else doc_ids
+
+
+def _capturing(tensor: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (a value read back from the GPU fails it)."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 _doc_ids = _DocIdsMemo()

@@ -130,6 +130,24 @@ def test_bad_options_and_unsupported_features_raise_clear_errors():
         dropped(torch.randint(3, 320, (1, 12)))
 
 
+def test_plain_rows_keep_their_document_ids_while_a_cuda_graph_is_captured(monkeypatch):
+    """Deciding that a row is not packed reads a value back from the GPU, which fails a CUDA graph's capture; while
+    capturing, a plain row keeps its ids (one document: the same attention) and nothing is read back."""
+    from ctxaware import attention as module
+
+    plain = torch.arange(6)[None].expand(2, -1)
+    assert module._doc_ids_from_positions(plain) is None
+    monkeypatch.setattr(module, "_capturing", lambda tensor: True)
+    assert module._doc_ids_from_positions(plain).tolist() == [[1] * 6] * 2
+    _, ours = model_pair("llama")
+    ids = torch.randint(3, 320, (2, 12))
+    with torch.no_grad():
+        captured = ours(ids, position_ids=torch.arange(12)[None]).logits
+        monkeypatch.undo()
+        plain_logits = ours(ids, position_ids=torch.arange(12)[None]).logits
+    torch.testing.assert_close(captured, plain_logits)
+
+
 def test_document_ids_are_computed_once_per_position_tensor_and_follow_its_changes(monkeypatch):
     """The packed-or-not decision syncs with the GPU: one position-id tensor (one forward) decides once, and a new
     tensor, an in-place change or another batch size decides again."""

@@ -76,3 +76,28 @@ def test_graph_replay_equals_the_eager_static_step(routing_chunk):
     assert not torch.equal(outputs[0], outputs[1])  # the token reaches the step
     if routing_chunk is not None:
         assert len(routings) > 1  # routing follows the token
+
+
+@pytest.mark.parametrize("routing_chunk", [None, 0], ids=["dense", "token"])
+def test_a_prefill_forward_captures_and_replays_as_run_eagerly(routing_chunk):
+    """benchmarks/moh.py's forward graph rows: the model forward on S tokens (position ids made by the model, so
+    the packed-rows check must not read a value back during capture) replays to the eager forward's logits."""
+    model = _model(routing_chunk)
+    ids = torch.randint(0, VOCAB, (1, PREFIX), device="cuda")
+
+    @torch.no_grad()
+    def forward():
+        return model(input_ids=ids, logits_to_keep=1).logits
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = forward()
+    for _ in range(2):
+        ids.copy_(torch.randint(0, VOCAB, ids.shape, device="cuda"))
+        graph.replay()
+        torch.testing.assert_close(replayed, forward(), rtol=1e-2, atol=1e-3)

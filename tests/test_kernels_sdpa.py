@@ -91,12 +91,12 @@ def test_only_plain_dense_calls_leave_the_triton_kernels():
     several queries at the end of a longer key sequence (SDPA's causal flag aligns them top-left)."""
     from ctxaware.kernels.api import _plain_dense
 
-    q, k, _ = _inputs(torch.Generator().manual_seed(0), sq=37)
+    q, k, v = _inputs(torch.Generator().manual_seed(0), sq=37)
     plain = dict(pattern=None, key_padding_mask=None, doc_ids=None, head_gates=None, statistics=False, softcap=None)
-    assert _plain_dense(q, k, True, **plain)
-    assert _plain_dense(q, k, True, **{**plain, "pattern": AttentionPattern(kind="dense")})
-    assert _plain_dense(q[:, :, -1:], k, True, **plain)
-    assert not _plain_dense(q[:, :, -5:], k, True, **plain)
+    assert _plain_dense(q, k, v, True, **plain)
+    assert _plain_dense(q, k, v, True, **{**plain, "pattern": AttentionPattern(kind="dense")})
+    assert _plain_dense(q[:, :, -1:], k, v, True, **plain)
+    assert not _plain_dense(q[:, :, -5:], k, v, True, **plain)
     for name, value in [
         ("pattern", PATTERNS["sf"]),
         ("key_padding_mask", torch.ones(2, 37, dtype=torch.bool)),
@@ -105,4 +105,26 @@ def test_only_plain_dense_calls_leave_the_triton_kernels():
         ("statistics", True),
         ("softcap", 30.0),
     ]:
-        assert not _plain_dense(q, k, True, **{**plain, name: value}), name
+        assert not _plain_dense(q, k, v, True, **{**plain, name: value}), name
+
+
+def test_gated_decode_without_gradients_takes_fused_sdpa_scaled_by_the_gates():
+    """MoH's decode step: one query, gates (0 switches a head off, other values scale it), nothing to
+    differentiate: the fused SDPA output scaled per head, equal to the reference; with gradients, or with several
+    queries, gates keep the call on the kernels that skip the switched-off work."""
+    q, k, v = _inputs(torch.Generator().manual_seed(0), sq=1)
+    gates = torch.tensor([[[0.0, 1.0, 0.5, 2.0]], [[1.0, 0.0, 0.0, 1.5]]], dtype=torch.float64)
+    with torch.no_grad():
+        out, stats = attention(q, k, v, head_gates=gates)
+        expected, _ = attention(q, k, v, head_gates=gates, backend="reference")
+    assert stats.backend == "sdpa"
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(out[0, 0], torch.zeros_like(out[0, 0]))  # switched off: exactly zero
+    from ctxaware.kernels.api import _plain_dense
+
+    options = dict(pattern=None, key_padding_mask=None, doc_ids=None, statistics=False, softcap=None)
+    with torch.no_grad():
+        assert _plain_dense(q, k, v, True, head_gates=gates, **options)
+        square = q.expand(-1, -1, 37, -1)  # a full causal square, gated: the kernels skip switched-off rows' work
+        assert not _plain_dense(square, k, v, True, head_gates=gates.expand(-1, 37, -1), **options)
+    assert not _plain_dense(q, k, v, True, head_gates=gates, **options)  # q, k, v require grad

@@ -70,11 +70,16 @@ def _validate(q, k, v, pattern, key_padding_mask, doc_ids, head_gates, key_label
         raise ValueError(f"backend must be 'auto', 'triton', 'reference' or 'sdpa', got {backend!r}")
 
 
-def _plain_dense(q, k, causal, pattern, key_padding_mask, doc_ids, head_gates, statistics, softcap) -> bool:
-    """Dense attention with no mask, gate, statistic or soft-cap, that SDPA's own causal flag expresses: a full
-    square (Sq == Sk) or one decode query (it sees every key)."""
-    extras = (key_padding_mask, doc_ids, head_gates, softcap)
+def _plain_dense(q, k, v, causal, pattern, key_padding_mask, doc_ids, head_gates, statistics, softcap) -> bool:
+    """Dense attention with no mask, statistic or soft-cap, that SDPA's own causal flag expresses: a full square
+    (Sq == Sk) or one decode query (it sees every key). Head gates only on one decode query with nothing to
+    differentiate: scaling each head's output by its gate (0: off) is then all they do, and one query's row has no
+    work worth skipping (our kernel would run one program per head over the whole cache; SDPA splits the keys)."""
+    extras = (key_padding_mask, doc_ids, softcap)
     dense = (pattern is None or pattern.kind == "dense") and all(x is None for x in extras) and not statistics
+    if head_gates is not None:
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, head_gates))
+        dense = dense and q.shape[2] == 1 and not needs_grad
     return dense and (not causal or q.shape[2] in (1, k.shape[2])) and k.shape[2] > 0
 
 
@@ -109,10 +114,10 @@ def attention(
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive (scores become softcap * tanh(score / softcap)), got {softcap}")
     statistics = key_mass or key_labels is not None or return_lse
-    plain = _plain_dense(q, k, causal, pattern, key_padding_mask, doc_ids, head_gates, statistics, softcap)
+    plain = _plain_dense(q, k, v, causal, pattern, key_padding_mask, doc_ids, head_gates, statistics, softcap)
     if backend == "auto":
         # A call that needs nothing only ours provides goes to PyTorch's fused SDPA (cuDNN / flash on a GPU, faster
-        # than our dense kernel on Hopper); `backend="triton"` forces ours.
+        # than our dense kernel on Hopper, and split over the keys in decode); `backend="triton"` forces ours.
         backend = "sdpa" if plain else "triton" if q.is_cuda else "reference" if statistics else "sdpa"
     if backend == "triton" and k.shape[2] == 0:  # no key, no query: nothing to launch; the reference gives the shapes
         backend = "reference"
@@ -138,6 +143,8 @@ def attention(
             out = torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=causal and q.shape[2] > 1, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
             )
+            if head_gates is not None:
+                out = out * head_gates.transpose(1, 2)[..., None].to(out.dtype)
         else:
             out = masked_sdpa_attention(q, k, v, **kwargs)
         return out, AttentionStats(backend=backend, pattern=pattern)

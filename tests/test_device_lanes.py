@@ -4,6 +4,7 @@ codes, and every call copies what they wrote to $OUT, so a lane's result survive
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,14 +19,16 @@ pytestmark = pytest.mark.skipif(shutil.which("setsid") is None, reason="needs se
 def _lanes(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     out = tmp_path / "call_out"
     out.mkdir(exist_ok=True)
-    env = {**os.environ, "LANES_ROOT": str(tmp_path / "lanes"), "OUT": str(out)}
+    setup = tmp_path / "setup.sh"  # not the GPU machine's (it installs wheels and links packages in the checkout)
+    setup.write_text("export LANE_SETUP_SOURCED=1\n")
+    env = {**os.environ, "LANES_ROOT": str(tmp_path / "lanes"), "OUT": str(out), "LANES_SETUP": str(setup)}
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_lanes_run_detached_and_report(tmp_path):
     lanes = tmp_path / "lanes.tsv"
     lanes.write_text(
-        'ok\techo "quoted $((6 * 7))" > "$LANE_OUT/result.txt" && test -f pyproject.toml\n'
+        'ok\techo "quoted $((6 * 7))" > "$LANE_OUT/result.txt" && test -f pyproject.toml && test -n "$LANE_SETUP_SOURCED"\n'
         "# skipped\tfalse\n"
         "fails\techo before; exit 3\n"
     )
@@ -49,3 +52,25 @@ def test_poll_waits_for_a_running_lane(tmp_path):
     polled = _lanes(tmp_path, "poll", "30")
     assert "lane slow: ended rc=0" in polled.stdout
     assert (tmp_path / "call_out" / "lanes" / "slow" / "out" / "x").read_text().strip() == "done"
+
+
+def test_a_checkout_run_from_pythonpath_imports_the_mapped_packages(tmp_path):
+    """benchmarks/device/package_links.sh: on the GPU machine the checkout is not installed, and `ctxaware fetch`
+    (the SmolLM2 conversion) imports ctxaware.eval through the CLI; without the links it stopped there."""
+    ignore = shutil.ignore_patterns("__pycache__", "eval", "data")  # links a run of the script here may have left
+    shutil.copytree(ROOT / "ctxaware", tmp_path / "ctxaware", ignore=ignore)
+    shutil.copytree(ROOT / "benchmarks" / "device", tmp_path / "benchmarks" / "device")
+    for name in ("eval", "data"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    probe = [
+        sys.executable,
+        "-c",
+        "import ctxaware.eval.cli, ctxaware.data, ctxaware.cli; ctxaware.cli.build_parser(); "
+        "print(ctxaware.eval.__file__); print(ctxaware.data.__file__)",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}  # here an editable install also maps ctxaware.eval: the
+    subprocess.run(["bash", "benchmarks/device/package_links.sh"], cwd=tmp_path, check=True, timeout=60)
+    after = subprocess.run(probe, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert after.returncode == 0, after.stderr
+    served = after.stdout.split()  # the copy's links must serve both, not the editable install
+    assert served == [str(tmp_path / "ctxaware" / name / "__init__.py") for name in ("eval", "data")], served

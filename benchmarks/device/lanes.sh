@@ -3,11 +3,12 @@
 # and every call (start or poll) waits up to WAIT seconds, then copies all lanes' logs and results to $OUT.
 #   bash benchmarks/device/lanes.sh start LANES_FILE WAIT     LANES_FILE: one lane a line, "name<TAB>command"
 #   bash benchmarks/device/lanes.sh poll WAIT                  (in a later call on the same warm machine)
-# A lane's command runs from the repository root with benchmarks/device/setup.sh sourced and LANE_OUT set to its
-# results folder; $LANES_ROOT/<name>/rc (default /tmp/lanes) appears when it ends.
+# A lane's command runs from the repository root with benchmarks/device/setup.sh (or $LANES_SETUP) sourced and
+# LANE_OUT set to its results folder; $LANES_ROOT/<name>/rc (default /tmp/lanes) appears when it ends.
 set -uo pipefail
 cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
 root=${LANES_ROOT:-/tmp/lanes}
+export LANES_SETUP=${LANES_SETUP:-benchmarks/device/setup.sh}
 mode=${1:?start or poll}
 if [ "$mode" = start ]; then
   lanes_file=${2:?lanes file}; wait_s=${3:?seconds}
@@ -17,7 +18,7 @@ if [ "$mode" = start ]; then
     mkdir -p "$root/$name/out"
     printf '%s\n' "$cmd" > "$root/$name/cmd"
     # shellcheck disable=SC2016
-    setsid bash -c 'source benchmarks/device/setup.sh > /dev/null; export LANE_OUT="$1/out"
+    setsid bash -c 'source "$LANES_SETUP" > /dev/null; export LANE_OUT="$1/out"
       bash "$1/cmd" > "$1/log" 2>&1; echo $? > "$1/rc"' _ "$root/$name" < /dev/null > /dev/null 2>&1 &
     echo "started lane $name"
   done < "$lanes_file"

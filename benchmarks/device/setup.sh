@@ -5,11 +5,12 @@
 # converts SmolLM2 into the model cache. A warm machine keeps /tmp between calls; a fresh one starts again.
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD:/tmp/site
-# The checkout runs from PYTHONPATH, not installed: give it the package mapping pyproject.toml gives an install
-# (top-level eval/ and data/ as ctxaware.eval and ctxaware.data).
-for sub in eval data; do [ -e ctxaware/$sub ] || ln -s ../$sub ctxaware/$sub; done
+bash benchmarks/device/package_links.sh
 export CTXAWARE_MODEL_CACHE=/tmp/models
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# transformers loads Hub kernels (e.g. kernels-community/rotary) when the `kernels` package is installed; the machine
+# is offline, so training stopped at its first step without this
+export USE_HUB_KERNELS=NO
 if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && touch /tmp/site/.installed

@@ -81,3 +81,10 @@ def test_interpreted_functions_always_go_through_triton():
     for _ in range(3):
         wrapped[(1,)](torch.zeros(4))
     assert len(interpreted.jit) == 3 and interpreted.direct == []
+
+
+def test_a_grid_given_as_a_function_goes_through_triton(kernel):
+    wrapped = direct_launch(kernel)
+    for _ in range(2):
+        wrapped[lambda meta: (4,)](torch.zeros(64), 32, 0.5, flag=True, D=64)
+    assert len(kernel.jit) == 2 and kernel.direct == []

@@ -1,13 +1,14 @@
 """Kernel launches with less host work than Triton's `JITFunction[grid](...)`.
 
-Each JIT launch binds and specialises every argument, builds a string cache key and looks the compiled kernel up:
-about 30 us of host time per launch on an H100 host with our kernels' 40-50 arguments (`gpu/launch_ab.py`-style A/B in
-`benchmarks/results/launch_direct_h100.json`). SF's forward+backward at 4k launches five kernels and was host-bound.
-`direct_launch` keeps the compiled kernel of each specialisation under a key computed from the same facts Triton
-specialises on (argument dtypes, 16-byte alignment of pointers, integers equal to 1, divisible by 16 or beyond int32,
-constexpr values, launch options, device) and calls it directly after the first launch, which still goes through
-Triton (compiling if needed). Under TRITON_INTERPRET=1 (`triton.jit` then makes an interpreted function, which compiles
-nothing) every launch goes through Triton.
+Each JIT launch binds and specialises every argument, builds a string cache key and looks the compiled kernel up,
+for our kernels' 40-50 arguments on every call. SF's forward+backward at 4k launches five kernels and is host-bound;
+calling the compiled kernels directly took 9% off its host and wall time on an H100 (`benchmarks/kernel_launch.py`,
+benchmarks/results/kernel_launch_h100.json). `direct_launch` keeps the compiled kernel of each specialisation under a
+key computed from the same facts Triton specialises on (argument dtypes, 16-byte alignment of pointers, integers
+equal to 1, divisible by 16 or beyond int32, constexpr values, launch options, device) and calls it directly after
+the first launch, which still goes through Triton (compiling if needed). Under TRITON_INTERPRET=1 (`triton.jit` then
+makes an interpreted function, which compiles nothing), and for a grid given as a function, every launch goes
+through Triton.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class DirectLaunch:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            if self._interpreted:
+            if self._interpreted or callable(grid):
                 return self.fn[grid](*args, **kwargs)
             values = (*args, *(kwargs[name] for name in self._names[len(args) :]))
             key = (

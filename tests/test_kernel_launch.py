@@ -56,7 +56,7 @@ def test_second_launch_calls_the_compiled_kernel_with_all_arguments_in_order(ker
     [
         dict(x=torch.zeros(64, dtype=torch.float16)),  # dtype
         dict(x=torch.zeros(65)[1:]),  # 4-byte offset: not 16-byte aligned
-        dict(n=1),  # Triton turns an integer 1 into a constant
+        dict(n=1, base_n=17),  # Triton turns an integer 1 into a constant (17: neither 1 nor divisible by 16)
         dict(n=40),  # not divisible by 16
         dict(n=2**31 + 16),  # int64
         dict(flag=False),
@@ -66,7 +66,8 @@ def test_second_launch_calls_the_compiled_kernel_with_all_arguments_in_order(ker
     ids=["dtype", "alignment", "int_one", "int_div16", "int64", "bool", "constexpr", "option"],
 )
 def test_what_triton_specialises_on_compiles_anew(kernel, change):
-    call = dict(x=torch.zeros(64), n=32, flag=True, D=64, num_warps=4)
+    change = dict(change)  # the parameter itself stays as collected
+    call = dict(x=torch.zeros(64), n=change.pop("base_n", 32), flag=True, D=64, num_warps=4)
     wrapped = direct_launch(kernel)
     wrapped[(1,)](call["x"], call["n"], 0.5, flag=call["flag"], D=call["D"], num_warps=call["num_warps"])
     call |= change

@@ -40,7 +40,7 @@ def _picker(indices: list[int]):
 class DirectLaunch:
     """`kernel[grid](*args, **kwargs)` as for a `triton.jit` function, calling the compiled kernel directly once one
     exists for the call's specialisation. The key is built with as little Python as possible: it is host time on
-    every launch (about 17 us for our forward kernel's 50 arguments on this project's CPU, 35 us before)."""
+    every launch (half the earlier key's, benchmarks/results/launch_key_host_cpu.json)."""
 
     def __init__(self, fn):
         self.fn = fn

@@ -147,4 +147,5 @@ def test_direct_launches_match_triton_launches_across_specialisations():
         _compare(query, ks, vs, 2e-2, pattern=PATTERNS["sf"])
     from ctxaware.kernels.triton_attention import _fwd_kernel
 
-    assert {key[1] for key in _fwd_kernel._compiled} >= {(torch.bfloat16, True), (torch.bfloat16, False)}  # Q's
+    keys = list(_fwd_kernel._compiled)  # an aligned and a misaligned bf16 pointer (Q's) each have their kernel
+    assert any((torch.bfloat16, False) in key for key in keys) and any((torch.bfloat16, True) in key for key in keys)

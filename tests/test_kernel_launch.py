@@ -59,11 +59,12 @@ def test_second_launch_calls_the_compiled_kernel_with_all_arguments_in_order(ker
         dict(n=1, base_n=17),  # Triton turns an integer 1 into a constant (17: neither 1 nor divisible by 16)
         dict(n=40),  # not divisible by 16
         dict(n=2**31 + 16),  # int64
+        dict(n=2**63 + 16, base_n=2**62 + 16),  # uint64 against int64
         dict(flag=False),
         dict(D=128),  # constexpr: a new value is a new kernel even where the integer facts agree
         dict(num_warps=8),  # launch option
     ],
-    ids=["dtype", "alignment", "int_one", "int_div16", "int64", "bool", "constexpr", "option"],
+    ids=["dtype", "alignment", "int_one", "int_div16", "int64", "uint64", "bool", "constexpr", "option"],
 )
 def test_what_triton_specialises_on_compiles_anew(kernel, change):
     change = dict(change)  # the parameter itself stays as collected

@@ -22,7 +22,8 @@ def _specialisation(value):
     """What Triton's compiled kernel depends on for a non-constexpr argument."""
     kind = type(value)
     if kind is int:
-        return value == 1, not value & 15, -(2**31) <= value < 2**31  # a constant 1; divisible by 16; int32 or int64
+        # a constant 1; divisible by 16; int32, int64 or uint64
+        return value == 1, not value & 15, -(2**31) <= value < 2**31, value < 2**63
     if kind is float:
         return float
     if isinstance(value, torch.Tensor):

@@ -3,7 +3,8 @@
 `attention(q, k, v, ...)` takes q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), Hq a multiple of Hkv (query head h reads
 key/value head h // (Hq // Hkv)), and returns (out, AttentionStats). Backends (`backend="auto"` by default):
 - plain dense attention (no pattern, padding, packing, gates, statistics or soft-cap; a full square or one decode
-  query) goes to PyTorch's fused SDPA, cuDNN / flash on a GPU (faster than our dense kernel on Hopper);
+  query) goes to PyTorch's fused SDPA, cuDNN / flash on a GPU (faster than our dense kernel on Hopper); so does one
+  gated decode query with no gradient, its output scaled by each head's gate;
 - otherwise, on CUDA, the Triton kernels (forward and backward, fp32 accumulation, bf16/fp16/fp32 inputs);
 - on CPU, the PyTorch reference when statistics are asked for, otherwise the same boolean mask through PyTorch's
   fused SDPA (`backend="sdpa"`, 4x faster at 2k tokens).

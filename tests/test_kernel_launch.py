@@ -90,3 +90,11 @@ def test_a_grid_given_as_a_function_goes_through_triton(kernel):
     for _ in range(2):
         wrapped[lambda meta: (4,)](torch.zeros(64), 32, 0.5, flag=True, D=64)
     assert len(kernel.jit) == 2 and kernel.direct == []
+
+
+def test_launches_go_through_triton_while_torch_compile_traces(kernel, monkeypatch):
+    monkeypatch.setattr(launch.torch.compiler, "is_compiling", lambda: True)
+    wrapped = direct_launch(kernel)
+    for _ in range(2):
+        wrapped[(1,)](torch.zeros(64), 32, 0.5, flag=True, D=64)
+    assert len(kernel.jit) == 2 and kernel.direct == []

@@ -7,8 +7,8 @@ benchmarks/results/kernel_launch_h100.json). `direct_launch` keeps the compiled 
 key computed from the same facts Triton specialises on (argument dtypes, 16-byte alignment of pointers, integers
 equal to 1, divisible by 16 or beyond int32, constexpr values, launch options, device) and calls it directly after
 the first launch, which still goes through Triton (compiling if needed). Under TRITON_INTERPRET=1 (`triton.jit` then
-makes an interpreted function, which compiles nothing), and for a grid given as a function, every launch goes
-through Triton.
+makes an interpreted function, which compiles nothing), for a grid given as a function and while torch.compile
+traces, every launch goes through Triton.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ class DirectLaunch:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            if self._interpreted or callable(grid):
-                return self.fn[grid](*args, **kwargs)
+            if self._interpreted or callable(grid) or torch.compiler.is_compiling():  # torch.compile traces Triton's
+                return self.fn[grid](*args, **kwargs)  # own launches of user kernels, not this one
             values = args + tuple(map(kwargs.__getitem__, self._names[len(args) :]))
             options = tuple(sorted(item for item in kwargs.items() if item[0] not in self._name_set))  # num_warps...
             key = (

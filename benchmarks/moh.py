@@ -23,8 +23,8 @@ Measured, B=1, causal, bf16, ms (medians):
   forward and the decode step again as replayed CUDA graphs, the decode through a static cache of S + 1 slots
   (`decode_steps`): GPU time, the router and the gates inside the graph. While a graph is captured the ctxaware
   attention cannot check whether the model's position ids mark packed rows (a read-back), so the captured forward
-  runs the kernels' per-key document check over one document (same attention), dense and MoH alike. From Python a 1B model's decode step is
-  host-bound and so is its forward at 4k, so only the graph rows compare work.
+  runs the kernels' per-key document check over one document (same attention), dense and MoH alike. From Python a
+  1B model's decode step is host-bound and so is its forward at 4k, so only the graph rows compare work.
 - with `--train-step B S`: SmolLM2-135M's training step (random weights, every weight trainable, loss over its
   49,152-token vocabulary) dense and as MoH at 7/9 and 5/9 active, token-routed with the off-head mean bias: wall
   ms from Python and the GPU time of its kernels.

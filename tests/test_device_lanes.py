@@ -1,10 +1,12 @@
 """benchmarks/device/lanes.sh: detached lanes run from the repository root with LANE_OUT set, record their exit
-codes, and every call copies what they wrote to $OUT, so a lane's result survives the call that started it."""
+codes, and every call copies what they wrote to $OUT (logs as files, results folders as lanes.tgz without model
+weights), so a lane's result survives the call that started it; a call with nothing to run stops at once."""
 
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -25,10 +27,17 @@ def _lanes(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
+def _returned(tmp_path: Path, member: str) -> str:
+    """A file of the lanes' results as the device returns it: inside $OUT/lanes.tgz."""
+    with tarfile.open(tmp_path / "call_out" / "lanes.tgz") as archive:
+        return archive.extractfile(f"lanes/{member}").read().decode()
+
+
 def test_lanes_run_detached_and_report(tmp_path):
     lanes = tmp_path / "lanes.tsv"
     lanes.write_text(
-        'ok\techo "quoted $((6 * 7))" > "$LANE_OUT/result.txt" && test -f pyproject.toml && test -n "$LANE_SETUP_SOURCED"\n'
+        'ok\techo "quoted $((6 * 7))" > "$LANE_OUT/result.txt" && test -f pyproject.toml && test -n "$LANE_SETUP_SOURCED"'
+        ' && mkdir -p "$LANE_OUT/a/b" && echo w > "$LANE_OUT/a/b/model.safetensors"\n'
         "# skipped\tfalse\n"
         "fails\techo before; exit 3\n"
     )
@@ -38,7 +47,9 @@ def test_lanes_run_detached_and_report(tmp_path):
     assert "skipped" not in started.stdout
     copied = tmp_path / "call_out" / "lanes"
     assert (copied / "ok" / "rc").read_text().strip() == "0"
-    assert (copied / "ok" / "out" / "result.txt").read_text().strip() == "quoted 42"
+    assert _returned(tmp_path, "ok/out/result.txt").strip() == "quoted 42"
+    with tarfile.open(tmp_path / "call_out" / "lanes.tgz") as archive:
+        assert not [name for name in archive.getnames() if name.endswith(".safetensors")]
     assert (copied / "fails" / "rc").read_text().strip() == "3"
     assert "before" in (copied / "fails" / "log").read_text()
     assert "lane fails: ended rc=3" in started.stdout
@@ -51,7 +62,22 @@ def test_poll_waits_for_a_running_lane(tmp_path):
     assert "lane slow: running" in started.stdout
     polled = _lanes(tmp_path, "poll", "30")
     assert "lane slow: ended rc=0" in polled.stdout
-    assert (tmp_path / "call_out" / "lanes" / "slow" / "out" / "x").read_text().strip() == "done"
+    assert _returned(tmp_path, "slow/out/x").strip() == "done"
+
+
+@pytest.mark.parametrize("content", [None, "# only a comment\n\n"])
+def test_start_without_lanes_stops_at_once(tmp_path, content):
+    """A missing or empty lanes file once made a call wait its whole WAIT for lanes that never started."""
+    lanes = tmp_path / "lanes.tsv"
+    if content is not None:
+        lanes.write_text(content)
+    started = _lanes(tmp_path, "start", str(lanes), "50")
+    assert started.returncode == 2 and "name<TAB>command" in started.stderr
+
+
+def test_poll_without_lanes_stops_at_once(tmp_path):
+    polled = _lanes(tmp_path, "poll", "50")
+    assert polled.returncode == 2 and "start them again" in polled.stderr
 
 
 def test_a_checkout_run_from_pythonpath_imports_the_mapped_packages(tmp_path):

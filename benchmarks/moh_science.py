@@ -391,12 +391,26 @@ def main() -> None:
         "training": training,
         "targets": targets,
     }
+    write_summary(out, summary, runs, profile.tasks)
+
+
+def write_summary(out, summary: dict, runs: dict, tasks: dict) -> None:
+    """moh_science.json and moh_science.md (each seed's table, the targets over seeds) to folder `out`."""
     (out / "moh_science.json").write_text(json.dumps(summary, indent=2))
-    report = f"Command: `{summary['command']}` (tree {summary['git'][:10]}, split {args.split or 'eval default'})\n\n"
-    report += "\n".join(
-        f"Seed {seed}:\n\n" + table(scores[seed], training[seed], runs, profile.tasks, ppl[seed]) for seed in seeds
+    scores, training, ppl = summary["task_scores"], summary["training"], summary["book_ppl"]
+    report = (
+        f"Command: `{summary['command']}` (tree {summary['git'][:10]}, split {summary['split'] or 'eval default'})"
     )
-    report += "\n" + targets_table(targets) + f"\nSeconds: train {seconds['train']:.0f}, eval {seconds['eval']:.0f}\n"
+    report += "\n\n" + "\n".join(
+        f"Seed {seed}:\n\n" + table(scores[seed], training[seed], runs, tasks, ppl[seed] if ppl else None)
+        for seed in scores
+    )
+    seconds = summary["seconds"]
+    report += (
+        "\n"
+        + targets_table(summary["targets"])
+        + f"\nSeconds: train {seconds['train']:.0f}, eval {seconds['eval']:.0f}\n"
+    )
     (out / "moh_science.md").write_text(report)
     print(report)
 

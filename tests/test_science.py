@@ -428,6 +428,44 @@ def test_moh_book_perplexity_targets_on_the_real_model():
     assert "ppl rise per seed" in moh.targets_table(targets([20.0, 20.0]))
 
 
+def test_moh_seeds_run_apart_merge_into_the_targets_of_one_run(monkeypatch, tmp_path, capsys):
+    seeds_script = load("moh_seeds")
+    moh = load("moh_science")
+    runs = moh.moh_runs(moh.PROFILES["smollm2-135m"].shapes)
+    settings = {"steps": 600, "seeds": None, "workers": None, "tasks": {"gsm8k": "exact_match"}}
+    settings["runs"] = {name: runs[name][0] for name in ("moh75", "dense")}
+
+    def part(seed: int, drop: float, ppl: float, **changed) -> Path:
+        summary = {
+            "command": f"moh_science.py --seeds {seed}", "git": "abc", "model": "smollm2-135m", "split": "test",
+            "settings": settings | {"seeds": [seed], "workers": {"eval": seed}} | changed,
+            "seconds": {"train": 10.0, "eval": 2.0},
+            "task_scores": {str(seed): {"dense": {"gsm8k": 50.0, "mean": 50.0}, "moh75": {"gsm8k": 50 - drop, "mean": 50 - drop}}},
+            "training": {str(seed): {name: {"eval_loss": 3.0, "dense_eval_loss": 3.1} for name in ("dense", "moh75")}},
+            "book_ppl": {str(seed): {"dense": 20.0, "moh75": ppl}},
+        }  # fmt: skip
+        path = tmp_path / f"seed{seed}_{len(changed)}.json"
+        path.write_text(json.dumps(summary))
+        return path
+
+    def merge(*paths: Path) -> None:
+        monkeypatch.setattr(sys, "argv", ["moh_seeds.py", "--runs", *map(str, paths), "--out", str(tmp_path / "out")])
+        seeds_script.main()
+
+    merge(part(0, 0.5, 20.2), part(1, 1.5, 20.7))
+    merged = json.loads((tmp_path / "out" / "moh_science.json").read_text())
+    target = merged["targets"]["moh75"]
+    assert merged["settings"]["seeds"] == [0, 1] and merged["seconds"] == {"train": 20.0, "eval": 4.0}
+    assert target["drops_per_seed"] == [0.5, 1.5] and target["drop_stderr"] == pytest.approx(0.5) and target["met"]
+    assert target["ppl_rises_per_seed"] == pytest.approx([0.01, 0.035]) and not target["ppl_met"]  # 2.25% > 2%
+    assert "Seed 1:" in (tmp_path / "out" / "moh_science.md").read_text()
+    for bad in [(part(0, 1, 20), part(0, 1, 20)), (part(0, 1, 20), part(1, 1, 20, steps=300))]:
+        with pytest.raises(SystemExit) as stop:
+            merge(*bad)
+        assert stop.value.code == 2
+    assert "repeat a seed" in capsys.readouterr().err
+
+
 def test_moh_distillation_flags_go_to_the_moh_runs_only(monkeypatch, tmp_path):
     moh = load("moh_science")
     argv = ["--model", "smollm2-135m", "--distill_coef", "1.0", "--distill_temperature", "2", "--balance_coef", "0"]

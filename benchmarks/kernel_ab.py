@@ -11,7 +11,9 @@ Times are GPU time: medians of CUDA-graph replay
 (`bench_common.bench_graph`), so the host's Python and launches, which differ between versions, are left out.
 `--variant NAME=VALUE[,NAME=VALUE]` also times a copy of the package with tuning constants changed (Python literals),
 e.g. `_GROUP_KV_BYTES=8388608` (K/V bytes per launch group of heads).
-Outputs are compared with the baseline's (max abs difference). Writes kernel_ab.json and kernel_ab.md to --out.
+Outputs are compared with the baseline's (max abs difference). `--repeats N` times every shape N times, the versions'
+order alternating between runs, and reports each time's median, every run's value and each version's change against
+the baseline per run (a single run's noise is about 2% at some shapes). Writes kernel_ab.json and kernel_ab.md to --out.
 --smoke: tiny shapes on CPU under TRITON_INTERPRET=1, wall-clock times; checks the script, times nothing real.
 """
 
@@ -21,6 +23,7 @@ import argparse
 import ast
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -69,12 +72,12 @@ def measure(variants: dict, shape: tuple, device, dtype, bench, pattern: str = "
     dout = torch.randn_like(q)
     results = {}
     for case, pat, gates in cases(pattern, s, hq, device, dtype):
-        reference = None
+        with torch.no_grad():
+            reference = kernel_forward(variants["baseline"], q, k, v, pattern=pat, head_gates=gates)
         for name, module in variants.items():
             row = {}
             with torch.no_grad():
                 out = kernel_forward(module, q, k, v, pattern=pat, head_gates=gates)
-                reference = out if reference is None else reference
                 row["max_abs_diff"] = (out.float() - reference.float()).abs().max().item()
                 row["fwd"] = bench(
                     lambda m=module, g=gates, a=pat: kernel_forward(m, q, k, v, pattern=a, head_gates=g)
@@ -90,6 +93,51 @@ def measure(variants: dict, shape: tuple, device, dtype, bench, pattern: str = "
             results[key] = row
             print(key, json.dumps(row), flush=True)
     return results
+
+
+def combined(runs: list[dict]) -> dict:
+    """One row per case and version from repeated runs: each time's median and, over several runs, every run's value
+    (`<time>_runs`); the largest difference to the baseline's output."""
+    results = {}
+    for key, row in runs[0].items():
+        results[key] = {}
+        for metric in row:
+            values = [run[key][metric] for run in runs]
+            if metric.endswith("diff"):
+                results[key][metric] = max(values)
+                continue
+            results[key][metric] = statistics.median(values)
+            if len(runs) > 1:
+                results[key][f"{metric}_runs"] = values
+    return results
+
+
+def changes(results: dict) -> dict:
+    """{case key: {time: {"per_run": [...], "median": ...}}}: each version's time over the baseline's, minus 1, run
+    by run (the runs of one repeat were timed side by side) and the median of those."""
+    out = {}
+    for key, row in results.items():
+        base_key = key.rsplit(" ", 1)[0] + " baseline"
+        if key == base_key:
+            continue
+        base = results[base_key]
+        out[key] = {}
+        for metric, value in row.items():
+            if metric.endswith(("diff", "_runs")):
+                continue
+            per_run = [
+                v / b - 1
+                for v, b in zip(row.get(f"{metric}_runs", [value]), base.get(f"{metric}_runs", [base[metric]]))
+            ]
+            out[key][metric] = {"per_run": per_run, "median": statistics.median(per_run)}
+    return out
+
+
+def in_order(variants: dict, repeat: int) -> dict:
+    """The versions in the order of repeat `repeat`: as given, then reversed, alternately (the first version timed
+    of a case is not always the same)."""
+    items = list(variants.items())
+    return dict(items if repeat % 2 == 0 else reversed(items))
 
 
 def package_variant(spec: str, index: int):
@@ -116,8 +164,16 @@ def write(out: Path, results: dict, meta: dict) -> None:
         lines.append(
             f"| {shape} | {s[2:]} | {case} | {name} | {row['fwd']:.3f} | {fwdbwd} | {row['max_abs_diff']:.3g} |"
         )
-    write_results(out, {"kernel_ab.json": json.dumps({"meta": meta, "results": results}, indent=1),
-                        "kernel_ab.md": "\n".join(lines)})  # fmt: skip
+    change = changes(results)
+    lines += ["", "Change against the baseline (each version's time over the baseline's of the same run, minus 1):", "",
+              "| heads x D | S | case | version | time | per run | median |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, by_metric in change.items():
+        shape, s, case, name = key.split(" ")
+        for metric, c in by_metric.items():
+            per_run = " / ".join(f"{x:+.1%}" for x in c["per_run"])
+            lines.append(f"| {shape} | {s[2:]} | {case} | {name} | {metric} | {per_run} | {c['median']:+.1%} |")
+    body = {"meta": meta, "results": results, "changes": change}
+    write_results(out, {"kernel_ab.json": json.dumps(body, indent=1), "kernel_ab.md": "\n".join(lines) + "\n"})
 
 
 def main() -> None:
@@ -131,7 +187,10 @@ def main() -> None:
                         help="dense and MoH-gated cases, or SF-Attn (G = S/4, 4 sinks)")  # fmt: skip
     parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("HQ", "HKV", "D", "S"),
                         help="time these shapes instead of the default list (repeatable)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every shape, the versions' order alternating")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: pass 1 or more")
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernel_ab.py times Triton kernels: run it on a GPU (or pass --smoke on CPU)")
     device, dtype = (torch.device("cpu"), torch.float32) if args.smoke else (torch.device("cuda"), torch.bfloat16)
@@ -145,9 +204,13 @@ def main() -> None:
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)", "torch": torch.__version__,
             "baseline": Path(args.baseline).name, "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
     results = {}
+    timer = wall_ms if args.smoke else bench_graph
     for shape in SMOKE_SHAPES if args.smoke else args.shape or SHAPES:
-        results.update(measure(variants, tuple(shape), device, dtype, wall_ms if args.smoke else bench_graph,
-                               args.pattern))  # fmt: skip
+        runs = [
+            measure(in_order(variants, repeat), tuple(shape), device, dtype, timer, args.pattern)
+            for repeat in range(args.repeats)
+        ]
+        results.update(combined(runs))
         write(out, results, meta)  # after every shape: a cut-short run keeps what it measured
 
 

@@ -7,6 +7,7 @@ decode, statistics, all gradients; outputs are poisoned with NaN first.
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -422,6 +423,27 @@ def test_kernel_ab_benchmark_times_sf(tmp_path):
     results = json.loads((tmp_path / "kernel_ab.json").read_text())["results"]
     assert sorted(results) == ["4/2x16 S=24 sf baseline", "4/2x16 S=24 sf package"]
     assert all(row["max_abs_diff"] == 0 and row["fwdbwd"] > 0 for row in results.values())
+
+
+def test_kernel_ab_repeats_alternate_the_order_and_report_each_runs_change(tmp_path):
+    """`--repeats 3`: the versions are timed baseline first, then package first, then baseline first; each time is the
+    median of its runs, and the change table holds each run's ratio (the A/B rules judge every run and the median)."""
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "benchmarks/kernel_ab.py", "--baseline", "ctxaware/kernels/triton_attention.py"]
+    command += ["--out", str(tmp_path), "--smoke", "--pattern", "sf", "--repeats", "3"]
+    printed = subprocess.run(command, check=True, cwd=root, capture_output=True, text=True).stdout
+    order = [line.split(" ")[3] for line in printed.splitlines() if " sf " in line]
+    assert order == ["baseline", "package", "package", "baseline", "baseline", "package"]
+    body = json.loads((tmp_path / "kernel_ab.json").read_text())
+    package = body["results"]["4/2x16 S=24 sf package"]
+    assert len(package["fwd_runs"]) == 3 and package["fwd"] == statistics.median(package["fwd_runs"])
+    baseline = body["results"]["4/2x16 S=24 sf baseline"]
+    change = body["changes"]["4/2x16 S=24 sf package"]["fwdbwd"]
+    expected = [p / b - 1 for p, b in zip(package["fwdbwd_runs"], baseline["fwdbwd_runs"])]
+    assert change["per_run"] == pytest.approx(expected) and change["median"] == pytest.approx(
+        statistics.median(expected)
+    )
+    assert "| per run | median |" in (tmp_path / "kernel_ab.md").read_text()
 
 
 def test_attention_breakdown_benchmark_smoke(tmp_path):

@@ -21,7 +21,9 @@ Measured, B=1, causal, bf16, ms (medians):
   chunks' first tokens and the kernel skips whole tiles), and SDPA; and one decode step after an S-token prefill
   through HF's DynamicCache from Python (wall time, and its host time per step). With `--graphs` (on by default) the
   forward and the decode step again as replayed CUDA graphs, the decode through a static cache of S + 1 slots
-  (`decode_steps`): GPU time, the router and the gates inside the graph. While a graph is captured the ctxaware
+  (`decode_steps`): GPU time, the router and the gates inside the graph; chunk routing also at a step inside a chunk
+  (the prefill one token shorter), which reuses the chunk's gates and runs no router. On a GPU the static decode step
+  is also profiled kernel by kernel (the kernels a graph replays). While a graph is captured the ctxaware
   attention cannot check whether the model's position ids mark packed rows (a read-back), so the captured forward
   runs the kernels' per-key document check over one document (same attention), dense and MoH alike. From Python a
   1B model's decode step is host-bound and so is its forward at 4k, so only the graph rows compare work.
@@ -234,11 +236,16 @@ def measure_model(row, s, active_fractions, config_kwargs, device, dtype, graphs
         eager, static, _ = decode_steps(model, ids)
         row[f"model_{name}_decode"] = bench(eager, device)
         row[f"host_{name}_decode"] = host_us(eager)
-        for what, call in (("fwd", forward), ("decode", static)) if graphs else ():
+        calls = [("fwd", forward), ("decode", static)]
+        if name.startswith("chunk"):  # a step inside a chunk: the prefill one token shorter, so S - 1 is not a start
+            calls.append(("decode_mid", decode_steps(model, ids[:, :-1])[1]))
+        for what, call in calls if graphs else ():
             try:
                 row[f"model_{name}_{what}_graph"] = bench(call, device, graph=True)
             except RuntimeError as error:  # a capture that fails loses this row only, not the run's other rows
                 row[f"model_{name}_{what}_graph_error"] = str(error)[:200]
+        if device.type == "cuda":
+            row[f"kernels_{name}_decode_step"] = kernel_ms(static)
 
     forward_and_decode("dense")
     model.set_attn_implementation("sdpa")
@@ -347,13 +354,15 @@ KERNEL_LINES = 8  # kernels listed per profiled call, slowest first
 
 
 def kernel_lines(rows) -> list[str]:
-    """The attention forward+backward's slowest kernels, dense and token-routed, per length (GPU rows only)."""
+    """The slowest kernels of each profiled call (attention forward+backward, the model's decode step), per length
+    (GPU rows only)."""
     profiled = [
         (r["S"], key.removeprefix("kernels_"), r[key]) for r in rows for key in r if key.startswith("kernels_")
     ]
     if not profiled:
         return []
-    lines = ["", "GPU ms per call of the attention forward+backward's slowest kernels (torch.profiler, 5 calls):", ""]
+    lines = ["", "GPU ms per call of the slowest kernels of the attention forward+backward (`fwdbwd`) and of the 1B "
+             "model's static decode step (`decode_step`; torch.profiler, 5 calls):", ""]  # fmt: skip
     for s, what, kernels in profiled:
         slowest = list(kernels.items())[:KERNEL_LINES]
         total = sum(kernels.values())
@@ -429,6 +438,11 @@ def write(args, rows, device, seconds):
             "1B model decode step, chunk-routed (128), CUDA graph",
             "model_dense_decode_graph",
             "model_chunk_{}_decode_graph",
+        ),
+        (
+            "1B model decode step inside a chunk (no router), chunk-routed (128), CUDA graph",
+            "model_dense_decode_graph",
+            "model_chunk_{}_decode_mid_graph",
         ),
         ("host time of a 1B decode step, token-routed (us, not ms)", "host_dense_decode", "host_token_{}_decode"),
         ("host time of a 1B decode step, chunk-routed (us, not ms)", "host_dense_decode", "host_chunk_{}_decode"),

@@ -466,7 +466,10 @@ def test_speed_benchmark_smoke_times_token_and_chunk_routing(tmp_path):
             for what in ("fwd", "fwd_graph", "decode", "decode_graph"):
                 assert row[f"model_{routing}_{active}_{what}"] > 0
             assert row[f"host_{routing}_{active}_decode"] > 0
+            # chunk routing also at a step that reuses its chunk's gates (runs no router); token routing has none
+            assert (row.get(f"model_{routing}_{active}_decode_mid_graph", 0) > 0) == (routing == "chunk")
     table = (tmp_path / "moh.md").read_text()
+    assert "1B model decode step inside a chunk (no router), chunk-routed (128), CUDA graph" in table
     assert "1B model forward, chunk-routed (128)" in table and "1B model decode step, token-routed" in table
     for what, label in (("decode", "decode step"), ("fwd", "forward")):
         dense = row[f"model_dense_{what}_graph"]

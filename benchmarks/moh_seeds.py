@@ -31,7 +31,7 @@ def merged(parts: list[dict], parser: argparse.ArgumentParser) -> dict:
     seeds = [seed for part in parts for seed in part["settings"]["seeds"]]
     if len(set(seeds)) != len(seeds):
         parser.error(f"--runs repeat a seed ({seeds}); pass each seed's run once")
-    summary = {key: first[key] for key in ("model", "split", "git")}
+    summary = {key: first[key] for key in SAME}
     summary |= {
         "command": command_line(),
         "runs": [{"command": part["command"], "git": part["git"], "seconds": part["seconds"]} for part in parts],

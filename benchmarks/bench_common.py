@@ -79,6 +79,20 @@ def kernel_ms(fn, calls: int = 5) -> dict[str, float]:
     return dict(sorted(times.items(), key=lambda item: -item[1]))
 
 
+def kernel_launches(fn, calls: int = 5) -> float:
+    """CUDA kernels `fn` launches per call (torch.profiler over `calls` calls, after one call outside it): a step made
+    of many small kernels costs their launches and tails even replayed from a CUDA graph."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(event.count for event in prof.key_averages() if getattr(event, "self_device_time_total", 0) > 0) / calls
+
+
 def write_results(out: Path, files: dict[str, str]) -> None:
     """Writes each {file name: text} under `out` through a temporary file, so a run cut short (device time limits)
     never leaves a half-written table behind."""

@@ -23,13 +23,13 @@ Measured, B=1, causal, bf16, ms (medians):
   forward and the decode step again as replayed CUDA graphs, the decode through a static cache of S + 1 slots
   (`decode_steps`): GPU time, the router and the gates inside the graph; chunk routing also at a step inside a chunk
   (the prefill one token shorter), which reuses the chunk's gates and runs no router. On a GPU the static decode step
-  is also profiled kernel by kernel (the kernels a graph replays). While a graph is captured the ctxaware
+  is also profiled kernel by kernel, with the number of kernels it launches (what a graph replays). While a graph is captured the ctxaware
   attention cannot check whether the model's position ids mark packed rows (a read-back), so the captured forward
   runs the kernels' per-key document check over one document (same attention), dense and MoH alike. From Python a
   1B model's decode step is host-bound and so is its forward at 4k, so only the graph rows compare work.
 - with `--train-step B S`: SmolLM2-135M's training step (random weights, every weight trainable, loss over its
   49,152-token vocabulary) dense and as MoH at 7/9 and 5/9 active, token-routed with the off-head mean bias: wall
-  ms from Python and the GPU time of its kernels.
+  ms from Python and the GPU time of its kernels, each kernel's and how many it launches.
 Writes moh.json (all timings, GPU, versions, command) and moh.md (tables with ratios to dense) to --out.
 """
 
@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import SMOLLM2_135M, bench_graph, git_commit, host_us, kernel_ms, write_results
+from bench_common import SMOLLM2_135M, bench_graph, git_commit, host_us, kernel_launches, kernel_ms, write_results
 from bench_common import bench as bench_gpu
 from transformers import DynamicCache, StaticCache
 
@@ -246,6 +246,7 @@ def measure_model(row, s, active_fractions, config_kwargs, device, dtype, graphs
                 row[f"model_{name}_{what}_graph_error"] = str(error)[:200]
         if device.type == "cuda":
             row[f"kernels_{name}_decode_step"] = kernel_ms(static)
+            row[f"launches_{name}_decode_step"] = kernel_launches(static)
 
     forward_and_decode("dense")
     model.set_attn_implementation("sdpa")
@@ -284,7 +285,10 @@ def measure_training_step(row, batch, s, config_kwargs, device, dtype):
 
         row[f"{key}_{name}"] = bench(step, device)
         if device.type == "cuda":
-            row[f"{key}_{name}_gpu"] = sum(kernel_ms(step).values())
+            kernels = kernel_ms(step)
+            row[f"{key}_{name}_gpu"] = sum(kernels.values())
+            row[f"kernels_{name}_train_step"] = kernels
+            row[f"launches_{name}_train_step"] = kernel_launches(step)
 
     time_step("dense", list(model.parameters()))
     for shared, top_k in TRAINING_SPLITS:
@@ -354,20 +358,26 @@ KERNEL_LINES = 8  # kernels listed per profiled call, slowest first
 
 
 def kernel_lines(rows) -> list[str]:
-    """The slowest kernels of each profiled call (attention forward+backward, the model's decode step), per length
-    (GPU rows only)."""
+    """The slowest kernels of each profiled call (attention forward+backward, the model's decode step, SmolLM2's
+    training step) with their total and, where counted, the kernels launched per call (GPU rows only)."""
     profiled = [
-        (r["S"], key.removeprefix("kernels_"), r[key]) for r in rows for key in r if key.startswith("kernels_")
+        (r.get("S", "x".join(map(str, r.get("train_step", [])))), what.removeprefix("kernels_"), r[what], r)
+        for r in rows
+        for what in r
+        if what.startswith("kernels_")
     ]
     if not profiled:
         return []
-    lines = ["", "GPU ms per call of the slowest kernels of the attention forward+backward (`fwdbwd`) and of the 1B "
-             "model's static decode step (`decode_step`; torch.profiler, 5 calls):", ""]  # fmt: skip
-    for s, what, kernels in profiled:
+    lines = ["", "GPU ms per call of the slowest kernels of the attention forward+backward (`fwdbwd`), the 1B model's "
+             "static decode step (`decode_step`) and SmolLM2's training step (`train_step`; torch.profiler, 5 calls):",
+             ""]  # fmt: skip
+    for s, what, kernels, row in profiled:
         slowest = list(kernels.items())[:KERNEL_LINES]
-        total = sum(kernels.values())
+        launches = row.get(f"launches_{what}")
+        counted = f", {launches:.0f} launches" if launches is not None else ""
         lines.append(
-            f"- S={s}, {what} (all kernels {total:.3f}): " + "; ".join(f"{k[:70]} {v:.3f}" for k, v in slowest)
+            f"- S={s}, {what} (all kernels {sum(kernels.values()):.3f}{counted}): "
+            + "; ".join(f"{k[:70]} {v:.3f}" for k, v in slowest)
         )
     return lines
 

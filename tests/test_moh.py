@@ -500,6 +500,15 @@ def test_speed_benchmark_lists_each_profiled_calls_slowest_kernels():
     assert lines[-2].endswith(f"k7 {1 / 8:.3f}") and "k8" not in lines[-2]
     assert lines[-1] == "- S=4096, token_0.5_fwdbwd (all kernels 0.500): _bwd_dkdv_kernel 0.500"
     assert bench.kernel_lines([{"S": 4096}]) == []  # CPU rows: nothing profiled, no section
+    # the decode step's and the training step's profiles with their kernel launches per call
+    rows = [
+        {"S": 8192, "kernels_dense_decode_step": {"gemv": 2.0}, "launches_dense_decode_step": 350.0},
+        {"train_step": [8, 1024], "kernels_moh_4_3_train_step": {"mm": 40.0}, "launches_moh_4_3_train_step": 2400.4},
+    ]
+    assert bench.kernel_lines(rows)[-2:] == [
+        "- S=8192, dense_decode_step (all kernels 2.000, 350 launches): gemv 2.000",
+        "- S=8x1024, moh_4_3_train_step (all kernels 40.000, 2400 launches): mm 40.000",
+    ]
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1")

@@ -93,6 +93,13 @@ def kernel_launches(fn, calls: int = 5) -> float:
     return sum(event.count for event in prof.key_averages() if getattr(event, "self_device_time_total", 0) > 0) / calls
 
 
+def alternating_order(versions: dict, repeat: int) -> dict:
+    """The versions of an A/B in the order of repeat `repeat`: as given, then reversed, alternately, so the version
+    timed first (on a colder GPU) is not always the same."""
+    items = list(versions.items())
+    return dict(items if repeat % 2 == 0 else reversed(items))
+
+
 def write_results(out: Path, files: dict[str, str]) -> None:
     """Writes each {file name: text} under `out` through a temporary file, so a run cut short (device time limits)
     never leaves a half-written table behind."""

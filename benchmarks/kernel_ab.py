@@ -33,7 +33,15 @@ if "--smoke" in sys.argv:  # before triton is imported: the interpreter runs the
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from bench_common import bench_graph, git_commit, import_kernel_module, kernel_forward, wall_ms, write_results  # noqa: E402
+from bench_common import (  # noqa: E402
+    alternating_order,
+    bench_graph,
+    git_commit,
+    import_kernel_module,
+    kernel_forward,
+    wall_ms,
+    write_results,
+)
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -133,13 +141,6 @@ def changes(results: dict) -> dict:
     return out
 
 
-def in_order(variants: dict, repeat: int) -> dict:
-    """The versions in the order of repeat `repeat`: as given, then reversed, alternately (the first version timed
-    of a case is not always the same)."""
-    items = list(variants.items())
-    return dict(items if repeat % 2 == 0 else reversed(items))
-
-
 def package_variant(spec: str, index: int):
     """A copy of the package's kernel module with the constants of `spec` ("NAME=VALUE,NAME=VALUE") changed."""
     module = import_kernel_module(Path(package.__file__), f"kernel_ab_variant{index}")
@@ -207,7 +208,7 @@ def main() -> None:
     timer = wall_ms if args.smoke else bench_graph
     for shape in SMOKE_SHAPES if args.smoke else args.shape or SHAPES:
         runs = [
-            measure(in_order(variants, repeat), tuple(shape), device, dtype, timer, args.pattern)
+            measure(alternating_order(variants, repeat), tuple(shape), device, dtype, timer, args.pattern)
             for repeat in range(args.repeats)
         ]
         results.update(combined(runs))

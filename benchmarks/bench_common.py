@@ -60,9 +60,8 @@ def host_us(fn, calls: int = 50) -> float:
     return seconds / calls * 1e6
 
 
-def kernel_ms(fn, calls: int = 5) -> dict[str, float]:
-    """GPU milliseconds per call of each CUDA kernel `fn` launches (torch.profiler over `calls` calls, after one call
-    outside it), slowest first: what a timing is made of."""
+def _kernel_events(fn, calls: int):
+    """torch.profiler's per-kernel averages of `calls` calls of `fn` (after one call outside it): the CUDA kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -71,26 +70,21 @@ def kernel_ms(fn, calls: int = 5) -> dict[str, float]:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
+    return [event for event in prof.key_averages() if getattr(event, "self_device_time_total", 0) > 0]
+
+
+def kernel_ms(fn, calls: int = 5) -> dict[str, float]:
+    """GPU milliseconds per call of each CUDA kernel `fn` launches, slowest first: what a timing is made of."""
     times: dict[str, float] = {}
-    for event in prof.key_averages():
-        gpu_us = getattr(event, "self_device_time_total", 0)
-        if gpu_us > 0:
-            times[event.key[:120]] = times.get(event.key[:120], 0.0) + gpu_us / 1e3 / calls
+    for event in _kernel_events(fn, calls):
+        times[event.key[:120]] = times.get(event.key[:120], 0.0) + event.self_device_time_total / 1e3 / calls
     return dict(sorted(times.items(), key=lambda item: -item[1]))
 
 
 def kernel_launches(fn, calls: int = 5) -> float:
-    """CUDA kernels `fn` launches per call (torch.profiler over `calls` calls, after one call outside it): a step made
-    of many small kernels costs their launches and tails even replayed from a CUDA graph."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    return sum(event.count for event in prof.key_averages() if getattr(event, "self_device_time_total", 0) > 0) / calls
+    """CUDA kernels `fn` launches per call: a step made of many small kernels costs their launches and tails even
+    replayed from a CUDA graph."""
+    return sum(event.count for event in _kernel_events(fn, calls)) / calls
 
 
 def alternating_order(versions: dict, repeat: int) -> dict:

@@ -487,6 +487,38 @@ def test_speed_benchmark_smoke_times_token_and_chunk_routing(tmp_path):
         assert f"| 2 x 64 | {label} | {value:.1f} ({value / step['step_2x64_dense']:.2f}x) | n/a |" in table
 
 
+def test_kernel_profile_helpers_report_per_call_times_and_launches(monkeypatch):
+    """bench_common.kernel_ms and kernel_launches over a stand-in profiler (no GPU here): each kernel's device time and
+    the kernels launched, per call of the profiled function; host-only events left out."""
+    import torch.profiler
+
+    bench = load_benchmark("bench_common")
+    calls = []
+
+    class Event:
+        def __init__(self, key, device_us, count):
+            self.key, self.self_device_time_total, self.count = key, device_us, count
+
+    class Profile:
+        def __init__(self, activities):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return [Event("gemm", 3000.0, 10), Event("softmax", 1000.0, 30), Event("aten::add (host)", 0, 99)]
+
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    assert bench.kernel_ms(lambda: calls.append(1), calls=5) == {"gemm": 0.6, "softmax": 0.2}
+    assert bench.kernel_launches(lambda: calls.append(1), calls=5) == 8.0  # (10 + 30) / 5
+    assert len(calls) == 12  # one call outside the profile, then five inside, for each helper
+
+
 def test_speed_benchmark_lists_each_profiled_calls_slowest_kernels():
     """The GPU run's per-kernel profile of the attention forward+backward: one line per length and case, the slowest
     kernels first with their GPU ms, and the call's total."""

@@ -60,8 +60,10 @@ def host_us(fn, calls: int = 50) -> float:
     return seconds / calls * 1e6
 
 
-def _kernel_events(fn, calls: int):
-    """torch.profiler's per-kernel averages of `calls` calls of `fn` (after one call outside it): the CUDA kernels."""
+def kernel_profile(fn, calls: int = 5) -> tuple[dict[str, float], float]:
+    """GPU milliseconds per call of each CUDA kernel `fn` launches, slowest first (what a timing is made of), and the
+    kernels it launches per call (a step of many small kernels costs their launches and tails even replayed from a
+    CUDA graph); torch.profiler over `calls` calls, after one call outside it."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -70,21 +72,16 @@ def _kernel_events(fn, calls: int):
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    return [event for event in prof.key_averages() if getattr(event, "self_device_time_total", 0) > 0]
+    kernels = [event for event in prof.key_averages() if getattr(event, "self_device_time_total", 0) > 0]
+    times: dict[str, float] = {}
+    for event in kernels:
+        times[event.key[:120]] = times.get(event.key[:120], 0.0) + event.self_device_time_total / 1e3 / calls
+    return dict(sorted(times.items(), key=lambda item: -item[1])), sum(event.count for event in kernels) / calls
 
 
 def kernel_ms(fn, calls: int = 5) -> dict[str, float]:
-    """GPU milliseconds per call of each CUDA kernel `fn` launches, slowest first: what a timing is made of."""
-    times: dict[str, float] = {}
-    for event in _kernel_events(fn, calls):
-        times[event.key[:120]] = times.get(event.key[:120], 0.0) + event.self_device_time_total / 1e3 / calls
-    return dict(sorted(times.items(), key=lambda item: -item[1]))
-
-
-def kernel_launches(fn, calls: int = 5) -> float:
-    """CUDA kernels `fn` launches per call: a step made of many small kernels costs their launches and tails even
-    replayed from a CUDA graph."""
-    return sum(event.count for event in _kernel_events(fn, calls)) / calls
+    """`kernel_profile`'s GPU milliseconds per kernel alone."""
+    return kernel_profile(fn, calls)[0]
 
 
 def alternating_order(versions: dict, repeat: int) -> dict:

@@ -23,8 +23,8 @@ Measured, B=1, causal, bf16, ms (medians):
   forward and the decode step again as replayed CUDA graphs, the decode through a static cache of S + 1 slots
   (`decode_steps`): GPU time, the router and the gates inside the graph; chunk routing also at a step inside a chunk
   (the prefill one token shorter), which reuses the chunk's gates and runs no router. On a GPU the static decode step
-  is also profiled kernel by kernel, with the number of kernels it launches (what a graph replays). While a graph is captured the ctxaware
-  attention cannot check whether the model's position ids mark packed rows (a read-back), so the captured forward
+  is also profiled kernel by kernel, with the number of kernels it launches (what a graph replays). While a graph is
+  captured the ctxaware attention cannot check whether the model's position ids mark packed rows (a read-back), so the captured forward
   runs the kernels' per-key document check over one document (same attention), dense and MoH alike. From Python a
   1B model's decode step is host-bound and so is its forward at 4k, so only the graph rows compare work.
 - with `--train-step B S`: SmolLM2-135M's training step (random weights, every weight trainable, loss over its
@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import SMOLLM2_135M, bench_graph, git_commit, host_us, kernel_launches, kernel_ms, write_results
+from bench_common import SMOLLM2_135M, bench_graph, git_commit, host_us, kernel_ms, kernel_profile, write_results
 from bench_common import bench as bench_gpu
 from transformers import DynamicCache, StaticCache
 
@@ -245,8 +245,7 @@ def measure_model(row, s, active_fractions, config_kwargs, device, dtype, graphs
             except RuntimeError as error:  # a capture that fails loses this row only, not the run's other rows
                 row[f"model_{name}_{what}_graph_error"] = str(error)[:200]
         if device.type == "cuda":
-            row[f"kernels_{name}_decode_step"] = kernel_ms(static)
-            row[f"launches_{name}_decode_step"] = kernel_launches(static)
+            row[f"kernels_{name}_decode_step"], row[f"launches_{name}_decode_step"] = kernel_profile(static)
 
     forward_and_decode("dense")
     model.set_attn_implementation("sdpa")
@@ -285,10 +284,9 @@ def measure_training_step(row, batch, s, config_kwargs, device, dtype):
 
         row[f"{key}_{name}"] = bench(step, device)
         if device.type == "cuda":
-            kernels = kernel_ms(step)
+            kernels, row[f"launches_{name}_train_step"] = kernel_profile(step)
             row[f"{key}_{name}_gpu"] = sum(kernels.values())
             row[f"kernels_{name}_train_step"] = kernels
-            row[f"launches_{name}_train_step"] = kernel_launches(step)
 
     time_step("dense", list(model.parameters()))
     for shared, top_k in TRAINING_SPLITS:

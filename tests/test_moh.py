@@ -488,8 +488,8 @@ def test_speed_benchmark_smoke_times_token_and_chunk_routing(tmp_path):
 
 
 def test_kernel_profile_helpers_report_per_call_times_and_launches(monkeypatch):
-    """bench_common.kernel_ms and kernel_launches over a stand-in profiler (no GPU here): each kernel's device time and
-    the kernels launched, per call of the profiled function; host-only events left out."""
+    """bench_common.kernel_profile over a stand-in profiler (no GPU here): each kernel's device time and the kernels
+    launched, per call of the profiled function, from one profile; host-only events left out."""
     import torch.profiler
 
     bench = load_benchmark("bench_common")
@@ -514,9 +514,9 @@ def test_kernel_profile_helpers_report_per_call_times_and_launches(monkeypatch):
 
     monkeypatch.setattr(torch.profiler, "profile", Profile)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    assert bench.kernel_profile(lambda: calls.append(1), calls=5) == ({"gemm": 0.6, "softmax": 0.2}, 8.0)  # 40 / 5
+    assert len(calls) == 6  # one call outside the profile, then five inside
     assert bench.kernel_ms(lambda: calls.append(1), calls=5) == {"gemm": 0.6, "softmax": 0.2}
-    assert bench.kernel_launches(lambda: calls.append(1), calls=5) == 8.0  # (10 + 30) / 5
-    assert len(calls) == 12  # one call outside the profile, then five inside, for each helper
 
 
 def test_speed_benchmark_lists_each_profiled_calls_slowest_kernels():

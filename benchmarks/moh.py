@@ -24,9 +24,10 @@ Measured, B=1, causal, bf16, ms (medians):
   (`decode_steps`): GPU time, the router and the gates inside the graph; chunk routing also at a step inside a chunk
   (the prefill one token shorter), which reuses the chunk's gates and runs no router. On a GPU the static decode step
   is also profiled kernel by kernel, with the number of kernels it launches (what a graph replays). While a graph is
-  captured the ctxaware attention cannot check whether the model's position ids mark packed rows (a read-back), so the captured forward
-  runs the kernels' per-key document check over one document (same attention), dense and MoH alike. From Python a
-  1B model's decode step is host-bound and so is its forward at 4k, so only the graph rows compare work.
+  captured the ctxaware attention cannot check whether the model's position ids mark packed rows (a read-back), so
+  the captured forward runs the kernels' per-key document check over one document (same attention), dense and MoH
+  alike. From Python a 1B model's decode step is host-bound and so is its forward at 4k, so only the graph rows
+  compare work.
 - with `--train-step B S`: SmolLM2-135M's training step (random weights, every weight trainable, loss over its
   49,152-token vocabulary) dense and as MoH at 7/9 and 5/9 active, token-routed with the off-head mean bias: wall
   ms from Python and the GPU time of its kernels, each kernel's and how many it launches.

@@ -127,7 +127,7 @@ def tma_backward(q, k, v, out, lse, dout, pattern):
     _bwd_dkdv_kernel[(b * hkv * _cdiv(sk, cfg["BN"]),)](
         qd, k, v, dod, lse, delta, dummy, dummy, dummy, dummy, dk, dv, lse, lse, *common,
         hq, hkv, sq, sk, hq // hkv, scale * LOG2E, scale, 1.0, GATHER=False, HEAD_GROUP=_head_group(b * hkv, 1, k),
-        n_chunks=1, SINK_SPLIT=False, **flags, **cfg,
+        n_chunks=1, HEAD_SPLIT=1, split_stride=0, SINK_SPLIT=False, **flags, **cfg,
     )
     dq = torch.empty_like(q)
     cfg = _blocks("dq", sq, d, q.dtype, pat["KIND"] != 0)

@@ -171,9 +171,14 @@ def _launch_order(n_tiles, HEAD_GROUP):
     Heads vary fastest within groups of HEAD_GROUP heads, so the longest tiles of a group start before any shorter
     one (the end of a launch does not wait for one head's long tile, which decides short launches), while only one
     group's K and V are read at a time (they stay in L2, which decides long ones); see `_head_group`."""
-    pid = tl.program_id(0)
+    return _launch_order_of(tl.program_id(0), tl.num_programs(0), n_tiles, HEAD_GROUP)
+
+
+@triton.jit
+def _launch_order_of(pid, n_programs, n_tiles, HEAD_GROUP):
+    """`_launch_order` of program pid among n_programs."""
     group = pid // (HEAD_GROUP * n_tiles)
-    heads = tl.minimum(HEAD_GROUP, tl.num_programs(0) // n_tiles - group * HEAD_GROUP)
+    heads = tl.minimum(HEAD_GROUP, n_programs // n_tiles - group * HEAD_GROUP)
     inner = pid - group * HEAD_GROUP * n_tiles
     return group * HEAD_GROUP + inner % heads, inner // heads
 
@@ -509,13 +514,18 @@ def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, PAD, DOC, ROWS, RANK, DK, DV, PART_K, PART_V,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
     Hq, Hkv, Sq, Sk, kv_group, qk_scale, scale, cap2, G, W, SINKS, n_unshifted, HEAD_GROUP, n_chunks,
+    HEAD_SPLIT, split_stride,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr,
     IEEE: tl.constexpr, SOFTCAP: tl.constexpr, GATHER: tl.constexpr, SINK_SPLIT: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of one key tile. SINK_SPLIT: a tile holding sink keys, which every later query sees, was summed in chunks
-    of queries by `_bwd_dkdv_sinks_kernel` (PART_K, PART_V); this program only adds the chunks up."""
-    bkv, pid_n = _launch_order(tl.cdiv(Sk, BN), HEAD_GROUP)  # causal: the first key tiles are the longest
+    of queries by `_bwd_dkdv_sinks_kernel` (PART_K, PART_V); this program only adds the chunks up. HEAD_SPLIT > 1:
+    the tile's query heads are shared out over HEAD_SPLIT programs side by side, each writing its partial sums to
+    DK, DV + part * split_stride (fp32), which the host adds up."""
+    pid = tl.program_id(0)
+    part = pid % HEAD_SPLIT
+    bkv, pid_n = _launch_order_of(pid // HEAD_SPLIT, tl.num_programs(0) // HEAD_SPLIT, tl.cdiv(Sk, BN), HEAD_GROUP)
     b = (bkv // Hkv).to(tl.int64)
     kvh = (bkv % Hkv).to(tl.int64)
     q_offset = Sk - Sq
@@ -528,15 +538,16 @@ def _bwd_dkdv_kernel(
     )
     dk = tl.zeros([BN, DP], tl.float32)
     dv = tl.zeros([BN, DP], tl.float32)
-    heads = kv_group
+    per_part = kv_group // HEAD_SPLIT
+    first, stop = part * per_part, part * per_part + per_part
     if SINK_SPLIT:  # noqa: SIM102 (compiled out without the split; the inner test runs per program)
         if n0 < SINKS:
-            heads = kv_group * 0
-            part = ((bkv * tl.cdiv(SINKS, BN) + pid_n) * n_chunks * BN + offs_n[:, None] - n0) * DP + offs_d[None, :]
+            stop = first
+            chunk = ((bkv * tl.cdiv(SINKS, BN) + pid_n) * n_chunks * BN + offs_n[:, None] - n0) * DP + offs_d[None, :]
             for c in range(n_chunks):
-                dk += tl.load(PART_K + part + c * BN * DP)
-                dv += tl.load(PART_V + part + c * BN * DP)
-    for hh in range(heads):
+                dk += tl.load(PART_K + chunk + c * BN * DP)
+                dv += tl.load(PART_V + chunk + c * BN * DP)
+    for hh in range(first, stop):
         h = kvh * kv_group + hh
         bh = b * Hq + h
         shift = (h >= n_unshifted).to(tl.int32) * (G // 2)
@@ -567,7 +578,7 @@ def _bwd_dkdv_kernel(
             sqb, sqh, sqm, sdob, sdoh, sdom, Sq, Sk, q_offset, shift, G, W, SINKS, qk_scale, cap2,
             D, DP, BM, KIND, CAUSAL, HAS_DOC, IEEE, SOFTCAP, True, GATHER,
         )  # fmt: skip
-    out_off = bkv.to(tl.int64) * Sk * D + offs_n[:, None] * D + offs_d[None, :]
+    out_off = part.to(tl.int64) * split_stride + bkv.to(tl.int64) * Sk * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -924,8 +935,12 @@ class _TritonAttention(torch.autograd.Function):
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
         )  # fmt: skip
         extra = (pad if pad is not None else dummy, doc if doc is not None else dummy)
-        dk = _empty((b, hkv, sk, d), k)
-        dv = _empty((b, hkv, sk, d), v)
+        # gated: each kv head's query heads in programs side by side, summed after. A kv head whose query heads are
+        # all shared (always on) would otherwise do the dense work in one program per key tile while the others idle
+        head_split = hq // hkv if gather else 1
+        split_shape, split_dtype = ((head_split,), torch.float32) if head_split > 1 else ((), None)
+        dk = _empty((*split_shape, b, hkv, sk, d), k, split_dtype)
+        dv = _empty((*split_shape, b, hkv, sk, d), v, split_dtype)
         cfg = _blocks("dkdv", sq, d, q.dtype, flags["KIND"] != 0)
         chunk = 2 * INTERPRET_TILE if _interpreting() else SINK_CHUNK_ROWS
         n_chunks = _cdiv(sq, chunk)
@@ -942,11 +957,14 @@ class _TritonAttention(torch.autograd.Function):
                 hq, hkv, sq, sk, hq // hkv, qk_scale, cap2, flags["G"], flags["W"], flags["SINKS"],
                 flags["n_unshifted"], n_chunks, chunk, **sink_flags, **cfg,
             )  # fmt: skip
-        _bwd_dkdv_kernel[(b * hkv * _cdiv(sk, cfg["BN"]),)](
+        _bwd_dkdv_kernel[(b * hkv * _cdiv(sk, cfg["BN"]) * head_split,)](
             q, k, v, dout, lse, delta, *extra, rows, rank, dk, dv, part_k, part_v, *common,
             hq, hkv, sq, sk, hq // hkv, qk_scale, scale, cap2, GATHER=gather, HEAD_GROUP=_head_group(b * hkv, 1, k),
-            n_chunks=n_chunks, SINK_SPLIT=split, **flags, **cfg,
+            n_chunks=n_chunks, HEAD_SPLIT=head_split, split_stride=dk[0].numel() if head_split > 1 else 0,
+            SINK_SPLIT=split, **flags, **cfg,
         )  # fmt: skip
+        if head_split > 1:
+            dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
         dq = _empty((b, hq, sq, d), q)
         cfg = _blocks("dq", sq, d, q.dtype, flags["KIND"] != 0)
         _bwd_dq_kernel[(b * hq * _cdiv(sq, cfg["BM"]),)](

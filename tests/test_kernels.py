@@ -491,6 +491,35 @@ def test_attention_variants_benchmark_builds_correct_kernels(tmp_path, warp_spec
             check_close(a, b, 1e-4, name)
 
 
+class _MassPass:
+    """Stands in for the key-mass kernel: records whether a call launched it, then launches the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launched = kernel, False
+
+    def __getitem__(self, grid):
+        self.launched = True
+        return self.kernel[grid]
+
+
+@interpreted
+@pytest.mark.parametrize("pattern", ["dense", "sf", "window"])
+@pytest.mark.parametrize("sq, sk, softcap", [(1, 41, None), (3, 50, 2.0), (16, 77, None), (17, 77, 2.0)])
+def test_key_mass_of_a_few_queries_comes_from_the_forward_scores(poisoned, monkeypatch, pattern, sq, sk, softcap):
+    """Up to KEY_MASS_SCORE_ROWS queries (decode) the forward keeps its scores and key_mass is summed from them, with
+    no second pass over the keys; padding, zero gates, soft-capping and grouped heads as the reference has them."""
+    mass_pass = _MassPass(tri._key_mass_kernel)
+    monkeypatch.setattr(tri, "_key_mass_kernel", mass_pass)
+    q, k, v, kw = make_case(hq=4, hkv=2, sq=sq, sk=sk, pad="left", gates=True, seed=sq * 1000 + sk)
+    with torch.no_grad():
+        got = attention(q, k, v, pattern=PATTERNS[pattern], key_mass=True, softcap=softcap, backend="triton", **kw)[1]
+        ref = attention(q, k, v, pattern=PATTERNS[pattern], key_mass=True, softcap=softcap, backend="reference", **kw)[
+            1
+        ]
+    check_close(got.key_mass, ref.key_mass, 1e-5, "key_mass")
+    assert mass_pass.launched == (sq > tri.KEY_MASS_SCORE_ROWS)
+
+
 @interpreted
 @pytest.mark.parametrize("sq, sk", [(0, 0), (0, 5)])
 def test_empty_sequences_on_every_backend(sq, sk):

@@ -415,6 +415,18 @@ def test_kernel_ab_benchmark_smoke(tmp_path):
     assert all(row["max_abs_diff"] == 0 and row["fwd"] > 0 and row["fwdbwd"] > 0 for row in results.values())
 
 
+def test_kernel_ab_benchmark_times_decode_key_mass(tmp_path):
+    """`--pattern decode_key_mass`: one decode query a row through both versions, with and without key_mass."""
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "benchmarks/kernel_ab.py", "--baseline", "ctxaware/kernels/triton_attention.py"]
+    subprocess.run([*command, "--out", str(tmp_path), "--smoke", "--pattern", "decode_key_mass"], check=True, cwd=root)
+    results = json.loads((tmp_path / "kernel_ab.json").read_text())["results"]
+    assert sorted(results) == ["4/2x16 S=24 decode_key_mass baseline", "4/2x16 S=24 decode_key_mass package"]
+    for row in results.values():
+        assert row["max_abs_diff"] == 0 and row["key_mass_max_abs_diff"] == 0
+        assert row["fwd"] > 0 and row["fwd_without_key_mass"] > 0
+
+
 def test_kernel_ab_benchmark_times_sf(tmp_path):
     """`--pattern sf` times SF-Attn (not the dense and gated cases) through both versions, outputs equal."""
     root = Path(__file__).resolve().parents[1]

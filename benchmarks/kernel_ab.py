@@ -196,7 +196,8 @@ def package_variant(spec: str, index: int):
 def write(out: Path, results: dict, meta: dict) -> None:
     lines = [f"# Kernel A/B on {meta['gpu']}", "", f"Command: `{meta['command']}` (torch {meta['torch']}, git "
              f"{meta['git'][:10]}, baseline {meta['baseline']}). Causal, B=1; ms, GPU time (CUDA-graph replay).", "",
-             "| heads x D | S | case | version | fwd | fwd+bwd | max abs diff |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| heads x D | S | case | version | fwd | fwd+bwd (decode_key_mass: fwd without key_mass) | max abs diff |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for key, row in results.items():
         shape, s, case, name = key.split(" ")
         fwdbwd = row.get("fwdbwd", row.get("fwd_without_key_mass"))

@@ -100,10 +100,10 @@ def tma_forward(q, k, v, pattern, num_stages):
     kd = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, cfg["BN"], dp])
     vd = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, cfg["BN"], dp])
     _fwd_kernel[(b * hq * _cdiv(sq, cfg["BM"]),)](
-        q, kd, vd, out, lse, dummy, dummy, dummy, dummy, lse, dummy, dummy,
+        q, kd, vd, out, lse, dummy, dummy, dummy, dummy, lse, dummy, dummy, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), hq, sq, sk, hq // hkv, d ** -0.5 * LOG2E, 1.0,
         D=d, DP=dp, CAUSAL=True, HAS_PAD=False, HAS_DOC=False, IEEE=False, SOFTCAP=False, HAS_GATE=False, HAS_LABELS=False,
-        NUM_LABELS=1, LP=16, GATHER=False, HEAD_GROUP=_head_group(b * hq, hq // hkv, k), **pat, **cfg,
+        NUM_LABELS=1, LP=16, GATHER=False, SAVE_SCORES=False, HEAD_GROUP=_head_group(b * hq, hq // hkv, k), **pat, **cfg,
     )
     return out, lse
 

@@ -6,7 +6,8 @@
 
 Both modules' `triton_attention` run on the same inputs: forward and forward + backward, dense and with 50% of the
 heads routed per token (8 shared + 8 of 24 routed, MoH's 50% split), at 32/8 heads of 64 (4k, 16k) and 32/32 heads
-of 128 (4k, 16k, 32k; forward + backward up to 16k); `--pattern sf` times SF-Attn instead, `--shape` other shapes.
+of 128 (4k, 16k, 32k; forward + backward up to 16k); `--pattern sf` times SF-Attn instead, `--pattern
+decode_key_mass` one decode query a row (B=8) with and without key_mass, `--shape` other shapes.
 Times are GPU time: medians of CUDA-graph replay
 (`bench_common.bench_graph`), so the host's Python and launches, which differ between versions, are left out.
 `--variant NAME=VALUE[,NAME=VALUE]` also times a copy of the package with tuning constants changed (Python literals),
@@ -103,6 +104,43 @@ def measure(variants: dict, shape: tuple, device, dtype, bench, pattern: str = "
     return results
 
 
+DECODE_BATCH = 8  # decode rows of `--pattern decode_key_mass`, as benchmarks/moh.py's decode attention
+
+
+def measure_decode_key_mass(
+    variants: dict, shape: tuple, device, dtype, bench, pattern: str = "decode_key_mass"
+) -> dict:
+    """One query per row against S keys (B=8, what H2O runs each decode step): the forward with and without
+    key_mass; max abs diffs of the output and of key_mass against the baseline's."""
+    hq, hkv, d, s = shape
+    torch.manual_seed(0)
+    q = torch.randn(DECODE_BATCH, hq, 1, d, device=device, dtype=dtype)
+    k = torch.randn(DECODE_BATCH, hkv, s, d, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    results = {}
+
+    def call(module, key_mass):
+        return module.triton_attention(q, k, v, scale=d**-0.5, causal=True, pattern=None, key_padding_mask=None,
+                                       doc_ids=None, head_gates=None, key_mass=key_mass, key_labels=None,
+                                       num_labels=None)  # fmt: skip
+
+    with torch.no_grad():
+        reference, _, reference_mass, _ = call(variants["baseline"], True)
+    for name, module in variants.items():
+        with torch.no_grad():
+            out, _, mass, _ = call(module, True)
+        row = {
+            "max_abs_diff": (out.float() - reference.float()).abs().max().item(),
+            "key_mass_max_abs_diff": (mass - reference_mass).abs().max().item(),
+            "fwd": bench(lambda m=module: call(m, True)),
+            "fwd_without_key_mass": bench(lambda m=module: call(m, False)),
+        }
+        key = f"{hq}/{hkv}x{d} S={s} {pattern} {name}"
+        results[key] = row
+        print(key, json.dumps(row), flush=True)
+    return results
+
+
 def combined(runs: list[dict]) -> dict:
     """One row per case and version from repeated runs: each time's median and, over several runs, every run's value
     (`<time>_runs`); the largest difference to the baseline's output."""
@@ -158,10 +196,12 @@ def package_variant(spec: str, index: int):
 def write(out: Path, results: dict, meta: dict) -> None:
     lines = [f"# Kernel A/B on {meta['gpu']}", "", f"Command: `{meta['command']}` (torch {meta['torch']}, git "
              f"{meta['git'][:10]}, baseline {meta['baseline']}). Causal, B=1; ms, GPU time (CUDA-graph replay).", "",
-             "| heads x D | S | case | version | fwd | fwd+bwd | max abs diff |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| heads x D | S | case | version | fwd | fwd+bwd (decode_key_mass: fwd without key_mass) | max abs diff |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for key, row in results.items():
         shape, s, case, name = key.split(" ")
-        fwdbwd = f"{row['fwdbwd']:.3f}" if "fwdbwd" in row else "-"
+        fwdbwd = row.get("fwdbwd", row.get("fwd_without_key_mass"))
+        fwdbwd = f"{fwdbwd:.3f}" if fwdbwd is not None else "-"
         lines.append(
             f"| {shape} | {s[2:]} | {case} | {name} | {row['fwd']:.3f} | {fwdbwd} | {row['max_abs_diff']:.3g} |"
         )
@@ -184,8 +224,9 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                         help="also time a copy of the package with these module constants changed")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script end to end")
-    parser.add_argument("--pattern", choices=["dense", "sf"], default="dense",
-                        help="dense and MoH-gated cases, or SF-Attn (G = S/4, 4 sinks)")  # fmt: skip
+    parser.add_argument("--pattern", choices=["dense", "sf", "decode_key_mass"], default="dense",
+                        help="dense and MoH-gated cases, SF-Attn (G = S/4, 4 sinks), or one decode query a row "
+                        "with key_mass (the forward+backward column then holds the forward without key_mass)")  # fmt: skip
     parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("HQ", "HKV", "D", "S"),
                         help="time these shapes instead of the default list (repeatable)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=1, help="runs of every shape, the versions' order alternating")
@@ -207,8 +248,9 @@ def main() -> None:
     results = {}
     timer = wall_ms if args.smoke else bench_graph
     for shape in SMOKE_SHAPES if args.smoke else args.shape or SHAPES:
+        measure_shape = measure_decode_key_mass if args.pattern == "decode_key_mass" else measure
         runs = [
-            measure(alternating_order(variants, repeat), tuple(shape), device, dtype, timer, args.pattern)
+            measure_shape(alternating_order(variants, repeat), tuple(shape), device, dtype, timer, args.pattern)
             for repeat in range(args.repeats)
         ]
         results.update(combined(runs))

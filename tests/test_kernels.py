@@ -415,6 +415,18 @@ def test_kernel_ab_benchmark_smoke(tmp_path):
     assert all(row["max_abs_diff"] == 0 and row["fwd"] > 0 and row["fwdbwd"] > 0 for row in results.values())
 
 
+def test_kernel_ab_benchmark_times_decode_key_mass(tmp_path):
+    """`--pattern decode_key_mass`: one decode query a row through both versions, with and without key_mass."""
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "benchmarks/kernel_ab.py", "--baseline", "ctxaware/kernels/triton_attention.py"]
+    subprocess.run([*command, "--out", str(tmp_path), "--smoke", "--pattern", "decode_key_mass"], check=True, cwd=root)
+    results = json.loads((tmp_path / "kernel_ab.json").read_text())["results"]
+    assert sorted(results) == ["4/2x16 S=24 decode_key_mass baseline", "4/2x16 S=24 decode_key_mass package"]
+    for row in results.values():
+        assert row["max_abs_diff"] == 0 and row["key_mass_max_abs_diff"] == 0
+        assert row["fwd"] > 0 and row["fwd_without_key_mass"] > 0
+
+
 def test_kernel_ab_benchmark_times_sf(tmp_path):
     """`--pattern sf` times SF-Attn (not the dense and gated cases) through both versions, outputs equal."""
     root = Path(__file__).resolve().parents[1]
@@ -489,6 +501,35 @@ def test_attention_variants_benchmark_builds_correct_kernels(tmp_path, warp_spec
         check_close(out, ref, 1e-5, "out")
         for name, a, b in zip(["dq", "dk", "dv"], grads, torch.autograd.grad(ref, leaves, dout)):
             check_close(a, b, 1e-4, name)
+
+
+class _MassPass:
+    """Stands in for the key-mass kernel: records whether a call launched it, then launches the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launched = kernel, False
+
+    def __getitem__(self, grid):
+        self.launched = True
+        return self.kernel[grid]
+
+
+@interpreted
+@pytest.mark.parametrize("pattern", ["dense", "sf", "window"])
+@pytest.mark.parametrize("sq, sk, softcap", [(1, 41, None), (3, 50, 2.0), (16, 77, None), (17, 77, 2.0)])
+def test_key_mass_of_a_few_queries_comes_from_the_forward_scores(poisoned, monkeypatch, pattern, sq, sk, softcap):
+    """Up to KEY_MASS_SCORE_ROWS queries (decode) the forward keeps its scores and key_mass is summed from them, with
+    no second pass over the keys; padding, zero gates, soft-capping and grouped heads as the reference has them."""
+    mass_pass = _MassPass(tri._key_mass_kernel)
+    monkeypatch.setattr(tri, "_key_mass_kernel", mass_pass)
+    q, k, v, kw = make_case(hq=4, hkv=2, sq=sq, sk=sk, pad="left", gates=True, seed=sq * 1000 + sk)
+    with torch.no_grad():
+        got = attention(q, k, v, pattern=PATTERNS[pattern], key_mass=True, softcap=softcap, backend="triton", **kw)[1]
+        ref = attention(q, k, v, pattern=PATTERNS[pattern], key_mass=True, softcap=softcap, backend="reference", **kw)[
+            1
+        ]
+    check_close(got.key_mass, ref.key_mass, 1e-5, "key_mass")
+    assert mass_pass.launched == (sq > tri.KEY_MASS_SCORE_ROWS)
 
 
 @interpreted

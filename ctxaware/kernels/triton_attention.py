@@ -227,13 +227,14 @@ def _query_program(
 @triton.jit
 def _fwd_tiles(
     acc, lab_acc, m_i, l_i, q, k_base, v_base, PAD, DOC, LAB, b, pos, row_ok, q_doc, start, stop,
-    skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2,
+    skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2, score_rows, row_in,
     D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, HAS_LABELS: tl.constexpr, LP: tl.constexpr,
-    IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
+    IEEE: tl.constexpr, SOFTCAP: tl.constexpr, SAVE_SCORES: tl.constexpr,
     MASKED: tl.constexpr,
 ):  # fmt: skip
-    """Online-softmax update over key tiles [start, stop); MASKED=False tiles are known to be fully allowed."""
+    """Online-softmax update over key tiles [start, stop); MASKED=False tiles are known to be fully allowed.
+    SAVE_SCORES: each score (base 2, -inf where masked) also goes to score_rows + key, for key_mass in decode."""
     offs_d = tl.arange(0, DP)
     for n0 in range(start, stop, BN):
         offs_n = n0 + tl.arange(0, BN)
@@ -258,6 +259,8 @@ def _fwd_tiles(
             qk = tl.where(mask, qk, float("-inf"))
         elif HAS_PAD:
             qk = tl.where(k_real[None, :], qk, float("-inf"))
+        if SAVE_SCORES:
+            tl.store(score_rows + offs_n[None, :], qk * row_scale, mask=row_in[:, None] & col_in[None, :])
         m_new = tl.maximum(m_i, tl.max(qk, 1) * row_scale)
         m_safe = m_new
         if MASKED or HAS_PAD:  # a row may have seen no allowed key yet
@@ -279,13 +282,13 @@ def _fwd_tiles(
 @direct_launch
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, LSE, PAD, DOC, GATE, LAB, LMASS, ROWS, RANK,
+    Q, K, V, Out, LSE, PAD, DOC, GATE, LAB, LMASS, ROWS, RANK, SCORES,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
     Hq, Sq, Sk, kv_group, qk_scale, cap2, G, W, SINKS, n_unshifted, HEAD_GROUP,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, HAS_GATE: tl.constexpr,
     HAS_LABELS: tl.constexpr, NUM_LABELS: tl.constexpr, LP: tl.constexpr,
-    IEEE: tl.constexpr, SOFTCAP: tl.constexpr, GATHER: tl.constexpr,
+    IEEE: tl.constexpr, SOFTCAP: tl.constexpr, GATHER: tl.constexpr, SAVE_SCORES: tl.constexpr,
 ):  # fmt: skip
     bh, b, h, kvh, shift, offs_m, row_in, pos, P0, P1 = _query_program(
         ROWS, RANK, Hq, Sq, Sk, kv_group, G, n_unshifted, HEAD_GROUP, BM, GATHER
@@ -327,22 +330,27 @@ def _fwd_kernel(
     lab_acc = tl.zeros([BM, LP], tl.float32)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
+    score_rows = SCORES + (bh.to(tl.int64) * Sq + offs_m[:, None]) * Sk  # read only with SAVE_SCORES
     # sink tiles left of the group, masked tiles before the fully allowed ones, those unmasked, masked ones after
     acc, lab_acc, m_i, l_i = _fwd_tiles(
         acc, lab_acc, m_i, l_i, q, k_base, v_base, PAD, DOC, LAB, b, pos, row_ok, q_doc, 0, sink_hi,
-        skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, HAS_LABELS, LP, IEEE, SOFTCAP, True,
+        skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2, score_rows, row_in, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC,
+        HAS_LABELS, LP, IEEE, SOFTCAP, SAVE_SCORES, True,
     )  # fmt: skip
     acc, lab_acc, m_i, l_i = _fwd_tiles(
         acc, lab_acc, m_i, l_i, q, k_base, v_base, PAD, DOC, LAB, b, pos, row_ok, q_doc, lo_block, f_lo,
-        skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, HAS_LABELS, LP, IEEE, SOFTCAP, True,
+        skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2, score_rows, row_in, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC,
+        HAS_LABELS, LP, IEEE, SOFTCAP, SAVE_SCORES, True,
     )  # fmt: skip
     acc, lab_acc, m_i, l_i = _fwd_tiles(
         acc, lab_acc, m_i, l_i, q, k_base, v_base, PAD, DOC, LAB, b, pos, row_ok, q_doc, f_lo, f_hi,
-        skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, HAS_LABELS, LP, IEEE, SOFTCAP, False,
+        skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2, score_rows, row_in, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC,
+        HAS_LABELS, LP, IEEE, SOFTCAP, SAVE_SCORES, False,
     )  # fmt: skip
     acc, lab_acc, m_i, l_i = _fwd_tiles(
         acc, lab_acc, m_i, l_i, q, k_base, v_base, PAD, DOC, LAB, b, pos, row_ok, q_doc, f_hi, hi,
-        skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC, HAS_LABELS, LP, IEEE, SOFTCAP, True,
+        skn, svn, Sk, shift, G, W, SINKS, qk_scale, cap2, score_rows, row_in, D, DP, BN, KIND, CAUSAL, HAS_PAD, HAS_DOC,
+        HAS_LABELS, LP, IEEE, SOFTCAP, SAVE_SCORES, True,
     )  # fmt: skip
 
     live = (l_i > 0) & gated_on
@@ -794,6 +802,7 @@ FALLBACK_NUM_WARPS = 4
 FALLBACK_NUM_WARPS_WIDE = 8  # head_dim >= 128, and the mass kernel at any head_dim
 BWD_DELTA_BM = 64  # query rows per program of the backward's delta = rowsum(dO * O) kernel
 ROUTED_ROWS_BLOCK = 1024  # rows per step of the routed-rows scan (one program per (batch, head))
+KEY_MASS_SCORE_ROWS = 16  # key_mass from the forward's saved scores up to this many queries (decode), else a pass
 SINK_CHUNK_ROWS = 1024  # query rows per program of the sink tiles' dK, dV (`_bwd_dkdv_sinks_kernel`); a multiple of BM
 
 
@@ -875,18 +884,26 @@ def _forward(q, k, v, head_gates, opts):
     if gather:  # tiles of each head's routed rows: work in proportion to the routed fraction, however scattered
         rows, rank = _routed_rows(head_gates)
     query_heads = dict(HEAD_GROUP=_head_group(b * hq, hq // hkv, k))
+    # key_mass of a few queries (decode): the forward keeps its scores, and the mass is exp2(score - lse) summed over
+    # them, instead of a second pass that reads every key again (half a forward's memory traffic in decode)
+    save_scores = opts["key_mass"] and sq <= min(KEY_MASS_SCORE_ROWS, cfg["BM"])
+    # filled first (not `_empty`): the keys a query tile never visits keep -inf, no mass
+    scores = torch.full((b, hq, sq, sk), float("-inf"), device=q.device) if save_scores else lse
     _fwd_kernel[(b * hq * _cdiv(sq, cfg["BM"]),)](
         q, k, v, out, lse,
         pad if pad is not None else dummy, doc if doc is not None else dummy,
         head_gates if head_gates is not None else dummy, labels if labels is not None else dummy,
-        label_mass if label_mass is not None else lse, rows, rank,
+        label_mass if label_mass is not None else lse, rows, rank, scores,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         hq, sq, sk, hq // hkv, qk_scale, cap2,
         HAS_GATE=head_gates is not None, HAS_LABELS=labels is not None, NUM_LABELS=num_labels,
-        LP=_pow2(num_labels), GATHER=gather, **query_heads, **flags, **cfg,
+        LP=_pow2(num_labels), GATHER=gather, SAVE_SCORES=save_scores, **query_heads, **flags, **cfg,
     )  # fmt: skip
     mass = None
-    if opts["key_mass"]:
+    if save_scores:  # dead or gated-off rows (lse -inf) add nothing
+        lse2 = torch.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        mass = torch.exp2(scores - lse2[..., None]).sum(-2)
+    elif opts["key_mass"]:
         mass = _empty((b, hq, sk), q, torch.float32)
         cfg = _blocks("mass", sq, d, q.dtype, flags["KIND"] != 0)
         _key_mass_kernel[(b * hq * _cdiv(sk, cfg["BN"]),)](

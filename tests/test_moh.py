@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from ctxaware.adapters import HeadAdapter, load_adapter
 from ctxaware.attention import ATTN_IMPLEMENTATION, attention_modules, get_attention_options
+from ctxaware.kernels import moh_router
 from ctxaware.kernels.moh_router import router_gates
 from ctxaware.methods.moh.adapter import MoHAdapter, find_moh_adapter, logit_change
 from ctxaware.methods.moh.calibration import fit_router_weights, head_ablation_kl
@@ -519,6 +520,20 @@ def test_kernel_profile_helpers_report_per_call_times_and_launches(monkeypatch):
     assert bench.kernel_ms(lambda: calls.append(1), calls=5) == {"gemm": 0.6, "softmax": 0.2}
 
 
+def test_router_ab_benchmark_smoke(tmp_path):
+    """`benchmarks/router_ab.py --smoke` (CPU, interpreter): the package's router kernel against itself as the
+    baseline at a decode call and a prefill-sized call, each size twice with the order alternating."""
+    command = [sys.executable, "benchmarks/router_ab.py", "--baseline", "ctxaware/kernels/moh_router.py"]
+    printed = subprocess.run([*command, "--out", str(tmp_path), "--smoke", "--repeats", "2"], check=True,
+                             capture_output=True, text=True).stdout  # fmt: skip
+    assert [line.split(" ")[1] for line in printed.splitlines()][:4] == ["baseline", "package", "package", "baseline"]
+    results = json.loads((tmp_path / "router_ab.json").read_text())["results"]
+    assert list(results) == ["1", "40"]
+    for row in results.values():
+        assert len(row["change_per_run"]) == 2 and row["package"]["max_abs_diff"] == 0 and row["baseline"]["ms"] > 0
+    assert "| 40 |" in (tmp_path / "router_ab.md").read_text()
+
+
 def test_speed_benchmark_lists_each_profiled_calls_slowest_kernels():
     """The GPU run's per-kernel profile of the attention forward+backward: one line per length and case, the slowest
     kernels first with their GPU ms, and the call's total."""
@@ -545,15 +560,22 @@ def test_speed_benchmark_lists_each_profiled_calls_slowest_kernels():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("shared, top_k, lr_ratio", [([], 2, 1.0), ([3], 1, 0.1), ([0, 5, 6], 3, 0.01)])
-def test_fused_router_kernel_gives_the_routers_gates(shared, top_k, lr_ratio):
+@pytest.mark.parametrize(
+    "tokens, decode_block",
+    [(20, 1024), (3, 1024), (3, 64)],
+    ids=["prefill-blocks", "decode-one-block", "decode-ragged-blocks"],
+)
+def test_fused_router_kernel_gives_the_routers_gates(shared, top_k, lr_ratio, tokens, decode_block, monkeypatch):
     """Inference on CUDA takes the one-launch kernel; it must give the PyTorch router's gates (no shared head, one,
-    several; a hidden size that is not a multiple of the kernel's block; weights stored divided by lr_ratio)."""
+    several; weights stored divided by lr_ratio) on both of its paths: 40 tokens read the hidden size in blocks of
+    128 (200 is not a multiple), 6 tokens (a decode call) in wider blocks, all of it at once or in ragged steps."""
+    monkeypatch.setattr(moh_router, "DECODE_HIDDEN_BLOCK", decode_block)
     router = MoHRouter(200, 8, 4, shared, top_k=top_k, variant="learned", init_std=1.0, lr_ratio=lr_ratio)
     with torch.no_grad():
         for param in router.parameters():
             param.normal_(0, 0.2 / lr_ratio)  # effective weights of std 0.2: decisive, varied routing
-    x = torch.randn(2, 5, 200)
-    q = torch.randn(2, 5, 32)
+    x = torch.randn(2, tokens, 200)
+    q = torch.randn(2, tokens, 32)
     expected = router.token_gates(x, q)  # on CPU: the PyTorch router
     fused = router_gates(
         x,

@@ -22,6 +22,10 @@ from ctxaware.kernels.triton_attention import _pow2
 
 
 HIDDEN_BLOCK = 128  # hidden-size chunk each program reads per step of the router matmul
+# A decode call has a program or a few, each alone on its SM, so a step's loads are not hidden behind other programs'
+# work: at 128 a 1B router's 16 steps x 3 loads wait on memory one after another (30 us a layer on an H100). Up to
+# DECODE_ROWS tokens, each program reads DECODE_HIDDEN_BLOCK of the hidden size a step with DECODE_WARPS warps.
+DECODE_ROWS, DECODE_HIDDEN_BLOCK, DECODE_WARPS = 16, 1024, 8
 
 
 @triton.jit
@@ -102,9 +106,12 @@ def router_gates(
     rows = x.reshape(-1, hidden).contiguous()
     out = torch.empty(rows.shape[0], n_shared + n_routed, device=x.device, dtype=dtype)
     dummy = routed_weight
+    block, warps = HIDDEN_BLOCK, 4
+    if rows.shape[0] <= DECODE_ROWS:
+        block, warps = min(DECODE_HIDDEN_BLOCK, _pow2(hidden)), DECODE_WARPS
     _router_gates_kernel[(rows.shape[0],)](
         rows, routed_weight.contiguous(), dummy if shared_weight is None else shared_weight.contiguous(),
         dummy if mix_weight is None else mix_weight.contiguous(), heads, out, hidden, float(lr_ratio), top_k,
-        N_ROUTED=n_routed, N_SHARED=n_shared, RP=_pow2(n_routed), SP=_pow2(n_shared), BH=HIDDEN_BLOCK,
+        N_ROUTED=n_routed, N_SHARED=n_shared, RP=_pow2(n_routed), SP=_pow2(n_shared), BH=block, num_warps=warps,
     )  # fmt: skip
     return out.view(*x.shape[:-1], n_shared + n_routed)

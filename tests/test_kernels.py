@@ -402,25 +402,27 @@ def test_invalid_inputs_raise(change, match):
         attention(q, k, v, **args)
 
 
+def run_kernel_ab(out: Path, *options: str) -> tuple[dict, str]:
+    """`benchmarks/kernel_ab.py --smoke` (the package against itself as the baseline) with `options`: the JSON it
+    wrote and what it printed."""
+    command = [sys.executable, "benchmarks/kernel_ab.py", "--baseline", "ctxaware/kernels/triton_attention.py"]
+    root = Path(__file__).resolve().parents[1]
+    printed = subprocess.run([*command, "--out", str(out), "--smoke", *options], check=True, cwd=root,
+                             capture_output=True, text=True).stdout  # fmt: skip
+    return json.loads((out / "kernel_ab.json").read_text()), printed
+
+
 def test_kernel_ab_benchmark_smoke(tmp_path):
     """benchmarks/kernel_ab.py end to end on CPU: the package against itself as the baseline, and a copy of it
     (`--variant`) whose K/V budget per launch group splits the heads; every output equals the baseline's."""
-    root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "benchmarks/kernel_ab.py", "--baseline", "ctxaware/kernels/triton_attention.py"]
-    subprocess.run(
-        [*command, "--out", str(tmp_path), "--smoke", "--variant", "_GROUP_KV_BYTES=1024"], check=True, cwd=root
-    )
-    results = json.loads((tmp_path / "kernel_ab.json").read_text())["results"]
+    results = run_kernel_ab(tmp_path, "--variant", "_GROUP_KV_BYTES=1024")[0]["results"]
     assert len(results) == 6 and (tmp_path / "kernel_ab.md").exists()
     assert all(row["max_abs_diff"] == 0 and row["fwd"] > 0 and row["fwdbwd"] > 0 for row in results.values())
 
 
 def test_kernel_ab_benchmark_times_decode_key_mass(tmp_path):
     """`--pattern decode_key_mass`: one decode query a row through both versions, with and without key_mass."""
-    root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "benchmarks/kernel_ab.py", "--baseline", "ctxaware/kernels/triton_attention.py"]
-    subprocess.run([*command, "--out", str(tmp_path), "--smoke", "--pattern", "decode_key_mass"], check=True, cwd=root)
-    results = json.loads((tmp_path / "kernel_ab.json").read_text())["results"]
+    results = run_kernel_ab(tmp_path, "--pattern", "decode_key_mass")[0]["results"]
     assert sorted(results) == ["4/2x16 S=24 decode_key_mass baseline", "4/2x16 S=24 decode_key_mass package"]
     for row in results.values():
         assert row["max_abs_diff"] == 0 and row["key_mass_max_abs_diff"] == 0
@@ -429,10 +431,7 @@ def test_kernel_ab_benchmark_times_decode_key_mass(tmp_path):
 
 def test_kernel_ab_benchmark_times_sf(tmp_path):
     """`--pattern sf` times SF-Attn (not the dense and gated cases) through both versions, outputs equal."""
-    root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "benchmarks/kernel_ab.py", "--baseline", "ctxaware/kernels/triton_attention.py"]
-    subprocess.run([*command, "--out", str(tmp_path), "--smoke", "--pattern", "sf"], check=True, cwd=root)
-    results = json.loads((tmp_path / "kernel_ab.json").read_text())["results"]
+    results = run_kernel_ab(tmp_path, "--pattern", "sf")[0]["results"]
     assert sorted(results) == ["4/2x16 S=24 sf baseline", "4/2x16 S=24 sf package"]
     assert all(row["max_abs_diff"] == 0 and row["fwdbwd"] > 0 for row in results.values())
 
@@ -440,13 +439,9 @@ def test_kernel_ab_benchmark_times_sf(tmp_path):
 def test_kernel_ab_repeats_alternate_the_order_and_report_each_runs_change(tmp_path):
     """`--repeats 3`: the versions are timed baseline first, then package first, then baseline first; each time is the
     median of its runs, and the change table holds each run's ratio (the A/B rules judge every run and the median)."""
-    root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "benchmarks/kernel_ab.py", "--baseline", "ctxaware/kernels/triton_attention.py"]
-    command += ["--out", str(tmp_path), "--smoke", "--pattern", "sf", "--repeats", "3"]
-    printed = subprocess.run(command, check=True, cwd=root, capture_output=True, text=True).stdout
+    body, printed = run_kernel_ab(tmp_path, "--pattern", "sf", "--repeats", "3")
     order = [line.split(" ")[3] for line in printed.splitlines() if " sf " in line]
     assert order == ["baseline", "package", "package", "baseline", "baseline", "package"]
-    body = json.loads((tmp_path / "kernel_ab.json").read_text())
     package = body["results"]["4/2x16 S=24 sf package"]
     assert len(package["fwd_runs"]) == 3 and package["fwd"] == statistics.median(package["fwd_runs"])
     baseline = body["results"]["4/2x16 S=24 sf baseline"]

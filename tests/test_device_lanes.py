@@ -14,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "device" / "lanes.sh"
+PACK = ROOT / "benchmarks" / "device" / "pack_out.sh"
 
 pytestmark = pytest.mark.skipif(shutil.which("setsid") is None, reason="needs setsid (util-linux)")
 
@@ -100,3 +101,55 @@ def test_a_checkout_run_from_pythonpath_imports_the_mapped_packages(tmp_path):
     assert after.returncode == 0, after.stderr
     served = after.stdout.split()  # the copy's links must serve both, not the editable install
     assert served == [str(tmp_path / "ctxaware" / name / "__init__.py") for name in ("eval", "data")], served
+
+
+def _pack(out: Path | None) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "OUT"} | ({"OUT": str(out)} if out else {})
+    return subprocess.run(["bash", str(PACK)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def _returned_files(out: Path) -> list[str]:
+    return sorted(str(path.relative_to(out)) for path in out.rglob("*") if path.is_file())
+
+
+def test_pack_out_leaves_what_the_device_returns_as_it_is(tmp_path):
+    for name in ("a.log", "b/c.json", "b/d/e.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    packed = _pack(tmp_path)
+    assert packed.returncode == 0, packed.stderr
+    assert _returned_files(tmp_path) == ["a.log", "b/c.json", "b/d/e.md"]
+
+
+@pytest.mark.parametrize("layout", ["too many", "too deep"])
+def test_pack_out_packs_what_the_device_would_leave_out(tmp_path, layout):
+    """More than 8 files, or one 3 folders down: all but the top-level archives and weights go into out.tgz."""
+    names = [f"ab/run{i}.log" for i in range(9)] if layout == "too many" else ["x.log", "a/b/c/deep.json"]
+    for name in [*names, "lanes.tgz", "model/w.safetensors"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    packed = _pack(tmp_path)
+    assert packed.returncode == 0, packed.stderr
+    assert _returned_files(tmp_path) == ["lanes.tgz", "model/w.safetensors", "out.tgz"]
+    with tarfile.open(tmp_path / "out.tgz") as archive:
+        members = sorted(m.name.removeprefix("./") for m in archive.getmembers() if m.isfile())
+        assert members == sorted(names)
+        assert all(archive.extractfile(f"./{name}").read().decode() == name for name in names)
+
+
+def test_pack_out_without_out_stops(tmp_path):
+    packed = _pack(None)
+    assert packed.returncode == 2 and "$OUT" in packed.stderr
+
+
+def test_many_lanes_come_back_within_the_device_s_file_limit(tmp_path):
+    """Four lanes' cmd, log and rc (12 files) and lanes.tgz: once more than a call returns (8 files)."""
+    lanes = tmp_path / "lanes.tsv"
+    lanes.write_text("".join(f'l{i}\techo {i} > "$LANE_OUT/r"\n' for i in range(4)))
+    started = _lanes(tmp_path, "start", str(lanes), "30")
+    assert started.returncode == 0, started.stderr
+    out = tmp_path / "call_out"
+    assert _returned_files(out) == ["lanes.tgz", "out.tgz"]
+    assert _returned(tmp_path, "l3/out/r").strip() == "3"
+    with tarfile.open(out / "out.tgz") as archive:
+        assert archive.extractfile("./lanes/l2/rc").read().decode().strip() == "0"

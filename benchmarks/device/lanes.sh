@@ -6,7 +6,8 @@
 # A lane's command runs from the repository root with benchmarks/device/setup.sh (or $LANES_SETUP) sourced and
 # LANE_OUT set to its results folder; $LANES_ROOT/<name>/rc (default /tmp/lanes) appears when it ends.
 # $OUT gets each lane's cmd, log and rc as files and everything under the lanes' results folders (model weights left
-# out) as lanes.tgz: the device returns only shallow folders of few files.
+# out) as lanes.tgz: the device returns only shallow folders of few files. With more lane files than a call returns,
+# pack_out.sh moves the cmd, log and rc files into out.tgz.
 set -uo pipefail
 shopt -s nullglob
 cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
@@ -54,5 +55,6 @@ if [ -n "${OUT:-}" ]; then
   done
   tar czf "$OUT/lanes.tgz" -C "$(dirname "$root")" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' \
     --exclude='*.pth' "$(basename "$root")"
+  bash "$(dirname "${BASH_SOURCE[0]}")/pack_out.sh"  # many lanes' logs are more files than a call returns
 fi
 exit 0

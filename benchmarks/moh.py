@@ -1,6 +1,7 @@
 """Benchmark MoH routing against dense attention on one GPU: kernel-level and whole-model, timed in the same run.
 
     python benchmarks/moh.py --out benchmarks/results [--seq 4096 16384] [--active 0.75 0.5] [--train-step 8 1024]
+    python benchmarks/moh.py --out DIR --seq 4096 8192 --active 0.5 --decode-only   # the decode step alone (A/Bs)
     python benchmarks/moh.py --out /tmp/moh-smoke --smoke      # CPU: tiny shapes, checks the script end to end
 
 Model: a Llama of about 1B parameters built from a config (Llama-3.2-1B's shapes: 16 layers, hidden 2048, 32 query /
@@ -215,7 +216,7 @@ def decode_steps(model, ids):
     return step(cache), step(static_cache), token
 
 
-def measure_model(row, s, active_fractions, config_kwargs, device, dtype, graphs):
+def measure_model(row, s, active_fractions, config_kwargs, device, dtype, graphs, decode_only=False):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from ctxaware.methods.moh.adapter import MoHAdapter
@@ -232,12 +233,14 @@ def measure_model(row, s, active_fractions, config_kwargs, device, dtype, graphs
 
     def forward_and_decode(name):
         """The forward on S tokens and the decode step from Python (wall ms; the decode's host us per step too) and,
-        with `graphs`, each replayed from a CUDA graph (GPU ms; on the CPU smoke run the same calls, eagerly)."""
-        row[f"model_{name}_fwd"] = bench(forward, device)
+        with `graphs`, each replayed from a CUDA graph (GPU ms; on the CPU smoke run the same calls, eagerly).
+        `decode_only`: the decode step alone."""
+        if not decode_only:
+            row[f"model_{name}_fwd"] = bench(forward, device)
         eager, static, _ = decode_steps(model, ids)
         row[f"model_{name}_decode"] = bench(eager, device)
         row[f"host_{name}_decode"] = host_us(eager)
-        calls = [("fwd", forward), ("decode", static)]
+        calls = [("decode", static)] if decode_only else [("fwd", forward), ("decode", static)]
         if name.startswith("chunk"):  # a step inside a chunk: the prefill one token shorter, so S - 1 is not a start
             calls.append(("decode_mid", decode_steps(model, ids[:, :-1])[1]))
         for what, call in calls if graphs else ():
@@ -249,8 +252,9 @@ def measure_model(row, s, active_fractions, config_kwargs, device, dtype, graphs
             row[f"kernels_{name}_decode_step"], row[f"launches_{name}_decode_step"] = kernel_profile(static)
 
     forward_and_decode("dense")
-    model.set_attn_implementation("sdpa")
-    row["model_sdpa_fwd"] = bench(forward, device)
+    if not decode_only:
+        model.set_attn_implementation("sdpa")
+        row["model_sdpa_fwd"] = bench(forward, device)
     for active in active_fractions:
         shared, top_k = split(active, heads)
         for routing, chunk in (("token", 0), ("chunk", 128)):
@@ -308,6 +312,12 @@ def main():
     parser.add_argument("--active", type=float, nargs="+", default=[0.75, 0.5])
     parser.add_argument("--skip-model", action="store_true", help="attention only")
     parser.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="the 1B decode step alone (eager, as a CUDA graph, profiled): no attention or forward rows; for A/Bs of "
+        "the decode path, about a third of the full run's time",
+    )
+    parser.add_argument(
         "--graphs",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -325,6 +335,8 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script, times nothing real")
     args = parser.parse_args()
     args.argv = sys.argv[1:]
+    if args.decode_only and args.skip_model:
+        parser.error("--decode-only times the model's decode step and --skip-model leaves the model out: choose one")
     if args.smoke:
         device, dtype, backend, config = torch.device("cpu"), torch.float32, "reference", SMOKE
         seqs, (hq, hkv, d) = [64], (8, 2, 8)
@@ -336,10 +348,11 @@ def main():
     rows, start = [], time.time()
     for s in seqs:
         row = {"S": s, "Hq": hq, "Hkv": hkv, "D": d}
-        measure_attention(row, s, args.active, hq, hkv, d, device, dtype, backend)
+        if not args.decode_only:
+            measure_attention(row, s, args.active, hq, hkv, d, device, dtype, backend)
         if not args.skip_model:
             try:
-                measure_model(row, s, args.active, config, device, dtype, args.graphs)
+                measure_model(row, s, args.active, config, device, dtype, args.graphs, args.decode_only)
             except torch.OutOfMemoryError as error:
                 row["model_error"] = str(error)[:200]
         print(json.dumps(row), flush=True)

@@ -488,6 +488,20 @@ def test_speed_benchmark_smoke_times_token_and_chunk_routing(tmp_path):
         assert f"| 2 x 64 | {label} | {value:.1f} ({value / step['step_2x64_dense']:.2f}x) | n/a |" in table
 
 
+def test_speed_benchmark_decode_only_times_the_decode_step_alone(tmp_path):
+    """`--decode-only` (the decode path's A/Bs) times the decode step, eager and as a graph, for dense and both
+    routings, and nothing else: no attention rows, no forward; it refuses --skip-model, which leaves the model out."""
+    command = [sys.executable, "benchmarks/moh.py", "--out", str(tmp_path), "--smoke", "--active", "0.5"]
+    subprocess.run([*command, "--decode-only"], check=True)
+    (row,) = json.loads((tmp_path / "moh.json").read_text())["rows"]
+    for name in ("dense", "token_0.5", "chunk_0.5"):
+        assert row[f"model_{name}_decode"] > 0 and row[f"model_{name}_decode_graph"] > 0
+    assert not [key for key in row if key.startswith(("attn_", "decode_")) or key.endswith(("_fwd", "_fwd_graph"))]
+    assert "1B model decode step, token-routed, CUDA graph |" in (tmp_path / "moh.md").read_text()
+    refused = subprocess.run([*command, "--decode-only", "--skip-model"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "choose one" in refused.stderr
+
+
 def test_kernel_profile_helpers_report_per_call_times_and_launches(monkeypatch):
     """bench_common.kernel_profile over a stand-in profiler (no GPU here): each kernel's device time and the kernels
     launched, per call of the profiled function, from one profile; host-only events left out."""

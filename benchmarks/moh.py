@@ -315,7 +315,7 @@ def main():
         "--decode-only",
         action="store_true",
         help="the 1B decode step alone (eager, as a CUDA graph, profiled): no attention or forward rows; for A/Bs of "
-        "the decode path, about a third of the full run's time",
+        "the decode path (about 100 s a length on an H100)",
     )
     parser.add_argument(
         "--graphs",

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's c
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # science_common, beside this file
 from science_common import git_commit  # noqa: E402, F401  (re-exported: the benchmarks import it from here)
 
+from ctxaware.attention import cuda_graph_warmup  # noqa: E402
 from ctxaware.io import write_text  # noqa: E402
 
 
@@ -39,8 +40,10 @@ def bench(fn) -> float:
 def bench_graph(fn) -> float:
     """GPU time: median ms of the calls replayed from a CUDA graph (`triton.testing.do_bench_cudagraph`), without the
     Python and launch time `bench` includes; an MoH-gated call at 4k tokens spends longer on the host than its kernels
-    take on the H200."""
-    fn()
+    take on the H200. The warm-up runs as captured (`cuda_graph_warmup`), so no kernel is first launched inside the
+    capture."""
+    with cuda_graph_warmup():
+        fn()
     torch.cuda.synchronize()
     return float(triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median"))
 

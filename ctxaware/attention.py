@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -226,11 +227,29 @@ def _doc_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
 
 
 def _capturing(tensor: torch.Tensor) -> bool:
-    """Whether a CUDA graph is being captured on the current stream (a value read back from the GPU fails it)."""
-    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+    """Whether a CUDA graph is being captured on the current stream (a value read back from the GPU fails it), or
+    the calls are the warm-up of one (`cuda_graph_warmup`)."""
+    return _warming_up_capture or (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 _doc_ids = _DocIdsMemo()
+_warming_up_capture = False
+
+
+@contextmanager
+def cuda_graph_warmup() -> Iterator[None]:
+    """Run the warm-up calls before a CUDA-graph capture inside this. Under capture the attention cannot read back
+    whether position ids mark packed rows, so it keeps the kernels' per-key document check (the same attention over
+    one document); warming up as captured compiles and loads those kernel variants before the capture, where a
+    variant's first launch can invalidate it (`cudaErrorStreamCaptureInvalidated`, seen on a fresh H100)."""
+    global _warming_up_capture
+    before, _warming_up_capture = _warming_up_capture, True
+    _doc_ids.key = None  # a memo made outside would skip the capture path; one made inside must not leak out
+    try:
+        yield
+    finally:
+        _warming_up_capture = before
+        _doc_ids.key = None
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, ctxaware_attention_forward)

@@ -148,6 +148,21 @@ def test_plain_rows_keep_their_document_ids_while_a_cuda_graph_is_captured(monke
     torch.testing.assert_close(captured, plain_logits)
 
 
+def test_a_cuda_graph_warmup_takes_the_captured_path_and_leaves_no_memo_behind():
+    """Warm-up calls made inside `cuda_graph_warmup` keep a plain row's ids as a capture does (so the kernel variants
+    the capture launches are compiled before it); outside, the same tensor is decided again and found plain."""
+    from ctxaware import attention as module
+
+    plain = torch.arange(6)[None]
+    assert module._doc_ids(plain, 2) is None
+    with module.cuda_graph_warmup():
+        assert module._doc_ids(plain, 2).tolist() == [[1] * 6] * 2  # the memo made outside is not reused
+        with module.cuda_graph_warmup():  # nested: the outer warm-up still holds after the inner one
+            pass
+        assert module._doc_ids(plain, 2).tolist() == [[1] * 6] * 2
+    assert module._doc_ids(plain, 2) is None  # nor is the one made inside
+
+
 def test_document_ids_are_computed_once_per_position_tensor_and_follow_its_changes(monkeypatch):
     """The packed-or-not decision syncs with the GPU: one position-id tensor (one forward) decides once, and a new
     tensor, an in-place change or another batch size decides again."""

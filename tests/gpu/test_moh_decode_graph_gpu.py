@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from ctxaware.attention import ATTN_IMPLEMENTATION, attention_modules, get_attention_options
+from ctxaware.attention import ATTN_IMPLEMENTATION, attention_modules, cuda_graph_warmup, get_attention_options
 from ctxaware.methods.moh.adapter import MoHAdapter
 from tests.launch import load_benchmark
 
@@ -54,7 +54,7 @@ def test_graph_replay_equals_the_eager_static_step(routing_chunk):
     _, static, token = bench.decode_steps(model, torch.randint(0, VOCAB, (1, PREFIX), device="cuda"))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # Triton compiles its kernels, cuBLAS sets up its workspace
+    with torch.cuda.stream(side), cuda_graph_warmup():  # Triton compiles its kernels, cuBLAS sets up its workspace
         static()
         static()
     torch.cuda.current_stream().wait_stream(side)
@@ -95,7 +95,7 @@ def test_a_prefill_forward_captures_and_replays_as_run_eagerly(routing_chunk):
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side), cuda_graph_warmup():  # the kernel variants the capture launches
         forward()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()

@@ -48,6 +48,21 @@ def bench_graph(fn) -> float:
     return float(triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median"))
 
 
+def graph_replay(fn):
+    """`fn` captured as a CUDA graph (warmed up as captured: `cuda_graph_warmup`), returned as the graph's replay: a
+    profile of it gives the kernels as the graph runs them, back to back, and the capture's path (under capture the
+    attention keeps its per-key document check for a prefill), where an eager profile gives each kernel alone."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), cuda_graph_warmup():
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay  # the bound method keeps the graph alive
+
+
 def host_us(fn, calls: int = 50) -> float:
     """Microseconds of host time per call (Python, autograd, argument checks, launches), measured without waiting for
     the GPU: 50 calls of a few launches each stay well inside the launch queue, so the host never blocks. On a CPU

@@ -275,6 +275,8 @@ def measure_model(row, s, active_fractions, config_kwargs, device, dtype, graphs
             adapter.to(device).attach(model)  # switches to the ctxaware attention
             forward_and_decode(f"{routing}_{active}")
             adapter.detach()
+    if graphs:  # dense again after the MoH rows: how far the GPU drifted (clocks, heat) while they ran
+        row["model_dense_decode_graph_end"] = bench(decode_steps(model, ids)[1], device, graph=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -478,6 +480,11 @@ def write(args, rows, device, seconds):
             "1B model decode step inside a chunk (no router), chunk-routed (128), CUDA graph",
             "model_dense_decode_graph",
             "model_chunk_{}_decode_mid_graph",
+        ),
+        (
+            "1B model decode step, dense again after the MoH rows (the GPU's drift), CUDA graph",
+            "model_dense_decode_graph",
+            "model_dense_decode_graph_end",
         ),
         ("host time of a 1B decode step, token-routed (us, not ms)", "host_dense_decode", "host_token_{}_decode"),
         ("host time of a 1B decode step, chunk-routed (us, not ms)", "host_dense_decode", "host_chunk_{}_decode"),

@@ -498,6 +498,8 @@ def test_speed_benchmark_decode_only_times_the_decode_step_alone(tmp_path):
         assert row[f"model_{name}_decode"] > 0 and row[f"model_{name}_decode_graph"] > 0
     assert not [key for key in row if key.startswith(("attn_", "decode_")) or key.endswith(("_fwd", "_fwd_graph"))]
     assert "1B model decode step, token-routed, CUDA graph |" in (tmp_path / "moh.md").read_text()
+    assert row["model_dense_decode_graph_end"] > 0  # dense re-timed last: the drift over the run
+    assert "dense again after the MoH rows" in (tmp_path / "moh.md").read_text()
     refused = subprocess.run([*command, "--decode-only", "--skip-model"], capture_output=True, text=True)
     assert refused.returncode == 2 and "choose one" in refused.stderr
 

@@ -118,7 +118,9 @@ def tma_backward(q, k, v, out, lse, dout, pattern):
     dummy = q.new_empty(1, dtype=torch.int32)
     delta = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
     bm = 16 if _interpreting() else 64
-    _bwd_delta_kernel[(_cdiv(sq, bm), b * hq)](out, dout, delta, sq, D=d, DP=dp, BM=bm)
+    _bwd_delta_kernel[(_cdiv(sq, bm), b * hq)](
+        out, dout, delta, dummy, dummy, dummy, sq, hq, D=d, DP=dp, BM=bm, HAS_GATE=False
+    )
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     cfg = _blocks("dkdv", sq, d, q.dtype, pat["KIND"] != 0)

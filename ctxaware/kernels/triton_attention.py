@@ -725,16 +725,47 @@ def _bwd_dq_kernel(
 
 @direct_launch
 @triton.jit
-def _bwd_delta_kernel(OUT, DO, DELTA, Sq, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr):
-    """delta = rowsum(dO * O) in fp32 (O and dO contiguous (B, H, Sq, D)); one pass instead of four in PyTorch."""
+def _bwd_delta_kernel(
+    OUT, DO, DELTA, GATE, DGATE, DO_ATT, Sq, Hq, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+):  # fmt: skip
+    """delta = rowsum(dO * O) in fp32 (O and dO contiguous (B, H, Sq, D)); one pass instead of four in PyTorch. Gated
+    (gates (B, Sq, H)): the same pass writes the gates' gradient delta / g (0 where g = 0) and dO_att = g dO, the
+    gradient of the ungated attention output, which the dK/dV and dQ kernels read (delta is the same for it: the
+    gate cancels between g dO and O / g)."""
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     bh = tl.program_id(1).to(tl.int64)
     offs_d = tl.arange(0, DP)
-    mask = (offs_m[:, None] < Sq) & (offs_d[None, :] < D)
+    row_in = offs_m < Sq
+    mask = row_in[:, None] & (offs_d[None, :] < D)
     off = bh * Sq * D + offs_m[:, None] * D + offs_d[None, :]
     o = tl.load(OUT + off, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + bh * Sq + offs_m, tl.sum(o * do, 1), mask=offs_m < Sq)
+    delta = tl.sum(o * do, 1)
+    tl.store(DELTA + bh * Sq + offs_m, delta, mask=row_in)
+    if HAS_GATE:
+        gate_off = (bh // Hq) * Sq * Hq + offs_m * Hq + bh % Hq
+        g = tl.load(GATE + gate_off, mask=row_in, other=0.0).to(tl.float32)
+        routed = g != 0
+        dgate = tl.where(routed, delta / tl.where(routed, g, 1.0), 0.0)
+        tl.store(DGATE + gate_off, dgate.to(DGATE.dtype.element_ty), mask=row_in)
+        # a product of two 16-bit floats is exact in fp32: this rounds once, as PyTorch's dout * gate does
+        tl.store(DO_ATT + off, (do * g[:, None]).to(DO_ATT.dtype.element_ty), mask=mask)
+
+
+@direct_launch
+@triton.jit
+def _sum_head_split_kernel(DK_PART, DV_PART, DK, DV, n, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """dK and dV from the gated backward's per-query-head fp32 partials (SPLIT, n): summed in fp32, cast once."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    dk = tl.zeros([BLOCK], tl.float32)
+    dv = tl.zeros([BLOCK], tl.float32)
+    for part in tl.static_range(SPLIT):
+        dk += tl.load(DK_PART + part * n + offs, mask=valid, other=0.0)
+        dv += tl.load(DV_PART + part * n + offs, mask=valid, other=0.0)
+    tl.store(DK + offs, dk.to(DK.dtype.element_ty), mask=valid)
+    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=valid)
 
 
 @direct_launch
@@ -801,6 +832,7 @@ FALLBACK_NUM_STAGES = 2
 FALLBACK_NUM_WARPS = 4
 FALLBACK_NUM_WARPS_WIDE = 8  # head_dim >= 128, and the mass kernel at any head_dim
 BWD_DELTA_BM = 64  # query rows per program of the backward's delta = rowsum(dO * O) kernel
+SUM_SPLIT_BLOCK = 1024  # elements per program of the gated backward's dK/dV partials sum
 ROUTED_ROWS_BLOCK = 1024  # rows per step of the routed-rows scan (one program per (batch, head))
 KEY_MASS_SCORE_ROWS = 16  # key_mass from the forward's saved scores up to this many queries (decode), else a pass
 SINK_CHUNK_ROWS = 1024  # query rows per program of the sink tiles' dK, dV (`_bwd_dkdv_sinks_kernel`); a multiple of BM
@@ -931,23 +963,21 @@ class _TritonAttention(torch.autograd.Function):
         hkv, sk = k.shape[1], k.shape[2]
         dout = dout.contiguous()
         delta = _empty((b, hq, sq), q, torch.float32)  # = rowsum(dO_att * O_att): gates cancel
-        bm = INTERPRET_TILE if _interpreting() else BWD_DELTA_BM
-        _bwd_delta_kernel[(_cdiv(sq, bm), b * hq)](out, dout, delta, sq, D=d, DP=_pow2(d), BM=bm)
-        dgates = None
         dummy = q.new_empty(1, dtype=torch.int32)
         gather = head_gates is not None  # as in the forward: query tiles of routed rows; the others' dq is 0
+        dgates = _empty(head_gates.shape, head_gates) if gather else None
+        # gated: the ungated attention output's gradient g dO, once (not per tile in the kernels' loops)
+        dout_att = _empty(dout.shape, dout) if gather else dout
+        bm = INTERPRET_TILE if _interpreting() else BWD_DELTA_BM
+        _bwd_delta_kernel[(_cdiv(sq, bm), b * hq)](
+            out, dout, delta, *((head_gates, dgates, dout_att) if gather else (dummy,) * 3), sq, hq,
+            D=d, DP=_pow2(d), BM=bm, HAS_GATE=gather,
+        )  # fmt: skip
+        dout = dout_att
         if not gather:
             rows = rank = dummy
         elif rows is None:  # the forward had one query tile and did not gather
             rows, rank = _routed_rows(head_gates)
-        if gather:
-            g = head_gates.transpose(1, 2).float()
-            dgates = torch.where(g != 0, delta / torch.where(g != 0, g, 1.0), 0.0).transpose(1, 2)
-            dgates = dgates.to(head_gates.dtype)
-            # the gradient of the ungated attention output, once (not per tile in the kernels' loops). One pass: a
-            # product of two 16-bit floats is exact in the fp32 the multiply computes in, so this rounds once, as an
-            # fp32 copy of dout would, without writing and reading that copy
-            dout = (dout * head_gates.transpose(1, 2)[..., None]).to(dout.dtype)
         common = (
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
         )  # fmt: skip
@@ -981,7 +1011,10 @@ class _TritonAttention(torch.autograd.Function):
             SINK_SPLIT=split, **flags, **cfg,
         )  # fmt: skip
         if head_split > 1:
-            dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
+            n, block = dk[0].numel(), SUM_SPLIT_BLOCK
+            parts_k, parts_v = dk, dv
+            dk, dv = _empty(parts_k.shape[1:], k), _empty(parts_v.shape[1:], v)
+            _sum_head_split_kernel[(_cdiv(n, block),)](parts_k, parts_v, dk, dv, n, SPLIT=head_split, BLOCK=block)
         dq = _empty((b, hq, sq, d), q)
         cfg = _blocks("dq", sq, d, q.dtype, flags["KIND"] != 0)
         _bwd_dq_kernel[(b * hq * _cdiv(sq, cfg["BM"]),)](

@@ -10,7 +10,12 @@ shared + top 8 of 24 routed, MoH's 50% split; weights in fp32 as the adapter kee
 steps) and 4096 and 8192 tokens (a prefill). Times are GPU time (CUDA-graph replay medians, `bench_graph`); with
 `--repeats N` each size is timed N times with the versions' order alternating, and the change per run is reported.
 Gates are compared with the baseline's (max abs difference). Writes router_ab.json and router_ab.md to --out.
---smoke: tiny sizes on CPU under TRITON_INTERPRET=1, wall-clock times; checks the script, times nothing real.
+`--decode-step S [S ...]` also times the 1B model's token-routed decode step after an S-token prefill (`moh.py`'s
+static step as a CUDA graph) with each version's router: the dense step and both MoH steps are captured in this one
+process and replayed in turn, the order alternating between repeats, so the GPU's drift over a run (13% within one
+row of `moh.py` on an H100) falls on all three alike. The step's logits are compared with the baseline's.
+--smoke: tiny sizes on CPU under TRITON_INTERPRET=1, wall-clock times; checks the script, times nothing real (on CPU
+the router runs its PyTorch form, so both versions run the same code there).
 """
 
 from __future__ import annotations
@@ -28,7 +33,16 @@ if "--smoke" in sys.argv:  # before triton is imported: the interpreter runs the
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from bench_common import alternating_order, bench_graph, git_commit, import_kernel_module, wall_ms, write_results  # noqa: E402
+from bench_common import (  # noqa: E402
+    alternating_order,
+    bench,
+    bench_graph,
+    git_commit,
+    graph_replay,
+    import_kernel_module,
+    wall_ms,
+    write_results,
+)
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -61,15 +75,63 @@ def measure(versions: dict, tokens: int, sizes: dict, device, timer) -> dict:
     return rows
 
 
+def decode_step_runs(versions: dict, seq: int, repeats: int, device, smoke: bool) -> list[dict]:
+    """Per repeat, {"dense" and each version: {"ms", "max_abs_diff"}} for the 1B model's decode step after a
+    `seq`-token prefill, token-routed at 50% active with each version's `router_gates` (captured under it)."""
+    import moh
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from ctxaware.methods.moh.adapter import MoHAdapter
+
+    config = LlamaConfig(**(moh.SMOKE if smoke else moh.LLAMA_1B), max_position_embeddings=max(seq + 16, 2048))
+    torch.manual_seed(0)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="ctxaware").to(device).eval()
+    ids = torch.randint(0, config.vocab_size, (1, seq), device=device)
+    captured = graph_replay if device.type == "cuda" else lambda step: step
+
+    def logits(step):
+        return step().float()
+
+    steps, outputs = {}, {}
+    dense = moh.decode_steps(model, ids)[1]
+    steps["dense"], outputs["dense"] = captured(dense), logits(dense)
+    shared, top_k = moh.split(0.5, config.num_attention_heads)
+    MoHAdapter.for_model(model, num_shared_heads=shared, top_k=top_k, routing_chunk=0).to(device).attach(model)
+    own = package.router_gates
+    try:
+        for name, module in versions.items():
+            package.router_gates = module.router_gates  # what the router's token_gates looks up at each call
+            step = moh.decode_steps(model, ids)[1]
+            steps[name], outputs[name] = captured(step), logits(step)
+    finally:
+        package.router_gates = own
+    timer = wall_ms if smoke else bench
+    runs = []
+    for repeat in range(repeats):
+        runs.append({})
+        for name, step in alternating_order(steps, repeat).items():
+            runs[-1][name] = {"ms": timer(step)}
+            print(f"decode_step_{seq}", name, json.dumps(runs[-1][name]), flush=True)
+    for run in runs:
+        for name in run:
+            run[name]["max_abs_diff"] = (outputs[name] - outputs["baseline"]).abs().max().item()
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", required=True, help="an earlier ctxaware/kernels/moh_router.py")
     parser.add_argument("--out", required=True, help="folder for router_ab.json and router_ab.md")
     parser.add_argument("--repeats", type=int, default=1, help="runs of every size, the versions' order alternating")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks the script end to end")
+    parser.add_argument("--decode-step", type=int, nargs="+", default=[], metavar="S",
+                        help="also the 1B decode step after S prefill tokens, each version's router, in one process")  # fmt: skip
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: pass 1 or more")
+    if any(seq < 1 for seq in args.decode_step):
+        parser.error(f"--decode-step {args.decode_step}: prefill lengths of 1 token or more")
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("benchmarks/router_ab.py times Triton kernels: run it on a GPU (or pass --smoke on CPU)")
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -84,16 +146,25 @@ def main() -> None:
         runs = []
         for repeat in range(args.repeats):
             runs.append(measure(alternating_order(versions, repeat), tokens, sizes, device, timer))
-        changes = [run["package"]["ms"] / run["baseline"]["ms"] - 1 for run in runs]
-        results[str(tokens)] = {
-            name: {
-                "ms": statistics.median(run[name]["ms"] for run in runs),
-                "ms_runs": [run[name]["ms"] for run in runs],
-                "max_abs_diff": max(run[name]["max_abs_diff"] for run in runs),
-            }
-            for name in versions
-        } | {"change_per_run": changes, "median_change": statistics.median(changes)}
+        results[str(tokens)] = summarise(runs, list(versions))
         write(Path(args.out), results, meta)  # after every size: a cut-short run keeps what it measured
+    for seq in args.decode_step:
+        runs = decode_step_runs(versions, seq, args.repeats, device, args.smoke)
+        results[f"decode_step_{seq}"] = summarise(runs, [*versions, "dense"])
+        write(Path(args.out), results, meta)
+
+
+def summarise(runs: list[dict], names: list[str]) -> dict:
+    """Medians and per-run values of each version's time, and the package's change against the baseline per run."""
+    changes = [run["package"]["ms"] / run["baseline"]["ms"] - 1 for run in runs]
+    return {
+        name: {
+            "ms": statistics.median(run[name]["ms"] for run in runs),
+            "ms_runs": [run[name]["ms"] for run in runs],
+            "max_abs_diff": max(run[name]["max_abs_diff"] for run in runs),
+        }
+        for name in names
+    } | {"change_per_run": changes, "median_change": statistics.median(changes)}
 
 
 def write(out: Path, results: dict, meta: dict) -> None:
@@ -102,8 +173,12 @@ def write(out: Path, results: dict, meta: dict) -> None:
              "| tokens | baseline | package | change per run | median change | max abs diff |", "|---|---|---|---|---|---|"]  # fmt: skip
     for tokens, row in results.items():
         per_run = " / ".join(f"{c:+.1%}" for c in row["change_per_run"])
+        label = tokens
+        if "dense" in row:  # a decode step: the prefill length, and each version's step against the dense one
+            x_dense = " / ".join(f"{row[n]['ms'] / row['dense']['ms']:.3f}x" for n in ("baseline", "package"))
+            label = f"1B decode step after {tokens.removeprefix('decode_step_')} (dense {row['dense']['ms']:.3f}; {x_dense})"
         lines.append(
-            f"| {tokens} | {row['baseline']['ms']:.4f} | {row['package']['ms']:.4f} | {per_run} "
+            f"| {label} | {row['baseline']['ms']:.4f} | {row['package']['ms']:.4f} | {per_run} "
             f"| {row['median_change']:+.1%} | {row['package']['max_abs_diff']:.3g} |"
         )
     out.mkdir(parents=True, exist_ok=True)

@@ -538,16 +538,24 @@ def test_kernel_profile_helpers_report_per_call_times_and_launches(monkeypatch):
 
 def test_router_ab_benchmark_smoke(tmp_path):
     """`benchmarks/router_ab.py --smoke` (CPU, interpreter): the package's router kernel against itself as the
-    baseline at a decode call and a prefill-sized call, each size twice with the order alternating."""
+    baseline at a decode call and a prefill-sized call, each size twice with the order alternating, then the model's
+    decode step with each version's router and the dense step, in one process."""
     command = [sys.executable, "benchmarks/router_ab.py", "--baseline", "ctxaware/kernels/moh_router.py"]
-    printed = subprocess.run([*command, "--out", str(tmp_path), "--smoke", "--repeats", "2"], check=True,
-                             capture_output=True, text=True).stdout  # fmt: skip
+    printed = subprocess.run([*command, "--out", str(tmp_path), "--smoke", "--repeats", "2", "--decode-step", "16"],
+                             check=True, capture_output=True, text=True).stdout  # fmt: skip
     assert [line.split(" ")[1] for line in printed.splitlines()][:4] == ["baseline", "package", "package", "baseline"]
     results = json.loads((tmp_path / "router_ab.json").read_text())["results"]
-    assert list(results) == ["1", "40"]
+    assert list(results) == ["1", "40", "decode_step_16"]
     for row in results.values():
         assert len(row["change_per_run"]) == 2 and row["package"]["max_abs_diff"] == 0 and row["baseline"]["ms"] > 0
-    assert "| 40 |" in (tmp_path / "router_ab.md").read_text()
+    step_order = [line.split(" ")[1] for line in printed.splitlines() if line.startswith("decode_step_16 ")]
+    assert step_order == ["dense", "baseline", "package", "package", "baseline", "dense"]
+    step = results["decode_step_16"]
+    assert len(step["dense"]["ms_runs"]) == 2 and step["dense"]["max_abs_diff"] > 0  # dense differs from MoH's step
+    table = (tmp_path / "router_ab.md").read_text()
+    assert "| 40 |" in table and "| 1B decode step after 16 (dense " in table
+    refused = subprocess.run([*command, "--out", str(tmp_path), "--smoke", "--decode-step", "0"], capture_output=True)
+    assert refused.returncode == 2
 
 
 def test_speed_benchmark_lists_each_profiled_calls_slowest_kernels():

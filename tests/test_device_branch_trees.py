@@ -26,6 +26,7 @@ def repo(tmp_path):
         "benchmarks/results/old.json": "{}\n",
         "eval/task.py": "TASK = 1\n",
         "data/README.md": "data\n",
+        "tests/gpu/test_kernels_gpu.py": "GPU_TEST = 1\n",
         "benchmarks/device/branch_trees.sh": SCRIPT.read_text(),
     }.items():
         (repo / path).parent.mkdir(parents=True, exist_ok=True)
@@ -51,6 +52,7 @@ def test_branch_trees_hold_main_baselines_and_each_branch(repo):
     tree = gpu / "br_candidate"
     assert (tree / "ctxaware/kernels/triton_attention.py").read_text() == "CANDIDATE_KERNELS = 1\n"
     assert (tree / "benchmarks/kernel_ab.py").is_file() and not (tree / "benchmarks/results").exists()
+    assert (tree / "tests/gpu/test_kernels_gpu.py").is_file()  # the branch's GPU tests run from its tree
     assert (tree / "ctxaware/eval/task.py").read_text() == "TASK = 1\n"  # linked to the checkout's eval/ and data/
     assert (tree / "ctxaware/data/README.md").is_file()
 
@@ -61,3 +63,28 @@ def test_a_missing_branch_stops_before_anything_is_written(repo):
                          capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 2 and "no branch no-such-branch" in run.stderr
     assert not (repo / "gpu").exists()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_a_patch_is_applied_onto_main_and_a_patch_that_does_not_apply_stops_it(repo, tmp_path):
+    """Unmerged candidates are kept as patches (branches have not survived a change of checkout): NAME.patch goes onto
+    main and its tree to gpu/br_NAME, tests included; main's checkout and branches stay as they were."""
+    patch = tmp_path / "candidate.patch"
+    patch.write_text(_git(repo, "format-patch", "-1", "candidate", "--stdout"))
+    _git(repo, "branch", "-qD", "candidate")
+    run = subprocess.run(["bash", "benchmarks/device/branch_trees.sh", str(patch)], cwd=repo, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert "gpu/br_candidate:" in run.stdout and "(candidate)" in run.stdout
+    tree = repo / "gpu" / "br_candidate"
+    assert (tree / "ctxaware/kernels/triton_attention.py").read_text() == "CANDIDATE_KERNELS = 1\n"
+    assert (tree / "ctxaware/kernels/moh_router.py").read_text() == "MAIN_ROUTER = 1\n"  # main's other files
+    assert (repo / "ctxaware/kernels/triton_attention.py").read_text() == "MAIN_KERNELS = 1\n"
+    assert _git(repo, "branch", "--format=%(refname:short)").split() == ["main"]
+    assert "branch_trees" not in _git(repo, "worktree", "list")  # the temporary worktree is gone
+    shutil.rmtree(repo / "gpu")
+    stale = tmp_path / "stale.patch"
+    stale.write_text(patch.read_text().replace("-MAIN_KERNELS = 1", "-OTHER_KERNELS = 1"))
+    run = subprocess.run(["bash", "benchmarks/device/branch_trees.sh", str(stale)], cwd=repo, capture_output=True,
+                         text=True)  # fmt: skip
+    assert run.returncode == 2 and "does not apply to main" in run.stderr
+    assert not (repo / "gpu").exists() and len(_git(repo, "worktree", "list").splitlines()) == 1

@@ -2,7 +2,7 @@
 # Fills .whl/ (git-ignored) with the wheels the GPU machine needs beside its own torch/triton/numpy/pandas/pyarrow:
 # the dependency closure of this project's stack for CPython 3.12 on x86-64 (the device's Python), resolved by pip
 # from metadata only, then downloaded without the packages the machine already has (the large ones).
-#   bash benchmarks/device/wheels.sh            (about 38 MB; what travels with a call is capped at 64 MiB)
+#   bash benchmarks/device/wheels.sh            (about 35 MB; what travels with a call is capped at 64 MiB)
 # On the device: `source benchmarks/device/setup.sh` installs them into /tmp/site and imports the stack.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
@@ -18,7 +18,9 @@ print(" ".join(f"{n}=={version(n)}" for n in names), "liger-kernel")
 PY
 )
 # Present on the device image (torch 2.11, triton 3.6); too large to carry, and the device's own build must be used.
-machine_has='^(torch|triton|nvidia-.*|cuda-.*|numpy|pandas|pyarrow|sympy|mpmath|networkx|setuptools)$'
+# Also left out: hf-xet (4.3 MB), huggingface_hub's Xet download backend, which an offline machine never uses; with it
+# the wheels, the tracked tree and two candidates' device trees passed the 64 MiB a call carries.
+machine_has='^(torch|triton|nvidia-.*|cuda-.*|numpy|pandas|pyarrow|sympy|mpmath|networkx|setuptools|hf-xet)$'
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 report=$(mktemp)

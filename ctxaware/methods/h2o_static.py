@@ -36,7 +36,6 @@ from torch import nn
 from transformers.cache_utils import CacheLayerMixin
 from transformers.generation import GenerationMode
 
-from ctxaware.attention import cuda_graph_warmup
 from ctxaware.methods.h2o import EvictingCache, H2OCache, H2OLayer
 
 
@@ -232,7 +231,7 @@ class FixedSlotDecoder:
         elif self.eager_steps < WARMUP_STEPS:
             current, side = torch.cuda.current_stream(), torch.cuda.Stream()
             side.wait_stream(current)
-            with torch.cuda.stream(side), cuda_graph_warmup():  # the captured step's kernels, compiled before it
+            with torch.cuda.stream(side):
                 self._step()
             current.wait_stream(side)
             self.eager_steps += 1

@@ -82,6 +82,13 @@ def test_targets_on_fixed_numbers(science):
     ]
     # A variant that did not run misses every target that needs it.
     assert not any(science.targets({"yarn_full": RESULTS["yarn_full"]}, ["yarn"], 2048).values())
+    # A run of SF alone judges no comparison with full attention or S^2; SF's own targets stay.
+    alone = science.targets({k: RESULTS[k] for k in ("yarn_sf", "yarn_untrained")}, ["yarn"], 2048, variants=["sf"])
+    assert alone == {
+        "yarn: sf passkey@2048 >= 0.9": True,
+        "yarn: sf niah@2048 >= 0.9": True,
+        "yarn: sf ppl@2048 below the untrained scaled model's": True,
+    }
 
 
 def test_ppl_relative_to_full_and_report(science):

@@ -11,9 +11,9 @@ steps) and 4096 and 8192 tokens (a prefill). Times are GPU time (CUDA-graph repl
 `--repeats N` each size is timed N times with the versions' order alternating, and the change per run is reported.
 Gates are compared with the baseline's (max abs difference). Writes router_ab.json and router_ab.md to --out.
 `--decode-step S [S ...]` also times the 1B model's token-routed decode step after an S-token prefill (`moh.py`'s
-static step as a CUDA graph) with each version's router: the dense step and both MoH steps are captured in this one
-process and replayed in turn, the order alternating between repeats, so the GPU's drift over a run (13% within one
-row of `moh.py` on an H100) falls on all three alike. The step's logits are compared with the baseline's.
+static step as a CUDA graph) with each version's router: the dense step and both MoH steps are timed in this one
+process in turn, each captured afresh, the order alternating between repeats, so the GPU's drift over a run (13%
+within one row of `moh.py` on an H100) falls on all three alike. The step's logits are compared with the baseline's.
 --smoke: tiny sizes on CPU under TRITON_INTERPRET=1, wall-clock times; checks the script, times nothing real (on CPU
 the router runs its PyTorch form, so both versions run the same code there).
 """
@@ -26,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 
@@ -35,10 +36,8 @@ if "--smoke" in sys.argv:  # before triton is imported: the interpreter runs the
 import torch  # noqa: E402
 from bench_common import (  # noqa: E402
     alternating_order,
-    bench,
     bench_graph,
     git_commit,
-    graph_replay,
     import_kernel_module,
     wall_ms,
     write_results,
@@ -77,7 +76,10 @@ def measure(versions: dict, tokens: int, sizes: dict, device, timer) -> dict:
 
 def decode_step_runs(versions: dict, seq: int, repeats: int, device, smoke: bool) -> list[dict]:
     """Per repeat, {"dense" and each version: {"ms", "max_abs_diff"}} for the 1B model's decode step after a
-    `seq`-token prefill, token-routed at 50% active with each version's `router_gates` (captured under it)."""
+    `seq`-token prefill, token-routed at 50% active with each version's `router_gates`. Each step is captured and
+    timed at once, with nothing run between (`bench_graph`), and captured again for every repeat: a step run eagerly
+    after its capture, or another version's prefill, left a kept graph replaying freed memory on an H100 (a
+    device-side index assert)."""
     import moh
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -88,30 +90,33 @@ def decode_step_runs(versions: dict, seq: int, repeats: int, device, smoke: bool
     dtype = torch.float32 if smoke else torch.bfloat16
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="ctxaware").to(device).eval()
     ids = torch.randint(0, config.vocab_size, (1, seq), device=device)
-    captured = graph_replay if device.type == "cuda" else lambda step: step
-
-    def logits(step):
-        return step().float()
-
-    steps, outputs = {}, {}
-    dense = moh.decode_steps(model, ids)[1]
-    steps["dense"], outputs["dense"] = captured(dense), logits(dense)
     shared, top_k = moh.split(0.5, config.num_attention_heads)
-    MoHAdapter.for_model(model, num_shared_heads=shared, top_k=top_k, routing_chunk=0).to(device).attach(model)
+    adapter = MoHAdapter.for_model(model, num_shared_heads=shared, top_k=top_k, routing_chunk=0).to(device)
+    adapter.attach(model)
     own = package.router_gates
-    try:
-        for name, module in versions.items():
-            package.router_gates = module.router_gates  # what the router's token_gates looks up at each call
-            step = moh.decode_steps(model, ids)[1]
-            steps[name], outputs[name] = captured(step), logits(step)
-    finally:
-        package.router_gates = own
-    timer = wall_ms if smoke else bench
+
+    @contextmanager
+    def running(name):
+        """The model as `name` runs it: dense (the adapter attached but off) or with that version's router."""
+        package.router_gates = versions.get(name, package).router_gates  # what the router's token_gates looks up
+        try:
+            with adapter.disabled() if name == "dense" else nullcontext():
+                yield
+        finally:
+            package.router_gates = own
+
+    names = ["dense", *versions]
+    outputs = {}
+    for name in names:
+        with running(name):
+            outputs[name] = moh.decode_steps(model, ids)[1]().float()
+    timer = wall_ms if smoke else bench_graph
     runs = []
     for repeat in range(repeats):
         runs.append({})
-        for name, step in alternating_order(steps, repeat).items():
-            runs[-1][name] = {"ms": timer(step)}
+        for name in alternating_order(dict.fromkeys(names), repeat):
+            with running(name):
+                runs[-1][name] = {"ms": timer(moh.decode_steps(model, ids)[1])}
             print(f"decode_step_{seq}", name, json.dumps(runs[-1][name]), flush=True)
     for run in runs:
         for name in run:

@@ -28,6 +28,17 @@ def contains_answer(prediction: str, answers: str | Sequence[str]) -> float:
     return float(any(normalize_answer(a) and f" {normalize_answer(a)} " in padded for a in answers))
 
 
+def first_token_match(tokenizer, prediction: str, answer: str) -> float:
+    """1.0 when the prediction's first token (after a space, as a reply begins) is the answer's first token: the
+    model found what it was asked for, whether or not it then copies the whole answer."""
+
+    def first(text: str) -> list[int]:  # the first token that is not whitespace alone (some tokenizers split " ")
+        ids = tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"]
+        return [next((i for i in ids if tokenizer.decode([i]).strip()), None)]
+
+    return float(bool(answer.strip()) and first(prediction) == first(answer))
+
+
 def first_line(text: str) -> str:
     """The answer part of a generation: its first non-empty line, stripped."""
     for line in text.splitlines():

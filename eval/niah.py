@@ -5,7 +5,7 @@ import numpy as np
 
 from ctxaware import texts
 from ctxaware.eval import data
-from ctxaware.eval.metrics import add_mean, contains_answer
+from ctxaware.eval.metrics import add_mean, contains_answer, first_token_match
 from ctxaware.eval.prompts import qa_prompt, template_variants, variant_name, with_indicator
 from ctxaware.eval.registry import EvalOptions, Task, TaskResult, register_task
 
@@ -32,7 +32,8 @@ class NeedleInAHaystack(Task):
             "samples_per_cell": options.limit or DEFAULT_PER_CELL,
             "haystack_file": options.haystack_file,
             "indicator": options.indicator,
-            "metric": "contains the needle's answer, case- and punctuation-insensitive",
+            "metric": "contains the needle's answer, case- and punctuation-insensitive (acc); the reply's first token is "
+            "the answer's first token (found)",
         }
 
     def load(self, lm, options: EvalOptions) -> list[dict]:
@@ -74,6 +75,9 @@ class NeedleInAHaystack(Task):
             outputs = lm.generate(prompts, max_new_tokens=options.max_new_tokens or 16, desc=f"niah/{variant}")
             scores = [contains_answer(o, r["answer"]) for o, r in zip(outputs, records)]
             add_mean(metrics, stderrs, f"acc_{variant}", scores)
+            # the needle found (its answer's first token) apart from copied whole: a small model finds more than it copies
+            found = [first_token_match(lm.tokenizer, o, r["answer"]) for o, r in zip(outputs, records)]
+            add_mean(metrics, stderrs, f"found_{variant}", found)
             grid = np.zeros((len(lengths), len(depths)))
             counts = np.zeros_like(grid)
             for r, score in zip(records, scores):
@@ -84,6 +88,9 @@ class NeedleInAHaystack(Task):
             grids[variant] = grid.tolist()
             for i, length in enumerate(lengths):
                 metrics[f"acc_{variant}_len{length}"] = float(np.nanmean(grid[i]))
+                metrics[f"found_{variant}_len{length}"] = float(
+                    np.mean([f for r, f in zip(records, found) if r["length"] == length])
+                )
             plots[f"heatmap_{variant}"] = _heatmap_writer(grid, lengths, depths, f"NIAH accuracy ({variant})")
             samples += [
                 {
@@ -96,8 +103,9 @@ class NeedleInAHaystack(Task):
                     "prompt_tokens": len(p),
                     "response": o,
                     "acc": s,
+                    "found": f,
                 }
-                for i, (r, p, o, s) in enumerate(zip(records, prompts, outputs, scores))
+                for i, (r, p, o, s, f) in enumerate(zip(records, prompts, outputs, scores, found))
             ]
         return TaskResult(
             metrics, samples, stderrs, plots, extra={"grid": grids, "lengths": lengths, "depths": depths}

@@ -148,6 +148,39 @@ def test_niah_grid(fake_world, tiny_tokenizer, tmp_path):
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_niah_found_counts_the_answers_first_token_apart_from_the_whole_answer(fake_world, tiny_tokenizer):
+    """A reply that starts with the answer's first token and then goes astray found the needle without copying it:
+    `found` counts it, `acc` does not (the tiny model finds needles it cannot copy)."""
+
+    def answer(text):  # the needle's word cut to its first token, in the first half of the context only
+        body = text[: text.rfind("Question")]
+        position = body.find("The secret word of Xo is ")
+        if position >= len(body) / 2:
+            return "nothing"
+        word = body[position:].split(" is ")[1].split(".")[0]
+        pieces = [
+            tiny_tokenizer.decode([i]) for i in tiny_tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        ]
+        return " " + next(piece for piece in pieces if piece.strip()).strip() + " zzq"
+
+    records, result = run_task(
+        "niah",
+        StubLM(tiny_tokenizer, answer),
+        lengths=[64, 128],
+        depths=[0.0, 0.25, 1.0],
+        limit=2,
+        chat_template="off",
+    )
+    assert result.metrics["found_plain"] == pytest.approx(2 / 3)
+    assert result.metrics["found_plain_len64"] == pytest.approx(2 / 3)
+    multi_token = [len(tiny_tokenizer(" " + r["answer"], add_special_tokens=False)["input_ids"]) > 1 for r in records]
+    assert any(multi_token)  # so some found needles are not copied
+    for sample, multi in zip(result.samples, multi_token):
+        assert sample["found"] == (1.0 if sample["depth"] < 1.0 else 0.0)
+        if multi:
+            assert sample["acc"] == 0.0
+
+
 def test_niah_haystack_too_short(fake_world, tiny_tokenizer, tmp_path):
     haystack = tmp_path / "hay.txt"
     haystack.write_text("Too short. ")

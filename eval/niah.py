@@ -5,7 +5,7 @@ import numpy as np
 
 from ctxaware import texts
 from ctxaware.eval import data
-from ctxaware.eval.metrics import add_mean, contains_answer, first_token_match
+from ctxaware.eval.metrics import add_mean, contains_answer, first_line, first_token_match
 from ctxaware.eval.prompts import qa_prompt, template_variants, variant_name, with_indicator
 from ctxaware.eval.registry import EvalOptions, Task, TaskResult, register_task
 
@@ -32,8 +32,9 @@ class NeedleInAHaystack(Task):
             "samples_per_cell": options.limit or DEFAULT_PER_CELL,
             "haystack_file": options.haystack_file,
             "indicator": options.indicator,
-            "metric": "contains the needle's answer, case- and punctuation-insensitive (acc); the reply's first token is "
-            "the answer's first token (found)",
+            "metric": "contains the needle's answer, case- and punctuation-insensitive (acc); the first token of the "
+            "reply's answer (its first line, after a restated 'The secret word of X is') is the answer's first token "
+            "(found)",
         }
 
     def load(self, lm, options: EvalOptions) -> list[dict]:
@@ -76,7 +77,7 @@ class NeedleInAHaystack(Task):
             scores = [contains_answer(o, r["answer"]) for o, r in zip(outputs, records)]
             add_mean(metrics, stderrs, f"acc_{variant}", scores)
             # the needle found (its answer's first token) apart from copied whole: a small model finds more than it copies
-            found = [first_token_match(lm.tokenizer, o, r["answer"]) for o, r in zip(outputs, records)]
+            found = [first_token_match(lm.tokenizer, answer_span(o), r["answer"]) for o, r in zip(outputs, records)]
             add_mean(metrics, stderrs, f"found_{variant}", found)
             grid = np.zeros((len(lengths), len(depths)))
             counts = np.zeros_like(grid)
@@ -110,6 +111,13 @@ class NeedleInAHaystack(Task):
         return TaskResult(
             metrics, samples, stderrs, plots, extra={"grid": grids, "lengths": lengths, "depths": depths}
         )
+
+
+def answer_span(reply: str) -> str:
+    """Where a reply gives its answer: its first line, after the last " is " when it restates the needle ("The
+    secret word of X is Y."), as chat models do."""
+    line = first_line(reply)
+    return line.rpartition(" is ")[2] if " is " in line else line
 
 
 def _heatmap_writer(grid, lengths, depths, title):

@@ -181,6 +181,14 @@ def test_niah_found_counts_the_answers_first_token_apart_from_the_whole_answer(f
             assert sample["acc"] == 0.0
 
 
+def test_niah_answer_span_reads_past_a_restated_needle():
+    """Chat models restate the needle before the answer; its first token is read after the last " is "."""
+    from ctxaware.eval import niah
+    assert niah.answer_span("\n\nThe secret word of Dodi is shadok.\n\nWhat is") == "shadok."
+    assert niah.answer_span(" sezas\n5 - 0 = 5") == "sezas"
+    assert niah.answer_span("\n\nA:") == "A:"
+
+
 def test_niah_haystack_too_short(fake_world, tiny_tokenizer, tmp_path):
     haystack = tmp_path / "hay.txt"
     haystack.write_text("Too short. ")

@@ -149,8 +149,9 @@ def test_niah_grid(fake_world, tiny_tokenizer, tmp_path):
 
 
 def test_niah_found_counts_the_answers_first_token_apart_from_the_whole_answer(fake_world, tiny_tokenizer):
-    """A reply that starts with the answer's first token and then goes astray found the needle without copying it:
-    `found` counts it, `acc` does not (the tiny model finds needles it cannot copy)."""
+    """A reply whose answer starts with the answer's first token and then goes astray found the needle without copying
+    it: `found` counts it, `acc` does not (the tiny model finds needles it cannot copy). A restated needle before the
+    answer is skipped."""
 
     def answer(text):  # the needle's word cut to its first token, in the first half of the context only
         body = text[: text.rfind("Question")]
@@ -161,7 +162,9 @@ def test_niah_found_counts_the_answers_first_token_apart_from_the_whole_answer(f
         pieces = [
             tiny_tokenizer.decode([i]) for i in tiny_tokenizer(" " + word, add_special_tokens=False)["input_ids"]
         ]
-        return " " + next(piece for piece in pieces if piece.strip()).strip() + " zzq"
+        start = next(piece for piece in pieces if piece.strip()).strip()
+        # near the start the reply restates the needle first, as chat models do
+        return f" The secret word of Xo is {start} zzq" if position < len(body) / 8 else f" {start} zzq"
 
     records, result = run_task(
         "niah",
@@ -184,6 +187,7 @@ def test_niah_found_counts_the_answers_first_token_apart_from_the_whole_answer(f
 def test_niah_answer_span_reads_past_a_restated_needle():
     """Chat models restate the needle before the answer; its first token is read after the last " is "."""
     from ctxaware.eval import niah
+
     assert niah.answer_span("\n\nThe secret word of Dodi is shadok.\n\nWhat is") == "shadok."
     assert niah.answer_span(" sezas\n5 - 0 = 5") == "sezas"
     assert niah.answer_span("\n\nA:") == "A:"

@@ -32,9 +32,9 @@ def first_token_match(tokenizer, prediction: str, answer: str) -> float:
     """1.0 when the prediction's first token (after a space, as a reply begins) is the answer's first token: the
     model found what it was asked for, whether or not it then copies the whole answer."""
 
-    def first(text: str) -> list[int]:  # the first token that is not whitespace alone (some tokenizers split " ")
+    def first(text: str) -> int | None:  # the first token that is not whitespace alone (some tokenizers split " ")
         ids = tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"]
-        return [next((i for i in ids if tokenizer.decode([i]).strip()), None)]
+        return next((i for i in ids if tokenizer.decode([i]).strip()), None)
 
     return float(bool(answer.strip()) and first(prediction) == first(answer))
 

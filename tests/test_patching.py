@@ -124,6 +124,14 @@ def test_results_are_saved_ranked_with_a_heat_map(tmp_path):
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_progress_bar_counts_one_step_per_component_and_batch(capsys):
+    # 2 batches x (8 heads + 2 MLPs) forwards; a bar that stops early, or counts batches only, reads otherwise
+    patch_all(planted_model(), [random_batch(n=2), random_batch(n=3, length=5)])
+    assert "20/20" in capsys.readouterr().err
+    patch_all(planted_model(), [random_batch(n=2)], progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_identical_runs_cannot_be_normalised():
     batch = random_batch()
     same = PatchingBatch(batch.clean_ids, batch.clean_ids, batch.answer_ids, batch.corrupted_answer_ids)

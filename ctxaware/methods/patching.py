@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ctxaware.attention import attention_modules
 from ctxaware.generation import encode_prompt
@@ -188,10 +189,11 @@ def patched_logit_differences(
     layout: HeadLayout,
     kind: str = "activation",
     positions: str = "all",
+    on_component: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """(components, N): LD of the base run with each component ("head", layer, head) or ("mlp", layer, None) taken
     from `source` at `positions` ("all" or "last"). `kind` "path" freezes every other component at `base` (the
-    direct effect on the final logits)."""
+    direct effect on the final logits). `on_component` is called after each component's forward (progress)."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: choose one of {', '.join(KINDS)}")
     if positions not in POSITIONS:
@@ -216,6 +218,8 @@ def patched_logit_differences(
         with patched(model, attn, mlp):
             logits = model(input_ids=base_ids, use_cache=False).logits
         results.append(logit_difference(logits, batch))
+        if on_component is not None:
+            on_component()
     return torch.stack(results)
 
 
@@ -329,9 +333,11 @@ def patch_all(
     positions: str = "all",
     heads: bool = True,
     mlps: bool = True,
+    progress: bool = True,
 ) -> PatchingResult:
     """Effects of every head and MLP, for one direction and kind, over all batches; `positions` "last" patches the
-    final position only (where the answer is read), "all" every position."""
+    final position only (where the answer is read), "all" every position. One forward per component and batch of
+    equal-length pairs, counted by a progress bar."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r}: choose one of {', '.join(DIRECTIONS)}")
     layout = HeadLayout.from_model(model)
@@ -342,6 +348,7 @@ def patch_all(
     sums = torch.zeros(len(components), dtype=torch.float64)
     clean_sum = corrupted_sum = 0.0
     count = 0
+    bar = tqdm(total=len(batches) * len(components), desc=f"patching {kind}:{direction}", disable=not progress)
     for batch in batches:
         batch = batch.to(device)
         clean_logits, clean_cache = run_with_cache(model, batch.clean_ids)
@@ -354,9 +361,19 @@ def patch_all(
         else:
             base_ids, base, source = batch.corrupted_ids, corrupted_cache, clean_cache
         diffs = patched_logit_differences(
-            model, base_ids, base, source, batch, components, layout=layout, kind=kind, positions=positions
+            model,
+            base_ids,
+            base,
+            source,
+            batch,
+            components,
+            layout=layout,
+            kind=kind,
+            positions=positions,
+            on_component=bar.update,
         )
         sums += diffs.double().sum(-1).cpu()
+    bar.close()
     clean, corrupted = clean_sum / count, corrupted_sum / count
     base_mean, source_mean = (clean, corrupted) if direction == "corrupted_into_clean" else (corrupted, clean)
     if abs(source_mean - base_mean) < 1e-6:

@@ -46,6 +46,37 @@ def test_patching_a_component_with_its_own_activation_changes_nothing(family, ki
     torch.testing.assert_close(diffs, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["activation", "path"])
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_components_patched_together_score_as_one_forward_each(kind, positions):
+    # the reference is one forward per component; groups of 2 with a remainder (7 rows // 3) and all at once must match
+    model = tiny_model("llama", gqa=True, initializer_range=0.2).eval()
+    layout = HeadLayout.from_model(model)
+    batch = random_batch(n=3)
+    _, clean = run_with_cache(model, batch.clean_ids)
+    _, corrupted = run_with_cache(model, batch.corrupted_ids)
+    components = all_components(layout)
+    scores = {
+        rows: patched_logit_differences(
+            model,
+            batch.clean_ids,
+            clean,
+            corrupted,
+            batch,
+            components,
+            layout=layout,
+            kind=kind,
+            positions=positions,
+            rows_per_forward=rows,
+        )
+        for rows in (3, 7, 64)
+    }
+    assert scores[3].shape == (len(components), 3)
+    assert (scores[3] - scores[3][:1]).abs().max() > 1e-3  # components differ, so a swapped row would show
+    torch.testing.assert_close(scores[7], scores[3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores[64], scores[3], atol=1e-5, rtol=1e-5)
+
+
 def planted_model():
     """Two layers, 4 query / 2 kv heads; only head 2 of layer 1 writes to the residual stream, so it alone moves
     information between positions."""

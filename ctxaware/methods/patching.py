@@ -165,10 +165,16 @@ def run_with_cache(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, A
     return logits, cache
 
 
-def _replace_columns(columns: slice, source: torch.Tensor, positions: slice):
+def _patch_rows(
+    base: torch.Tensor | None, patches: list[tuple[slice, slice, torch.Tensor]], positions: slice, copies: int
+):
+    """A hook for a forward over `copies` stacked copies of the batch: the input (or `base` tiled, for path patching)
+    with each (rows, columns, source) patch's columns taken from `source` at `positions` in its own rows."""
+
     def fn(x):
-        x = x.clone()
-        x[:, positions, columns] = source[:, positions, columns].to(x.dtype)
+        x = (base.to(x.dtype).repeat(copies, 1, 1) if base is not None else x).clone()
+        for rows, columns, source in patches:
+            x[rows, positions, columns] = source[:, positions, columns].to(x.dtype)
         return x
 
     return fn
@@ -189,38 +195,48 @@ def patched_logit_differences(
     layout: HeadLayout,
     kind: str = "activation",
     positions: str = "all",
-    on_component: Callable[[], None] | None = None,
+    rows_per_forward: int = 64,
+    on_components: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """(components, N): LD of the base run with each component ("head", layer, head) or ("mlp", layer, None) taken
     from `source` at `positions` ("all" or "last"). `kind` "path" freezes every other component at `base` (the
-    direct effect on the final logits). `on_component` is called after each component's forward (progress)."""
+    direct effect on the final logits).
+
+    Components are patched `rows_per_forward // N` at a time, each in its own copy of the batch within one forward
+    (rows never interact, so this equals one forward per component; small batches run several times faster).
+    `on_components(k)` is called after each forward of k components (progress)."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: choose one of {', '.join(KINDS)}")
     if positions not in POSITIONS:
         raise ValueError(f"positions={positions!r}: choose one of {', '.join(POSITIONS)}")
-    where = POSITIONS[positions]
-    layers = range(layout.num_layers)
-    results = []
-    for component, layer, head in components:
-        if kind == "path":  # every other component frozen at its base value
-            attn = {i: (lambda x, a=base[("attn", i)]: a.to(x.dtype)) for i in layers}
-            mlp = {i: (lambda y, m=base[("mlp", i)]: m.to(y.dtype)) for i in layers}
-        else:
-            attn, mlp = {}, {}
-        if component == "head":
-            patch = _replace_columns(layout.o_cols(head), source[("attn", layer)], where)
-            attn[layer] = (lambda x, p=patch, f=base[("attn", layer)]: p(f.to(x.dtype))) if kind == "path" else patch
-        elif component == "mlp":
-            patch = _replace_columns(slice(None), source[("mlp", layer)], where)
-            mlp[layer] = (lambda y, p=patch, f=base[("mlp", layer)]: p(f.to(y.dtype))) if kind == "path" else patch
-        else:
+    for component, _, _ in components:
+        if component not in ("head", "mlp"):
             raise ValueError(f"unknown component {component!r}: 'head' or 'mlp'")
+    where, n = POSITIONS[positions], base_ids.shape[0]
+    per_forward = max(1, rows_per_forward // n)
+    results = []
+    for start in range(0, len(components), per_forward):
+        group = components[start : start + per_forward]
+        patches: dict[tuple[str, int], list] = {}
+        for copy, (component, layer, head) in enumerate(group):
+            key = ("attn" if component == "head" else "mlp", layer)
+            columns = layout.o_cols(head) if component == "head" else slice(None)
+            patches.setdefault(key, []).append((slice(copy * n, (copy + 1) * n), columns, source[key]))
+        # path patching freezes every component at its base value; activation patching hooks only the patched ones
+        hooked = [(k, i) for k in ("attn", "mlp") for i in range(layout.num_layers)] if kind == "path" else patches
+        hooks = {
+            key: _patch_rows(base[key] if kind == "path" else None, patches.get(key, []), where, len(group))
+            for key in hooked
+        }
+        attn = {layer: fn for (what, layer), fn in hooks.items() if what == "attn"}
+        mlp = {layer: fn for (what, layer), fn in hooks.items() if what == "mlp"}
         with patched(model, attn, mlp):
-            logits = model(input_ids=base_ids, use_cache=False).logits
-        results.append(logit_difference(logits, batch))
-        if on_component is not None:
-            on_component()
-    return torch.stack(results)
+            logits = model(input_ids=base_ids.repeat(len(group), 1), use_cache=False).logits
+        copies = PatchingBatch(*(t.repeat(len(group), *[1] * (t.dim() - 1)) for t in vars(batch).values()))
+        results.append(logit_difference(logits, copies).view(len(group), n))
+        if on_components is not None:
+            on_components(len(group))
+    return torch.cat(results)
 
 
 # --- results ------------------------------------------------------------------------------------------------------
@@ -334,10 +350,11 @@ def patch_all(
     heads: bool = True,
     mlps: bool = True,
     progress: bool = True,
+    rows_per_forward: int = 64,
 ) -> PatchingResult:
     """Effects of every head and MLP, for one direction and kind, over all batches; `positions` "last" patches the
-    final position only (where the answer is read), "all" every position. One forward per component and batch of
-    equal-length pairs, counted by a progress bar."""
+    final position only (where the answer is read), "all" every position. Each batch's components are patched
+    `rows_per_forward // N` to a forward (see `patched_logit_differences`); a progress bar counts components."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r}: choose one of {', '.join(DIRECTIONS)}")
     layout = HeadLayout.from_model(model)
@@ -370,7 +387,8 @@ def patch_all(
             layout=layout,
             kind=kind,
             positions=positions,
-            on_component=bar.update,
+            rows_per_forward=rows_per_forward,
+            on_components=bar.update,
         )
         sums += diffs.double().sum(-1).cpu()
     bar.close()

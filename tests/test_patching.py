@@ -196,3 +196,34 @@ def test_corrupted_prompt_of_another_length_is_an_error_naming_the_fix(tiny_toke
     same_answer = [{"clean": "3 + 4 =", "corrupted": "4 + 3 =", "answer": "7", "corrupted_answer": "7"}]
     with pytest.raises(ValueError, match="first digit"):
         build_batches(same_answer, tiny_tokenizer)
+
+
+def test_attribution_compare_counts_shared_top_heads_and_sums_heads_against_mlps(tmp_path):
+    """`benchmarks/arith_attribution_compare.py` on two planted runs (3 layers x 4 heads): the top 3 heads by signed
+    effect share two, MLP 0 is left out of the sums, and a results file that carries the run under `ranked` loads."""
+    import json
+    import subprocess
+    import sys
+
+    from ctxaware.methods.patching import PatchingResult
+
+    def run(heads, mlps):
+        return PatchingResult(
+            "corrupted_into_clean", "activation", torch.tensor(heads), torch.tensor(mlps), 0.7, -1.0, 5
+        )
+
+    a = run([[0.9, 0.0, 0.0, -0.5], [0.0, 0.4, 0.0, 0.0], [0.0, 0.0, 0.3, 0.1]], [1.0, 0.2, -0.1])
+    b = run([[0.8, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.6], [0.0, 0.0, 0.5, -0.9]], [1.0, 0.0, 0.3])
+    a_path, b_path, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "cmp.json"
+    a_path.write_text(json.dumps(a.to_dict()))
+    b_path.write_text(json.dumps({"command": "x", "ranked": b.to_dict()}))
+    command = [sys.executable, "benchmarks/arith_attribution_compare.py", "--runs", f"a={a_path}", f"b={b_path}"]
+    subprocess.run([*command, "--top", "3", "--out", str(out)], check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["runs"]["a"]["top_heads"] == [[0, 0], [1, 1], [2, 2]]  # -0.5 is not among the top by signed effect
+    assert result["runs"]["b"]["top_heads"] == [[0, 0], [1, 3], [2, 2]]
+    pair = result["pairs"]["a vs b"]
+    assert pair["top_heads_shared"] == 2 and pair["shared"] == [[0, 0], [2, 2]]
+    assert result["runs"]["a"]["summed_abs_effect"] == pytest.approx({"heads": 2.2, "mlps": 0.3})
+    assert result["runs"]["b"]["summed_abs_effect"]["mlps"] == pytest.approx(0.3)
+    assert -1 <= pair["spearman_heads"] <= 1 and out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

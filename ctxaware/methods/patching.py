@@ -308,7 +308,11 @@ class PatchingResult:
     @classmethod
     def load(cls, path: str | Path) -> "PatchingResult":
         """A result written by `save` (its `<name>.json`): the effects and the run's description, not the pairs."""
-        data = json.loads(Path(path).read_text())
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PatchingResult":
+        """The inverse of `to_dict`."""
         fields_ = ("direction", "kind", "positions", "metric", "num_pairs", "clean_logit_diff", "corrupted_logit_diff")
         return cls(
             head_effects=torch.tensor(data["head_effects"]),

@@ -224,6 +224,24 @@ def test_attribution_compare_counts_shared_top_heads_and_sums_heads_against_mlps
     assert result["runs"]["b"]["top_heads"] == [[0, 0], [1, 3], [2, 2]]
     pair = result["pairs"]["a vs b"]
     assert pair["top_heads_shared"] == 2 and pair["shared"] == [[0, 0], [2, 2]]
+    # a's top heads carry b's 0.8 + 0.5 of 0.8 + 0.6 + 0.5; b's top heads carry a's 0.9 + 0.3 of 0.9 + 0.4 + 0.3 + 0.1
+    assert pair["first_top_share_of_second"] == pytest.approx(1.3 / 1.9)
+    assert pair["second_top_share_of_first"] == pytest.approx(1.2 / 1.7)
     assert result["runs"]["a"]["summed_abs_effect"] == pytest.approx({"heads": 2.2, "mlps": 0.3})
     assert result["runs"]["b"]["summed_abs_effect"]["mlps"] == pytest.approx(0.3)
     assert -1 <= pair["spearman_heads"] <= 1 and out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_patching_speed_benchmark_times_both_ways_and_compares_their_scores(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "speed.json"
+    command = [sys.executable, "benchmarks/patching_speed.py", "--model", "ctxaware-tiny", "--batch", "1", "2"]
+    subprocess.run([*command, "--heads", "4", "--repeats", "1", "--out", str(out)], check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    assert [row["pairs"] for row in result["rows"]] == [1, 2] and result["heads"] == 4
+    for row in result["rows"]:
+        assert row["max_abs_score_difference"] < 1e-5
+        assert row["speedup_median"] == row["seconds"]["one_a_forward"][0] / row["seconds"]["grouped"][0]

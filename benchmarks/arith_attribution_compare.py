@@ -44,11 +44,21 @@ def summary(result: PatchingResult, top: int, exclude_mlps: list[int]) -> dict:
     }
 
 
+def positive_share(effects: torch.Tensor, heads: list) -> float:
+    """The share of the summed positive head effect that `heads` carry."""
+    positive = effects.clamp(min=0)
+    return sum(positive[layer, head].item() for layer, head in heads) / positive.sum().item()
+
+
 def compare(a: PatchingResult, b: PatchingResult, top: int) -> dict:
-    shared = set(top_heads(a.head_effects, top)) & set(top_heads(b.head_effects, top))
+    a_top, b_top = top_heads(a.head_effects, top), top_heads(b.head_effects, top)
+    shared = set(a_top) & set(b_top)
     return {
         "top_heads_shared": len(shared),
         "shared": [list(head) for head in sorted(shared)],
+        # how much of one run's positive head effect the other run's top heads carry
+        "first_top_share_of_second": positive_share(b.head_effects, a_top),
+        "second_top_share_of_first": positive_share(a.head_effects, b_top),
         "spearman_heads": spearman(a.head_effects.flatten().tolist(), b.head_effects.flatten().tolist()),
         "spearman_mlps": spearman(a.mlp_effects.tolist(), b.mlp_effects.tolist()),
     }
@@ -71,7 +81,7 @@ def plot(path: Path, runs: dict[str, PatchingResult], top: int) -> None:
             ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.2))
         ax.set_title(f"{name} ({result.num_pairs} pairs)")
         ax.set_xlabel("head")
-        ax.set_ylabel("layer")
+    axes[0][0].set_ylabel("layer")
     fig.colorbar(image, ax=axes[0].tolist(), label="normalised LD effect (top heads outlined)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -108,7 +118,11 @@ def main() -> None:
             f"MLPs {r['summed_abs_effect']['mlps']:.2f}"
         )
     for pair, c in result["pairs"].items():
-        print(f"{pair}: top {args.top} shared {c['top_heads_shared']}, Spearman heads {c['spearman_heads']:.3f}")
+        print(
+            f"{pair}: top {args.top} shared {c['top_heads_shared']}, each one's top heads carry "
+            f"{c['first_top_share_of_second']:.0%} / {c['second_top_share_of_first']:.0%} of the other's positive "
+            f"head effect, Spearman heads {c['spearman_heads']:.3f}"
+        )
 
 
 if __name__ == "__main__":
